@@ -1,0 +1,3 @@
+from minicpmo_cli.cli.app import main
+
+main()
