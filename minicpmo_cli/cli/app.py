@@ -1,0 +1,104 @@
+"""The root of the `minicpmo` command: global options, --version, error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+
+from minicpmo_cli import __version__
+from minicpmo_cli.cli import common
+from minicpmo_cli.errors import EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_RUNTIME, MiniCPMOError
+
+app = typer.Typer(
+    name="minicpmo",
+    help=(
+        "Run MiniCPM-o 2.6 from the command line: chat about images, audio and video, transcribe speech, "
+        "speak text, clone voices.\n\n"
+        "\b\nExamples:\n"
+        "  $ minicpmo asr meeting.mp3\n"
+        "  $ minicpmo chat \"What is in this picture?\" -i photo.jpg\n"
+        "  $ minicpmo tts \"Hello there\" -o hello.wav\n"
+        "  $ minicpmo doctor"
+    ),
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"minicpmo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    model: str = typer.Option(common.DEFAULT_MODEL, "--model", envvar="MINICPMO_MODEL",
+                              help="Hugging Face hub id or local checkpoint folder."),
+    revision: str = typer.Option(None, "--revision", envvar="MINICPMO_REVISION",
+                                 help="Hub revision (branch, tag or commit)."),
+    offline: bool = typer.Option(False, "--offline", envvar="MINICPMO_OFFLINE",
+                                 help="Use cached files only (also HF_HUB_OFFLINE=1)."),
+    device: str = typer.Option("auto", "--device", envvar="MINICPMO_DEVICE",
+                               help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", envvar="MINICPMO_DTYPE",
+                              help="auto, bfloat16, float16 or float32."),
+    seed: int = typer.Option(None, "--seed", envvar="MINICPMO_SEED",
+                             help="Seed for repeatable sampling and a stable voice."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", envvar="MINICPMO_QUIET", help="Only errors on stderr."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", envvar="MINICPMO_VERBOSE", help="More detail on stderr."),
+    debug: bool = typer.Option(False, "--debug", envvar="MINICPMO_DEBUG", help="Full tracebacks on errors."),
+    no_progress: bool = typer.Option(False, "--no-progress", envvar="MINICPMO_NO_PROGRESS",
+                                     help="No progress bars."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    common.set_options(common.GlobalOptions(
+        model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
+        quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress,
+    ))
+
+
+def _register_commands() -> None:
+    # Command modules import only typer at module level; torch comes in when a command runs.
+    from minicpmo_cli.cli import doctor
+
+    for module in (doctor,):
+        module.register(app)
+
+
+_register_commands()
+
+
+def _exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, MiniCPMOError):
+        return exc.exit_code
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return EXIT_ENVIRONMENT
+    return EXIT_RUNTIME
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app and turn every failure into one line and an exit code."""
+    args = common.hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in args or os.environ.get("MINICPMO_DEBUG", "") not in ("", "0")
+    try:
+        app(args=args, prog_name="minicpmo")
+    except KeyboardInterrupt:
+        common.err("minicpmo: interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if debug:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, MiniCPMOError):
+            message = f"{type(exc).__name__}: {message}" + ("" if debug else " (run with --debug for details)")
+        common.err(f"minicpmo: error: {message}")
+        sys.exit(_exit_code_for(exc))

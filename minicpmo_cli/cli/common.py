@@ -1,0 +1,113 @@
+"""What every command shares: the global options, logging to stderr, and argv normalisation.
+
+Nothing here imports torch or transformers: `minicpmo --help` must stay instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import typer
+
+DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
+
+# Global options that take a value, and those that are flags. They are accepted before and after the
+# command (CLI.md): main() moves them in front of the command name before Typer parses argv.
+GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed"}
+GLOBAL_FLAG_OPTIONS = {"--offline", "-q", "--quiet", "-v", "--verbose", "--debug", "--no-progress"}
+
+
+@dataclass
+class GlobalOptions:
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    offline: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int | None = None
+    quiet: bool = False
+    verbose: bool = False
+    debug: bool = False
+    no_progress: bool = False
+
+
+_options = GlobalOptions()
+
+
+def options() -> GlobalOptions:
+    """The global options of this invocation (set by the root callback)."""
+    return _options
+
+
+def set_options(opts: GlobalOptions) -> None:
+    global _options
+    _options = opts
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Move global options found after the command name in front of it, so Typer's root callback sees them.
+
+    `minicpmo asr x.wav --device cpu` becomes `minicpmo --device cpu asr x.wav`. Parsing stops at `--`.
+    """
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_VALUE_OPTIONS:
+            if "=" in arg:
+                front.append(arg)
+            else:
+                front.extend(argv[i : i + 2])
+                i += 1
+        elif arg in GLOBAL_FLAG_OPTIONS:
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+def use_color() -> bool:
+    return "NO_COLOR" not in os.environ and sys.stderr.isatty()
+
+
+def err(message: str) -> None:
+    """One line on stderr, whatever the verbosity."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def info(message: str) -> None:
+    if not _options.quiet:
+        err(message)
+
+
+def debug(message: str) -> None:
+    if _options.verbose or _options.debug:
+        err(message)
+
+
+def warn(message: str) -> None:
+    if not _options.quiet:
+        err(f"warning: {message}")
+
+
+def show_progress() -> bool:
+    """Progress bars only on an interactive stderr, and never with --no-progress or -q."""
+    return sys.stderr.isatty() and not (_options.no_progress or _options.quiet)
+
+
+def examples_help(summary: str, *examples: str) -> str:
+    """A command docstring that opens with copy-pasteable examples (CLI.md)."""
+    # Click rewraps paragraphs; a paragraph that starts with \b is printed verbatim.
+    return "\n\n".join([summary, "\b\nExamples:\n" + "\n".join(f"  $ {e}" for e in examples)])
+
+
+def fail_usage(message: str) -> None:
+    raise typer.BadParameter(message)
