@@ -111,3 +111,40 @@ def examples_help(summary: str, *examples: str) -> str:
 
 def fail_usage(message: str) -> None:
     raise typer.BadParameter(message)
+
+
+# Decoding options shared by every command that generates text (typer OptionInfo objects can be reused).
+MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", min=1, help="Longest answer, in tokens.")
+MIN_NEW_TOKENS = typer.Option(None, "--min-new-tokens", min=0, help="Shortest answer, in tokens.")
+SAMPLING = typer.Option(None, "--sampling/--no-sampling",
+                        help="Sample (top-p/top-k) or use beam search (3 beams, as the reference).")
+TEMPERATURE = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature.")
+TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
+TOP_K = typer.Option(None, "--top-k", min=0, help="Sample among the k best tokens.")
+REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", min=0.0, help="Penalty for repeated tokens.")
+NUM_BEAMS = typer.Option(None, "--num-beams", min=1, help="Beams for beam search.")
+
+
+def decode_options(max_new_tokens=None, min_new_tokens=None, sampling=None, temperature=None, top_p=None,
+                   top_k=None, repetition_penalty=None, num_beams=None):
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    return DecodeOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, sampling=sampling,
+                         temperature=temperature, top_p=top_p, top_k=top_k,
+                         repetition_penalty=repetition_penalty, num_beams=num_beams)
+
+
+def load_options():
+    from minicpmo_cli.api.engine import LoadOptions
+
+    o = _options
+    return LoadOptions(model=o.model, revision=o.revision, offline=o.offline, device=o.device, dtype=o.dtype,
+                       seed=o.seed)
+
+
+def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
+    """Load the model for a command, with a status line on stderr while it loads."""
+    from minicpmo_cli.api.engine import load
+
+    debug(f"loading {_options.model} (vision={vision}, audio={audio}, tts={tts})")
+    return load(load_options(), vision=vision, audio=audio, tts=tts, warn=warn)

@@ -1,0 +1,111 @@
+"""Chat: a conversation of text, images and audio, answered as a whole or streamed piece by piece."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from minicpmo_cli.api.engine import DecodeOptions, Engine
+
+# What `chat` does when the user sets nothing: the guide's vision chat settings (sampling, long answers).
+CHAT_DEFAULTS: dict[str, Any] = {"sampling": True, "max_new_tokens": 1024}
+
+
+@dataclass
+class Turn:
+    """One message. ``parts`` go to the model; ``sources`` say where each part came from, for /save."""
+
+    role: str
+    parts: list[Any] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_text(self, text: str) -> None:
+        self.parts.append(text)
+        self.sources.append({"type": "text", "text": text})
+
+    def add_image(self, path: str | Path) -> None:
+        from minicpmo_cli.media.image import load_image
+
+        self.parts.append(load_image(path))
+        self.sources.append({"type": "image", "path": str(path)})
+
+    def add_audio(self, path: str | Path) -> None:
+        from minicpmo_cli.media.audio import load_audio
+
+        self.parts.append(load_audio(path))
+        self.sources.append({"type": "audio", "path": str(path)})
+
+    @property
+    def has_audio(self) -> bool:
+        return any(s["type"] == "audio" for s in self.sources)
+
+
+@dataclass
+class Conversation:
+    """The history of a chat, plus attachments waiting for the next user message."""
+
+    system: str | None = None
+    turns: list[Turn] = field(default_factory=list)
+    pending: Turn = field(default_factory=lambda: Turn("user"))
+
+    def attach_image(self, path: str | Path) -> None:
+        self.pending.add_image(path)
+
+    def attach_audio(self, path: str | Path) -> None:
+        self.pending.add_audio(path)
+
+    def add_example(self, image: str | Path, question: str, answer: str) -> None:
+        """A few-shot pair as the guide writes it: user [image, question], assistant [answer]."""
+        user = Turn("user")
+        user.add_image(image)
+        user.add_text(question)
+        reply = Turn("assistant")
+        reply.add_text(answer)
+        self.turns += [user, reply]
+
+    def ask(self, text: str) -> Turn:
+        """Close the pending user message with ``text`` and append it to the history."""
+        turn, self.pending = self.pending, Turn("user")
+        if text:
+            turn.add_text(text)
+        self.turns.append(turn)
+        return turn
+
+    def answer(self, text: str) -> None:
+        reply = Turn("assistant")
+        reply.add_text(text)
+        self.turns.append(reply)
+
+    def clear(self) -> None:
+        self.turns.clear()
+        self.pending = Turn("user")
+
+    def messages(self) -> list[dict[str, Any]]:
+        msgs = [{"role": "system", "content": [self.system]}] if self.system else []
+        return msgs + [{"role": t.role, "content": list(t.parts)} for t in self.turns]
+
+    def uses_audio(self) -> bool:
+        return any(t.has_audio for t in self.turns)
+
+    def to_json(self) -> str:
+        data = {"system": self.system, "messages": [{"role": t.role, "content": t.sources} for t in self.turns]}
+        return json.dumps(data, ensure_ascii=False, indent=2)
+
+
+def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
+          stream: bool = True) -> Iterator[str]:
+    """Answer the conversation's last user message, yielding text pieces (one piece when not streaming).
+
+    Beam search (``sampling=False``) cannot stream, so it yields the whole answer at once.
+    """
+    settings = decode.merged(**CHAT_DEFAULTS)
+    stream = stream and settings.get("sampling", True)
+    use_tts_template = conversation.uses_audio()
+    result = engine.generate(conversation.messages(), decode, stream=stream, defaults=CHAT_DEFAULTS,
+                             use_tts_template=use_tts_template)
+    if isinstance(result, str):
+        yield result
+    else:
+        yield from result
