@@ -49,6 +49,7 @@ class Conversation:
     system: str | None = None
     turns: list[Turn] = field(default_factory=list)
     pending: Turn = field(default_factory=lambda: Turn("user"))
+    video_mode: bool = False  # a video was attached: the guide's video settings apply (see reply)
 
     def attach_image(self, path: str | Path) -> None:
         self.pending.add_image(path)
@@ -103,9 +104,21 @@ def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
     settings = decode.merged(**CHAT_DEFAULTS)
     stream = stream and settings.get("sampling", True)
     use_tts_template = conversation.uses_audio()
+    # The guide's settings for video: no image ids, at most 2 slices per frame.
+    video = {"use_image_id": False, "max_slice_nums": 2} if conversation.video_mode else {}
     result = engine.generate(conversation.messages(), decode, stream=stream, defaults=CHAT_DEFAULTS,
-                             use_tts_template=use_tts_template)
+                             use_tts_template=use_tts_template, **video)
     if isinstance(result, str):
         yield result
     else:
         yield from result
+
+
+def attach_video(conversation: Conversation, path: str | Path) -> None:
+    """Attach a video's frames (1 fps, at most 64) and its sound to the next user message."""
+    from minicpmo_cli.api.video import video_message_parts
+
+    parts, sources = video_message_parts(path)
+    conversation.pending.parts.extend(parts)
+    conversation.pending.sources.extend(sources)
+    conversation.video_mode = True

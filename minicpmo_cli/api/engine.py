@@ -55,6 +55,16 @@ class Engine:
     def has_tts(self) -> bool:
         return bool(self.towers.get("tts")) and getattr(self.model, "vocos", None) is not None
 
+    def enable_tts(self) -> None:
+        """Load the speech tower into an engine loaded without it (the REPL's /speak on): only tts.* is read."""
+        if self.has_tts:
+            return
+        if getattr(self.model, "tts", None) is None:
+            self.model.tts = load_tts_tower(self.model.config, self.device, self.dtype)
+            self.model.config.init_tts = True
+        self.model.init_tts()
+        self.towers["tts"] = True
+
     def seed(self) -> None:
         if self.options.seed is not None:
             seed_everything(self.options.seed)
@@ -81,6 +91,27 @@ class Engine:
 
     def stream_text(self, msgs: list[dict], decode: DecodeOptions, **kwargs: Any) -> Iterator[str]:
         yield from self.generate(msgs, decode, stream=True, **kwargs)
+
+
+OTHER_TOWERS = ("llm.", "vpm.", "resampler.", "apm.", "audio_projection_layer.")
+
+
+def load_tts_tower(config, device: str, dtype):
+    """Build the TTS tower and fill it from the checkpoint's ``tts.*`` tensors alone."""
+    from pathlib import Path
+
+    from torch import nn
+
+    from minicpmo_cli.model import loading
+    from minicpmo_cli.model.tts import ConditionalChatTTS
+
+    folder = Path(config._name_or_path)
+    with loading.construction_context(dtype=dtype, device=device):
+        holder = nn.Module()
+        holder.tts = ConditionalChatTTS(config.tts_config)
+    report = loading.load_safetensors_into(holder, loading.weight_files(folder), OTHER_TOWERS)
+    report.raise_if_incomplete(folder)
+    return holder.tts.eval()
 
 
 def seed_everything(seed: int) -> None:

@@ -68,9 +68,9 @@ def root(
 
 def _register_commands() -> None:
     # Command modules import only typer at module level; torch comes in when a command runs.
-    from minicpmo_cli.cli import doctor
+    from minicpmo_cli.cli import chat, doctor
 
-    for module in (doctor,):
+    for module in (chat, doctor):
         module.register(app)
 
 
@@ -87,7 +87,9 @@ def _exit_code_for(exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn every failure into one line and an exit code."""
-    args = common.hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    from minicpmo_cli.cli.chat import join_example_args
+
+    args = join_example_args(common.hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     debug = "--debug" in args or os.environ.get("MINICPMO_DEBUG", "") not in ("", "0")
     try:
         app(args=args, prog_name="minicpmo")

@@ -1,0 +1,120 @@
+"""`minicpmo chat`: one-shot answers, or an interactive REPL on a terminal."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from minicpmo_cli.cli import common
+
+HELP = common.examples_help(
+    "Chat with the model about text, images and audio. One-shot when PROMPT is given or stdin is piped; "
+    "an interactive session on a terminal otherwise (type /help there).",
+    'minicpmo chat "What is in this picture?" -i photo.jpg',
+    'minicpmo chat "Compare the two images." -i a.png -i b.png',
+    'cat notes.txt | minicpmo chat "Summarise this in three bullet points."',
+    "minicpmo chat --system \"You are a terse assistant.\"",
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help=HELP)(chat)
+
+
+def chat(
+    prompt: Optional[str] = typer.Argument(None, help="The question. Omit it on a terminal for the REPL."),
+    image: list[Path] = typer.Option([], "-i", "--image", help="An image to ask about (repeatable)."),
+    audio: list[Path] = typer.Option([], "-a", "--audio", help="An audio clip to ask about (repeatable)."),
+    video: Optional[Path] = typer.Option(None, "--video", help="A video to ask about (frames + sound)."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
+    example: list[str] = typer.Option([], "--example", help="Few-shot pair: --example IMAGE ANSWER "
+                                      "(repeatable; the prompt is asked of each example image).",
+                                      metavar="IMAGE ANSWER"),
+    speak: Optional[Path] = typer.Option(None, "--speak", help="Also speak the answer into this wav file."),
+    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
+    sampling: Optional[bool] = common.SAMPLING,
+    temperature: Optional[float] = common.TEMPERATURE,
+    top_p: Optional[float] = common.TOP_P,
+    top_k: Optional[int] = common.TOP_K,
+    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
+    num_beams: Optional[int] = common.NUM_BEAMS,
+) -> None:
+    from minicpmo_cli.api.chat import Conversation
+
+    decode = common.decode_options(max_new_tokens=max_new_tokens, sampling=sampling, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                                   num_beams=num_beams)
+    stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
+    interactive = prompt is None and stdin_text is None
+    if not interactive and not (prompt or stdin_text or "").strip() and not (image or audio or video):
+        raise typer.BadParameter("nothing to ask: give a PROMPT, pipe text on stdin, or attach media")
+    pairs = [_split_example(item) for item in example]
+    conversation = Conversation(system=system)
+    engine = common.load_engine(vision=True, audio=True, tts=speak is not None)
+    for example_image, answer in pairs:
+        conversation.add_example(example_image, prompt or "", answer)
+    for path in image:
+        conversation.attach_image(path)
+    for path in audio:
+        conversation.attach_audio(path)
+    if video is not None:
+        from minicpmo_cli.api.chat import attach_video
+
+        attach_video(conversation, video)
+    if interactive:
+        from minicpmo_cli.cli.repl import Repl
+
+        Repl(engine, conversation, decode, speak_path=speak).run()
+        return
+    text = "\n\n".join(t for t in (stdin_text and stdin_text.strip(), prompt) if t)
+    answer_once(engine, conversation, text, decode, speak)
+
+
+# Typer has no two-value repeatable options, so main() joins `--example IMAGE ANSWER` into one argument.
+EXAMPLE_SEPARATOR = "\x1f"
+
+
+def join_example_args(argv: list[str]) -> list[str]:
+    """Rewrite `--example IMAGE ANSWER` as `--example IMAGE<US>ANSWER` before Typer parses argv."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + argv[i:]
+        if argv[i] == "--example" and i + 2 < len(argv):
+            out += ["--example", argv[i + 1] + EXAMPLE_SEPARATOR + argv[i + 2]]
+            i += 3
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _split_example(item: str) -> tuple[str, str]:
+    if EXAMPLE_SEPARATOR not in item:
+        raise typer.BadParameter(f"--example {item!r}: expected two values, IMAGE ANSWER")
+    path, answer = item.split(EXAMPLE_SEPARATOR, 1)
+    return path, answer
+
+
+def answer_once(engine, conversation, text: str, decode, speak: Path | None) -> str:
+    """Ask, stream the answer to stdout, and speak it when asked."""
+    from minicpmo_cli.api.chat import reply
+
+    conversation.ask(text)
+    pieces = []
+    for piece in reply(engine, conversation, decode, stream=True):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    answer = "".join(pieces)
+    conversation.answer(answer)
+    if speak is not None:
+        from minicpmo_cli.api.speech import speak_text
+
+        speak_text(engine, answer, speak)
+    return answer

@@ -1,0 +1,170 @@
+"""The interactive chat: slash commands, multi-line input, Ctrl-C stops an answer, Ctrl-D leaves."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+from minicpmo_cli.errors import MiniCPMOError
+
+PROMPT = ">>> "
+CONTINUATION = "... "
+HELP_TEXT = """Commands:
+  /image PATH     attach an image to your next message
+  /audio PATH     attach an audio clip to your next message
+  /video PATH     attach a video (frames and its sound) to your next message
+  /speak on|off   also speak each answer (into /speak's wav files)
+  /clear          forget the conversation
+  /save FILE      save the conversation as JSON
+  /help           this help
+  /exit           leave (Ctrl-D works too)
+Start a message with \"\"\" to type several lines; end it with \"\"\".
+Ctrl-C stops an answer."""
+
+
+class Repl:
+    """A read-eval-print loop over one Conversation. Input comes from ``read_line`` (``input`` by default)."""
+
+    def __init__(self, engine, conversation, decode, speak_path: Path | None = None,
+                 read_line: Callable[[str], str] = input, out=None) -> None:
+        self.engine = engine
+        self.conversation = conversation
+        self.decode = decode
+        self.speak_path = speak_path
+        self.speak = speak_path is not None
+        self.spoken = 0
+        self.read_line = read_line
+        self.out = out or sys.stdout
+        self.commands = {
+            "/image": self.cmd_image, "/audio": self.cmd_audio, "/video": self.cmd_video,
+            "/speak": self.cmd_speak, "/clear": self.cmd_clear, "/save": self.cmd_save, "/help": self.cmd_help,
+        }
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def run(self) -> None:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        self.say("Chat with MiniCPM-o. /help for commands, Ctrl-D to leave.")
+        while True:
+            try:
+                line = self.read_message()
+            except EOFError:
+                self.say("")
+                return
+            except KeyboardInterrupt:
+                self.say("")
+                continue
+            if line is None:
+                return
+            self.handle(line)
+
+    def read_message(self) -> str | None:
+        line = self.read_line(PROMPT)
+        if line.strip() in ("/exit", "/quit"):
+            return None
+        if not line.lstrip().startswith('"""'):
+            return line
+        lines = [line.lstrip()[3:]]
+        while not lines[-1].rstrip().endswith('"""'):
+            lines.append(self.read_line(CONTINUATION))
+        lines[-1] = lines[-1].rstrip()[:-3]
+        return "\n".join(lines).strip()
+
+    def handle(self, line: str) -> None:
+        stripped = line.strip()
+        if not stripped:
+            return
+        name, _, argument = stripped.partition(" ")
+        if name in self.commands:
+            try:
+                self.commands[name](argument.strip())
+            except MiniCPMOError as exc:
+                self.say(f"error: {exc}")
+            return
+        if name.startswith("/") and " " not in stripped and len(name) > 1:
+            self.say(f"unknown command {name}; /help lists them")
+            return
+        self.answer(line)
+
+    def answer(self, text: str) -> None:
+        from minicpmo_cli.api.chat import reply
+
+        self.conversation.ask(text)
+        pieces: list[str] = []
+        try:
+            for piece in reply(self.engine, self.conversation, self.decode, stream=True):
+                pieces.append(piece)
+                self.out.write(piece)
+                self.out.flush()
+            self.say("")
+        except KeyboardInterrupt:
+            self.say(" [stopped]")
+        answer = "".join(pieces)
+        self.conversation.answer(answer)
+        if self.speak and answer.strip():
+            self.speak_answer(answer)
+
+    def speak_answer(self, answer: str) -> None:
+        from minicpmo_cli.api.speech import speak_text
+
+        base = self.speak_path or Path("answer.wav")
+        self.spoken += 1
+        target = base if self.spoken == 1 else base.with_name(f"{base.stem}-{self.spoken}{base.suffix}")
+        try:
+            speak_text(self.engine, answer, target)
+            self.say(f"[spoken into {target}]")
+        except MiniCPMOError as exc:
+            self.say(f"error: {exc}")
+
+    def cmd_image(self, path: str) -> None:
+        self.conversation.attach_image(self._need_path(path, "/image"))
+        self.say(f"[image {path} attached]")
+
+    def cmd_audio(self, path: str) -> None:
+        self.conversation.attach_audio(self._need_path(path, "/audio"))
+        self.say(f"[audio {path} attached]")
+
+    def cmd_video(self, path: str) -> None:
+        from minicpmo_cli.api.chat import attach_video
+
+        attach_video(self.conversation, self._need_path(path, "/video"))
+        self.say(f"[video {path} attached]")
+
+    def cmd_speak(self, argument: str) -> None:
+        if argument not in ("on", "off"):
+            self.say("usage: /speak on|off")
+            return
+        if argument == "on" and not self.engine.has_tts:
+            self.say("loading the speech model...")
+            self.engine.enable_tts()
+        self.speak = argument == "on"
+        self.say(f"[speaking {argument}]")
+
+    def cmd_clear(self, _argument: str) -> None:
+        self.conversation.clear()
+        self.say("[conversation cleared]")
+
+    def cmd_save(self, path: str) -> None:
+        from minicpmo_cli.outputs import write_text_atomic
+
+        target = Path(self._need_path(path, "/save", must_exist=False))
+        write_text_atomic(target, self.conversation.to_json() + "\n")
+        self.say(f"[saved to {target}]")
+
+    def cmd_help(self, _argument: str) -> None:
+        self.say(HELP_TEXT)
+
+    def _need_path(self, path: str, command: str, must_exist: bool = True) -> str:
+        from minicpmo_cli.errors import InputError, UsageError
+
+        if not path:
+            raise UsageError(f"usage: {command} PATH")
+        if must_exist and not Path(path).expanduser().exists():
+            raise InputError("no such file", path)
+        return str(Path(path).expanduser())
