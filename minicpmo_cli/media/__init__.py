@@ -75,13 +75,14 @@ def read_head(source: MediaSource, size: int = SNIFF_BYTES) -> bytes:
 # Signatures of common containers; used only to word error messages well (never to pick a decoder).
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 _MEDIA_MAGIC = (b"RIFF", b"fLaC", b"ID3", b"OggS", b"\x1a\x45\xdf\xa3", b"FORM", b"caff")
+_MPEG_SYNC = (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2", b"\xff\xf1", b"\xff\xf9")  # mp3 / adts aac frames
 
 
 def guess_kind(head: bytes) -> str:
     """'image', 'media' (audio/video container), 'text' or 'unknown' from a file's first bytes."""
     if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return "image"
-    if head.startswith(_MEDIA_MAGIC) or head[4:8] == b"ftyp" or head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2", b"\xff\xf1", b"\xff\xf9"):
+    if head.startswith(_MEDIA_MAGIC) or head[4:8] == b"ftyp" or head[:2] in _MPEG_SYNC:
         return "media"
     text = _decode_utf8_prefix(head)
     if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):

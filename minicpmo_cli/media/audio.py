@@ -1,0 +1,209 @@
+"""Audio decoding: any common audio file (or the audio track of a video) -> 16 kHz mono float32 samples.
+
+soundfile (libsndfile) decodes wav/flac/ogg/mp3 quickly; everything else (m4a/aac, opus in odd containers,
+mp4/mkv/webm audio tracks) goes through PyAV (FFmpeg). Resampling uses soxr at "HQ" quality and the
+channel mix is a plain mean: that is what `librosa.load(path, sr=16000, mono=True)` does, which is how the
+model's guide loads audio, so the samples we feed the model match theirs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Union
+
+import numpy as np
+
+from minicpmo_cli.errors import InputError
+from minicpmo_cli.media import (
+    MediaSource,
+    check_bytes,
+    check_readable_file,
+    guess_kind,
+    read_head,
+    source_name,
+)
+
+SAMPLE_RATE = 16000  # Hz: what the Whisper audio encoder of MiniCPM-o expects
+RESAMPLE_QUALITY = "HQ"  # soxr quality; librosa's default res_type "soxr_hq"
+
+# split_on_silence defaults
+MAX_SEGMENT_SECONDS = 30.0  # s: the Whisper encoder's window; longer audio is split
+SILENCE_SEARCH_SECONDS = 5.0  # s: how far back from a window's end we look for a quiet place to cut
+RMS_WINDOW_SECONDS = 0.1  # s: energy is measured over windows this long ...
+RMS_HOP_SECONDS = 0.01  # s: ... at candidate cut points this far apart
+
+Samples = np.ndarray  # float32, shape [n], values in about [-1, 1]
+
+
+def load_audio(source: MediaSource, sr: int = SAMPLE_RATE) -> Samples:
+    """Decode a file path (or the raw bytes of a file) to mono float32 samples at `sr` Hz.
+
+    Raises InputError naming the file for: missing, directory, unreadable, empty, not audio,
+    corrupt, or a video without an audio track.
+    """
+    name = source_name(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = check_bytes(source)
+        channels, native_rate = _decode(lambda: io.BytesIO(data), name, source)
+    else:
+        path = check_readable_file(source)
+        channels, native_rate = _decode(lambda: os.fspath(path), name, source)
+    mono = channels.mean(axis=0) if channels.shape[0] > 1 else channels[0]
+    return resample(mono, native_rate, sr)
+
+
+def resample(samples: Samples, orig_sr: int, target_sr: int) -> Samples:
+    """Band-limited resampling (soxr HQ), float32 out; a no-op when the rates match."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if orig_sr == target_sr or samples.size == 0:
+        return np.ascontiguousarray(samples)
+    import soxr  # librosa's own resampler backend; imported here to keep module import cheap
+
+    return soxr.resample(samples, orig_sr, target_sr, quality=RESAMPLE_QUALITY).astype(np.float32, copy=False)
+
+
+def audio_duration(samples: Samples, sr: int = SAMPLE_RATE) -> float:
+    """Length of `samples` in seconds."""
+    return len(samples) / float(sr)
+
+
+def _decode(open_source, name: str, source: MediaSource) -> tuple[np.ndarray, int]:
+    """(channels [C, n] float32, native sample rate), trying soundfile first and PyAV second."""
+    decoded = _decode_with_soundfile(open_source())
+    if decoded is not None:
+        return decoded
+    return decode_with_av(open_source(), name, head=read_head(source))
+
+
+def _decode_with_soundfile(file) -> tuple[np.ndarray, int] | None:
+    """libsndfile's decode, or None when it cannot read this input (PyAV gets a try then)."""
+    import soundfile
+
+    try:
+        data, rate = soundfile.read(file, dtype="float32", always_2d=True)
+    except Exception:  # libsndfile raises several types for "not mine"; PyAV decides what it is
+        return None
+    if data.shape[0] == 0:
+        return None  # a header without samples: let PyAV word the error (or find more data)
+    return np.ascontiguousarray(data.T), int(rate)
+
+
+def decode_with_av(
+    file: Union[str, io.BytesIO], name: str, head: bytes = b"", required: bool = True
+) -> tuple[np.ndarray, int] | None:
+    """Decode the first audio stream with PyAV: (channels [C, n] float32, native rate).
+
+    With required=False a container without an audio stream gives None instead of an error.
+    """
+    import av
+
+    try:
+        container = av.open(file, mode="r")
+    except av.error.FFmpegError as exc:
+        raise InputError(_undecodable_message(head, exc), name) from None
+    with container:
+        if not container.streams.audio:
+            if not required:
+                return None
+            raise InputError(_no_audio_message(container, head), name)
+        stream = container.streams.audio[0]
+        try:
+            blocks, rate = _decode_stream(container, stream)
+        except av.error.FFmpegError as exc:
+            raise InputError(f"corrupt audio data ({_short(exc)})", name) from None
+    if not blocks:
+        raise InputError("no audio samples could be decoded (corrupt or truncated file?)", name)
+    return np.concatenate(blocks, axis=1).astype(np.float32, copy=False), rate
+
+
+def _decode_stream(container, stream) -> tuple[list[np.ndarray], int]:
+    """All frames of one audio stream as planar float blocks [C, n], plus the stream's rate."""
+    import av
+
+    # fltp at the stream's own rate and layout: only the sample format changes here; the rate change
+    # is done afterwards by soxr so every input goes through the same resampler.
+    converter = av.AudioResampler(format="fltp")
+    blocks: list[np.ndarray] = []
+    rate = stream.codec_context.sample_rate or stream.rate
+    for frame in container.decode(stream):
+        rate = frame.sample_rate
+        for converted in converter.resample(frame):
+            blocks.append(converted.to_ndarray())
+    for converted in converter.resample(None):
+        blocks.append(converted.to_ndarray())
+    blocks = [block for block in blocks if block.shape[-1] > 0]
+    return blocks, int(rate)
+
+
+def _no_audio_message(container, head: bytes) -> str:
+    if guess_kind(head) == "image":
+        return "not an audio file (looks like an image)"
+    if container.streams.video:
+        return "no audio track (a video without sound)"
+    return "not an audio file (no audio stream found)"
+
+
+def _undecodable_message(head: bytes, exc: Exception) -> str:
+    kind = guess_kind(head)
+    if kind == "text":
+        return "not an audio file (looks like text)"
+    if kind == "image":
+        return "not an audio file (looks like an image)"
+    if kind == "media":
+        return f"corrupt or truncated audio file ({_short(exc)})"
+    return f"not a readable audio file ({_short(exc)})"
+
+
+def _short(exc: Exception) -> str:
+    """FFmpeg's reason without the file name it repeats."""
+    return getattr(exc, "strerror", None) or str(exc).split(":")[0]
+
+
+def split_on_silence(
+    samples: Samples,
+    sr: int = SAMPLE_RATE,
+    max_seconds: float = MAX_SEGMENT_SECONDS,
+    search_seconds: float = SILENCE_SEARCH_SECONDS,
+    window_seconds: float = RMS_WINDOW_SECONDS,
+    hop_seconds: float = RMS_HOP_SECONDS,
+) -> list[tuple[int, int]]:
+    """Split audio into contiguous pieces of at most `max_seconds`, cutting where it is quietest.
+
+    For each piece we look at the last `search_seconds` before the length limit and cut at the point
+    whose surrounding `window_seconds` has the lowest RMS energy (the latest such point on ties, so
+    pieces stay long). Pieces cover the signal exactly: piece k ends where piece k+1 starts, the first
+    starts at 0 and the last ends at len(samples). Empty input gives [].
+    """
+    total = len(samples)
+    max_len = int(round(max_seconds * sr))
+    if max_len < 1:
+        raise ValueError(f"max_seconds must cover at least one sample, got {max_seconds}")
+    window = max(1, int(round(window_seconds * sr)))
+    hop = max(1, int(round(hop_seconds * sr)))
+    search = max(1, int(round(search_seconds * sr)))
+    pieces: list[tuple[int, int]] = []
+    start = 0
+    while total - start > max_len:
+        limit = start + max_len
+        cut = _quietest_point(samples, max(start + 1, limit - search), limit, window, hop)
+        pieces.append((start, cut))
+        start = cut
+    if total > start:
+        pieces.append((start, total))
+    return pieces
+
+
+def _quietest_point(samples: Samples, low: int, high: int, window: int, hop: int) -> int:
+    """The candidate in [low, high] (every `hop` samples, `high` included) with the least energy around it."""
+    # Anchored at `high`, so the length limit itself is always a candidate.
+    candidates = np.arange(high, low - 1, -hop)[::-1]
+    half = window // 2
+    left = np.clip(candidates - half, 0, len(samples))
+    right = np.clip(candidates + half, 0, len(samples))
+    region_start, region_end = int(left.min()), int(right.max())
+    region = np.asarray(samples[region_start:region_end], dtype=np.float64)
+    cumulative = np.concatenate(([0.0], np.cumsum(region * region)))
+    energy = (cumulative[right - region_start] - cumulative[left - region_start]) / np.maximum(right - left, 1)
+    latest_minimum = len(energy) - 1 - int(np.argmin(energy[::-1]))
+    return int(candidates[latest_minimum])

@@ -1,0 +1,303 @@
+"""Result writers (txt, json, jsonl, srt, vtt, wav), written atomically, with skip-existing helpers.
+
+Every file goes to a temporary file in the destination folder first, is fsync'ed, then renamed over
+the destination: a crash or Ctrl-C never leaves a half-written output, and a rerun of a batch can trust
+that any output it finds is complete (see `should_skip`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import wave
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+import numpy as np
+
+from minicpmo_cli.errors import OutputError, UsageError
+
+WAV_SAMPLE_RATE = 24000  # Hz: the vocoder's output rate, the default for every wav we write
+PCM16_MAX = 32767  # full scale of signed 16-bit PCM
+TEXT_FORMATS = ("txt", "json", "jsonl", "srt", "vtt")
+STDIN_STEM = "stdin"  # output name for input "-"
+
+
+@dataclass
+class Segment:
+    """A piece of a transcript with its time span in seconds."""
+
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class TranscriptRecord:
+    """One input's result: what the json/jsonl writers print, one record per input."""
+
+    path: str
+    text: str = ""
+    language: str | None = None
+    duration: float | None = None  # s
+    segments: list[Segment] = field(default_factory=list)
+    error: str | None = None  # one-line reason when this input failed (then text is empty)
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # segments given as dicts instead of Segments pass through unchanged
+
+    def timed_segments(self) -> list[Segment]:
+        """Segments for srt/vtt; a record without segments is one segment spanning the whole input."""
+        if self.segments:
+            return [s if isinstance(s, Segment) else Segment(**s) for s in self.segments]
+        if not self.text:
+            return []
+        return [Segment(0.0, float(self.duration or 0.0), self.text)]
+
+
+# --- timestamps ---------------------------------------------------------------------------------
+
+
+def format_timestamp(seconds: float, decimal_marker: str = ".") -> str:
+    """HH:MM:SS<marker>mmm, rounded to the millisecond (srt uses ',', vtt '.')."""
+    if seconds < 0:
+        raise ValueError(f"negative timestamp: {seconds}")
+    total_ms = int(round(seconds * 1000.0))
+    hours, rest = divmod(total_ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, millis = divmod(rest, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{millis:03d}"
+
+
+# --- writers ------------------------------------------------------------------------------------
+
+
+class ResultWriter:
+    """Formats a TranscriptRecord as text of one format; writes it to a file or a stream."""
+
+    extension = ""
+
+    def __init__(self, output_dir: str | os.PathLike[str] | None = None) -> None:
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+
+    def format(self, record: TranscriptRecord) -> str:
+        raise NotImplementedError
+
+    def output_path(self, record: TranscriptRecord) -> Path:
+        if self.output_dir is None:
+            raise UsageError("no output folder was given for this writer")
+        return output_path_for(record.path, self.output_dir, self.extension)
+
+    def write(self, record: TranscriptRecord, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write atomically to `path` (default: <output_dir>/<input stem>.<ext>); return the path."""
+        target = Path(path) if path is not None else self.output_path(record)
+        write_text_atomic(target, self.format(record))
+        return target
+
+    def write_to(self, stream: TextIO, record: TranscriptRecord) -> None:
+        stream.write(self.format(record))
+        stream.flush()
+
+    def __call__(self, record: TranscriptRecord, path: str | os.PathLike[str] | None = None):
+        return self.write(record, path)
+
+
+class TxtWriter(ResultWriter):
+    extension = "txt"
+
+    def format(self, record: TranscriptRecord) -> str:
+        return record.text.strip() + "\n"
+
+
+class JsonWriter(ResultWriter):
+    extension = "json"
+
+    def format(self, record: TranscriptRecord) -> str:
+        return json.dumps(record.to_dict(), ensure_ascii=False, indent=2) + "\n"
+
+
+class JsonlWriter(ResultWriter):
+    """One compact JSON object per line: one line per input, so many records can share a stream."""
+
+    extension = "jsonl"
+
+    def format(self, record: TranscriptRecord) -> str:
+        return json.dumps(record.to_dict(), ensure_ascii=False) + "\n"
+
+
+class SrtWriter(ResultWriter):
+    extension = "srt"
+
+    def format(self, record: TranscriptRecord) -> str:
+        blocks = []
+        for number, segment in enumerate(record.timed_segments(), start=1):
+            span = f"{format_timestamp(segment.start, ',')} --> {format_timestamp(segment.end, ',')}"
+            blocks.append(f"{number}\n{span}\n{segment.text.strip()}\n")
+        return "\n".join(blocks)
+
+
+class VttWriter(ResultWriter):
+    extension = "vtt"
+
+    def format(self, record: TranscriptRecord) -> str:
+        blocks = ["WEBVTT\n"]
+        for segment in record.timed_segments():
+            span = f"{format_timestamp(segment.start)} --> {format_timestamp(segment.end)}"
+            blocks.append(f"{span}\n{segment.text.strip()}\n")
+        return "\n".join(blocks)
+
+
+class MultiWriter(ResultWriter):
+    """`-f all`: every text format, one file each."""
+
+    extension = ""
+
+    def __init__(self, writers: Iterable[ResultWriter]) -> None:
+        self.writers = list(writers)
+        super().__init__(self.writers[0].output_dir if self.writers else None)
+
+    def format(self, record: TranscriptRecord) -> str:
+        raise UsageError("format 'all' writes one file per format; it cannot be printed as one text")
+
+    def write(self, record: TranscriptRecord, path: str | os.PathLike[str] | None = None) -> list[Path]:
+        if path is not None:
+            raise UsageError("format 'all' needs an output folder, not a single output file")
+        return [writer.write(record) for writer in self.writers]
+
+
+WRITERS: dict[str, type[ResultWriter]] = {
+    "txt": TxtWriter,
+    "json": JsonWriter,
+    "jsonl": JsonlWriter,
+    "srt": SrtWriter,
+    "vtt": VttWriter,
+}
+
+
+def get_writer(fmt: str, output_dir: str | os.PathLike[str] | None = None) -> ResultWriter:
+    """The writer for `fmt` (txt, json, jsonl, srt, vtt or all); creates `output_dir` when given."""
+    if output_dir is not None:
+        ensure_output_dir(output_dir)
+    if fmt == "all":
+        return MultiWriter(WRITERS[name](output_dir) for name in TEXT_FORMATS)
+    try:
+        return WRITERS[fmt](output_dir)
+    except KeyError:
+        choices = ", ".join(TEXT_FORMATS + ("all",))
+        raise UsageError(f"unknown output format {fmt!r} (choose from {choices})") from None
+
+
+# --- paths and skip-existing --------------------------------------------------------------------
+
+
+def output_path_for(input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str], ext: str) -> Path:
+    """<output_dir>/<input file name without its extension>.<ext>; input '-' is named 'stdin'."""
+    stem = STDIN_STEM if str(input_path) == "-" else Path(input_path).stem
+    return Path(output_dir) / f"{stem}.{ext.lstrip('.')}"
+
+
+def should_skip(path: str | os.PathLike[str], overwrite: bool) -> bool:
+    """True when `path` already exists and we were not asked to overwrite it (resuming a batch)."""
+    return not overwrite and Path(path).exists()
+
+
+def ensure_output_dir(output_dir: str | os.PathLike[str]) -> Path:
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError("exists and is not a folder", folder) from None
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder ({exc.strerror or exc})", folder) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError("output folder is not writable", folder)
+    return folder
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` through a synced temp file in the same folder and a rename."""
+    return _write_atomic(Path(path), lambda handle: handle.write(data))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    return write_bytes_atomic(path, text.encode(encoding))
+
+
+def _write_atomic(target: Path, fill: Callable[[io.BufferedWriter], object]) -> Path:
+    if target.is_dir():
+        raise OutputError("is a directory, cannot write a file there", target)
+    folder = target.parent
+    try:
+        # Same folder as the target: os.replace is only atomic within one file system.
+        descriptor, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write here ({exc.strerror or exc})", target) from None
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp_name, _default_file_mode())  # mkstemp makes 0600; give the usual umask mode
+        os.replace(temp_name, target)
+    except BaseException as exc:  # also on Ctrl-C: never leave the temp file behind
+        _remove_quietly(temp_name)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write the file ({exc.strerror or exc})", target) from None
+        raise
+    return target
+
+
+def _remove_quietly(name: str) -> None:
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+
+
+_UMASK: int | None = None
+
+
+def _default_file_mode() -> int:
+    """0o666 minus the process umask: the mode open() would have given a new file."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0)  # reading the umask requires setting it; restore at once
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
+# --- wav ----------------------------------------------------------------------------------------
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int = WAV_SAMPLE_RATE) -> bytes:
+    """A complete mono PCM16 wav file in memory (for `-o -`, stdout)."""
+    pcm = _to_pcm16(samples)
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(int(sample_rate))
+        wav.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
+def write_wav(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = WAV_SAMPLE_RATE) -> Path:
+    """Write float samples (clipped to [-1, 1]) as a mono PCM16 wav, atomically."""
+    return write_bytes_atomic(path, wav_bytes(samples, sample_rate))
+
+
+def _to_pcm16(samples: np.ndarray) -> np.ndarray:
+    audio = np.asarray(samples, dtype=np.float32)
+    if audio.ndim == 2 and 1 in audio.shape:
+        audio = audio.reshape(-1)  # [n, 1] or [1, n]: already mono
+    if audio.ndim != 1:
+        raise ValueError(f"expected mono samples of shape [n], got shape {audio.shape}")
+    audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
+    # Little-endian int16 is what the wav format stores, whatever the machine's byte order.
+    return np.rint(np.clip(audio, -1.0, 1.0) * PCM16_MAX).astype("<i2")
