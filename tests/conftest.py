@@ -43,3 +43,13 @@ def golden_case():
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return _need(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A complete tiny random checkpoint (every tower, tokenizers, Vocos), built once per test session."""
+    from minicpmo_cli.model.tiny import make_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    make_tiny_checkpoint(folder)
+    return folder

@@ -68,9 +68,9 @@ def root(
 
 def _register_commands() -> None:
     # Command modules import only typer at module level; torch comes in when a command runs.
-    from minicpmo_cli.cli import chat, doctor
+    from minicpmo_cli.cli import asr, chat, doctor
 
-    for module in (chat, doctor):
+    for module in (asr, chat, doctor):
         module.register(app)
 
 

@@ -35,6 +35,7 @@ def chat(
                                       metavar="IMAGE ANSWER"),
     speak: Optional[Path] = typer.Option(None, "--speak", help="Also speak the answer into this wav file."),
     max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
+    min_new_tokens: Optional[int] = common.MIN_NEW_TOKENS,
     sampling: Optional[bool] = common.SAMPLING,
     temperature: Optional[float] = common.TEMPERATURE,
     top_p: Optional[float] = common.TOP_P,
@@ -44,7 +45,7 @@ def chat(
 ) -> None:
     from minicpmo_cli.api.chat import Conversation
 
-    decode = common.decode_options(max_new_tokens=max_new_tokens, sampling=sampling, temperature=temperature,
+    decode = common.decode_options(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, sampling=sampling, temperature=temperature,
                                    top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                                    num_beams=num_beams)
     stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
