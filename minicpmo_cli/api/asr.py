@@ -1,0 +1,305 @@
+"""Audio understanding: transcription (ASR), audio captions, speaker analysis and scene tags.
+
+Every input is decoded to 16 kHz mono, split at silences into pieces of at most 30 s (the Whisper window:
+nothing is ever cut off), and each piece is sent as the guide's message ``[task prompt + "\\n", audio]``
+under the TTS chat template (audio switches it on, as the reference). Pieces of several inputs share one
+forward pass (``batch_size``); the answers are the same as one piece at a time (see ``embed_prompts``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Union
+
+import numpy as np
+
+from minicpmo_cli.api.engine import DecodeOptions, Engine
+from minicpmo_cli.errors import InputError, UsageError
+from minicpmo_cli.outputs import Segment, TranscriptRecord
+from minicpmo_cli.processing import prompts
+
+TASKS = ("transcribe", "caption", "speaker", "scene")
+LANGUAGES = ("auto", "en", "zh")
+SAMPLE_RATE = 16000  # Hz: what the audio encoder takes
+MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split at silences
+
+# Decoding defaults. The guide's ASR snippet samples (temperature 0.3, 128 new tokens); we decode greedily
+# unless --sampling is asked for: a transcript should be the single most likely reading of the audio, the
+# same on every run, and greedy is what Whisper-style ASR uses by default. The reference's other
+# non-sampling mode (beam search with repetition_penalty 1.2) is not the default: that penalty punishes words
+# that really are repeated in speech ("the ... the"); --num-beams N still gives beam search. 512 tokens leave
+# room for a 30 s piece of fast speech in any language (the guide's 128 can cut such a piece short); a piece
+# that still hits the limit is reported, never silently cut.
+MAX_NEW_TOKENS = 512
+GREEDY_DEFAULTS: dict[str, Any] = {"num_beams": 1, "repetition_penalty": 1.0}
+SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.3}  # --sampling: the guide's ASR call
+
+# The guide's message puts a newline after the task prompt ("...transcribe the content.\n"), which the
+# chat join turns into a blank line before the audio; golden case c_asr confirms the prompt text.
+PROMPT_SUFFIX = "\n"
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+
+AudioSource = Union[str, bytes, np.ndarray]
+
+
+def task_prompt(task: str = "transcribe", language: str = "auto", custom: str | None = None) -> str:
+    """The instruction sent with the audio: ``custom`` when given, else the guide's prompt for the task.
+
+    Only transcription has a Chinese prompt in the guide; the other tasks use their English prompt for
+    every language (the model answers them in either).
+    """
+    if custom is not None:
+        if not custom.strip():
+            raise UsageError("--prompt is empty")
+        text = custom
+    elif task == "transcribe":
+        text = prompts.ASR_ZH if language == "zh" else prompts.ASR_EN
+    elif task in ("caption", "speaker", "scene"):
+        text = prompts.TASK_PROMPTS[task]
+    else:
+        raise UsageError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
+    if language not in LANGUAGES:
+        raise UsageError(f"--language must be one of {', '.join(LANGUAGES)}, not {language!r}")
+    return text if text.endswith(PROMPT_SUFFIX) else text + PROMPT_SUFFIX
+
+
+@dataclass(frozen=True)
+class AsrOptions:
+    task: str = "transcribe"  # transcribe | caption | speaker | scene
+    language: str = "auto"  # en | zh picks the prompt language; auto: English prompt
+    prompt: str | None = None  # a custom instruction instead of the task's prompt
+    batch_size: int = 1  # pieces per forward pass
+    max_piece_seconds: float = MAX_PIECE_SECONDS  # longer audio is split at silences
+
+    @property
+    def instruction(self) -> str:
+        return task_prompt(self.task, self.language, self.prompt)
+
+
+@dataclass
+class AudioInput:
+    """One input: ``path`` names it in records ("-" for stdin); ``source`` is what is decoded."""
+
+    path: str
+    source: AudioSource
+
+    @classmethod
+    def from_path(cls, path) -> AudioInput:
+        return cls(str(path), str(path))
+
+
+@dataclass
+class PieceText:
+    text: str
+    truncated: bool = False  # the answer hit max_new_tokens without an end token
+
+
+# ------------------------------------------------------------------------------------------ model calls
+def embed_prompts(model, inputs) -> Any:
+    """LLM input embeddings of a batch, with each sample's audio encoded on its own.
+
+    Why not ``model.generate`` on the batch: the reference's Whisper mask compares encoder frame indices
+    with *mel* lengths, so in a batch a clip whose last 1 s chunk is partial lets that chunk attend to
+    padding frames and its embeddings change with the longest clip beside it. Encoding each sample alone
+    (trimmed to its own frames) gives exactly the single-clip embeddings, so batching changes no transcript.
+    """
+    import torch
+
+    data = dict(inputs)
+    chunk_length = model.config.audio_chunk_length
+    with torch.inference_mode():
+        embeds, _ = model.get_vllm_embedding(data)
+        row = 0
+        for index, lens in enumerate(data.get("audio_feature_lens") or []):
+            count = len(lens)
+            if count == 0:
+                continue
+            frames = int(max(int(v) for v in lens))
+            sample = {
+                "audio_features": data["audio_features"][row:row + count, :, :frames],
+                "audio_feature_lens": [lens],
+                "audio_bounds": [data["audio_bounds"][index]],
+            }
+            # Writes the audio rows in place into this sample's slice of ``embeds``.
+            model.get_omni_embedding(sample, embeds[index:index + 1], chunk_length=chunk_length)
+            row += count
+    return embeds
+
+
+def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str,
+                   decode: DecodeOptions) -> list[PieceText]:
+    """One forward pass over several clips (left-padded); the answer to ``[instruction, clip]`` for each."""
+    from minicpmo_cli.generation.text import TTS_EOS, decode_text, decoding_settings, run_llm_generate, \
+        terminator_ids
+
+    msgs = [[{"role": "user", "content": [instruction, clip]}] for clip in clips]
+    inputs = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True).to(engine.device)
+    sampling = bool(decode.sampling)
+    mode_defaults = SAMPLING_DEFAULTS if sampling else GREEDY_DEFAULTS
+    settings = decode.merged(sampling=sampling, max_new_tokens=MAX_NEW_TOKENS, **mode_defaults)
+    settings.pop("sampling")
+    max_new_tokens = int(settings.pop("max_new_tokens"))
+    min_new_tokens = int(settings.pop("min_new_tokens", 0) or 0)
+    llm_settings = decoding_settings(sampling, min_new_tokens, settings)
+    embeds = embed_prompts(engine.model, inputs)
+    tokenizer = engine.processor.tokenizer
+    engine.seed()
+    sequences, _ = run_llm_generate(engine.model, embeds, inputs["attention_mask"], tokenizer, max_new_tokens,
+                                    llm_settings)
+    stops = set(terminator_ids(tokenizer))
+    texts = decode_text(sequences, tokenizer)
+    return [PieceText(text.replace(TTS_EOS, "").strip(), truncated=not stops.intersection(row.tolist()))
+            for text, row in zip(texts, sequences)]
+
+
+def _has_audio_tokens(clip: np.ndarray) -> bool:
+    """False for a sliver too short to give the LLM a single audio embedding (answered with "")."""
+    from minicpmo_cli.processing.audio import audio_token_count
+
+    return len(clip) > 0 and audio_token_count(len(clip)) > 0
+
+
+# ------------------------------------------------------------------------------------------ results
+def join_pieces(texts: Iterable[str]) -> str:
+    """Piece texts joined with a space, or with nothing where both sides are CJK (no spaces in Chinese)."""
+    joined = ""
+    for text in (t.strip() for t in texts):
+        if not text:
+            continue
+        if joined and not (_CJK.match(joined[-1]) and _CJK.match(text[0])):
+            joined += " "
+        joined += text
+    return joined
+
+
+def detect_language(text: str) -> str | None:
+    """A guess from the script of the answer for --language auto: "zh" when it holds CJK, else "en"."""
+    if not text.strip():
+        return None
+    return "zh" if _CJK.search(text) else "en"
+
+
+@dataclass
+class _Job:
+    """An input on its way through: its record and the texts of its pieces as they arrive."""
+
+    record: TranscriptRecord
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    texts: list[PieceText | None] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return all(t is not None for t in self.texts)
+
+
+def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray | None]:
+    from minicpmo_cli.media.audio import load_audio, split_on_silence
+
+    record = TranscriptRecord(path=item.path)
+    try:
+        samples = item.source if isinstance(item.source, np.ndarray) else load_audio(item.source, SAMPLE_RATE)
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if samples.size == 0:
+            raise InputError("no audio samples", input_name(item.path))
+    except InputError as exc:
+        record.error = _reason(exc)
+        return _Job(record), None
+    record.duration = round(len(samples) / SAMPLE_RATE, 3)
+    spans = split_on_silence(samples, SAMPLE_RATE, max_seconds=options.max_piece_seconds)
+    return _Job(record, spans, [None] * len(spans)), samples
+
+
+def _reason(exc: InputError) -> str:
+    """The error without the path it starts with: records carry the path in their own field."""
+    message = str(exc)
+    prefix = f"{exc.path}: " if exc.path else ""
+    return message[len(prefix):] if prefix and message.startswith(prefix) else message
+
+
+def input_name(path: str) -> str:
+    """How messages name an input ("-" is stdin)."""
+    return "<stdin>" if path == "-" else path
+
+
+def _finish(job: _Job, options: AsrOptions, warn: Callable[[str], None] | None) -> TranscriptRecord:
+    record = job.record
+    if record.error is not None:
+        return record
+    record.segments = [Segment(round(s / SAMPLE_RATE, 3), round(e / SAMPLE_RATE, 3), piece.text)
+                       for (s, e), piece in zip(job.spans, job.texts)]
+    record.text = join_pieces(piece.text for piece in job.texts)
+    record.language = options.language if options.language != "auto" else detect_language(record.text)
+    if warn is not None:
+        for segment, piece in zip(record.segments, job.texts):
+            if piece.truncated:
+                warn(f"{input_name(record.path)}: the answer for {segment.start:.1f}-{segment.end:.1f} s reached "
+                     f"--max-new-tokens and may be cut short")
+    return record
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[AudioInput],
+                    options: AsrOptions = AsrOptions(), decode: DecodeOptions = DecodeOptions(),
+                    warn: Callable[[str], None] | None = None) -> Iterator[TranscriptRecord]:
+    """One record per input, in input order, each yielded as soon as it (and those before it) is done.
+
+    Inputs are decoded lazily; a bad one gives a record with ``error`` set and the others go on. Pieces
+    of consecutive inputs are batched ``options.batch_size`` at a time. ``engine`` may be a function that
+    loads it: it is then called only once some audio needs the model (a batch of unreadable files, or a
+    rerun that finds nothing left to do, loads nothing).
+    """
+    if options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    instruction = options.instruction
+    loaded: list[Engine] = [engine] if isinstance(engine, Engine) else []
+
+    def model() -> Engine:
+        if not loaded:
+            loaded.append(engine())
+        return loaded[0]
+    open_jobs: deque[_Job] = deque()
+    waiting: deque[tuple[_Job, int, np.ndarray]] = deque()  # pieces not yet sent to the model
+
+    def run(count: int) -> None:
+        batch = [waiting.popleft() for _ in range(min(count, len(waiting)))]
+        for job, index, clip in batch:
+            if not _has_audio_tokens(clip):
+                job.texts[index] = PieceText("")
+        todo = [(job, index, clip) for job, index, clip in batch if job.texts[index] is None]
+        if todo:
+            results = generate_batch(model(), [clip for _, _, clip in todo], instruction, decode)
+            for (job, index, _), result in zip(todo, results):
+                job.texts[index] = result
+
+    def finished() -> Iterator[TranscriptRecord]:
+        while open_jobs and open_jobs[0].done:
+            yield _finish(open_jobs.popleft(), options, warn)
+
+    for item in inputs:
+        job, samples = _start_job(item, options)
+        open_jobs.append(job)
+        waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans))
+        while len(waiting) >= options.batch_size:
+            run(options.batch_size)
+            yield from finished()
+        yield from finished()
+    while waiting:
+        run(options.batch_size)
+        yield from finished()
+    yield from finished()
+
+
+def transcribe(engine: Engine, audio: AudioSource, options: AsrOptions = AsrOptions(),
+               decode: DecodeOptions = DecodeOptions(), path: str | None = None) -> TranscriptRecord:
+    """One audio (a file path, the bytes of a file, or 16 kHz mono samples) -> its record.
+
+    Raises InputError when the audio cannot be read (``transcribe_many`` reports it in the record instead).
+    """
+    name = path or (audio if isinstance(audio, str) else "-")
+    record = next(transcribe_many(engine, [AudioInput(name, audio)], options, decode))
+    if record.error is not None:
+        raise InputError(record.error, input_name(name))
+    return record

@@ -1,0 +1,270 @@
+"""`minicpmo asr` end to end on the tiny checkpoint with real (espeak-ng) speech.
+
+The tiny model's weights are random, so transcripts are gibberish: the tests check structure (the CLI gives
+the library's answer, records, files, segment times, exit codes, error lines), never words.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minicpmo_cli.cli import app as app_module
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+FAST = ["--max-new-tokens", "4"]
+SENTENCES = ["Good morning everyone and welcome to the meeting.", "Today we talk about the quarterly results.",
+             "Sales went up in the northern region.", "Please send me the report before Friday."]
+
+
+def run_cli(*args, stdin: bytes = b""):
+    env = {**os.environ, "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "minicpmo_cli", *map(str, args)], capture_output=True,
+                          input=stdin, env=env, timeout=300)
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """The console entry point in-process (faster than a subprocess): (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        app_module.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else int(code)), out, err
+
+
+def speak(text: str, path: Path) -> Path:
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("speech")
+    return {"one": speak(SENTENCES[0], folder / "one.wav"), "two": speak(SENTENCES[1], folder / "two.wav")}
+
+
+@pytest.fixture(scope="module")
+def long_recording(tmp_path_factory) -> Path:
+    """About 70 s: espeak sentences separated by 0.8 s of silence, written at 16 kHz."""
+    import soundfile
+
+    from minicpmo_cli.media.audio import load_audio
+
+    folder = tmp_path_factory.mktemp("long")
+    clips = [load_audio(speak(text, folder / f"s{i}.wav")) for i, text in enumerate(SENTENCES)]
+    pieces, total, index = [], 0, 0
+    while total < 70 * 16000:
+        clip = clips[index % len(clips)]
+        pieces += [clip, np.zeros(12800, np.float32)]
+        total += len(clip) + 12800
+        index += 1
+    path = folder / "meeting.wav"
+    soundfile.write(path, np.concatenate(pieces), 16000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    from minicpmo_cli.api.engine import LoadOptions, load
+
+    return load(LoadOptions(model=str(tiny_ckpt), device="cpu"), vision=False, audio=True, tts=False)
+
+
+def library_text(engine, path) -> str:
+    from minicpmo_cli.api.asr import transcribe
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    return transcribe(engine, str(path), decode=DecodeOptions(max_new_tokens=4)).text
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("minicpmo: error:")]
+
+
+def test_one_file_prints_its_transcript(tiny_ckpt, engine, speech):
+    result = run_cli("--model", tiny_ckpt, "asr", speech["one"], *FAST, "--device", "cpu")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == library_text(engine, speech["one"]) + "\n"
+
+
+def test_stdin_gives_the_same_transcript(tiny_ckpt, engine, speech, capsys, monkeypatch, tmp_path):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(speech["one"].read_bytes())))
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", "-", "-o", tmp_path, "-f", "json", *FAST)
+    assert code == 0, err
+    record = json.loads((tmp_path / "stdin.json").read_text())
+    assert record["path"] == "-" and record["text"] == library_text(engine, speech["one"])
+
+
+def test_folder_with_bad_files_then_rerun(tiny_ckpt, speech, tmp_path, capsys):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    for name in ("one", "two"):
+        shutil.copy(speech[name], inbox / f"{name}.wav")
+    (inbox / "corrupt.wav").write_bytes(speech["one"].read_bytes()[:30])  # a header cut short
+    (inbox / "empty.mp3").write_bytes(b"")
+    (inbox / "notes.txt").write_text("not media: a folder contributes only audio/video files")
+    result = run_cli("--model", tiny_ckpt, "asr", inbox, "-o", out, "-f", "json", *FAST)
+    stderr = result.stderr.decode()
+    assert result.returncode == 3, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["one.json", "two.json"]
+    for name in ("one", "two"):
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["path"] == str(inbox / f"{name}.wav") and record["error"] is None
+        assert record["segments"][0]["start"] == 0.0 and record["segments"][-1]["end"] == record["duration"]
+    errors = error_lines(stderr)
+    assert [line for line in errors if "corrupt.wav" in line] and [line for line in errors if "empty.mp3" in line]
+    assert len(errors) == 3 and "2 of 4 inputs failed" in errors[-1]  # one line per bad file + the summary
+
+    # A rerun redoes nothing: the finished outputs stay untouched and the model is not even loaded.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code, _, err = run_main(capsys, "--model", tiny_ckpt, "-v", "asr", inbox, "-o", out, "-f", "json", *FAST)
+    assert code == 3
+    assert "skipped 2 input(s)" in err and "loading" not in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    (inbox / "corrupt.wav").unlink()
+    (inbox / "empty.mp3").unlink()
+    assert run_main(capsys, "--model", tiny_ckpt, "asr", inbox, "-o", out, "-f", "json", *FAST)[0] == 0
+    code, _, _ = run_main(capsys, "--model", tiny_ckpt, "asr", inbox, "-o", out, "-f", "json", "--overwrite",
+                          *FAST)
+    assert code == 0
+    assert all((out / name).stat().st_mtime_ns != mtime for name, mtime in before.items())
+
+
+def test_long_recording_gives_timed_segments(tiny_ckpt, long_recording, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", long_recording, "-o", out, "-f", "all",
+                                 "--batch-size", "2", *FAST)
+    assert code == 0, err
+    assert stdout == ""
+    assert sorted(p.name for p in out.iterdir()) == [f"meeting.{ext}" for ext in ("json", "jsonl", "srt",
+                                                                                 "txt", "vtt")]
+    record = json.loads((out / "meeting.json").read_text())
+    assert record == json.loads((out / "meeting.jsonl").read_text())
+    assert set(record) == {"path", "text", "language", "duration", "segments", "error"}
+    assert record["duration"] == pytest.approx(70.0, abs=3.0)
+    segments = record["segments"]
+    assert len(segments) >= 3
+    assert segments[0]["start"] == 0.0 and segments[-1]["end"] == record["duration"]
+    assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))
+    assert all(0 < s["end"] - s["start"] <= 30.0 for s in segments)
+    assert (out / "meeting.txt").read_text() == record["text"].strip() + "\n"
+
+    spoken = [s for s in segments if s["text"].strip()]
+    srt_times = re.findall(r"(\d\d:\d\d:\d\d,\d\d\d) --> (\d\d:\d\d:\d\d,\d\d\d)", (out / "meeting.srt").read_text())
+    vtt = (out / "meeting.vtt").read_text()
+    vtt_times = re.findall(r"(\d\d:\d\d:\d\d\.\d\d\d) --> (\d\d:\d\d:\d\d\.\d\d\d)", vtt)
+    assert vtt.startswith("WEBVTT") and len(srt_times) == len(vtt_times) == len(spoken)
+    starts = [to_seconds(a) for a, _ in srt_times]
+    assert starts == sorted(starts) and starts == pytest.approx([s["start"] for s in spoken], abs=1e-3)
+
+
+def to_seconds(stamp: str) -> float:
+    hours, minutes, seconds = stamp.replace(",", ".").split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def test_jsonl_on_stdout_from_a_files_from_list(tiny_ckpt, engine, speech, tmp_path, capsys):
+    listing = tmp_path / "list.txt"
+    missing = tmp_path / "missing.wav"
+    listing.write_text(f"# inputs\n{speech['one']}\n\n{missing}\n{speech['two']}\n")
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", "--files-from", listing, "-f", "jsonl", *FAST)
+    assert code == 3
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["path"] for r in records] == [str(speech["one"]), str(missing), str(speech["two"])]
+    assert all(set(r) == {"path", "text", "language", "duration", "segments", "error"} for r in records)
+    assert records[0]["text"] == library_text(engine, speech["one"]) and records[0]["error"] is None
+    assert records[1]["error"] == "file not found" and records[1]["text"] == ""
+    assert [line for line in error_lines(err) if str(missing) in line]
+
+
+def test_glob_recursive_and_sub_folders(tiny_ckpt, speech, tmp_path, capsys, monkeypatch):
+    from minicpmo_cli.cli import common
+
+    towers, real_load = [], common.load_engine
+
+    def recording_load(**kwargs):
+        towers.append(kwargs)
+        return real_load(**kwargs)
+
+    monkeypatch.setattr(common, "load_engine", recording_load)
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    (inbox / "sub").mkdir(parents=True)
+    shutil.copy(speech["one"], inbox / "one.wav")
+    shutil.copy(speech["two"], inbox / "sub" / "two.wav")
+    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", inbox, "--recursive", "-o", out, *FAST)
+    assert code == 0, err
+    assert (out / "one.txt").is_file() and (out / "sub" / "two.txt").is_file()
+    assert towers == [{"vision": False, "audio": True, "tts": False}]  # one load, no vision, no TTS
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", str(inbox / "*.wav"), *FAST)  # unexpanded
+    assert code == 0, err
+    assert stdout.strip() == (out / "one.txt").read_text().strip()
+
+
+def test_several_inputs_to_stdout_get_headers(tiny_ckpt, speech, capsys):
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], speech["two"], "--task",
+                                 "caption", "--language", "zh", *FAST)
+    assert code == 0, err
+    assert f"==> {speech['one']} <==" in stdout and f"==> {speech['two']} <==" in stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-f", "all"], "-o DIR"),
+    (["-f", "json", "EXTRA"], "jsonl"),
+    (["--task", "translate"], "--task"),
+    (["--batch-size", "0"], "batch-size"),
+])
+def test_usage_errors(tiny_ckpt, speech, capsys, args, message):
+    args = [str(speech["two"]) if a == "EXTRA" else a for a in args]
+    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], *args)
+    assert code == 2 and message in err
+
+
+def test_one_bad_file_is_one_line_and_exit_1(tiny_ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad.wav"
+    bad.write_text("hello")
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", bad)
+    assert code == 1 and stdout == ""
+    assert error_lines(err) == [f"minicpmo: error: {bad}: not an audio file (looks like text)"]
+
+
+def test_inputs_that_would_share_an_output_are_refused(tiny_ckpt, speech, tmp_path, capsys):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(speech["one"], other / "one.wav")
+    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], other / "one.wav", "-o",
+                            tmp_path / "out")
+    assert code == 2 and "same output file" in err
+    assert not list((tmp_path / "out").glob("*.txt"))
+
+
+def test_ctrl_c_keeps_finished_outputs(tiny_ckpt, speech, tmp_path, capsys, monkeypatch):
+    """Interrupted during the second input: the first one's file is complete, nothing half-written remains."""
+    from minicpmo_cli.api import asr as asr_api
+
+    real = asr_api.generate_batch
+    calls = []
+
+    def interrupt_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(asr_api, "generate_batch", interrupt_on_second)
+    out = tmp_path / "out"
+    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], speech["two"], "-o", out,
+                            "--batch-size", "1", *FAST)
+    assert code == 130  # (click handles Ctrl-C itself: exit 130)
+    assert [p.name for p in out.iterdir()] == ["one.txt"]
+    assert (out / "one.txt").read_text().endswith("\n")

@@ -1,0 +1,165 @@
+"""The asr library (minicpmo_cli.api.asr): prompts, the guide's message, batching and long audio."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+GREEDY = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    from minicpmo_cli.api.engine import LoadOptions, load
+
+    return load(LoadOptions(model=str(tiny_ckpt), device="cpu"), vision=False, audio=True, tts=False)
+
+
+def noise(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
+
+
+def test_task_prompts_are_the_guides():
+    from minicpmo_cli.api.asr import task_prompt
+
+    assert task_prompt() == "Please listen to the audio snippet carefully and transcribe the content.\n"
+    assert task_prompt(language="en") == task_prompt(language="auto")
+    assert task_prompt(language="zh") == "请仔细听这段音频片段，并将其内容逐字记录。\n"
+    assert task_prompt("caption") == "Summarize the main content of the audio.\n"
+    assert task_prompt("scene", "zh").startswith("Utilize one keyword")
+    assert task_prompt("speaker").startswith("Based on the speaker's content")
+    assert task_prompt(custom="List the speakers.") == "List the speakers.\n"
+
+
+def test_bad_task_and_language_are_usage_errors():
+    from minicpmo_cli.api.asr import task_prompt
+    from minicpmo_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--task"):
+        task_prompt("translate")
+    with pytest.raises(UsageError, match="--language"):
+        task_prompt(language="fr")
+
+
+def test_message_and_answer_match_golden_case_c(golden_ckpt, golden_case):
+    """The guide's ASR message gives the reference's input ids (TTS template on) and its greedy answer."""
+    import soundfile
+
+    from minicpmo_cli.api.asr import AsrOptions, generate_batch
+    from minicpmo_cli.api.engine import DecodeOptions, LoadOptions, load
+    from tests.conftest import GOLDEN_CASES
+
+    meta, _ = golden_case("c_asr")
+    audio, rate = soundfile.read(GOLDEN_CASES / "c_audio.wav", dtype="float32")
+    assert rate == 16000
+    engine = load(LoadOptions(model=str(golden_ckpt), device="cpu"), vision=False, audio=True, tts=False)
+    instruction = AsrOptions().instruction
+    assert instruction == meta["messages"][0]["content"][0]["text"]
+    inputs = engine.processor.apply_chat_template(msgs=[[{"role": "user", "content": [instruction, audio]}]],
+                                                  use_tts_template=True)
+    assert inputs["input_ids"][0].tolist() == meta["inputs"]["input_ids"]
+    [piece] = generate_batch(engine, [audio], instruction, DecodeOptions(max_new_tokens=16))  # greedy default
+    assert piece.text == meta["decoding"]["greedy"]["chat_return_text"].strip()
+    assert piece.truncated  # 16 tokens without an end token
+
+
+def test_batched_embeddings_equal_single_ones(engine):
+    """In a padded batch each clip's audio rows are exactly its single-clip rows (lengths off the 1 s grid)."""
+    import torch
+
+    from minicpmo_cli.api.asr import embed_prompts, task_prompt
+
+    clips = [noise(3.05, 0), noise(7.3, 1), noise(2.0, 2)]
+    msgs = [[{"role": "user", "content": [task_prompt(), clip]}] for clip in clips]
+    batch = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True)
+    batched = embed_prompts(engine.model, batch)
+    for index, sample in enumerate(msgs):
+        single = engine.processor.apply_chat_template(msgs=sample, use_tts_template=True)
+        with torch.inference_mode():
+            reference, _ = engine.model.get_inputs_embeds(dict(single))
+        length = reference.shape[1]
+        assert torch.equal(batched[index, -length:], reference[0])
+
+
+def test_batched_transcripts_equal_one_by_one(engine):
+    from minicpmo_cli.api.asr import AsrOptions, AudioInput, transcribe_many
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    clips = [noise(s, seed) for seed, s in enumerate((3.05, 41.3, 1.5, 6.66, 12.2))]
+    inputs = [AudioInput(f"clip{i}", clip) for i, clip in enumerate(clips)]
+    decode = DecodeOptions(max_new_tokens=5, **GREEDY)
+    one_by_one = list(transcribe_many(engine, inputs, AsrOptions(batch_size=1), decode))
+    batched = list(transcribe_many(engine, inputs, AsrOptions(batch_size=4), decode))
+    assert [r.to_dict() for r in batched] == [r.to_dict() for r in one_by_one]
+    assert [r.path for r in batched] == [f"clip{i}" for i in range(5)]
+    assert len(batched[1].segments) == 2  # 41.3 s: two pieces of at most 30 s
+
+
+def test_long_audio_is_split_into_timed_pieces(engine):
+    from minicpmo_cli.api.asr import AsrOptions, join_pieces, transcribe
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    audio = np.concatenate([noise(27, 1), np.zeros(8000, np.float32), noise(27, 2), np.zeros(8000, np.float32),
+                            noise(10, 3)])
+    record = transcribe(engine, audio, AsrOptions(), DecodeOptions(max_new_tokens=3), path="long")
+    assert record.duration == pytest.approx(len(audio) / 16000, abs=1e-3)
+    segments = record.segments
+    assert len(segments) == 3
+    assert segments[0].start == 0.0 and segments[-1].end == record.duration
+    for before, after in zip(segments, segments[1:]):
+        assert before.end == after.start
+    assert all(0 < s.end - s.start <= 30.0 for s in segments)
+    # The cuts fall in the silences (27.0-27.5 s and 54.5-55.0 s), the quietest places.
+    assert 27.0 <= segments[0].end <= 27.5 and 54.5 <= segments[1].end <= 55.0
+    assert record.text == join_pieces(s.text for s in segments)
+
+
+def test_bad_input_is_a_record_and_the_rest_go_on(engine, tmp_path):
+    from minicpmo_cli.api.asr import AsrOptions, AudioInput, transcribe, transcribe_many
+    from minicpmo_cli.api.engine import DecodeOptions
+    from minicpmo_cli.errors import InputError
+
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    inputs = [AudioInput.from_path(empty), AudioInput("good", noise(2.0, 5)), AudioInput.from_path(tmp_path / "x")]
+    records = list(transcribe_many(engine, inputs, AsrOptions(batch_size=2), DecodeOptions(max_new_tokens=2)))
+    assert [r.error is None for r in records] == [False, True, False]
+    assert records[0].error == "file is empty (0 bytes)" and records[2].error == "file not found"
+    assert records[1].segments and records[1].duration == 2.0
+    with pytest.raises(InputError, match="empty"):
+        transcribe(engine, str(empty))
+
+
+def test_join_and_language_guess():
+    from minicpmo_cli.api.asr import detect_language, join_pieces
+
+    assert join_pieces([" hello", "", "world "]) == "hello world"
+    assert join_pieces(["你好", "世界", "ok"]) == "你好世界 ok"
+    assert detect_language("你好 world") == "zh"
+    assert detect_language("hello") == "en"
+    assert detect_language("  ") is None
+
+
+def test_decoding_defaults_greedy_or_the_guides_sampling(engine, monkeypatch):
+    """Greedy without repetition penalty by default; --sampling gives the guide's ASR call (temperature 0.3)."""
+    from minicpmo_cli.api.asr import generate_batch, task_prompt
+    from minicpmo_cli.api.engine import DecodeOptions
+    from minicpmo_cli.generation import text
+
+    seen = []
+    real = text.run_llm_generate
+
+    def spy(model, embeds, mask, tokenizer, max_new_tokens, settings, **kwargs):
+        seen.append((max_new_tokens, dict(settings)))
+        return real(model, embeds, mask, tokenizer, 2, settings, **kwargs)
+
+    monkeypatch.setattr(text, "run_llm_generate", spy)
+    clip = noise(1.0, 9)
+    generate_batch(engine, [clip], task_prompt(), DecodeOptions())
+    generate_batch(engine, [clip], task_prompt(), DecodeOptions(sampling=True))
+    generate_batch(engine, [clip], task_prompt(), DecodeOptions(num_beams=3, max_new_tokens=7))
+    assert seen[0] == (512, {"num_beams": 1, "repetition_penalty": 1.0})
+    assert seen[1] == (512, {"top_p": 0.8, "top_k": 100, "temperature": 0.3, "do_sample": True,
+                             "repetition_penalty": 1.05})
+    assert seen[2] == (7, {"num_beams": 3, "repetition_penalty": 1.0})
