@@ -117,7 +117,8 @@ def fail_usage(message: str) -> None:
 MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", min=1, help="Longest answer, in tokens.")
 MIN_NEW_TOKENS = typer.Option(None, "--min-new-tokens", min=0, help="Shortest answer, in tokens.")
 SAMPLING = typer.Option(None, "--sampling/--no-sampling",
-                        help="Sample (top-p/top-k) or use beam search (3 beams, as the reference).")
+                        help="Sample (top-p/top-k), or decode deterministically "
+                             "(chat: beam search with 3 beams, as the reference; asr: greedy).")
 TEMPERATURE = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature.")
 TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
 TOP_K = typer.Option(None, "--top-k", min=0, help="Sample among the k best tokens.")
