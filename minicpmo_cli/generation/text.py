@@ -1,0 +1,326 @@
+"""Text generation with the reference's decoding semantics (spec vision-llm §8).
+
+- ``sampling=True``: top_p 0.8, top_k 100, temperature 0.7, repetition penalty 1.05.
+- ``sampling=False``: **beam search**, 3 beams, repetition penalty 1.2 (not greedy).
+- Only keys already in that settings dict may be overridden (as the reference's ``chat()``); other decoding
+  keyword arguments are dropped. ``min_new_tokens`` is added only when > 0.
+- Stop on ``<|im_end|>`` / ``<|endoftext|>``; pad id 0.
+- Decoding drops **every id 0** (the pad, which is also the token ``!``), a leading ``<|im_start|>`` and one
+  trailing terminator, then ``<|tts_eos|>`` is removed from the answer (reference quirks, kept for parity).
+
+transformers' ``generate`` on ``llm`` with ``inputs_embeds`` reproduces the reference ids (greedy and beam-3):
+in both 4.44 and 5.x the repetition penalty sees only the generated tokens, since ``input_ids`` starts empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from threading import Thread
+from typing import Any, Iterator
+
+import torch
+
+from minicpmo_cli.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_DEFAULTS = {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True, "repetition_penalty": 1.05}
+BEAM_DEFAULTS = {"num_beams": 3, "repetition_penalty": 1.2}
+LLM_TERMINATORS = ("<|im_end|>", "<|endoftext|>")
+TTS_EOS = "<|tts_eos|>"
+# Processor-time options that the usage guide also passes to generate(); they have no effect there.
+PROCESSING_ONLY_KEYS = ("use_image_id", "max_slice_nums", "chunk_input", "omni_input", "max_inp_length")
+MODEL_INPUT_KEYS = ("pixel_values", "tgt_sizes", "image_bound", "audio_features", "audio_feature_lens",
+                    "audio_bounds", "spk_bounds", "vision_hidden_states")
+
+
+@dataclass
+class OmniOutput:
+    """Answer text plus (with TTS) the speaker conditioning and the 24 kHz waveform."""
+
+    text: Any = None
+    spk_embeds: torch.Tensor | None = None
+    audio_wav: Any = None
+    sampling_rate: int | None = None
+
+
+def decoding_settings(sampling: bool, min_new_tokens: int = 0, overrides: dict | None = None) -> dict:
+    """The reference's generation kwargs: defaults for the mode, then overrides of existing keys only."""
+    settings = dict(SAMPLING_DEFAULTS if sampling else BEAM_DEFAULTS)
+    if min_new_tokens > 0:
+        settings["min_new_tokens"] = min_new_tokens
+    overrides = overrides or {}
+    dropped = sorted(set(overrides) - set(settings))
+    if dropped:
+        logger.debug("decoding options ignored in %s mode (as the reference): %s",
+                     "sampling" if sampling else "beam", ", ".join(dropped))
+    settings.update((k, overrides[k]) for k in settings.keys() & overrides.keys())
+    return settings
+
+
+def terminator_ids(tokenizer) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in LLM_TERMINATORS]
+
+
+def decode_text(result_ids, tokenizer, terminators: list[int] | None = None) -> list[str]:
+    """Reference ``_decode_text``: drop every 0, a leading bos, one trailing terminator; keep specials."""
+    terminators = terminator_ids(tokenizer) if terminators is None else terminators
+    texts = []
+    for row in result_ids:
+        row = torch.as_tensor(row)
+        row = row[row != 0]
+        if len(row) and int(row[0]) == tokenizer.bos_token_id:
+            row = row[1:]
+        if len(row) and int(row[-1]) in terminators:
+            row = row[:-1]
+        texts.append(tokenizer.decode(row.tolist()))
+    return texts
+
+
+class _PromptHiddenCapture:
+    """Keeps the LLM's final-norm hidden states of the prompt pass (the first call of ``llm.model.norm``).
+
+    The TTS conditioning is the state at ``<|spk|>`` of that pass (reference ``_get_last_spk_embeds``); a hook
+    avoids keeping ``output_hidden_states`` for every generated step.
+    """
+
+    def __init__(self, llm) -> None:
+        self.hidden: torch.Tensor | None = None
+        self._handle = llm.model.norm.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if self.hidden is None:
+            self.hidden = output.detach()
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def spk_embeds_from_hidden(hidden: torch.Tensor, spk_bounds) -> torch.Tensor:
+    """[n, D] rows of sample 0 at its last speaker bound (reference: batch 1, ``spk_bounds[0][-1]``)."""
+    bounds = spk_bounds[0] if spk_bounds is not None and len(spk_bounds) else []
+    if len(bounds) == 0:
+        raise UsageError(
+            "speech output needs the TTS prompt: build the inputs with "
+            "processor.apply_chat_template(msgs, use_tts_template=True) (audio input turns it on by itself)"
+        )
+    start, end = (int(v) for v in bounds[-1])
+    return hidden[0, start:end]
+
+
+def _model_inputs(kwargs: dict) -> dict:
+    return {k: kwargs.pop(k) for k in MODEL_INPUT_KEYS if k in kwargs}
+
+
+def generate(
+    model,
+    input_ids=None,
+    attention_mask=None,
+    processor=None,
+    tokenizer=None,
+    sampling: bool = True,
+    max_new_tokens: int = 2048,
+    min_new_tokens: int = 0,
+    stream: bool = False,
+    use_tts_template: bool = False,
+    generate_audio: bool = False,
+    output_audio_path=None,
+    return_spk_embed: bool = False,
+    return_dict: bool = False,
+    **kwargs: Any,
+):
+    """``MiniCPMO.generate(**processor_outputs, processor=..., ...)``: answer text (list for a batch).
+
+    ``stream=True`` returns an iterator of text pieces (sampling only, as the reference). With
+    ``generate_audio=True`` the spoken answer is synthesised (and written to ``output_audio_path``).
+    """
+    if input_ids is None:
+        raise UsageError("generate() needs the processor outputs (input_ids, ...)")
+    tokenizer = tokenizer or getattr(processor, "tokenizer", None) or getattr(model.processor, "tokenizer", None)
+    if tokenizer is None:
+        raise UsageError("generate() needs processor= (or tokenizer=) to decode the answer")
+    data = _model_inputs(kwargs)
+    data["input_ids"] = input_ids
+    late = [key for key in PROCESSING_ONLY_KEYS if kwargs.pop(key, None) is not None]
+    if late:
+        logger.warning("%s only take effect in processor.apply_chat_template(); ignored by generate()",
+                       ", ".join(late))
+    for key in ("image_sizes", "decode_text"):
+        kwargs.pop(key, None)
+    settings = decoding_settings(sampling, min_new_tokens, kwargs)
+    with torch.inference_mode():
+        embeds, _ = model.get_inputs_embeds(data)
+    mask = None if attention_mask is None else attention_mask.to(embeds.device)
+    if stream:
+        if not sampling:
+            raise UsageError("stream=True needs sampling=True (as the reference)")
+        return _stream_text(model, embeds, tokenizer, max_new_tokens, settings)
+    want_speech = generate_audio or return_spk_embed
+    sequences, prompt_hidden = run_llm_generate(model, embeds, mask, tokenizer, max_new_tokens, settings,
+                                                capture_prompt_hidden=want_speech)
+    texts = decode_text(sequences, tokenizer)
+    batched = len(texts) > 1
+    answer = texts if batched else texts[0]
+    spk_embeds = wav = rate = None
+    if want_speech:
+        spk_embeds = spk_embeds_from_hidden(prompt_hidden, data.get("spk_bounds"))
+    if generate_audio and not batched:
+        wav, rate = synthesize(model, spk_embeds, answer, output_audio_path)
+    answer = [t.replace(TTS_EOS, "") for t in answer] if batched else answer.replace(TTS_EOS, "")
+    if return_dict or return_spk_embed:
+        return OmniOutput(text=answer, spk_embeds=spk_embeds, audio_wav=wav, sampling_rate=rate)
+    return answer
+
+
+def run_llm_generate(model, embeds, attention_mask, tokenizer, max_new_tokens: int, settings: dict,
+                     capture_prompt_hidden: bool = False, streamer=None):
+    """``llm.generate`` on the merged embeddings; returns (new token ids [B, T], prompt final hidden or None)."""
+    capture = _PromptHiddenCapture(model.llm) if capture_prompt_hidden else None
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # Penalising only the new tokens is exactly the reference behaviour; the warning is noise.
+            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
+            sequences = model.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                pad_token_id=0,
+                eos_token_id=terminator_ids(tokenizer),
+                max_new_tokens=max_new_tokens,
+                streamer=streamer,
+                **settings,
+            )
+    finally:
+        if capture is not None:
+            capture.close()
+    return sequences, (capture.hidden if capture is not None else None)
+
+
+def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict) -> Iterator[str]:
+    """Text pieces as they are generated, with the chat terminators removed (reference stream mode)."""
+    from transformers import TextIteratorStreamer
+
+    if embeds.shape[0] != 1:
+        raise UsageError("stream=True supports one conversation at a time")
+    streamer = TextIteratorStreamer(tokenizer)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run_llm_generate(model, embeds, None, tokenizer, max_new_tokens, settings, streamer=streamer)
+        except BaseException as exc:  # surfaced in the consumer thread below
+            failure.append(exc)
+            streamer.end()
+
+    thread = Thread(target=work, daemon=True)
+    thread.start()
+
+    def pieces() -> Iterator[str]:
+        for text in streamer:
+            for term in LLM_TERMINATORS:
+                text = text.replace(term, "")
+            yield text
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return pieces()
+
+
+def synthesize(model, spk_embeds: torch.Tensor, answer: str, output_audio_path=None):
+    """Answer text -> (24 kHz float32 wav, 24000) with the model's TTS; writes a wav file if a path is given."""
+    from minicpmo_cli.generation.speech import SAMPLE_RATE, generate_speech
+
+    if getattr(model, "vocos", None) is None or getattr(model, "tts_processor", None) is None:
+        model.init_tts()
+    wav = generate_speech(model.tts, model.vocos, model.tts_processor, spk_embeds.to(model.tts.device), answer)
+    if output_audio_path is not None:
+        import soundfile
+
+        soundfile.write(str(output_audio_path), wav, SAMPLE_RATE)
+    return wav, SAMPLE_RATE
+
+
+def _contains_audio(msgs_list) -> bool:
+    import numpy as np
+
+    for msgs in msgs_list:
+        for msg in msgs if not isinstance(msgs, str) else []:
+            content = msg.get("content")
+            if isinstance(content, list) and any(isinstance(c, np.ndarray) for c in content):
+                return True
+    return False
+
+
+def _check_processor(model, processor) -> None:
+    """The reference asserts that config.json and preprocessor_config.json agree."""
+    image = getattr(processor, "image_processor", None)
+    if image is None:
+        return
+    config = model.config
+    pairs = (("query_num", config.query_num, image.image_feature_size), ("patch_size", config.patch_size,
+             image.patch_size), ("use_image_id", config.use_image_id, image.use_image_id),
+             ("max_slice_nums", config.max_slice_nums, image.max_slice_nums),
+             ("slice_mode", config.slice_mode, image.slice_mode))
+    for name, ours, theirs in pairs:
+        if ours != theirs:
+            raise UsageError(f"config.json and preprocessor_config.json disagree on {name}: {ours} vs {theirs}")
+
+
+def chat(
+    model,
+    msgs=None,
+    image=None,
+    tokenizer=None,
+    processor=None,
+    vision_hidden_states=None,
+    max_new_tokens: int = 2048,
+    min_new_tokens: int = 0,
+    sampling: bool = True,
+    max_inp_length: int = 32768,
+    stream: bool = False,
+    chunk_input: bool = True,
+    omni_input: bool = False,
+    max_slice_nums: int | None = None,
+    use_image_id: bool | None = None,
+    use_tts_template: bool = False,
+    generate_audio: bool = False,
+    return_spk_embed: bool = False,
+    return_dict: bool = False,
+    output_audio_path=None,
+    **kwargs: Any,
+):
+    """The reference ``chat()``: messages (or a batch of message lists) in, answer text out."""
+    from copy import copy
+
+    processor = processor or model.processor
+    if processor is None:
+        raise UsageError("chat() needs processor= (the model was loaded without processor files)")
+    _check_processor(model, processor)
+    batched = isinstance(msgs[0], list)
+    if image is not None:
+        if batched:
+            raise UsageError("Please integrate image to msgs when using batch inference.")
+        msgs = [dict(m) for m in msgs]
+        if isinstance(msgs[0]["content"], str):
+            msgs[0]["content"] = [image, msgs[0]["content"]]
+    if stream and not sampling:
+        raise UsageError("if use stream mode, make sure sampling=True")
+    use_tts_template = use_tts_template or _contains_audio(msgs if batched else [msgs])
+    inputs = processor.apply_chat_template(
+        msgs=copy(msgs), chunk_input=chunk_input, max_slice_nums=max_slice_nums, max_length=max_inp_length,
+        omni_input=omni_input, use_image_id=use_image_id, use_tts_template=use_tts_template,
+    ).to(model.device)
+    inputs.pop("image_sizes", None)
+    if vision_hidden_states is not None:
+        inputs["vision_hidden_states"] = vision_hidden_states
+    result = generate(
+        model, **inputs, processor=processor, tokenizer=tokenizer or processor.tokenizer, sampling=sampling,
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stream=stream,
+        generate_audio=bool(generate_audio and use_tts_template and not batched), output_audio_path=output_audio_path,
+        return_spk_embed=return_spk_embed, return_dict=return_dict or generate_audio, **kwargs,
+    )
+    if stream and (return_dict or generate_audio):
+        return OmniOutput(text=result)
+    return result
