@@ -1,10 +1,18 @@
 """minicpmo: run MiniCPM-o 2.6 natively on current torch and transformers.
 
-Importing the package is cheap. The model classes (``MiniCPMO``, ``MiniCPMOProcessor``, ``MiniCPMOConfig``)
-are loaded on first access, which also registers them with transformers' Auto classes.
+``import minicpmo_cli`` registers the model type ``minicpmo`` with transformers' Auto classes (AutoConfig,
+AutoModel, AutoTokenizer, AutoProcessor), so the model card's snippets run without ``trust_remote_code``.
+Importing stays cheap: when transformers is not imported yet, registration waits until it is (an import
+hook), so ``minicpmo --help`` never loads torch or transformers. ``MiniCPMO``, ``MiniCPMOProcessor`` and
+``MiniCPMOConfig`` are loaded on first access.
 """
 
 from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
@@ -15,12 +23,44 @@ _LAZY = {
 }
 
 
+def _register() -> None:
+    from minicpmo_cli import registration
+
+    registration.register()
+
+
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+    """Runs the registration right after ``transformers`` itself has been imported, once."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            _register()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _register_now_or_later() -> None:
+    if "transformers" in sys.modules:
+        _register()
+    elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterTransformers())
+
+
+_register_now_or_later()
+
+
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
-        from minicpmo_cli import registration
-
-        registration.register()
+        _register()
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'minicpmo_cli' has no attribute {name!r}")
