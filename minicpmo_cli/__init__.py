@@ -43,10 +43,22 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            _register()
+            # When one of our own modules is what imports transformers, registering now would import that
+            # half-initialised module again; it registers later (lazy attributes, api.load) instead.
+            if not _imported_by_this_package():
+                _register()
 
         spec.loader.exec_module = exec_module
         return spec
+
+
+def _imported_by_this_package() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__", "").startswith("minicpmo_cli."):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _register_now_or_later() -> None:

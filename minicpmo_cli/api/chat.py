@@ -95,6 +95,24 @@ class Conversation:
         return json.dumps(data, ensure_ascii=False, indent=2)
 
 
+def _video_settings(conversation: Conversation) -> dict[str, Any]:
+    # The guide's settings for video: no image ids, at most 2 slices per frame.
+    return {"use_image_id": False, "max_slice_nums": 2} if conversation.video_mode else {}
+
+
+def reply_with_speech(engine: Engine, conversation: Conversation, decode: DecodeOptions):
+    """Answer the last user message in text and speech: (text, 24 kHz float32 wav, sample rate).
+
+    Speech comes from the same generation (the TTS chat template and the LLM's speaker state), as the
+    reference's ``generate_audio=True``; it cannot stream text.
+    """
+    if not engine.has_tts:
+        engine.enable_tts()
+    result = engine.generate(conversation.messages(), decode, defaults=CHAT_DEFAULTS, use_tts_template=True,
+                             generate_audio=True, **_video_settings(conversation))
+    return result.text, result.audio_wav, result.sampling_rate
+
+
 def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
           stream: bool = True) -> Iterator[str]:
     """Answer the conversation's last user message, yielding text pieces (one piece when not streaming).
@@ -104,10 +122,8 @@ def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
     settings = decode.merged(**CHAT_DEFAULTS)
     stream = stream and settings.get("sampling", True)
     use_tts_template = conversation.uses_audio()
-    # The guide's settings for video: no image ids, at most 2 slices per frame.
-    video = {"use_image_id": False, "max_slice_nums": 2} if conversation.video_mode else {}
     result = engine.generate(conversation.messages(), decode, stream=stream, defaults=CHAT_DEFAULTS,
-                             use_tts_template=use_tts_template, **video)
+                             use_tts_template=use_tts_template, **_video_settings(conversation))
     if isinstance(result, str):
         yield result
     else:

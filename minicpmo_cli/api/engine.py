@@ -85,8 +85,7 @@ class Engine:
         with torch.inference_mode():
             return self.model.generate(
                 **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
-                generate_audio=generate_audio, return_dict=generate_audio, omni_input=omni_input,
-                max_slice_nums=max_slice_nums, use_image_id=use_image_id, **kwargs,
+                generate_audio=generate_audio, return_dict=generate_audio, **kwargs,
             )
 
     def stream_text(self, msgs: list[dict], decode: DecodeOptions, **kwargs: Any) -> Iterator[str]:
@@ -169,8 +168,11 @@ def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, aud
         options = LoadOptions(model=options)
     device = resolve_device(options.device, warn)
     dtype = resolve_dtype(options.dtype, device)
+    from minicpmo_cli import registration
     from minicpmo_cli.model.omni import MiniCPMO
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
+
+    registration.register()
 
     try:
         model = MiniCPMO.from_pretrained(

@@ -68,9 +68,9 @@ def root(
 
 def _register_commands() -> None:
     # Command modules import only typer at module level; torch comes in when a command runs.
-    from minicpmo_cli.cli import asr, chat, doctor
+    from minicpmo_cli.cli import asr, chat, doctor, video
 
-    for module in (asr, chat, doctor):
+    for module in (asr, chat, video, doctor):
         module.register(app)
 
 

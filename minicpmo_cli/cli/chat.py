@@ -102,20 +102,34 @@ def _split_example(item: str) -> tuple[str, str]:
 
 
 def answer_once(engine, conversation, text: str, decode, speak: Path | None) -> str:
-    """Ask, stream the answer to stdout, and speak it when asked."""
+    """Ask, stream the answer to stdout (or print it whole with its speech when speaking)."""
+    from contextlib import closing
+
     from minicpmo_cli.api.chat import reply
 
     conversation.ask(text)
-    pieces = []
-    for piece in reply(engine, conversation, decode, stream=True):
-        pieces.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    answer = "".join(pieces)
-    conversation.answer(answer)
     if speak is not None:
-        from minicpmo_cli.api.speech import speak_text
-
-        speak_text(engine, answer, speak)
+        answer = speak_answer(engine, conversation, decode, speak)
+        sys.stdout.write(answer + "\n")
+    else:
+        pieces = []
+        with closing(reply(engine, conversation, decode, stream=True)) as stream:
+            for piece in stream:
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        answer = "".join(pieces)
+    conversation.answer(answer)
     return answer
+
+
+def speak_answer(engine, conversation, decode, target: Path) -> str:
+    """Generate the answer with speech and write the wav atomically; returns the text."""
+    from minicpmo_cli.api.chat import reply_with_speech
+    from minicpmo_cli.outputs import write_wav
+
+    text, wav, rate = reply_with_speech(engine, conversation, decode)
+    write_wav(target, wav, sample_rate=rate)
+    common.info(f"speech written to {target}")
+    return text

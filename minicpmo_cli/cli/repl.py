@@ -14,7 +14,7 @@ HELP_TEXT = """Commands:
   /image PATH     attach an image to your next message
   /audio PATH     attach an audio clip to your next message
   /video PATH     attach a video (frames and its sound) to your next message
-  /speak on|off   also speak each answer (into /speak's wav files)
+  /speak on|off   also speak each answer (into answer.wav, answer-2.wav, ... or --speak's name)
   /clear          forget the conversation
   /save FILE      save the conversation as JSON
   /help           this help
@@ -93,34 +93,42 @@ class Repl:
         self.answer(line)
 
     def answer(self, text: str) -> None:
+        from contextlib import closing
+
         from minicpmo_cli.api.chat import reply
 
         self.conversation.ask(text)
+        if self.speak:
+            self.answer_with_speech()
+            return
         pieces: list[str] = []
         try:
-            for piece in reply(self.engine, self.conversation, self.decode, stream=True):
-                pieces.append(piece)
-                self.out.write(piece)
-                self.out.flush()
+            # closing(): Ctrl-C ends the generation thread too, not only the printing.
+            with closing(reply(self.engine, self.conversation, self.decode, stream=True)) as stream:
+                for piece in stream:
+                    pieces.append(piece)
+                    self.out.write(piece)
+                    self.out.flush()
             self.say("")
         except KeyboardInterrupt:
             self.say(" [stopped]")
-        answer = "".join(pieces)
-        self.conversation.answer(answer)
-        if self.speak and answer.strip():
-            self.speak_answer(answer)
+        self.conversation.answer("".join(pieces))
 
-    def speak_answer(self, answer: str) -> None:
-        from minicpmo_cli.api.speech import speak_text
+    def answer_with_speech(self) -> None:
+        from minicpmo_cli.cli.chat import speak_answer
 
-        base = self.speak_path or Path("answer.wav")
         self.spoken += 1
+        base = self.speak_path or Path("answer.wav")
         target = base if self.spoken == 1 else base.with_name(f"{base.stem}-{self.spoken}{base.suffix}")
         try:
-            speak_text(self.engine, answer, target)
+            answer = speak_answer(self.engine, self.conversation, self.decode, target)
+        except KeyboardInterrupt:
+            self.say(" [stopped]")
+            answer = ""
+        else:
+            self.say(answer)
             self.say(f"[spoken into {target}]")
-        except MiniCPMOError as exc:
-            self.say(f"error: {exc}")
+        self.conversation.answer(answer)
 
     def cmd_image(self, path: str) -> None:
         self.conversation.attach_image(self._need_path(path, "/image"))
@@ -141,7 +149,7 @@ class Repl:
             self.say("usage: /speak on|off")
             return
         if argument == "on" and not self.engine.has_tts:
-            self.say("loading the speech model...")
+            self.say("[loading the speech model]")
             self.engine.enable_tts()
         self.speak = argument == "on"
         self.say(f"[speaking {argument}]")

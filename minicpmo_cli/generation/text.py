@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from threading import Thread
+from threading import Event, Thread
 from typing import Any, Iterator
 
 import torch
@@ -198,13 +198,24 @@ def run_llm_generate(model, embeds, attention_mask, tokenizer, max_new_tokens: i
 
 
 def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict) -> Iterator[str]:
-    """Text pieces as they are generated, with the chat terminators removed (reference stream mode)."""
-    from transformers import TextIteratorStreamer
+    """Text pieces as they are generated, with the chat terminators removed (reference stream mode).
+
+    Closing the iterator early (the caller stopped reading, e.g. Ctrl-C in the REPL) stops the generation
+    thread at its next token instead of letting it run on to ``max_new_tokens`` in the background.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     if embeds.shape[0] != 1:
         raise UsageError("stream=True supports one conversation at a time")
     streamer = TextIteratorStreamer(tokenizer)
     failure: list[BaseException] = []
+    stop = Event()
+
+    class _StopWhenAsked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    settings = {**settings, "stopping_criteria": StoppingCriteriaList([_StopWhenAsked()])}
 
     def work() -> None:
         try:
@@ -217,11 +228,14 @@ def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict) 
     thread.start()
 
     def pieces() -> Iterator[str]:
-        for text in streamer:
-            for term in LLM_TERMINATORS:
-                text = text.replace(term, "")
-            yield text
-        thread.join()
+        try:
+            for text in streamer:
+                for term in LLM_TERMINATORS:
+                    text = text.replace(term, "")
+                yield text
+        finally:
+            stop.set()
+            thread.join()
         if failure:
             raise failure[0]
 

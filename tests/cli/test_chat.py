@@ -152,3 +152,51 @@ def test_repl_ctrl_c_stops_an_answer_and_keeps_the_session(tiny_ckpt):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def _read_wav(path):
+    import soundfile
+
+    info = soundfile.info(str(path))
+    return info
+
+
+def test_speak_writes_the_spoken_answer(tiny_ckpt, tmp_path):
+    target = tmp_path / "answer.wav"
+    result = run_cli("--model", tiny_ckpt, "--seed", "7", "chat", "Say hello.", "--speak", target,
+                     "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() != "" or result.stdout == "\n"
+    info = _read_wav(target)
+    assert (info.samplerate, info.channels, info.subtype) == (24000, 1, "PCM_16")
+    assert info.frames > 0
+    assert not list(tmp_path.glob("*.tmp*")), "no temp files left behind"
+
+
+def test_speak_into_a_missing_folder_is_one_line(tiny_ckpt, tmp_path):
+    target = tmp_path / "no" / "such" / "answer.wav"
+    result = run_cli("--model", tiny_ckpt, "chat", "Say hello.", "--speak", target, "--max-new-tokens", "4")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and str(target.parent) in result.stderr
+
+
+def test_repl_speak_on_loads_speech_and_writes_numbered_files(tiny_ckpt, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "chat",
+                                           "--max-new-tokens", "4"], cwd=str(tmp_path),
+                          env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=180)
+    child.expect(">>> ")
+    child.sendline("/speak on")
+    child.expect(r"\[speaking on\]")
+    child.expect(">>> ")
+    for _ in range(2):
+        child.sendline("Hello there.")
+        child.expect(r"\[spoken into ")
+        child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    for name in ("answer.wav", "answer-2.wav"):
+        info = _read_wav(tmp_path / name)
+        assert (info.samplerate, info.channels) == (24000, 1) and info.frames > 0

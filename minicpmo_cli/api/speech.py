@@ -1,0 +1,260 @@
+"""Speech output tasks: read a text aloud (tts, clone), re-speak a recording (mimick), speak a chat answer.
+
+How a text is read. The voice comes from the language model: the TTS is conditioned on the LLM's final hidden
+state at ``<|spk|>`` of the prompt (spec audio-tts §3.3, §6), and the prompt carries the voice (a reference
+clip under the guide's system prompts, or a spoken description). The guide's voice-cloning recipe then lets
+the LLM write the answer, which the TTS speaks. By default (``verbatim=True``) we keep the guide's prompt for
+the voice but give the TTS the user's text itself: that is the reference's audio whenever the LLM echoes the
+text, and it cannot answer, shorten or paraphrase the text instead (which an echo can), nor cost LLM decoding.
+``verbatim=False`` runs the guide's recipe literally (the LLM re-writes each piece).
+
+Long text is never cut. It is split at sentence ends (then clauses, then spaces) into groups of at most
+``group_tokens`` ChatTTS tokens (default 80, ~30 s of English: well inside the reference's 2048-frame cap),
+each group is synthesised with the same speaker state (one voice throughout, as the reference's streaming
+segmenter does) and the waveforms are concatenated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minicpmo_cli.api.engine import DecodeOptions, Engine
+from minicpmo_cli.errors import UsageError
+
+SAMPLE_RATE = 24000  # Hz: the vocoder's rate
+SAMPLES_PER_FRAME = 512  # one audio code frame of the TTS -> 512 output samples (hop of the vocoder)
+FRAMES_PER_SECOND = SAMPLE_RATE / SAMPLES_PER_FRAME  # 46.875
+MAX_AUDIO_FRAMES = 2048  # the reference's tts_max_new_tokens (43.7 s per piece)
+GROUP_TOKENS = 80  # ChatTTS tokens per synthesised piece (see module docstring)
+
+# The guide's settings for every speech example: sampling, temperature 0.3, 128 new tokens.
+SPEECH_DEFAULTS: dict[str, Any] = {"sampling": True, "temperature": 0.3, "max_new_tokens": 128}
+# --mode -> the reference's get_sys_prompt mode (spec audio-tts §6, §7).
+VOICE_MODES = {"clone": "voice_cloning", "assistant": "audio_assistant", "roleplay": "audio_roleplay"}
+LANGUAGES = ("en", "zh")
+READ_BELOW = "Please read the text below."  # the guide's voice-cloning user prompt
+READ_ALOUD = "Please read the following text aloud: "  # plain read prompt (golden case e) without a voice
+
+
+@dataclass
+class Voice:
+    """Who speaks: a reference clip (16 kHz samples) under a mode, a described voice, or the default."""
+
+    reference: np.ndarray | None = None
+    mode: str | None = None  # clone | assistant | roleplay (None: clone when a reference is given)
+    instruction: str | None = None  # voice creation: "Speak like a ..." (the guide's instruction-to-speech)
+    language: str = "en"  # of the system prompt: en | zh
+
+    def check(self) -> None:
+        if self.mode is not None and self.mode not in VOICE_MODES:
+            raise UsageError(f"--mode must be one of {', '.join(VOICE_MODES)}, not {self.mode!r}")
+        if self.language not in LANGUAGES:
+            raise UsageError(f"--language must be en or zh, not {self.language!r}")
+        if self.instruction is not None and (self.reference is not None or self.mode is not None):
+            raise UsageError("--instruction creates a voice from a description: "
+                             "it does not combine with --ref/--voice or --mode")
+        if self.mode == "clone" and self.reference is None:
+            raise UsageError("--mode clone needs a reference voice (--ref FILE or --voice NAME)")
+
+    def system_message(self) -> dict | None:
+        """The guide's system prompt for this voice, or None (plain reading, voice creation)."""
+        from minicpmo_cli.processing.prompts import get_sys_prompt
+
+        if self.reference is None and self.mode is None:
+            return None
+        mode = VOICE_MODES[self.mode or "clone"]
+        return get_sys_prompt(ref_audio=self.reference, mode=mode, language=self.language)
+
+
+@dataclass
+class Piece:
+    text: str  # what this piece said
+    samples: int  # its length in the output
+    capped: bool = False  # stopped by the audio length cap rather than by the model
+
+
+@dataclass
+class SpeechResult:
+    text: str  # the text spoken (verbatim: the input; otherwise what the model wrote)
+    wav: np.ndarray  # float32 mono
+    sample_rate: int = SAMPLE_RATE
+    pieces: list[Piece] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float:
+        return len(self.wav) / float(self.sample_rate)
+
+    @property
+    def capped(self) -> bool:
+        return any(p.capped for p in self.pieces)
+
+
+def read_messages(text: str, voice: Voice) -> list[dict]:
+    """The conversation that makes the model read ``text`` in ``voice`` (guide: Voice Cloning pattern)."""
+    system = voice.system_message()
+    if voice.instruction is not None:
+        content = [voice.instruction, READ_BELOW, text]
+    elif system is not None:
+        content = [READ_BELOW, text]
+    else:
+        content = [READ_ALOUD + text]
+    return ([system] if system is not None else []) + [{"role": "user", "content": content}]
+
+
+def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: DecodeOptions | None = None,
+          verbatim: bool = True, max_frames: int = MAX_AUDIO_FRAMES, group_tokens: int = GROUP_TOKENS) -> SpeechResult:
+    """Read ``text`` aloud in ``voice`` -> 24 kHz float32 speech, every sentence of it."""
+    voice = voice or Voice()
+    voice.check()
+    if not text.strip():
+        raise UsageError("nothing to say: the text is empty")
+    _need_tts(engine)
+    groups = text_groups(engine, text.strip(), group_tokens)
+    decode = decode or DecodeOptions()
+    if verbatim:
+        _, spk = _speaker(engine, read_messages(groups[0], voice))
+        return _synthesize_groups(engine, spk, groups, max_frames)
+    spoken, spk = [], None
+    for group in groups:
+        answer, group_spk = _speaker(engine, read_messages(group, voice), decode,
+                                     echo_tokens=_echo_budget(engine, group))
+        spk = group_spk if spk is None else spk  # the first piece's voice for all pieces
+        spoken.append(answer)
+    return _synthesize_groups(engine, spk, [t for t in spoken if t.strip()] or [""], max_frames)
+
+
+def mimick(engine: Engine, audio: np.ndarray, *, decode: DecodeOptions | None = None,
+           max_frames: int = MAX_AUDIO_FRAMES) -> SpeechResult:
+    """The guide's Mimick: transcribe a recording and re-speak it in the speaker's voice.
+
+    Recordings longer than 30 s are cut at quiet places into pieces the encoder handles; each piece is
+    transcribed and re-spoken on its own, and the results are joined.
+    """
+    from minicpmo_cli.media.audio import split_on_silence
+    from minicpmo_cli.processing.prompts import MIMICK
+
+    _need_tts(engine)
+    decode = decode or DecodeOptions()
+    texts, wavs, pieces = [], [], []
+    for start, end in split_on_silence(audio) or [(0, len(audio))]:
+        msgs = [{"role": "user", "content": [MIMICK, audio[start:end]]}]
+        answer, spk = _speaker(engine, msgs, decode)
+        part = _synthesize_groups(engine, spk, text_groups(engine, answer, GROUP_TOKENS), max_frames)
+        texts.append(answer.strip())
+        wavs.append(part.wav)
+        pieces += part.pieces
+    return SpeechResult(text=" ".join(t for t in texts if t), wav=_join(wavs), pieces=pieces)
+
+
+def speak_text(engine: Engine, text: str, path: str | Path, voice: Any = None, language: str = "en") -> Path:
+    """Speak ``text`` word for word into the wav file ``path`` (chat --speak, the REPL's /speak).
+
+    ``voice``: a saved voice name, an audio file, 16 kHz samples, or None for the model's default voice.
+    """
+    from minicpmo_cli.api.voices import resolve_voice
+    from minicpmo_cli.outputs import write_wav
+
+    reference = None if voice is None else resolve_voice(voice)
+    result = speak(engine, text, Voice(reference=reference, language=language))
+    return write_wav(path, result.wav, result.sample_rate)
+
+
+def text_groups(engine: Engine, text: str, group_tokens: int = GROUP_TOKENS) -> list[str]:
+    """``text`` cut at sentence ends into pieces of at most ``group_tokens`` ChatTTS tokens."""
+    from minicpmo_cli.processing.tts_text import split_tts_text
+
+    groups = [g for g in split_tts_text(engine.model.tts_processor, text, group_tokens) if g.strip()]
+    return groups or [text]
+
+
+# --- internals ------------------------------------------------------------------------------------------
+
+
+def _need_tts(engine: Engine) -> None:
+    if not engine.has_tts:
+        engine.enable_tts()
+
+
+def _echo_budget(engine: Engine, group: str) -> int:
+    """LLM tokens for re-writing ``group``: twice its own length plus room for the end tokens."""
+    return 2 * len(engine.processor.tokenizer.encode(group, add_special_tokens=False)) + 16
+
+
+def _speaker(engine: Engine, msgs: list[dict], decode: DecodeOptions | None = None,
+             echo_tokens: int | None = None) -> tuple[str, Any]:
+    """Run the LLM on ``msgs`` under the TTS template -> (its answer, speaker state ``[1, D]``).
+
+    ``decode=None``: only the speaker state is wanted, so one greedy token is generated (the state is the
+    prompt pass's ``<|spk|>`` row, the same for any decoding).
+    """
+    if decode is None:
+        decode, defaults = DecodeOptions(max_new_tokens=1, sampling=False, num_beams=1), {}
+    else:
+        defaults = dict(SPEECH_DEFAULTS)
+        if echo_tokens is not None:
+            defaults["max_new_tokens"] = echo_tokens
+    # return_spk_embed makes generate() return the speaker state without synthesising speech itself, so
+    # the synthesis below can split long text and cap the length (generate's own path can do neither).
+    defaults["return_spk_embed"] = True
+    result = engine.generate(msgs, decode, use_tts_template=True, defaults=defaults)
+    return str(result.text or ""), result.spk_embeds
+
+
+class _FrameBudget:
+    """Wraps the TTS sampler: after ``limit`` frames it draws the audio EOS, which ends the piece.
+
+    ``generate_codes`` checks its own cap only after the 31 text chunks (775 frames), so a short cap has to
+    act here; with the default 2048 frames it never fires before the reference's own cap would.
+    """
+
+    def __init__(self, sampler, limit: int) -> None:
+        self.sampler, self.limit = sampler, int(limit)
+        self.frames = 0
+        self.capped = False
+
+    def sample(self, probs):
+        from minicpmo_cli.model.tts import AUDIO_EOS_ID
+
+        drawn = self.sampler.sample(probs)
+        self.frames += 1
+        if self.frames > self.limit:
+            drawn[0, 0] = AUDIO_EOS_ID
+            self.capped = True
+        return drawn
+
+
+def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int) -> SpeechResult:
+    import torch
+
+    from minicpmo_cli.generation.speech import codes_to_wav, generate_codes
+    from minicpmo_cli.model.tts import ReferenceSampler
+    from minicpmo_cli.processing.tts_text import extract_tts_text
+
+    if max_frames < 1:
+        raise UsageError("the audio length cap must be at least one frame")
+    model = engine.model
+    spk = spk.to(model.tts.device)
+    wavs, pieces = [], []
+    for group in groups:
+        group = extract_tts_text(group)
+        # Seeded through the engine: the same --seed gives the same audio (reference-exact draws).
+        budget = _FrameBudget(ReferenceSampler(), max_frames)
+        with torch.inference_mode():
+            codes = generate_codes(model.tts, model.tts_processor, spk, group, max_new_tokens=max_frames,
+                                   sampler=budget)
+            wav = codes_to_wav(model.tts, model.vocos, codes)
+        wavs.append(wav)
+        pieces.append(Piece(text=group, samples=len(wav), capped=budget.capped))
+    return SpeechResult(text=" ".join(groups).strip(), wav=_join(wavs), pieces=pieces)
+
+
+def _join(wavs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, dtype=np.float32)
+
+
+def frames_for_seconds(seconds: float) -> int:
+    return max(1, int(round(seconds * FRAMES_PER_SECOND)))

@@ -1,0 +1,348 @@
+"""Speech output commands: `tts`, `clone`, `mimick` and `voices` (saved voice profiles).
+
+Only typer and the shared CLI helpers are imported at module level; the model comes in when a command runs.
+Everything that can be checked without the model (text, reference clip, output path, voice name) is
+checked first, so a typo fails in a second instead of after the model has loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from minicpmo_cli.cli import common
+
+TTS_HELP = common.examples_help(
+    "Read text aloud into a 24 kHz wav. The text comes from the argument, stdin (-) or --text-file; long text "
+    "is read in full, sentence group by sentence group. Pick the voice with --voice NAME (a saved voice), "
+    "--ref FILE (clone it) or --instruction (describe it).",
+    'minicpmo tts "Hello there, nice to meet you." -o hello.wav',
+    'minicpmo tts "Welcome back." --ref speaker.wav --mode roleplay -o welcome.wav',
+    'minicpmo tts --text-file lines.txt --lines --voice alice -o out/',
+    'echo "Speak up." | minicpmo tts - --instruction "A calm, deep male voice." -o - > speak.wav',
+)
+CLONE_HELP = common.examples_help(
+    "Zero-shot voice cloning: read TEXT in the voice of the reference clip (5-15 s of clean speech works "
+    "best). --save-voice NAME keeps the clip as a voice profile for --voice NAME.",
+    'minicpmo clone speaker.wav "This is my cloned voice." -o cloned.wav',
+    'minicpmo clone speaker.wav "Saved for later." -o out.wav --save-voice alice',
+    'minicpmo clone --voice alice "Using a saved voice." -o again.wav',
+)
+MIMICK_HELP = common.examples_help(
+    "Transcribe a recording (printed on stdout) and re-speak it in the speaker's voice (the model's "
+    "Mimick task).",
+    "minicpmo mimick speech.wav -o respoken.wav",
+    "minicpmo mimick interview.mp3 -o copy.wav --seed 7 > transcript.txt",
+)
+VOICES_HELP = common.examples_help(
+    "List saved voice profiles (name, duration, created); `voices add` saves one, `voices remove` deletes it. "
+    "They live in $MINICPMO_HOME/voices, else ~/.local/share/minicpmo/voices ($XDG_DATA_HOME).",
+    "minicpmo voices",
+    "minicpmo voices add alice speaker.wav",
+    "minicpmo voices remove alice",
+)
+
+OUTPUT = typer.Option(..., "-o", "--output", help="Output wav file, or - for wav bytes on stdout (not a terminal).")
+VOICE = typer.Option(None, "--voice", help="A saved voice name (see: minicpmo voices) or an audio file.")
+MODE = typer.Option(None, "--mode", help="Voice mode with a reference: clone (read in that voice), assistant "
+                                         "or roleplay (the guide's system prompts).")
+LANGUAGE = typer.Option("en", "--language", help="Language of the voice system prompt: en or zh.")
+VERBATIM = typer.Option(True, "--verbatim/--no-verbatim",
+                        help="Read the text word for word (default), or let the language model re-write it first "
+                             "(the guide's recipe; it may change or shorten it; decoding options apply).")
+MAX_AUDIO_SECONDS = typer.Option(None, "--max-audio-seconds", min=0.05,
+                                 help="Cap on the speech of each sentence group, in seconds (default 43.7, the "
+                                      "model's own cap).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing output files.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help=TTS_HELP)(tts)
+    app.command(help=CLONE_HELP)(clone)
+    app.command(help=MIMICK_HELP)(mimick)
+    voices_app = typer.Typer(help=VOICES_HELP, invoke_without_command=True, no_args_is_help=False,
+                             context_settings={"help_option_names": ["-h", "--help"]})
+    voices_app.callback(invoke_without_command=True)(voices)
+    voices_app.command("add", help="Save an audio clip as voice profile NAME.")(voices_add)
+    voices_app.command("remove", help="Delete saved voice profiles.")(voices_remove)
+    app.add_typer(voices_app, name="voices")
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+
+def tts(
+    text: Optional[str] = typer.Argument(None, help="The text to read, or - to read it from stdin."),
+    output: str = OUTPUT,
+    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Read the text from this file (- for stdin)."),
+    lines: bool = typer.Option(False, "--lines", help="One wav per non-empty line, named 0001.wav, 0002.wav, ... "
+                                                      "in the folder -o names (existing ones are skipped)."),
+    voice: Optional[str] = VOICE,
+    ref: Optional[str] = typer.Option(None, "--ref", help="A reference clip whose voice to clone."),
+    instruction: Optional[str] = typer.Option(None, "--instruction", help="Describe the voice to create, e.g. "
+                                              "\"A cheerful young woman, speaking fast.\""),
+    mode: Optional[str] = MODE,
+    language: str = LANGUAGE,
+    verbatim: bool = VERBATIM,
+    max_audio_seconds: Optional[float] = MAX_AUDIO_SECONDS,
+    overwrite: bool = OVERWRITE,
+    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
+    sampling: Optional[bool] = common.SAMPLING,
+    temperature: Optional[float] = common.TEMPERATURE,
+    top_p: Optional[float] = common.TOP_P,
+    top_k: Optional[int] = common.TOP_K,
+    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
+) -> None:
+    from minicpmo_cli.errors import UsageError
+
+    if voice is not None and ref is not None:
+        raise UsageError("give --voice NAME or --ref FILE, not both")
+    body = _read_text(text, text_file)
+    speaker = _make_voice(voice or ref, mode, instruction, language)
+    decode = _decode(verbatim, max_new_tokens=max_new_tokens, sampling=sampling, temperature=temperature,
+                     top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+    if lines:
+        items = [line.strip() for line in body.splitlines() if line.strip()]
+        _need_text(" ".join(items))
+        _tts_lines(items, output, speaker, decode, verbatim, max_audio_seconds, overwrite)
+        return
+    _need_text(body)
+    target = _output_target(output, overwrite)
+    engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
+    from minicpmo_cli.api.speech import speak
+
+    result = speak(engine, body, speaker, decode=decode, verbatim=verbatim, max_frames=_max_frames(max_audio_seconds))
+    _emit(result, target, max_audio_seconds)
+
+
+def clone(
+    ref: Optional[str] = typer.Argument(None, help="Reference clip: the voice to clone (or use --voice NAME)."),
+    text: Optional[str] = typer.Argument(None, help="The text to read, or - to read it from stdin."),
+    output: str = OUTPUT,
+    voice: Optional[str] = typer.Option(None, "--voice", help="Clone a saved voice instead of a REF file."),
+    save_voice: Optional[str] = typer.Option(None, "--save-voice", help="Also keep the reference as voice NAME."),
+    mode: str = typer.Option("clone", "--mode", help="clone (read in that voice), assistant or roleplay."),
+    language: str = LANGUAGE,
+    verbatim: bool = VERBATIM,
+    max_audio_seconds: Optional[float] = MAX_AUDIO_SECONDS,
+    overwrite: bool = OVERWRITE,
+    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
+    sampling: Optional[bool] = common.SAMPLING,
+    temperature: Optional[float] = common.TEMPERATURE,
+    top_p: Optional[float] = common.TOP_P,
+    top_k: Optional[int] = common.TOP_K,
+    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
+) -> None:
+    from minicpmo_cli.api import voices as profiles
+    from minicpmo_cli.errors import OutputError, UsageError
+
+    if voice is not None:
+        if text is not None:
+            raise UsageError("with --voice NAME give only the TEXT, not a REF file as well")
+        ref, text = None, ref
+    if voice is None and ref is None:
+        raise UsageError("nothing to clone: give a REF clip (or --voice NAME) and the TEXT")
+    if save_voice is not None:
+        profiles.check_voice_name(save_voice)
+        if profiles.voice_exists(save_voice) and not overwrite:
+            raise OutputError(f"a voice named {save_voice!r} already exists (remove it first, or --overwrite)",
+                              save_voice)
+    body = _read_text(text, None)
+    _need_text(body)
+    speaker = _make_voice(voice or ref, mode, None, language)
+    decode = _decode(verbatim, max_new_tokens=max_new_tokens, sampling=sampling, temperature=temperature,
+                     top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+    target = _output_target(output, overwrite)
+    engine = common.load_engine(vision=False, audio=True, tts=True)
+    from minicpmo_cli.api.speech import speak
+
+    result = speak(engine, body, speaker, decode=decode, verbatim=verbatim, max_frames=_max_frames(max_audio_seconds))
+    _emit(result, target, max_audio_seconds)
+    if save_voice is not None:
+        source = ref if ref is not None else speaker.reference
+        profile = profiles.save_voice(save_voice, source, overwrite=overwrite)
+        common.info(f"saved voice {profile.name!r} ({profile.duration:.1f} s) to {profile.path}")
+
+
+def mimick(
+    audio: str = typer.Argument(..., help="The recording to re-speak (any audio format)."),
+    output: str = OUTPUT,
+    max_audio_seconds: Optional[float] = MAX_AUDIO_SECONDS,
+    overwrite: bool = OVERWRITE,
+    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
+    sampling: Optional[bool] = common.SAMPLING,
+    temperature: Optional[float] = common.TEMPERATURE,
+    top_p: Optional[float] = common.TOP_P,
+    top_k: Optional[int] = common.TOP_K,
+    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
+) -> None:
+    from minicpmo_cli.media.audio import load_audio
+
+    samples = load_audio(audio)
+    target = _output_target(output, overwrite)
+    decode = common.decode_options(max_new_tokens=max_new_tokens, sampling=sampling, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+    engine = common.load_engine(vision=False, audio=True, tts=True)
+    from minicpmo_cli.api.speech import mimick as run_mimick
+
+    result = run_mimick(engine, samples, decode=decode, max_frames=_max_frames(max_audio_seconds))
+    if target is None:
+        common.err(result.text)  # stdout carries the wav
+    else:
+        print(result.text, flush=True)
+    _emit(result, target, max_audio_seconds)
+
+
+def voices(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    from minicpmo_cli.api.voices import list_voices, voices_dir
+
+    profiles = list_voices()
+    if not profiles:
+        common.info(f"no saved voices in {voices_dir()} (save one: minicpmo voices add NAME clip.wav)")
+        return
+    width = max(4, *(len(p.name) for p in profiles))
+    print(f"{'NAME':<{width}}  DURATION  CREATED")
+    for profile in profiles:
+        print(f"{profile.name:<{width}}  {profile.duration:7.1f}s  {profile.created}")
+    common.debug(f"voices folder: {voices_dir()}")
+
+
+def voices_add(
+    name: str = typer.Argument(..., help="The name to use with --voice."),
+    clip: str = typer.Argument(..., help="The reference clip (any audio format)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a voice of the same name."),
+) -> None:
+    from minicpmo_cli.api.voices import save_voice
+
+    profile = save_voice(name, clip, overwrite=overwrite)
+    common.info(f"saved voice {profile.name!r} ({profile.duration:.1f} s) to {profile.path}")
+
+
+def voices_remove(names: list[str] = typer.Argument(..., help="Voice names to delete.")) -> None:
+    from minicpmo_cli.api.voices import remove_voice
+
+    for name in names:
+        path = remove_voice(name)
+        common.info(f"removed voice {name!r} ({path})")
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def _read_text(text: str | None, text_file: Path | None) -> str:
+    """The text to speak: the argument, stdin (- or piped), or a UTF-8 file."""
+    from minicpmo_cli.errors import InputError, UsageError
+
+    if text is not None and text_file is not None:
+        raise UsageError("give the text as an argument or with --text-file, not both")
+    if text_file is not None and str(text_file) != "-":
+        try:
+            return text_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError("no such file", text_file) from None
+        except UnicodeDecodeError:
+            raise InputError("not UTF-8 text", text_file) from None
+        except OSError as exc:
+            raise InputError(f"cannot read ({exc.strerror or exc})", text_file) from None
+    if text == "-" or text_file is not None or (text is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if text is None:
+        raise UsageError("nothing to say: give TEXT, - (text on stdin) or --text-file FILE")
+    return text
+
+
+def _need_text(text: str) -> None:
+    from minicpmo_cli.errors import UsageError
+
+    if not text.strip():
+        raise UsageError("nothing to say: the text is empty")
+
+
+def _make_voice(reference: str | None, mode: str | None, instruction: str | None, language: str):
+    """The Voice, with the reference clip loaded and the options checked (before the model loads)."""
+    from minicpmo_cli.api.speech import Voice
+    from minicpmo_cli.api.voices import resolve_voice
+
+    speaker = Voice(mode=mode, instruction=instruction, language=language)
+    if reference is not None:
+        speaker.reference = resolve_voice(reference)
+    speaker.check()
+    return speaker
+
+
+def _decode(verbatim: bool, **options):
+    if verbatim and any(value is not None for value in options.values()):
+        common.warn("decoding options only apply with --no-verbatim: the text is read as given")
+    return common.decode_options(**options)
+
+
+def _max_frames(seconds: float | None) -> int:
+    from minicpmo_cli.api.speech import MAX_AUDIO_FRAMES, frames_for_seconds
+
+    return MAX_AUDIO_FRAMES if seconds is None else frames_for_seconds(seconds)
+
+
+def _output_target(output: str, overwrite: bool) -> Path | None:
+    """The wav path to write, or None for stdout (`-o -`); fails early, naming the path, when it cannot be."""
+    from minicpmo_cli.errors import OutputError, UsageError
+
+    if output == "-":
+        if sys.stdout.isatty():
+            raise UsageError("-o -: refusing to write wav bytes to a terminal (redirect stdout, or name a file)")
+        return None
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise OutputError("is a folder; give a .wav file name", path)
+    if path.exists() and not overwrite:
+        raise OutputError("already exists (pass --overwrite to replace it)", path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write here: the folder {folder} does not exist", path)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write here: the folder {folder} is not writable", path)
+    return path
+
+
+def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:
+    """Write the speech to ``target`` (atomically) or as wav bytes to stdout."""
+    from minicpmo_cli.outputs import wav_bytes, write_wav
+
+    if target is None:
+        sys.stdout.buffer.write(wav_bytes(result.wav, result.sample_rate))
+        sys.stdout.buffer.flush()
+    else:
+        write_wav(target, result.wav, result.sample_rate)
+        common.info(f"wrote {target} ({result.duration:.1f} s)")
+    if result.capped:
+        cap = "the model's cap" if max_audio_seconds is None else f"--max-audio-seconds {max_audio_seconds:g}"
+        common.warn(f"some speech was cut short by {cap}")
+
+
+def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, max_audio_seconds, overwrite: bool):
+    """--lines: one wav per line into the folder ``output`` (0001.wav, ...); existing files are skipped."""
+    from minicpmo_cli.errors import UsageError
+    from minicpmo_cli.outputs import ensure_output_dir, should_skip
+
+    if output == "-":
+        raise UsageError("--lines writes one wav per line: -o must name a folder, not -")
+    folder = ensure_output_dir(output)
+    width = max(4, len(str(len(items))))
+    targets = [folder / f"{index:0{width}d}.wav" for index in range(1, len(items) + 1)]
+    todo = [(item, path) for item, path in zip(items, targets) if not should_skip(path, overwrite)]
+    if len(todo) < len(items):
+        common.info(f"skipping {len(items) - len(todo)} line(s) already spoken (--overwrite to redo them)")
+    if not todo:
+        return
+    engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
+    from minicpmo_cli.api.speech import speak
+
+    for item, path in todo:
+        result = speak(engine, item, speaker, decode=decode, verbatim=verbatim,
+                       max_frames=_max_frames(max_audio_seconds))
+        _emit(result, path, max_audio_seconds)

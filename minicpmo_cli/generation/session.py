@@ -1,0 +1,405 @@
+"""Streaming omni sessions: ``reset_session`` / ``streaming_prefill`` / ``streaming_generate`` (spec audio-tts §2).
+
+The session lives on the model object, under the reference's attribute names (``session_id``,
+``new_user_msg``, ``llm_generated``, ``llm_generate_completed``, ``llm_past_key_values``,
+``audio_past_key_values``), so ``model.reset_session()`` and these functions share one state. Batch size 1.
+
+- ``streaming_prefill`` renders one message, encodes its images and audio (audio through the streaming
+  Whisper path with its own key/value cache) and runs the LLM over the new positions only, appending them to
+  the session's KV cache: earlier calls are never recomputed.
+- ``streaming_generate`` appends ``<|im_end|>\\n<|im_start|>assistant\\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>``
+  and decodes in rounds of three tokens, as the reference's ``llm_generate_chunk``. With TTS the rounds' text
+  feeds the streaming speech schedule (generation/speech.py ``stream_speech``).
+
+Where this agrees with the non-streaming path (``model.generate`` on ``processor.apply_chat_template(...,
+omni_input=True, use_tts_template=True, max_slice_nums=1, use_image_id=False)``): the token ids of all
+prefills plus the generation prompt equal the one-shot prompt's; image embeddings, and audio embeddings of a
+prompt whose only user audio is one piece of at most 1 s, are identical, so the KV cache, the logits, the
+``<|spk|>`` speaker state and (for equal decoding settings, see below) the generated tokens are the same.
+
+Where it legitimately differs (as in the reference):
+- audio: each prefill's audio is normalised and encoded on its own, attending to the cached audio of the
+  same user turn without a mask, instead of globally in 1 s chunks (spec §2.4); the system prompt's reference
+  audio is encoded in one piece without the 1 s chunk mask;
+- repetition penalty: it sees only the ids of the current round (the first round: the generation prompt plus
+  its new tokens; later rounds: the previous round's last token plus the new ones), not the whole answer;
+- decoding text by rounds holds back ids that end in an incomplete UTF-8 character and drops them if the
+  answer ends there (the one-shot path decodes them as U+FFFD).
+
+Where it deliberately differs from the reference's streaming code:
+- ``max_new_tokens`` is exact (the reference checks it after each 3-token round, so it may overshoot by 2);
+- ``min_new_tokens`` counts over the whole answer (the reference applies it per 3-token round, which with a
+  value >= 3 keeps the answer from ever ending);
+- ``sampling=False`` decodes greedily (with the beam settings' repetition penalty): beam search cannot run
+  round by round on one shared cache;
+- ``use_tts=False`` turns speech off (the reference only reads ``generate_audio``; both are honoured), and
+  ``<|tts_eos|>`` is removed from the text items; audio items carry ``numpy.float32`` arrays;
+- with speech, when the TTS ends before the LLM, the rest of the answer is still generated and yielded as
+  text items with empty audio (the reference stops the LLM there).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, fields
+from itertools import chain
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from minicpmo_cli.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+GENERATION_PROMPT = "<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>"
+TTS_EOS = "<|tts_eos|>"
+ROUND_TOKENS = 3  # tokens per LLM round (reference llm_generate_chunk: max_new_tokens=3 per call)
+TTS_CHUNK_FRAMES = 25  # the only output chunk size the streaming speech schedule supports
+SAMPLE_RATE = 24000
+MAX_AUDIO_FRAMES = 2048  # reference cap on speech frames once the text is complete (~43.7 s)
+AUDIO_RATE = 16000
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class StreamingOutput:
+    """One item of ``streaming_generate`` with speech: text since the last item and its audio.
+
+    Attribute access (``r.text``, ``r.audio_wav``) and item access (``r["audio_wav"]``, as the reference's
+    ``ModelOutput`` allows) both work. ``spk_embeds`` is set on the first item only.
+    """
+
+    text: str = ""
+    audio_wav: np.ndarray | None = None
+    sampling_rate: int | None = None
+    spk_embeds: torch.Tensor | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+
+# ---------------------------------------------------------------------------------------------- state
+def reset_session(model) -> None:
+    """Forget the session: KV caches and turn state (the reference's ``reset_session``)."""
+    model.session_id = None
+    model.new_user_msg = True
+    model.llm_generated = False
+    model.llm_generate_completed = False
+    model.llm_past_key_values = None
+    model.audio_past_key_values = None
+
+
+def session_length(model) -> int:
+    """Positions in the session's LLM cache (0 before the first prefill)."""
+    cache = getattr(model, "llm_past_key_values", None)
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def turn_prefix(llm_generated: bool, llm_generate_completed: bool) -> str:
+    """Text put before the first user chunk of a turn: closes an answer (``<|tts_eos|>`` first when it
+    was cut short) or, right after the system prompt, just opens the user turn."""
+    if not llm_generated:
+        return "<|im_start|>user\n"
+    if llm_generate_completed:
+        return "<|im_end|>\n<|im_start|>user\n"
+    return "<|tts_eos|><|im_end|>\n<|im_start|>user\n"
+
+
+def _resolve_processor(model, processor, tokenizer):
+    """The guide passes ``processor=``; the reference's signature says ``tokenizer`` (and uses
+    ``model.processor``). Either works; a tokenizer alone needs ``model.processor`` for media."""
+    if processor is not None and hasattr(processor, "tokenizer"):
+        return processor, processor.tokenizer
+    if tokenizer is None and processor is not None:
+        tokenizer = processor  # a tokenizer passed positionally in the reference's slot
+    main = getattr(model, "processor", None)
+    if main is None:
+        raise UsageError("streaming needs processor= (this model was loaded without its processor files)")
+    return main, tokenizer or main.tokenizer
+
+
+def _split_content(content) -> tuple[list[str], list, list]:
+    """Message content -> (text parts with media tags, images, audios), as the reference's prefill."""
+    from PIL import Image
+
+    from minicpmo_cli.processing.processor import AUDIO_TAG, IMAGE_TAG
+
+    parts, images, audios = [], [], []
+    for item in [content] if isinstance(content, str) else content:
+        if isinstance(item, Image.Image):
+            images.append(item)
+            parts.append(IMAGE_TAG)
+        elif isinstance(item, np.ndarray):
+            audios.append(item)
+            parts.append(AUDIO_TAG)
+        elif isinstance(item, str):
+            parts.append(item)
+        else:
+            raise UsageError(f"unsupported message content of type {type(item).__name__}")
+    return parts, images, audios
+
+
+# ---------------------------------------------------------------------------------------------- LLM steps
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(decoder_class: type) -> str:
+    """transformers 5.x renames the decoder's ``past_key_values`` argument to ``cache`` (the old name still
+    works with a deprecation warning); use whichever this version declares."""
+    import inspect
+
+    params = inspect.signature(decoder_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _llm_step(model, embeds: torch.Tensor, cache):
+    """Run the LLM decoder over new positions appended to ``cache``; returns (final-norm hidden, cache).
+
+    Positions continue after the cache, the mask is causal over cache + new (the reference passes an
+    all-ones mask and ``position_ids=None``, which means the same for batch 1).
+    """
+    from transformers import DynamicCache
+
+    decoder = model.llm.model
+    if cache is None:
+        cache = DynamicCache(config=model.llm.config)
+    start = cache.get_seq_length()
+    positions = torch.arange(start, start + embeds.shape[1], device=embeds.device).unsqueeze(0)
+    cache_argument = {_cache_keyword(type(decoder)): cache}
+    out = decoder(inputs_embeds=embeds, position_ids=positions, use_cache=True, **cache_argument)
+    return out.last_hidden_state, cache
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+@torch.inference_mode()
+def streaming_prefill(model, session_id, msgs, processor=None, tokenizer=None, omni_input: bool = True,
+                      max_slice_nums: int | None = None, ls_temperature: float = 1.0, **kwargs: Any) -> None:
+    """Append one message (``msgs`` holds exactly one) to the session ``session_id``.
+
+    A new ``session_id`` starts a new session (the caches are reset). The first message is rendered as a
+    whole turn (``<|im_start|>{role}\\n...<|im_end|>\\n``); later user messages are appended raw, the first
+    of each user turn after the prefix of :func:`turn_prefix`. Images use one slice unless
+    ``max_slice_nums`` says otherwise and no image ids; audio goes through the streaming encoder.
+    ``ls_temperature`` is accepted for compatibility and unused (as in the reference). Returns None.
+    """
+    if session_id is None:
+        raise UsageError("streaming_prefill needs a session_id")
+    if not isinstance(msgs, (list, tuple)) or len(msgs) != 1:
+        raise UsageError("streaming_prefill takes exactly one message per call: "
+                         "msgs=[{'role': ..., 'content': ...}]")
+    processor, tokenizer = _resolve_processor(model, processor, tokenizer)
+    role = msgs[0].get("role")
+    if role not in ROLES:
+        raise UsageError(f"message role must be system, user or assistant, got {role!r}")
+    is_first = model.session_id is None or session_id != model.session_id
+    parts, images, audios = _split_content(msgs[0].get("content", []))
+    contents = ("" if omni_input else "\n").join(parts)
+    if not is_first and model.new_user_msg and role == "user":
+        contents = turn_prefix(model.llm_generated, model.llm_generate_completed) + contents
+        model.new_user_msg = False
+    if role in ("system", "assistant"):
+        model.new_user_msg = True
+        model.audio_past_key_values = None  # the next user audio starts a fresh encoder context
+    if is_first:
+        reset_session(model)
+        model.session_id = session_id
+        from minicpmo_cli.processing.processor import TTS_CHAT_TEMPLATE
+
+        prompt = tokenizer.apply_chat_template([{"role": role, "content": contents}], tokenize=False,
+                                               add_generation_prompt=False, chat_template=TTS_CHAT_TEMPLATE)
+    else:
+        prompt = contents
+    inputs = processor(
+        [prompt], [images], [audios], max_slice_nums=1 if max_slice_nums is None else max_slice_nums,
+        use_image_id=False, chunk_input=True, return_tensors="pt", max_length=None,
+        sampling_rate=AUDIO_RATE, add_special_tokens=is_first,
+    ).to(model.device)
+    embeds, _ = model.get_vllm_embedding(inputs)
+    embeds = model.get_omni_embedding(inputs, embeds, stream_input=True)
+    if is_first:
+        # The first message's audio (a reference voice) must not become context for the user's audio.
+        model.audio_past_key_values = None
+    _, model.llm_past_key_values = _llm_step(model, embeds, model.llm_past_key_values)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def streaming_generate(model, session_id=None, processor=None, tokenizer=None, max_new_tokens: int = 512,
+                       min_new_tokens: int = 0, sampling: bool = True, use_tts: bool = True,
+                       generate_audio: bool = True, tts_output_chunk_size: int = TTS_CHUNK_FRAMES,
+                       enable_regenerate: bool = False, tts_max_new_tokens: int = MAX_AUDIO_FRAMES,
+                       **kwargs: Any) -> Iterator:
+    """Answer what the session holds; returns an iterator that decodes as it is consumed.
+
+    With speech (``use_tts`` and ``generate_audio``, both default True) items are :class:`StreamingOutput`
+    (``.text``, ``.audio_wav`` float32 at ``.sampling_rate`` 24000, about 0.53 s each); without, dicts
+    ``{"text": ...}``. Decoding: ``sampling=True`` -> top_p 0.8, top_k 100, temperature 0.7, repetition
+    penalty 1.05; ``sampling=False`` -> greedy with repetition penalty 1.2; ``temperature``, ``top_p``,
+    ``top_k``, ``repetition_penalty`` override those (other keyword arguments are ignored, as the reference
+    does). ``tts_max_new_tokens``: audio frames (46.875/s) the speech may add after the answer text has all
+    been read (the reference's cap, 2048). ``seed``: a private RNG for the speech sampling (default: torch's
+    global RNG). ``session_id`` is not checked (as the reference). See the module docstring for differences.
+    """
+    from minicpmo_cli.generation.text import decoding_settings
+
+    _, tokenizer = _resolve_processor(model, processor, tokenizer)
+    if getattr(model, "llm_past_key_values", None) is None:
+        raise UsageError("nothing to answer: call streaming_prefill() before streaming_generate()")
+    if tts_output_chunk_size != TTS_CHUNK_FRAMES:
+        logger.warning("tts_output_chunk_size=%s is not supported; using %d", tts_output_chunk_size, TTS_CHUNK_FRAMES)
+    if enable_regenerate:
+        logger.warning("enable_regenerate is not supported; ignored")
+    settings = decoding_settings(sampling, 0, kwargs)
+    settings.pop("num_beams", None)
+    speak = bool(use_tts and generate_audio)
+    if speak:
+        _ensure_tts(model)
+    # Turn state changes at once (as the reference), the decoding itself happens as the iterator is consumed.
+    model.new_user_msg = True
+    model.llm_generated = True
+    model.llm_generate_completed = False
+    model.audio_past_key_values = None
+    prompt_ids = tokenizer(GENERATION_PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    spk_bound = _speaker_bound(prompt_ids[0], tokenizer)
+    rounds = _llm_rounds(model, tokenizer, prompt_ids.to(model.device), settings, int(max_new_tokens),
+                         int(min_new_tokens))
+    if speak:
+        return _speech_items(model, rounds, spk_bound, kwargs.get("seed"), int(tts_max_new_tokens))
+    return _text_items(rounds)
+
+
+def _ensure_tts(model) -> None:
+    if getattr(model, "tts", None) is None:
+        raise UsageError("speech output needs the TTS tower: load the model with init_tts=True (or use_tts=False)")
+    if getattr(model, "vocos", None) is None or getattr(model, "tts_processor", None) is None:
+        model.init_tts()
+
+
+def _speaker_bound(ids: torch.Tensor, tokenizer) -> tuple[int, int]:
+    """[start, end) of the ``<|spk|>`` position(s) between ``<|spk_bos|>`` and ``<|spk_eos|>``."""
+    start = (ids == tokenizer.convert_tokens_to_ids("<|spk_bos|>")).nonzero().flatten()
+    end = (ids == tokenizer.convert_tokens_to_ids("<|spk_eos|>")).nonzero().flatten()
+    return int(start[-1]) + 1, int(end[-1])
+
+
+def _pick_token(logits: torch.Tensor, window: list[int], settings: dict, banned: list[int] | None) -> int:
+    """Next id from float32 logits ``[1, V]``, processed in the order transformers 4.44 applies them:
+    repetition penalty (over ``window``), min-length ban, then temperature, top-k, top-p and sampling."""
+    from transformers.generation import logits_process as lp
+
+    ids = torch.tensor([window], dtype=torch.long, device=logits.device)
+    penalty = settings.get("repetition_penalty")
+    if penalty is not None and penalty != 1.0:
+        logits = lp.RepetitionPenaltyLogitsProcessor(float(penalty))(ids, logits)
+    if banned:
+        logits[:, banned] = -float("inf")
+    if not settings.get("do_sample"):
+        return int(logits.argmax(-1))
+    temperature = settings.get("temperature")
+    if temperature is not None and temperature != 1.0:
+        logits = lp.TemperatureLogitsWarper(float(temperature))(ids, logits)
+    top_k = settings.get("top_k")
+    if top_k:
+        logits = lp.TopKLogitsWarper(int(top_k))(ids, logits)
+    top_p = settings.get("top_p")
+    if top_p is not None and top_p < 1.0:
+        logits = lp.TopPLogitsWarper(float(top_p))(ids, logits)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, num_samples=1))
+
+
+def _complete_prefix(ids: list[int], tokenizer) -> int:
+    """How many leading ids decode without a trailing incomplete character (reference
+    ``check_uncompleted_token``): the rest waits for the next round."""
+    end = len(ids)
+    while end > 0 and tokenizer.decode(ids[:end]).endswith("\ufffd"):
+        end -= 1
+    return end
+
+
+class _Round(NamedTuple):
+    text: str  # decoded text of the round (minus ids held back for an incomplete character)
+    prompt_hidden: torch.Tensor | None  # first round only: final-norm states over the generation prompt
+    ids: list[int]  # the ids sampled in this round (a terminator included)
+
+
+@torch.inference_mode()
+def _llm_rounds(model, tokenizer, prompt_ids: torch.Tensor, settings: dict, max_new_tokens: int,
+                min_new_tokens: int) -> Iterator[_Round]:
+    """Decode in rounds of 3 tokens; yields a :class:`_Round` per round.
+
+    Each round's last token is fed at the start of the next round, so a terminator (and the very last
+    token) never enters the cache, as in the reference.
+    """
+    from minicpmo_cli.generation.text import decode_text, terminator_ids
+
+    terminators = terminator_ids(tokenizer)
+    embed = model.llm.model.embed_tokens
+    feed, window = prompt_ids, prompt_ids[0].tolist()
+    pending: list[int] = []
+    produced, prompt_hidden = 0, None
+    while True:
+        round_ids, finished, first_round = [], False, prompt_hidden is None
+        for _ in range(ROUND_TOKENS):
+            hidden, model.llm_past_key_values = _llm_step(model, embed(feed), model.llm_past_key_values)
+            if prompt_hidden is None:
+                prompt_hidden = hidden  # the pass over the generation prompt: holds the <|spk|> state
+            logits = model.llm.lm_head(hidden[:, -1:]).float()[:, -1]
+            banned = terminators if produced < min_new_tokens else None
+            token = _pick_token(logits, window, settings, banned)
+            produced += 1
+            round_ids.append(token)
+            window.append(token)
+            feed = torch.tensor([[token]], dtype=torch.long, device=prompt_ids.device)
+            finished = token in terminators
+            if finished or produced >= max_new_tokens:
+                break
+        ids = pending + round_ids
+        end = _complete_prefix(ids, tokenizer)
+        pending = ids[end:]
+        text = decode_text([torch.tensor(ids[:end], dtype=torch.long)], tokenizer, terminators)[0] if end else ""
+        yield _Round(text, prompt_hidden if first_round else None, round_ids)
+        if finished:
+            model.llm_generate_completed = True
+            return
+        if produced >= max_new_tokens:
+            logger.debug("streaming answer reached max_new_tokens=%d", max_new_tokens)
+            return
+        window = [round_ids[-1]]  # the next round's input: the last token, not yet in the cache
+
+
+def _text_items(rounds) -> Iterator[dict]:
+    for item in rounds:
+        text = item.text.replace(TTS_EOS, "")
+        if text:
+            yield {"text": text}
+
+
+@torch.inference_mode()
+def _speech_items(model, rounds, spk_bound: tuple[int, int], seed: int | None,
+                  max_frames: int) -> Iterator[StreamingOutput]:
+    """Feed the rounds' text to the streaming TTS; yield its chunks, then any text it did not wait for."""
+    from minicpmo_cli.generation.speech import stream_speech
+
+    try:
+        opening = next(rounds)
+    except StopIteration:
+        return
+    spk_embeds = opening.prompt_hidden[0, spk_bound[0]:spk_bound[1]]
+    pieces = chain([opening.text], (item.text for item in rounds))
+    chunks = stream_speech(model.tts, model.vocos, model.tts_processor, spk_embeds.to(model.tts.device), pieces,
+                           seed=seed, max_new_tokens=max_frames)
+    first = True
+    for chunk in chunks:
+        yield StreamingOutput(text=chunk.text.replace(TTS_EOS, ""), audio_wav=np.asarray(chunk.wav, np.float32),
+                              sampling_rate=chunk.sample_rate, spk_embeds=spk_embeds if first else None)
+        first = False
+    rest = "".join(pieces).replace(TTS_EOS, "")  # the speech ended before the answer did
+    if rest or first:
+        yield StreamingOutput(text=rest, audio_wav=np.zeros(0, dtype=np.float32), sampling_rate=SAMPLE_RATE,
+                              spk_embeds=spk_embeds if first else None)
