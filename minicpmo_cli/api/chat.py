@@ -50,6 +50,8 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     pending: Turn = field(default_factory=lambda: Turn("user"))
     video_mode: bool = False  # a video was attached: the guide's video settings apply (see reply)
+    voice: Any = None  # 16 kHz reference clip: spoken answers use it (the guide's assistant-voice prompt)
+    language: str = "en"  # language of that system prompt
 
     def attach_image(self, path: str | Path) -> None:
         self.pending.add_image(path)
@@ -83,8 +85,16 @@ class Conversation:
         self.turns.clear()
         self.pending = Turn("user")
 
-    def messages(self) -> list[dict[str, Any]]:
+    def messages(self, spoken: bool = False) -> list[dict[str, Any]]:
         msgs = [{"role": "system", "content": [self.system]}] if self.system else []
+        if spoken and self.voice is not None:
+            from minicpmo_cli.processing.prompts import get_sys_prompt
+
+            # The guide's AI-assistant mode: msgs = [sys_prompt, ...] with the reference clip inside (the
+            # reference gives that message the role "user"); --system text, if any, follows in the same message.
+            voice_prompt = get_sys_prompt(ref_audio=self.voice, mode="audio_assistant", language=self.language)
+            content = list(voice_prompt["content"]) + ([self.system] if self.system else [])
+            msgs = [{"role": voice_prompt["role"], "content": content}]
         return msgs + [{"role": t.role, "content": list(t.parts)} for t in self.turns]
 
     def uses_audio(self) -> bool:
@@ -108,8 +118,8 @@ def reply_with_speech(engine: Engine, conversation: Conversation, decode: Decode
     """
     if not engine.has_tts:
         engine.enable_tts()
-    result = engine.generate(conversation.messages(), decode, defaults=CHAT_DEFAULTS, use_tts_template=True,
-                             generate_audio=True, **_video_settings(conversation))
+    result = engine.generate(conversation.messages(spoken=True), decode, defaults=CHAT_DEFAULTS,
+                             use_tts_template=True, generate_audio=True, **_video_settings(conversation))
     return result.text, result.audio_wav, result.sampling_rate
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from minicpmo_cli.api.engine import DecodeOptions, Engine
-from minicpmo_cli.errors import UsageError
+from minicpmo_cli.errors import InputError, UsageError
 
 SAMPLE_RATE = 24000  # Hz: the vocoder's rate
 SAMPLES_PER_FRAME = 512  # one audio code frame of the TTS -> 512 output samples (hop of the vocoder)
@@ -123,8 +123,10 @@ def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: Deco
         answer, group_spk = _speaker(engine, read_messages(group, voice), decode,
                                      echo_tokens=_echo_budget(engine, group))
         spk = group_spk if spk is None else spk  # the first piece's voice for all pieces
-        spoken.append(answer)
-    return _synthesize_groups(engine, spk, [t for t in spoken if t.strip()] or [""], max_frames)
+        spoken += [piece for piece in text_groups(engine, answer, group_tokens) if piece.strip()]
+    if not spoken:
+        raise InputError("the model wrote no text to speak (--verbatim reads the text as given)")
+    return _synthesize_groups(engine, spk, spoken, max_frames)
 
 
 def mimick(engine: Engine, audio: np.ndarray, *, decode: DecodeOptions | None = None,
@@ -150,16 +152,18 @@ def mimick(engine: Engine, audio: np.ndarray, *, decode: DecodeOptions | None = 
     return SpeechResult(text=" ".join(t for t in texts if t), wav=_join(wavs), pieces=pieces)
 
 
-def speak_text(engine: Engine, text: str, path: str | Path, voice: Any = None, language: str = "en") -> Path:
+def speak_text(engine: Engine, text: str, path: str | Path, voice: Any = None, language: str = "en", *,
+               max_frames: int = MAX_AUDIO_FRAMES) -> Path:
     """Speak ``text`` word for word into the wav file ``path`` (chat --speak, the REPL's /speak).
 
     ``voice``: a saved voice name, an audio file, 16 kHz samples, or None for the model's default voice.
+    ``max_frames``: cap per sentence group (46.875 frames per second).
     """
     from minicpmo_cli.api.voices import resolve_voice
     from minicpmo_cli.outputs import write_wav
 
     reference = None if voice is None else resolve_voice(voice)
-    result = speak(engine, text, Voice(reference=reference, language=language))
+    result = speak(engine, text, Voice(reference=reference, language=language), max_frames=max_frames)
     return write_wav(path, result.wav, result.sample_rate)
 
 

@@ -68,9 +68,9 @@ def root(
 
 def _register_commands() -> None:
     # Command modules import only typer at module level; torch comes in when a command runs.
-    from minicpmo_cli.cli import asr, chat, doctor, video
+    from minicpmo_cli.cli import asr, chat, doctor, speech, video
 
-    for module in (asr, chat, video, doctor):
+    for module in (asr, chat, speech, video, doctor):
         module.register(app)
 
 

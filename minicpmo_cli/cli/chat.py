@@ -34,6 +34,8 @@ def chat(
                                       "(repeatable; the prompt is asked of each example image).",
                                       metavar="IMAGE ANSWER"),
     speak: Optional[Path] = typer.Option(None, "--speak", help="Also speak the answer into this wav file."),
+    voice: Optional[str] = typer.Option(None, "--voice", help="Speak in this saved voice (or audio clip)."),
+    language: str = typer.Option("en", "--language", help="Language of the spoken-answer prompt: en or zh."),
     max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
     min_new_tokens: Optional[int] = common.MIN_NEW_TOKENS,
     sampling: Optional[bool] = common.SAMPLING,
@@ -53,7 +55,15 @@ def chat(
     if not interactive and not (prompt or stdin_text or "").strip() and not (image or audio or video):
         raise typer.BadParameter("nothing to ask: give a PROMPT, pipe text on stdin, or attach media")
     pairs = [_split_example(item) for item in example]
-    conversation = Conversation(system=system)
+    if voice is not None and speak is None and not interactive:
+        raise typer.BadParameter("--voice needs --speak OUT.wav")
+    if language not in ("en", "zh"):
+        raise typer.BadParameter("--language must be en or zh")
+    conversation = Conversation(system=system, language=language)
+    if voice is not None:
+        from minicpmo_cli.api.voices import resolve_voice
+
+        conversation.voice = resolve_voice(voice)
     engine = common.load_engine(vision=True, audio=True, tts=speak is not None)
     for example_image, answer in pairs:
         conversation.add_example(example_image, prompt or "", answer)

@@ -7,7 +7,6 @@ checked first, so a typo fails in a second instead of after the model has loaded
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -304,9 +303,22 @@ def _output_target(output: str, overwrite: bool) -> Path | None:
     folder = path.parent
     if not folder.is_dir():
         raise OutputError(f"cannot write here: the folder {folder} does not exist", path)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write here: the folder {folder} is not writable", path)
+    _probe_writable(folder, path)
     return path
+
+
+def _probe_writable(folder: Path, path: Path) -> None:
+    """Create and delete a scratch file in ``folder``: os.access says yes to root even where writes fail."""
+    import tempfile
+
+    from minicpmo_cli.errors import OutputError
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".minicpmo-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write here: the folder {folder} is not writable ({exc.strerror or exc})",
+                          path) from None
 
 
 def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:
@@ -319,6 +331,9 @@ def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:
     else:
         write_wav(target, result.wav, result.sample_rate)
         common.info(f"wrote {target} ({result.duration:.1f} s)")
+    for number, piece in enumerate(result.pieces, start=1):
+        common.debug(f"piece {number}/{len(result.pieces)}: {piece.samples / result.sample_rate:.2f} s"
+                     f"{' (capped)' if piece.capped else ''}: {piece.text!r}")
     if result.capped:
         cap = "the model's cap" if max_audio_seconds is None else f"--max-audio-seconds {max_audio_seconds:g}"
         common.warn(f"some speech was cut short by {cap}")

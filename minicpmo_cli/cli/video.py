@@ -110,21 +110,11 @@ def omni(
 def _reference_voice(ref: Optional[Path], voice: Optional[str]):
     """--ref PATH, or --voice NAME looked up among saved voices (a path to a clip also works)."""
     from minicpmo_cli.api.video import load_reference_audio
-    from minicpmo_cli.errors import UsageError
+    from minicpmo_cli.api.voices import resolve_voice
 
     if ref is not None:
         return load_reference_audio(ref)
-    if voice is None:
-        return None
-    try:
-        from minicpmo_cli.api import voices  # saved voice profiles (`clone --save-voice`)
-    except ImportError:
-        voices = None
-    if voices is not None and hasattr(voices, "load_voice"):
-        return voices.load_voice(voice)
-    if Path(voice).is_file():
-        return load_reference_audio(Path(voice))
-    raise UsageError(f"unknown voice {voice!r} (save one with `minicpmo clone REF.wav TEXT --save-voice NAME`)")
+    return None if voice is None else resolve_voice(voice)
 
 
 def _omni_whole(engine, video: Path, prompt, decode, output: Optional[Path], options: dict) -> None:

@@ -200,3 +200,20 @@ def test_repl_speak_on_loads_speech_and_writes_numbered_files(tiny_ckpt, tmp_pat
     for name in ("answer.wav", "answer-2.wav"):
         info = _read_wav(tmp_path / name)
         assert (info.samplerate, info.channels) == (24000, 1) and info.frames > 0
+
+
+def test_speak_in_a_saved_voice(tiny_ckpt, tmp_path):
+    import numpy as np
+    import soundfile
+
+    clip = tmp_path / "ref.wav"
+    t = np.arange(16000 * 2) / 16000
+    soundfile.write(str(clip), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+    target = tmp_path / "voiced.wav"
+    result = run_cli("--model", tiny_ckpt, "chat", "Say hello.", "--speak", target, "--voice", clip,
+                     "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    info = _read_wav(target)
+    assert info.samplerate == 24000 and info.frames > 0
+    bad = run_cli("--model", tiny_ckpt, "chat", "Say hello.", "--voice", clip)
+    assert bad.returncode == 2 and "--speak" in bad.stderr
