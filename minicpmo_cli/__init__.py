@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 
@@ -29,43 +30,70 @@ def _register() -> None:
     registration.register()
 
 
+def _inside_our_module_import(ignore: str | None = None) -> bool:
+    """True while one of this package's modules (other than ``ignore``) is still executing its top level."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if frame.f_code.co_name == "<module>" and name.startswith("minicpmo_cli.") and name != ignore:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _module_ready(name: str) -> None:
+    """Called on the last line of our modules that import transformers: register if that was pending."""
+    finder = next((f for f in sys.meta_path if isinstance(f, _RegisterAfterTransformers)), None)
+    if finder is not None and finder.transformers_loaded and not _inside_our_module_import(ignore=name):
+        finder._uninstall()
+        _register()
+
+
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
-    """Runs the registration right after ``transformers`` itself has been imported, once."""
+    """Registers once ``transformers`` has been imported and none of our modules is half-initialised.
+
+    It watches every import: the import of ``transformers`` itself (registering right after it loads), and,
+    when it was one of our own modules that imported transformers, the next import that happens after that
+    module has finished (registering then would otherwise re-import the half-initialised module).
+    """
+
+    def __init__(self, transformers_loaded: bool = False) -> None:
+        self.transformers_loaded = transformers_loaded
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if self.transformers_loaded:
+            if not _inside_our_module_import():
+                self._uninstall()
+                _register()
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        if name != "transformers" or "transformers" in sys.modules:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
             return spec
         load = spec.loader.exec_module
 
         def exec_module(module):
             load(module)
-            # When one of our own modules is what imports transformers, registering now would import that
-            # half-initialised module again; it registers later (lazy attributes, api.load) instead.
-            if not _imported_by_this_package():
+            self.transformers_loaded = True
+            if not _inside_our_module_import():
+                self._uninstall()
                 _register()
 
         spec.loader.exec_module = exec_module
         return spec
 
-
-def _imported_by_this_package() -> bool:
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__", "").startswith("minicpmo_cli."):
-            return True
-        frame = frame.f_back
-    return False
+    def _uninstall(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
 
 
 def _register_now_or_later() -> None:
-    if "transformers" in sys.modules:
+    loaded = "transformers" in sys.modules
+    if loaded and not _inside_our_module_import():
         _register()
     elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterTransformers())
+        sys.meta_path.insert(0, _RegisterAfterTransformers(transformers_loaded=loaded))
 
 
 _register_now_or_later()

@@ -149,6 +149,11 @@ def generate(
                        ", ".join(late))
     for key in ("image_sizes", "decode_text"):
         kwargs.pop(key, None)
+    if use_tts_template and (generate_audio or return_spk_embed):
+        from minicpmo_cli.generation.tts_prompt import apply_tts_template, needs_tts_prompt
+
+        if needs_tts_prompt(data):
+            data, attention_mask = apply_tts_template(data, attention_mask, tokenizer)
     settings = decoding_settings(sampling, min_new_tokens, kwargs)
     with torch.inference_mode():
         embeds, _ = model.get_inputs_embeds(data)

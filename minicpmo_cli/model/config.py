@@ -142,3 +142,7 @@ MULTIMODAL_DEFAULTS: dict[str, Any] = {
     "init_tts": True,
     "stream_input": False,
 }
+
+
+# Last line on purpose: lets `import minicpmo_cli` finish registering the Auto classes (see __init__.py).
+__import__("minicpmo_cli")._module_ready(__name__)

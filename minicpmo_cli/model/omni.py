@@ -347,3 +347,7 @@ def _try_load_processor(folder: Path):
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
 
     return MiniCPMOProcessor.from_pretrained(folder)
+
+
+# Last line on purpose: lets `import minicpmo_cli` finish registering the Auto classes (see __init__.py).
+__import__("minicpmo_cli")._module_ready(__name__)

@@ -402,3 +402,7 @@ def _load_feature_extractor(preprocessor_config: dict):
 
 def _jsonable(value: Any):
     return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+# Last line on purpose: lets `import minicpmo_cli` finish registering the Auto classes (see __init__.py).
+__import__("minicpmo_cli")._module_ready(__name__)

@@ -128,3 +128,7 @@ class MiniCPMOTokenizerFast(Qwen2Tokenizer):
 
 
 __all__ = ["MiniCPMOTokenizerFast"]
+
+
+# Last line on purpose: lets `import minicpmo_cli` finish registering the Auto classes (see __init__.py).
+__import__("minicpmo_cli")._module_ready(__name__)

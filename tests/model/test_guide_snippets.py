@@ -226,12 +226,6 @@ def test_initialization_snippet_in_a_fresh_process(tiny_ckpt):
     assert result.stdout.split() == ["MiniCPMO", "MiniCPMOProcessor", "MiniCPMOTokenizerFast"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in minicpmo_cli/__init__.py (_RegisterAfterTransformers.find_spec/exec_module): when transformers is "
-    "first imported by one of the package's own modules (e.g. minicpmo_cli.model.config), registration is "
-    "skipped and the import hook has already removed itself, so the Auto classes stay unregistered until a "
-    "lazy attribute (minicpmo_cli.MiniCPMO) or api.load is touched; AutoConfig/AutoModel.from_pretrained then "
-    "asks for trust_remote_code"))
 def test_import_registers_after_package_modules_loaded_transformers(tiny_ckpt):
     result = _run_fresh(f"""
         import minicpmo_cli
@@ -375,11 +369,6 @@ def test_configurable_voice_conversation(guide, assets, tmp_path, short_speech, 
     check_wav(tmp_path / f'result_{mode}.wav')
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "package gap in minicpmo_cli/generation/text.py generate(): use_tts_template is accepted but never used. "
-    "The guide builds this text-only prompt with apply_chat_template(msgs=msgs) (plain Qwen template, no "
-    "<|spk|>) and asks for the TTS template and audio only in generate(), which then raises UsageError "
-    "'speech output needs the TTS prompt' from spk_embeds_from_hidden (spk_bounds empty)"))
 def test_instruction_to_speech(guide, tmp_path, short_speech):
     model, processor = guide
     instruction = 'Speak like a male charming superstar, radiating confidence and style in every word.'
