@@ -76,12 +76,18 @@ def resolve_checkpoint_dir(
             token=token,
         )
     except LocalEntryNotFoundError as exc:
-        raise ModelLoadError(
-            "not in the local Hugging Face cache and downloading is off (offline or local_files_only)", name
-        ) from exc
+        if local_files_only or _hub_offline():
+            reason = "not in the local Hugging Face cache, and downloading is off (--offline / HF_HUB_OFFLINE)"
+        else:
+            reason = "not in the local Hugging Face cache, and the hub cannot be reached to download it"
+        raise ModelLoadError(reason, name) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot download from the Hugging Face hub: {exc}", name) from exc
     return Path(folder)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no")
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -105,3 +106,22 @@ def test_env_var_sets_model(tmp_path, capsys):
     finally:
         del os.environ["MINICPMO_MODEL"]
     assert str(tmp_path) in capsys.readouterr().out
+
+
+def test_offline_without_a_cached_model_names_it(tmp_path):
+    speech = str(Path(__file__).resolve().parents[2] / "examples" / "speech_en.wav")
+    result = run_cli("--offline", "--device", "cpu", "asr", speech,
+                     env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert "openbmb/MiniCPM-o-2_6" in err and "downloading is off" in err and "Traceback" not in err
+
+
+def test_device_cuda_without_a_gpu_is_an_environment_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("--device", "cuda", "--model", str(tmp_path), "chat", "hi")
+    assert result.returncode == 4
+    assert "no CUDA GPU" in result.stderr.decode()
