@@ -235,7 +235,7 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int) 
     import torch
 
     from minicpmo_cli.generation.speech import codes_to_wav, generate_codes
-    from minicpmo_cli.model.tts import ReferenceSampler
+    from minicpmo_cli.model.tts_sampling import ReferenceSampler
     from minicpmo_cli.processing.tts_text import extract_tts_text
 
     if max_frames < 1:

@@ -6,11 +6,14 @@ import glob
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from minicpmo_cli.cli import common
+
+if TYPE_CHECKING:
+    from minicpmo_cli.api.engine import DecodeOptions
 
 FORMATS = ("txt", "json", "jsonl", "srt", "vtt", "all")
 TEXT_FORMATS = ("txt", "json", "jsonl", "srt", "vtt")
@@ -36,6 +39,9 @@ def register(app: typer.Typer) -> None:
     app.command(help=HELP)(asr)
 
 
+# Every decoding option but --min-new-tokens.
+@common.decoding_options(include=("max_new_tokens", "sampling", "temperature", "top_p", "top_k",
+                                  "repetition_penalty", "num_beams"))
 def asr(
     inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT",
                                                  help="Audio/video files, folders, globs, or - for stdin."),
@@ -53,13 +59,8 @@ def asr(
     skip_existing: bool = typer.Option(True, "--skip-existing/--overwrite",
                                        help="Skip inputs whose output files exist (resume), or redo them."),
     # Default decoding is greedy (see api/asr.py); --sampling uses the guide's temperature 0.3.
-    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
-    sampling: Optional[bool] = common.SAMPLING,
-    temperature: Optional[float] = common.TEMPERATURE,
-    top_p: Optional[float] = common.TOP_P,
-    top_k: Optional[int] = common.TOP_K,
-    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
-    num_beams: Optional[int] = common.NUM_BEAMS,
+    *,
+    decode: DecodeOptions,
 ) -> None:
     from minicpmo_cli.api.asr import AsrOptions
 
@@ -67,9 +68,6 @@ def asr(
         common.fail_usage(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
     options = AsrOptions(task=task, language=language, prompt=prompt, batch_size=batch_size)
     _ = options.instruction  # validates --task / --language / --prompt before anything is read
-    decode = common.decode_options(max_new_tokens=max_new_tokens, sampling=sampling, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                                   num_beams=num_beams)
     items = resolve_inputs(list(inputs or []), files_from, recursive)
     if any(item.path == "-" for item in items) and sys.stdin.isatty():
         common.fail_usage("- reads audio from stdin, but stdin is a terminal: pipe a file in")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from minicpmo_cli.cli import common
+
+if TYPE_CHECKING:
+    from minicpmo_cli.api.engine import DecodeOptions
 
 HELP = common.examples_help(
     "Chat with the model about text, images and audio. One-shot when PROMPT is given or stdin is piped; "
@@ -24,6 +27,7 @@ def register(app: typer.Typer) -> None:
     app.command(help=HELP)(chat)
 
 
+@common.decoding_options()
 def chat(
     prompt: Optional[str] = typer.Argument(None, help="The question. Omit it on a terminal for the REPL."),
     image: list[Path] = typer.Option([], "-i", "--image", help="An image to ask about (repeatable)."),
@@ -36,20 +40,11 @@ def chat(
     speak: Optional[Path] = typer.Option(None, "--speak", help="Also speak the answer into this wav file."),
     voice: Optional[str] = typer.Option(None, "--voice", help="Speak in this saved voice (or audio clip)."),
     language: str = typer.Option("en", "--language", help="Language of the spoken-answer prompt: en or zh."),
-    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
-    min_new_tokens: Optional[int] = common.MIN_NEW_TOKENS,
-    sampling: Optional[bool] = common.SAMPLING,
-    temperature: Optional[float] = common.TEMPERATURE,
-    top_p: Optional[float] = common.TOP_P,
-    top_k: Optional[int] = common.TOP_K,
-    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
-    num_beams: Optional[int] = common.NUM_BEAMS,
+    *,
+    decode: DecodeOptions,
 ) -> None:
     from minicpmo_cli.api.chat import Conversation
 
-    decode = common.decode_options(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, sampling=sampling, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                                   num_beams=num_beams)
     stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
     interactive = prompt is None and stdin_text is None
     if not interactive and not (prompt or stdin_text or "").strip() and not (image or audio or video):

@@ -5,9 +5,12 @@ Nothing here imports torch or transformers: `minicpmo --help` must stay instant.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import typer
 
@@ -124,6 +127,56 @@ TOP_P = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling m
 TOP_K = typer.Option(None, "--top-k", min=0, help="Sample among the k best tokens.")
 REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", min=0.0, help="Penalty for repeated tokens.")
 NUM_BEAMS = typer.Option(None, "--num-beams", min=1, help="Beams for beam search.")
+
+# Parameter name -> (type, typer option), in the order the options are listed in --help.
+DECODING_PARAMETERS = {
+    "max_new_tokens": (Optional[int], MAX_NEW_TOKENS),
+    "min_new_tokens": (Optional[int], MIN_NEW_TOKENS),
+    "sampling": (Optional[bool], SAMPLING),
+    "temperature": (Optional[float], TEMPERATURE),
+    "top_p": (Optional[float], TOP_P),
+    "top_k": (Optional[int], TOP_K),
+    "repetition_penalty": (Optional[float], REPETITION_PENALTY),
+    "num_beams": (Optional[int], NUM_BEAMS),
+}
+ALL_DECODING = tuple(DECODING_PARAMETERS)
+
+
+def decoding_options(include: tuple[str, ...] = ALL_DECODING):
+    """Give a command the decoding options named in ``include`` (listed after its own, in that order) and call
+    it with one ``decode: DecodeOptions`` keyword argument instead of the separate values.
+
+    Typer reads the parameters from ``inspect.signature`` and the types from ``typing.get_type_hints``, so
+    the wrapper gets a rewritten ``__signature__`` and its own ``__annotations__``.
+    """
+    unknown = [name for name in include if name not in DECODING_PARAMETERS]
+    if unknown:
+        raise ValueError(f"not decoding options: {', '.join(unknown)}")
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        if "decode" not in signature.parameters:
+            raise TypeError(f"{command.__name__} needs a `decode` parameter")
+        own = [p for p in signature.parameters.values() if p.name != "decode"]
+        added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                   default=DECODING_PARAMETERS[name][1], annotation=DECODING_PARAMETERS[name][0])
+                 for name in include]
+
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            chosen = {name: kwargs.pop(name, None) for name in include}
+            return command(*args, decode=decode_options(**chosen), **kwargs)
+
+        run.__signature__ = signature.replace(parameters=own + added)
+        # A new dict: functools.wraps shares the wrapped function's. `decode` leaves it, since its (string)
+        # annotation names a type this module does not import.
+        run.__annotations__ = {
+            **{k: v for k, v in command.__annotations__.items() if k != "decode"},
+            **{name: DECODING_PARAMETERS[name][0] for name in include},
+        }
+        return run
+
+    return decorate
 
 
 def decode_options(max_new_tokens=None, min_new_tokens=None, sampling=None, temperature=None, top_p=None,

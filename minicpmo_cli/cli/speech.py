@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from minicpmo_cli.cli import common
+
+if TYPE_CHECKING:
+    from minicpmo_cli.api.engine import DecodeOptions
 
 TTS_HELP = common.examples_help(
     "Read text aloud into a 24 kHz wav. The text comes from the argument, stdin (-) or --text-file; long text "
@@ -57,6 +60,8 @@ MAX_AUDIO_SECONDS = typer.Option(None, "--max-audio-seconds", min=0.05,
                                  help="Cap on the speech of each sentence group, in seconds (default 43.7, the "
                                       "model's own cap).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing output files.")
+# The decoding options of tts, clone and mimick (those of `chat` less --min-new-tokens and --num-beams).
+SPEECH_DECODING = ("max_new_tokens", "sampling", "temperature", "top_p", "top_k", "repetition_penalty")
 
 
 def register(app: typer.Typer) -> None:
@@ -74,6 +79,7 @@ def register(app: typer.Typer) -> None:
 # --- commands ---------------------------------------------------------------------------------------------
 
 
+@common.decoding_options(include=SPEECH_DECODING)
 def tts(
     text: Optional[str] = typer.Argument(None, help="The text to read, or - to read it from stdin."),
     output: str = OUTPUT,
@@ -89,12 +95,8 @@ def tts(
     verbatim: bool = VERBATIM,
     max_audio_seconds: Optional[float] = MAX_AUDIO_SECONDS,
     overwrite: bool = OVERWRITE,
-    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
-    sampling: Optional[bool] = common.SAMPLING,
-    temperature: Optional[float] = common.TEMPERATURE,
-    top_p: Optional[float] = common.TOP_P,
-    top_k: Optional[int] = common.TOP_K,
-    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
+    *,
+    decode: DecodeOptions,
 ) -> None:
     from minicpmo_cli.errors import UsageError
 
@@ -102,8 +104,7 @@ def tts(
         raise UsageError("give --voice NAME or --ref FILE, not both")
     body = _read_text(text, text_file)
     speaker = _make_voice(voice or ref, mode, instruction, language)
-    decode = _decode(verbatim, max_new_tokens=max_new_tokens, sampling=sampling, temperature=temperature,
-                     top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+    _warn_unused_decoding(verbatim, decode)
     if lines:
         items = [line.strip() for line in body.splitlines() if line.strip()]
         _need_text(" ".join(items))
@@ -118,6 +119,7 @@ def tts(
     _emit(result, target, max_audio_seconds)
 
 
+@common.decoding_options(include=SPEECH_DECODING)
 def clone(
     ref: Optional[str] = typer.Argument(None, help="Reference clip: the voice to clone (or use --voice NAME)."),
     text: Optional[str] = typer.Argument(None, help="The text to read, or - to read it from stdin."),
@@ -129,12 +131,8 @@ def clone(
     verbatim: bool = VERBATIM,
     max_audio_seconds: Optional[float] = MAX_AUDIO_SECONDS,
     overwrite: bool = OVERWRITE,
-    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
-    sampling: Optional[bool] = common.SAMPLING,
-    temperature: Optional[float] = common.TEMPERATURE,
-    top_p: Optional[float] = common.TOP_P,
-    top_k: Optional[int] = common.TOP_K,
-    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
+    *,
+    decode: DecodeOptions,
 ) -> None:
     from minicpmo_cli.api import voices as profiles
     from minicpmo_cli.errors import OutputError, UsageError
@@ -153,8 +151,7 @@ def clone(
     body = _read_text(text, None)
     _need_text(body)
     speaker = _make_voice(voice or ref, mode, None, language)
-    decode = _decode(verbatim, max_new_tokens=max_new_tokens, sampling=sampling, temperature=temperature,
-                     top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+    _warn_unused_decoding(verbatim, decode)
     target = _output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import speak
@@ -167,24 +164,19 @@ def clone(
         common.info(f"saved voice {profile.name!r} ({profile.duration:.1f} s) to {profile.path}")
 
 
+@common.decoding_options(include=SPEECH_DECODING)
 def mimick(
     audio: str = typer.Argument(..., help="The recording to re-speak (any audio format)."),
     output: str = OUTPUT,
     max_audio_seconds: Optional[float] = MAX_AUDIO_SECONDS,
     overwrite: bool = OVERWRITE,
-    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
-    sampling: Optional[bool] = common.SAMPLING,
-    temperature: Optional[float] = common.TEMPERATURE,
-    top_p: Optional[float] = common.TOP_P,
-    top_k: Optional[int] = common.TOP_K,
-    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
+    *,
+    decode: DecodeOptions,
 ) -> None:
     from minicpmo_cli.media.audio import load_audio
 
     samples = load_audio(audio)
     target = _output_target(output, overwrite)
-    decode = common.decode_options(max_new_tokens=max_new_tokens, sampling=sampling, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import mimick as run_mimick
 
@@ -275,10 +267,11 @@ def _make_voice(reference: str | None, mode: str | None, instruction: str | None
     return speaker
 
 
-def _decode(verbatim: bool, **options):
-    if verbatim and any(value is not None for value in options.values()):
+def _warn_unused_decoding(verbatim: bool, decode: DecodeOptions) -> None:
+    from dataclasses import astuple
+
+    if verbatim and any(value is not None for value in astuple(decode)):
         common.warn("decoding options only apply with --no-verbatim: the text is read as given")
-    return common.decode_options(**options)
 
 
 def _max_frames(seconds: float | None) -> int:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from minicpmo_cli.cli import common
+
+if TYPE_CHECKING:
+    from minicpmo_cli.api.engine import DecodeOptions
 
 DESCRIBE_HELP = common.examples_help(
     "Describe a video: frames sampled at --fps (default 1 per second, at most --max-frames, default 64) "
@@ -33,27 +36,20 @@ def register(app: typer.Typer) -> None:
     app.command("omni", help=OMNI_HELP)(omni)
 
 
+@common.decoding_options()
 def describe_video(
     video: Path = typer.Argument(..., help="The video file (mp4, mkv, webm, mov, ...)."),
     prompt: Optional[str] = typer.Argument(None, help='The question (default: "Describe the video").'),
     max_frames: int = typer.Option(64, "--max-frames", min=1, help="Most frames given to the model."),
     fps: float = typer.Option(1.0, "--fps", help="Frames sampled per second of video (> 0)."),
-    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
-    min_new_tokens: Optional[int] = common.MIN_NEW_TOKENS,
-    sampling: Optional[bool] = common.SAMPLING,
-    temperature: Optional[float] = common.TEMPERATURE,
-    top_p: Optional[float] = common.TOP_P,
-    top_k: Optional[int] = common.TOP_K,
-    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
-    num_beams: Optional[int] = common.NUM_BEAMS,
+    *,
+    decode: DecodeOptions,
 ) -> None:
     from minicpmo_cli.api.video import describe_video_stream
     from minicpmo_cli.media.video import probe_video
 
     if fps <= 0:
         raise typer.BadParameter(f"--fps must be > 0, not {fps}")
-    decode = common.decode_options(max_new_tokens, min_new_tokens, sampling, temperature, top_p, top_k,
-                                   repetition_penalty, num_beams)
     info = probe_video(video)  # a bad file fails here, before the slow model load
     engine = common.load_engine(vision=True, audio=info.has_audio, tts=False)
     common.debug(f"{video}: {info.duration:.1f} s at {info.fps:.2f} fps, sound: {info.has_audio}")
@@ -63,6 +59,7 @@ def describe_video(
     sys.stdout.write("\n")
 
 
+@common.decoding_options()
 def omni(
     video: Path = typer.Argument(..., help="The video file (mp4, mkv, webm, mov, ...)."),
     prompt: Optional[str] = typer.Argument(None, help="Optional text after the video (default: none)."),
@@ -74,14 +71,8 @@ def omni(
     max_audio_seconds: Optional[float] = typer.Option(None, "--max-audio-seconds",
                                                       help="Cut the spoken answer after this many seconds."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing -o file."),
-    max_new_tokens: Optional[int] = common.MAX_NEW_TOKENS,
-    min_new_tokens: Optional[int] = common.MIN_NEW_TOKENS,
-    sampling: Optional[bool] = common.SAMPLING,
-    temperature: Optional[float] = common.TEMPERATURE,
-    top_p: Optional[float] = common.TOP_P,
-    top_k: Optional[int] = common.TOP_K,
-    repetition_penalty: Optional[float] = common.REPETITION_PENALTY,
-    num_beams: Optional[int] = common.NUM_BEAMS,
+    *,
+    decode: DecodeOptions,
 ) -> None:
     from minicpmo_cli.errors import UsageError
     from minicpmo_cli.media.video import probe_video
@@ -94,8 +85,6 @@ def omni(
         raise UsageError("give either --ref or --voice, not both")
     if output is not None and output.exists() and not overwrite:
         raise UsageError(f"{output} exists (use --overwrite to replace it)")
-    decode = common.decode_options(max_new_tokens, min_new_tokens, sampling, temperature, top_p, top_k,
-                                   repetition_penalty, num_beams)
     probe_video(video)  # a bad file fails here, before the slow model load
     ref_audio = _reference_voice(ref, voice)
     engine = common.load_engine(vision=True, audio=True, tts=output is not None)

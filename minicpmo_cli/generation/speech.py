@@ -23,7 +23,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from minicpmo_cli.model.tts import AUDIO_EOS_ID, DEFAULT_TEMPERATURES, ReferenceSampler, make_logits_processors
+from minicpmo_cli.model.tts import AUDIO_EOS_ID, DEFAULT_TEMPERATURES
+from minicpmo_cli.model.tts_sampling import ReferenceSampler, make_logits_processors
 from minicpmo_cli.processing.tts_text import (
     TTS_EOS,
     build_streaming_text_mask,

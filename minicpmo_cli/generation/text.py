@@ -141,19 +141,9 @@ def generate(
     tokenizer = tokenizer or getattr(processor, "tokenizer", None) or getattr(model.processor, "tokenizer", None)
     if tokenizer is None:
         raise UsageError("generate() needs processor= (or tokenizer=) to decode the answer")
-    data = _model_inputs(kwargs)
-    data["input_ids"] = input_ids
-    late = [key for key in PROCESSING_ONLY_KEYS if kwargs.pop(key, None) is not None]
-    if late:
-        logger.warning("%s only take effect in processor.apply_chat_template(); ignored by generate()",
-                       ", ".join(late))
-    for key in ("image_sizes", "decode_text"):
-        kwargs.pop(key, None)
-    if use_tts_template and (generate_audio or return_spk_embed):
-        from minicpmo_cli.generation.tts_prompt import apply_tts_template, needs_tts_prompt
-
-        if needs_tts_prompt(data):
-            data, attention_mask = apply_tts_template(data, attention_mask, tokenizer)
+    want_speech = generate_audio or return_spk_embed
+    data, attention_mask = _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs,
+                                           tts_template=use_tts_template and want_speech)
     settings = decoding_settings(sampling, min_new_tokens, kwargs)
     with torch.inference_mode():
         embeds, _ = model.get_inputs_embeds(data)
@@ -162,7 +152,6 @@ def generate(
         if not sampling:
             raise UsageError("stream=True needs sampling=True (as the reference)")
         return _stream_text(model, embeds, tokenizer, max_new_tokens, settings)
-    want_speech = generate_audio or return_spk_embed
     sequences, prompt_hidden = run_llm_generate(model, embeds, mask, tokenizer, max_new_tokens, settings,
                                                 capture_prompt_hidden=want_speech)
     texts = decode_text(sequences, tokenizer)
@@ -177,6 +166,26 @@ def generate(
     if return_dict or return_spk_embed:
         return OmniOutput(text=answer, spk_embeds=spk_embeds, audio_wav=wav, sampling_rate=rate)
     return answer
+
+
+def _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs: dict, tts_template: bool):
+    """(model inputs, attention mask) from generate()'s arguments. Takes the model inputs and the options that
+    belong to the processor out of ``kwargs`` (what stays there is decoding options), and rewrites a plain
+    prompt into the TTS template when ``tts_template``."""
+    data = _model_inputs(kwargs)
+    data["input_ids"] = input_ids
+    late = [key for key in PROCESSING_ONLY_KEYS if kwargs.pop(key, None) is not None]
+    if late:
+        logger.warning("%s only take effect in processor.apply_chat_template(); ignored by generate()",
+                       ", ".join(late))
+    for key in ("image_sizes", "decode_text"):
+        kwargs.pop(key, None)
+    if tts_template:
+        from minicpmo_cli.generation.tts_prompt import apply_tts_template, needs_tts_prompt
+
+        if needs_tts_prompt(data):
+            data, attention_mask = apply_tts_template(data, attention_mask, tokenizer)
+    return data, attention_mask
 
 
 def run_llm_generate(model, embeds, attention_mask, tokenizer, max_new_tokens: int, settings: dict,

@@ -5,25 +5,25 @@ Sequence layout (spec audio-tts §3.4): ``[Stts] [spk_emb] <300 reserved text sl
 per-layer ``(K, V)`` tensors ``[1, heads, S, head_dim]``: it starts as 302 zero positions (everything but
 ``[Ptts]``), text chunks are written into it in place by :meth:`prefill_text`, and each audio step appends one
 position in :meth:`generate`. Zero positions that are not yet prefilled are hidden by the streaming mask.
+
+The logits processors and samplers that :meth:`generate` uses are in ``tts_sampling.py``.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from minicpmo_cli.model.dvae import DVAE, decode_codes_to_mel
 from minicpmo_cli.model.layers import MultiModalProjector
+from minicpmo_cli.model.tts_sampling import ReferenceSampler
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -126,102 +126,6 @@ def make_streaming_chunk_mask_generation(
     condition = mask[0, : prefix + streaming_reserved_length + 1]
     condition.masked_fill_(streaming_tts_text_mask.to(device) == 0, min_value)
     return mask[None, None]
-
-
-class RepetitionPenaltyWindow:
-    """ChatTTS-style repetition penalty over the last ``past_window`` frames: logits are multiplied
-    (negative) or divided (positive) by ``penalty ** count``. Inactive with the official penalty 1.0."""
-
-    def __init__(self, penalty: float, num_codes: int, past_window: int = 16) -> None:
-        self.penalty = float(penalty)
-        self.num_codes = num_codes
-        self.past_window = past_window
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.size(1) > self.past_window:
-            input_ids = input_ids[:, -self.past_window :]
-        freq = F.one_hot(input_ids, scores.size(1)).sum(1)
-        if freq.size(0) > self.num_codes:
-            freq[self.num_codes :] = 0
-        alpha = torch.pow(self.penalty, freq)
-        return torch.where(scores < 0, scores * alpha, scores / alpha)
-
-
-def make_logits_processors(top_p=0.7, top_k=20, repetition_penalty=1.0, num_codes=626):
-    """As the reference's ``gen_logits``: (warpers, processors)."""
-    warpers = []
-    if top_p is not None:
-        warpers.append(TopPLogitsWarper(top_p, min_tokens_to_keep=3))
-    if top_k is not None:
-        warpers.append(TopKLogitsWarper(top_k, min_tokens_to_keep=3))
-    processors = []
-    if repetition_penalty is not None and repetition_penalty != 1:
-        processors.append(RepetitionPenaltyWindow(repetition_penalty, num_codes, 16))
-    return warpers, processors
-
-
-_MCG31_A = 1132489760  # MKL VSL_BRNG_MCG31 multiplier
-_MCG31_M = 2**31 - 1
-_MT_STATE_WORDS = 624
-
-
-class ReferenceSampler:
-    """Multinomial sampling that reproduces, bit for bit, ``torch.multinomial(probs, 1)`` of the reference
-    environment (torch 2.3.1 CPU with MKL), so seeded runs give the reference's audio codes.
-
-    That torch drew one 32-bit number from the torch generator per call, seeded MKL's MCG31 stream with it,
-    filled ``q ~ Exp(1)`` as ``-ln(u)`` and returned ``argmax(probs / q)`` (the Gumbel-max trick: a correct
-    multinomial draw). Newer torch draws ``q`` differently, so plain ``torch.multinomial`` no longer matches.
-
-    ``seed``: a private Mersenne Twister seeded like ``torch.manual_seed(seed)`` (global RNG untouched).
-    Otherwise the 32-bit draws come from ``generator`` (or torch's global generator), read from its state and
-    then consumed, exactly as the reference consumed them.
-    """
-
-    def __init__(self, seed: int | None = None, generator: torch.Generator | None = None) -> None:
-        self._mt = np.random.RandomState(seed % 2**32) if seed is not None else None
-        self._generator = generator
-        self._powers = np.ones(1, dtype=np.int64)
-
-    def _next_seed(self) -> int:
-        if self._mt is not None:
-            return int(self._mt.randint(0, 2**32, dtype=np.uint32))
-        state = (self._generator.get_state() if self._generator is not None else torch.get_rng_state()).numpy()
-        raw = state.tobytes()
-        (left,) = struct.unpack_from("<i", raw, 8)
-        (position,) = struct.unpack_from("<Q", raw, 16)
-        key = np.frombuffer(raw, dtype="<u8", count=_MT_STATE_WORDS, offset=24).astype(np.uint32)
-        peek = np.random.RandomState()
-        peek.set_state(("MT19937", key, _MT_STATE_WORDS if left <= 1 else int(position), 0, 0.0))
-        value = int(peek.randint(0, 2**32, dtype=np.uint32))
-        # Consume the same draw from the torch generator (int32 random_ takes one 32-bit output, mod 2**31).
-        drawn = int(torch.empty(1, dtype=torch.int32).random_(generator=self._generator))
-        return value if drawn == value % 2**31 else drawn  # layout changed: still random, no longer exact
-
-    def _exponential(self, seed: int, count: int) -> np.ndarray:
-        while self._powers.shape[0] < count:  # a**i mod M, extended by doubling
-            n = self._powers.shape[0]
-            step = pow(_MCG31_A, n, _MCG31_M)
-            self._powers = np.concatenate([self._powers, (self._powers * step) % _MCG31_M])
-        state = seed % _MCG31_M or 1  # MKL: seed mod M, 0 -> 1; the seed state is the first output
-        uniform = ((state * self._powers[:count]) % _MCG31_M).astype(np.float64) / _MCG31_M
-        return -np.log(uniform.astype(np.float32))
-
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs ``[rows, n]`` (float32) -> indices ``[rows, 1]``."""
-        q = self._exponential(self._next_seed(), probs.numel())
-        q = torch.from_numpy(q).to(device=probs.device, dtype=probs.dtype).view_as(probs)
-        return torch.argmax(probs / q, dim=-1, keepdim=True)
-
-
-class TorchSampler:
-    """Plain ``torch.multinomial`` with an optional generator (current torch's random stream)."""
-
-    def __init__(self, generator: torch.Generator | None = None) -> None:
-        self.generator = generator
-
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        return torch.multinomial(probs, num_samples=1, generator=self.generator)
 
 
 def _llama_config(tts_config) -> LlamaConfig:
@@ -486,11 +390,7 @@ class ConditionalChatTTS(nn.Module):
         eos = int(eos_token.reshape(-1)[0]) if isinstance(eos_token, torch.Tensor) else int(eos_token)
         start = self.condition_length
         progress = input_ids.shape[1]
-        buffer = torch.zeros(1, progress + max_new_token, self.num_vq, dtype=torch.long, device=self.device)
-        buffer[:, :progress] = input_ids.to(self.device)
-        cache = _to_dynamic_cache(past_key_values)
-        if progress != cache.get_seq_length() + 1:
-            raise ValueError(f"audio_input_ids length {progress} != KV-cache length + 1 ({cache.get_seq_length() + 1})")
+        buffer, cache = self._start_generation(input_ids, past_key_values, max_new_token)
         finished = False
         head_weights = [head.weight for head in self.head_code]
         for step in range(max_new_token):
@@ -500,14 +400,9 @@ class ConditionalChatTTS(nn.Module):
             if logits_out is not None:
                 logits_out.append(logits.clone())
             history = buffer[:, start:progress].permute(0, 2, 1).reshape(self.num_vq, -1)
-            logits = logits / temps
-            if not is_bos:
-                for processor in (*logits_processors, *logits_warpers):
-                    logits = processor(history, logits)
-            if step < min_new_token or force_no_stop:
-                logits[:, eos] = -torch.inf
-            probs = F.softmax(logits, dim=-1)
-            next_frame = sampler.sample(probs).view(1, self.num_vq)
+            processors = () if is_bos else (*logits_processors, *logits_warpers)
+            banned = eos if step < min_new_token or force_no_stop else None
+            next_frame = self._sample_frame(logits, temps, history, processors, banned, sampler)
             finished = bool(next_frame.eq(eos).any())
             buffer[:, progress] = next_frame
             if step == 0 and finished:
@@ -520,6 +415,27 @@ class ConditionalChatTTS(nn.Module):
         audio_input_ids = buffer[:, :progress]
         new_ids = audio_input_ids[:, start:-1] if finished else audio_input_ids[:, start:]
         return TTSGenerationOutput(new_ids, audio_input_ids, _from_dynamic_cache(cache), finished)
+
+    def _start_generation(self, input_ids: torch.Tensor, past_key_values: KVCache, max_new_token: int):
+        """The id buffer ``[1, len + max_new_token, num_vq]`` holding ``input_ids``, and the cache to extend."""
+        progress = input_ids.shape[1]
+        buffer = torch.zeros(1, progress + max_new_token, self.num_vq, dtype=torch.long, device=self.device)
+        buffer[:, :progress] = input_ids.to(self.device)
+        cache = _to_dynamic_cache(past_key_values)
+        if progress != cache.get_seq_length() + 1:
+            raise ValueError(f"audio_input_ids length {progress} != KV-cache length + 1 ({cache.get_seq_length() + 1})")
+        return buffer, cache
+
+    def _sample_frame(self, logits, temps, history, processors, banned_token: int | None, sampler) -> torch.Tensor:
+        """Raw logits ``[num_vq, codes]`` -> one frame ``[1, num_vq]``: divide by the per-codebook temperature,
+        apply the processors then warpers, ban ``banned_token`` (EOS before ``min_new_token``), draw."""
+        logits = logits / temps
+        for processor in processors:
+            logits = processor(history, logits)
+        if banned_token is not None:
+            logits[:, banned_token] = -torch.inf
+        probs = F.softmax(logits, dim=-1)
+        return sampler.sample(probs).view(1, self.num_vq)
 
     @torch.inference_mode()
     def decode_to_mel_specs(self, result_list) -> torch.Tensor:

@@ -228,8 +228,9 @@ def test_omni_usage_errors(cli, files, tmp_path):
     assert cli("omni", str(files["silent"]), "--language", "fr")[0] == 2
     assert cli("describe-video", str(files["silent"]), "--max-frames", "0")[0] == 2
     assert cli("describe-video", str(files["silent"]), "--fps", "0")[0] == 2
+    # An unknown voice is a missing input (exit 1, as for tts/clone), named in the one-line error.
     code, _, err = cli("omni", str(files["silent"]), "--voice", "nobody")
-    assert code == 2 and "nobody" in err
+    assert code == 1 and "nobody" in err and "no voice profile" in err
 
 
 def test_wav_stream_writer_is_valid_after_each_chunk_and_discards_on_error(tmp_path):

@@ -15,31 +15,6 @@ FEATURE_TOL = 1e-5
 EMBED_TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def audio_tower(golden_ckpt):
-    """(apm, projector, pooler, config) loaded from the golden checkpoint's ``apm.*``/``audio_projection_layer.*``."""
-    from safetensors.torch import load_file
-
-    from minicpmo_cli.model.audio import MiniCPMWhisperEncoder
-    from minicpmo_cli.model.config import MiniCPMOConfig
-    from minicpmo_cli.model.layers import MultiModalProjector
-
-    config = MiniCPMOConfig(**json.loads((golden_ckpt / "config.json").read_text()))
-    tensors = load_file(str(golden_ckpt / "model.safetensors"))
-
-    def sub(prefix):
-        return {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-
-    apm = MiniCPMWhisperEncoder(config.audio_config)
-    apm.load_state_dict(sub("apm."), strict=True)
-    projector = MultiModalProjector(in_dim=config.audio_config.encoder_ffn_dim // 4, out_dim=config.hidden_size)
-    projector.load_state_dict(sub("audio_projection_layer."), strict=True)
-    pooler = torch.nn.AvgPool1d(config.audio_pool_step, stride=config.audio_pool_step)
-    for module in (apm, projector):
-        module.eval().requires_grad_(False)
-    return apm, projector, pooler, config
-
-
 def _case_audio(golden_case, golden_ckpt, name):
     meta, arrays = golden_case(name)
     item = next(c for m in meta["messages"] for c in m["content"] if c["type"] == "audio")

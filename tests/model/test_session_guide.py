@@ -11,51 +11,29 @@ import wave
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
 
 
 @pytest.fixture(scope="module")
-def guide(tmp_path_factory):
-    """The guide's model initialisation, on a tiny checkpoint, plus a 3 s video with sound and a ref voice."""
-    from minicpmo_cli import MiniCPMO  # noqa: F401 - registers the classes with the Auto factories
-    from transformers import AutoModel, AutoProcessor
-
-    from minicpmo_cli.model.tiny import make_tiny_checkpoint
-
+def omni_media(tmp_path_factory):
+    """A 3 s video with sound and a reference voice, in a work folder: (video, ref, work). The model is
+    conftest's ``guide`` (the guide's initialisation on the tiny checkpoint)."""
     work = tmp_path_factory.mktemp("guide")
-    folder = make_tiny_checkpoint(work / "ckpt")
     video = work / "clip.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=4",
                     "-f", "lavfi", "-i", "sine=frequency=330:sample_rate=16000", "-t", "3",
                     "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(video)], check=True)
     ref = work / "ref.wav"
     sf.write(ref, (0.1 * np.sin(np.arange(24000) / 7)).astype(np.float32), 16000)
-    model = AutoModel.from_pretrained(str(folder), attn_implementation="sdpa", dtype=torch.float32)
-    model = model.eval()
-    model.init_tts()
-    processor = AutoProcessor.from_pretrained(str(folder))
-    return model, processor, video, ref, work
+    return video, ref, work
 
 
-def get_video_chunk_content(video_path, flatten=True):
-    """The guide's helper with moviepy replaced by our decoder: 1 frame + 1 s of 16 kHz audio per unit."""
-    from minicpmo_cli.media.video import iter_video_units
-
-    contents = []
-    for image, audio in iter_video_units(video_path):
-        if flatten:
-            contents.extend(["<unit>", image, audio])
-        else:
-            contents.append(["<unit>", image, audio])
-    return contents
-
-
-def test_guide_omni_normal_generate(guide):
+def test_guide_omni_normal_generate(guide, omni_media, get_video_chunk_content):
     import librosa
 
-    model, processor, video_path, ref_audio_path, work = guide
+    model, processor = guide
+    video_path, ref_audio_path, work = omni_media
     ref_audio, _ = librosa.load(ref_audio_path, sr=16000, mono=True)
     sys_msg = processor.get_sys_prompt(ref_audio=ref_audio, mode="omni", language="en")
     contents = get_video_chunk_content(video_path)
@@ -77,33 +55,14 @@ def test_guide_omni_normal_generate(guide):
         assert wav.getnframes() > 0
 
 
-def test_guide_omni_streaming(guide):
-    model, processor, video_path, _, work = guide
+def test_guide_omni_streaming(guide, omni_media, run_omni_streaming_snippet):
+    model, processor = guide
+    video_path, _, work = omni_media
     sys_msg = model.get_sys_prompt(mode="omni", language="en")
     for use_tts in (True, False):
-        model.reset_session()
-        contents = get_video_chunk_content(video_path, flatten=False)
-        session_id = "123"
-        res = model.streaming_prefill(session_id=session_id, msgs=[sys_msg], processor=processor)
-        for content in contents:
-            msgs = [{"role": "user", "content": content}]
-            res = model.streaming_prefill(session_id=session_id, msgs=msgs, processor=processor)
-        res = model.streaming_generate(session_id=session_id, processor=processor, use_tts=use_tts,
-                                       tts_output_chunk_size=25, max_new_tokens=6, tts_max_new_tokens=25)
-        audios = []
-        text = ""
+        text, _, res, sampling_rate = run_omni_streaming_snippet(model, processor, sys_msg, video_path, use_tts, 6,
+                                                                 work / "output_stream.wav")
         if use_tts:
-            for r in res:
-                audio_wav = r.audio_wav
-                sampling_rate = r.sampling_rate
-                txt = r.text
-                audios.append(audio_wav)
-                text += txt
-            res = np.concatenate(audios)
-            sf.write(work / "output_stream.wav", res, samplerate=sampling_rate)
             assert sampling_rate == 24000 and res.dtype == np.float32 and len(res) > 0
             assert sf.info(work / "output_stream.wav").frames == len(res)
-        else:
-            for r in res:
-                text += r["text"]
         assert isinstance(text, str)

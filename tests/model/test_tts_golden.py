@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from minicpmo_cli.generation.speech import codes_to_wav, generate_codes, generate_speech
-from minicpmo_cli.model.tts import ConditionalChatTTS, make_logits_processors
+from minicpmo_cli.model.tts import ConditionalChatTTS
+from minicpmo_cli.model.tts_sampling import make_logits_processors
 from minicpmo_cli.model.vocoder import load_vocos
 from minicpmo_cli.processing.tts_text import (
     build_streaming_text_mask,

@@ -11,11 +11,11 @@ from minicpmo_cli.generation.speech import _overlap_add_pair, as_text_rounds
 from minicpmo_cli.model.config import ConditionalChatTTSConfig
 from minicpmo_cli.model.tts import (
     ConditionalChatTTS,
-    ReferenceSampler,
     WeightNormLinear,
     make_streaming_chunk_mask_generation,
     rename_weight_norm_keys,
 )
+from minicpmo_cli.model.tts_sampling import ReferenceSampler
 
 
 def tiny_config() -> ConditionalChatTTSConfig:
