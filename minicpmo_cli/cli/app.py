@@ -74,7 +74,30 @@ def _register_commands() -> None:
         module.register(app)
 
 
+def _plain_metavars(typer_app: typer.Typer) -> None:
+    """Help shows `-i PATH` and `PROMPT`, not typer's `<list[Path]>` and `{prompt}`, unless a metavar is set."""
+    import inspect
+
+    def metavar_for(annotation) -> str:
+        text = str(annotation)
+        return "PATH" if "Path" in text else "N" if "int" in text else "NUM" if "float" in text else "TEXT"
+
+    infos = [c.callback for c in typer_app.registered_commands]
+    for group in typer_app.registered_groups:
+        infos += [c.callback for c in group.typer_instance.registered_commands]
+    for callback in filter(None, infos):
+        for param in inspect.signature(callback).parameters.values():
+            info = param.default
+            if not isinstance(info, (typer.models.ArgumentInfo, typer.models.OptionInfo)) or info.metavar:
+                continue
+            if isinstance(info, typer.models.ArgumentInfo):
+                info.metavar = param.name.upper()
+            elif "bool" not in str(param.annotation):
+                info.metavar = metavar_for(param.annotation)
+
+
 _register_commands()
+_plain_metavars(app)
 
 
 def _exit_code_for(exc: BaseException) -> int:
