@@ -13,6 +13,19 @@ from minicpmo_cli.api.engine import DecodeOptions, Engine
 CHAT_DEFAULTS: dict[str, Any] = {"sampling": True, "max_new_tokens": 1024}
 
 
+# Marker tokens whose positions the processor pairs up into image/audio/speaker bounds. An answer that happens
+# to contain one (a small or confused model can emit them) would make every later prompt of the conversation
+# unbalanced, so they are removed from answers kept in the history.
+PLACEHOLDER_MARKERS = ("<image>", "</image>", "<slice>", "</slice>", "<|audio_start|>", "<|audio_end|>",
+                       "<|spk_bos|>", "<|spk_eos|>")
+
+
+def strip_placeholder_markers(text: str) -> str:
+    for marker in PLACEHOLDER_MARKERS:
+        text = text.replace(marker, "")
+    return text
+
+
 @dataclass
 class Turn:
     """One message. ``parts`` go to the model; ``sources`` say where each part came from, for /save."""
@@ -78,7 +91,7 @@ class Conversation:
 
     def answer(self, text: str) -> None:
         reply = Turn("assistant")
-        reply.add_text(text)
+        reply.add_text(strip_placeholder_markers(text))
         self.turns.append(reply)
 
     def clear(self) -> None:

@@ -90,7 +90,13 @@ class Repl:
         if name.startswith("/") and " " not in stripped and len(name) > 1:
             self.say(f"unknown command {name}; /help lists them")
             return
-        self.answer(line)
+        turns = len(self.conversation.turns)
+        try:
+            self.answer(line)
+        except (MiniCPMOError, ValueError, RuntimeError) as exc:
+            # One failed answer must not end the session: report it, forget the failed turn, carry on.
+            self.say(f"error: {exc}")
+            del self.conversation.turns[turns:]
 
     def answer(self, text: str) -> None:
         from contextlib import closing

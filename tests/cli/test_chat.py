@@ -217,3 +217,33 @@ def test_speak_in_a_saved_voice(tiny_ckpt, tmp_path):
     assert info.samplerate == 24000 and info.frames > 0
     bad = run_cli("--model", tiny_ckpt, "chat", "Say hello.", "--voice", clip)
     assert bad.returncode == 2 and "--speak" in bad.stderr
+
+
+def test_history_survives_an_answer_with_marker_tokens(engine):
+    from minicpmo_cli.api.chat import Conversation
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    conversation = Conversation()
+    conversation.ask("Hi.")
+    conversation.answer("a <image> b </slice> c")
+    assert conversation.turns[-1].parts == ["a  b  c"]
+    conversation.ask("And then?")
+    answer = engine.generate(conversation.messages(), DecodeOptions(sampling=False, num_beams=1, max_new_tokens=3))
+    assert isinstance(answer, str)
+
+
+def test_repl_reports_a_failed_answer_and_goes_on(tiny_ckpt):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "chat",
+                                           "--max-new-tokens", "3"],
+                          env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=120)
+    child.expect(">>> ")
+    child.sendline("what is <image> here")  # a literal marker the processor cannot pair
+    child.expect("error: ")
+    child.expect(">>> ")
+    child.sendline("hello")
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
