@@ -161,13 +161,10 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         self.vocos = load_vocos(vocos_path, self.config.tts_config, device=self.device, dtype=torch.float32)
 
     def reset_session(self) -> None:
-        """Forget the streaming session (KV caches, turn state)."""
-        self.session_id = None
-        self.new_user_msg = True
-        self.llm_generated = False
-        self.llm_generate_completed = False
-        self.llm_past_key_values = None
-        self.audio_past_key_values = None
+        """Forget the streaming session (KV caches, turn state; see generation/session.py)."""
+        from minicpmo_cli.generation.session import reset_session
+
+        reset_session(self)
 
     # ------------------------------------------------------------------ embeddings
     def get_input_embeddings(self):
