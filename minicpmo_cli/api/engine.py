@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from minicpmo_cli.errors import EnvironmentProblem, ModelLoadError, UsageError
 
@@ -88,9 +88,6 @@ class Engine:
                 generate_audio=generate_audio, return_dict=generate_audio, **kwargs,
             )
 
-    def stream_text(self, msgs: list[dict], decode: DecodeOptions, **kwargs: Any) -> Iterator[str]:
-        yield from self.generate(msgs, decode, stream=True, **kwargs)
-
 
 OTHER_TOWERS = ("llm.", "vpm.", "resampler.", "apm.", "audio_projection_layer.")
 
@@ -110,7 +107,7 @@ def load_tts_tower(config, device: str, dtype):
         holder.tts = ConditionalChatTTS(config.tts_config)
     report = loading.load_safetensors_into(holder, loading.weight_files(folder), OTHER_TOWERS)
     report.raise_if_incomplete(folder)
-    return holder.tts.eval()
+    return holder.tts.to(device).eval()
 
 
 def seed_everything(seed: int) -> None:
@@ -156,7 +153,10 @@ def resolve_dtype(dtype: str, device: str):
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if dtype == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Native bf16 needs compute capability 8 (Ampere+); is_bf16_supported() also says yes to the
+            # slow emulated path of older GPUs, and looks at the current device rather than the chosen one.
+            major, _ = torch.cuda.get_device_capability(torch.device(device))
+            return torch.bfloat16 if major >= 8 else torch.float16
         return torch.float32
     return getattr(torch, dtype)
 

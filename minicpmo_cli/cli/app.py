@@ -59,7 +59,7 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "on", "yes", "true")
     common.set_options(common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
         quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress,

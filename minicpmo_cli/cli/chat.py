@@ -40,36 +40,25 @@ def chat(
     speak: Optional[Path] = typer.Option(None, "--speak", help="Also speak the answer into this wav file."),
     voice: Optional[str] = typer.Option(None, "--voice", help="Speak in this saved voice (or audio clip)."),
     language: str = typer.Option("en", "--language", help="Language of the spoken-answer prompt: en or zh."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --speak file."),
     *,
     decode: DecodeOptions,
 ) -> None:
-    from minicpmo_cli.api.chat import Conversation
-
     stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
     interactive = prompt is None and stdin_text is None
     if not interactive and not (prompt or stdin_text or "").strip() and not (image or audio or video):
         raise typer.BadParameter("nothing to ask: give a PROMPT, pipe text on stdin, or attach media")
-    pairs = [_split_example(item) for item in example]
     if voice is not None and speak is None and not interactive:
         raise typer.BadParameter("--voice needs --speak OUT.wav")
     if language not in ("en", "zh"):
         raise typer.BadParameter("--language must be en or zh")
-    conversation = Conversation(system=system, language=language)
-    if voice is not None:
-        from minicpmo_cli.api.voices import resolve_voice
-
-        conversation.voice = resolve_voice(voice)
+    if speak is not None and not interactive:
+        # Checked before the model loads: a bad path must not cost a whole answer.
+        if common.wav_output_target(str(speak), overwrite) is None:
+            raise typer.BadParameter("--speak needs a wav file name (stdout carries the text answer)")
+    # Media are read before the model loads too, so a missing file fails fast.
+    conversation = _conversation(prompt, image, audio, video, system, example, voice, language)
     engine = common.load_engine(vision=True, audio=True, tts=speak is not None)
-    for example_image, answer in pairs:
-        conversation.add_example(example_image, prompt or "", answer)
-    for path in image:
-        conversation.attach_image(path)
-    for path in audio:
-        conversation.attach_audio(path)
-    if video is not None:
-        from minicpmo_cli.api.chat import attach_video
-
-        attach_video(conversation, video)
     if interactive:
         from minicpmo_cli.cli.repl import Repl
 
@@ -77,6 +66,26 @@ def chat(
         return
     text = "\n\n".join(t for t in (stdin_text and stdin_text.strip(), prompt) if t)
     answer_once(engine, conversation, text, decode, speak)
+
+
+def _conversation(prompt, images, audios, video, system, examples, voice, language):
+    """The conversation with its few-shot pairs, attachments and voice, every file read and checked."""
+    from minicpmo_cli.api.chat import Conversation, attach_video
+
+    conversation = Conversation(system=system, language=language)
+    if voice is not None:
+        from minicpmo_cli.api.voices import resolve_voice
+
+        conversation.voice = resolve_voice(voice)
+    for example_image, answer in (_split_example(item) for item in examples):
+        conversation.add_example(example_image, prompt or "", answer)
+    for path in images:
+        conversation.attach_image(path)
+    for path in audios:
+        conversation.attach_audio(path)
+    if video is not None:
+        attach_video(conversation, video)
+    return conversation
 
 
 # Typer has no two-value repeatable options, so main() joins `--example IMAGE ANSWER` into one argument.

@@ -10,6 +10,7 @@ import inspect
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -202,3 +203,37 @@ def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
 
     debug(f"loading {_options.model} (vision={vision}, audio={audio}, tts={tts})")
     return load(load_options(), vision=vision, audio=audio, tts=tts, warn=warn)
+
+
+def wav_output_target(output: str, overwrite: bool) -> Path | None:
+    """The wav path to write, or None for stdout (`-o -`); fails early, naming the path, when it cannot be."""
+    from minicpmo_cli.errors import OutputError, UsageError
+
+    if output == "-":
+        if sys.stdout.isatty():
+            raise UsageError("-o -: refusing to write wav bytes to a terminal (redirect stdout, or name a file)")
+        return None
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise OutputError("is a folder; give a .wav file name", path)
+    if path.exists() and not overwrite:
+        raise OutputError("already exists (pass --overwrite to replace it)", path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write here: the folder {folder} does not exist", path)
+    probe_writable(folder, path)
+    return path
+
+
+def probe_writable(folder: Path, path: Path) -> None:
+    """Create and delete a scratch file in ``folder``: os.access says yes to root even where writes fail."""
+    import tempfile
+
+    from minicpmo_cli.errors import OutputError
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".minicpmo-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write here: the folder {folder} is not writable ({exc.strerror or exc})",
+                          path) from None

@@ -111,7 +111,7 @@ def tts(
         _tts_lines(items, output, speaker, decode, verbatim, max_audio_seconds, overwrite)
         return
     _need_text(body)
-    target = _output_target(output, overwrite)
+    target = common.wav_output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
     from minicpmo_cli.api.speech import speak
 
@@ -152,7 +152,7 @@ def clone(
     _need_text(body)
     speaker = _make_voice(voice or ref, mode, None, language)
     _warn_unused_decoding(verbatim, decode)
-    target = _output_target(output, overwrite)
+    target = common.wav_output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import speak
 
@@ -176,7 +176,7 @@ def mimick(
     from minicpmo_cli.media.audio import load_audio
 
     samples = load_audio(audio)
-    target = _output_target(output, overwrite)
+    target = common.wav_output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import mimick as run_mimick
 
@@ -278,40 +278,6 @@ def _max_frames(seconds: float | None) -> int:
     from minicpmo_cli.api.speech import MAX_AUDIO_FRAMES, frames_for_seconds
 
     return MAX_AUDIO_FRAMES if seconds is None else frames_for_seconds(seconds)
-
-
-def _output_target(output: str, overwrite: bool) -> Path | None:
-    """The wav path to write, or None for stdout (`-o -`); fails early, naming the path, when it cannot be."""
-    from minicpmo_cli.errors import OutputError, UsageError
-
-    if output == "-":
-        if sys.stdout.isatty():
-            raise UsageError("-o -: refusing to write wav bytes to a terminal (redirect stdout, or name a file)")
-        return None
-    path = Path(output).expanduser()
-    if path.is_dir():
-        raise OutputError("is a folder; give a .wav file name", path)
-    if path.exists() and not overwrite:
-        raise OutputError("already exists (pass --overwrite to replace it)", path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputError(f"cannot write here: the folder {folder} does not exist", path)
-    _probe_writable(folder, path)
-    return path
-
-
-def _probe_writable(folder: Path, path: Path) -> None:
-    """Create and delete a scratch file in ``folder``: os.access says yes to root even where writes fail."""
-    import tempfile
-
-    from minicpmo_cli.errors import OutputError
-
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".minicpmo-probe-"):
-            pass
-    except OSError as exc:
-        raise OutputError(f"cannot write here: the folder {folder} is not writable ({exc.strerror or exc})",
-                          path) from None
 
 
 def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:

@@ -83,8 +83,8 @@ def omni(
         raise typer.BadParameter(f"--max-audio-seconds must be > 0, not {max_audio_seconds}")
     if ref is not None and voice is not None:
         raise UsageError("give either --ref or --voice, not both")
-    if output is not None and output.exists() and not overwrite:
-        raise UsageError(f"{output} exists (use --overwrite to replace it)")
+    if output is not None and common.wav_output_target(str(output), overwrite) is None:
+        raise UsageError("-o needs a wav file name (stdout carries the text answer)")
     probe_video(video)  # a bad file fails here, before the slow model load
     ref_audio = _reference_voice(ref, voice)
     engine = common.load_engine(vision=True, audio=True, tts=output is not None)

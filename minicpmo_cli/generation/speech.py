@@ -116,7 +116,8 @@ def generate_codes(
     ``_generate_mel_spec`` up to the codes)."""
     prompt, num_tokens = prepare_tts_text(tts_tokenizer, text, tts.streaming_text_reserved_len, tts.num_spk_embs)
     input_ids = encode_tts_prompt(tts_tokenizer, prompt).to(tts.device)
-    text_mask = build_streaming_text_mask(num_tokens, tts.streaming_text_reserved_len, tts.num_spk_embs)
+    # On the model's device once, not copied there at every audio frame.
+    text_mask = build_streaming_text_mask(num_tokens, tts.streaming_text_reserved_len, tts.num_spk_embs).to(tts.device)
     sampler = _Sampler(tts, temperature, sampler if sampler is not None else make_sampler())
     cache, audio_ids = tts.new_kv_cache(), tts.new_audio_input_ids()
     outputs = None
@@ -276,7 +277,8 @@ class _Segment:
 
     def _text_mask(self):
         tts = self.o.tts
-        return build_streaming_text_mask(self.num_tokens, tts.streaming_text_reserved_len, tts.num_spk_embs)
+        return build_streaming_text_mask(self.num_tokens, tts.streaming_text_reserved_len,
+                                         tts.num_spk_embs).to(tts.device)
 
     def _prime(self, text_ids: torch.Tensor, text_left: str, audio_ids: torch.Tensor) -> None:
         """Continue from the last text tokens and audio frames of the previous segment (reference quirks kept:

@@ -238,10 +238,10 @@ def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict) 
             failure.append(exc)
             streamer.end()
 
-    thread = Thread(target=work, daemon=True)
-    thread.start()
-
     def pieces() -> Iterator[str]:
+        # Started here, not before: an iterator dropped before its first item then never starts a thread.
+        thread = Thread(target=work, daemon=True)
+        thread.start()
         try:
             for text in streamer:
                 for term in LLM_TERMINATORS:

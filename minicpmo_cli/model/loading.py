@@ -218,7 +218,7 @@ def resolve_device(device_map) -> str | None:
     if device_map is None:
         return None
     if isinstance(device_map, dict):
-        devices = {str(v) for v in device_map.values()}
+        devices = set(device_map.values())
         if len(devices) != 1:
             raise ModelLoadError("device_map with several devices is not supported; give one device")
         device_map = devices.pop()

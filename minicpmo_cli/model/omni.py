@@ -18,7 +18,6 @@ from transformers import PreTrainedModel, Qwen2ForCausalLM
 from minicpmo_cli.model.config import MiniCPMOConfig
 from minicpmo_cli.model.layers import MultiModalProjector
 
-TERMINATORS = ("<|im_end|>", "<|endoftext|>")
 
 
 class MiniCPMOPreTrainedModel(PreTrainedModel):
@@ -47,11 +46,9 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
             from minicpmo_cli.model.tts import ConditionalChatTTS
 
             self.tts = ConditionalChatTTS(config.tts_config)
-        self.terminators = list(TERMINATORS)
         self.processor = None  # set by from_pretrained when the checkpoint has the processor files
         self.tts_processor = None
         self.vocos = None
-        self.force_no_stop = False
         self.name_or_path = getattr(config, "_name_or_path", "")
         self.reset_session()
         self.post_init()

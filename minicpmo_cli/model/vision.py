@@ -278,7 +278,7 @@ def encode_images(
     num_slices, rows, _ = padded.shape
     padded = padded.permute(0, 2, 1).reshape(num_slices, 3, -1, rows).to(device=device, dtype=dtype)
     lengths = (sizes[:, 0] * sizes[:, 1]).long()
-    patch_mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    patch_mask = torch.arange(int(lengths.max()), device=lengths.device)[None, :] < lengths[:, None]
     patch_mask = patch_mask[:, None, :].to(device)
 
     chunks = [slice(start, start + vision_batch_size) for start in range(0, num_slices, vision_batch_size)]

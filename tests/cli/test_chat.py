@@ -247,3 +247,14 @@ def test_repl_reports_a_failed_answer_and_goes_on(tiny_ckpt):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_speak_path_and_media_are_checked_before_the_model_loads(tmp_path):
+    # --model points nowhere: a failure about the model would mean the inputs were checked too late.
+    absent_model = tmp_path / "no-model"
+    existing = tmp_path / "answer.wav"
+    existing.write_bytes(b"RIFF")
+    result = run_cli("--model", absent_model, "chat", "hi", "--speak", existing)
+    assert result.returncode == 1 and "--overwrite" in result.stderr and "no-model" not in result.stderr
+    result = run_cli("--model", absent_model, "chat", "hi", "-i", tmp_path / "missing.png")
+    assert result.returncode == 1 and "missing.png" in result.stderr and "no-model" not in result.stderr

@@ -174,7 +174,7 @@ def test_omni_normal_text_and_speech(cli, files, monkeypatch, tmp_path):
     assert options["omni_input"] and options["use_image_id"] is False and options["max_slice_nums"] == 1
 
     code, _, err = cli("omni", str(files["sound"]), "-o", str(out_wav))
-    assert code == 2 and "--overwrite" in err  # never overwritten silently
+    assert code == 1 and "--overwrite" in err and str(out_wav) in err  # never overwritten silently, as tts
 
 
 def test_omni_silent_video_text_only_and_streaming(cli, files, monkeypatch):
