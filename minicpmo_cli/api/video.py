@@ -295,7 +295,10 @@ class WavStreamWriter:
             os.unlink(self._temp)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(keep=exc_type is None or issubclass(exc_type, KeyboardInterrupt))
+        # Ctrl-C keeps what was spoken, but an interrupted answer with no speech yet leaves no file (a rerun
+        # would otherwise refuse to overwrite an empty wav).
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.close(keep=exc_type is None or (interrupted and self.samples_written > 0))
 
 
 def _current_umask() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -10,7 +11,7 @@ import typer
 
 from minicpmo_cli import __version__
 from minicpmo_cli.cli import common
-from minicpmo_cli.errors import EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_RUNTIME, MiniCPMOError
+from minicpmo_cli.errors import EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, MiniCPMOError
 
 app = typer.Typer(
     name="minicpmo",
@@ -60,10 +61,30 @@ def root(
                                  help="Print the version and exit."),
 ) -> None:
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "on", "yes", "true")
+    _configure_logging(quiet=quiet, verbose=verbose or debug)
     common.set_options(common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
         quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress,
     ))
+
+
+class _StderrLine(logging.Handler):
+    """Each log record as one line on the stderr of the moment (not the one that existed at setup)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        common.err(self.format(record))
+
+
+def _configure_logging(quiet: bool, verbose: bool) -> None:
+    """Library warnings (ours and transformers') go to stderr as one line each; -q hides them, -v adds info."""
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    handler = _StderrLine()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbose else "warning: %(message)s"))
+    package = logging.getLogger("minicpmo_cli")
+    package.handlers[:] = [handler]
+    package.setLevel(level)
+    if quiet:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _register_commands() -> None:
@@ -83,6 +104,8 @@ def _plain_metavars(typer_app: typer.Typer) -> None:
         return "PATH" if "Path" in text else "N" if "int" in text else "NUM" if "float" in text else "TEXT"
 
     infos = [c.callback for c in typer_app.registered_commands]
+    if typer_app.registered_callback is not None:
+        infos.append(typer_app.registered_callback.callback)
     for group in typer_app.registered_groups:
         infos += [c.callback for c in group.typer_instance.registered_commands]
     for callback in filter(None, infos):
@@ -108,6 +131,19 @@ def _exit_code_for(exc: BaseException) -> int:
     return EXIT_RUNTIME
 
 
+def _report_click_error(exc: Exception) -> bool:
+    """Click's usage errors (typer vendors click, so matched by shape): one line, like every other error."""
+    if not (callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)):
+        return False
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        print(ctx.get_help())
+        return True
+    where = f" (see: {ctx.command_path} -h)" if ctx is not None else ""
+    common.err(f"minicpmo: error: {exc.format_message()}{where}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn every failure into one line and an exit code."""
     from minicpmo_cli.cli.chat import join_example_args
@@ -115,11 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     args = join_example_args(common.hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     debug = "--debug" in args or os.environ.get("MINICPMO_DEBUG", "") not in ("", "0")
     try:
-        app(args=args, prog_name="minicpmo")
-    except KeyboardInterrupt:
-        common.err("minicpmo: interrupted")
-        sys.exit(EXIT_INTERRUPTED)
+        code = app(args=args, prog_name="minicpmo", standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        code = EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if _report_click_error(exc):
+            sys.exit(exc.exit_code if type(exc).__name__ != "NoArgsIsHelpError" else EXIT_USAGE)
         if debug:
             traceback.print_exc()
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -127,3 +164,6 @@ def main(argv: list[str] | None = None) -> None:
             message = f"{type(exc).__name__}: {message}" + ("" if debug else " (run with --debug for details)")
         common.err(f"minicpmo: error: {message}")
         sys.exit(_exit_code_for(exc))
+    if code == EXIT_INTERRUPTED:
+        common.err("minicpmo: interrupted (finished outputs were kept)")
+    sys.exit(code if isinstance(code, int) else 0)

@@ -126,7 +126,8 @@ def _expand(arg: str, recursive: bool) -> list[InputItem]:
             common.warn(f"{arg}: no audio or video files in this folder")
         return [InputItem(str(f), f.parent.relative_to(path)) for f in found]
     if glob.has_magic(arg):  # the shell did not expand it (quoted, or Windows): do it here
-        matches = sorted(glob.glob(arg, recursive=recursive))
+        # `**` means "any depth" as in bash's globstar, with or without --recursive.
+        matches = sorted(glob.glob(arg, recursive=recursive or "**" in arg))
         if not matches:
             common.warn(f"{arg}: no files match this pattern")
         return [item for match in matches for item in _expand(match, recursive)]
@@ -161,7 +162,7 @@ class Sink:
         return self.output_dir is not None and all(should_skip(t, self.overwrite) for t in self.targets(item))
 
     def emit(self, item: InputItem, record) -> None:
-        from minicpmo_cli.outputs import WRITERS, ensure_output_dir
+        from minicpmo_cli.outputs import WRITERS, ensure_output_dir, should_skip
 
         if self.output_dir is None:
             self._print(record)
@@ -169,6 +170,8 @@ class Sink:
         if record.error is not None:
             return  # nothing is written for a failed input, so a rerun tries it again
         for fmt, target in zip(self.formats, self.targets(item)):
+            if should_skip(target, self.overwrite):
+                continue  # -f all with some formats done: write only the missing ones, never replace silently
             ensure_output_dir(target.parent)
             WRITERS[fmt]().write(_for_format(record, fmt), target)
 

@@ -123,9 +123,7 @@ class Repl:
     def answer_with_speech(self) -> None:
         from minicpmo_cli.cli.chat import speak_answer
 
-        self.spoken += 1
-        base = self.speak_path or Path("answer.wav")
-        target = base if self.spoken == 1 else base.with_name(f"{base.stem}-{self.spoken}{base.suffix}")
+        target = self.next_speech_path()
         try:
             answer = speak_answer(self.engine, self.conversation, self.decode, target)
         except KeyboardInterrupt:
@@ -135,6 +133,15 @@ class Repl:
             self.say(answer)
             self.say(f"[spoken into {target}]")
         self.conversation.answer(answer)
+
+    def next_speech_path(self) -> Path:
+        """answer.wav, answer-2.wav, ... (or --speak's name): the next one that does not exist yet."""
+        base = self.speak_path or Path("answer.wav")
+        while True:
+            self.spoken += 1
+            target = base if self.spoken == 1 else base.with_name(f"{base.stem}-{self.spoken}{base.suffix}")
+            if not target.exists():
+                return target
 
     def cmd_image(self, path: str) -> None:
         self.conversation.attach_image(self._need_path(path, "/image"))
@@ -168,8 +175,10 @@ class Repl:
         from minicpmo_cli.outputs import write_text_atomic
 
         target = Path(self._need_path(path, "/save", must_exist=False))
+        # Saving again to the same file is the usual REPL habit: allowed, but never silent.
+        replaced = target.exists()
         write_text_atomic(target, self.conversation.to_json() + "\n")
-        self.say(f"[saved to {target}]")
+        self.say(f"[saved to {target}{' (replaced the earlier file)' if replaced else ''}]")
 
     def cmd_help(self, _argument: str) -> None:
         self.say(HELP_TEXT)

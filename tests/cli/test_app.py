@@ -125,3 +125,25 @@ def test_device_cuda_without_a_gpu_is_an_environment_error(tmp_path):
     result = run_cli("--device", "cuda", "--model", str(tmp_path), "chat", "hi")
     assert result.returncode == 4
     assert "no CUDA GPU" in result.stderr.decode()
+
+
+def test_quiet_silences_library_warnings(capsys):
+    import logging
+
+    try:
+        main(["-q", "doctor"])
+    except SystemExit:
+        pass
+    logging.getLogger("minicpmo_cli.processing.prompts").warning("should not be shown")
+    assert "should not be shown" not in capsys.readouterr().err
+    try:
+        main(["doctor"])
+    except SystemExit:
+        pass
+    logging.getLogger("minicpmo_cli.processing.prompts").warning("shown once")
+    assert capsys.readouterr().err.count("warning: shown once") == 1
+
+
+def test_no_arguments_prints_the_help():
+    result = run_cli()
+    assert result.returncode == 2 and b"Usage: minicpmo" in result.stdout and b"Commands:" in result.stdout

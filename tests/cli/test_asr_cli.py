@@ -228,6 +228,27 @@ def test_usage_errors(tiny_ckpt, speech, capsys, args, message):
     args = [str(speech["two"]) if a == "EXTRA" else a for a in args]
     code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], *args)
     assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("minicpmo: error:")  # one line, every kind
+
+
+def test_all_formats_rerun_writes_only_the_missing_ones(tiny_ckpt, speech, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "one.txt").write_text("kept\n")
+    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], "-o", out, "-f", "all", *FAST)
+    assert code == 0, err
+    assert (out / "one.txt").read_text() == "kept\n"  # never replaced without --overwrite
+    assert all((out / f"one.{ext}").is_file() for ext in ("json", "srt", "vtt"))
+
+
+def test_double_star_glob_matches_every_depth(tiny_ckpt, speech, tmp_path, capsys):
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    shutil.copy(speech["one"], inbox / "one.wav")
+    shutil.copy(speech["two"], inbox / "sub" / "two.wav")
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", str(inbox / "**" / "*.wav"), *FAST)
+    assert code == 0, err
+    assert f"==> {inbox / 'one.wav'} <==" in stdout and f"==> {inbox / 'sub' / 'two.wav'} <==" in stdout
 
 
 def test_one_bad_file_is_one_line_and_exit_1(tiny_ckpt, tmp_path, capsys):
