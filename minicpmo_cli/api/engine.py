@@ -166,6 +166,8 @@ def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, aud
     """Load the model with only the towers a task needs (asr: no vision, no TTS; text chat: no TTS)."""
     if isinstance(options, str):
         options = LoadOptions(model=options)
+    if (options.dtype or "auto").lower() not in DTYPES:  # a typo fails before any device warning
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {options.dtype!r}")
     device = resolve_device(options.device, warn)
     dtype = resolve_dtype(options.dtype, device)
     from minicpmo_cli import registration
