@@ -243,7 +243,7 @@ def _write_atomic(target: Path, fill: Callable[[io.BufferedWriter], object]) -> 
             fill(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp_name, _default_file_mode())  # mkstemp makes 0600; give the usual umask mode
+        os.chmod(temp_name, default_file_mode())  # mkstemp makes 0600; give the usual umask mode
         os.replace(temp_name, target)
     except BaseException as exc:  # also on Ctrl-C: never leave the temp file behind
         _remove_quietly(temp_name)
@@ -263,7 +263,7 @@ def _remove_quietly(name: str) -> None:
 _UMASK: int | None = None
 
 
-def _default_file_mode() -> int:
+def default_file_mode() -> int:
     """0o666 minus the process umask: the mode open() would have given a new file."""
     global _UMASK
     if _UMASK is None:

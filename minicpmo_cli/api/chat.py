@@ -142,15 +142,8 @@ def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
 
     Beam search (``sampling=False``) cannot stream, so it yields the whole answer at once.
     """
-    settings = decode.merged(**CHAT_DEFAULTS)
-    stream = stream and settings.get("sampling", True)
-    use_tts_template = conversation.uses_audio()
-    result = engine.generate(conversation.messages(), decode, stream=stream, defaults=CHAT_DEFAULTS,
-                             use_tts_template=use_tts_template, **_video_settings(conversation))
-    if isinstance(result, str):
-        yield result
-    else:
-        yield from result
+    yield from engine.text_pieces(conversation.messages(), decode, stream=stream, defaults=CHAT_DEFAULTS,
+                                  use_tts_template=conversation.uses_audio(), **_video_settings(conversation))
 
 
 def attach_video(conversation: Conversation, path: str | Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from minicpmo_cli.errors import EnvironmentProblem, ModelLoadError, UsageError
 
@@ -87,6 +87,16 @@ class Engine:
                 **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
                 generate_audio=generate_audio, return_dict=generate_audio, **kwargs,
             )
+
+    def text_pieces(self, msgs: list[dict], decode: DecodeOptions, *, stream: bool = True,
+                    defaults: dict[str, Any] | None = None, **kwargs: Any) -> Iterator[str]:
+        """The answer as text pieces: streamed when sampling, one piece with beam search (which cannot stream)."""
+        stream = stream and bool(decode.merged(**(defaults or {})).get("sampling", True))
+        result = self.generate(msgs, decode, stream=stream, defaults=defaults, **kwargs)
+        if isinstance(result, str):
+            yield result
+        else:
+            yield from result
 
 
 OTHER_TOWERS = ("llm.", "vpm.", "resampler.", "apm.", "audio_projection_layer.")

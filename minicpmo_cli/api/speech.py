@@ -24,11 +24,8 @@ import numpy as np
 
 from minicpmo_cli.api.engine import DecodeOptions, Engine
 from minicpmo_cli.errors import InputError, UsageError
+from minicpmo_cli.generation.speech_units import MAX_AUDIO_FRAMES, SAMPLE_RATE, frames_for_seconds  # noqa: F401
 
-SAMPLE_RATE = 24000  # Hz: the vocoder's rate
-SAMPLES_PER_FRAME = 512  # one audio code frame of the TTS -> 512 output samples (hop of the vocoder)
-FRAMES_PER_SECOND = SAMPLE_RATE / SAMPLES_PER_FRAME  # 46.875
-MAX_AUDIO_FRAMES = 2048  # the reference's tts_max_new_tokens (43.7 s per piece)
 GROUP_TOKENS = 80  # ChatTTS tokens per synthesised piece (see module docstring)
 
 # The guide's settings for every speech example: sampling, temperature 0.3, 128 new tokens.
@@ -260,5 +257,3 @@ def _join(wavs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, dtype=np.float32)
 
 
-def frames_for_seconds(seconds: float) -> int:
-    return max(1, int(round(seconds * FRAMES_PER_SECOND)))

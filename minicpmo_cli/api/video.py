@@ -26,6 +26,9 @@ import numpy as np
 
 from minicpmo_cli.api.engine import DecodeOptions, Engine
 from minicpmo_cli.errors import OutputError, UsageError
+from minicpmo_cli.generation.speech_units import FRAMES_PER_SECOND, MAX_AUDIO_FRAMES
+from minicpmo_cli.generation.speech_units import SAMPLE_RATE as SPEECH_RATE
+from minicpmo_cli.outputs import default_file_mode
 
 DEFAULT_VIDEO_PROMPT = "Describe the video"  # the guide's question
 DEFAULT_FPS = 1.0  # frames per second of video for describe-video
@@ -36,8 +39,6 @@ OMNI_DEFAULTS: dict[str, Any] = {"sampling": True, "temperature": 0.5, "max_new_
                                  "repetition_penalty": 1.2}
 OMNI_STREAM_DEFAULTS: dict[str, Any] = {"sampling": True, "max_new_tokens": 512}
 OMNI_PROCESSING = {"omni_input": True, "use_image_id": False, "max_slice_nums": 1}
-SPEECH_RATE = 24000  # Hz, the vocoder's output
-SPEECH_FRAMES_PER_SECOND = 24000 / 512  # TTS audio frames per second of speech (46.875)
 LANGUAGES = ("en", "zh")
 
 
@@ -121,12 +122,7 @@ def describe_video_stream(engine: Engine, path: str | os.PathLike[str], prompt: 
     with_audio = engine.towers.get("audio", True)
     parts, _ = video_message_parts(path, max_frames=max_frames, fps=fps, with_audio=with_audio)
     msgs = [{"role": "user", "content": parts + [prompt or DEFAULT_VIDEO_PROMPT]}]
-    stream = bool(decode.merged(**VIDEO_DEFAULTS).get("sampling", True))
-    result = engine.generate(msgs, decode, stream=stream, defaults=VIDEO_DEFAULTS, **VIDEO_PROCESSING)
-    if isinstance(result, str):
-        yield result
-    else:
-        yield from result
+    yield from engine.text_pieces(msgs, decode, defaults=VIDEO_DEFAULTS, **VIDEO_PROCESSING)
 
 
 def describe_video(engine: Engine, path: str | os.PathLike[str], prompt: str | None = None,
@@ -149,11 +145,10 @@ def _planned_frame_count(info, fps: float, max_frames: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- omni
 def _speech_frame_cap(max_audio_seconds: float | None) -> int:
-    from minicpmo_cli.generation.session import MAX_AUDIO_FRAMES
-
     if max_audio_seconds is None:
         return MAX_AUDIO_FRAMES
-    return max(1, math.ceil(max_audio_seconds * SPEECH_FRAMES_PER_SECOND))
+    # Rounded up, not to the nearest frame: the audio is then trimmed to exactly max_audio_seconds (_trim).
+    return max(1, math.ceil(max_audio_seconds * FRAMES_PER_SECOND))
 
 
 def _trim(audio: np.ndarray, max_audio_seconds: float | None) -> np.ndarray:
@@ -289,7 +284,7 @@ class WavStreamWriter:
         finally:
             self._handle.close()
         if keep:
-            os.chmod(self._temp, 0o666 & ~_current_umask())
+            os.chmod(self._temp, default_file_mode())
             os.replace(self._temp, self.path)
         else:
             os.unlink(self._temp)
@@ -299,9 +294,3 @@ class WavStreamWriter:
         # would otherwise refuse to overwrite an empty wav).
         interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
         self.close(keep=exc_type is None or (interrupted and self.samples_written > 0))
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it back at once
-    os.umask(mask)
-    return mask

@@ -117,25 +117,30 @@ def _split_example(item: str) -> tuple[str, str]:
 
 def answer_once(engine, conversation, text: str, decode, speak: Path | None) -> str:
     """Ask, stream the answer to stdout (or print it whole with its speech when speaking)."""
+    conversation.ask(text)
+    if speak is not None:
+        answer = speak_answer(engine, conversation, decode, speak)
+    else:
+        pieces: list[str] = []
+        stream_reply(engine, conversation, decode, sys.stdout, pieces)
+        answer = "".join(pieces)
+    sys.stdout.write((answer if speak is not None else "") + "\n")
+    conversation.answer(answer)
+    return answer
+
+
+def stream_reply(engine, conversation, decode, out, pieces: list[str]) -> None:
+    """Write the answer to ``out`` as it is generated, collecting it in ``pieces`` (kept if interrupted)."""
     from contextlib import closing
 
     from minicpmo_cli.api.chat import reply
 
-    conversation.ask(text)
-    if speak is not None:
-        answer = speak_answer(engine, conversation, decode, speak)
-        sys.stdout.write(answer + "\n")
-    else:
-        pieces = []
-        with closing(reply(engine, conversation, decode, stream=True)) as stream:
-            for piece in stream:
-                pieces.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        answer = "".join(pieces)
-    conversation.answer(answer)
-    return answer
+    # closing(): Ctrl-C ends the generation thread too, not only the printing.
+    with closing(reply(engine, conversation, decode, stream=True)) as stream:
+        for piece in stream:
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
 
 
 def speak_answer(engine, conversation, decode, target: Path) -> str:

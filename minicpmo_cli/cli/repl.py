@@ -99,9 +99,7 @@ class Repl:
             del self.conversation.turns[turns:]
 
     def answer(self, text: str) -> None:
-        from contextlib import closing
-
-        from minicpmo_cli.api.chat import reply
+        from minicpmo_cli.cli.chat import stream_reply
 
         self.conversation.ask(text)
         if self.speak:
@@ -109,12 +107,7 @@ class Repl:
             return
         pieces: list[str] = []
         try:
-            # closing(): Ctrl-C ends the generation thread too, not only the printing.
-            with closing(reply(self.engine, self.conversation, self.decode, stream=True)) as stream:
-                for piece in stream:
-                    pieces.append(piece)
-                    self.out.write(piece)
-                    self.out.flush()
+            stream_reply(self.engine, self.conversation, self.decode, self.out, pieces)
             self.say("")
         except KeyboardInterrupt:
             self.say(" [stopped]")

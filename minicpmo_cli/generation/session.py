@@ -50,15 +50,14 @@ import numpy as np
 import torch
 
 from minicpmo_cli.errors import UsageError
+from minicpmo_cli.generation.speech_units import MAX_AUDIO_FRAMES, SAMPLE_RATE
+from minicpmo_cli.processing.tts_text import TTS_EOS
 
 logger = logging.getLogger(__name__)
 
 GENERATION_PROMPT = "<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>"
-TTS_EOS = "<|tts_eos|>"
 ROUND_TOKENS = 3  # tokens per LLM round (reference llm_generate_chunk: max_new_tokens=3 per call)
 TTS_CHUNK_FRAMES = 25  # the only output chunk size the streaming speech schedule supports
-SAMPLE_RATE = 24000
-MAX_AUDIO_FRAMES = 2048  # reference cap on speech frames once the text is complete (~43.7 s)
 AUDIO_RATE = 16000
 ROLES = ("system", "user", "assistant")
 

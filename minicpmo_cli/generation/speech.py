@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from minicpmo_cli.generation.speech_units import MAX_AUDIO_FRAMES, SAMPLE_RATE
 from minicpmo_cli.model.tts import AUDIO_EOS_ID, DEFAULT_TEMPERATURES
 from minicpmo_cli.model.tts_sampling import ReferenceSampler, make_logits_processors
 from minicpmo_cli.processing.tts_text import (
@@ -37,9 +38,7 @@ from minicpmo_cli.processing.tts_text import (
     split_tts_text,
 )
 
-SAMPLE_RATE = 24000
 OUTPUT_CHUNK_FRAMES = 25  # audio frames per tts.generate call (reference output_chunk_size)
-MAX_AUDIO_FRAMES = 2048  # reference tts_max_new_tokens (~43.7 s per piece)
 
 
 @dataclass

@@ -23,13 +23,12 @@ from typing import Any, Iterator
 import torch
 
 from minicpmo_cli.errors import UsageError
+from minicpmo_cli.processing.tts_text import LLM_TERMINATORS, TTS_EOS
 
 logger = logging.getLogger(__name__)
 
 SAMPLING_DEFAULTS = {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True, "repetition_penalty": 1.05}
 BEAM_DEFAULTS = {"num_beams": 3, "repetition_penalty": 1.2}
-LLM_TERMINATORS = ("<|im_end|>", "<|endoftext|>")
-TTS_EOS = "<|tts_eos|>"
 # Processor-time options that the usage guide also passes to generate(); they have no effect there.
 PROCESSING_ONLY_KEYS = ("use_image_id", "max_slice_nums", "chunk_input", "omni_input", "max_inp_length")
 MODEL_INPUT_KEYS = ("pixel_values", "tgt_sizes", "image_bound", "audio_features", "audio_feature_lens",
