@@ -148,7 +148,7 @@ def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str,
     tokenizer = engine.processor.tokenizer
     engine.seed()
     sequences, _ = run_llm_generate(engine.model, embeds, inputs["attention_mask"], tokenizer, max_new_tokens,
-                                    llm_settings)
+                                    llm_settings, compile=getattr(engine, "compile", None))
     stops = set(terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
     return [PieceText(text.replace(TTS_EOS, "").strip(), truncated=not stops.intersection(row.tolist()))

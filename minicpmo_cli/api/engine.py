@@ -19,6 +19,7 @@ class LoadOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     seed: int | None = None  # seeds torch/numpy/random before each generation
+    compile: bool | None = None  # capture the decode step; None: MINICPMO_COMPILE, else on with CUDA only
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ class Engine:
         self.model.init_tts()
         self.towers["tts"] = True
 
+    @property
+    def compile(self) -> bool:
+        """Whether decoding runs the captured (torch.compile) step (generation/decode.py resolve_compile)."""
+        from minicpmo_cli.generation.decode import resolve_compile
+
+        return resolve_compile(self.options.compile, self.device)
+
     def seed(self) -> None:
         if self.options.seed is not None:
             seed_everything(self.options.seed)
@@ -85,7 +93,7 @@ class Engine:
         with torch.inference_mode():
             return self.model.generate(
                 **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
-                generate_audio=generate_audio, return_dict=generate_audio, **kwargs,
+                generate_audio=generate_audio, return_dict=generate_audio, compile=self.compile, **kwargs,
             )
 
     def text_pieces(self, msgs: list[dict], decode: DecodeOptions, *, stream: bool = True,

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import traceback
+from typing import Optional
 
 import typer
 
@@ -57,6 +58,9 @@ def root(
     debug: bool = typer.Option(False, "--debug", envvar="MINICPMO_DEBUG", help="Full tracebacks on errors."),
     no_progress: bool = typer.Option(False, "--no-progress", envvar="MINICPMO_NO_PROGRESS",
                                      help="No progress bars."),
+    compile: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile", envvar="MINICPMO_COMPILE", show_default=False,
+        help="Capture the decode step (torch.compile; CUDA graphs on a GPU). Default: on with CUDA, off on the CPU."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
@@ -64,7 +68,7 @@ def root(
     _configure_logging(quiet=quiet, verbose=verbose or debug)
     common.set_options(common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
-        quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress,
+        quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, compile=compile,
     ))
 
 

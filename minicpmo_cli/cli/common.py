@@ -20,7 +20,8 @@ DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
 # Global options that take a value, and those that are flags. They are accepted before and after the
 # command (CLI.md): main() moves them in front of the command name before Typer parses argv.
 GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed"}
-GLOBAL_FLAG_OPTIONS = {"--offline", "-q", "--quiet", "-v", "--verbose", "--debug", "--no-progress"}
+GLOBAL_FLAG_OPTIONS = {"--offline", "-q", "--quiet", "-v", "--verbose", "--debug", "--no-progress", "--compile",
+                       "--no-compile"}
 
 
 @dataclass
@@ -35,6 +36,7 @@ class GlobalOptions:
     verbose: bool = False
     debug: bool = False
     no_progress: bool = False
+    compile: bool | None = None  # None: on with CUDA, off on the CPU (api/engine.py)
 
 
 _options = GlobalOptions()
@@ -194,7 +196,7 @@ def load_options():
 
     o = _options
     return LoadOptions(model=o.model, revision=o.revision, offline=o.offline, device=o.device, dtype=o.dtype,
-                       seed=o.seed)
+                       seed=o.seed, compile=o.compile)
 
 
 def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):

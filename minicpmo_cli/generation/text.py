@@ -78,25 +78,6 @@ def decode_text(result_ids, tokenizer, terminators: list[int] | None = None) -> 
     return texts
 
 
-class _PromptHiddenCapture:
-    """Keeps the LLM's final-norm hidden states of the prompt pass (the first call of ``llm.model.norm``).
-
-    The TTS conditioning is the state at ``<|spk|>`` of that pass (reference ``_get_last_spk_embeds``); a hook
-    avoids keeping ``output_hidden_states`` for every generated step.
-    """
-
-    def __init__(self, llm) -> None:
-        self.hidden: torch.Tensor | None = None
-        self._handle = llm.model.norm.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output) -> None:
-        if self.hidden is None:
-            self.hidden = output.detach()
-
-    def close(self) -> None:
-        self._handle.remove()
-
-
 def spk_embeds_from_hidden(hidden: torch.Tensor, spk_bounds) -> torch.Tensor:
     """[n, D] rows of sample 0 at its last speaker bound (reference: batch 1, ``spk_bounds[0][-1]``)."""
     bounds = spk_bounds[0] if spk_bounds is not None and len(spk_bounds) else []
@@ -128,12 +109,14 @@ def generate(
     output_audio_path=None,
     return_spk_embed: bool = False,
     return_dict: bool = False,
+    compile: bool | None = None,
     **kwargs: Any,
 ):
     """``MiniCPMO.generate(**processor_outputs, processor=..., ...)``: answer text (list for a batch).
 
     ``stream=True`` returns an iterator of text pieces (sampling only, as the reference). With
     ``generate_audio=True`` the spoken answer is synthesised (and written to ``output_audio_path``).
+    ``compile``: capture the decode step (None: on with CUDA, off on the CPU; see decode.resolve_compile).
     """
     if input_ids is None:
         raise UsageError("generate() needs the processor outputs (input_ids, ...)")
@@ -150,9 +133,9 @@ def generate(
     if stream:
         if not sampling:
             raise UsageError("stream=True needs sampling=True (as the reference)")
-        return _stream_text(model, embeds, tokenizer, max_new_tokens, settings)
+        return _stream_text(model, embeds, tokenizer, max_new_tokens, settings, compile)
     sequences, prompt_hidden = run_llm_generate(model, embeds, mask, tokenizer, max_new_tokens, settings,
-                                                capture_prompt_hidden=want_speech)
+                                                capture_prompt_hidden=want_speech, compile=compile)
     texts = decode_text(sequences, tokenizer)
     batched = len(texts) > 1
     answer = texts if batched else texts[0]
@@ -188,35 +171,67 @@ def _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs: dict, tts_temp
 
 
 def run_llm_generate(model, embeds, attention_mask, tokenizer, max_new_tokens: int, settings: dict,
-                     capture_prompt_hidden: bool = False, streamer=None):
-    """``llm.generate`` on the merged embeddings; returns (new token ids [B, T], prompt final hidden or None)."""
-    capture = _PromptHiddenCapture(model.llm) if capture_prompt_hidden else None
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            # Penalising only the new tokens is exactly the reference behaviour; the warning is noise.
-            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
-            sequences = model.llm.generate(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                pad_token_id=0,
-                eos_token_id=terminator_ids(tokenizer),
-                max_new_tokens=max_new_tokens,
-                streamer=streamer,
-                **settings,
-            )
-    finally:
-        if capture is not None:
-            capture.close()
-    return sequences, (capture.hidden if capture is not None else None)
+                     capture_prompt_hidden: bool = False, streamer=None, stop_event: Event | None = None,
+                     compile: bool | None = None):
+    """Decode on the merged embeddings; returns (new token ids [B, T] padded with 0, prompt final hidden or None).
+
+    Greedy and sampling run on the decode core (generation/decode.py); beam search (``num_beams > 1``) on
+    transformers ``generate``, the only implementation that reproduces the reference's beams. ``streamer``
+    (``put``/``end``, as transformers' streamers) receives the ids as they are chosen; ``stop_event`` set from
+    another thread ends the decode at the next token.
+    """
+    from minicpmo_cli.generation.decode import DecodeSettings, generate_ids, resolve_compile
+
+    decode = DecodeSettings.from_kwargs(settings, max_new_tokens, terminator_ids(tokenizer))
+    if decode.beam_search:
+        if streamer is not None:
+            raise UsageError("beam search cannot stream")
+        return _beam_generate(model, embeds, attention_mask, decode, settings, capture_prompt_hidden)
+    captured: list[torch.Tensor] = []
+    on_token = None
+    if streamer is not None or stop_event is not None:
+        def on_token(ids: list[int]) -> bool:
+            if streamer is not None:
+                streamer.put(torch.tensor(ids))
+            return stop_event is not None and stop_event.is_set()
+
+    rows = generate_ids(model.llm, embeds, attention_mask, decode, on_token=on_token,
+                        compile=resolve_compile(compile, embeds.device),
+                        on_prefill=captured.append if capture_prompt_hidden else None)
+    if streamer is not None:
+        streamer.end()
+    width = max((len(row) for row in rows), default=0)
+    sequences = torch.zeros(len(rows), width, dtype=torch.long)
+    for index, row in enumerate(rows):
+        sequences[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return sequences, (captured[0] if captured else None)
 
 
-def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict) -> Iterator[str]:
+def _beam_generate(model, embeds, attention_mask, decode, settings: dict, capture_prompt_hidden: bool):
+    """transformers beam search (as the reference); the prompt's hidden states come from one extra prompt pass
+    when asked for (no hook on the shared model)."""
+    hidden = None
+    if capture_prompt_hidden:
+        from minicpmo_cli.generation.decode import prefill
+
+        hidden, _, _ = prefill(model.llm, embeds, attention_mask, embeds.shape[1])
+    extra = {k: v for k, v in settings.items() if k not in decode.generate_kwargs() and k != "do_sample"}
+    with torch.inference_mode(), warnings.catch_warnings():
+        # Penalising only the new tokens is exactly the reference behaviour; the warning is noise.
+        warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
+        sequences = model.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                       **decode.generate_kwargs(), **extra)
+    return sequences, hidden
+
+
+def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict,
+                 compile: bool | None = None) -> Iterator[str]:
     """Text pieces as they are generated, with the chat terminators removed (reference stream mode).
 
     Closing the iterator early (the caller stopped reading, e.g. Ctrl-C in the REPL) stops the generation
     thread at its next token instead of letting it run on to ``max_new_tokens`` in the background.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import TextIteratorStreamer
 
     if embeds.shape[0] != 1:
         raise UsageError("stream=True supports one conversation at a time")
@@ -224,15 +239,10 @@ def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict) 
     failure: list[BaseException] = []
     stop = Event()
 
-    class _StopWhenAsked(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    settings = {**settings, "stopping_criteria": StoppingCriteriaList([_StopWhenAsked()])}
-
     def work() -> None:
         try:
-            run_llm_generate(model, embeds, None, tokenizer, max_new_tokens, settings, streamer=streamer)
+            run_llm_generate(model, embeds, None, tokenizer, max_new_tokens, settings, streamer=streamer,
+                             stop_event=stop, compile=compile)
         except BaseException as exc:  # surfaced in the consumer thread below
             failure.append(exc)
             streamer.end()
