@@ -81,12 +81,13 @@ def forward(llm, embeds: torch.Tensor, positions: torch.Tensor, cache: StaticKV,
     """
     decoder = llm.model
     cos, sin = decoder.rotary_emb(embeds, positions)
+    slots = torch.arange(cache.length, cache.length + embeds.shape[1], device=embeds.device)
     hidden = embeds
     for index, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         residual = hidden
         q, k, v = _project(attn, layer.input_layernorm(hidden), cos, sin)
-        keys, values = cache.write(index, k, v)
+        keys, values = cache.write(index, k, v, slots)
         hidden = residual + attn.o_proj(attend(attn, q, keys, values, mask))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     cache.advance(embeds.shape[1])

@@ -1,8 +1,12 @@
 """Streaming omni sessions: ``reset_session`` / ``streaming_prefill`` / ``streaming_generate`` (spec audio-tts §2).
 
-The session lives on the model object, under the reference's attribute names (``session_id``,
-``new_user_msg``, ``llm_generated``, ``llm_generate_completed``, ``llm_past_key_values``,
-``audio_past_key_values``), so ``model.reset_session()`` and these functions share one state. Batch size 1.
+A session is an :class:`OmniSession`: it owns its turn state and its caches (the LLM's :class:`StaticKV`,
+the streaming Whisper cache; the TTS cache lives in each speech stream), so one loaded model serves several
+conversations, one after another or interleaved. ``model.new_session()`` makes one; the guide's
+``model.reset_session()`` / ``streaming_prefill`` / ``streaming_generate`` use the model's default session,
+whose state the model also shows under the reference's attribute names (``session_id``, ``new_user_msg``,
+``llm_generated``, ``llm_generate_completed``, ``llm_past_key_values``, ``audio_past_key_values``). The LLM
+runs on the decode core (generation/decode.py, generation/forward.py). Batch size 1.
 
 - ``streaming_prefill`` renders one message, encodes its images and audio (audio through the streaming
   Whisper path with its own key/value cache) and runs the LLM over the new positions only, appending them to
@@ -40,7 +44,6 @@ Where it deliberately differs from the reference's streaming code:
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, fields
 from itertools import chain
@@ -50,7 +53,11 @@ import numpy as np
 import torch
 
 from minicpmo_cli.errors import UsageError
+from minicpmo_cli.generation.decode import DecodeSettings, decode_one_token, resolve_compile
+from minicpmo_cli.generation.forward import forward
+from minicpmo_cli.generation.sampling import next_tokens
 from minicpmo_cli.generation.speech_units import MAX_AUDIO_FRAMES, SAMPLE_RATE
+from minicpmo_cli.generation.static_cache import StaticKV, bucket_length
 from minicpmo_cli.processing.tts_text import TTS_EOS
 
 logger = logging.getLogger(__name__)
@@ -85,19 +92,44 @@ class StreamingOutput:
 
 
 # ---------------------------------------------------------------------------------------------- state
+class OmniSession:
+    """One streaming conversation on ``model``: turn state and caches, nothing stored on the model."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the session: KV caches and turn state (the reference's ``reset_session``)."""
+        self.session_id = None
+        self.new_user_msg = True
+        self.llm_generated = False
+        self.llm_generate_completed = False
+        self.llm_cache: StaticKV | None = None
+        self.audio_cache = None
+
+    def prefill(self, session_id, msgs, processor=None, tokenizer=None, **kwargs: Any) -> None:
+        """Append one message (see :func:`streaming_prefill`)."""
+        return _prefill(self.model, self, session_id, msgs, processor, tokenizer, **kwargs)
+
+    def generate(self, processor=None, tokenizer=None, **kwargs: Any) -> Iterator:
+        """Answer what the session holds (see :func:`streaming_generate`)."""
+        return _generate(self.model, self, processor, tokenizer, **kwargs)
+
+
+def _state(owner) -> OmniSession:
+    """The session of ``owner``: itself, or a model's default session."""
+    return owner if isinstance(owner, OmniSession) else owner._session
+
+
 def reset_session(model) -> None:
-    """Forget the session: KV caches and turn state (the reference's ``reset_session``)."""
-    model.session_id = None
-    model.new_user_msg = True
-    model.llm_generated = False
-    model.llm_generate_completed = False
-    model.llm_past_key_values = None
-    model.audio_past_key_values = None
+    """Forget the model's default session (the reference's ``reset_session``)."""
+    model.reset_session()
 
 
-def session_length(model) -> int:
-    """Positions in the session's LLM cache (0 before the first prefill)."""
-    cache = getattr(model, "llm_past_key_values", None)
+def session_length(owner) -> int:
+    """Positions in the session's LLM cache (0 before the first prefill); a session or a model."""
+    cache = _state(owner).llm_cache
     return 0 if cache is None else int(cache.get_seq_length())
 
 
@@ -146,38 +178,34 @@ def _split_content(content) -> tuple[list[str], list, list]:
 
 
 # ---------------------------------------------------------------------------------------------- LLM steps
-@functools.lru_cache(maxsize=None)
-def _cache_keyword(decoder_class: type) -> str:
-    """transformers 5.x renames the decoder's ``past_key_values`` argument to ``cache`` (the old name still
-    works with a deprecation warning); use whichever this version declares."""
-    import inspect
-
-    params = inspect.signature(decoder_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _llm_step(model, embeds: torch.Tensor, cache):
-    """Run the LLM decoder over new positions appended to ``cache``; returns (final-norm hidden, cache).
+def _llm_step(model, embeds: torch.Tensor, cache: StaticKV | None):
+    """Run the LLM over new positions appended to ``cache``; returns (final-norm hidden, cache).
 
     Positions continue after the cache, the mask is causal over cache + new (the reference passes an
     all-ones mask and ``position_ids=None``, which means the same for batch 1).
     """
-    from transformers import DynamicCache
-
-    decoder = model.llm.model
+    count = embeds.shape[1]
     if cache is None:
-        cache = DynamicCache(config=model.llm.config)
-    start = cache.get_seq_length()
-    positions = torch.arange(start, start + embeds.shape[1], device=embeds.device).unsqueeze(0)
-    cache_argument = {_cache_keyword(type(decoder)): cache}
-    out = decoder(inputs_embeds=embeds, position_ids=positions, use_cache=True, **cache_argument)
-    return out.last_hidden_state, cache
+        cache = StaticKV.empty(model.llm.config, 1, bucket_length(count), embeds.dtype, embeds.device)
+    start = cache.length
+    cache.ensure_capacity(start + count)
+    positions = torch.arange(start, start + count, device=embeds.device).unsqueeze(0)
+    mask = None
+    if start and count > 1:  # as transformers: a bool causal mask over cache + new positions
+        keys = torch.arange(start + count, device=embeds.device)
+        mask = (keys[None, :] <= positions[0, :, None])[None, None]
+    return forward(model.llm, embeds, positions, cache, mask), cache
 
 
 # ---------------------------------------------------------------------------------------------- prefill
+def streaming_prefill(model, session_id, msgs, processor=None, tokenizer=None, **kwargs: Any) -> None:
+    """Append one message to the model's default session (see :func:`_prefill`)."""
+    return _prefill(model, _state(model), session_id, msgs, processor, tokenizer, **kwargs)
+
+
 @torch.inference_mode()
-def streaming_prefill(model, session_id, msgs, processor=None, tokenizer=None, omni_input: bool = True,
-                      max_slice_nums: int | None = None, ls_temperature: float = 1.0, **kwargs: Any) -> None:
+def _prefill(model, state: OmniSession, session_id, msgs, processor=None, tokenizer=None, omni_input: bool = True,
+             max_slice_nums: int | None = None, ls_temperature: float = 1.0, **kwargs: Any) -> None:
     """Append one message (``msgs`` holds exactly one) to the session ``session_id``.
 
     A new ``session_id`` starts a new session (the caches are reset). The first message is rendered as a
@@ -195,18 +223,18 @@ def streaming_prefill(model, session_id, msgs, processor=None, tokenizer=None, o
     role = msgs[0].get("role")
     if role not in ROLES:
         raise UsageError(f"message role must be system, user or assistant, got {role!r}")
-    is_first = model.session_id is None or session_id != model.session_id
+    is_first = state.session_id is None or session_id != state.session_id
     parts, images, audios = _split_content(msgs[0].get("content", []))
     contents = ("" if omni_input else "\n").join(parts)
-    if not is_first and model.new_user_msg and role == "user":
-        contents = turn_prefix(model.llm_generated, model.llm_generate_completed) + contents
-        model.new_user_msg = False
+    if not is_first and state.new_user_msg and role == "user":
+        contents = turn_prefix(state.llm_generated, state.llm_generate_completed) + contents
+        state.new_user_msg = False
     if role in ("system", "assistant"):
-        model.new_user_msg = True
-        model.audio_past_key_values = None  # the next user audio starts a fresh encoder context
+        state.new_user_msg = True
+        state.audio_cache = None  # the next user audio starts a fresh encoder context
     if is_first:
-        reset_session(model)
-        model.session_id = session_id
+        state.reset()
+        state.session_id = session_id
         from minicpmo_cli.processing.processor import TTS_CHAT_TEMPLATE
 
         prompt = tokenizer.apply_chat_template([{"role": role, "content": contents}], tokenize=False,
@@ -219,16 +247,23 @@ def streaming_prefill(model, session_id, msgs, processor=None, tokenizer=None, o
         sampling_rate=AUDIO_RATE, add_special_tokens=is_first,
     ).to(model.device)
     embeds, _ = model.get_vllm_embedding(inputs)
-    embeds = model.get_omni_embedding(inputs, embeds, stream_input=True)
+    audio_embeds, state.audio_cache = model.streaming_audio_embedding(inputs, state.audio_cache)
+    embeds = model.insert_audio_embeddings(inputs, embeds, audio_embeds)
     if is_first:
         # The first message's audio (a reference voice) must not become context for the user's audio.
-        model.audio_past_key_values = None
-    _, model.llm_past_key_values = _llm_step(model, embeds, model.llm_past_key_values)
+        state.audio_cache = None
+    _, state.llm_cache = _llm_step(model, embeds, state.llm_cache)
     return None
 
 
 # ---------------------------------------------------------------------------------------------- generate
-def streaming_generate(model, session_id=None, processor=None, tokenizer=None, max_new_tokens: int = 512,
+def streaming_generate(model, session_id=None, processor=None, tokenizer=None, **kwargs: Any) -> Iterator:
+    """Answer the model's default session (see :func:`_generate`); ``session_id`` is not checked (as the
+    reference)."""
+    return _generate(model, _state(model), processor, tokenizer, **kwargs)
+
+
+def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new_tokens: int = 512,
                        min_new_tokens: int = 0, sampling: bool = True, use_tts: bool = True,
                        generate_audio: bool = True, tts_output_chunk_size: int = TTS_CHUNK_FRAMES,
                        enable_regenerate: bool = False, tts_max_new_tokens: int = MAX_AUDIO_FRAMES,
@@ -242,12 +277,14 @@ def streaming_generate(model, session_id=None, processor=None, tokenizer=None, m
     ``top_k``, ``repetition_penalty`` override those (other keyword arguments are ignored, as the reference
     does). ``tts_max_new_tokens``: audio frames (46.875/s) the speech may add after the answer text has all
     been read (the reference's cap, 2048). ``seed``: a private RNG for the speech sampling (default: torch's
-    global RNG). ``session_id`` is not checked (as the reference). See the module docstring for differences.
+    global RNG). ``compile``: capture the decode step (default: as the engine, see decode.resolve_compile).
+    See the module docstring for differences.
     """
     from minicpmo_cli.generation.text import decoding_settings
 
+    compile = kwargs.pop("compile", None)
     _, tokenizer = _resolve_processor(model, processor, tokenizer)
-    if getattr(model, "llm_past_key_values", None) is None:
+    if state.llm_cache is None:
         raise UsageError("nothing to answer: call streaming_prefill() before streaming_generate()")
     if tts_output_chunk_size != TTS_CHUNK_FRAMES:
         logger.warning("tts_output_chunk_size=%s is not supported; using %d", tts_output_chunk_size, TTS_CHUNK_FRAMES)
@@ -259,14 +296,14 @@ def streaming_generate(model, session_id=None, processor=None, tokenizer=None, m
     if speak:
         _ensure_tts(model)
     # Turn state changes at once (as the reference), the decoding itself happens as the iterator is consumed.
-    model.new_user_msg = True
-    model.llm_generated = True
-    model.llm_generate_completed = False
-    model.audio_past_key_values = None
+    state.new_user_msg = True
+    state.llm_generated = True
+    state.llm_generate_completed = False
+    state.audio_cache = None
     prompt_ids = tokenizer(GENERATION_PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     spk_bound = _speaker_bound(prompt_ids[0], tokenizer)
-    rounds = _llm_rounds(model, tokenizer, prompt_ids.to(model.device), settings, int(max_new_tokens),
-                         int(min_new_tokens))
+    rounds = _llm_rounds(state, tokenizer, prompt_ids.to(model.device), settings, int(max_new_tokens),
+                         int(min_new_tokens), compile=compile)
     if speak:
         return _speech_items(model, rounds, spk_bound, kwargs.get("seed"), int(tts_max_new_tokens))
     return _text_items(rounds)
@@ -286,30 +323,14 @@ def _speaker_bound(ids: torch.Tensor, tokenizer) -> tuple[int, int]:
     return int(start[-1]) + 1, int(end[-1])
 
 
-def _pick_token(logits: torch.Tensor, window: list[int], settings: dict, banned: list[int] | None) -> int:
-    """Next id from float32 logits ``[1, V]``, processed in the order transformers 4.44 applies them:
-    repetition penalty (over ``window``), min-length ban, then temperature, top-k, top-p and sampling."""
-    from transformers.generation import logits_process as lp
-
-    ids = torch.tensor([window], dtype=torch.long, device=logits.device)
-    penalty = settings.get("repetition_penalty")
-    if penalty is not None and penalty != 1.0:
-        logits = lp.RepetitionPenaltyLogitsProcessor(float(penalty))(ids, logits)
-    if banned:
-        logits[:, banned] = -float("inf")
-    if not settings.get("do_sample"):
-        return int(logits.argmax(-1))
-    temperature = settings.get("temperature")
-    if temperature is not None and temperature != 1.0:
-        logits = lp.TemperatureLogitsWarper(float(temperature))(ids, logits)
-    top_k = settings.get("top_k")
-    if top_k:
-        logits = lp.TopKLogitsWarper(int(top_k))(ids, logits)
-    top_p = settings.get("top_p")
-    if top_p is not None and top_p < 1.0:
-        logits = lp.TopPLogitsWarper(float(top_p))(ids, logits)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, num_samples=1))
+def _pick_token(logits: torch.Tensor, window: list[int], settings: DecodeSettings, banned: torch.Tensor | None) -> int:
+    """Next id from float32 logits ``[1, V]`` by the decode core's sampling (transformers' order: repetition
+    penalty over ``window``, the min-length ban, temperature, top-k, top-p, one multinomial draw)."""
+    seen = None
+    if settings.repetition_penalty != 1.0:
+        ids = torch.tensor([window], dtype=torch.long, device=logits.device)
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)
+    return int(next_tokens(logits, settings, seen, banned, None)[0])
 
 
 def _complete_prefix(ids: list[int], tokenizer) -> int:
@@ -327,30 +348,46 @@ class _Round(NamedTuple):
     ids: list[int]  # the ids sampled in this round (a terminator included)
 
 
+def _next_logits(state: OmniSession, feed: torch.Tensor, compile: bool):
+    """(float32 logits of the next token, final-norm hidden of ``feed`` or None) after appending ``feed``
+    ``[1, n]`` to the session's cache: the prompt pass, or one decode step of the core."""
+    llm = state.model.llm
+    cache = state.llm_cache
+    if feed.shape[1] == 1:
+        cache.ensure_capacity(cache.length + 1)
+        positions = torch.full((1,), cache.length, dtype=torch.long, device=feed.device)
+        return decode_one_token(llm, feed[:, 0], positions, cache, None, compile), None
+    hidden, state.llm_cache = _llm_step(state.model, llm.model.embed_tokens(feed), cache)
+    return llm.lm_head(hidden[:, -1:]).float()[:, -1], hidden
+
+
 @torch.inference_mode()
-def _llm_rounds(model, tokenizer, prompt_ids: torch.Tensor, settings: dict, max_new_tokens: int,
-                min_new_tokens: int) -> Iterator[_Round]:
-    """Decode in rounds of 3 tokens; yields a :class:`_Round` per round.
+def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: dict, max_new_tokens: int,
+                min_new_tokens: int, compile: bool | None = None) -> Iterator[_Round]:
+    """Decode in rounds of 3 tokens; yields a :class:`_Round` per round (``owner``: a session or a model).
 
     Each round's last token is fed at the start of the next round, so a terminator (and the very last
     token) never enters the cache, as in the reference.
     """
     from minicpmo_cli.generation.text import decode_text, terminator_ids
 
+    state = _state(owner)
     terminators = terminator_ids(tokenizer)
-    embed = model.llm.model.embed_tokens
+    decode = DecodeSettings.from_kwargs(settings, max(max_new_tokens, 1), terminators)
+    compile = resolve_compile(compile, prompt_ids.device)
+    vocab = state.model.llm.lm_head.out_features
+    stops = torch.tensor(terminators, device=prompt_ids.device)
+    ban = torch.isin(torch.arange(vocab, device=prompt_ids.device), stops)
     feed, window = prompt_ids, prompt_ids[0].tolist()
     pending: list[int] = []
     produced, prompt_hidden = 0, None
     while True:
         round_ids, finished, first_round = [], False, prompt_hidden is None
         for _ in range(ROUND_TOKENS):
-            hidden, model.llm_past_key_values = _llm_step(model, embed(feed), model.llm_past_key_values)
+            logits, hidden = _next_logits(state, feed, compile)
             if prompt_hidden is None:
                 prompt_hidden = hidden  # the pass over the generation prompt: holds the <|spk|> state
-            logits = model.llm.lm_head(hidden[:, -1:]).float()[:, -1]
-            banned = terminators if produced < min_new_tokens else None
-            token = _pick_token(logits, window, settings, banned)
+            token = _pick_token(logits, window, decode, ban if produced < min_new_tokens else None)
             produced += 1
             round_ids.append(token)
             window.append(token)
@@ -364,7 +401,7 @@ def _llm_rounds(model, tokenizer, prompt_ids: torch.Tensor, settings: dict, max_
         text = decode_text([torch.tensor(ids[:end], dtype=torch.long)], tokenizer, terminators)[0] if end else ""
         yield _Round(text, prompt_hidden if first_round else None, round_ids)
         if finished:
-            model.llm_generate_completed = True
+            state.llm_generate_completed = True
             return
         if produced >= max_new_tokens:
             logger.debug("streaming answer reached max_new_tokens=%d", max_new_tokens)

@@ -85,13 +85,15 @@ class StaticKV:
                 new[:, :, :self.length] = old[:, :, :self.length]
                 buffers[i] = new
 
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new positions at ``[length, length + n)`` of ``layer``; returns that layer's filled part
-        including them (views, no copy). :meth:`advance` moves ``length`` once all layers are written."""
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+              slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new positions at ``slots`` (``[length, length + n)``, one index tensor shared by all layers)
+        of ``layer``; returns that layer's filled part including them (views, no copy). :meth:`advance`
+        moves ``length`` once all layers are written."""
         end = self.length + keys.shape[2]
-        self.keys[layer][:, :, self.length:end] = keys
-        self.values[layer][:, :, self.length:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer].index_copy_(2, slots, keys)
+        self.values[layer].index_copy_(2, slots, values)
+        return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
 
     def advance(self, count: int) -> None:
         self.length += int(count)

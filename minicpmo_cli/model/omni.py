@@ -158,10 +158,20 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         self.vocos = load_vocos(vocos_path, self.config.tts_config, device=self.device, dtype=torch.float32)
 
     def reset_session(self) -> None:
-        """Forget the streaming session (KV caches, turn state; see generation/session.py)."""
-        from minicpmo_cli.generation.session import reset_session
+        """Forget the default streaming session (KV caches, turn state; see generation/session.py)."""
+        from minicpmo_cli.generation.session import OmniSession
 
-        reset_session(self)
+        if getattr(self, "_session", None) is None:
+            self._session = OmniSession(self)
+        self._session.reset()
+
+    def new_session(self):
+        """A streaming conversation of its own (its caches and turn state), independent of the default one
+        that ``streaming_prefill`` / ``streaming_generate`` use; several can be used one after another or
+        interleaved on this one model."""
+        from minicpmo_cli.generation.session import OmniSession
+
+        return OmniSession(self)
 
     # ------------------------------------------------------------------ embeddings
     def get_input_embeddings(self):
@@ -209,29 +219,46 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         )
 
     def get_audio_embedding(self, data: dict, chunk_length: float = -1, stream_input: bool = False) -> list:
+        """Audio embeddings per sample; ``stream_input`` encodes with the default session's streaming cache."""
+        if stream_input:
+            embeds, self.audio_past_key_values = self.streaming_audio_embedding(data, self.audio_past_key_values)
+            return embeds
         features = data.get("audio_features")
         if features is None or len(features) == 0:
             return []
-        if not hasattr(self, "apm"):
-            raise ValueError("audio was given but this model was loaded without the audio tower")
+        self._require_audio()
         from minicpmo_cli.model import audio
 
-        if stream_input:
-            embeds, self.audio_past_key_values = audio.get_audio_embedding_streaming(
-                self.apm, self.audio_projection_layer, self.audio_avg_pooler, features,
-                data["audio_feature_lens"], self.audio_past_key_values,
-                dtype=self.llm.model.embed_tokens.weight.dtype,
-            )
-            return embeds
         return audio.get_audio_embedding(
             self.apm, self.audio_projection_layer, self.audio_avg_pooler, features, data["audio_feature_lens"],
             chunk_length=chunk_length, dtype=self.llm.model.embed_tokens.weight.dtype,
         )
 
+    def streaming_audio_embedding(self, data: dict, past):
+        """(audio embeddings, updated cache) through the streaming encoder; ``past``: the caller's cache."""
+        features = data.get("audio_features")
+        if features is None or len(features) == 0:
+            return [], past
+        self._require_audio()
+        from minicpmo_cli.model import audio
+
+        return audio.get_audio_embedding_streaming(
+            self.apm, self.audio_projection_layer, self.audio_avg_pooler, features,
+            data["audio_feature_lens"], past, dtype=self.llm.model.embed_tokens.weight.dtype,
+        )
+
+    def _require_audio(self) -> None:
+        if not hasattr(self, "apm"):
+            raise ValueError("audio was given but this model was loaded without the audio tower")
+
     def get_omni_embedding(self, data: dict, input_embeddings: torch.Tensor, chunk_length: float = -1,
                            stream_input: bool = False) -> torch.Tensor:
         """Copy the audio embeddings into the ``audio_bounds`` ranges (in place, as the reference)."""
-        audio_embeds = self.get_audio_embedding(data, chunk_length, stream_input)
+        return self.insert_audio_embeddings(data, input_embeddings,
+                                            self.get_audio_embedding(data, chunk_length, stream_input))
+
+    def insert_audio_embeddings(self, data: dict, input_embeddings: torch.Tensor, audio_embeds) -> torch.Tensor:
+        """Write ``audio_embeds`` (per sample, per piece) into the ``audio_bounds`` rows of ``input_embeddings``."""
         if not audio_embeds:
             return input_embeddings
         for i, bounds in enumerate(data["audio_bounds"]):
@@ -323,6 +350,23 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         from minicpmo_cli.generation.session import streaming_generate
 
         return streaming_generate(self, session_id, processor=processor, tokenizer=tokenizer, **kwargs)
+
+
+def _session_attribute(name: str) -> property:
+    """The reference's session attribute ``model.<name>``, read from and written to the default session."""
+    def get(self):
+        return getattr(self._session, name)
+
+    def set(self, value):
+        setattr(self._session, name, value)
+
+    return property(get, set, doc=f"The default streaming session's {name} (generation/session.py).")
+
+
+for _name, _field in (("session_id", "session_id"), ("new_user_msg", "new_user_msg"),
+                      ("llm_generated", "llm_generated"), ("llm_generate_completed", "llm_generate_completed"),
+                      ("llm_past_key_values", "llm_cache"), ("audio_past_key_values", "audio_cache")):
+    setattr(MiniCPMO, _name, _session_attribute(_field))
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
