@@ -35,6 +35,11 @@ class DecodeOptions:
     repetition_penalty: float | None = None
     num_beams: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.sampling and self.num_beams is not None and self.num_beams > 1:
+            raise UsageError(f"sampling and num_beams={self.num_beams} contradict each other: beam search does "
+                             "not sample (drop one of --sampling / --num-beams)")
+
     def merged(self, **defaults: Any) -> dict[str, Any]:
         """The generate() keyword arguments: a task's defaults overridden by what the user set."""
         chosen = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -173,3 +173,14 @@ def test_settings_refuse_contradictions_and_bad_values():
 def test_buckets_are_few():
     assert [bucket_length(n) for n in (1, 256, 257, 2048, 2049, 5000)] == [256, 256, 512, 2048, 4096, 8192]
     assert len({bucket_length(n) for n in range(1, 2049)}) == 8
+
+
+def test_cli_refuses_sampling_with_beams_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "minicpmo_cli", "--model", str(tmp_path), "chat", "hi",
+                             "--sampling", "--num-beams", "4"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sampling and num_beams=4" in lines[0] and "Traceback" not in result.stderr
