@@ -8,8 +8,10 @@
 - Decoding drops **every id 0** (the pad, which is also the token ``!``), a leading ``<|im_start|>`` and one
   trailing terminator, then ``<|tts_eos|>`` is removed from the answer (reference quirks, kept for parity).
 
-transformers' ``generate`` on ``llm`` with ``inputs_embeds`` reproduces the reference ids (greedy and beam-3):
-in both 4.44 and 5.x the repetition penalty sees only the generated tokens, since ``input_ids`` starts empty.
+Greedy and sampled answers run on the decode core (generation/decode.py), which gives transformers
+``generate``'s ids; beam search stays on ``generate`` (on ``llm`` with ``inputs_embeds``), which reproduces the
+reference's beams. The repetition penalty sees only the generated tokens (as the reference: its ``input_ids``
+start empty).
 """
 
 from __future__ import annotations

@@ -1,0 +1,62 @@
+"""``--compile`` on the CPU: the captured decode step (torch.compile, Inductor) gives the same ids as eager.
+
+Compiling costs about a minute or two on two CPU cores, so there are only two compiled decodes here, both
+with the tiniest shapes (batch 1, a 256-position bucket); the second one reuses Inductor's on-disk cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+GREEDY = ["--no-sampling", "--num-beams", "1", "--repetition-penalty", "1.2", "--max-new-tokens", "6"]
+
+
+def run_cli(*args, env_extra: dict | None = None):
+    env = {**os.environ, "NO_COLOR": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "minicpmo_cli", *map(str, args)], capture_output=True,
+                          text=True, input="", env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_compile_flag_answers_as_eager_and_logs_the_warm_up(tiny_ckpt):
+    common = ["--model", tiny_ckpt, "--device", "cpu", "--dtype", "float32", "-v"]
+    eager = run_cli(*common, "--no-compile", "chat", "hello there", *GREEDY)
+    compiled = run_cli(*common, "--compile", "chat", "hello there", *GREEDY)
+    assert eager.returncode == 0, eager.stderr
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and eager.stdout.strip()
+    assert "compiled the decode step for batch 1" in compiled.stderr
+    assert "compiled the decode step" not in eager.stderr
+    from_env = run_cli(*common, "chat", "hello there", *GREEDY, env_extra={"MINICPMO_COMPILE": "0"})
+    assert from_env.stdout == eager.stdout and "compiled the decode step" not in from_env.stderr
+
+
+@pytest.mark.slow
+def test_compiled_ids_equal_eager_ids(tiny_ckpt):
+    from minicpmo_cli import api
+    from minicpmo_cli.generation.decode import DecodeSettings, generate_ids
+
+    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu", dtype="float32"), tts=False)
+    inputs = engine.processor.apply_chat_template(msgs=[{"role": "user", "content": "hello there"}])
+    with torch.inference_mode():
+        embeds, _ = engine.model.get_inputs_embeds(dict(inputs))
+    settings = DecodeSettings.from_kwargs({"repetition_penalty": 1.2}, 6, [1])
+    eager = generate_ids(engine.model.llm, embeds, None, settings)
+    assert generate_ids(engine.model.llm, embeds, None, settings, compile=True) == eager
+
+
+def test_compile_default_follows_the_device_and_the_environment(monkeypatch):
+    from minicpmo_cli.generation.decode import resolve_compile
+
+    monkeypatch.delenv("MINICPMO_COMPILE", raising=False)
+    assert resolve_compile(None, "cpu") is False and resolve_compile(None, "cuda") is True
+    assert resolve_compile(True, "cpu") is True and resolve_compile(False, "cuda") is False
+    monkeypatch.setenv("MINICPMO_COMPILE", "1")
+    assert resolve_compile(None, "cpu") is True
+    monkeypatch.setenv("MINICPMO_COMPILE", "off")
+    assert resolve_compile(None, "cuda") is False
