@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Full-size MiniCPM-o 2.6 on a CUDA GPU with random bf16 weights: memory and speed of every tower.
+"""Full-size MiniCPM-o 2.6 on a CUDA GPU with random bf16 weights: speed and memory, ours next to transformers.
 
 No checkpoint is downloaded: the model is built from the official config.json with parameters on the meta
-device, then each tower is materialised on the GPU (``to_empty``) and filled with random numbers. Measures
-memory and time per tower, vision encode for 1 and 9 slices, LLM prefill (1k/4k tokens) and batch-1 decode
-with the KV cache, Whisper encode of 30 s, TTS frames/s, the DVAE + Vocos real-time factor and peak memory.
+device, then each tower is materialised on the GPU (``to_empty``) and filled with random numbers. Two tables:
+per tower (allocation + random init = the load time without a disk, vision encode of 1 and 9 slices, Whisper
+over 30 s), then ours against transformers' ``generate`` on the same weights (benchmarks/gpu_compare.py):
+batch-1 decode tok/s and its share of the memory-bandwidth bound, prefill tok/s, asr of 100 x 10 s clips
+batched and one by one, TTS first audio and real-time factor, peak memory per command.
 
-    python benchmarks/gpu_full_size.py                    # needs a CUDA GPU (~18 GiB)
-    python benchmarks/gpu_full_size.py --repeats 5 --prefill 1024,4096,8192
+    bash benchmarks/gpu_run.sh                            # offline install from the wheel folder, then this
+    python benchmarks/gpu_full_size.py                    # needs a CUDA GPU (~20 GiB); ~5 min on an H200
     python benchmarks/gpu_full_size.py --dry-run          # no GPU: build on meta, print the memory plan
-    python benchmarks/gpu_full_size.py --tiny --device cpu  # no GPU: run every stage on the tiny config
+    python benchmarks/gpu_full_size.py --cpu-smoke        # no GPU: every stage on the tiny config, seconds
 
 Random weights make the timings those of the real model (same shapes, same kernels) but not its outputs:
 answers never stop early, so decoding and speech run for fixed lengths.
@@ -30,11 +32,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-REFERENCE_CONFIG = Path("/work/shared/reference/config.json")
+REFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "config.json"  # beside the repo
 EXIT_ENVIRONMENT = 4  # minicpmo_cli.errors.EXIT_ENVIRONMENT: the machine lacks what the command needs
 SAMPLE_RATE = 16000  # Hz, Whisper input
-TTS_SAMPLE_RATE = 24000  # Hz, Vocos output
-TTS_SENTENCE = "hello world, this is the assistant voice reading a short text aloud."
 
 # The official openbmb/MiniCPM-o-2_6 config.json, minus keys no module reads (Whisper decoder-only
 # generation settings such as suppress_tokens), for machines without /work/shared.
@@ -245,7 +245,7 @@ def bench_materialise(model, vocos, device: str, meter: Meter, seed: int) -> lis
     return rows
 
 
-def bench_vision(model, meter: Meter, dtype) -> list[Row]:
+def bench_vision(model, meter: Meter, dtype, sizes: int = 2) -> list[Row]:
     """SigLIP + resampler over the slices of a 448x448 image (1 image) and a 1344x1344 one (1 + 9 slices)."""
     from PIL import Image
 
@@ -256,7 +256,7 @@ def bench_vision(model, meter: Meter, dtype) -> list[Row]:
     processor = MiniCPMVImageProcessor(**PREPROCESSOR_CONFIG)
     rng = np.random.default_rng(0)
     rows = []
-    for size, label in ((448, "1 slice (448x448)"), (1344, "9 slices + overview (1344x1344)")):
+    for size, label in ((448, "1 slice (448x448)"), (1344, "9 slices + overview (1344x1344)"))[:sizes]:
         image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
         batch = processor([[image]], max_slice_nums=9, return_tensors="pt")
         count = len(batch["pixel_values"][0])
@@ -271,76 +271,21 @@ def bench_vision(model, meter: Meter, dtype) -> list[Row]:
     return rows
 
 
-def bench_prefill(model, meter: Meter, lengths: list[int], device: str) -> list[Row]:
-    """One LLM pass over ``L`` random tokens with a fresh KV cache (logits of the last position only)."""
-    import torch
-
-    rows = []
-    generator = torch.Generator().manual_seed(1)
-    for length in lengths:
-        ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(device)
-        seconds, _, extra = meter.measure(lambda: model.llm(input_ids=ids, use_cache=True, logits_to_keep=1))
-        rows.append(Row("LLM prefill", f"{length} tokens", length / seconds, "tokens/s",
-                        f"{seconds * 1000:.0f} ms{peak(extra)}"))
-    return rows
-
-
-def bench_decode(model, meter: Meter, prompt: int, new_tokens: int, device: str) -> list[Row]:
-    """Greedy batch-1 decoding with ``llm.generate`` (DynamicCache): (t(N) - t(1)) / (N - 1) per token."""
-    import torch
-
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(2))
-    ids = ids.to(device)
-
-    def generate(count: int):
-        return model.llm.generate(input_ids=ids, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                                  num_beams=1, pad_token_id=0, eos_token_id=None)
-
-    first, _, _ = meter.measure(lambda: generate(1))
-    whole, _, extra = meter.measure(lambda: generate(new_tokens))
-    rate = (new_tokens - 1) / (whole - first) if whole > first else float("nan")  # NaN: timings too noisy
-    return [Row("LLM decode", f"batch 1, {prompt}-token prompt", rate, "tokens/s",
-                f"{new_tokens} new tokens, {1000 / rate:.1f} ms/token, prefill included in t(1){peak(extra)}")]
-
-
-def bench_whisper(model, meter: Meter, seconds_of_audio: float = 30.0) -> list[Row]:
-    """Log-mel (CPU) then the Whisper-medium encoder + projection + pooling over one 30 s window."""
+def bench_whisper(model, meter: Meter, device: str, seconds_of_audio: float = 30.0) -> list[Row]:
+    """Log-mel (on the device) then the Whisper-medium encoder + projection + pooling over one 30 s window."""
     from minicpmo_cli.processing.audio import extract_audio_features
 
     audio = (0.1 * np.random.default_rng(3).standard_normal(int(seconds_of_audio * SAMPLE_RATE))).astype(np.float32)
     start = time.perf_counter()
-    features, lens = extract_audio_features([[audio]], chunk_input=True)
+    features, lens = extract_audio_features([[audio]], chunk_input=True, device=device)
+    meter.sync()
     mel = time.perf_counter() - start
     data = {"audio_features": features, "audio_feature_lens": lens}
     seconds, embeds, extra = meter.measure(lambda: model.get_audio_embedding(data, chunk_length=1.0))
     tokens = sum(int(e.shape[0]) for e in embeds[0])
     return [Row("audio encode", f"Whisper, {seconds_of_audio:.0f} s", seconds * 1000, "ms",
-                f"{seconds_of_audio / seconds:.0f}x real time; {tokens} LLM tokens; log-mel on CPU "
+                f"{seconds_of_audio / seconds:.0f}x real time; {tokens} LLM tokens; log-mel (first call) "
                 f"{mel * 1000:.0f} ms{peak(extra)}")]
-
-
-def bench_tts(model, vocos, tokenizer, meter: Meter, device: str) -> list[Row]:
-    """ChatTTS codes for a sentence (fixed length: random weights never stop), then DVAE + Vocos."""
-    import torch
-
-    from minicpmo_cli.generation.speech import codes_to_wav, generate_codes, make_sampler
-
-    tts = model.tts
-    spk = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(device, tts.dtype)
-
-    def codes():
-        return generate_codes(tts, tokenizer, spk, TTS_SENTENCE, sampler=make_sampler(0), force_no_stop=True,
-                              max_new_tokens=0)
-
-    gen, result, extra = meter.measure(codes, warmup=0)
-    voc, wav, voc_extra = meter.measure(lambda: codes_to_wav(tts, vocos, result))
-    frames, audio = int(result.shape[1]), len(wav) / TTS_SAMPLE_RATE
-    return [
-        Row("TTS", "speech codes (ChatTTS, 4 codebooks)", frames / gen, "frames/s",
-            f"{frames} frames = {audio:.1f} s audio in {gen:.2f} s ({audio / gen:.2f}x real time){peak(extra)}"),
-        Row("TTS", "DVAE + Vocos (float32)", audio / voc, "x real time",
-            f"RTF {voc / audio:.4f}: {voc * 1000:.0f} ms for {audio:.1f} s{peak(voc_extra)}"),
-    ]
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -363,9 +308,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill", default="1024,4096", help="prefill lengths, comma-separated")
     parser.add_argument("--decode-prompt", type=int, default=1024, help="prompt length before decoding")
     parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens")
-    parser.add_argument("--skip", default="", help="comma-separated: vision,prefill,decode,audio,tts")
+    parser.add_argument("--asr-clips", type=int, default=100, help="10 s clips transcribed batched")
+    parser.add_argument("--asr-serial-clips", type=int, default=20, help="of those, transcribed one by one")
+    parser.add_argument("--no-compile", action="store_true", help="our decode core without CUDA graphs")
+    parser.add_argument("--skip", default="", help="comma-separated: vision,audio,decode,prefill,asr,tts,memory")
     parser.add_argument("--dry-run", action="store_true", help="build on meta and print the memory plan only")
     parser.add_argument("--tiny", action="store_true", help="use the tiny test config (a smoke test of this script)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="no GPU needed: every stage on the tiny config on the CPU at small sizes (seconds)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.new_tokens < 2:
         parser.error("--repeats must be >= 1 and --new-tokens >= 2")
@@ -374,7 +324,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         parser.error("--prefill is a comma-separated list of token counts, e.g. 1024,4096")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.cpu_smoke:
+        args.tiny, args.device, args.dtype, args.repeats = True, "cpu", "float32", 1
+        args.prefill, args.decode_prompt, args.new_tokens = [16], 16, 4
+        args.asr_clips, args.asr_serial_clips = 4, 2
     return args
+
+
+def budget_for(args):
+    from gpu_compare import Budget
+
+    smoke = args.cpu_smoke
+    return Budget(decode_prompt=args.decode_prompt, new_tokens=args.new_tokens, prefill=args.prefill,
+                  asr_clips=args.asr_clips, asr_serial_clips=min(args.asr_serial_clips, args.asr_clips),
+                  asr_seconds=1.0 if smoke else 10.0, asr_new_tokens=3 if smoke else 32,
+                  tts_frames=8 if smoke else 200, compile=not (args.no_compile or smoke),
+                  image_side=448 if smoke else 1344)
 
 
 def check_device(args) -> str | None:
@@ -390,7 +355,8 @@ def check_device(args) -> str | None:
     if not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         return (f"no CUDA GPU found (torch {torch.__version__}, {built}): this benchmark needs one. "
-                "Without a GPU: --dry-run prints the full-size memory plan, --tiny --device cpu smoke-tests it.")
+                "Without a GPU: --dry-run prints the full-size memory plan, --cpu-smoke runs every stage on "
+                "the tiny config.")
     return None
 
 
@@ -404,13 +370,38 @@ def header_lines(args, source: str, device: str) -> list[str]:
             f"- config: {source}; repeats {args.repeats} (median shown, after one warm-up)"]
 
 
+def compare_stages(args, model, vocos, engine, tts_tokenizer, device: str) -> list:
+    import gpu_compare
+
+    budget = budget_for(args)
+    stages = [
+        ("decode", lambda: gpu_compare.decode_rows(model, device, budget, args.repeats)),
+        ("prefill", lambda: gpu_compare.prefill_rows(model, device, budget, args.repeats)),
+        ("asr", lambda: gpu_compare.asr_rows(engine, budget)),
+        ("tts", lambda: gpu_compare.tts_rows(model, vocos, tts_tokenizer, device, budget)),
+        ("memory", lambda: gpu_compare.memory_rows(
+            model, vocos, gpu_compare.command_workloads(engine, vocos, tts_tokenizer, budget), device)),
+    ]
+    rows = []
+    for name, stage in stages:
+        if name in args.skip:
+            continue
+        try:
+            rows += stage()
+        except Exception as exc:  # one broken stage must not lose the others' rows on a rented GPU
+            rows.append(gpu_compare.Compared(name, "-", f"error: {type(exc).__name__}: {exc}", None))
+        print(f"[done] {name}", file=sys.stderr, flush=True)
+    return rows
+
+
 def run(args: argparse.Namespace, workdir: Path) -> str:
     import torch
 
+    import gpu_compare
     from minicpmo_cli.model.tiny import make_tiny_checkpoint
 
-    # The tiny checkpoint lends its ChatTTS tokenizer (random weights need no real one) and, with --tiny,
-    # its config; the full-size TTS keeps its sizes and only takes the stand-in tokenizer's special ids.
+    # The tiny checkpoint lends its tokenizers and processor (random weights need no real ones) and, with
+    # --tiny, its config; the full-size TTS keeps its sizes and only takes the stand-in tokenizer's ids.
     tiny_dir = make_tiny_checkpoint(workdir / "tiny")
     tiny_config = json.loads((tiny_dir / "config.json").read_text())
     ids = {k: tiny_config["tts_config"][k] for k in ("spk_emb_token_id", "audio_bos_token_id", "text_eos_token_id")}
@@ -427,25 +418,25 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
         rows.append(Row("plan (meta)", "all towers", total, "MiB", "weights only, no activations or KV cache"))
         return render(rows, header)
     meter = Meter(device, args.repeats)
+    start = time.perf_counter()
     rows += bench_materialise(model, vocos, device, meter, seed=0)
+    rows.append(Row("load", "all towers (allocate + random init, no disk)", time.perf_counter() - start, "s"))
     from transformers import AutoTokenizer
 
     tts_tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "assets" / "chattts_tokenizer"))
-    stages: list[tuple[str, Callable[[], list[Row]]]] = [
-        ("vision", lambda: bench_vision(model, meter, dtype)),
-        ("prefill", lambda: bench_prefill(model, meter, args.prefill, device)),
-        ("decode", lambda: bench_decode(model, meter, args.decode_prompt, args.new_tokens, device)),
-        ("audio", lambda: bench_whisper(model, meter)),
-        ("tts", lambda: bench_tts(model, vocos, tts_tokenizer, meter, device)),
-    ]
-    for name, stage in stages:
+    for name, stage in (("vision", lambda: bench_vision(model, meter, dtype, 1 if args.cpu_smoke else 2)),
+                        ("audio", lambda: bench_whisper(model, meter, device))):
         if name not in args.skip:
             rows += stage()
             print(f"[done] {name}", file=sys.stderr, flush=True)
+    engine = gpu_compare.make_engine(model, vocos, tiny_dir, device, dtype)
+    compared = compare_stages(args, model, vocos, engine, tts_tokenizer, device)
     if meter.cuda:
+        meter.note_peak()
         rows.append(Row("memory", "peak GPU memory", meter.overall_peak / 2**20, "MiB",
-                        "torch.cuda.max_memory_allocated over the whole run"))
-    return render(rows, header)
+                        "torch.cuda.max_memory_allocated over the towers table"))
+    return render(rows, header) + "\n\n## ours vs transformers generate (same weights, same run)\n\n" + \
+        "\n".join(gpu_compare.render(compared))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,7 +71,7 @@ class AsrOptions:
     task: str = "transcribe"  # transcribe | caption | speaker | scene
     language: str = "auto"  # en | zh picks the prompt language; auto: English prompt
     prompt: str | None = None  # a custom instruction instead of the task's prompt
-    batch_size: int = 1  # pieces per forward pass
+    batch_size: int | None = 1  # pieces per forward pass; None: chosen for the device (engine_batch_size)
     max_piece_seconds: float = MAX_PIECE_SECONDS  # longer audio is split at silences
 
     @property
@@ -99,33 +99,33 @@ class PieceText:
 
 # ------------------------------------------------------------------------------------------ model calls
 def embed_prompts(model, inputs) -> Any:
-    """LLM input embeddings of a batch, with each sample's audio encoded on its own.
+    """LLM input embeddings of a batch, with the audio of each group of identical-length samples encoded together.
 
     Why not ``model.generate`` on the batch: the reference's Whisper mask compares encoder frame indices
     with *mel* lengths, so in a batch a clip whose last 1 s chunk is partial lets that chunk attend to
-    padding frames and its embeddings change with the longest clip beside it. Encoding each sample alone
-    (trimmed to its own frames) gives exactly the single-clip embeddings, so batching changes no transcript.
+    padding frames and its embeddings change with the longest clip beside it. Samples whose pieces have the
+    same lengths share one Whisper call (no padding between them); every other sample is encoded on its own
+    (trimmed to its own frames). Either way each sample gets exactly its single-clip embeddings, so batching
+    changes no transcript.
     """
     import torch
+
+    from minicpmo_cli.model.audio import identical_length_groups
 
     data = dict(inputs)
     chunk_length = model.config.audio_chunk_length
     with torch.inference_mode():
         embeds, _ = model.get_vllm_embedding(data)
-        row = 0
-        for index, lens in enumerate(data.get("audio_feature_lens") or []):
-            count = len(lens)
-            if count == 0:
-                continue
-            frames = int(max(int(v) for v in lens))
-            sample = {
-                "audio_features": data["audio_features"][row:row + count, :, :frames],
-                "audio_feature_lens": [lens],
-                "audio_bounds": [data["audio_bounds"][index]],
+        for samples, rows, frames in identical_length_groups(data.get("audio_feature_lens") or []):
+            group = {
+                "audio_features": data["audio_features"][rows, :, :frames],
+                "audio_feature_lens": [data["audio_feature_lens"][i] for i in samples],
+                "audio_bounds": [data["audio_bounds"][i] for i in samples],
             }
-            # Writes the audio rows in place into this sample's slice of ``embeds``.
-            model.get_omni_embedding(sample, embeds[index:index + 1], chunk_length=chunk_length)
-            row += count
+            index = torch.tensor(samples, device=embeds.device)
+            part = embeds.index_select(0, index)
+            model.get_omni_embedding(group, part, chunk_length=chunk_length)  # writes the audio rows into part
+            embeds.index_copy_(0, index, part)
     return embeds
 
 
@@ -136,7 +136,8 @@ def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str,
         terminator_ids
 
     msgs = [[{"role": "user", "content": [instruction, clip]}] for clip in clips]
-    inputs = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True).to(engine.device)
+    inputs = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True,
+                                                  audio_device=engine.device).to(engine.device)
     sampling = bool(decode.sampling)
     mode_defaults = SAMPLING_DEFAULTS if sampling else GREEDY_DEFAULTS
     settings = decode.merged(sampling=sampling, max_new_tokens=MAX_NEW_TOKENS, **mode_defaults)
@@ -240,18 +241,72 @@ def _finish(job: _Job, options: AsrOptions, warn: Callable[[str], None] | None) 
     return record
 
 
+# ------------------------------------------------------------------------------------------ batch sizes
+CPU_BATCH_SIZE = 4  # pieces per pass on the CPU: more only adds padding work
+MAX_AUTO_BATCH_SIZE = 128
+# GPU memory one 30 s piece may need, with margin: its KV cache (~800 prompt + 512 new positions x 28 layers
+# x 4 KV heads x 128 x (key, value) x 2 bytes = 56 KiB a position, ~75 MiB), the prefill activations of
+# ~800 positions (~60 MiB in the 18,944-wide MLP) and its Whisper pass (16 heads x 1500^2 attention scores).
+PIECE_BYTES = 256 * 2**20
+FREE_MEMORY_SHARE = 0.8  # leave the rest to the allocator's fragmentation and other processes
+
+
+def default_batch_size(device_type: str, free_bytes: int | None) -> int:
+    """Pieces per pass when --batch-size is not given: CPU_BATCH_SIZE on the CPU, else from free GPU memory.
+
+    ``free_bytes`` is what the GPU has free with the model loaded; the batch takes FREE_MEMORY_SHARE of it
+    at PIECE_BYTES a piece, between 1 and MAX_AUTO_BATCH_SIZE.
+    """
+    if device_type != "cuda" or free_bytes is None:
+        return CPU_BATCH_SIZE
+    return max(1, min(MAX_AUTO_BATCH_SIZE, int(free_bytes * FREE_MEMORY_SHARE) // PIECE_BYTES))
+
+
+def engine_batch_size(engine: Engine) -> int:
+    """:func:`default_batch_size` for the engine's device (asks CUDA how much memory is free)."""
+    import torch
+
+    device = torch.device(engine.device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return default_batch_size(device.type, free)
+
+
 # ------------------------------------------------------------------------------------------ entry points
+SORT_WINDOW_BATCHES = 4  # pieces of up to this many batches are sorted by length before batching
+DECODE_THREADS = 2  # files decoded ahead while the model works (PyAV and numpy release the GIL)
+MAX_DECODE_AHEAD = 64  # files decoded ahead at most (bounds the memory of decoded audio)
+
+
+def _decode_ahead(inputs: Iterable[AudioInput], options: AsrOptions, depth: int) -> Iterator[tuple[_Job, Any]]:
+    """``_start_job`` of each input, in order, with up to ``depth`` of the next inputs decoding in threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="minicpmo-audio")
+    pending: deque = deque()
+    try:
+        for item in inputs:
+            pending.append(pool.submit(_start_job, item, options))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[AudioInput],
                     options: AsrOptions = AsrOptions(), decode: DecodeOptions = DecodeOptions(),
                     warn: Callable[[str], None] | None = None) -> Iterator[TranscriptRecord]:
     """One record per input, in input order, each yielded as soon as it (and those before it) is done.
 
-    Inputs are decoded lazily; a bad one gives a record with ``error`` set and the others go on. Pieces
-    of consecutive inputs are batched ``options.batch_size`` at a time. ``engine`` may be a function that
+    Inputs are decoded in threads a few files ahead of the model; a bad one gives a record with ``error``
+    set and the others go on. The pieces of consecutive inputs are gathered SORT_WINDOW_BATCHES batches at a
+    time, sorted by length (less padding; equal lengths share one Whisper call) and sent
+    ``options.batch_size`` at a time (None: :func:`engine_batch_size`). ``engine`` may be a function that
     loads it: it is then called only once some audio needs the model (a batch of unreadable files, or a
     rerun that finds nothing left to do, loads nothing).
     """
-    if options.batch_size < 1:
+    if options.batch_size is not None and options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     instruction = options.instruction
     loaded: list[Engine] = [engine] if isinstance(engine, Engine) else []
@@ -261,10 +316,18 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
             loaded.append(engine())
         return loaded[0]
     open_jobs: deque[_Job] = deque()
-    waiting: deque[tuple[_Job, int, np.ndarray]] = deque()  # pieces not yet sent to the model
+    waiting: list[tuple[_Job, int, np.ndarray]] = []  # pieces not yet sent to the model
+    sizes: list[int] = [] if options.batch_size is None else [options.batch_size]
 
-    def run(count: int) -> None:
-        batch = [waiting.popleft() for _ in range(min(count, len(waiting)))]
+    def batch_size() -> int:
+        if not sizes:
+            sizes.append(engine_batch_size(model()))
+        return sizes[0]
+
+    def window() -> int:  # one batch at a time when batches are single pieces: sorting would gain nothing
+        return batch_size() * (SORT_WINDOW_BATCHES if batch_size() > 1 else 1)
+
+    def run(batch: list[tuple[_Job, int, np.ndarray]]) -> None:
         for job, index, clip in batch:
             if not _has_audio_tokens(clip):
                 job.texts[index] = PieceText("")
@@ -278,17 +341,24 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
         while open_jobs and open_jobs[0].done:
             yield _finish(open_jobs.popleft(), options, warn)
 
-    for item in inputs:
-        job, samples = _start_job(item, options)
+    def run_waiting() -> Iterator[TranscriptRecord]:
+        pieces = sorted(waiting, key=lambda piece: len(piece[2]))  # stable: equal lengths keep input order
+        waiting.clear()
+        size = batch_size()
+        for start in range(0, len(pieces), size):
+            run(pieces[start:start + size])
+            yield from finished()
+
+    ahead = MAX_DECODE_AHEAD if options.batch_size is None else options.batch_size * SORT_WINDOW_BATCHES
+    depth = min(MAX_DECODE_AHEAD, max(2, ahead))  # about one sorting window of files decoding ahead
+    for job, samples in _decode_ahead(inputs, options, depth):
         open_jobs.append(job)
         waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans))
-        while len(waiting) >= options.batch_size:
-            run(options.batch_size)
-            yield from finished()
+        if waiting and len(waiting) >= window():
+            yield from run_waiting()
         yield from finished()
     while waiting:
-        run(options.batch_size)
-        yield from finished()
+        yield from run_waiting()
     yield from finished()
 
 

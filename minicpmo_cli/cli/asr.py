@@ -22,7 +22,6 @@ MEDIA_EXTENSIONS = frozenset(
     ".wav .mp3 .flac .ogg .oga .opus .m4a .aac .wma .aif .aiff .aifc .amr .caf .mka .ac3 .au .spx .webm .mp4 "
     ".m4v .mkv .mov .avi .mpg .mpeg .ts .3gp .flv .wmv".split()
 )
-DEFAULT_BATCH_SIZE = 4  # pieces per forward pass: batching does not change any transcript (api/asr.py)
 
 HELP = common.examples_help(
     "Transcribe speech, or caption, tag or describe the speaker of audio. INPUT is a file, a folder "
@@ -54,8 +53,10 @@ def asr(
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into sub-folders."),
     files_from: Optional[str] = typer.Option(None, "--files-from", metavar="FILE|-",
                                              help="Read input paths from a file (one a line), - for stdin."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1,
-                                   help="Audio pieces per forward pass."),
+    # Default: 4 on the CPU, from free memory on a GPU (api/asr.py); batching changes no transcript.
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N",
+                                             help="Audio pieces per forward pass [default: 4 on the CPU, "
+                                                  "from free memory on a GPU]."),
     skip_existing: bool = typer.Option(True, "--skip-existing/--overwrite",
                                        help="Skip inputs whose output files exist (resume), or redo them."),
     # Default decoding is greedy (see api/asr.py); --sampling uses the guide's temperature 0.3.

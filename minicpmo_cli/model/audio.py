@@ -138,7 +138,10 @@ class MiniCPMWhisperEncoder(nn.Module):
         """conv1 -> GELU -> conv2 (stride 2) -> GELU, plus positions ``offset .. offset+T``; [B, T_enc, D]."""
         weight = self.conv1.weight
         x = input_features.to(dtype=weight.dtype, device=weight.device)
-        x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).permute(0, 2, 1)
+        # One row at a time: the convolution backend picks its algorithm by batch size, so a batched conv
+        # differs from the single-row one in the last bits (seen on the CPU); the layers after it do not, and
+        # a row's result must not depend on the rows beside it (batched asr equals one by one).
+        x = torch.cat([F.gelu(self.conv2(F.gelu(self.conv1(row[None])))) for row in x]).permute(0, 2, 1)
         return x + self._position_embeddings(x.shape[1], position_offset)
 
     def forward(
@@ -213,6 +216,26 @@ def _flatten_lens(audio_feature_lens) -> tuple[torch.Tensor, list[int]]:
         flat.extend(int(v) for v in values)
         counts.append(len(values))
     return torch.tensor(flat, dtype=torch.int64), counts
+
+
+def identical_length_groups(audio_feature_lens) -> list[tuple[list[int], list[int], int]]:
+    """Samples whose pieces have exactly the same mel lengths, as (sample indices, feature rows, mel frames).
+
+    Only such samples may share one Whisper call without changing their embeddings: the reference's padding
+    mask compares encoder frame indices with *mel* lengths, so padding leaks into a partial last 1 s chunk
+    (see :func:`build_audio_attention_mask`); between rows of equal lengths there is no padding to leak.
+    Samples without audio are left out; groups come in the order of their first sample.
+    """
+    groups: dict[tuple[int, ...], tuple[list[int], list[int], int]] = {}
+    row = 0
+    for index, item in enumerate(audio_feature_lens):
+        lens = tuple(int(v) for v in (item.reshape(-1).tolist() if isinstance(item, torch.Tensor) else item))
+        if lens:
+            samples, rows, _ = groups.setdefault(lens, ([], [], max(lens)))
+            samples.append(index)
+            rows.extend(range(row, row + len(lens)))
+        row += len(lens)
+    return list(groups.values())
 
 
 def _pooled_lengths(mel_lens: torch.Tensor, pool_step: int) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 The features equal what the reference processor gets from transformers' ``WhisperFeatureExtractor``
 (80 mels, n_fft 400, hop 160, every piece padded to 30 s) called by ``MiniCPMOProcessor.audio_feature_extract``.
-We compute them ourselves rather than calling the extractor: its torch STFT (MKL) differs from the golden
-vectors by up to 1.2e-5 on small-energy bins, while a float32 pocketfft STFT (the FFT family torch uses
-where MKL is absent) stays within the 1e-5 tolerance and tracks the reference's rounding more closely.
+We compute them ourselves, with a float32 ``torch.stft`` on any device, and only over the piece's own length
+plus the zeros its last frames see (:func:`log_mel_window`), not over a 30 s window: the valid frames and the
+normalisation are the same numbers (up to the BLAS rounding of the mel product; on the CPU they equal the
+golden vectors exactly), at a cost that grows
+with the audio instead of 25 ms for every piece.
 """
 
 from __future__ import annotations
@@ -88,24 +90,34 @@ def _mel_filters() -> np.ndarray:
     )
 
 
-def _power_spectrogram(padded: np.ndarray):
-    """|STFT|^2 of a float32 waveform: centred, reflect-padded, periodic Hann 400, hop 160; [201, frames]."""
-    import scipy.fft
+@lru_cache(maxsize=8)
+def _stft_constants(device: str):
+    """(periodic Hann window [400], mel bank transposed [80, 201]) as float32 tensors on ``device``."""
     import torch
 
-    wave = torch.from_numpy(padded).to(torch.float32)
-    wave = torch.nn.functional.pad(wave[None, None], (N_FFT // 2, N_FFT // 2), mode="reflect")[0, 0]
-    frames = wave.unfold(0, N_FFT, HOP_LENGTH) * torch.hann_window(N_FFT)  # float32, as torch.stft windows
-    spectrum = torch.from_numpy(scipy.fft.rfft(frames.numpy(), axis=1))  # complex64 (float32 pocketfft)
-    return (spectrum.abs() ** 2).T  # abs in float32 then square, as the reference
+    window = torch.hann_window(N_FFT, dtype=torch.float32, device=device)
+    bank = torch.from_numpy(_mel_filters()).to(torch.float32).T.contiguous().to(device)
+    return window, bank
 
 
-def log_mel_window(audio: np.ndarray):
+def stft_length(n_samples: int) -> int:
+    """Samples the STFT of an ``n_samples`` piece needs so that its frames equal those of the 30 s window.
+
+    In the reference the piece is zero-padded to 30 s, then reflect-padded by n_fft/2 at both ends, so every
+    frame that touches the audio sees zeros after it. Padding with zeros to ``n + n_fft/2 + 1`` keeps that
+    true (the end reflection then mirrors only zeros) and computes every frame that holds a sample: the
+    frames after them hold only zeros, give log10(1e-10) = -10, the smallest value there is, and so cannot
+    change the max of the normalisation either. A piece within n_fft/2 of 30 s simply takes the 30 s window.
+    """
+    return min(WINDOW_SAMPLES, n_samples + N_FFT // 2 + 1)
+
+
+def log_mel_window(audio: np.ndarray, device=None):
     """Log-mel features of one <= 30 s piece, as ``WhisperFeatureExtractor(padding="max_length")``.
 
-    Returns (features [80, valid_frames] float32 tensor, valid_frames). The piece is zero-padded to 30 s
-    before the STFT, so the normalisation (clamp at max - 8) runs over the whole padded window, as in the
-    reference; only the valid frames are returned.
+    Returns (features [80, valid_frames] float32 tensor on ``device`` (default CPU), valid_frames). The
+    normalisation (clamp at max - 8) runs over the same frames as over the reference's padded 30 s window
+    (see :func:`stft_length`); only the valid frames are returned.
     """
     import torch
 
@@ -116,11 +128,14 @@ def log_mel_window(audio: np.ndarray):
         raise ValueError("empty audio: no samples to extract features from")
     if audio.size > WINDOW_SAMPLES:
         raise ValueError(f"audio piece of {audio.size} samples exceeds one 30 s window")
-    padded = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
-    padded[: audio.size] = audio
-    power = _power_spectrogram(padded)[:, :-1]  # drop the last STFT frame: 3000 frames
-    mel = torch.from_numpy(_mel_filters()).to(torch.float32).T @ power.contiguous()
-    log_spec = torch.clamp(mel, min=1e-10).log10()
+    device = torch.device(device if device is not None else "cpu")
+    window, bank = _stft_constants(str(device))
+    wave = torch.zeros(stft_length(audio.size), dtype=torch.float32, device=device)
+    wave[: audio.size] = torch.from_numpy(audio).to(device)
+    spectrum = torch.stft(wave, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect",
+                          return_complex=True)
+    power = (spectrum.abs() ** 2)[:, :WINDOW_FRAMES]  # abs in float32 then square, as the reference
+    log_spec = torch.clamp(bank @ power, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     log_spec = (log_spec + 4.0) / 4.0
     valid = mel_frame_count(audio.size)
@@ -172,6 +187,7 @@ def extract_audio_features(
     chunk_input: bool = True,
     sampling_rate: int = SAMPLING_RATE,
     chunk_length: float = 1.0,
+    device=None,
 ):
     """Batch log-mel extraction as the reference's ``audio_feature_extract``.
 
@@ -181,7 +197,9 @@ def extract_audio_features(
     ``audio_features`` a float32 tensor [windows, 80, max_frames] right-padded with 0.0 (``[]`` when there
     is no audio at all), ``audio_feature_lens`` one int64 tensor of valid frames per sample (``[]`` for a
     sample without audio). ``chunk_input``/``chunk_length`` only shape the placeholders
-    (:func:`get_audio_placeholder`); they are accepted here to keep the reference's signature.
+    (:func:`get_audio_placeholder`); they are accepted here to keep the reference's signature. ``device``:
+    where the features are computed and returned (default CPU); each piece is computed on its own, so a
+    piece's features do not depend on the others in the batch.
     """
     import torch
 
@@ -200,14 +218,14 @@ def extract_audio_features(
         lens = []
         for piece in merge_audio_parts(sample_audios, parts):
             for window in split_into_windows(piece, sampling_rate):
-                features, valid = log_mel_window(window)
+                features, valid = log_mel_window(window, device)
                 rows.append(features)
                 lens.append(valid)
         lens_per_sample.append(torch.tensor(lens, dtype=torch.int64))
     if not rows:
         return [], lens_per_sample
     longest = max(r.shape[1] for r in rows)
-    audio_features = torch.zeros(len(rows), N_MELS, longest, dtype=torch.float32)
+    audio_features = torch.zeros(len(rows), N_MELS, longest, dtype=torch.float32, device=rows[0].device)
     for i, r in enumerate(rows):
         audio_features[i, :, : r.shape[1]] = r
     return audio_features, lens_per_sample

@@ -202,12 +202,13 @@ class MiniCPMOProcessor:
         from transformers import BatchFeature
 
         kwargs.pop("do_pad", None)
+        audio_device = kwargs.pop("audio_device", None)  # where log-mel is computed (the model's device)
         texts = [text] if isinstance(text, str) else list(text)
         images = _per_sample(images, len(texts))
         audios = _per_sample(audios, len(texts))
         image_inputs = self._process_images(images, max_slice_nums)
         audio_features, audio_feature_lens, placeholders = self._process_audios(
-            audios, audio_parts, chunk_input, sampling_rate
+            audios, audio_parts, chunk_input, sampling_rate, audio_device
         )
         data = self._convert_to_inputs(
             texts, image_inputs, placeholders, max_length, max_slice_nums, use_image_id, **kwargs
@@ -231,7 +232,8 @@ class MiniCPMOProcessor:
         out = self.image_processor(images, max_slice_nums=max_slice_nums, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"], "tgt_sizes": out["tgt_sizes"]}
 
-    def _process_audios(self, audios: list[list], audio_parts, chunk_input: bool, sampling_rate: int):
+    def _process_audios(self, audios: list[list], audio_parts, chunk_input: bool, sampling_rate: int,
+                        device=None):
         if not any(audios):
             return [], [[] for _ in audios], [[] for _ in audios]
         from minicpmo_cli.processing.audio import extract_audio_features, get_audio_placeholder
@@ -246,6 +248,7 @@ class MiniCPMOProcessor:
             chunk_input=chunk_input,
             sampling_rate=sampling_rate,
             chunk_length=self.audio_chunk_length,
+            device=device,
         )
         return features, lens, placeholders
 

@@ -289,3 +289,24 @@ def test_ctrl_c_keeps_finished_outputs(tiny_ckpt, speech, tmp_path, capsys, monk
     assert code == 130  # (click handles Ctrl-C itself: exit 130)
     assert [p.name for p in out.iterdir()] == ["one.txt"]
     assert (out / "one.txt").read_text().endswith("\n")
+
+
+def test_batched_folder_gives_the_same_bytes_as_one_by_one(tiny_ckpt, speech, long_recording, tmp_path, capsys):
+    """--batch-size 5 (sorted pieces, equal lengths in one Whisper call, decoding ahead) == --batch-size 1."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("one", "two"):
+        shutil.copy(speech[name], inbox / f"{name}.wav")
+    shutil.copy(speech["one"], inbox / "one_again.wav")  # the same length as one.wav: they share a Whisper call
+    speak(SENTENCES[2], inbox / "three.wav")
+    shutil.copy(long_recording, inbox / "meeting.wav")  # three pieces cut at silences
+    outputs = {}
+    for size in ("1", "5"):
+        out = tmp_path / f"out{size}"
+        code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", inbox, "-o", out, "-f", "all",
+                                "--batch-size", size, *FAST)
+        assert code == 0, err
+        outputs[size] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert len(outputs["1"]) == 5 * 5
+    assert outputs["5"] == outputs["1"]
+    assert len(json.loads(outputs["1"]["meeting.json"])["segments"]) >= 3

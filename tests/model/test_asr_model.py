@@ -163,3 +163,80 @@ def test_decoding_defaults_greedy_or_the_guides_sampling(engine, monkeypatch):
     assert seen[1] == (512, {"top_p": 0.8, "top_k": 100, "temperature": 0.3, "do_sample": True,
                              "repetition_penalty": 1.05})
     assert seen[2] == (7, {"num_beams": 3, "repetition_penalty": 1.0})
+
+
+def test_default_batch_size_from_free_memory():
+    from minicpmo_cli.api.asr import MAX_AUTO_BATCH_SIZE, PIECE_BYTES, default_batch_size
+
+    assert default_batch_size("cpu", None) == 4
+    assert default_batch_size("cpu", 10**12) == 4  # the CPU never asks for memory
+    assert default_batch_size("cuda", 0) == 1
+    assert default_batch_size("cuda", 10 * PIECE_BYTES) == 8  # 80 % of the free memory
+    assert default_batch_size("cuda", 120 * 2**30) == MAX_AUTO_BATCH_SIZE  # an H200 with the model loaded
+    assert default_batch_size("cuda", 16 * 2**30) == 51  # a 40 GB card with the model loaded
+
+
+def test_identical_length_groups():
+    import torch
+
+    from minicpmo_cli.model.audio import identical_length_groups
+
+    lens = [torch.tensor([300]), [], torch.tensor([250]), torch.tensor([300]), torch.tensor([3000, 250]),
+            torch.tensor([3000, 250]), torch.tensor([250])]
+    assert identical_length_groups(lens) == [([0, 3], [0, 2], 300), ([2, 6], [1, 7], 250),
+                                             ([4, 5], [3, 4, 5, 6], 3000)]
+    assert identical_length_groups([]) == []
+
+
+def test_identical_lengths_share_one_whisper_call(engine, monkeypatch):
+    """Equal-length clips are encoded in one call and get exactly their single-clip embeddings."""
+    import torch
+
+    from minicpmo_cli.api.asr import embed_prompts, task_prompt
+
+    clips = [noise(2.5, 0), noise(3.05, 1), noise(2.5, 2), noise(2.5, 3), noise(3.05, 4)]
+    msgs = [[{"role": "user", "content": [task_prompt(), clip]}] for clip in clips]
+    batch = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True)
+    rows = []
+    real = engine.model.apm.forward
+
+    def spy(features, *args, **kwargs):
+        rows.append(features.shape[0])
+        return real(features, *args, **kwargs)
+
+    monkeypatch.setattr(engine.model.apm, "forward", spy)
+    batched = embed_prompts(engine.model, batch)
+    assert rows == [3, 2]  # the three 2.5 s clips, then the two 3.05 s ones
+    monkeypatch.undo()
+    for index, sample in enumerate(msgs):
+        single = engine.processor.apply_chat_template(msgs=sample, use_tts_template=True)
+        with torch.inference_mode():
+            reference, _ = engine.model.get_inputs_embeds(dict(single))
+        assert torch.equal(batched[index, -reference.shape[1]:], reference[0])
+
+
+def test_pieces_are_sorted_by_length_and_audio_decoded_ahead_in_threads(engine, monkeypatch):
+    import threading
+
+    from minicpmo_cli.api import asr
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    decoded_in, batches = [], []
+    real_start, real_generate = asr._start_job, asr.generate_batch
+
+    def start(item, options):
+        decoded_in.append(threading.current_thread().name)
+        return real_start(item, options)
+
+    def generate(engine_, clips, instruction, decode):
+        batches.append([len(c) for c in clips])
+        return real_generate(engine_, clips, instruction, decode)
+
+    monkeypatch.setattr(asr, "_start_job", start)
+    monkeypatch.setattr(asr, "generate_batch", generate)
+    seconds = (3.0, 1.0, 2.0, 1.5, 2.5)
+    inputs = [asr.AudioInput(f"clip{i}", noise(s, i)) for i, s in enumerate(seconds)]
+    records = list(asr.transcribe_many(engine, inputs, asr.AsrOptions(batch_size=2), DecodeOptions(max_new_tokens=2)))
+    assert [r.path for r in records] == [f"clip{i}" for i in range(5)]  # input order
+    assert batches == [[16000, 24000], [32000, 40000], [48000]]  # shortest first, two at a time
+    assert all(name.startswith("minicpmo-audio") for name in decoded_in)

@@ -117,3 +117,47 @@ def test_no_audio_and_bad_inputs():
         log_mel_window(np.zeros(0, dtype=np.float32))
     with pytest.raises(ValueError):
         log_mel_window(np.zeros((2, 1600), dtype=np.float32))  # stereo must be downmixed by the loader
+
+
+def _log_mel_over_30_s(audio: np.ndarray) -> torch.Tensor:
+    """The reference's way: zero-pad to 30 s, STFT the whole window, normalise over its 3000 frames."""
+    from minicpmo_cli.processing.audio import _stft_constants
+
+    window, bank = _stft_constants("cpu")
+    padded = torch.zeros(480000)
+    padded[: audio.size] = torch.from_numpy(audio)
+    spectrum = torch.stft(padded, 400, 160, window=window, center=True, pad_mode="reflect", return_complex=True)
+    log_spec = torch.clamp(bank @ (spectrum.abs() ** 2)[:, :3000], min=1e-10).log10()
+    log_spec = (torch.maximum(log_spec, log_spec.max() - 8.0) + 4.0) / 4.0
+    return log_spec[:, : -(-audio.size // 160)]
+
+
+def _loud_tail(n: int) -> np.ndarray:
+    """Quiet noise whose loudest samples are its last 30: the frames after the valid ones set the max."""
+    audio = _noise(n / 16000, seed=n) * 1e-3
+    audio[-30:] = 0.9
+    return audio
+
+
+@pytest.mark.parametrize("n", [320, 1000, 16000, 16001, 16199, 40000, 479_790, 479_800, 480_000])
+@pytest.mark.parametrize("make", [lambda n: _noise(n / 16000, seed=n), _loud_tail])
+def test_features_of_the_real_length_equal_the_30_s_window(n, make):
+    """Computed over the piece's own length (+ the zeros its last frames see), not 30 s: the same numbers.
+
+    Up to the rounding of the mel product: BLAS may sum a product of a few frames in another order than
+    one of 3000 (1 ulp seen for pieces under 0.1 s); from 1 s on they were bit-identical here.
+    """
+    from minicpmo_cli.processing.audio import stft_length
+
+    audio = make(n)
+    assert audio.size == n
+    ours, valid = log_mel_window(audio)
+    assert (ours - _log_mel_over_30_s(audio)).abs().max() <= 1e-6
+    assert valid == ours.shape[1] and stft_length(n) == min(480000, n + 201)
+
+
+def test_features_on_a_device_are_returned_there():
+    audio = _noise(1.2, seed=8)
+    features, _ = extract_audio_features([[audio]], device="cpu")
+    assert features.device.type == "cpu"
+    assert torch.equal(features[0], log_mel_window(audio, torch.device("cpu"))[0])
