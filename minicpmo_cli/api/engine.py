@@ -19,6 +19,7 @@ class LoadOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     seed: int | None = None  # seeds torch/numpy/random before each generation
+    quantize: str | None = None  # none | int8 | int4 (LLM decoder linears); None: as the checkpoint is
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, aud
         model = MiniCPMO.from_pretrained(
             options.model, dtype=dtype, attn_implementation="sdpa", device_map=device,
             init_vision=vision, init_audio=audio, init_tts=tts, revision=options.revision,
-            local_files_only=options.offline or None, load_processor=False,
+            local_files_only=options.offline or None, load_processor=False, quantize=options.quantize,
         )
         processor = MiniCPMOProcessor.from_pretrained(model.config._name_or_path)
     except (OSError, ValueError, KeyError) as exc:
