@@ -97,8 +97,13 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards named by the index, or the single file."""
     index = folder / WEIGHTS_INDEX
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({folder / name for name in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({folder / name for name in weight_map.values()})
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            from minicpmo_cli.model.safetensors_reader import broken
+
+            raise broken(index, "not a valid weights index (JSON with a weight_map)") from None
         absent = [f.name for f in files if not f.exists()]
         if absent:
             raise ModelLoadError(f"weight shards listed in {WEIGHTS_INDEX} are missing: {', '.join(absent)}", folder)
