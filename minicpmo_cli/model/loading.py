@@ -270,6 +270,7 @@ def _read_plan(plan: list[_Slot], quantized: dict, gptq, device) -> None:
     from minicpmo_cli.model import safetensors_reader as reader
 
     pending: dict[str, dict[str, Any]] = {}
+    staging = _Staging()
     expected: dict[str, set[str]] = {}
     for slot in plan:
         if slot.quantized:
@@ -284,11 +285,33 @@ def _read_plan(plan: list[_Slot], quantized: dict, gptq, device) -> None:
                     prefix = slot.name.rpartition(".")[0]
                     if slot.quantized:
                         pieces = pending.setdefault(prefix, {})
-                        pieces[slot.leaf] = reader.read_tensor(handle, slot.entry)
+                        if slot.leaf == "weight":  # a float weight to quantize: read into the reused buffer
+                            pieces["weight"] = reader.read_into(handle, slot.entry, staging.view(slot.entry))
+                        else:
+                            pieces[slot.leaf] = reader.read_tensor(handle, slot.entry)
                         if set(pieces) == expected[prefix]:
                             _set_quantized(prefix, quantized[prefix], pending.pop(prefix), gptq, device)
                     else:
                         _place(handle, slot, device)
+
+
+class _Staging:
+    """One CPU buffer, grown to the largest float weight to quantize and reused for each: a fresh tensor per
+    weight would leave the allocator's heap fragmented between the (smaller) quantized results."""
+
+    def __init__(self) -> None:
+        self.buffer = None
+
+    def view(self, entry):
+        import math
+
+        import torch
+
+        nbytes = math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = None
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buffer[:nbytes].view(entry.dtype).view(entry.shape)
 
 
 def _place(handle, slot: _Slot, device) -> None:
@@ -423,6 +446,8 @@ def build_and_load(cls, config, folder: Path, dtype, device, quantize: str | Non
     report = load_safetensors_into(model, weight_files(folder), skipped_prefixes(config), device=device,
                                    quantized=quantized, gptq=gptq)
     report.raise_if_incomplete(folder)
+    if mode != "none":
+        _return_freed_heap()
     model.quantization = quant.summarize(model, mode, source)
     if mode != "none" and "dequantize" in model.quantization.kernel and str(device or "cpu").startswith("cuda"):
         logger.warning("%s: %s", mode, model.quantization.kernel_reason + "; dequantizing in forward (slower)")
@@ -446,6 +471,17 @@ def quantization_mode(quantize: str | None, gptq, folder: Path) -> tuple[str, st
     if asked in (None, "none"):
         return "none", ""
     return asked, "--quantize"
+
+
+def _return_freed_heap() -> None:
+    """Hand the quantizer's freed temporaries back to the OS (glibc keeps them in its heap otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _default_dtype():

@@ -22,8 +22,13 @@ MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 128
 DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-# Rows quantized at a time: bounds the float temporaries to a slice of the largest weight.
-_ROW_CHUNK = 2048
+# Values quantized at a time: bounds the float temporaries to a few MB whatever the weight's size.
+_CHUNK_VALUES = 2**20
+
+
+def _row_slices(weight: torch.Tensor):
+    rows = max(16, _CHUNK_VALUES // max(1, weight.shape[1]) // 16 * 16)
+    return weight.split(rows)
 
 
 def check_mode(value: str | None) -> str | None:
@@ -43,7 +48,7 @@ def decoder_linear_names(num_layers: int, prefix: str = "llm.model.layers") -> l
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float [N, K] -> (int8 [N, K], float32 scales [N]) with ``w ≈ q * scale[:, None]``."""
     qs, scales = [], []
-    for rows in weight.split(_ROW_CHUNK):
+    for rows in _row_slices(weight):
         rows = rows.float()
         scale = rows.abs().amax(dim=1).clamp(min=1e-8) / 127
         qs.append(torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8))
@@ -57,7 +62,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE):
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the int4 group size {group_size}")
     qs, scales, zeros = [], [], []
-    for rows in weight.split(_ROW_CHUNK):
+    for rows in _row_slices(weight):
         groups = rows.float().reshape(rows.shape[0], k // group_size, group_size)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = (high - low).clamp(min=1e-8) / 15

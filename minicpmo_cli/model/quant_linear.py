@@ -25,6 +25,9 @@ from torch.nn import functional as F
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 CUDA_INNER_K_TILES = 8
+# The CPU packing is row by row, so it runs on slices of rows (a multiple of 16): its int32 input then stays
+# a slice, not a copy of the whole weight at 4 bytes per value.
+PACK_ROWS = 256
 
 
 def kernel_group_size(group_size: int) -> int | None:
@@ -100,7 +103,10 @@ class Int4Linear(nn.Module):
         # [K / g, N, 2]: the kernels' layout of the per-group (scale, zero) pairs.
         self.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(self.dtype)
         if self.kernel == "int4pack-cpu":
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            self.packed = torch.empty(n, k // 2, dtype=torch.uint8)
+            for start in range(0, n, PACK_ROWS):
+                rows = q[start:start + PACK_ROWS].to(torch.int32).contiguous()
+                self.packed[start:start + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
         elif self.kernel == "int4pack-cuda":
             # The CUDA kernel wants the high nibble first, the opposite of pack_nibbles.
             q8 = q.to(torch.uint8)
