@@ -66,6 +66,16 @@ class Engine:
         self.model.init_tts()
         self.towers["tts"] = True
 
+    def ensure_towers(self, vision: bool = False, audio: bool = False) -> list[str]:
+        """Load the vision/audio tower into an engine loaded without it (the REPL's /image, /audio, /video):
+        only that tower's tensors are read. Returns the towers it loaded."""
+        from minicpmo_cli.model.loading import attach_towers
+
+        wanted = [name for name, want in (("vision", vision), ("audio", audio)) if want and not self.towers.get(name)]
+        attach_towers(self.model, wanted, self.device, self.dtype)
+        self.towers.update({name: True for name in wanted})
+        return wanted
+
     def seed(self) -> None:
         if self.options.seed is not None:
             seed_everything(self.options.seed)

@@ -488,3 +488,24 @@ def _default_dtype():
     import torch
 
     return torch.get_default_dtype()
+
+
+TOWER_FLAGS = {"vision": "init_vision", "audio": "init_audio"}
+
+
+def attach_towers(model, towers: Iterable[str], device, dtype) -> None:
+    """Build the named towers ("vision", "audio") into a model loaded without them and fill them from the
+    checkpoint (only their tensors are read), on the model's device and dtype."""
+    towers = [t for t in towers if not getattr(model.config, TOWER_FLAGS[t])]
+    if not towers:
+        return
+    prefixes = tuple(p for t in towers for p in TOWER_PREFIXES[TOWER_FLAGS[t]])
+    with construction_context(dtype=dtype, device=device), parameters_on_meta():
+        for tower in towers:
+            model._build_vision() if tower == "vision" else model._build_audio()
+    folder = Path(model.config._name_or_path)
+    report = load_safetensors_into(model, weight_files(folder), device=device, only_prefixes=prefixes)
+    report.raise_if_incomplete(folder)
+    for tower in towers:
+        setattr(model.config, TOWER_FLAGS[tower], True)
+    model.eval()
