@@ -509,3 +509,39 @@ def attach_towers(model, towers: Iterable[str], device, dtype) -> None:
     for tower in towers:
         setattr(model.config, TOWER_FLAGS[tower], True)
     model.eval()
+
+
+def quantization_preview(folder: Path, quantize: str | None, device: str, dtype) -> str:
+    """What loading ``folder`` would give, without loading it (for doctor): the mode and where it comes from,
+    the kernel chosen on ``device`` and why, and the weights' memory, estimated from the file headers."""
+    import torch
+
+    from minicpmo_cli.model import quant, quant_gptq, quant_linear
+    from minicpmo_cli.model.safetensors_reader import read_header
+
+    gptq = quant_gptq.read_gptq_config(folder)
+    mode, source = quantization_mode(quantize, gptq, folder)
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for file in weight_files(folder):
+        for name, entry in read_header(file).items():
+            numel = max(1, entry.end - entry.start) // entry.dtype.itemsize
+            prefix, _, leaf = name.rpartition(".")
+            linear = prefix.startswith("llm.model.layers.") and prefix.endswith(quant.DECODER_LINEARS)
+            if linear and mode == "int8" and leaf == "weight":
+                total += numel + entry.shape[0] * size
+            elif linear and mode == "int4" and leaf == "weight":
+                total += numel // 2 + numel // quant.INT4_GROUP_SIZE * 2 * size
+            elif linear and gptq is not None and leaf in ("qweight", "scales"):
+                total += numel * (4 if leaf == "qweight" else 2 * size)
+            elif entry.dtype.is_floating_point and leaf not in ("g_idx", "qzeros"):
+                total += numel * size
+    memory = f"weights about {total / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')}"
+    if mode == "none":
+        return f"none (full precision); {memory}"
+    if mode == "int8":
+        kernel = "int8pack-cpu" if device == "cpu" else "int8-cast"
+        reason = "torch's CPU int8 kernel" if device == "cpu" else "int8 weight cast to the activation dtype"
+    else:
+        kernel, reason = quant_linear.int4_kernel_for(torch.device(device), dtype, 4096, 4096, 128)
+    return f"{mode} ({source}), kernel {kernel}: {reason}; {memory}"

@@ -144,3 +144,15 @@ def test_malformed_gptq_checkpoint_names_the_tensor(tiny_gptq_ckpt, tmp_path):
     assert result.returncode == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "llm.model.layers.1.mlp.down_proj.qzeros" in lines[0] and "missing" in lines[0]
+
+
+@pytest.mark.parametrize("ckpt,flags,said", [
+    ("tiny_gptq_ckpt", [], "int4 (GPTQ checkpoint), kernel int4pack-cpu: torch's CPU int4 kernel; weights about"),
+    ("tiny_ckpt", ["--quantize", "int8"], "int8 (--quantize), kernel int8pack-cpu"),
+    ("tiny_ckpt", [], "none (full precision); weights about 0.01 GiB in float32"),
+])
+def test_doctor_says_the_quantization_kernel_and_memory(request, cli, ckpt, flags, said):
+    code, out, _ = cli("--model", request.getfixturevalue(ckpt), *flags, "doctor")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("quantization"))
+    assert said in row
