@@ -105,10 +105,18 @@ def check_piece(config: GptqConfig, name: str, piece: str, shape: tuple[int, ...
         raise ModelLoadError(f"dtype {str(dtype).removeprefix('torch.')} (expected floats)", f"{name}.{piece}")
 
 
-def unpack_columns(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [R, C] with 8 nibbles per element, low first, along dim 0 -> int32 values 0..15 [8R, C]."""
-    nibbles = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)[None, :, None]) & 15
-    return nibbles.reshape(-1, packed.shape[1])
+def unpack_columns(packed: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """int32 [R, C] with 8 nibbles per element, low first, along dim 0 -> values 0..15 [8R, C] in ``dtype``.
+
+    Unpacked a slice of rows at a time: the int32 shifts then never span the whole weight.
+    """
+    out = torch.empty(packed.shape[0] * 8, packed.shape[1], dtype=dtype, device=packed.device)
+    shifts = _SHIFTS.to(packed.device)[None, :, None]
+    step = max(1, 2**17 // max(1, packed.shape[1]))
+    for start in range(0, packed.shape[0], step):
+        rows = packed[start:start + step]
+        out[start * 8:(start + rows.shape[0]) * 8] = ((rows.unsqueeze(1) >> shifts) & 15).reshape(-1, rows.shape[1])
+    return out
 
 
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
@@ -135,7 +143,7 @@ def to_int4(config: GptqConfig, name: str, pieces: dict[str, torch.Tensor], in_f
         bad = sorted(set(zeros.unique().tolist()) - {8})[:4]
         raise ModelLoadError(f"asymmetric zero points {bad} (sym is true: every zero must be 8, stored as 7)",
                              f"{name}.qzeros")
-    q = unpack_columns(pieces["qweight"]).t()  # [out, in]
+    q = unpack_columns(pieces["qweight"], torch.uint8).t()  # [out, in]
     scales = pieces["scales"].float().t().contiguous()  # [out, G]
     return q, scales, torch_zero_points(zeros.t(), scales), group
 

@@ -59,9 +59,25 @@ def test_full_precision_load_peaks_at_the_weights_plus_one_tensor(medium_ckpt):
     assert m["growth"] <= m["weights"] + m["largest"] + 16 * MB, m
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantizing_load_never_holds_the_float_weights(medium_ckpt, mode):
-    m = measure(medium_ckpt, mode)
+@pytest.fixture(scope="module")
+def medium_gptq(medium_ckpt, tmp_path_factory):
+    import shutil
+
+    from minicpmo_cli.model.tiny_gptq import convert_to_gptq
+
+    folder = tmp_path_factory.mktemp("medium-gptq") / "ckpt"
+    shutil.copytree(medium_ckpt, folder)
+    convert_to_gptq(folder)
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "gptq"])
+def test_quantizing_load_never_holds_the_float_weights(request, medium_ckpt, mode):
+    if mode == "gptq":
+        m = measure(request.getfixturevalue("medium_gptq"), "int4")
+        mode = "int4"
+    else:
+        m = measure(medium_ckpt, mode)
     float_llm = 4 * 4 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2816)  # 4 layers x 4 bytes x values
     assert m["weights"] < float_llm / (3 if mode == "int8" else 5)
     assert m["growth"] <= m["weights"] + 4 * m["largest"] + 16 * MB, m

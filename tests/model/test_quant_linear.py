@@ -34,6 +34,7 @@ def random_int4(n, k, groups, seed=0):
     (48, 384, 384, "int4pack-cpu"),   # 384 = 3 x 128
     (24, 128, 64, "dequantize"),      # 24 outputs: not a multiple of 16, the CPU kernel refuses
     (32, 96, 96, "int4pack-cpu"),     # 96 = 3 x 32
+    (528, 64, 64, "int4pack-cpu"),    # packed in slices of PACK_ROWS rows (3 slices, the last one short)
 ])
 def test_int4_linear_matches_its_formula(n, k, group, kernel):
     q, scales, zeros = random_int4(n, k, k // group)
