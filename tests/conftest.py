@@ -53,3 +53,16 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-checkpoint")
     make_tiny_checkpoint(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint in the official GPTQ int4 layout (its LLM decoder linears as qweight/qzeros/...)."""
+    import shutil
+
+    from minicpmo_cli.model.tiny_gptq import convert_to_gptq
+
+    folder = tmp_path_factory.mktemp("tiny-gptq-checkpoint") / "ckpt"
+    shutil.copytree(tiny_ckpt, folder)
+    convert_to_gptq(folder)
+    return folder

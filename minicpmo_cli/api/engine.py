@@ -20,6 +20,7 @@ class LoadOptions:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     seed: int | None = None  # seeds torch/numpy/random before each generation
     compile: bool | None = None  # capture the decode step; None: MINICPMO_COMPILE, else on with CUDA only
+    quantize: str | None = None  # none | int8 | int4 (LLM decoder linears); None: as the checkpoint is
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,16 @@ class Engine:
         from minicpmo_cli.generation.decode import resolve_compile
 
         return resolve_compile(self.options.compile, self.device)
+
+    def ensure_towers(self, vision: bool = False, audio: bool = False) -> list[str]:
+        """Load the vision/audio tower into an engine loaded without it (the REPL's /image, /audio, /video):
+        only that tower's tensors are read. Returns the towers it loaded."""
+        from minicpmo_cli.model.loading import attach_towers
+
+        wanted = [name for name, want in (("vision", vision), ("audio", audio)) if want and not self.towers.get(name)]
+        attach_towers(self.model, wanted, self.device, self.dtype)
+        self.towers.update({name: True for name in wanted})
+        return wanted
 
     def seed(self) -> None:
         if self.options.seed is not None:
@@ -203,7 +214,7 @@ def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, aud
         model = MiniCPMO.from_pretrained(
             options.model, dtype=dtype, attn_implementation="sdpa", device_map=device,
             init_vision=vision, init_audio=audio, init_tts=tts, revision=options.revision,
-            local_files_only=options.offline or None, load_processor=False,
+            local_files_only=options.offline or None, load_processor=False, quantize=options.quantize,
         )
         processor = MiniCPMOProcessor.from_pretrained(model.config._name_or_path)
     except (OSError, ValueError, KeyError) as exc:

@@ -51,6 +51,9 @@ def root(
                                help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", envvar="MINICPMO_DTYPE",
                               help="auto, bfloat16, float16 or float32."),
+    quantize: str = typer.Option(None, "--quantize", envvar="MINICPMO_QUANTIZE",
+                                 help="Weight-only quantization of the LLM: none, int8 or int4 "
+                                      "(default: as the checkpoint is; a GPTQ int4 checkpoint is int4)."),
     seed: int = typer.Option(None, "--seed", envvar="MINICPMO_SEED",
                              help="Seed for repeatable sampling and a stable voice."),
     quiet: bool = typer.Option(False, "-q", "--quiet", envvar="MINICPMO_QUIET", help="Only errors on stderr."),
@@ -65,10 +68,13 @@ def root(
                                  help="Print the version and exit."),
 ) -> None:
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "on", "yes", "true")
+    if quantize is not None and quantize.strip().lower() not in ("none", "int8", "int4"):
+        raise typer.BadParameter(f"--quantize must be none, int8 or int4, not {quantize!r}")
     _configure_logging(quiet=quiet, verbose=verbose or debug)
     common.set_options(common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
         quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, compile=compile,
+        quantize=quantize,
     ))
 
 

@@ -58,7 +58,9 @@ def chat(
             raise typer.BadParameter("--speak needs a wav file name (stdout carries the text answer)")
     # Media are read before the model loads too, so a missing file fails fast.
     conversation = _conversation(prompt, image, audio, video, system, example, voice, language)
-    engine = common.load_engine(vision=True, audio=True, tts=speak is not None)
+    # Only the towers the first message needs; the REPL loads the others when /image, /audio or /video asks.
+    engine = common.load_engine(vision=bool(image or video or example),
+                                audio=bool(audio or video or voice is not None), tts=speak is not None)
     if interactive:
         from minicpmo_cli.cli.repl import Repl
 

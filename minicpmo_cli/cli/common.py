@@ -19,7 +19,7 @@ DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
 
 # Global options that take a value, and those that are flags. They are accepted before and after the
 # command (CLI.md): main() moves them in front of the command name before Typer parses argv.
-GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed"}
+GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed", "--quantize"}
 GLOBAL_FLAG_OPTIONS = {"--offline", "-q", "--quiet", "-v", "--verbose", "--debug", "--no-progress", "--compile",
                        "--no-compile"}
 
@@ -37,6 +37,7 @@ class GlobalOptions:
     debug: bool = False
     no_progress: bool = False
     compile: bool | None = None  # None: on with CUDA, off on the CPU (api/engine.py)
+    quantize: str | None = None  # none | int8 | int4; None: as the checkpoint is
 
 
 _options = GlobalOptions()
@@ -196,7 +197,7 @@ def load_options():
 
     o = _options
     return LoadOptions(model=o.model, revision=o.revision, offline=o.offline, device=o.device, dtype=o.dtype,
-                       seed=o.seed, compile=o.compile)
+                       seed=o.seed, compile=o.compile, quantize=o.quantize)
 
 
 def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
@@ -204,7 +205,11 @@ def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
     from minicpmo_cli.api.engine import load
 
     debug(f"loading {_options.model} (vision={vision}, audio={audio}, tts={tts})")
-    return load(load_options(), vision=vision, audio=audio, tts=tts, warn=warn)
+    engine = load(load_options(), vision=vision, audio=audio, tts=tts, warn=warn)
+    quantization = getattr(engine.model, "quantization", None)
+    if quantization is not None:
+        debug(quantization.describe())
+    return engine
 
 
 def wav_output_target(output: str, overwrite: bool) -> Path | None:

@@ -68,6 +68,25 @@ def model_cache_status(model: str, revision: str | None) -> tuple[str, str | Non
         f"it is downloaded on first use (about 16 GB), or: huggingface-cli download {model}")
 
 
+def quantization_status(opts) -> str:
+    """The quantization a model command would load with, its kernel here and why, and the weights' memory."""
+    try:
+        from minicpmo_cli.api.engine import resolve_device, resolve_dtype
+        from minicpmo_cli.errors import MiniCPMOError
+        from minicpmo_cli.model import loading
+    except Exception:  # noqa: BLE001 - torch or transformers missing: reported above
+        return "unknown (torch or transformers missing)"
+    try:
+        folder = loading.resolve_checkpoint_dir(opts.model, opts.revision, local_files_only=True)
+        device = resolve_device(opts.device)
+        return loading.quantization_preview(folder, opts.quantize, device.split(":")[0],
+                                            resolve_dtype(opts.dtype, device))
+    except MiniCPMOError as exc:
+        return f"unknown ({exc})"
+    except (OSError, ValueError, RuntimeError) as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"
+
+
 def run_doctor() -> list[str]:
     """Print the report; return the list of fixes to apply (empty when all is well)."""
     opts = common.options()
@@ -86,6 +105,7 @@ def run_doctor() -> list[str]:
     rows.append(("model", status))
     if fix:
         fixes.append(fix)
+    rows.append(("quantization", quantization_status(opts)))
     try:
         from huggingface_hub import constants
 

@@ -136,18 +136,32 @@ class Repl:
             if not target.exists():
                 return target
 
+    def load_towers(self, vision: bool = False, audio: bool = False) -> None:
+        """Load the vision/audio tower the first time a command needs it (chat starts without them)."""
+        missing = [name for name, want in (("vision", vision), ("audio", audio))
+                   if want and not self.engine.towers.get(name)]
+        if missing:
+            self.say(f"[loading the {' and '.join(missing)} model{'s' if len(missing) > 1 else ''}]")
+            self.engine.ensure_towers(vision=vision, audio=audio)
+
     def cmd_image(self, path: str) -> None:
-        self.conversation.attach_image(self._need_path(path, "/image"))
+        full_path = self._need_path(path, "/image")
+        self.load_towers(vision=True)
+        self.conversation.attach_image(full_path)
         self.say(f"[image {path} attached]")
 
     def cmd_audio(self, path: str) -> None:
-        self.conversation.attach_audio(self._need_path(path, "/audio"))
+        full_path = self._need_path(path, "/audio")
+        self.load_towers(audio=True)
+        self.conversation.attach_audio(full_path)
         self.say(f"[audio {path} attached]")
 
     def cmd_video(self, path: str) -> None:
         from minicpmo_cli.api.chat import attach_video
 
-        attach_video(self.conversation, self._need_path(path, "/video"))
+        full_path = self._need_path(path, "/video")
+        self.load_towers(vision=True, audio=True)
+        attach_video(self.conversation, full_path)
         self.say(f"[video {path} attached]")
 
     def cmd_speak(self, argument: str) -> None:

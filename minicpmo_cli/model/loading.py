@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from minicpmo_cli.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 # What a hub snapshot needs: configs, tokenizer files, weights and the TTS assets (no remote code, no demo
 # media from the assets folder).
@@ -94,8 +97,13 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards named by the index, or the single file."""
     index = folder / WEIGHTS_INDEX
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({folder / name for name in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({folder / name for name in weight_map.values()})
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            from minicpmo_cli.model.safetensors_reader import broken
+
+            raise broken(index, "not a valid weights index (JSON with a weight_map)") from None
         absent = [f.name for f in files if not f.exists()]
         if absent:
             raise ModelLoadError(f"weight shards listed in {WEIGHTS_INDEX} are missing: {', '.join(absent)}", folder)
@@ -134,6 +142,10 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)
     skipped: int = 0
 
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
     def raise_if_incomplete(self, where: object) -> None:
         problems = []
         for label, names in (("missing", self.missing), ("unexpected", self.unexpected),
@@ -145,36 +157,223 @@ class LoadReport:
             raise ModelLoadError("checkpoint does not fit the model: " + "; ".join(problems), where)
 
 
-def load_safetensors_into(module, files: Iterable[Path], skip_prefixes: tuple[str, ...] = ()) -> LoadReport:
-    """Copy every checkpoint tensor into the parameter/persistent buffer of the same name (cast to its dtype).
+@dataclass
+class _Slot:
+    """Where one checkpoint tensor goes: a parameter/buffer (``leaf`` of ``module``) or a quantized linear."""
 
-    Tensors under ``skip_prefixes`` (towers not built) are ignored. Returns a report; nothing is raised here.
+    name: str
+    module: Any
+    leaf: str
+    entry: Any  # safetensors_reader.TensorEntry
+    quantized: bool = False  # a piece of a quantized linear's weight (set when all its pieces are read)
+
+
+def load_safetensors_into(module, files: Iterable[Path], skip_prefixes: tuple[str, ...] = (),
+                          device=None, quantized: dict[str, Any] | None = None,
+                          gptq=None, only_prefixes: tuple[str, ...] | None = None) -> LoadReport:
+    """Fill every parameter/persistent buffer of ``module`` from the checkpoint files, tensor by tensor.
+
+    Parameters still on the meta device are created on ``device`` in their own dtype, straight from the
+    file (see safetensors_reader); real ones are copied into. ``quantized`` maps linear names to
+    Int8Linear/Int4Linear modules: a float ``weight`` is quantized on the way, or, with ``gptq`` (the
+    checkpoint's GptqConfig), the GPTQ tensors are checked and repacked. Tensors under ``skip_prefixes``
+    (towers not built) are ignored, as is everything outside ``only_prefixes`` when given. Every file's
+    header and every name and shape is checked before any data is read; the report says what did not fit.
     """
-    import torch
-    from safetensors import safe_open
+    from minicpmo_cli.model import safetensors_reader as reader
 
-    targets = module.state_dict(keep_vars=True)
+    files = list(files)
+    headers = [reader.read_header(f) for f in files]
+    targets = _targets(module, only_prefixes)
+    quantized = quantized or {}
     report = LoadReport()
-    with torch.no_grad():
-        for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    if key.startswith(skip_prefixes):
-                        report.skipped += 1
-                        continue
-                    name = next((n for n in _candidate_names(key) if n in targets), None)
-                    if name is None:
-                        report.unexpected.append(key)
-                        continue
-                    tensor = handle.get_tensor(key)
-                    target = targets[name]
-                    if tuple(tensor.shape) != tuple(target.shape):
-                        report.mismatched.append(f"{key} {tuple(tensor.shape)} vs {tuple(target.shape)}")
-                        continue
-                    target.data.copy_(tensor.to(dtype=target.dtype))
-                    report.loaded.add(name)
-    report.missing = sorted(set(targets) - report.loaded)
+    plan: list[_Slot] = []
+    for header in headers:
+        for key, entry in header.items():
+            if key.startswith(skip_prefixes) or (only_prefixes is not None and not key.startswith(only_prefixes)):
+                report.skipped += 1
+                continue
+            slot = _plan_quantized(key, entry, quantized, gptq, report) if quantized else None
+            if slot is None and key not in report.unexpected:
+                slot = _plan_plain(key, entry, targets, report)
+            if slot is not None:
+                plan.append(slot)
+    planned = {s.name for s in plan}
+    report.missing = sorted(set(targets) - planned) + _missing_quantized(quantized, gptq, planned)
+    if not report.complete:
+        return report
+    _read_plan(plan, quantized, gptq, device)
+    report.loaded = planned
     return report
+
+
+def _targets(module, only_prefixes) -> dict[str, tuple[Any, str, Any]]:
+    """name -> (owning module, attribute name, tensor) for every parameter and persistent buffer."""
+    targets: dict[str, tuple[Any, str, Any]] = {}
+    for name, owner in module.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        for leaf, param in owner._parameters.items():
+            if param is not None:
+                targets[prefix + leaf] = (owner, leaf, param)
+        for leaf, buf in owner._buffers.items():
+            if buf is not None and leaf not in owner._non_persistent_buffers_set:
+                targets[prefix + leaf] = (owner, leaf, buf)
+    if only_prefixes is not None:
+        targets = {k: v for k, v in targets.items() if k.startswith(only_prefixes)}
+    return targets
+
+
+def _plan_plain(key: str, entry, targets: dict, report: LoadReport) -> _Slot | None:
+    name = next((n for n in _candidate_names(key) if n in targets), None)
+    if name is None:
+        report.unexpected.append(key)
+        return None
+    owner, leaf, target = targets[name]
+    if tuple(entry.shape) != tuple(target.shape):
+        report.mismatched.append(f"{key} {tuple(entry.shape)} vs {tuple(target.shape)}")
+        return None
+    return _Slot(name=name, module=owner, leaf=leaf, entry=entry)
+
+
+def _plan_quantized(key: str, entry, quantized: dict, gptq, report: LoadReport) -> _Slot | None:
+    """A slot for a quantized linear's weight (or GPTQ piece); None when ``key`` is not one of those."""
+    from minicpmo_cli.model import quant_gptq
+
+    prefix, _, piece = key.rpartition(".")
+    linear = quantized.get(prefix)
+    if linear is None or piece == "bias":
+        return None
+    pieces = quant_gptq.GPTQ_PIECES if gptq is not None else ("weight",)
+    if piece not in pieces:
+        report.unexpected.append(key)  # e.g. a float weight where the GPTQ tensors belong
+        return None
+    n, k = linear.out_features, linear.in_features
+    if gptq is not None:
+        quant_gptq.check_piece(gptq, prefix, piece, entry.shape, entry.dtype, k, n)
+    elif tuple(entry.shape) != (n, k):
+        report.mismatched.append(f"{key} {tuple(entry.shape)} vs {(n, k)}")
+        return None
+    return _Slot(name=key, module=linear, leaf=piece, entry=entry, quantized=True)
+
+
+def _missing_quantized(quantized: dict, gptq, planned: set[str]) -> list[str]:
+    from minicpmo_cli.model import quant_gptq
+
+    required = quant_gptq.REQUIRED_PIECES if gptq is not None else ("weight",)
+    return sorted(f"{p}.{r}" for p in quantized for r in required if f"{p}.{r}" not in planned)
+
+
+def _read_plan(plan: list[_Slot], quantized: dict, gptq, device) -> None:
+    """Read the planned tensors, file by file in offset order, into their final place."""
+    import torch
+
+    from minicpmo_cli.model import safetensors_reader as reader
+
+    pending: dict[str, dict[str, Any]] = {}
+    staging = _Staging()
+    expected: dict[str, set[str]] = {}
+    for slot in plan:
+        if slot.quantized:
+            expected.setdefault(slot.name.rpartition(".")[0], set()).add(slot.leaf)
+    by_file: dict[Path, list[_Slot]] = {}
+    for slot in plan:
+        by_file.setdefault(slot.entry.file, []).append(slot)
+    with torch.no_grad():
+        for file, slots in by_file.items():
+            with reader.open_weights(file) as handle:
+                for slot in sorted(slots, key=lambda s: s.entry.start):
+                    prefix = slot.name.rpartition(".")[0]
+                    if slot.quantized:
+                        pieces = pending.setdefault(prefix, {})
+                        if slot.leaf == "weight":  # a float weight to quantize: read into the reused buffer
+                            pieces["weight"] = reader.read_into(handle, slot.entry, staging.view(slot.entry))
+                        else:
+                            pieces[slot.leaf] = reader.read_tensor(handle, slot.entry)
+                        if set(pieces) == expected[prefix]:
+                            _set_quantized(prefix, quantized[prefix], pending.pop(prefix), gptq, device)
+                    else:
+                        _place(handle, slot, device)
+
+
+class _Staging:
+    """One CPU buffer, grown to the largest float weight to quantize and reused for each: a fresh tensor per
+    weight would leave the allocator's heap fragmented between the (smaller) quantized results."""
+
+    def __init__(self) -> None:
+        self.buffer = None
+
+    def view(self, entry):
+        import math
+
+        import torch
+
+        nbytes = math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = None
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buffer[:nbytes].view(entry.dtype).view(entry.shape)
+
+
+def _place(handle, slot: _Slot, device) -> None:
+    """One tensor from the file into its parameter/buffer: in place when real, created when on meta."""
+    import torch
+    from torch import nn
+
+    from minicpmo_cli.model import safetensors_reader as reader
+
+    target = getattr(slot.module, slot.leaf)
+    entry = slot.entry
+    if target.device.type != "meta":
+        staged = reader.read_tensor(handle, entry)
+        target.data.copy_(staged.to(dtype=target.dtype))
+        return
+    final_device = torch.device(device or "cpu")
+    if final_device.type == "cpu" and entry.dtype == target.dtype:
+        value = reader.read_into(handle, entry, torch.empty(entry.shape, dtype=entry.dtype))
+    else:  # one staging tensor, converted/moved into the final one
+        value = reader.read_tensor(handle, entry).to(device=final_device, dtype=target.dtype)
+    if isinstance(target, nn.Parameter):
+        slot.module._parameters[slot.leaf] = nn.Parameter(value, requires_grad=target.requires_grad)
+    else:
+        slot.module._buffers[slot.leaf] = value
+
+
+def _set_quantized(prefix: str, linear, pieces: dict, gptq, device) -> None:
+    """A quantized linear's weight from its checkpoint tensors, quantized or repacked on its device."""
+    from minicpmo_cli.model import quant, quant_gptq
+
+    pieces = {k: v.to(device or "cpu") for k, v in pieces.items()}
+    if gptq is not None:
+        q, scales, zeros, group = quant_gptq.to_int4(gptq, prefix, pieces, linear.in_features, linear.out_features)
+        linear.set_weight(q, scales, zeros, group)
+    elif hasattr(linear, "packed"):
+        q, scales, zeros = quant.quantize_int4(pieces["weight"], quant.INT4_GROUP_SIZE)
+        linear.set_weight(q, scales, zeros, quant.INT4_GROUP_SIZE)
+    else:
+        linear.set_weight(*quant.quantize_int8(pieces["weight"]))
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Parameters go to the meta device as they are registered (no memory); buffers stay real.
+
+    Buffers such as the RoPE ``inv_freq`` tables and the DVAE levels are computed in ``__init__`` and are
+    not in the checkpoint, so they must be real; parameters are created by the loader from the file.
+    """
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
 
 
 @contextlib.contextmanager
@@ -227,3 +426,122 @@ def resolve_device(device_map) -> str | None:
     if str(device_map) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(device_map)
+
+
+def build_and_load(cls, config, folder: Path, dtype, device, quantize: str | None = None):
+    """``cls(config)`` with parameters on meta, its decoder linears quantized as asked (or as the GPTQ
+    checkpoint is), then filled from the checkpoint straight into ``device``/``dtype``: peak memory is the
+    final size plus one tensor. The result's ``quantization`` says what it holds (quant.QuantizationInfo).
+    """
+    from minicpmo_cli.model import quant, quant_gptq
+
+    gptq = quant_gptq.read_gptq_config(folder)
+    mode, source = quantization_mode(quantize, gptq, folder)
+    with construction_context(dtype=dtype, device=device), parameters_on_meta():
+        model = cls(config)
+    quantized = {}
+    if mode != "none":
+        names = quant.decoder_linear_names(config.num_hidden_layers)
+        quantized = quant.replace_linears(model, names, mode, dtype or _default_dtype())
+    report = load_safetensors_into(model, weight_files(folder), skipped_prefixes(config), device=device,
+                                   quantized=quantized, gptq=gptq)
+    report.raise_if_incomplete(folder)
+    if mode != "none":
+        _return_freed_heap()
+    model.quantization = quant.summarize(model, mode, source)
+    if mode != "none" and "dequantize" in model.quantization.kernel and str(device or "cpu").startswith("cuda"):
+        logger.warning("%s: %s", mode, model.quantization.kernel_reason + "; dequantizing in forward (slower)")
+    return model
+
+
+def quantization_mode(quantize: str | None, gptq, folder: Path) -> tuple[str, str]:
+    """(mode, source): what ``--quantize`` asks for, checked against what the checkpoint is."""
+    from minicpmo_cli.errors import UsageError
+    from minicpmo_cli.model import quant
+
+    try:
+        asked = quant.check_mode(quantize)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if gptq is not None:
+        if asked not in (None, "int4"):
+            raise UsageError(f"--quantize {asked}: {folder} is a GPTQ int4 checkpoint, which loads as int4 "
+                             "(leave --quantize out, or give int4)")
+        return "int4", "GPTQ checkpoint"
+    if asked in (None, "none"):
+        return "none", ""
+    return asked, "--quantize"
+
+
+def _return_freed_heap() -> None:
+    """Hand the quantizer's freed temporaries back to the OS (glibc keeps them in its heap otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _default_dtype():
+    import torch
+
+    return torch.get_default_dtype()
+
+
+TOWER_FLAGS = {"vision": "init_vision", "audio": "init_audio"}
+
+
+def attach_towers(model, towers: Iterable[str], device, dtype) -> None:
+    """Build the named towers ("vision", "audio") into a model loaded without them and fill them from the
+    checkpoint (only their tensors are read), on the model's device and dtype."""
+    towers = [t for t in towers if not getattr(model.config, TOWER_FLAGS[t])]
+    if not towers:
+        return
+    prefixes = tuple(p for t in towers for p in TOWER_PREFIXES[TOWER_FLAGS[t]])
+    with construction_context(dtype=dtype, device=device), parameters_on_meta():
+        for tower in towers:
+            model._build_vision() if tower == "vision" else model._build_audio()
+    folder = Path(model.config._name_or_path)
+    report = load_safetensors_into(model, weight_files(folder), device=device, only_prefixes=prefixes)
+    report.raise_if_incomplete(folder)
+    for tower in towers:
+        setattr(model.config, TOWER_FLAGS[tower], True)
+    model.eval()
+
+
+def quantization_preview(folder: Path, quantize: str | None, device: str, dtype) -> str:
+    """What loading ``folder`` would give, without loading it (for doctor): the mode and where it comes from,
+    the kernel chosen on ``device`` and why, and the weights' memory, estimated from the file headers."""
+    import torch
+
+    from minicpmo_cli.model import quant, quant_gptq, quant_linear
+    from minicpmo_cli.model.safetensors_reader import read_header
+
+    gptq = quant_gptq.read_gptq_config(folder)
+    mode, source = quantization_mode(quantize, gptq, folder)
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for file in weight_files(folder):
+        for name, entry in read_header(file).items():
+            numel = max(1, entry.end - entry.start) // entry.dtype.itemsize
+            prefix, _, leaf = name.rpartition(".")
+            linear = prefix.startswith("llm.model.layers.") and prefix.endswith(quant.DECODER_LINEARS)
+            if linear and mode == "int8" and leaf == "weight":
+                total += numel + entry.shape[0] * size
+            elif linear and mode == "int4" and leaf == "weight":
+                total += numel // 2 + numel // quant.INT4_GROUP_SIZE * 2 * size
+            elif linear and gptq is not None and leaf in ("qweight", "scales"):
+                total += numel * (4 if leaf == "qweight" else 2 * size)
+            elif entry.dtype.is_floating_point and leaf not in ("g_idx", "qzeros"):
+                total += numel * size
+    memory = f"weights about {total / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')}"
+    if mode == "none":
+        return f"none (full precision); {memory}"
+    if mode == "int8":
+        kernel = "int8pack-cpu" if device == "cpu" else "int8-cast"
+        reason = "torch's CPU int8 kernel" if device == "cpu" else "int8 weight cast to the activation dtype"
+    else:
+        kernel, reason = quant_linear.int4_kernel_for(torch.device(device), dtype, 4096, 4096, 128)
+    return f"{mode} ({source}), kernel {kernel}: {reason}; {memory}"

@@ -99,6 +99,7 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         token: str | bool | None = None,
         config: MiniCPMOConfig | None = None,
         load_processor: bool = True,
+        quantize: str | None = None,  # none | int8 | int4 (LLM decoder linears); None: as the checkpoint is
         **_ignored: Any,  # e.g. trust_remote_code from AutoModel: nothing remote is ever run
     ) -> MiniCPMO:
         """Load the official checkpoint (folder or hub id) strictly by the official tensor names."""
@@ -123,16 +124,12 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
             dtype = loading.resolve_dtype(getattr(config, "dtype", None) or "float32")
         device = loading.resolve_device(device_map)
         try:
-            with loading.construction_context(dtype=dtype, device=device):
-                model = cls(config)
+            # Parameters on meta, filled from the files on their device (quantized as asked): see loading.py.
+            model = loading.build_and_load(cls, config, folder, dtype, device, quantize)
         except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
             from minicpmo_cli.errors import EnvironmentProblem
 
             raise EnvironmentProblem(f"attn_implementation={config._attn_implementation!r} cannot be used: {exc}")
-        report = loading.load_safetensors_into(model, loading.weight_files(folder), loading.skipped_prefixes(config))
-        report.raise_if_incomplete(folder)
-        if device is not None:
-            model.to(device)
         model.eval()
         if load_processor:
             model.processor = _try_load_processor(folder)
