@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from minicpmo_cli.api.engine import DecodeOptions, Engine
-from minicpmo_cli.errors import OutputError, UsageError
+from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation.speech_units import FRAMES_PER_SECOND, MAX_AUDIO_FRAMES
 from minicpmo_cli.generation.speech_units import SAMPLE_RATE as SPEECH_RATE
-from minicpmo_cli.outputs import default_file_mode
+from minicpmo_cli.outputs import default_file_mode, make_temp_file
 
 DEFAULT_VIDEO_PROMPT = "Describe the video"  # the guide's question
 DEFAULT_FPS = 1.0  # frames per second of video for describe-video
@@ -245,13 +244,7 @@ class WavStreamWriter:
         self._wav: wave.Wave_write | None = None
 
     def __enter__(self) -> WavStreamWriter:
-        if self.path.is_dir():
-            raise OutputError("is a directory, cannot write a file there", self.path)
-        try:
-            descriptor, self._temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part",
-                                                      dir=self.path.parent)
-        except OSError as exc:
-            raise OutputError(f"cannot write here ({exc.strerror or exc})", self.path) from None
+        descriptor, self._temp = make_temp_file(self.path)  # named after us: swept if we are killed
         self._handle = os.fdopen(descriptor, "w+b")
         self._wav = wave.open(self._handle, "wb")
         self._wav.setnchannels(1)

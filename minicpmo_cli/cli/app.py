@@ -111,7 +111,12 @@ def _plain_metavars(typer_app: typer.Typer) -> None:
     for callback in filter(None, infos):
         for param in inspect.signature(callback).parameters.values():
             info = param.default
-            if not isinstance(info, (typer.models.ArgumentInfo, typer.models.OptionInfo)) or info.metavar:
+            if not isinstance(info, (typer.models.ArgumentInfo, typer.models.OptionInfo)):
+                continue
+            if "Path" in str(param.annotation):
+                # Our loaders report an unreadable file (exit 1, one line naming it), not click (exit 2).
+                info.readable = False
+            if info.metavar:
                 continue
             if isinstance(info, typer.models.ArgumentInfo):
                 info.metavar = param.name.upper()
@@ -144,11 +149,25 @@ def _report_click_error(exc: Exception) -> bool:
     return True
 
 
+def _valid_utf8_stdout() -> None:
+    """Text on stdout is always valid UTF-8: a character that cannot be written (a lone surrogate from a file
+    name that is not UTF-8) becomes U+FFFD instead of raising or writing invalid bytes."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is None:
+        return  # replaced by a test harness
+    encoding = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "")
+    try:
+        reconfigure(errors="replace", **({} if encoding == "utf8" else {"encoding": "utf-8"}))
+    except (ValueError, OSError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn every failure into one line and an exit code."""
     from minicpmo_cli.cli.chat import join_example_args
 
     args = join_example_args(common.hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
+    _valid_utf8_stdout()
     debug = "--debug" in args or os.environ.get("MINICPMO_DEBUG", "") not in ("", "0")
     try:
         code = app(args=args, prog_name="minicpmo", standalone_mode=False)
