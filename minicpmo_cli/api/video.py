@@ -118,9 +118,15 @@ def describe_video_stream(engine: Engine, path: str | os.PathLike[str], prompt: 
                           fps: float = DEFAULT_FPS) -> Iterator[str]:
     """Describe a video, yielding the answer piece by piece (one piece with beam search)."""
     decode = decode or DecodeOptions()
+    from minicpmo_cli.media.video import probe_video
+    from minicpmo_cli.processing.limits import check_prompt_fits, check_video_fits
+
     with_audio = engine.towers.get("audio", True)
+    info = probe_video(path)  # measured from the header before anything is decoded
+    check_video_fits(engine, info, _planned_frame_count(info, fps, max_frames), with_audio, unit_mode=False)
     parts, _ = video_message_parts(path, max_frames=max_frames, fps=fps, with_audio=with_audio)
     msgs = [{"role": "user", "content": parts + [prompt or DEFAULT_VIDEO_PROMPT]}]
+    check_prompt_fits(engine, msgs, **VIDEO_PROCESSING)
     yield from engine.text_pieces(msgs, decode, defaults=VIDEO_DEFAULTS, **VIDEO_PROCESSING)
 
 
@@ -168,6 +174,7 @@ def omni(engine: Engine, path: str | os.PathLike[str], prompt: str | None = None
 
     decode = decode or DecodeOptions()
     system = omni_system_message(ref_audio, language)
+    _check_units_fit(engine, path)
     units = [item for unit in omni_unit_contents(path) for item in unit]
     count = len(units) // 3
     content = units + ([prompt] if prompt else [])
@@ -200,6 +207,7 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
     decode = decode or DecodeOptions()
     model, processor = engine.model, engine.processor
     system = omni_system_message(ref_audio, language)
+    _check_units_fit(engine, path)
     if speak:
         engine.enable_tts()
     session_id = session_id or uuid4().hex
@@ -224,6 +232,14 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
         if budget is not None:
             audio, budget = audio[:budget], max(0, budget - len(audio))
         yield OmniChunk(text=item.text, audio=audio, sample_rate=item.sampling_rate or SPEECH_RATE)
+
+
+def _check_units_fit(engine: Engine, path) -> None:
+    """A video longer than the context holds (in 1 s units) fails before a frame is decoded."""
+    from minicpmo_cli.media.video import probe_video
+    from minicpmo_cli.processing.limits import check_video_fits
+
+    check_video_fits(engine, probe_video(path), 0, True, unit_mode=True)
 
 
 # ---------------------------------------------------------------------------------------------- wav output

@@ -150,3 +150,52 @@ def _entry_kind(entry: os.DirEntry) -> str:
         return "file" if entry.is_file() else "other"
     except OSError:  # a symlink whose target we may not see: let the decoder name the problem
         return "file" if entry.is_symlink() else "other"
+
+
+# ---------------------------------------------------------------------------------------------- text
+MAX_TEXT_BYTES = 64 * 1024 * 1024  # text on stdin or in a --text-file: more is not text for a model to read
+
+
+def read_text_input(path: str | os.PathLike[str] | None) -> str:
+    """UTF-8 text from a file, or stdin for None or "-"; binary data or other encodings are usage errors."""
+    from minicpmo_cli.errors import InputError, UsageError
+
+    name = "<stdin>" if path is None or str(path) == "-" else str(path)
+    try:
+        if name == "<stdin>":
+            stream = getattr(sys.stdin, "buffer", None)  # a text-only stdin (a test harness) has no bytes
+            data = stream.read(MAX_TEXT_BYTES + 1) if stream is not None else sys.stdin.read().encode()
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_TEXT_BYTES + 1)
+    except FileNotFoundError:
+        raise InputError("no such file", name) from None
+    except OSError as exc:
+        raise InputError(f"cannot read it ({os_reason(exc)})", name) from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise UsageError(f"the text is over {MAX_TEXT_BYTES // (1024 * 1024)} MB, the most that is read", name)
+    return decode_text(data, name)
+
+
+def decode_text(data: bytes, name: str) -> str:
+    from minicpmo_cli.errors import UsageError
+
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark some editors write is not part of the text
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"not UTF-8 text (byte {exc.start} is not; binary data?)", name) from None
+    if "\0" in text:
+        raise UsageError("not UTF-8 text (it holds NUL bytes: binary data?)", name)
+    return text
+
+
+def check_text_argument(text: str | None, what: str) -> str | None:
+    """An argument from the command line: bytes that were not UTF-8 reach Python as lone surrogates."""
+    from minicpmo_cli.errors import UsageError
+
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{what} is not UTF-8 text") from None
+    return text

@@ -289,3 +289,55 @@ def test_paths_through_a_file_or_a_symlink_loop_fail_alone(tiny_ckpt, clip, tmp_
     chat = run_cli("--model", tiny_ckpt, "chat", "hi", "-i", good / "x.png")
     assert chat.returncode == 1
     one_error_line_per(chat.stderr, "x.png: file not found")
+
+
+# ------------------------------------------------------------------------------------ 5: nothing can hang
+def assert_too_long(result, *words: str) -> None:
+    err = result.stderr.decode("utf-8")
+    assert result.returncode == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("minicpmo: error:")]
+    assert len(lines) == 1 and "at most 4096" in lines[0], err  # the tiny model's max_position_embeddings
+    for word in words:
+        assert word in lines[0], err
+    assert not CLASS_NAME.search(err) and "longer than the specified maximum" not in err, err
+
+
+def test_a_1mb_prompt_on_stdin_is_refused_in_seconds(tiny_ckpt):
+    started = time.monotonic()
+    result = run_cli("--model", tiny_ckpt, "--device", "cpu", "chat", "Summarise.", stdin=b"word " * 200_000,
+                     timeout=180)
+    assert_too_long(result, "the prompt is ", " tokens")
+    assert time.monotonic() - started < 180
+
+
+def test_too_many_images_too_long_audio_or_video_are_refused_before_decoding(tiny_ckpt, tmp_path):
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    images = [arg for _ in range(70) for arg in ("-i", tmp_path / "red.png")]
+    assert_too_long(run_cli("--model", tiny_ckpt, "--device", "cpu", "chat", "Compare them.", *images))
+    soundfile.write(tmp_path / "long.wav", np.zeros(16000 * 200, np.float32), 16000)  # 200 s: ~5000 tokens
+    assert_too_long(run_cli("--model", tiny_ckpt, "--device", "cpu", "chat", "What is this?", "-a",
+                            tmp_path / "long.wav"))
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed (needed to make the test video)")
+    video = tmp_path / "long.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=gray:s=32x32:r=1:d=90", "-f",
+                    "lavfi", "-i", "sine=d=90", "-shortest", str(video)], check=True)
+    for mode in (["--stream"], []):
+        assert_too_long(run_cli("--model", tiny_ckpt, "--device", "cpu", "omni", video, *mode), "90 one-second units")
+
+
+# ------------------------------------------------------------------------------------ 6: binary stdin
+@pytest.mark.parametrize("args", [["tts", "-", "-o", "{out}"], ["chat"], ["chat", "Summarise."],
+                                  ["tts", "--text-file", "-", "-o", "{out}"], ["tts", "--text-file", "{wav}", "-o",
+                                                                                "{out}"]])
+def test_binary_input_where_text_is_expected_is_a_usage_error(tiny_ckpt, clip, tmp_path, args):
+    args = [a.format(out=tmp_path / "x.wav", wav=clip) for a in args]
+    result = run_cli("--model", tiny_ckpt, *args, stdin=clip.read_bytes())
+    err = result.stderr.decode("utf-8")
+    assert result.returncode == 2, err
+    assert err.count("\n") == 1 and "not UTF-8 text" in err, err
+    assert not (tmp_path / "x.wav").exists()
