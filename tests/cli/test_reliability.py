@@ -341,3 +341,29 @@ def test_binary_input_where_text_is_expected_is_a_usage_error(tiny_ckpt, clip, t
     assert result.returncode == 2, err
     assert err.count("\n") == 1 and "not UTF-8 text" in err, err
     assert not (tmp_path / "x.wav").exists()
+
+
+# ------------------------------------------------------------------------------------ 7: no library noise
+def test_corrupt_mp3_gives_exactly_our_lines_on_stderr(tiny_ckpt, clip, tmp_path):
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed (needed to make the test mp3)")
+    import random
+
+    good = tmp_path / "good.mp3"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(clip), str(good)], check=True)
+    data, rng = bytearray(good.read_bytes()), random.Random(1)
+    for index in range(200, len(data), 97):  # scratched: every 97th byte garbled
+        data[index] = rng.randrange(256)
+    (tmp_path / "scratched.mp3").write_bytes(bytes(data))
+    (tmp_path / "garbage.mp3").write_bytes(b"ID3" + bytes(rng.randrange(256) for _ in range(5000)))
+
+    broken = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", tmp_path / "garbage.mp3", *FAST)
+    assert broken.returncode == 1
+    assert broken.stderr.decode().splitlines() == [
+        f"minicpmo: error: {tmp_path / 'garbage.mp3'}: corrupt or truncated audio file "
+        "(Invalid data found when processing input)"]
+    scratched = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", tmp_path / "scratched.mp3", *FAST)
+    assert scratched.returncode == 0, scratched.stderr.decode()
+    lines = scratched.stderr.decode().splitlines()
+    assert all(line.startswith(("warning: ", "minicpmo: error: ")) for line in lines), lines  # nothing but ours
+    assert sum("scratched.mp3: " in line and "damaged audio packet" in line for line in lines) == 1, lines
