@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -92,6 +93,8 @@ class Sink:
         self.several = several
         self.claims: dict[str, object] = {}  # input path -> its claim on the outputs (claims.py)
         self._swept: set[Path] = set()
+        self.skipped = 0  # inputs another run did or is doing
+        self.started = time.time()
 
     def targets(self, item: InputItem) -> list[Path]:
         from minicpmo_cli.outputs import output_path_for
@@ -113,21 +116,32 @@ class Sink:
 
         if self.output_dir is None:
             return True
+        from minicpmo_cli.outputs import ensure_output_dir
+
         stem = self.targets(item)[0].with_suffix("")
-        if stem.parent not in self._swept and stem.parent.is_dir():
+        if stem.parent not in self._swept:
+            ensure_output_dir(stem.parent)  # a sub-folder of -o: claims live beside the outputs
             self._swept.add(stem.parent)
             sweep_claims(stem.parent)
         try:
-            claim = try_claim(stem) if stem.parent.is_dir() else None
+            claim = try_claim(stem)
         except Claimed as owner:
             common.debug(f"{display_name(item.path)}: skipped, another run ({owner}) is working on it")
+            self.skipped += 1
             return False
-        if self.is_done(item):  # finished by another run since the batch was listed
-            if claim is not None:
-                release(claim)
+        if self.is_done(item) or self._written_since_start(item):  # by another run, since we listed them
+            release(claim)
+            self.skipped += 1
             return False
         self.claims[item.path] = claim
         return True
+
+    def _written_since_start(self, item: InputItem) -> bool:
+        """With --overwrite: every output rewritten after this run started (by a concurrent run)."""
+        try:
+            return self.overwrite and all(t.stat().st_mtime >= self.started for t in self.targets(item))
+        except OSError:
+            return False
 
     def release(self, path: str) -> None:
         from minicpmo_cli.claims import release
@@ -213,9 +227,20 @@ def _claimed_inputs(items: list[InputItem], sink: Sink):
             continue
         common.debug(f"transcribing {display_name(item.path)}")
         if item.path == "-":
-            yield AudioInput("-", sys.stdin.buffer.read())
+            yield AudioInput("-", _read_stdin_audio())
         else:
             yield AudioInput.from_path(item.path)
+
+
+def _read_stdin_audio() -> bytes:
+    from minicpmo_cli.errors import InputError
+    from minicpmo_cli.processing.limits import MAX_STDIN_BYTES
+
+    data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        raise InputError(f"over {MAX_STDIN_BYTES >> 30} GB of audio on stdin: give it as a file instead "
+                         "(files of any length are read from disk)", "<stdin>")
+    return data
 
 
 def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
@@ -245,6 +270,8 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
                 advance()
     finally:
         sink.release_all()  # interrupted: what this run held is free for the next one
+    if sink.skipped:
+        common.info(f"skipped {sink.skipped} input(s) that another run did or is doing (same -o folder)")
     return failed
 
 

@@ -18,6 +18,7 @@ DEFAULT_CONTEXT = 32768  # positions: MiniCPM-o 2.6's LLM (Qwen2.5-7B) when a co
 MIN_ANSWER_TOKENS = 16  # a prompt must leave at least this much room for the answer
 MAX_INSTRUCTION_CHARS = 16384  # asr --prompt: an instruction, sent with every 30 s piece
 AUDIO_RATE = 16000  # Hz
+MAX_STDIN_BYTES = 2 << 30  # audio piped in is held in memory: more than this should be given as a file
 
 
 class PromptTooLong(UsageError):

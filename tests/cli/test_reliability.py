@@ -136,19 +136,20 @@ def test_live_writers_temp_files_are_left_alone(tmp_path):
 # ------------------------------------------------------------------------------------ 8: concurrent runs
 def test_two_concurrent_runs_do_each_input_once(tiny_ckpt, clip, tmp_path):
     inbox, out = tmp_path / "in", tmp_path / "out"
-    stems = [p.stem for p in folder_of(clip, inbox, 8)]
-    command = cli_command("--model", tiny_ckpt, "--device", "cpu", "-v", "asr", inbox, "-o", out, "-f", "all",
-                          *FAST)
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    results = [run.communicate(timeout=300) for run in runs]
-    for run, (_, err) in zip(runs, results):
-        assert run.returncode == 0, err.decode()
-    done = Counter(line.split("transcribing ", 1)[1].strip()
-                   for _, err in results for line in err.decode().splitlines() if line.startswith("transcribing "))
-    assert sorted(Path(p).stem for p in done) == stems  # every input, by one of the two runs
-    assert set(done.values()) == {1}, done  # and none by both
-    assert_complete(out, stems)
-    assert leftovers(out) == []
+    stems = [p.stem for p in folder_of(clip, inbox, 6)]
+    for extra in ([], ["--overwrite"]):  # a fresh folder, then both redoing everything in it
+        command = cli_command("--model", tiny_ckpt, "--device", "cpu", "-v", "asr", inbox, "-o", out, "-f", "all",
+                              *FAST, *extra)
+        runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        results = [run.communicate(timeout=300) for run in runs]
+        for run, (_, err) in zip(runs, results):
+            assert run.returncode == 0, err.decode()
+        done = Counter(line.split("transcribing ", 1)[1].strip() for _, err in results
+                       for line in err.decode().splitlines() if line.startswith("transcribing "))
+        assert sorted(Path(p).stem for p in done) == stems, extra  # every input, by one of the two runs
+        assert set(done.values()) == {1}, (extra, done)  # and none by both
+        assert_complete(out, stems)
+        assert leftovers(out) == []
 
 
 def test_a_claim_of_a_dead_run_is_taken_over(tmp_path):
