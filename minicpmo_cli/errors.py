@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -17,7 +19,28 @@ class MiniCPMOError(Exception):
 
     def __init__(self, message: str, path: object | None = None) -> None:
         self.path = None if path is None else str(path)
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        super().__init__(f"{display_name(self.path)}: {message}" if self.path else message)
+
+
+def display_name(path: str | os.PathLike[str] | bytes) -> str:
+    """A path as valid, readable text: bytes that are not UTF-8 (kept as surrogates by the OS layer) become
+    U+FFFD. For messages and stdout; the file itself is always opened by its real name."""
+    try:
+        return os.fsencode(path).decode("utf-8", "replace")
+    except (TypeError, UnicodeError):
+        return valid_text(str(path))
+
+
+def valid_text(text: str) -> str:
+    """`text` made valid UTF-8: surrogates that stand for undecodable bytes (and any other lone surrogate)
+    become U+FFFD. A no-op for ordinary text."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if all(
+            not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text) else \
+            text.encode("utf-8", "replace").decode("utf-8")
 
 
 class InputError(MiniCPMOError):

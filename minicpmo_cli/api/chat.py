@@ -129,9 +129,13 @@ def reply_with_speech(engine: Engine, conversation: Conversation, decode: Decode
     Speech comes from the same generation (the TTS chat template and the LLM's speaker state), as the
     reference's ``generate_audio=True``; it cannot stream text.
     """
+    from minicpmo_cli.processing.limits import check_prompt_fits
+
+    msgs = conversation.messages(spoken=True)
+    check_prompt_fits(engine, msgs, use_tts_template=True, **_video_settings(conversation))
     if not engine.has_tts:
         engine.enable_tts()
-    result = engine.generate(conversation.messages(spoken=True), decode, defaults=CHAT_DEFAULTS,
+    result = engine.generate(msgs, decode, defaults=CHAT_DEFAULTS,
                              use_tts_template=True, generate_audio=True, **_video_settings(conversation))
     return result.text, result.audio_wav, result.sampling_rate
 
@@ -142,7 +146,11 @@ def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
 
     Beam search (``sampling=False``) cannot stream, so it yields the whole answer at once.
     """
-    yield from engine.text_pieces(conversation.messages(), decode, stream=stream, defaults=CHAT_DEFAULTS,
+    from minicpmo_cli.processing.limits import check_prompt_fits
+
+    msgs = conversation.messages()
+    check_prompt_fits(engine, msgs, use_tts_template=conversation.uses_audio(), **_video_settings(conversation))
+    yield from engine.text_pieces(msgs, decode, stream=stream, defaults=CHAT_DEFAULTS,
                                   use_tts_template=conversation.uses_audio(), **_video_settings(conversation))
 
 

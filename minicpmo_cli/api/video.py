@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from minicpmo_cli.api.engine import DecodeOptions, Engine
-from minicpmo_cli.errors import OutputError, UsageError
+from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation.speech_units import FRAMES_PER_SECOND, MAX_AUDIO_FRAMES
 from minicpmo_cli.generation.speech_units import SAMPLE_RATE as SPEECH_RATE
-from minicpmo_cli.outputs import default_file_mode
+from minicpmo_cli.outputs import default_file_mode, make_temp_file
 
 DEFAULT_VIDEO_PROMPT = "Describe the video"  # the guide's question
 DEFAULT_FPS = 1.0  # frames per second of video for describe-video
@@ -119,9 +118,15 @@ def describe_video_stream(engine: Engine, path: str | os.PathLike[str], prompt: 
                           fps: float = DEFAULT_FPS) -> Iterator[str]:
     """Describe a video, yielding the answer piece by piece (one piece with beam search)."""
     decode = decode or DecodeOptions()
+    from minicpmo_cli.media.video import probe_video
+    from minicpmo_cli.processing.limits import check_prompt_fits, check_video_fits
+
     with_audio = engine.towers.get("audio", True)
+    info = probe_video(path)  # measured from the header before anything is decoded
+    check_video_fits(engine, info, _planned_frame_count(info, fps, max_frames), with_audio, unit_mode=False)
     parts, _ = video_message_parts(path, max_frames=max_frames, fps=fps, with_audio=with_audio)
     msgs = [{"role": "user", "content": parts + [prompt or DEFAULT_VIDEO_PROMPT]}]
+    check_prompt_fits(engine, msgs, **VIDEO_PROCESSING)
     yield from engine.text_pieces(msgs, decode, defaults=VIDEO_DEFAULTS, **VIDEO_PROCESSING)
 
 
@@ -169,6 +174,7 @@ def omni(engine: Engine, path: str | os.PathLike[str], prompt: str | None = None
 
     decode = decode or DecodeOptions()
     system = omni_system_message(ref_audio, language)
+    _check_units_fit(engine, path)
     units = [item for unit in omni_unit_contents(path) for item in unit]
     count = len(units) // 3
     content = units + ([prompt] if prompt else [])
@@ -201,6 +207,7 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
     decode = decode or DecodeOptions()
     model, processor = engine.model, engine.processor
     system = omni_system_message(ref_audio, language)
+    _check_units_fit(engine, path)
     if speak:
         engine.enable_tts()
     session_id = session_id or uuid4().hex
@@ -227,6 +234,14 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
         yield OmniChunk(text=item.text, audio=audio, sample_rate=item.sampling_rate or SPEECH_RATE)
 
 
+def _check_units_fit(engine: Engine, path) -> None:
+    """A video longer than the context holds (in 1 s units) fails before a frame is decoded."""
+    from minicpmo_cli.media.video import probe_video
+    from minicpmo_cli.processing.limits import check_video_fits
+
+    check_video_fits(engine, probe_video(path), 0, True, unit_mode=True)
+
+
 # ---------------------------------------------------------------------------------------------- wav output
 class WavStreamWriter:
     """A 24 kHz mono PCM16 wav written chunk by chunk, valid on disk after every chunk.
@@ -245,13 +260,7 @@ class WavStreamWriter:
         self._wav: wave.Wave_write | None = None
 
     def __enter__(self) -> WavStreamWriter:
-        if self.path.is_dir():
-            raise OutputError("is a directory, cannot write a file there", self.path)
-        try:
-            descriptor, self._temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part",
-                                                      dir=self.path.parent)
-        except OSError as exc:
-            raise OutputError(f"cannot write here ({exc.strerror or exc})", self.path) from None
+        descriptor, self._temp = make_temp_file(self.path)  # named after us: swept if we are killed
         self._handle = os.fdopen(descriptor, "w+b")
         self._wav = wave.open(self._handle, "wb")
         self._wav.setnchannels(1)

@@ -178,7 +178,7 @@ def resolve_voice(name_or_path: VoiceSource) -> np.ndarray:
         check_reference(samples, text)
         return samples
     path = Path(text).expanduser()
-    if not path.exists() and _NAME_PATTERN.match(text) and not path.suffix:
+    if not os.path.lexists(path) and _NAME_PATTERN.match(text) and not path.suffix:  # lexists: never raises
         raise InputError("no voice profile or audio file by this name (saved voices: minicpmo voices)", text)
     samples = load_audio(path)
     check_reference(samples, text)

@@ -12,7 +12,8 @@ import typer
 
 from minicpmo_cli import __version__
 from minicpmo_cli.cli import common
-from minicpmo_cli.errors import EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, MiniCPMOError
+from minicpmo_cli.errors import (EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, MiniCPMOError,
+                                 display_name, valid_text)
 
 app = typer.Typer(
     name="minicpmo",
@@ -93,6 +94,9 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
     package = logging.getLogger("minicpmo_cli")
     package.handlers[:] = [handler]
     package.setLevel(level)
+    import warnings
+
+    warnings.showwarning = _show_warning
     if quiet:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -121,7 +125,12 @@ def _plain_metavars(typer_app: typer.Typer) -> None:
     for callback in filter(None, infos):
         for param in inspect.signature(callback).parameters.values():
             info = param.default
-            if not isinstance(info, (typer.models.ArgumentInfo, typer.models.OptionInfo)) or info.metavar:
+            if not isinstance(info, (typer.models.ArgumentInfo, typer.models.OptionInfo)):
+                continue
+            if "Path" in str(param.annotation):
+                # Our loaders report an unreadable file (exit 1, one line naming it), not click (exit 2).
+                info.readable = False
+            if info.metavar:
                 continue
             if isinstance(info, typer.models.ArgumentInfo):
                 info.metavar = param.name.upper()
@@ -136,9 +145,51 @@ _plain_metavars(app)
 def _exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, MiniCPMOError):
         return exc.exit_code
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's, without torch
         return EXIT_ENVIRONMENT
     return EXIT_RUNTIME
+
+
+def describe_error(exc: BaseException, debug: bool = False) -> str:
+    """One line for any failure, in words: an exception's class name never reaches the user (--debug adds
+    the traceback instead)."""
+    hint = "" if debug else " (run with --debug for details)"
+    text = _first_line(exc)
+    if isinstance(exc, MiniCPMOError):
+        return text
+    if isinstance(exc, OSError):
+        reason = (exc.strerror or text or "input/output error").lower()
+        where = exc.filename if exc.filename is not None else None
+        return f"{display_name(where)}: {reason}" if where is not None else reason
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, UnicodeError):
+        return f"text that cannot be encoded ({getattr(exc, 'reason', '') or 'invalid characters'})"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "out of memory" + (f": {text}" if text else "") + " (try a smaller --batch-size, or --device cpu)"
+    return f"unexpected failure{': ' + text if text else ''}{hint}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = f"missing key {exc.args[0]!r}"  # str(KeyError('x')) is just "'x'"
+    return valid_text(text.splitlines()[0]) if text else ""
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+    except (OSError, ValueError):
+        pass
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (torch's, PIL's, ...) as one line like ours, without the category's class name."""
+    text = str(message).strip().splitlines()
+    if text and not common.options().quiet:
+        common.err(f"warning: {text[0]}")
 
 
 def _report_click_error(exc: Exception) -> bool:
@@ -154,11 +205,25 @@ def _report_click_error(exc: Exception) -> bool:
     return True
 
 
+def _valid_utf8_stdout() -> None:
+    """Text on stdout is always valid UTF-8: a character that cannot be written (a lone surrogate from a file
+    name that is not UTF-8) becomes U+FFFD instead of raising or writing invalid bytes."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is None:
+        return  # replaced by a test harness
+    encoding = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "")
+    try:
+        reconfigure(errors="replace", **({} if encoding == "utf8" else {"encoding": "utf-8"}))
+    except (ValueError, OSError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn every failure into one line and an exit code."""
     from minicpmo_cli.cli.chat import join_example_args
 
     args = join_example_args(common.hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
+    _valid_utf8_stdout()
     debug = "--debug" in args or os.environ.get("MINICPMO_DEBUG", "") not in ("", "0")
     try:
         code = app(args=args, prog_name="minicpmo", standalone_mode=False)
@@ -167,12 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if _report_click_error(exc):
             sys.exit(exc.exit_code if type(exc).__name__ != "NoArgsIsHelpError" else EXIT_USAGE)
+        if isinstance(exc, BrokenPipeError):  # stdout's reader went away (`| head`): nothing left to say
+            _silence_stdout()
+            sys.exit(EXIT_RUNTIME)
         if debug:
             traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not isinstance(exc, MiniCPMOError):
-            message = f"{type(exc).__name__}: {message}" + ("" if debug else " (run with --debug for details)")
-        common.err(f"minicpmo: error: {message}")
+        common.err(f"minicpmo: error: {describe_error(exc, debug)}")
         sys.exit(_exit_code_for(exc))
     if code == EXIT_INTERRUPTED:
         common.err("minicpmo: interrupted (finished outputs were kept)")

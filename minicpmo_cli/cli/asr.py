@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import glob
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -11,17 +11,14 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from minicpmo_cli.cli import common
+from minicpmo_cli.errors import display_name
 
 if TYPE_CHECKING:
     from minicpmo_cli.api.engine import DecodeOptions
+    from minicpmo_cli.cli.inputs import InputItem
 
 FORMATS = ("txt", "json", "jsonl", "srt", "vtt", "all")
 TEXT_FORMATS = ("txt", "json", "jsonl", "srt", "vtt")
-# What a folder argument contributes: audio files and videos with a sound track (decoded by PyAV).
-MEDIA_EXTENSIONS = frozenset(
-    ".wav .mp3 .flac .ogg .oga .opus .m4a .aac .wma .aif .aiff .aifc .amr .caf .mka .ac3 .au .spx .webm .mp4 "
-    ".m4v .mkv .mov .avi .mpg .mpeg .ts .3gp .flv .wmv".split()
-)
 
 HELP = common.examples_help(
     "Transcribe speech, or caption, tag or describe the speaker of audio. INPUT is a file, a folder "
@@ -64,11 +61,15 @@ def asr(
     decode: DecodeOptions,
 ) -> None:
     from minicpmo_cli.api.asr import AsrOptions
+    from minicpmo_cli.cli.inputs import resolve_inputs
 
     if output_format not in FORMATS:
         common.fail_usage(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
     options = AsrOptions(task=task, language=language, prompt=prompt, batch_size=batch_size)
     _ = options.instruction  # validates --task / --language / --prompt before anything is read
+    from minicpmo_cli.processing.limits import check_instruction
+
+    check_instruction(prompt)
     items = resolve_inputs(list(inputs or []), files_from, recursive)
     if any(item.path == "-" for item in items) and sys.stdin.isatty():
         common.fail_usage("- reads audio from stdin, but stdin is a terminal: pipe a file in")
@@ -82,65 +83,6 @@ def asr(
     _exit_for_failures(failed, len(items))
 
 
-# ---------------------------------------------------------------------------------------------- inputs
-@dataclass
-class InputItem:
-    """An input path ("-" for stdin) and where its outputs go, relative to -o (sub-folders of a folder)."""
-
-    path: str
-    relative_dir: Path = Path(".")
-
-
-def resolve_inputs(args: list[str], files_from: str | None, recursive: bool) -> list[InputItem]:
-    """Expand folders and globs, add --files-from lines; missing paths stay in (reported as failures)."""
-    if files_from is not None:
-        args = args + _read_list(files_from)
-    if not args:
-        common.fail_usage("no input: give INPUT paths, a folder, a glob, - for stdin, or --files-from")
-    if args.count("-") > 1 or ("-" in args and files_from == "-"):
-        common.fail_usage("stdin (-) can be read only once")
-    items: list[InputItem] = []
-    for arg in args:
-        items.extend(_expand(arg, recursive))
-    unique = list({item.path: item for item in reversed(items)}.values())[::-1]  # first occurrence wins
-    if not unique:
-        common.fail_usage("no audio or video files found in the given inputs")
-    return unique
-
-
-def _read_list(source: str) -> list[str]:
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except OSError as exc:
-        common.fail_usage(f"--files-from {source}: cannot read it ({exc.strerror or exc})")
-    lines = (line.strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
-
-
-def _expand(arg: str, recursive: bool) -> list[InputItem]:
-    path = Path(arg)
-    if arg == "-" or path.is_file():
-        return [InputItem(arg)]
-    if path.is_dir():
-        found = _media_files(path, recursive)
-        if not found:
-            common.warn(f"{arg}: no audio or video files in this folder")
-        return [InputItem(str(f), f.parent.relative_to(path)) for f in found]
-    if glob.has_magic(arg):  # the shell did not expand it (quoted, or Windows): do it here
-        # `**` means "any depth" as in bash's globstar, with or without --recursive.
-        matches = sorted(glob.glob(arg, recursive=recursive or "**" in arg))
-        if not matches:
-            common.warn(f"{arg}: no files match this pattern")
-        return [item for match in matches for item in _expand(match, recursive)]
-    return [InputItem(arg)]  # missing: the decoder reports it as a failed input, the others go on
-
-
-def _media_files(folder: Path, recursive: bool) -> list[Path]:
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in candidates
-                  if p.suffix.lower() in MEDIA_EXTENSIONS and p.is_file() and not p.name.startswith("."))
-
-
 # ---------------------------------------------------------------------------------------------- outputs
 class Sink:
     """Where records go: files under -o (written as each input completes) or stdout."""
@@ -150,6 +92,10 @@ class Sink:
         self.formats = TEXT_FORMATS if fmt == "all" else (fmt,)
         self.overwrite = overwrite
         self.several = several
+        self.claims: dict[str, object] = {}  # input path -> its claim on the outputs (claims.py)
+        self._swept: set[Path] = set()
+        self.skipped = 0  # inputs another run did or is doing
+        self.started = time.time()
 
     def targets(self, item: InputItem) -> list[Path]:
         from minicpmo_cli.outputs import output_path_for
@@ -161,6 +107,53 @@ class Sink:
         from minicpmo_cli.outputs import should_skip
 
         return self.output_dir is not None and all(should_skip(t, self.overwrite) for t in self.targets(item))
+
+    def claim(self, item: InputItem) -> bool:
+        """Claim the item's outputs for this run: False when a live run works on them, or they got done.
+
+        Concurrent runs over one -o folder so do each input once; a killed run's claims are taken over.
+        """
+        from minicpmo_cli.claims import Claimed, release, sweep_claims, try_claim
+
+        if self.output_dir is None:
+            return True
+        from minicpmo_cli.outputs import ensure_output_dir
+
+        stem = self.targets(item)[0].with_suffix("")
+        if stem.parent not in self._swept:
+            ensure_output_dir(stem.parent)  # a sub-folder of -o: claims live beside the outputs
+            self._swept.add(stem.parent)
+            sweep_claims(stem.parent)
+        try:
+            claim = try_claim(stem)
+        except Claimed as owner:
+            common.debug(f"{display_name(item.path)}: skipped, another run ({owner}) is working on it")
+            self.skipped += 1
+            return False
+        if self.is_done(item) or self._written_since_start(item):  # by another run, since we listed them
+            release(claim)
+            self.skipped += 1
+            return False
+        self.claims[item.path] = claim
+        return True
+
+    def _written_since_start(self, item: InputItem) -> bool:
+        """With --overwrite: every output rewritten after this run started (by a concurrent run)."""
+        try:
+            return self.overwrite and all(t.stat().st_mtime >= self.started for t in self.targets(item))
+        except OSError:
+            return False
+
+    def release(self, path: str) -> None:
+        from minicpmo_cli.claims import release
+
+        claim = self.claims.pop(path, None)
+        if claim is not None:
+            release(claim)
+
+    def release_all(self) -> None:
+        for path in list(self.claims):
+            self.release(path)
 
     def emit(self, item: InputItem, record) -> None:
         from minicpmo_cli.outputs import WRITERS, ensure_output_dir, should_skip
@@ -184,7 +177,7 @@ class Sink:
             return
         text = WRITERS[fmt]().format(_for_format(record, fmt))
         if self.several and fmt != "jsonl":
-            text = f"==> {record.path} <==\n{text}"
+            text = f"==> {display_name(record.path)} <==\n{text}"
         sys.stdout.write(text)
         sys.stdout.flush()
 
@@ -226,14 +219,29 @@ def _check_collisions(items: list[InputItem], output_dir: Path, fmt: str) -> Non
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _audio_inputs(items: list[InputItem]):
+def _claimed_inputs(items: list[InputItem], sink: Sink):
+    """The AudioInputs of the items this run claims, decoded lazily (stdin read when its turn comes)."""
     from minicpmo_cli.api.asr import AudioInput
 
     for item in items:
+        if not sink.claim(item):
+            continue
+        common.debug(f"transcribing {display_name(item.path)}")
         if item.path == "-":
-            yield AudioInput("-", sys.stdin.buffer.read())
+            yield AudioInput("-", _read_stdin_audio())
         else:
             yield AudioInput.from_path(item.path)
+
+
+def _read_stdin_audio() -> bytes:
+    from minicpmo_cli.errors import InputError
+    from minicpmo_cli.processing.limits import MAX_STDIN_BYTES
+
+    data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        raise InputError(f"over {MAX_STDIN_BYTES >> 30} GB of audio on stdin: give it as a file instead "
+                         "(files of any length are read from disk)", "<stdin>")
+    return data
 
 
 def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
@@ -243,15 +251,28 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
     def load():
         return common.load_engine(vision=False, audio=True, tts=False)
 
-    records = transcribe_many(load, _audio_inputs(items), options, decode, warn=common.warn)
     failed = 0
-    with _Progress(len(items)) as advance:
-        for item, record in zip(items, records):
-            if record.error is not None:
-                failed += 1
-                common.err(f"minicpmo: error: {input_name(record.path)}: {record.error}")
-            sink.emit(item, record)
-            advance()
+    for item in items:
+        if item.error is not None:  # found while listing: a folder we may not read, a path through a file
+            failed += 1
+            common.err(f"minicpmo: error: {display_name(item.path)}: {item.error}")
+    by_path = {item.path: item for item in items if item.error is None}
+    records = transcribe_many(load, _claimed_inputs(list(by_path.values()), sink), options, decode,
+                              warn=common.warn)
+    try:
+        with _Progress(len(by_path)) as advance:
+            for record in records:
+                item = by_path[record.path]
+                if record.error is not None:
+                    failed += 1
+                    common.err(f"minicpmo: error: {display_name(input_name(record.path))}: {record.error}")
+                sink.emit(item, record)
+                sink.release(item.path)  # done, or failed: then the next run tries it again
+                advance()
+    finally:
+        sink.release_all()  # interrupted: what this run held is free for the next one
+    if sink.skipped:
+        common.info(f"skipped {sink.skipped} input(s) that another run did or is doing (same -o folder)")
     return failed
 
 

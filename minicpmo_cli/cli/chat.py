@@ -44,7 +44,11 @@ def chat(
     *,
     decode: DecodeOptions,
 ) -> None:
-    stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
+    from minicpmo_cli.cli.inputs import check_text_argument, read_text_input
+
+    stdin_text = None if sys.stdin.isatty() else read_text_input(None)  # binary data: "not UTF-8 text", exit 2
+    check_text_argument(prompt, "PROMPT")
+    check_text_argument(system, "--system")
     interactive = prompt is None and stdin_text is None
     if not interactive and not (prompt or stdin_text or "").strip() and not (image or audio or video):
         raise typer.BadParameter("nothing to ask: give a PROMPT, pipe text on stdin, or attach media")

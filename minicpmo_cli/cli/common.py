@@ -86,8 +86,10 @@ def use_color() -> bool:
 
 
 def err(message: str) -> None:
-    """One line on stderr, whatever the verbosity."""
-    print(message, file=sys.stderr, flush=True)
+    """One line on stderr, whatever the verbosity; valid UTF-8 even when it names a file that is not."""
+    from minicpmo_cli.errors import valid_text
+
+    print(valid_text(message), file=sys.stderr, flush=True)
 
 
 def info(message: str) -> None:
@@ -221,13 +223,16 @@ def wav_output_target(output: str, overwrite: bool) -> Path | None:
             raise UsageError("-o -: refusing to write wav bytes to a terminal (redirect stdout, or name a file)")
         return None
     path = Path(output).expanduser()
-    if path.is_dir():
-        raise OutputError("is a folder; give a .wav file name", path)
-    if path.exists() and not overwrite:
-        raise OutputError("already exists (pass --overwrite to replace it)", path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputError(f"cannot write here: the folder {folder} does not exist", path)
+    try:
+        if path.is_dir():
+            raise OutputError("is a folder; give a .wav file name", path)
+        if path.exists() and not overwrite:
+            raise OutputError("already exists (pass --overwrite to replace it)", path)
+        folder = path.parent
+        if not folder.is_dir():
+            raise OutputError(f"cannot write here: the folder {folder} does not exist", path)
+    except OSError as exc:  # a folder of the path we may not enter
+        raise OutputError(f"cannot write here ({(exc.strerror or str(exc)).lower()})", path) from None
     probe_writable(folder, path)
     return path
 

@@ -227,25 +227,19 @@ def voices_remove(names: list[str] = typer.Argument(..., help="Voice names to de
 
 
 def _read_text(text: str | None, text_file: Path | None) -> str:
-    """The text to speak: the argument, stdin (- or piped), or a UTF-8 file."""
-    from minicpmo_cli.errors import InputError, UsageError
+    """The text to speak: the argument, stdin (- or piped), or a UTF-8 file (anything else: exit 2)."""
+    from minicpmo_cli.cli.inputs import check_text_argument, read_text_input
+    from minicpmo_cli.errors import UsageError
 
     if text is not None and text_file is not None:
         raise UsageError("give the text as an argument or with --text-file, not both")
-    if text_file is not None and str(text_file) != "-":
-        try:
-            return text_file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError("no such file", text_file) from None
-        except UnicodeDecodeError:
-            raise InputError("not UTF-8 text", text_file) from None
-        except OSError as exc:
-            raise InputError(f"cannot read ({exc.strerror or exc})", text_file) from None
-    if text == "-" or text_file is not None or (text is None and not sys.stdin.isatty()):
-        return sys.stdin.read()
+    if text_file is not None:
+        return read_text_input(text_file)
+    if text == "-" or (text is None and not sys.stdin.isatty()):
+        return read_text_input(None)
     if text is None:
         raise UsageError("nothing to say: give TEXT, - (text on stdin) or --text-file FILE")
-    return text
+    return check_text_argument(text, "TEXT")
 
 
 def _need_text(text: str) -> None:

@@ -12,6 +12,7 @@ unreadable input gives the same one-line message whatever its kind.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Union
 
@@ -37,9 +38,17 @@ def source_name(source: MediaSource) -> str:
 def check_readable_file(path: str | os.PathLike[str]) -> Path:
     """Raise InputError unless `path` is an existing, non-empty, readable regular file."""
     file_path = Path(path)
-    if not file_path.exists():
-        raise InputError("file not found", file_path)
-    if file_path.is_dir():
+    try:
+        mode = os.stat(file_path).st_mode
+    except FileNotFoundError:
+        raise InputError("file not found", file_path) from None
+    except NotADirectoryError:
+        raise InputError("file not found (a folder in this path is a file)", file_path) from None
+    except PermissionError:
+        raise InputError("permission denied (cannot enter a folder of this path)", file_path) from None
+    except OSError as exc:  # a symlink loop, a name too long, an I/O error
+        raise InputError(f"cannot reach the file ({_reason(exc)})", file_path) from None
+    if stat.S_ISDIR(mode):
         raise InputError("is a directory, not a file", file_path)
     try:
         with open(file_path, "rb") as handle:
@@ -47,10 +56,14 @@ def check_readable_file(path: str | os.PathLike[str]) -> Path:
     except PermissionError:
         raise InputError("permission denied (cannot read the file)", file_path) from None
     except OSError as exc:
-        raise InputError(f"cannot read the file ({exc.strerror or exc})", file_path) from None
+        raise InputError(f"cannot read the file ({_reason(exc)})", file_path) from None
     if not first_byte:
         raise InputError("file is empty (0 bytes)", file_path)
     return file_path
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
 
 
 def check_bytes(data: bytes | bytearray | memoryview) -> bytes:

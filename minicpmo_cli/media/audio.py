@@ -1,7 +1,8 @@
 """Audio decoding: any common audio file (or the audio track of a video) -> 16 kHz mono float32 samples.
 
-soundfile (libsndfile) decodes wav/flac/ogg/mp3 quickly; everything else (m4a/aac, opus in odd containers,
-mp4/mkv/webm audio tracks) goes through PyAV (FFmpeg). Resampling uses soxr at "HQ" quality and the
+soundfile (libsndfile) decodes wav/flac/ogg/aiff quickly; everything else (mp3, m4a/aac, opus in odd
+containers, mp4/mkv/webm audio tracks) goes through PyAV (FFmpeg), which reports problems to us instead of
+printing them on stderr as mpg123 does inside libsndfile. Resampling uses soxr at "HQ" quality and the
 channel mix is a plain mean: that is what `librosa.load(path, sr=16000, mono=True)` does, which is how the
 model's guide loads audio, so the samples we feed the model match theirs.
 """
@@ -9,6 +10,7 @@ model's guide loads audio, so the samples we feed the model match theirs.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from typing import Union
 
@@ -68,12 +70,20 @@ def audio_duration(samples: Samples, sr: int = SAMPLE_RATE) -> float:
     return len(samples) / float(sr)
 
 
+# Containers libsndfile reads without a word on stderr; anything else (mp3 above all: libsndfile hands it
+# to mpg123, which prints "Note: Illegal Audio-MPEG-Header ..." lines of its own) goes to PyAV, which
+# reports every problem to us.
+_SOUNDFILE_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM")
+
+
 def _decode(open_source, name: str, source: MediaSource) -> tuple[np.ndarray, int]:
-    """(channels [C, n] float32, native sample rate), trying soundfile first and PyAV second."""
-    decoded = _decode_with_soundfile(open_source())
-    if decoded is not None:
-        return decoded
-    return decode_with_av(open_source(), name, head=read_head(source))
+    """(channels [C, n] float32, native sample rate): soundfile for wav/flac/ogg/aiff, PyAV for the rest."""
+    head = read_head(source)
+    if head.startswith(_SOUNDFILE_MAGIC):
+        decoded = _decode_with_soundfile(open_source())
+        if decoded is not None:
+            return decoded
+    return decode_with_av(open_source(), name, head=head)
 
 
 def _decode_with_soundfile(file) -> tuple[np.ndarray, int] | None:
@@ -109,16 +119,20 @@ def decode_with_av(
             raise InputError(_no_audio_message(container, head), name)
         stream = container.streams.audio[0]
         try:
-            blocks, rate = _decode_stream(container, stream)
+            blocks, rate, damaged = _decode_stream(container, stream)
         except av.error.FFmpegError as exc:
             raise InputError(f"corrupt audio data ({_short(exc)})", name) from None
     if not blocks:
         raise InputError("no audio samples could be decoded (corrupt or truncated file?)", name)
+    if damaged:
+        logging.getLogger(__name__).warning("%s: %d damaged audio packet(s) skipped (corrupt or truncated file?)",
+                                            name, damaged)
     return np.concatenate(blocks, axis=1).astype(np.float32, copy=False), rate
 
 
-def _decode_stream(container, stream) -> tuple[list[np.ndarray], int]:
-    """All frames of one audio stream as planar float blocks [C, n], plus the stream's rate."""
+def _decode_stream(container, stream) -> tuple[list[np.ndarray], int, int]:
+    """All frames of one audio stream as planar float blocks [C, n], the stream's rate, and how many
+    damaged packets were skipped (as ffmpeg and mpg123 do: the rest of a scratched file still counts)."""
     import av
 
     # fltp at the stream's own rate and layout: only the sample format changes here; the rate change
@@ -126,14 +140,36 @@ def _decode_stream(container, stream) -> tuple[list[np.ndarray], int]:
     converter = av.AudioResampler(format="fltp")
     blocks: list[np.ndarray] = []
     rate = stream.codec_context.sample_rate or stream.rate
-    for frame in container.decode(stream):
-        rate = frame.sample_rate
-        for converted in converter.resample(frame):
-            blocks.append(converted.to_ndarray())
+    damaged = 0
+    for packet in _packets(container, stream):
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            damaged += 1
+            continue
+        for frame in frames:
+            rate = frame.sample_rate
+            for converted in converter.resample(frame):
+                blocks.append(converted.to_ndarray())
     for converted in converter.resample(None):
         blocks.append(converted.to_ndarray())
     blocks = [block for block in blocks if block.shape[-1] > 0]
-    return blocks, int(rate)
+    return blocks, int(rate), damaged
+
+
+def _packets(container, stream):
+    """The stream's packets (the last one, empty, flushes the decoder); a container that breaks off ends."""
+    import av
+
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.error.InvalidDataError:
+            return  # a truncated or garbled container: what came before is kept
+        yield packet
 
 
 def _no_audio_message(container, head: bytes) -> str:

@@ -78,7 +78,7 @@ def _not_an_image_message(source: MediaSource) -> str:
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = str(exc).strip() or "unreadable data"
     return text.splitlines()[0]
 
 
