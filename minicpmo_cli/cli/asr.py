@@ -184,8 +184,7 @@ class Sink:
         text = WRITERS[fmt]().format(_for_format(record, fmt))
         if self.several and fmt != "jsonl":
             text = f"==> {record.path} <==\n{text}"
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        common.write_stdout(text)
 
 
 def _for_format(record, fmt: str):
@@ -244,37 +243,14 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
 
     records = transcribe_many(load, _audio_inputs(items), options, decode, warn=common.warn)
     failed = 0
-    with _Progress(len(items)) as advance:
+    with common.progress("transcribing", total=len(items) if len(items) > 1 else None) as row:
         for item, record in zip(items, records):
             if record.error is not None:
                 failed += 1
                 common.err(f"minicpmo: error: {input_name(record.path)}: {record.error}")
             sink.emit(item, record)
-            advance()
+            row.advance()
     return failed
-
-
-class _Progress:
-    """A rich progress bar on an interactive stderr; a no-op otherwise."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.bar = None
-
-    def __enter__(self):
-        if common.show_progress() and self.total > 1:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            self.bar = Progress(console=Console(stderr=True), transient=True)
-            self.bar.start()
-            task = self.bar.add_task("transcribing", total=self.total)
-            return lambda: self.bar.advance(task)
-        return lambda: None
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _exit_for_failures(failed: int, total: int) -> None:

@@ -5,6 +5,7 @@ Nothing here imports torch or transformers: `minicpmo --help` must stay instant.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -105,6 +106,84 @@ def warn(message: str) -> None:
 def show_progress() -> bool:
     """Progress bars only on an interactive stderr, and never with --no-progress or -q."""
     return sys.stderr.isatty() and not (_options.no_progress or _options.quiet)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+# One rich Progress on screen at a time (rich allows a single live display): nested steps (the model loading
+# inside a batch) add a row to it. It draws on stderr only and never captures stdout: stdout carries data
+# (transcripts, answers, wav bytes) whatever stderr is.
+_bar = None
+_bar_rows = 0
+
+
+class _Row:
+    """One row of the progress display: a bar when the total is known, a spinner otherwise."""
+
+    def __init__(self, task_id=None) -> None:
+        self.task_id = task_id
+
+    def advance(self, steps: float = 1) -> None:
+        if _bar is not None and self.task_id is not None:
+            _bar.advance(self.task_id, steps)
+
+    def update(self, *, total: float | None = None, description: str | None = None) -> None:
+        if _bar is not None and self.task_id is not None:
+            fields = {k: v for k, v in (("total", total), ("description", description)) if v is not None}
+            _bar.update(self.task_id, **fields)
+
+
+def _new_bar():
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                    redirect_stdout=False, redirect_stderr=True)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: float | None = None):
+    """A transient row on an interactive stderr while the block runs; yields it (``advance``, ``update``).
+
+    Without a terminal on stderr, or with --no-progress / -q, nothing is drawn and the row does nothing.
+    """
+    global _bar, _bar_rows
+    if not show_progress():
+        yield _Row()
+        return
+    if _bar is None:
+        _bar = _new_bar()
+        _bar.start()
+    _bar_rows += 1
+    row = _Row(_bar.add_task(description, total=total))
+    try:
+        yield row
+    finally:
+        _bar_rows -= 1
+        if _bar is not None:
+            _bar.remove_task(row.task_id)
+            if _bar_rows == 0:
+                _bar.stop()
+                _bar = None
+
+
+def status(description: str):
+    """A spinner with the elapsed time for one long step (loading, speaking): ``with common.status(...):``."""
+    return progress(description, total=None)
+
+
+def write_stdout(text: str) -> None:
+    """Data on stdout. When stdout is the same terminal as the progress display, the display steps aside
+    for the write (else the text would land in the middle of the bar)."""
+    if _bar is not None and sys.stdout.isatty():
+        _bar.stop()
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        _bar.start()
+        return
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def examples_help(summary: str, *examples: str) -> str:
