@@ -45,9 +45,13 @@ def register(app: typer.Typer) -> None:
 def asr(
     inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT",
                                                  help="Audio/video files, folders, globs, or - for stdin."),
-    output_dir: Optional[Path] = typer.Option(None, "-o", "--output-dir",
-                                              help="Write one file per input here (named after it)."),
-    output_format: str = typer.Option("txt", "-f", "--format", help="txt, json, jsonl, srt, vtt or all."),
+    output_dir: Optional[str] = typer.Option(None, "-o", "--output", "--output-dir", metavar="DIR|FILE|-",
+                                             help="A folder (one file per input, named after it); for a single "
+                                                  "input a file whose extension names the format (x.srt); "
+                                                  "- for stdout (the default)."),
+    output_format: Optional[str] = typer.Option(None, "-f", "--format",
+                                                help="txt, json, jsonl, srt, vtt or all (default: txt, or the "
+                                                     "-o file's extension)."),
     task: str = typer.Option("transcribe", "--task", help="transcribe, caption, speaker or scene."),
     language: str = typer.Option("auto", "--language", help="en, zh or auto (prompt language)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="A custom instruction instead of the task's."),
@@ -64,7 +68,7 @@ def asr(
 ) -> None:
     from minicpmo_cli.api.asr import AsrOptions
 
-    if output_format not in FORMATS:
+    if output_format is not None and output_format not in FORMATS:
         common.fail_usage(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
     options = AsrOptions(task=task, language=language, prompt=prompt, batch_size=batch_size)
     _ = options.instruction  # validates --task / --language / --prompt before anything is read
@@ -144,8 +148,10 @@ def _media_files(folder: Path, recursive: bool) -> list[Path]:
 class Sink:
     """Where records go: files under -o (written as each input completes) or stdout."""
 
-    def __init__(self, output_dir: Path | None, fmt: str, overwrite: bool, several: bool) -> None:
+    def __init__(self, output_dir: Path | None, fmt: str, overwrite: bool, several: bool,
+                 output_file: Path | None = None) -> None:
         self.output_dir = output_dir
+        self.output_file = output_file  # -o FILE for a single input
         self.formats = TEXT_FORMATS if fmt == "all" else (fmt,)
         self.overwrite = overwrite
         self.several = several
@@ -153,18 +159,21 @@ class Sink:
     def targets(self, item: InputItem) -> list[Path]:
         from minicpmo_cli.outputs import output_path_for
 
+        if self.output_file is not None:
+            return [self.output_file]
         folder = self.output_dir / item.relative_dir
         return [output_path_for(item.path, folder, ext) for ext in self.formats]
 
     def is_done(self, item: InputItem) -> bool:
         from minicpmo_cli.outputs import should_skip
 
-        return self.output_dir is not None and all(should_skip(t, self.overwrite) for t in self.targets(item))
+        writes_files = self.output_dir is not None or self.output_file is not None
+        return writes_files and all(should_skip(t, self.overwrite) for t in self.targets(item))
 
     def emit(self, item: InputItem, record) -> None:
         from minicpmo_cli.outputs import WRITERS, ensure_output_dir, should_skip
 
-        if self.output_dir is None:
+        if self.output_dir is None and self.output_file is None:
             self._print(record)
             return
         if record.error is not None:
@@ -195,8 +204,13 @@ def _for_format(record, fmt: str):
     return record
 
 
-def make_sink(items: list[InputItem], output_dir: Path | None, fmt: str, overwrite: bool) -> Sink:
+def make_sink(items: list[InputItem], output_dir: Path | str | None, fmt: str | None, overwrite: bool) -> Sink:
+    """Where the records go: stdout (no -o, or -o -), one file (-o x.srt, a single input) or a folder."""
     several = len(items) > 1
+    output_dir, output_file, fmt = resolve_output(output_dir, fmt, len(items))
+    if output_file is not None:
+        common.check_output_file(output_file)
+        return Sink(None, fmt, overwrite, several, output_file=output_file)
     if output_dir is None:
         if fmt == "all":
             common.fail_usage("-f all writes one file per format: give an output folder with -o DIR")
@@ -208,6 +222,23 @@ def make_sink(items: list[InputItem], output_dir: Path | None, fmt: str, overwri
 
         ensure_output_dir(output_dir)
     return Sink(output_dir, fmt, overwrite, several)
+
+
+def resolve_output(output: Path | str | None, fmt: str | None, count: int) -> tuple[Path | None, Path | None, str]:
+    """-o as (folder, file, format). A name ending in a text format's extension that is not an existing folder
+    is a file (one input only); anything else is a folder; - and nothing mean stdout."""
+    if output is None or str(output) == "-":
+        return None, None, fmt or "txt"
+    path = Path(output).expanduser()
+    extension = path.suffix.lower().lstrip(".")
+    if path.is_dir() or extension not in TEXT_FORMATS:
+        return path, None, fmt or "txt"
+    if count > 1:
+        common.fail_usage(f"-o {output} names one file, but there are {count} inputs: give a folder "
+                          "(-o DIR) or - for stdout")
+    if fmt not in (None, extension):
+        common.fail_usage(f"-o {output} is a .{extension} file but --format is {fmt}: drop one of them")
+    return None, path, extension
 
 
 def _check_collisions(items: list[InputItem], output_dir: Path, fmt: str) -> None:

@@ -37,15 +37,19 @@ def chat(
     example: list[str] = typer.Option([], "--example", help="Few-shot pair: --example IMAGE ANSWER "
                                       "(repeatable; the prompt is asked of each example image).",
                                       metavar="IMAGE ANSWER"),
-    speak: Optional[Path] = typer.Option(None, "--speak", help="Also speak the answer into this wav file."),
+    speak: Optional[Path] = typer.Option(None, "--speak", help="Also speak the answer into this audio file "
+                                          "(.wav, .flac, .mp3 or .ogg)."),
     voice: Optional[str] = typer.Option(None, "--voice", help="Speak in this saved voice (or audio clip)."),
     language: str = typer.Option("en", "--language", help="Language of the spoken-answer prompt: en or zh."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --speak file."),
+    no_stdin: bool = typer.Option(False, "--no-stdin", help="Never read stdin (by default piped stdin is read "
+                                  "to its end and put before PROMPT): for loops like `while read f; do minicpmo "
+                                  "chat ... --no-stdin; done < list`."),
     *,
     decode: DecodeOptions,
 ) -> None:
-    stdin_text = None if sys.stdin.isatty() else sys.stdin.read()
-    interactive = prompt is None and stdin_text is None
+    stdin_text = None if no_stdin or sys.stdin.isatty() else sys.stdin.read()
+    interactive = prompt is None and stdin_text is None and sys.stdin.isatty()
     if not interactive and not (prompt or stdin_text or "").strip() and not (image or audio or video):
         raise typer.BadParameter("nothing to ask: give a PROMPT, pipe text on stdin, or attach media")
     if voice is not None and speak is None and not interactive:
@@ -54,7 +58,7 @@ def chat(
         raise typer.BadParameter("--language must be en or zh")
     if speak is not None and not interactive:
         # Checked before the model loads: a bad path must not cost a whole answer.
-        if common.wav_output_target(str(speak), overwrite) is None:
+        if common.audio_output_target(str(speak), overwrite) is None:
             raise typer.BadParameter("--speak needs a wav file name (stdout carries the text answer)")
     # Media are read before the model loads too, so a missing file fails fast.
     conversation = _conversation(prompt, image, audio, video, system, example, voice, language)
@@ -146,9 +150,9 @@ def stream_reply(engine, conversation, decode, out, pieces: list[str]) -> None:
 def speak_answer(engine, conversation, decode, target: Path) -> str:
     """Generate the answer with speech and write the wav atomically; returns the text."""
     from minicpmo_cli.api.chat import reply_with_speech
-    from minicpmo_cli.outputs import write_wav
+    from minicpmo_cli.outputs import write_audio
 
     text, wav, rate = reply_with_speech(engine, conversation, decode)
-    write_wav(target, wav, sample_rate=rate)
+    write_audio(target, wav, sample_rate=rate)
     common.info(f"speech written to {target}")
     return text

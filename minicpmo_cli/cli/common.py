@@ -284,8 +284,11 @@ def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
     return load(load_options(), vision=vision, audio=audio, tts=tts, warn=warn)
 
 
-def wav_output_target(output: str, overwrite: bool) -> Path | None:
-    """The wav path to write, or None for stdout (`-o -`); fails early, naming the path, when it cannot be."""
+def wav_output_target(output: str, overwrite: bool, extensions: tuple[str, ...] = (".wav",)) -> Path | None:
+    """The wav path to write, or None for stdout (`-o -`); fails early, naming the path, when it cannot be.
+
+    ``extensions``: the audio formats the command can write (by file extension); others are refused.
+    """
     from minicpmo_cli.errors import OutputError, UsageError
 
     if output == "-":
@@ -294,7 +297,10 @@ def wav_output_target(output: str, overwrite: bool) -> Path | None:
         return None
     path = Path(output).expanduser()
     if path.is_dir():
-        raise OutputError("is a folder; give a .wav file name", path)
+        raise OutputError(f"is a folder; give a file name ending in {', '.join(extensions)}", path)
+    if path.suffix.lower() not in extensions:
+        named = f"a {path.suffix} file" if path.suffix else "a file without an extension"
+        raise UsageError(f"{output}: cannot write {named} here; name a {', '.join(extensions)} file")
     if path.exists() and not overwrite:
         raise OutputError("already exists (pass --overwrite to replace it)", path)
     folder = path.parent
@@ -302,6 +308,23 @@ def wav_output_target(output: str, overwrite: bool) -> Path | None:
         raise OutputError(f"cannot write here: the folder {folder} does not exist", path)
     probe_writable(folder, path)
     return path
+
+
+def check_output_file(path: Path) -> None:
+    """A file output (-o FILE) must be writable in an existing folder: say so before any work is done."""
+    from minicpmo_cli.errors import OutputError
+
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write here: the folder {folder} does not exist", path)
+    probe_writable(folder, path)
+
+
+def audio_output_target(output: str, overwrite: bool) -> Path | None:
+    """Like wav_output_target, for commands that write any format outputs.write_audio knows (wav/flac/mp3/ogg)."""
+    from minicpmo_cli.outputs import AUDIO_EXTENSIONS
+
+    return wav_output_target(output, overwrite, AUDIO_EXTENSIONS)
 
 
 def probe_writable(folder: Path, path: Path) -> None:

@@ -48,7 +48,8 @@ VOICES_HELP = common.examples_help(
     "minicpmo voices remove alice",
 )
 
-OUTPUT = typer.Option(..., "-o", "--output", help="Output wav file, or - for wav bytes on stdout (not a terminal).")
+OUTPUT = typer.Option(..., "-o", "--output", help="Output audio file: .wav, .flac, .mp3 or .ogg (the extension picks "
+                                                    "the format), or - for wav bytes on stdout (not a terminal).")
 VOICE = typer.Option(None, "--voice", help="A saved voice name (see: minicpmo voices) or an audio file.")
 MODE = typer.Option(None, "--mode", help="Voice mode with a reference: clone (read in that voice), assistant "
                                          "or roleplay (the guide's system prompts).")
@@ -111,7 +112,7 @@ def tts(
         _tts_lines(items, output, speaker, decode, verbatim, max_audio_seconds, overwrite)
         return
     _need_text(body)
-    target = common.wav_output_target(output, overwrite)
+    target = common.audio_output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
     from minicpmo_cli.api.speech import speak
 
@@ -152,7 +153,7 @@ def clone(
     _need_text(body)
     speaker = _make_voice(voice or ref, mode, None, language)
     _warn_unused_decoding(verbatim, decode)
-    target = common.wav_output_target(output, overwrite)
+    target = common.audio_output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import speak
 
@@ -176,7 +177,7 @@ def mimick(
     from minicpmo_cli.media.audio import load_audio
 
     samples = load_audio(audio)
-    target = common.wav_output_target(output, overwrite)
+    target = common.audio_output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import mimick as run_mimick
 
@@ -282,13 +283,13 @@ def _max_frames(seconds: float | None) -> int:
 
 def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:
     """Write the speech to ``target`` (atomically) or as wav bytes to stdout."""
-    from minicpmo_cli.outputs import wav_bytes, write_wav
+    from minicpmo_cli.outputs import wav_bytes, write_audio
 
     if target is None:
         sys.stdout.buffer.write(wav_bytes(result.wav, result.sample_rate))
         sys.stdout.buffer.flush()
     else:
-        write_wav(target, result.wav, result.sample_rate)
+        write_audio(target, result.wav, result.sample_rate)
         common.info(f"wrote {target} ({result.duration:.1f} s)")
     for number, piece in enumerate(result.pieces, start=1):
         common.debug(f"piece {number}/{len(result.pieces)}: {piece.samples / result.sample_rate:.2f} s"
