@@ -276,12 +276,68 @@ def load_options():
                        seed=o.seed)
 
 
+FULL_MODEL_SIZE = "about 16 GB"  # the official checkpoint's files that are downloaded (HUB_ALLOW_PATTERNS)
+
+
 def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
-    """Load the model for a command, with a status line on stderr while it loads."""
+    """Load the model for a command: the checkpoint is found (or downloaded, saying what, how big and where)
+    before torch is imported, so a bad --model fails at once; then a status line while the model loads."""
+    import time
+    from dataclasses import replace
+
     from minicpmo_cli.api.engine import load
 
-    debug(f"loading {_options.model} (vision={vision}, audio={audio}, tts={tts})")
-    return load(load_options(), vision=vision, audio=audio, tts=tts, warn=warn)
+    if not show_progress():  # --no-progress, -q or no terminal: the hub's download bars too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+    started = time.perf_counter()
+    folder = checkpoint_folder()
+    debug(f"loading {_options.model} from {folder} (vision={vision}, audio={audio}, tts={tts})")
+    with status(f"loading the model from {folder}"):
+        engine = load(replace(load_options(), model=str(folder)), vision=vision, audio=audio, tts=tts, warn=warn)
+    attention = getattr(getattr(engine.model, "config", None), "_attn_implementation", None) or "sdpa"
+    debug(f"model loaded in {time.perf_counter() - started:.1f} s: device {engine.device}, "
+          f"dtype {str(engine.dtype).replace('torch.', '')}, attention {attention}")
+    return engine
+
+
+def checkpoint_folder() -> Path:
+    """The local folder of --model: as given, or from the hub cache, downloading it first when it is not there."""
+    from minicpmo_cli.model.loading import means_local_folder, resolve_checkpoint_dir
+
+    o = _options
+    path = Path(o.model).expanduser()
+    if path.is_dir() or path.exists() or means_local_folder(o.model):
+        return resolve_checkpoint_dir(o.model)  # the folder, or a one-line error naming it
+    from minicpmo_cli.cli.doctor import cached_snapshot
+
+    snapshot = cached_snapshot(o.model, o.revision)
+    if snapshot is not None and any(snapshot.glob("*.safetensors")):
+        return resolve_checkpoint_dir(o.model, o.revision, local_files_only=True)
+    if not o.offline:
+        from huggingface_hub import constants
+
+        size = FULL_MODEL_SIZE if o.model == DEFAULT_MODEL else "its checkpoint files"
+        info(f"downloading {o.model} ({size}) into {constants.HF_HUB_CACHE}; "
+             "this happens once, later runs read the cache")
+    with paused_progress():  # the hub draws its own download bars
+        return resolve_checkpoint_dir(o.model, o.revision, local_files_only=o.offline or None)
+
+
+@contextlib.contextmanager
+def paused_progress():
+    """Take our progress display off the screen while someone else draws there (the hub's download bars)."""
+    if _bar is None:
+        yield
+        return
+    _bar.stop()
+    try:
+        yield
+    finally:
+        _bar.start()
 
 
 def wav_output_target(output: str, overwrite: bool, extensions: tuple[str, ...] = (".wav",)) -> Path | None:
