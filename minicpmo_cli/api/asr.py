@@ -243,13 +243,15 @@ def _finish(job: _Job, options: AsrOptions, warn: Callable[[str], None] | None) 
 # ------------------------------------------------------------------------------------------ entry points
 def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[AudioInput],
                     options: AsrOptions = AsrOptions(), decode: DecodeOptions = DecodeOptions(),
-                    warn: Callable[[str], None] | None = None) -> Iterator[TranscriptRecord]:
+                    warn: Callable[[str], None] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Iterator[TranscriptRecord]:
     """One record per input, in input order, each yielded as soon as it (and those before it) is done.
 
     Inputs are decoded lazily; a bad one gives a record with ``error`` set and the others go on. Pieces
     of consecutive inputs are batched ``options.batch_size`` at a time. ``engine`` may be a function that
     loads it: it is then called only once some audio needs the model (a batch of unreadable files, or a
-    rerun that finds nothing left to do, loads nothing).
+    rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
+    found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
     """
     if options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -262,6 +264,13 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
         return loaded[0]
     open_jobs: deque[_Job] = deque()
     waiting: deque[tuple[_Job, int, np.ndarray]] = deque()  # pieces not yet sent to the model
+    pieces = [0, 0]  # done, known: for ``progress``
+
+    def advance(done: int = 0, found: int = 0) -> None:
+        pieces[0] += done
+        pieces[1] += found
+        if progress is not None:
+            progress(pieces[0], pieces[1])
 
     def run(count: int) -> None:
         batch = [waiting.popleft() for _ in range(min(count, len(waiting)))]
@@ -273,6 +282,7 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
             results = generate_batch(model(), [clip for _, _, clip in todo], instruction, decode)
             for (job, index, _), result in zip(todo, results):
                 job.texts[index] = result
+        advance(done=len(batch))
 
     def finished() -> Iterator[TranscriptRecord]:
         while open_jobs and open_jobs[0].done:
@@ -282,6 +292,7 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
         job, samples = _start_job(item, options)
         open_jobs.append(job)
         waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans))
+        advance(found=len(job.spans))
         while len(waiting) >= options.batch_size:
             run(options.batch_size)
             yield from finished()

@@ -272,9 +272,11 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
     def load():
         return common.load_engine(vision=False, audio=True, tts=False)
 
-    records = transcribe_many(load, _audio_inputs(items), options, decode, warn=common.warn)
     failed = 0
-    with common.progress("transcribing", total=len(items) if len(items) > 1 else None) as row:
+    with common.progress("transcribing", total=len(items) if len(items) > 1 else None) as row, \
+            common.progress("audio pieces (at most 30 s each)") as pieces:
+        records = transcribe_many(load, _audio_inputs(items), options, decode, warn=common.warn,
+                                  progress=pieces.steps)
         for item, record in zip(items, records):
             if record.error is not None:
                 failed += 1

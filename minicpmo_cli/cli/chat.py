@@ -152,7 +152,8 @@ def speak_answer(engine, conversation, decode, target: Path) -> str:
     from minicpmo_cli.api.chat import reply_with_speech
     from minicpmo_cli.outputs import write_audio
 
-    text, wav, rate = reply_with_speech(engine, conversation, decode)
+    with common.status("answering in text and speech"):
+        text, wav, rate = reply_with_speech(engine, conversation, decode)
     write_audio(target, wav, sample_rate=rate)
     common.info(f"speech written to {target}")
     return text

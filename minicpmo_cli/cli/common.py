@@ -126,10 +126,15 @@ class _Row:
         if _bar is not None and self.task_id is not None:
             _bar.advance(self.task_id, steps)
 
-    def update(self, *, total: float | None = None, description: str | None = None) -> None:
+    def update(self, *, total: float | None = None, completed: float | None = None,
+               description: str | None = None) -> None:
         if _bar is not None and self.task_id is not None:
-            fields = {k: v for k, v in (("total", total), ("description", description)) if v is not None}
-            _bar.update(self.task_id, **fields)
+            fields = {"total": total, "completed": completed, "description": description}
+            _bar.update(self.task_id, **{k: v for k, v in fields.items() if v is not None})
+
+    def steps(self, done: int, total: int) -> None:
+        """The ``progress(done, total)`` callback the api functions take."""
+        self.update(total=total, completed=done)
 
 
 def _new_bar():
@@ -157,6 +162,7 @@ def progress(description: str, total: float | None = None):
         _bar.start()
     _bar_rows += 1
     row = _Row(_bar.add_task(description, total=total))
+    _bar.refresh()  # drawn now, not at the next tick: a short step still shows what it was
     try:
         yield row
     finally:

@@ -116,7 +116,9 @@ def tts(
     engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
     from minicpmo_cli.api.speech import speak
 
-    result = speak(engine, body, speaker, decode=decode, verbatim=verbatim, max_frames=_max_frames(max_audio_seconds))
+    with common.progress("speaking (sentence groups)") as row:
+        result = speak(engine, body, speaker, decode=decode, verbatim=verbatim,
+                       max_frames=_max_frames(max_audio_seconds), progress=row.steps)
     _emit(result, target, max_audio_seconds)
 
 
@@ -157,7 +159,9 @@ def clone(
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import speak
 
-    result = speak(engine, body, speaker, decode=decode, verbatim=verbatim, max_frames=_max_frames(max_audio_seconds))
+    with common.progress("speaking (sentence groups)") as row:
+        result = speak(engine, body, speaker, decode=decode, verbatim=verbatim,
+                       max_frames=_max_frames(max_audio_seconds), progress=row.steps)
     _emit(result, target, max_audio_seconds)
     if save_voice is not None:
         source = ref if ref is not None else speaker.reference
@@ -181,7 +185,9 @@ def mimick(
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import mimick as run_mimick
 
-    result = run_mimick(engine, samples, decode=decode, max_frames=_max_frames(max_audio_seconds))
+    with common.progress("transcribing and re-speaking (pieces)") as row:
+        result = run_mimick(engine, samples, decode=decode, max_frames=_max_frames(max_audio_seconds),
+                            progress=row.steps)
     if target is None:
         common.err(result.text)  # stdout carries the wav
     else:
@@ -317,7 +323,9 @@ def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, m
     engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
     from minicpmo_cli.api.speech import speak
 
-    for item, path in todo:
-        result = speak(engine, item, speaker, decode=decode, verbatim=verbatim,
-                       max_frames=_max_frames(max_audio_seconds))
-        _emit(result, path, max_audio_seconds)
+    with common.progress("speaking lines", total=len(todo)) as row:
+        for item, path in todo:
+            result = speak(engine, item, speaker, decode=decode, verbatim=verbatim,
+                           max_frames=_max_frames(max_audio_seconds))
+            _emit(result, path, max_audio_seconds)
+            row.advance()
