@@ -20,7 +20,12 @@ HELP = common.examples_help(
     'minicpmo chat "Compare the two images." -i a.png -i b.png',
     'cat notes.txt | minicpmo chat "Summarise this in three bullet points."',
     "minicpmo chat --system \"You are a terse assistant.\"",
+    "minicpmo chat --mode roleplay --voice character.wav -a question.wav --speak answer.wav",
+    "minicpmo chat --mode assistant --voice alice -a question.wav --speak answer.mp3",
 )
+MODE_HELP = ("With --voice: assistant (the guide's AI-assistant prompt: answers in that stable voice; the "
+             "default with --voice) or roleplay (plays the speaker of the clip: voice and speaking style); "
+             "default: no voice prompt.")
 
 
 def register(app: typer.Typer) -> None:
@@ -40,6 +45,7 @@ def chat(
     speak: Optional[Path] = typer.Option(None, "--speak", help="Also speak the answer into this audio file "
                                           "(.wav, .flac, .mp3 or .ogg)."),
     voice: Optional[str] = typer.Option(None, "--voice", help="Speak in this saved voice (or audio clip)."),
+    mode: Optional[str] = typer.Option(None, "--mode", metavar="assistant|roleplay|default", help=MODE_HELP),
     language: str = typer.Option("en", "--language", help="Language of the spoken-answer prompt: en or zh."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --speak file."),
     no_stdin: bool = typer.Option(False, "--no-stdin", help="Never read stdin (by default piped stdin is read "
@@ -49,19 +55,22 @@ def chat(
     decode: DecodeOptions,
 ) -> None:
     stdin_text = None if no_stdin or sys.stdin.isatty() else sys.stdin.read()
-    interactive = prompt is None and stdin_text is None and sys.stdin.isatty()
+    # A spoken question (-a q.wav) or other media with no PROMPT is a one-shot question, not a session.
+    interactive = prompt is None and stdin_text is None and sys.stdin.isatty() and not (image or audio or video)
     if not interactive and not (prompt or stdin_text or "").strip() and not (image or audio or video):
         raise typer.BadParameter("nothing to ask: give a PROMPT, pipe text on stdin, or attach media")
     if voice is not None and speak is None and not interactive:
         raise typer.BadParameter("--voice needs --speak OUT.wav")
     if language not in ("en", "zh"):
         raise typer.BadParameter("--language must be en or zh")
+    mode = check_mode(mode, voice, interactive)
     if speak is not None and not interactive:
         # Checked before the model loads: a bad path must not cost a whole answer.
         if common.audio_output_target(str(speak), overwrite) is None:
             raise typer.BadParameter("--speak needs a wav file name (stdout carries the text answer)")
     # Media are read before the model loads too, so a missing file fails fast.
     conversation = _conversation(prompt, image, audio, video, system, example, voice, language)
+    conversation.mode = mode
     engine = common.load_engine(vision=True, audio=True, tts=speak is not None)
     if interactive:
         from minicpmo_cli.cli.repl import Repl
@@ -70,6 +79,23 @@ def chat(
         return
     text = "\n\n".join(t for t in (stdin_text and stdin_text.strip(), prompt) if t)
     answer_once(engine, conversation, text, decode, speak)
+
+
+def check_mode(mode: str | None, voice: str | None, interactive: bool = False) -> str:
+    """--mode with --voice: assistant (default) or roleplay need the voice (in the REPL: /voice); default takes
+    none."""
+    from minicpmo_cli.api.chat import MODES
+
+    if mode is None:
+        return "assistant" if voice is not None else "default"
+    if mode not in MODES:
+        raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode != "default" and voice is None and not interactive:
+        raise typer.BadParameter(f"--mode {mode} speaks in a given voice: add --voice NAME|FILE (a saved voice "
+                                 "or a 5-15 s clip) and --speak OUT.wav")
+    if mode == "default" and voice is not None:
+        raise typer.BadParameter("--voice works through --mode assistant or roleplay, not --mode default")
+    return mode
 
 
 def _conversation(prompt, images, audios, video, system, examples, voice, language):

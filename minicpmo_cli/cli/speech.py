@@ -266,8 +266,14 @@ def _make_voice(reference: str | None, mode: str | None, instruction: str | None
     """The Voice, with the reference clip loaded and the options checked (before the model loads)."""
     from minicpmo_cli.api.speech import Voice
     from minicpmo_cli.api.voices import resolve_voice
+    from minicpmo_cli.errors import UsageError
 
     speaker = Voice(mode=mode, instruction=instruction, language=language)
+    if mode in ("assistant", "roleplay") and reference is None and instruction is None:
+        # The guide's prompts for these modes are built around a reference clip; without one the library
+        # would fall back to the default voice with only a warning.
+        raise UsageError(f"--mode {mode} speaks in the voice of a reference clip: add --ref FILE or "
+                         "--voice NAME (5-15 s of clean speech), or drop --mode for the default voice")
     if reference is not None:
         speaker.reference = resolve_voice(reference)
     speaker.check()
