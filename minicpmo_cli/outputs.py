@@ -220,9 +220,14 @@ def ensure_output_dir(output_dir: str | os.PathLike[str]) -> Path:
 # --- atomic writes ------------------------------------------------------------------------------
 
 
+FILES_WRITTEN: list[Path] = []  # files this process completed: an interrupted run says how many it kept
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` through a synced temp file in the same folder and a rename."""
-    return _write_atomic(Path(path), lambda handle: handle.write(data))
+    target = _write_atomic(Path(path), lambda handle: handle.write(data))
+    FILES_WRITTEN.append(target)
+    return target
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from minicpmo_cli.api.engine import DecodeOptions
 
 HELP = common.examples_help(
-    "Chat with the model about text, images and audio. One-shot when PROMPT is given or stdin is piped; "
-    "an interactive session on a terminal otherwise (type /help there).",
+    "Chat with the model about text, images and audio. One-shot when PROMPT is given, stdin is piped or media "
+    "are attached; an interactive session on a terminal otherwise (type /help there). Piped stdin is read to "
+    "its end and put before PROMPT: in shell loops, add --no-stdin.",
     'minicpmo chat "What is in this picture?" -i photo.jpg',
     'minicpmo chat "Compare the two images." -i a.png -i b.png',
     'cat notes.txt | minicpmo chat "Summarise this in three bullet points."',
@@ -129,8 +130,16 @@ def join_example_args(argv: list[str]) -> list[str]:
     while i < len(argv):
         if argv[i] == "--":
             return out + argv[i:]
-        if argv[i] == "--example" and i + 2 < len(argv):
-            out += ["--example", argv[i + 1] + EXAMPLE_SEPARATOR + argv[i + 2]]
+        if argv[i] == "--example":
+            values = argv[i + 1:i + 3]
+            # An option where IMAGE or ANSWER should be means the pair is incomplete: say so, instead of
+            # letting the option become the answer (and its own value an argument).
+            if len(values) < 2 or any(_looks_like_option(v) for v in values):
+                given = values[0] if values and not _looks_like_option(values[0]) else ""
+                out += ["--example", given + EXAMPLE_SEPARATOR + MISSING_ANSWER]
+                i += 2 if given else 1
+                continue
+            out += ["--example", values[0] + EXAMPLE_SEPARATOR + values[1]]
             i += 3
             continue
         out.append(argv[i])
@@ -138,10 +147,20 @@ def join_example_args(argv: list[str]) -> list[str]:
     return out
 
 
+MISSING_ANSWER = "\x00missing"  # marks a --example pair that lacks a value (see join_example_args)
+
+
+def _looks_like_option(arg: str) -> bool:
+    return arg.startswith("--") or (len(arg) == 2 and arg[0] == "-" and arg[1].isalpha())
+
+
 def _split_example(item: str) -> tuple[str, str]:
     if EXAMPLE_SEPARATOR not in item:
         raise typer.BadParameter(f"--example {item!r}: expected two values, IMAGE ANSWER")
     path, answer = item.split(EXAMPLE_SEPARATOR, 1)
+    if answer == MISSING_ANSWER:
+        what = f"--example {path} has no ANSWER" if path else "--example has no IMAGE and ANSWER"
+        raise typer.BadParameter(f"{what}: write --example IMAGE ANSWER")
     return path, answer
 
 

@@ -195,7 +195,11 @@ def write_stdout(text: str) -> None:
 def examples_help(summary: str, *examples: str) -> str:
     """A command docstring that opens with copy-pasteable examples (CLI.md)."""
     # Click rewraps paragraphs; a paragraph that starts with \b is printed verbatim.
-    return "\n\n".join([summary, "\b\nExamples:\n" + "\n".join(f"  $ {e}" for e in examples)])
+    return "\n\n".join([summary, "\b\nExamples:\n" + "\n".join(f"  $ {e}" for e in examples), GLOBAL_OPTIONS_NOTE])
+
+
+GLOBAL_OPTIONS_NOTE = ("Global options work here too, before or after the command: --model ID_OR_DIR, --revision, "
+                       "--offline, --device, --dtype, --seed, -q, -v, --debug, --no-progress (see: minicpmo -h).")
 
 
 def fail_usage(message: str) -> None:

@@ -48,6 +48,17 @@ VOICES_HELP = common.examples_help(
     "minicpmo voices remove alice",
 )
 
+VOICES_ADD_HELP = common.examples_help(
+    "Save an audio clip (any format; 5-15 s of clean speech works best) as voice profile NAME, for --voice NAME.",
+    "minicpmo voices add alice speaker.wav",
+    "minicpmo voices add alice better-take.m4a --overwrite",
+)
+VOICES_REMOVE_HELP = common.examples_help(
+    "Delete saved voice profiles.",
+    "minicpmo voices remove alice",
+    "minicpmo voices remove alice bob",
+)
+
 OUTPUT = typer.Option(..., "-o", "--output", help="Output audio file: .wav, .flac, .mp3 or .ogg (the extension picks "
                                                     "the format), or - for wav bytes on stdout (not a terminal).")
 VOICE = typer.Option(None, "--voice", help="A saved voice name (see: minicpmo voices) or an audio file.")
@@ -72,8 +83,8 @@ def register(app: typer.Typer) -> None:
     voices_app = typer.Typer(help=VOICES_HELP, invoke_without_command=True, no_args_is_help=False,
                              context_settings={"help_option_names": ["-h", "--help"]})
     voices_app.callback(invoke_without_command=True)(voices)
-    voices_app.command("add", help="Save an audio clip as voice profile NAME.")(voices_add)
-    voices_app.command("remove", help="Delete saved voice profiles.")(voices_remove)
+    voices_app.command("add", help=VOICES_ADD_HELP)(voices_add)
+    voices_app.command("remove", help=VOICES_REMOVE_HELP)(voices_remove)
     app.add_typer(voices_app, name="voices")
 
 
