@@ -41,3 +41,20 @@ def test_quiet_and_no_progress_draw_nothing(tiny_ckpt, clips, tmp_path, flag):
     assert run.returncode == 0, run.terminal
     assert len(run.stdout.decode().splitlines()) == 2
     assert "transcribing" not in run.terminal and "loading" not in run.terminal
+
+
+def test_stdout_on_the_same_terminal_gets_whole_lines(tiny_ckpt, clips):
+    """stdout and stderr both on the terminal: the bar steps aside, each header lands on a line of its own."""
+    pexpect = pytest.importorskip("pexpect")
+    import os
+    import sys
+
+    child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "asr", *map(str, clips),
+                                           *FAST], env={**os.environ, "TERM": "xterm-256color"}, encoding="utf-8",
+                          timeout=180, dimensions=(40, 120))
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    lines = [line.strip("\r") for line in child.before.split("\n")]
+    for clip in clips:
+        assert any(line.endswith(f"==> {clip} <==") and "━" not in line for line in lines), child.before
