@@ -244,9 +244,14 @@ def ensure_output_dir(output_dir: str | os.PathLike[str]) -> Path:
 # --- atomic writes ------------------------------------------------------------------------------
 
 
+FILES_WRITTEN: list[Path] = []  # files this process completed: an interrupted run says how many it kept
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` through a synced temp file in the same folder and a rename."""
-    return _write_atomic(Path(path), lambda handle: handle.write(data))
+    target = _write_atomic(Path(path), lambda handle: handle.write(data))
+    FILES_WRITTEN.append(target)
+    return target
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
@@ -415,6 +420,47 @@ def wav_bytes(samples: np.ndarray, sample_rate: int = WAV_SAMPLE_RATE) -> bytes:
 def write_wav(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = WAV_SAMPLE_RATE) -> Path:
     """Write float samples (clipped to [-1, 1]) as a mono PCM16 wav, atomically."""
     return write_bytes_atomic(path, wav_bytes(samples, sample_rate))
+
+
+# --- compressed audio (PyAV: FFmpeg's encoders inside its wheels) --------------------------------------
+
+# Output file extension -> (container, encoder). Ogg carries Opus (Vorbis has only FFmpeg's experimental encoder).
+ENCODED_AUDIO = {".flac": ("flac", "flac"), ".mp3": ("mp3", "libmp3lame"), ".ogg": ("ogg", "libopus"),
+                 ".opus": ("ogg", "libopus")}
+AUDIO_EXTENSIONS = (".wav",) + tuple(ENCODED_AUDIO)
+
+
+def check_audio_extension(path: str | os.PathLike[str]) -> str:
+    """The lower-case extension of an audio output path; a UsageError when it is not one we can write."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in AUDIO_EXTENSIONS:
+        named = f"a {suffix} file" if suffix else "a file without an extension"
+        raise UsageError(f"-o {path}: cannot write {named}; name a {', '.join(AUDIO_EXTENSIONS)} file")
+    return suffix
+
+
+def encoded_audio_bytes(samples: np.ndarray, sample_rate: int, suffix: str) -> bytes:
+    """Mono speech as a complete flac/mp3/ogg file in memory, encoded by PyAV from the same PCM16 as the wav."""
+    import av  # lazily: the wav path needs no FFmpeg
+
+    container, codec = ENCODED_AUDIO[suffix]
+    pcm = _to_pcm16(samples).reshape(1, -1)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=int(sample_rate), layout="mono")
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = int(sample_rate)
+        for packet in [*stream.encode(frame), *stream.encode(None)]:  # None flushes the encoder
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def write_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = WAV_SAMPLE_RATE) -> Path:
+    """Write speech in the format the file extension names (wav, flac, mp3, ogg/opus), atomically."""
+    suffix = check_audio_extension(path)
+    if suffix == ".wav":
+        return write_wav(path, samples, sample_rate)
+    return write_bytes_atomic(path, encoded_audio_bytes(samples, sample_rate, suffix))
 
 
 def _to_pcm16(samples: np.ndarray) -> np.ndarray:

@@ -296,7 +296,8 @@ def _decode_ahead(inputs: Iterable[AudioInput], options: AsrOptions, depth: int)
 
 def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[AudioInput],
                     options: AsrOptions = AsrOptions(), decode: DecodeOptions = DecodeOptions(),
-                    warn: Callable[[str], None] | None = None) -> Iterator[TranscriptRecord]:
+                    warn: Callable[[str], None] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Iterator[TranscriptRecord]:
     """One record per input, in input order, each yielded as soon as it (and those before it) is done.
 
     Inputs are decoded in threads a few files ahead of the model; a bad one gives a record with ``error``
@@ -304,7 +305,8 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     time, sorted by length (less padding; equal lengths share one Whisper call) and sent
     ``options.batch_size`` at a time (None: :func:`engine_batch_size`). ``engine`` may be a function that
     loads it: it is then called only once some audio needs the model (a batch of unreadable files, or a
-    rerun that finds nothing left to do, loads nothing).
+    rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
+    found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
     """
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -318,6 +320,13 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     open_jobs: deque[_Job] = deque()
     waiting: list[tuple[_Job, int, np.ndarray]] = []  # pieces not yet sent to the model
     sizes: list[int] = [] if options.batch_size is None else [options.batch_size]
+    counts = [0, 0]  # pieces done, pieces known: for ``progress``
+
+    def advance(done: int = 0, found: int = 0) -> None:
+        counts[0] += done
+        counts[1] += found
+        if progress is not None:
+            progress(counts[0], counts[1])
 
     def batch_size() -> int:
         if not sizes:
@@ -336,6 +345,7 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
             results = generate_batch(model(), [clip for _, _, clip in todo], instruction, decode)
             for (job, index, _), result in zip(todo, results):
                 job.texts[index] = result
+        advance(done=len(batch))
 
     def finished() -> Iterator[TranscriptRecord]:
         while open_jobs and open_jobs[0].done:
@@ -354,6 +364,7 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     for job, samples in _decode_ahead(inputs, options, depth):
         open_jobs.append(job)
         waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans))
+        advance(found=len(job.spans))
         if waiting and len(waiting) >= window():
             yield from run_waiting()
         yield from finished()

@@ -63,8 +63,11 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     pending: Turn = field(default_factory=lambda: Turn("user"))
     video_mode: bool = False  # a video was attached: the guide's video settings apply (see reply)
-    voice: Any = None  # 16 kHz reference clip: spoken answers use it (the guide's assistant-voice prompt)
+    voice: Any = None  # 16 kHz reference clip: the voice of spoken answers, through the mode's system prompt
     language: str = "en"  # language of that system prompt
+    # The guide's conversation modes with a voice: "assistant" (audio_assistant: a stable assistant voice) or
+    # "roleplay" (audio_roleplay: the reference's voice and speaking style); "default": no voice prompt.
+    mode: str = "assistant"
 
     def attach_image(self, path: str | Path) -> None:
         self.pending.add_image(path)
@@ -99,16 +102,27 @@ class Conversation:
         self.pending = Turn("user")
 
     def messages(self, spoken: bool = False) -> list[dict[str, Any]]:
-        msgs = [{"role": "system", "content": [self.system]}] if self.system else []
-        if spoken and self.voice is not None:
+        """The model's messages: the mode's voice prompt (with a voice) or --system, then the turns.
+
+        ``spoken`` is kept for callers; the voice prompt is part of every answer once a voice is set, so the
+        conversation the model sees does not change when speech is switched on or off.
+        """
+        return self.system_messages() + [{"role": t.role, "content": list(t.parts)} for t in self.turns]
+
+    def system_messages(self) -> list[dict[str, Any]]:
+        if self.voice is not None and self.mode in CONVERSATION_MODES:
             from minicpmo_cli.processing.prompts import get_sys_prompt
 
-            # The guide's AI-assistant mode: msgs = [sys_prompt, ...] with the reference clip inside (the
-            # reference gives that message the role "user"); --system text, if any, follows in the same message.
-            voice_prompt = get_sys_prompt(ref_audio=self.voice, mode="audio_assistant", language=self.language)
-            content = list(voice_prompt["content"]) + ([self.system] if self.system else [])
-            msgs = [{"role": voice_prompt["role"], "content": content}]
-        return msgs + [{"role": t.role, "content": list(t.parts)} for t in self.turns]
+            # The guide's audio_assistant / audio_roleplay: msgs = [sys_prompt, ...] with the reference clip
+            # inside (which gives that message the role "user"); --system text, if any, follows in it.
+            voice_prompt = get_sys_prompt(ref_audio=self.voice, mode=CONVERSATION_MODES[self.mode],
+                                          language=self.language)
+            return [{"role": voice_prompt["role"], "content": list(voice_prompt["content"])
+                     + ([self.system] if self.system else [])}]
+        return [{"role": "system", "content": [self.system]}] if self.system else []
+
+    def has_voice_prompt(self) -> bool:
+        return self.voice is not None and self.mode in CONVERSATION_MODES
 
     def uses_audio(self) -> bool:
         return any(t.has_audio for t in self.turns)
@@ -116,6 +130,11 @@ class Conversation:
     def to_json(self) -> str:
         data = {"system": self.system, "messages": [{"role": t.role, "content": t.sources} for t in self.turns]}
         return json.dumps(data, ensure_ascii=False, indent=2)
+
+
+# chat --mode -> the reference's get_sys_prompt mode ("default" has no voice prompt).
+CONVERSATION_MODES = {"assistant": "audio_assistant", "roleplay": "audio_roleplay"}
+MODES = ("assistant", "roleplay", "default")
 
 
 def _video_settings(conversation: Conversation) -> dict[str, Any]:
@@ -149,9 +168,10 @@ def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
     from minicpmo_cli.processing.limits import check_prompt_fits
 
     msgs = conversation.messages()
-    check_prompt_fits(engine, msgs, use_tts_template=conversation.uses_audio(), **_video_settings(conversation))
+    tts_template = conversation.uses_audio() or conversation.has_voice_prompt()
+    check_prompt_fits(engine, msgs, use_tts_template=tts_template, **_video_settings(conversation))
     yield from engine.text_pieces(msgs, decode, stream=stream, defaults=CHAT_DEFAULTS,
-                                  use_tts_template=conversation.uses_audio(), **_video_settings(conversation))
+                                  use_tts_template=tts_template, **_video_settings(conversation))
 
 
 def attach_video(conversation: Conversation, path: str | Path) -> None:

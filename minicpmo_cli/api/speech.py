@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -103,8 +103,12 @@ def read_messages(text: str, voice: Voice) -> list[dict]:
 
 
 def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: DecodeOptions | None = None,
-          verbatim: bool = True, max_frames: int = MAX_AUDIO_FRAMES, group_tokens: int = GROUP_TOKENS) -> SpeechResult:
-    """Read ``text`` aloud in ``voice`` -> 24 kHz float32 speech, every sentence of it."""
+          verbatim: bool = True, max_frames: int = MAX_AUDIO_FRAMES, group_tokens: int = GROUP_TOKENS,
+          progress: Callable[[int, int], None] | None = None) -> SpeechResult:
+    """Read ``text`` aloud in ``voice`` -> 24 kHz float32 speech, every sentence of it.
+
+    ``progress(done, total)`` is called as each sentence group is spoken (long text takes minutes).
+    """
     voice = voice or Voice()
     voice.check()
     if not text.strip():
@@ -114,7 +118,7 @@ def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: Deco
     decode = decode or DecodeOptions()
     if verbatim:
         _, spk = _speaker(engine, read_messages(groups[0], voice))
-        return _synthesize_groups(engine, spk, groups, max_frames)
+        return _synthesize_groups(engine, spk, groups, max_frames, progress)
     spoken, spk = [], None
     for group in groups:
         answer, group_spk = _speaker(engine, read_messages(group, voice), decode,
@@ -123,11 +127,11 @@ def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: Deco
         spoken += [piece for piece in text_groups(engine, answer, group_tokens) if piece.strip()]
     if not spoken:
         raise InputError("the model wrote no text to speak (--verbatim reads the text as given)")
-    return _synthesize_groups(engine, spk, spoken, max_frames)
+    return _synthesize_groups(engine, spk, spoken, max_frames, progress)
 
 
 def mimick(engine: Engine, audio: np.ndarray, *, decode: DecodeOptions | None = None,
-           max_frames: int = MAX_AUDIO_FRAMES) -> SpeechResult:
+           max_frames: int = MAX_AUDIO_FRAMES, progress: Callable[[int, int], None] | None = None) -> SpeechResult:
     """The guide's Mimick: transcribe a recording and re-speak it in the speaker's voice.
 
     Recordings longer than 30 s are cut at quiet places into pieces the encoder handles; each piece is
@@ -139,7 +143,10 @@ def mimick(engine: Engine, audio: np.ndarray, *, decode: DecodeOptions | None = 
     _need_tts(engine)
     decode = decode or DecodeOptions()
     texts, wavs, pieces = [], [], []
-    for start, end in split_on_silence(audio) or [(0, len(audio))]:
+    spans = split_on_silence(audio) or [(0, len(audio))]
+    for number, (start, end) in enumerate(spans):
+        if progress is not None:
+            progress(number, len(spans))
         msgs = [{"role": "user", "content": [MIMICK, audio[start:end]]}]
         answer, spk = _speaker(engine, msgs, decode)
         part = _synthesize_groups(engine, spk, text_groups(engine, answer, GROUP_TOKENS), max_frames)
@@ -228,7 +235,8 @@ class _FrameBudget:
         return drawn
 
 
-def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int) -> SpeechResult:
+def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
+                       progress: Callable[[int, int], None] | None = None) -> SpeechResult:
     import torch
 
     from minicpmo_cli.generation.speech import codes_to_wav, generate_codes
@@ -240,7 +248,9 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int) 
     model = engine.model
     spk = spk.to(model.tts.device)
     wavs, pieces = [], []
-    for group in groups:
+    for number, group in enumerate(groups):
+        if progress is not None:
+            progress(number, len(groups))
         group = extract_tts_text(group)
         # Seeded through the engine: the same --seed gives the same audio (reference-exact draws).
         budget = _FrameBudget(ReferenceSampler(), max_frames)
@@ -250,6 +260,8 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int) 
             wav = codes_to_wav(model.tts, model.vocos, codes)
         wavs.append(wav)
         pieces.append(Piece(text=group, samples=len(wav), capped=budget.capped))
+    if progress is not None:
+        progress(len(groups), len(groups))
     return SpeechResult(text=" ".join(groups).strip(), wav=_join(wavs), pieces=pieces)
 
 

@@ -27,7 +27,7 @@ from minicpmo_cli.api.engine import DecodeOptions, Engine
 from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation.speech_units import FRAMES_PER_SECOND, MAX_AUDIO_FRAMES
 from minicpmo_cli.generation.speech_units import SAMPLE_RATE as SPEECH_RATE
-from minicpmo_cli.outputs import default_file_mode, make_temp_file
+from minicpmo_cli.outputs import FILES_WRITTEN, default_file_mode, make_temp_file
 
 DEFAULT_VIDEO_PROMPT = "Describe the video"  # the guide's question
 DEFAULT_FPS = 1.0  # frames per second of video for describe-video
@@ -295,6 +295,7 @@ class WavStreamWriter:
         if keep:
             os.chmod(self._temp, default_file_mode())
             os.replace(self._temp, self.path)
+            FILES_WRITTEN.append(Path(self.path))
         else:
             os.unlink(self._temp)
 

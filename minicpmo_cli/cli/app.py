@@ -28,7 +28,7 @@ app = typer.Typer(
     ),
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -138,8 +138,31 @@ def _plain_metavars(typer_app: typer.Typer) -> None:
                 info.metavar = metavar_for(param.annotation)
 
 
+def _plain_argument_display() -> None:
+    """Usage lines as `minicpmo mimick [OPTIONS] AUDIO` and help rows as `AUDIO  The recording...`.
+
+    typer 0.2x writes required arguments as `{AUDIO}` in usage lines and adds a type (`<str>`, `<path>`,
+    `<list[str]>`) after every argument name in the help; neither is shell syntax a user can copy. Patched
+    where those (private) methods exist; other typer versions keep their own display.
+    """
+    from typer import core
+
+    argument = getattr(core, "TyperArgument", None)
+    if argument is None or not hasattr(argument, "_usage_display_name") or not hasattr(argument, "display_type_rich"):
+        return
+
+    def usage_name(self) -> str:
+        name = self.metavar or (self.name or "").upper()
+        name = name if self.required else f"[{name}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    argument._usage_display_name = usage_name
+    argument.display_type_rich = lambda self, ctx: None
+
+
 _register_commands()
 _plain_metavars(app)
+_plain_argument_display()
 
 
 def _exit_code_for(exc: BaseException) -> int:
@@ -218,12 +241,23 @@ def _valid_utf8_stdout() -> None:
         pass
 
 
+def _kept_files() -> str:
+    """What an interrupted run leaves: the files it finished (never a half-written one), if any."""
+    outputs = sys.modules.get("minicpmo_cli.outputs")  # not imported: nothing was written
+    written = list(getattr(outputs, "FILES_WRITTEN", []))
+    if not written:
+        return " (no output file was written)"
+    return f" ({len(written)} output file(s) kept, all complete; the last: {written[-1]})"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn every failure into one line and an exit code."""
     from minicpmo_cli.cli.chat import join_example_args
 
     args = join_example_args(common.hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     _valid_utf8_stdout()
+    if "minicpmo_cli.outputs" in sys.modules:  # a second run in one process (tests) counts its own files
+        sys.modules["minicpmo_cli.outputs"].FILES_WRITTEN.clear()
     debug = "--debug" in args or os.environ.get("MINICPMO_DEBUG", "") not in ("", "0")
     try:
         code = app(args=args, prog_name="minicpmo", standalone_mode=False)
@@ -240,5 +274,5 @@ def main(argv: list[str] | None = None) -> None:
         common.err(f"minicpmo: error: {describe_error(exc, debug)}")
         sys.exit(_exit_code_for(exc))
     if code == EXIT_INTERRUPTED:
-        common.err("minicpmo: interrupted (finished outputs were kept)")
+        common.err(f"minicpmo: interrupted{_kept_files()}")
     sys.exit(code if isinstance(code, int) else 0)

@@ -41,9 +41,13 @@ def register(app: typer.Typer) -> None:
 def asr(
     inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT",
                                                  help="Audio/video files, folders, globs, or - for stdin."),
-    output_dir: Optional[Path] = typer.Option(None, "-o", "--output-dir",
-                                              help="Write one file per input here (named after it)."),
-    output_format: str = typer.Option("txt", "-f", "--format", help="txt, json, jsonl, srt, vtt or all."),
+    output_dir: Optional[str] = typer.Option(None, "-o", "--output", "--output-dir", metavar="DIR|FILE|-",
+                                             help="A folder (one file per input, named after it); for a single "
+                                                  "input a file whose extension names the format (x.srt); "
+                                                  "- for stdout (the default)."),
+    output_format: Optional[str] = typer.Option(None, "-f", "--format",
+                                                help="txt, json, jsonl, srt, vtt or all (default: txt, or the "
+                                                     "-o file's extension)."),
     task: str = typer.Option("transcribe", "--task", help="transcribe, caption, speaker or scene."),
     language: str = typer.Option("auto", "--language", help="en, zh or auto (prompt language)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="A custom instruction instead of the task's."),
@@ -63,7 +67,7 @@ def asr(
     from minicpmo_cli.api.asr import AsrOptions
     from minicpmo_cli.cli.inputs import resolve_inputs
 
-    if output_format not in FORMATS:
+    if output_format is not None and output_format not in FORMATS:
         common.fail_usage(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
     options = AsrOptions(task=task, language=language, prompt=prompt, batch_size=batch_size)
     _ = options.instruction  # validates --task / --language / --prompt before anything is read
@@ -87,8 +91,10 @@ def asr(
 class Sink:
     """Where records go: files under -o (written as each input completes) or stdout."""
 
-    def __init__(self, output_dir: Path | None, fmt: str, overwrite: bool, several: bool) -> None:
+    def __init__(self, output_dir: Path | None, fmt: str, overwrite: bool, several: bool,
+                 output_file: Path | None = None) -> None:
         self.output_dir = output_dir
+        self.output_file = output_file  # -o FILE for a single input
         self.formats = TEXT_FORMATS if fmt == "all" else (fmt,)
         self.overwrite = overwrite
         self.several = several
@@ -100,13 +106,16 @@ class Sink:
     def targets(self, item: InputItem) -> list[Path]:
         from minicpmo_cli.outputs import output_path_for
 
+        if self.output_file is not None:
+            return [self.output_file]
         folder = self.output_dir / item.relative_dir
         return [output_path_for(item.path, folder, ext) for ext in self.formats]
 
     def is_done(self, item: InputItem) -> bool:
         from minicpmo_cli.outputs import should_skip
 
-        return self.output_dir is not None and all(should_skip(t, self.overwrite) for t in self.targets(item))
+        writes_files = self.output_dir is not None or self.output_file is not None
+        return writes_files and all(should_skip(t, self.overwrite) for t in self.targets(item))
 
     def claim(self, item: InputItem) -> bool:
         """Claim the item's outputs for this run: False when a live run works on them, or they got done.
@@ -158,7 +167,7 @@ class Sink:
     def emit(self, item: InputItem, record) -> None:
         from minicpmo_cli.outputs import WRITERS, ensure_output_dir, should_skip
 
-        if self.output_dir is None:
+        if self.output_dir is None and self.output_file is None:
             self._print(record)
             return
         if record.error is not None:
@@ -178,8 +187,7 @@ class Sink:
         text = WRITERS[fmt]().format(_for_format(record, fmt))
         if self.several and fmt != "jsonl":
             text = f"==> {display_name(record.path)} <==\n{text}"
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        common.write_stdout(text)
 
 
 def _for_format(record, fmt: str):
@@ -190,8 +198,13 @@ def _for_format(record, fmt: str):
     return record
 
 
-def make_sink(items: list[InputItem], output_dir: Path | None, fmt: str, overwrite: bool) -> Sink:
+def make_sink(items: list[InputItem], output_dir: Path | str | None, fmt: str | None, overwrite: bool) -> Sink:
+    """Where the records go: stdout (no -o, or -o -), one file (-o x.srt, a single input) or a folder."""
     several = len(items) > 1
+    output_dir, output_file, fmt = resolve_output(output_dir, fmt, len(items))
+    if output_file is not None:
+        common.check_output_file(output_file)
+        return Sink(None, fmt, overwrite, several, output_file=output_file)
     if output_dir is None:
         if fmt == "all":
             common.fail_usage("-f all writes one file per format: give an output folder with -o DIR")
@@ -203,6 +216,23 @@ def make_sink(items: list[InputItem], output_dir: Path | None, fmt: str, overwri
 
         ensure_output_dir(output_dir)
     return Sink(output_dir, fmt, overwrite, several)
+
+
+def resolve_output(output: Path | str | None, fmt: str | None, count: int) -> tuple[Path | None, Path | None, str]:
+    """-o as (folder, file, format). A name ending in a text format's extension that is not an existing folder
+    is a file (one input only); anything else is a folder; - and nothing mean stdout."""
+    if output is None or str(output) == "-":
+        return None, None, fmt or "txt"
+    path = Path(output).expanduser()
+    extension = path.suffix.lower().lstrip(".")
+    if path.is_dir() or extension not in TEXT_FORMATS:
+        return path, None, fmt or "txt"
+    if count > 1:
+        common.fail_usage(f"-o {output} names one file, but there are {count} inputs: give a folder "
+                          "(-o DIR) or - for stdout")
+    if fmt not in (None, extension):
+        common.fail_usage(f"-o {output} is a .{extension} file but --format is {fmt}: drop one of them")
+    return None, path, extension
 
 
 def _check_collisions(items: list[InputItem], output_dir: Path, fmt: str) -> None:
@@ -257,10 +287,11 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
             failed += 1
             common.err(f"minicpmo: error: {display_name(item.path)}: {item.error}")
     by_path = {item.path: item for item in items if item.error is None}
-    records = transcribe_many(load, _claimed_inputs(list(by_path.values()), sink), options, decode,
-                              warn=common.warn)
     try:
-        with _Progress(len(by_path)) as advance:
+        with common.progress("transcribing", total=len(by_path) if len(by_path) > 1 else None) as row, \
+                common.progress("audio pieces (at most 30 s each)") as pieces:
+            records = transcribe_many(load, _claimed_inputs(list(by_path.values()), sink), options, decode,
+                                      warn=common.warn, progress=pieces.steps)
             for record in records:
                 item = by_path[record.path]
                 if record.error is not None:
@@ -268,35 +299,12 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
                     common.err(f"minicpmo: error: {display_name(input_name(record.path))}: {record.error}")
                 sink.emit(item, record)
                 sink.release(item.path)  # done, or failed: then the next run tries it again
-                advance()
+                row.advance()
     finally:
         sink.release_all()  # interrupted: what this run held is free for the next one
     if sink.skipped:
         common.info(f"skipped {sink.skipped} input(s) that another run did or is doing (same -o folder)")
     return failed
-
-
-class _Progress:
-    """A rich progress bar on an interactive stderr; a no-op otherwise."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.bar = None
-
-    def __enter__(self):
-        if common.show_progress() and self.total > 1:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            self.bar = Progress(console=Console(stderr=True), transient=True)
-            self.bar.start()
-            task = self.bar.add_task("transcribing", total=self.total)
-            return lambda: self.bar.advance(task)
-        return lambda: None
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _exit_for_failures(failed: int, total: int) -> None:

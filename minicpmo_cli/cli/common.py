@@ -5,6 +5,7 @@ Nothing here imports torch or transformers: `minicpmo --help` must stay instant.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -112,10 +113,98 @@ def show_progress() -> bool:
     return sys.stderr.isatty() and not (_options.no_progress or _options.quiet)
 
 
+# ---------------------------------------------------------------------------------------------- progress
+# One rich Progress on screen at a time (rich allows a single live display): nested steps (the model loading
+# inside a batch) add a row to it. It draws on stderr only and never captures stdout: stdout carries data
+# (transcripts, answers, wav bytes) whatever stderr is.
+_bar = None
+_bar_rows = 0
+
+
+class _Row:
+    """One row of the progress display: a bar when the total is known, a spinner otherwise."""
+
+    def __init__(self, task_id=None) -> None:
+        self.task_id = task_id
+
+    def advance(self, steps: float = 1) -> None:
+        if _bar is not None and self.task_id is not None:
+            _bar.advance(self.task_id, steps)
+
+    def update(self, *, total: float | None = None, completed: float | None = None,
+               description: str | None = None) -> None:
+        if _bar is not None and self.task_id is not None:
+            fields = {"total": total, "completed": completed, "description": description}
+            _bar.update(self.task_id, **{k: v for k, v in fields.items() if v is not None})
+
+    def steps(self, done: int, total: int) -> None:
+        """The ``progress(done, total)`` callback the api functions take."""
+        self.update(total=total, completed=done)
+
+
+def _new_bar():
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                    redirect_stdout=False, redirect_stderr=True)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: float | None = None):
+    """A transient row on an interactive stderr while the block runs; yields it (``advance``, ``update``).
+
+    Without a terminal on stderr, or with --no-progress / -q, nothing is drawn and the row does nothing.
+    """
+    global _bar, _bar_rows
+    if not show_progress():
+        yield _Row()
+        return
+    if _bar is None:
+        _bar = _new_bar()
+        _bar.start()
+    _bar_rows += 1
+    row = _Row(_bar.add_task(description, total=total))
+    _bar.refresh()  # drawn now, not at the next tick: a short step still shows what it was
+    try:
+        yield row
+    finally:
+        _bar_rows -= 1
+        if _bar is not None:
+            _bar.remove_task(row.task_id)
+            if _bar_rows == 0:
+                _bar.stop()
+                _bar = None
+
+
+def status(description: str):
+    """A spinner with the elapsed time for one long step (loading, speaking): ``with common.status(...):``."""
+    return progress(description, total=None)
+
+
+def write_stdout(text: str) -> None:
+    """Data on stdout. When stdout is the same terminal as the progress display, the display steps aside
+    for the write (else the text would land in the middle of the bar)."""
+    if _bar is not None and sys.stdout.isatty():
+        _bar.stop()
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        _bar.start()
+        return
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def examples_help(summary: str, *examples: str) -> str:
     """A command docstring that opens with copy-pasteable examples (CLI.md)."""
     # Click rewraps paragraphs; a paragraph that starts with \b is printed verbatim.
-    return "\n\n".join([summary, "\b\nExamples:\n" + "\n".join(f"  $ {e}" for e in examples)])
+    return "\n\n".join([summary, "\b\nExamples:\n" + "\n".join(f"  $ {e}" for e in examples), GLOBAL_OPTIONS_NOTE])
+
+
+GLOBAL_OPTIONS_NOTE = ("Global options work here too, before or after the command: --model ID_OR_DIR, --revision, "
+                       "--offline, --device, --dtype, --seed, -q, -v, --debug, --no-progress (see: minicpmo -h).")
 
 
 def fail_usage(message: str) -> None:
@@ -202,20 +291,78 @@ def load_options():
                        seed=o.seed, compile=o.compile, quantize=o.quantize)
 
 
+FULL_MODEL_SIZE = "about 16 GB"  # the official checkpoint's files that are downloaded (HUB_ALLOW_PATTERNS)
+
+
 def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
-    """Load the model for a command, with a status line on stderr while it loads."""
+    """Load the model for a command: the checkpoint is found (or downloaded, saying what, how big and where)
+    before torch is imported, so a bad --model fails at once; then a status line while the model loads."""
+    import time
+    from dataclasses import replace
+
     from minicpmo_cli.api.engine import load
 
-    debug(f"loading {_options.model} (vision={vision}, audio={audio}, tts={tts})")
-    engine = load(load_options(), vision=vision, audio=audio, tts=tts, warn=warn)
+    if not show_progress():  # --no-progress, -q or no terminal: the hub's download bars too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+    started = time.perf_counter()
+    folder = checkpoint_folder()
+    debug(f"loading {_options.model} from {folder} (vision={vision}, audio={audio}, tts={tts})")
+    with status(f"loading the model from {folder}"):
+        engine = load(replace(load_options(), model=str(folder)), vision=vision, audio=audio, tts=tts, warn=warn)
     quantization = getattr(engine.model, "quantization", None)
     if quantization is not None:
         debug(quantization.describe())
+    attention = getattr(getattr(engine.model, "config", None), "_attn_implementation", None) or "sdpa"
+    debug(f"model loaded in {time.perf_counter() - started:.1f} s: device {engine.device}, "
+          f"dtype {str(engine.dtype).replace('torch.', '')}, attention {attention}")
     return engine
 
 
-def wav_output_target(output: str, overwrite: bool) -> Path | None:
-    """The wav path to write, or None for stdout (`-o -`); fails early, naming the path, when it cannot be."""
+def checkpoint_folder() -> Path:
+    """The local folder of --model: as given, or from the hub cache, downloading it first when it is not there."""
+    from minicpmo_cli.model.loading import means_local_folder, resolve_checkpoint_dir
+
+    o = _options
+    path = Path(o.model).expanduser()
+    if path.is_dir() or path.exists() or means_local_folder(o.model):
+        return resolve_checkpoint_dir(o.model)  # the folder, or a one-line error naming it
+    from minicpmo_cli.cli.doctor import cached_snapshot
+
+    snapshot = cached_snapshot(o.model, o.revision)
+    if snapshot is not None and any(snapshot.glob("*.safetensors")):
+        return resolve_checkpoint_dir(o.model, o.revision, local_files_only=True)
+    if not o.offline:
+        from huggingface_hub import constants
+
+        size = FULL_MODEL_SIZE if o.model == DEFAULT_MODEL else "its checkpoint files"
+        info(f"downloading {o.model} ({size}) into {constants.HF_HUB_CACHE}; "
+             "this happens once, later runs read the cache")
+    with paused_progress():  # the hub draws its own download bars
+        return resolve_checkpoint_dir(o.model, o.revision, local_files_only=o.offline or None)
+
+
+@contextlib.contextmanager
+def paused_progress():
+    """Take our progress display off the screen while someone else draws there (the hub's download bars)."""
+    if _bar is None:
+        yield
+        return
+    _bar.stop()
+    try:
+        yield
+    finally:
+        _bar.start()
+
+
+def wav_output_target(output: str, overwrite: bool, extensions: tuple[str, ...] = (".wav",)) -> Path | None:
+    """The wav path to write, or None for stdout (`-o -`); fails early, naming the path, when it cannot be.
+
+    ``extensions``: the audio formats the command can write (by file extension); others are refused.
+    """
     from minicpmo_cli.errors import OutputError, UsageError
 
     if output == "-":
@@ -225,7 +372,10 @@ def wav_output_target(output: str, overwrite: bool) -> Path | None:
     path = Path(output).expanduser()
     try:
         if path.is_dir():
-            raise OutputError("is a folder; give a .wav file name", path)
+            raise OutputError(f"is a folder; give a file name ending in {', '.join(extensions)}", path)
+        if path.suffix.lower() not in extensions:
+            named = f"a {path.suffix} file" if path.suffix else "a file without an extension"
+            raise UsageError(f"{output}: cannot write {named} here; name a {', '.join(extensions)} file")
         if path.exists() and not overwrite:
             raise OutputError("already exists (pass --overwrite to replace it)", path)
         folder = path.parent
@@ -235,6 +385,23 @@ def wav_output_target(output: str, overwrite: bool) -> Path | None:
         raise OutputError(f"cannot write here ({(exc.strerror or str(exc)).lower()})", path) from None
     probe_writable(folder, path)
     return path
+
+
+def check_output_file(path: Path) -> None:
+    """A file output (-o FILE) must be writable in an existing folder: say so before any work is done."""
+    from minicpmo_cli.errors import OutputError
+
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write here: the folder {folder} does not exist", path)
+    probe_writable(folder, path)
+
+
+def audio_output_target(output: str, overwrite: bool) -> Path | None:
+    """Like wav_output_target, for commands that write any format outputs.write_audio knows (wav/flac/mp3/ogg)."""
+    from minicpmo_cli.outputs import AUDIO_EXTENSIONS
+
+    return wav_output_target(output, overwrite, AUDIO_EXTENSIONS)
 
 
 def probe_writable(folder: Path, path: Path) -> None:

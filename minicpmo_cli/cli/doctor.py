@@ -1,10 +1,17 @@
-"""`minicpmo doctor`: what this machine has, what is missing, and how to fix it. Always exits 0."""
+"""`minicpmo doctor`: what this machine has, what is missing, and how to fix it. Always exits 0.
+
+It reads versions from the installed packages' metadata and the GPU from nvidia-smi: importing torch and
+transformers only to ask their versions took most of its run time.
+"""
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
+import importlib.util
 import platform
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,59 +20,105 @@ import typer
 from minicpmo_cli.cli import common
 
 FIXES = {
-    "torch": "pip install torch (CPU: pip install torch --index-url https://download.pytorch.org/whl/cpu)",
+    "torch": "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu (CPU only), "
+             "or pip install torch==2.13.0 (with CUDA)",
     "transformers": "pip install 'transformers>=5,<6'",
     "av": "pip install av",
     "soundfile": "pip install soundfile",
     "librosa": "pip install librosa",
 }
+PACKAGES = {"minicpmo": "minicpmo-cli", "torch": "torch", "transformers": "transformers", "av": "av",
+            "soundfile": "soundfile", "librosa": "librosa"}  # shown name -> distribution name
 
 
-def _version_of(module_name: str) -> str | None:
+def _version_of(distribution: str) -> str | None:
     try:
-        module = importlib.import_module(module_name)
-    except Exception:  # noqa: BLE001 - a broken install is reported as missing
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return str(getattr(module, "__version__", "installed"))
+
+
+def _torch_build_cuda() -> str | None:
+    """The CUDA version torch was built for, read from torch/version.py without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        try:
+            text = (Path(folder) / "version.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        match = re.search(r"^cuda\b[^=]*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+        return match.group(1) if match else None
+    return None
 
 
 def _gpu_lines() -> list[tuple[str, str]]:
-    try:
-        import torch
-    except Exception:  # noqa: BLE001
+    if _version_of("torch") is None:
         return [("CUDA", "unknown (torch missing)")]
-    if not torch.cuda.is_available():
-        return [("CUDA", "not available: commands run on the CPU (slow for the full model)")]
-    rows = [("CUDA", f"available, CUDA {torch.version.cuda}")]
-    for index in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(index)
-        name = torch.cuda.get_device_name(index)
-        rows.append((f"GPU {index}", f"{name}, {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"))
+    build = _torch_build_cuda()
+    gpus = _nvidia_gpus()
+    if build is None:
+        note = " (this machine has an NVIDIA GPU: install a CUDA build of torch)" if gpus else ""
+        return [("CUDA", f"not in this torch build (CPU only): commands run on the CPU{note}")]
+    if not gpus:
+        return [("CUDA", f"torch built for CUDA {build}, but no NVIDIA GPU found: commands run on the CPU")]
+    rows = [("CUDA", f"torch built for CUDA {build}")]
+    rows += [(f"GPU {index}", gpu) for index, gpu in enumerate(gpus)]
     return rows
+
+
+def _nvidia_gpus() -> list[str]:
+    """One line per GPU from nvidia-smi (name, free and total memory); empty when there is none."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.free,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in filter(None, (raw.strip() for raw in out.splitlines())):
+        name, free, total = (part.strip() for part in line.rsplit(",", 2))
+        gpus.append(f"{name}, {free} free of {total}")
+    return gpus
+
+
+def cached_snapshot(model: str, revision: str | None) -> Path | None:
+    """The hub cache's snapshot folder of ``model`` at ``revision`` when it has a config.json, else None."""
+    from huggingface_hub import constants
+
+    repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + model.replace("/", "--"))
+    ref = repo_dir / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else (revision if revision else None)
+    snapshot = repo_dir / "snapshots" / commit if commit else None
+    return snapshot if snapshot is not None and (snapshot / "config.json").exists() else None
 
 
 def model_cache_status(model: str, revision: str | None) -> tuple[str, str | None]:
     """Where the model's files are (a folder or the HF cache) and at which revision; (status, fix)."""
+    from minicpmo_cli.model.loading import means_local_folder
+
     folder = Path(model).expanduser()
     if folder.is_dir():
         if (folder / "config.json").is_file():
             return f"local folder {folder}", None
         return f"{folder} has no config.json", "point --model at a MiniCPM-o 2.6 checkpoint folder"
+    if folder.exists() or means_local_folder(model):
+        return f"{folder}: no such checkpoint folder", "point --model at a MiniCPM-o 2.6 checkpoint folder"
     try:
         from huggingface_hub import constants
     except Exception:  # noqa: BLE001
         return "unknown (huggingface_hub missing)", "pip install huggingface_hub"
-    repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + model.replace("/", "--"))
-    ref = repo_dir / "refs" / (revision or "main")
-    commit = ref.read_text().strip() if ref.is_file() else (revision if revision else None)
-    snapshot = repo_dir / "snapshots" / commit if commit else None
-    if snapshot and (snapshot / "config.json").exists():
+    snapshot = cached_snapshot(model, revision)
+    if snapshot is not None:
+        commit = snapshot.name
         weights = list(snapshot.glob("*.safetensors"))
         state = "complete" if weights else "config only, weights not downloaded"
         return f"{model} in the cache at revision {commit[:12]} ({state})", (
             None if weights else f"run any model command online to download {model}")
     return f"{model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})", (
-        f"it is downloaded on first use (about 16 GB), or: huggingface-cli download {model}")
+        f"it is downloaded on first use (about 16 GB), or beforehand: hf download {model}")
 
 
 def quantization_status(opts) -> str:
@@ -90,11 +143,13 @@ def quantization_status(opts) -> str:
 def run_doctor() -> list[str]:
     """Print the report; return the list of fixes to apply (empty when all is well)."""
     opts = common.options()
-    rows: list[tuple[str, str]] = [("minicpmo", _version_of("minicpmo_cli") or "?"),
+    from minicpmo_cli import __version__
+
+    rows: list[tuple[str, str]] = [("minicpmo", __version__),
                                    ("Python", f"{platform.python_version()} ({sys.executable})")]
     fixes: list[str] = []
     for name in ("torch", "transformers", "av", "soundfile", "librosa"):
-        version = _version_of(name)
+        version = _version_of(PACKAGES[name])
         rows.append((name, version or "MISSING"))
         if version is None:
             fixes.append(FIXES[name])

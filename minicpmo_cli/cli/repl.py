@@ -15,8 +15,11 @@ HELP_TEXT = """Commands:
   /audio PATH     attach an audio clip to your next message
   /video PATH     attach a video (frames and its sound) to your next message
   /speak on|off   also speak each answer (into answer.wav, answer-2.wav, ... or --speak's name)
+  /mode M         assistant, roleplay or default: how answers use the voice (see chat -h)
+  /voice V        answer in this saved voice or audio clip (/voice off: the model's own)
   /clear          forget the conversation
   /save FILE      save the conversation as JSON
+  /load FILE      continue a conversation saved with /save
   /help           this help
   /exit           leave (Ctrl-D works too)
 Start a message with \"\"\" to type several lines; end it with \"\"\".
@@ -39,6 +42,7 @@ class Repl:
         self.commands = {
             "/image": self.cmd_image, "/audio": self.cmd_audio, "/video": self.cmd_video,
             "/speak": self.cmd_speak, "/clear": self.cmd_clear, "/save": self.cmd_save, "/help": self.cmd_help,
+            "/load": self.cmd_load, "/mode": self.cmd_mode, "/voice": self.cmd_voice,
         }
 
     def say(self, text: str) -> None:
@@ -187,6 +191,50 @@ class Repl:
         write_text_atomic(target, self.conversation.to_json() + "\n")
         self.say(f"[saved to {target}{' (replaced the earlier file)' if replaced else ''}]")
 
+    def cmd_load(self, path: str) -> None:
+        """Replace the conversation by one saved with /save: its files are read again (they must still exist)."""
+        import json
+
+        from minicpmo_cli.errors import InputError
+
+        source = self._need_path(path, "/load")
+        try:
+            data = json.loads(Path(source).read_text(encoding="utf-8"))
+            turns = [(m["role"], m["content"]) for m in data["messages"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"not a conversation saved with /save ({exc})", path) from None
+        loaded = restore_turns(turns)  # every file read before anything is replaced
+        self.conversation.clear()
+        self.conversation.system = data.get("system", self.conversation.system)
+        self.conversation.turns = loaded
+        self.conversation.video_mode = any(s["type"] == "video" for _, sources in turns for s in sources)
+        self.say(f"[loaded {len(loaded)} messages from {source}]")
+
+    def cmd_mode(self, argument: str) -> None:
+        from minicpmo_cli.api.chat import MODES
+
+        if argument not in MODES:
+            self.say(f"usage: /mode {'|'.join(MODES)}")
+            return
+        self.conversation.mode = argument
+        hint = "" if argument == "default" or self.conversation.voice is not None else "; set a voice: /voice V"
+        self.say(f"[mode {argument}{hint}]")
+
+    def cmd_voice(self, argument: str) -> None:
+        from minicpmo_cli.api.voices import resolve_voice
+
+        if not argument:
+            self.say("usage: /voice NAME|FILE, or /voice off")
+            return
+        if argument == "off":
+            self.conversation.voice = None
+            self.say("[voice off: the model's own voice]")
+            return
+        self.conversation.voice = resolve_voice(argument)
+        if self.conversation.mode == "default":
+            self.conversation.mode = "assistant"
+        self.say(f"[voice {argument}, mode {self.conversation.mode}]")
+
     def cmd_help(self, _argument: str) -> None:
         self.say(HELP_TEXT)
 
@@ -198,3 +246,27 @@ class Repl:
         if must_exist and not Path(path).expanduser().exists():
             raise InputError("no such file", path)
         return str(Path(path).expanduser())
+
+
+def restore_turns(saved: list[tuple[str, list[dict]]]):
+    """Turns rebuilt from /save's JSON: text as written, images, audio and videos read again from their paths."""
+    from minicpmo_cli.api.chat import Turn
+    from minicpmo_cli.api.video import video_message_parts
+
+    turns = []
+    for role, sources in saved:
+        turn = Turn(role)
+        for source in sources:
+            kind = source.get("type")
+            if kind == "text":
+                turn.add_text(source["text"])
+            elif kind == "image":
+                turn.add_image(source["path"])
+            elif kind == "audio":
+                turn.add_audio(source["path"])
+            elif kind == "video":
+                parts, video_sources = video_message_parts(source["path"], with_audio=bool(source.get("audio")))
+                turn.parts.extend(parts)
+                turn.sources.extend(video_sources)
+        turns.append(turn)
+    return turns

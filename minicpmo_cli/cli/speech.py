@@ -48,7 +48,19 @@ VOICES_HELP = common.examples_help(
     "minicpmo voices remove alice",
 )
 
-OUTPUT = typer.Option(..., "-o", "--output", help="Output wav file, or - for wav bytes on stdout (not a terminal).")
+VOICES_ADD_HELP = common.examples_help(
+    "Save an audio clip (any format; 5-15 s of clean speech works best) as voice profile NAME, for --voice NAME.",
+    "minicpmo voices add alice speaker.wav",
+    "minicpmo voices add alice better-take.m4a --overwrite",
+)
+VOICES_REMOVE_HELP = common.examples_help(
+    "Delete saved voice profiles.",
+    "minicpmo voices remove alice",
+    "minicpmo voices remove alice bob",
+)
+
+OUTPUT = typer.Option(..., "-o", "--output", help="Output audio file: .wav, .flac, .mp3 or .ogg (the extension picks "
+                                                    "the format), or - for wav bytes on stdout (not a terminal).")
 VOICE = typer.Option(None, "--voice", help="A saved voice name (see: minicpmo voices) or an audio file.")
 MODE = typer.Option(None, "--mode", help="Voice mode with a reference: clone (read in that voice), assistant "
                                          "or roleplay (the guide's system prompts).")
@@ -71,8 +83,8 @@ def register(app: typer.Typer) -> None:
     voices_app = typer.Typer(help=VOICES_HELP, invoke_without_command=True, no_args_is_help=False,
                              context_settings={"help_option_names": ["-h", "--help"]})
     voices_app.callback(invoke_without_command=True)(voices)
-    voices_app.command("add", help="Save an audio clip as voice profile NAME.")(voices_add)
-    voices_app.command("remove", help="Delete saved voice profiles.")(voices_remove)
+    voices_app.command("add", help=VOICES_ADD_HELP)(voices_add)
+    voices_app.command("remove", help=VOICES_REMOVE_HELP)(voices_remove)
     app.add_typer(voices_app, name="voices")
 
 
@@ -111,11 +123,13 @@ def tts(
         _tts_lines(items, output, speaker, decode, verbatim, max_audio_seconds, overwrite)
         return
     _need_text(body)
-    target = common.wav_output_target(output, overwrite)
+    target = common.audio_output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
     from minicpmo_cli.api.speech import speak
 
-    result = speak(engine, body, speaker, decode=decode, verbatim=verbatim, max_frames=_max_frames(max_audio_seconds))
+    with common.progress("speaking (sentence groups)") as row:
+        result = speak(engine, body, speaker, decode=decode, verbatim=verbatim,
+                       max_frames=_max_frames(max_audio_seconds), progress=row.steps)
     _emit(result, target, max_audio_seconds)
 
 
@@ -152,11 +166,13 @@ def clone(
     _need_text(body)
     speaker = _make_voice(voice or ref, mode, None, language)
     _warn_unused_decoding(verbatim, decode)
-    target = common.wav_output_target(output, overwrite)
+    target = common.audio_output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import speak
 
-    result = speak(engine, body, speaker, decode=decode, verbatim=verbatim, max_frames=_max_frames(max_audio_seconds))
+    with common.progress("speaking (sentence groups)") as row:
+        result = speak(engine, body, speaker, decode=decode, verbatim=verbatim,
+                       max_frames=_max_frames(max_audio_seconds), progress=row.steps)
     _emit(result, target, max_audio_seconds)
     if save_voice is not None:
         source = ref if ref is not None else speaker.reference
@@ -176,11 +192,13 @@ def mimick(
     from minicpmo_cli.media.audio import load_audio
 
     samples = load_audio(audio)
-    target = common.wav_output_target(output, overwrite)
+    target = common.audio_output_target(output, overwrite)
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import mimick as run_mimick
 
-    result = run_mimick(engine, samples, decode=decode, max_frames=_max_frames(max_audio_seconds))
+    with common.progress("transcribing and re-speaking (pieces)") as row:
+        result = run_mimick(engine, samples, decode=decode, max_frames=_max_frames(max_audio_seconds),
+                            progress=row.steps)
     if target is None:
         common.err(result.text)  # stdout carries the wav
     else:
@@ -253,8 +271,14 @@ def _make_voice(reference: str | None, mode: str | None, instruction: str | None
     """The Voice, with the reference clip loaded and the options checked (before the model loads)."""
     from minicpmo_cli.api.speech import Voice
     from minicpmo_cli.api.voices import resolve_voice
+    from minicpmo_cli.errors import UsageError
 
     speaker = Voice(mode=mode, instruction=instruction, language=language)
+    if mode in ("assistant", "roleplay") and reference is None and instruction is None:
+        # The guide's prompts for these modes are built around a reference clip; without one the library
+        # would fall back to the default voice with only a warning.
+        raise UsageError(f"--mode {mode} speaks in the voice of a reference clip: add --ref FILE or "
+                         "--voice NAME (5-15 s of clean speech), or drop --mode for the default voice")
     if reference is not None:
         speaker.reference = resolve_voice(reference)
     speaker.check()
@@ -276,13 +300,13 @@ def _max_frames(seconds: float | None) -> int:
 
 def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:
     """Write the speech to ``target`` (atomically) or as wav bytes to stdout."""
-    from minicpmo_cli.outputs import wav_bytes, write_wav
+    from minicpmo_cli.outputs import wav_bytes, write_audio
 
     if target is None:
         sys.stdout.buffer.write(wav_bytes(result.wav, result.sample_rate))
         sys.stdout.buffer.flush()
     else:
-        write_wav(target, result.wav, result.sample_rate)
+        write_audio(target, result.wav, result.sample_rate)
         common.info(f"wrote {target} ({result.duration:.1f} s)")
     for number, piece in enumerate(result.pieces, start=1):
         common.debug(f"piece {number}/{len(result.pieces)}: {piece.samples / result.sample_rate:.2f} s"
@@ -310,7 +334,9 @@ def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, m
     engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
     from minicpmo_cli.api.speech import speak
 
-    for item, path in todo:
-        result = speak(engine, item, speaker, decode=decode, verbatim=verbatim,
-                       max_frames=_max_frames(max_audio_seconds))
-        _emit(result, path, max_audio_seconds)
+    with common.progress("speaking lines", total=len(todo)) as row:
+        for item, path in todo:
+            result = speak(engine, item, speaker, decode=decode, verbatim=verbatim,
+                           max_frames=_max_frames(max_audio_seconds))
+            _emit(result, path, max_audio_seconds)
+            row.advance()

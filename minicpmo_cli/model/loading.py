@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from minicpmo_cli.errors import ModelLoadError
+from minicpmo_cli.errors import EnvironmentProblem, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def resolve_checkpoint_dir(
     if path.exists():
         raise ModelLoadError("expected a checkpoint folder, got a file", path)
     name = str(name_or_path)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if means_local_folder(name):
         raise ModelLoadError("no such checkpoint folder (and not a hub id of the form owner/name)", name)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -83,10 +83,20 @@ def resolve_checkpoint_dir(
             reason = "not in the local Hugging Face cache, and downloading is off (--offline / HF_HUB_OFFLINE)"
         else:
             reason = "not in the local Hugging Face cache, and the hub cannot be reached to download it"
-        raise ModelLoadError(reason, name) from exc
+        # No network (or offline) is the environment, not the checkpoint: exit 4, and say the way around it.
+        raise EnvironmentProblem(f"{reason}; download it elsewhere (hf download {name} --local-dir DIR) and "
+                                 "pass --model DIR, or use --offline once it is cached", name) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot download from the Hugging Face hub: {exc}", name) from exc
     return Path(folder)
+
+
+def means_local_folder(name: str) -> bool:
+    """True when ``name`` can only be a local path: ./x, /x, ~/x, a bare name or a/b/c, or a/b where the
+    folder a exists here (then a hub id owner/name is not what was meant)."""
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return True
+    return Path(name).parent.is_dir()
 
 
 def _hub_offline() -> bool:

@@ -10,8 +10,11 @@ test suite can use it anywhere. Also ``python -m minicpmo_cli.model.tiny OUT_DIR
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+from minicpmo_cli.outputs import default_file_mode
 
 QWEN_SPECIALS = [  # ids 151643.. in the official tokenizer; (token, special)
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
@@ -247,6 +250,8 @@ def _write_weights(folder: Path, config_dict: dict, seed: int) -> None:
     _redraw_parameters(model, seed)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors creates the file 0600; give it the mode every other file of the folder has (umask).
+    os.chmod(folder / "model.safetensors", default_file_mode())
     _redraw_parameters(vocos, seed + 1)
     torch.save({k: v.detach().clone() for k, v in vocos.state_dict().items()}, str(folder / "assets" / "Vocos.pt"))
 

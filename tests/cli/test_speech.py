@@ -129,7 +129,7 @@ def test_voice_modes_and_instruction(cli, clips, tmp_path):
     runs = {
         "clone.wav": ["--ref", clips["ref"]],
         "roleplay.wav": ["--ref", clips["ref"], "--mode", "roleplay", "--language", "zh"],
-        "assistant.wav": ["--mode", "assistant"],  # no reference: the model's default voice
+        "assistant.wav": ["--ref", clips["ref"], "--mode", "assistant"],
         "created.wav": ["--instruction", "A calm, deep male voice."],
         "rewritten.wav": ["--ref", clips["ref"], "--no-verbatim", "--max-new-tokens", "4"],
     }
@@ -238,6 +238,8 @@ def test_usage_errors(cli, clips, tmp_path):
     cases = [
         (["tts", "Hi.", "--ref", clips["ref"], "--voice", "x"], "not both"),
         (["tts", "Hi.", "--mode", "clone"], "needs a reference"),
+        (["tts", "Hi.", "--mode", "assistant"], "add --ref FILE or --voice NAME"),  # not a library warning
+        (["tts", "Hi.", "--mode", "roleplay"], "add --ref FILE or --voice NAME"),
         (["tts", "Hi.", "--mode", "whisper"], "--mode"),
         (["tts", "Hi.", "--ref", clips["ref"], "--instruction", "deep"], "--instruction"),
         (["tts", "   ", ], "nothing to say"),
