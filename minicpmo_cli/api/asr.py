@@ -1,7 +1,8 @@
 """Audio understanding: transcription (ASR), audio captions, speaker analysis and scene tags.
 
-Every input is decoded to 16 kHz mono, split at silences into pieces of at most 30 s (the Whisper window:
-nothing is ever cut off), and each piece is sent as the guide's message ``[task prompt + "\\n", audio]``
+Every input is decoded to 16 kHz mono and segmented by the Silero VAD (``processing/segments.py``): speech
+regions grouped into pieces of at most 30 s (the Whisper window), cut only inside pauses, non-speech never
+sent; each piece is sent as the guide's message ``[task prompt + "\\n", audio]``
 under the TTS chat template (audio switches it on, as the reference). Pieces of several inputs share one
 forward pass (``batch_size``); the answers are the same as one piece at a time (see ``embed_prompts``).
 """
@@ -17,13 +18,16 @@ import numpy as np
 
 from minicpmo_cli.api.engine import DecodeOptions, Engine
 from minicpmo_cli.errors import InputError, UsageError
-from minicpmo_cli.outputs import Segment, TranscriptRecord
+from minicpmo_cli.outputs import TranscriptRecord
 from minicpmo_cli.processing import prompts
+from minicpmo_cli.processing.segments import Piece, join_texts, piece_segments
 
 TASKS = ("transcribe", "caption", "speaker", "scene")
 LANGUAGES = ("auto", "en", "zh")
 SAMPLE_RATE = 16000  # Hz: what the audio encoder takes
-MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split at silences
+MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split in its pauses
+DEFAULT_VAD_THRESHOLD = 0.5  # Silero's speech probability threshold
+DEFAULT_MIN_SILENCE_MS = 500  # a pause this long ends a speech region (and may take a cut)
 
 # Decoding defaults. The guide's ASR snippet samples (temperature 0.3, 128 new tokens); we decode greedily
 # unless --sampling is asked for: a transcript should be the single most likely reading of the audio, the
@@ -72,11 +76,32 @@ class AsrOptions:
     language: str = "auto"  # en | zh picks the prompt language; auto: English prompt
     prompt: str | None = None  # a custom instruction instead of the task's prompt
     batch_size: int = 1  # pieces per forward pass
-    max_piece_seconds: float = MAX_PIECE_SECONDS  # longer audio is split at silences
+    max_piece_seconds: float = MAX_PIECE_SECONDS  # longer audio is split in its pauses
+    vad: bool = True  # False: fixed pieces cut at the quietest point, silence and noise sent too
+    vad_threshold: float = DEFAULT_VAD_THRESHOLD
+    min_silence_ms: int = DEFAULT_MIN_SILENCE_MS
 
     @property
     def instruction(self) -> str:
         return task_prompt(self.task, self.language, self.prompt)
+
+    def validate(self) -> None:
+        """UsageError for a bad task, language, prompt or segmentation setting (before any work is done)."""
+        _ = self.instruction
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if not 0.0 < self.vad_threshold < 1.0:
+            raise UsageError(f"--vad-threshold must be between 0 and 1 (a speech probability), "
+                             f"not {self.vad_threshold}")
+        if self.min_silence_ms < 0:
+            raise UsageError(f"--min-silence-ms must be 0 or more, not {self.min_silence_ms}")
+
+    def segment(self, samples: np.ndarray) -> list[Piece]:
+        """The pieces the model hears: speech regions grouped by the VAD, or fixed pieces with --no-vad."""
+        from minicpmo_cli.processing.segments import segment_audio
+
+        return segment_audio(samples, SAMPLE_RATE, vad=self.vad, threshold=self.vad_threshold,
+                             min_silence_ms=self.min_silence_ms, max_seconds=self.max_piece_seconds)
 
 
 @dataclass
@@ -165,14 +190,7 @@ def _has_audio_tokens(clip: np.ndarray) -> bool:
 # ------------------------------------------------------------------------------------------ results
 def join_pieces(texts: Iterable[str]) -> str:
     """Piece texts joined with a space, or with nothing where both sides are CJK (no spaces in Chinese)."""
-    joined = ""
-    for text in (t.strip() for t in texts):
-        if not text:
-            continue
-        if joined and not (_CJK.match(joined[-1]) and _CJK.match(text[0])):
-            joined += " "
-        joined += text
-    return joined
+    return join_texts(texts)
 
 
 def detect_language(text: str) -> str | None:
@@ -187,7 +205,8 @@ class _Job:
     """An input on its way through: its record and the texts of its pieces as they arrive."""
 
     record: TranscriptRecord
-    spans: list[tuple[int, int]] = field(default_factory=list)
+    pieces: list[Piece] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # the pieces' samples [start, end)
     texts: list[PieceText | None] = field(default_factory=list)
 
     @property
@@ -196,7 +215,7 @@ class _Job:
 
 
 def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray | None]:
-    from minicpmo_cli.media.audio import load_audio, split_on_silence
+    from minicpmo_cli.media.audio import load_audio
 
     record = TranscriptRecord(path=item.path)
     try:
@@ -208,8 +227,8 @@ def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray 
         record.error = _reason(exc)
         return _Job(record), None
     record.duration = round(len(samples) / SAMPLE_RATE, 3)
-    spans = split_on_silence(samples, SAMPLE_RATE, max_seconds=options.max_piece_seconds)
-    return _Job(record, spans, [None] * len(spans)), samples
+    pieces = options.segment(samples)
+    return _Job(record, pieces, [(p.start, p.end) for p in pieces], [None] * len(pieces)), samples
 
 
 def _reason(exc: InputError) -> str:
@@ -228,15 +247,15 @@ def _finish(job: _Job, options: AsrOptions, warn: Callable[[str], None] | None) 
     record = job.record
     if record.error is not None:
         return record
-    record.segments = [Segment(round(s / SAMPLE_RATE, 3), round(e / SAMPLE_RATE, 3), piece.text)
-                       for (s, e), piece in zip(job.spans, job.texts)]
+    record.segments = [segment for piece, answer in zip(job.pieces, job.texts)
+                       for segment in piece_segments(piece, answer.text, SAMPLE_RATE)]
     record.text = join_pieces(piece.text for piece in job.texts)
     record.language = options.language if options.language != "auto" else detect_language(record.text)
     if warn is not None:
-        for segment, piece in zip(record.segments, job.texts):
+        for (start, end), piece in zip(job.spans, job.texts):
             if piece.truncated:
-                warn(f"{input_name(record.path)}: the answer for {segment.start:.1f}-{segment.end:.1f} s reached "
-                     f"--max-new-tokens and may be cut short")
+                warn(f"{input_name(record.path)}: the answer for {start / SAMPLE_RATE:.1f}-{end / SAMPLE_RATE:.1f} s "
+                     f"reached --max-new-tokens and may be cut short")
     return record
 
 
@@ -251,8 +270,7 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     loads it: it is then called only once some audio needs the model (a batch of unreadable files, or a
     rerun that finds nothing left to do, loads nothing).
     """
-    if options.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+    options.validate()
     instruction = options.instruction
     loaded: list[Engine] = [engine] if isinstance(engine, Engine) else []
 

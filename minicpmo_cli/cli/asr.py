@@ -26,8 +26,9 @@ DEFAULT_BATCH_SIZE = 4  # pieces per forward pass: batching does not change any 
 
 HELP = common.examples_help(
     "Transcribe speech, or caption, tag or describe the speaker of audio. INPUT is a file, a folder "
-    "(audio/video files inside; --recursive descends), a glob, or - for audio bytes on stdin. Long audio is "
-    "split at silences into pieces of at most 30 s; srt/vtt/json carry their times.",
+    "(audio/video files inside; --recursive descends), a glob, or - for audio bytes on stdin. A voice-activity "
+    "detector (Silero VAD) finds the speech; it goes to the model in pieces of at most 30 s cut in its pauses, "
+    "and noise or music alone is never sent. srt/vtt/json cues follow the speech, with its times in the file.",
     "minicpmo asr meeting.mp3",
     "minicpmo asr recordings/ -o transcripts/ -f all --recursive",
     "cat clip.wav | minicpmo asr - -f jsonl",
@@ -58,6 +59,12 @@ def asr(
                                    help="Audio pieces per forward pass."),
     skip_existing: bool = typer.Option(True, "--skip-existing/--overwrite",
                                        help="Skip inputs whose output files exist (resume), or redo them."),
+    vad: bool = typer.Option(True, "--vad/--no-vad",
+                             help="Send only the speech the VAD finds, or everything in fixed pieces of <= 30 s."),
+    vad_threshold: float = typer.Option(0.5, "--vad-threshold", metavar="P",
+                                        help="Speech probability (0-1) from which the VAD counts audio as speech."),
+    min_silence_ms: int = typer.Option(500, "--min-silence-ms", metavar="MS",
+                                       help="A pause must last this long to end a speech region (and allow a cut)."),
     # Default decoding is greedy (see api/asr.py); --sampling uses the guide's temperature 0.3.
     *,
     decode: DecodeOptions,
@@ -66,8 +73,9 @@ def asr(
 
     if output_format not in FORMATS:
         common.fail_usage(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
-    options = AsrOptions(task=task, language=language, prompt=prompt, batch_size=batch_size)
-    _ = options.instruction  # validates --task / --language / --prompt before anything is read
+    options = AsrOptions(task=task, language=language, prompt=prompt, batch_size=batch_size, vad=vad,
+                         vad_threshold=vad_threshold, min_silence_ms=min_silence_ms)
+    options.validate()  # --task / --language / --prompt / VAD settings, before anything is read
     items = resolve_inputs(list(inputs or []), files_from, recursive)
     if any(item.path == "-" for item in items) and sys.stdin.isatty():
         common.fail_usage("- reads audio from stdin, but stdin is a terminal: pipe a file in")

@@ -89,20 +89,21 @@ def test_batched_transcripts_equal_one_by_one(engine):
     clips = [noise(s, seed) for seed, s in enumerate((3.05, 41.3, 1.5, 6.66, 12.2))]
     inputs = [AudioInput(f"clip{i}", clip) for i, clip in enumerate(clips)]
     decode = DecodeOptions(max_new_tokens=5, **GREEDY)
-    one_by_one = list(transcribe_many(engine, inputs, AsrOptions(batch_size=1), decode))
-    batched = list(transcribe_many(engine, inputs, AsrOptions(batch_size=4), decode))
+    # Noise holds no speech for the VAD: --no-vad sends it all, in fixed pieces.
+    one_by_one = list(transcribe_many(engine, inputs, AsrOptions(batch_size=1, vad=False), decode))
+    batched = list(transcribe_many(engine, inputs, AsrOptions(batch_size=4, vad=False), decode))
     assert [r.to_dict() for r in batched] == [r.to_dict() for r in one_by_one]
     assert [r.path for r in batched] == [f"clip{i}" for i in range(5)]
     assert len(batched[1].segments) == 2  # 41.3 s: two pieces of at most 30 s
 
 
-def test_long_audio_is_split_into_timed_pieces(engine):
+def test_long_audio_without_vad_is_split_into_timed_pieces(engine):
     from minicpmo_cli.api.asr import AsrOptions, join_pieces, transcribe
     from minicpmo_cli.api.engine import DecodeOptions
 
     audio = np.concatenate([noise(27, 1), np.zeros(8000, np.float32), noise(27, 2), np.zeros(8000, np.float32),
                             noise(10, 3)])
-    record = transcribe(engine, audio, AsrOptions(), DecodeOptions(max_new_tokens=3), path="long")
+    record = transcribe(engine, audio, AsrOptions(vad=False), DecodeOptions(max_new_tokens=3), path="long")
     assert record.duration == pytest.approx(len(audio) / 16000, abs=1e-3)
     segments = record.segments
     assert len(segments) == 3
@@ -123,7 +124,8 @@ def test_bad_input_is_a_record_and_the_rest_go_on(engine, tmp_path):
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     inputs = [AudioInput.from_path(empty), AudioInput("good", noise(2.0, 5)), AudioInput.from_path(tmp_path / "x")]
-    records = list(transcribe_many(engine, inputs, AsrOptions(batch_size=2), DecodeOptions(max_new_tokens=2)))
+    records = list(transcribe_many(engine, inputs, AsrOptions(batch_size=2, vad=False),
+                                   DecodeOptions(max_new_tokens=2)))
     assert [r.error is None for r in records] == [False, True, False]
     assert records[0].error == "file is empty (0 bytes)" and records[2].error == "file not found"
     assert records[1].segments and records[1].duration == 2.0
@@ -163,3 +165,27 @@ def test_decoding_defaults_greedy_or_the_guides_sampling(engine, monkeypatch):
     assert seen[1] == (512, {"top_p": 0.8, "top_k": 100, "temperature": 0.3, "do_sample": True,
                              "repetition_penalty": 1.05})
     assert seen[2] == (7, {"num_beams": 3, "repetition_penalty": 1.0})
+
+
+def test_noise_sends_nothing_to_the_model(monkeypatch):
+    """With the VAD, noise and silence give an empty record and the model is never even loaded."""
+    from minicpmo_cli.api import asr as asr_api
+
+    def no_model():
+        raise AssertionError("the model was loaded for audio without speech")
+
+    monkeypatch.setattr(asr_api, "generate_batch", lambda *a, **k: pytest.fail("a piece was sent to the model"))
+    inputs = [asr_api.AudioInput("noise", noise(12.0, 4)), asr_api.AudioInput("silence", np.zeros(16000 * 5))]
+    records = list(asr_api.transcribe_many(no_model, inputs, asr_api.AsrOptions(batch_size=2)))
+    assert [(r.text, r.segments, r.error) for r in records] == [("", [], None), ("", [], None)]
+    assert [r.duration for r in records] == [12.0, 5.0]
+
+
+def test_segmentation_options_are_checked():
+    from minicpmo_cli.api.asr import AsrOptions
+    from minicpmo_cli.errors import UsageError
+
+    for bad, match in [({"vad_threshold": 1.0}, "--vad-threshold"), ({"vad_threshold": 0}, "--vad-threshold"),
+                       ({"min_silence_ms": -5}, "--min-silence-ms"), ({"batch_size": 0}, "--batch-size")]:
+        with pytest.raises(UsageError, match=match):
+            AsrOptions(**bad).validate()

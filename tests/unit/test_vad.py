@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from minicpmo_cli.media import vad
 
 SR = 16000
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +91,19 @@ def test_hysteresis_minimum_silence_and_speech():
     assert vad.regions_from_probabilities(probs, len(probs) * w, min_silence_ms=ms(4), pad_ms=ms(4)) == \
         [(0, 50 * w)]
     assert vad.regions_from_probabilities(probs, len(probs) * w, threshold=0.95) == []
+
+
+@pytest.mark.skipif(not (EXAMPLES / "long_speech.mp3").exists(), reason="examples not generated")
+def test_real_long_recording_is_cut_between_sentences():
+    from minicpmo_cli.media.audio import audio_duration, load_audio
+    from minicpmo_cli.processing.segments import segment_audio
+
+    audio = load_audio(EXAMPLES / "long_speech.mp3")
+    assert audio_duration(audio) > 60
+    pieces = segment_audio(audio)
+    assert len(pieces) >= 3 and all(p.end - p.start <= 30 * SR for p in pieces)
+    loud = np.sqrt(np.mean(audio**2))
+    for before, after in zip(pieces, pieces[1:]):
+        assert before.end <= after.start
+        around_cut = audio[before.end - 800:after.start + 800]
+        assert np.sqrt(np.mean(around_cut**2)) < 0.05 * loud  # in a pause between sentences
