@@ -22,8 +22,11 @@ from minicpmo_cli.outputs import TranscriptRecord
 from minicpmo_cli.processing import prompts
 from minicpmo_cli.processing.segments import Piece, join_texts, piece_segments
 
-TASKS = ("transcribe", "caption", "speaker", "scene")
-LANGUAGES = ("auto", "en", "zh")
+TASKS = ("transcribe", "translate", "caption", "speaker", "scene")
+LANGUAGES = ("auto", "en", "zh")  # what the model transcribes; auto decides per input (see _detect_language)
+# --task translate: ours, not the guide's (it has no translation prompt), worded like its ASR prompt. English
+# speech is transcribed with the guide's English prompt instead: its transcript is its English translation.
+TRANSLATE_PROMPT = "Please listen to the audio snippet carefully and translate its content into English."
 SAMPLE_RATE = 16000  # Hz: what the audio encoder takes
 MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split in its pauses
 DEFAULT_VAD_THRESHOLD = 0.5  # Silero's speech probability threshold
@@ -52,28 +55,32 @@ AudioSource = Union[str, bytes, np.ndarray]
 def task_prompt(task: str = "transcribe", language: str = "auto", custom: str | None = None) -> str:
     """The instruction sent with the audio: ``custom`` when given, else the guide's prompt for the task.
 
-    Only transcription has a Chinese prompt in the guide; the other tasks use their English prompt for
-    every language (the model answers them in either).
+    ``language`` is the spoken language. Only transcription has a Chinese prompt in the guide; the other
+    tasks use their English prompt for every language (the model answers them in either). Translation of
+    Chinese (or auto: not yet known) speech uses TRANSLATE_PROMPT; of English speech, the English ASR prompt.
     """
+    if language not in LANGUAGES:
+        raise UsageError(f"--language {language!r} is not supported: the model transcribes en (English) and "
+                         f"zh (Chinese); use en, zh or auto")
     if custom is not None:
         if not custom.strip():
             raise UsageError("--prompt is empty")
         text = custom
-    elif task == "transcribe":
+    elif task == "transcribe" or (task == "translate" and language == "en"):
         text = prompts.ASR_ZH if language == "zh" else prompts.ASR_EN
+    elif task == "translate":
+        text = TRANSLATE_PROMPT
     elif task in ("caption", "speaker", "scene"):
         text = prompts.TASK_PROMPTS[task]
     else:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
-    if language not in LANGUAGES:
-        raise UsageError(f"--language must be one of {', '.join(LANGUAGES)}, not {language!r}")
     return text if text.endswith(PROMPT_SUFFIX) else text + PROMPT_SUFFIX
 
 
 @dataclass(frozen=True)
 class AsrOptions:
-    task: str = "transcribe"  # transcribe | caption | speaker | scene
-    language: str = "auto"  # en | zh picks the prompt language; auto: English prompt
+    task: str = "transcribe"  # transcribe | translate (to English) | caption | speaker | scene
+    language: str = "auto"  # spoken language en | zh; auto: decided per input from its first speech piece
     prompt: str | None = None  # a custom instruction instead of the task's prompt
     batch_size: int = 1  # pieces per forward pass
     max_piece_seconds: float = MAX_PIECE_SECONDS  # longer audio is split in its pauses
@@ -84,6 +91,11 @@ class AsrOptions:
     @property
     def instruction(self) -> str:
         return task_prompt(self.task, self.language, self.prompt)
+
+    @property
+    def detects_language(self) -> bool:
+        """True when the prompt depends on a spoken language that --language auto leaves open."""
+        return self.language == "auto" and self.prompt is None and self.task in ("transcribe", "translate")
 
     def validate(self) -> None:
         """UsageError for a bad task, language, prompt or segmentation setting (before any work is done)."""
@@ -154,13 +166,15 @@ def embed_prompts(model, inputs) -> Any:
     return embeds
 
 
-def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str,
+def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str | list[str],
                    decode: DecodeOptions) -> list[PieceText]:
-    """One forward pass over several clips (left-padded); the answer to ``[instruction, clip]`` for each."""
+    """One forward pass over several clips (left-padded); the answer to ``[instruction, clip]`` for each
+    (``instruction``: one for all, or one per clip)."""
     from minicpmo_cli.generation.text import TTS_EOS, decode_text, decoding_settings, run_llm_generate, \
         terminator_ids
 
-    msgs = [[{"role": "user", "content": [instruction, clip]}] for clip in clips]
+    instructions = [instruction] * len(clips) if isinstance(instruction, str) else list(instruction)
+    msgs = [[{"role": "user", "content": [text, clip]}] for text, clip in zip(instructions, clips)]
     inputs = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True).to(engine.device)
     sampling = bool(decode.sampling)
     mode_defaults = SAMPLING_DEFAULTS if sampling else GREEDY_DEFAULTS
@@ -205,6 +219,8 @@ class _Job:
     """An input on its way through: its record and the texts of its pieces as they arrive."""
 
     record: TranscriptRecord
+    instruction: str = ""  # the prompt of its pieces (it depends on the input's language with auto)
+    language: str | None = None  # spoken language, when given or detected
     pieces: list[Piece] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)  # the pieces' samples [start, end)
     texts: list[PieceText | None] = field(default_factory=list)
@@ -228,7 +244,27 @@ def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray 
         return _Job(record), None
     record.duration = round(len(samples) / SAMPLE_RATE, 3)
     pieces = options.segment(samples)
-    return _Job(record, pieces, [(p.start, p.end) for p in pieces], [None] * len(pieces)), samples
+    language = None if options.language == "auto" else options.language
+    return _Job(record, options.instruction, language, pieces, [(p.start, p.end) for p in pieces],
+                [None] * len(pieces)), samples
+
+
+def _detect_language(job: _Job, samples: np.ndarray, engine: Engine, options: AsrOptions,
+                     decode: DecodeOptions) -> None:
+    """--language auto: transcribe the first speech piece with the English prompt; the script of the
+    answer (CJK or not) gives the input's language, and so the prompt of all its pieces. For English the
+    probe is already the first piece's transcript; Chinese pieces are all transcribed with the Chinese prompt.
+    """
+    start, end = job.spans[0]
+    clip = samples[start:end]
+    if not _has_audio_tokens(clip):
+        return
+    english = task_prompt("transcribe", "en")
+    [first] = generate_batch(engine, [clip], english, decode)
+    job.language = detect_language(first.text) or "en"
+    job.instruction = task_prompt(options.task, job.language)
+    if job.instruction == english:
+        job.texts[0] = first
 
 
 def _reason(exc: InputError) -> str:
@@ -250,7 +286,7 @@ def _finish(job: _Job, options: AsrOptions, warn: Callable[[str], None] | None) 
     record.segments = [segment for piece, answer in zip(job.pieces, job.texts)
                        for segment in piece_segments(piece, answer.text, SAMPLE_RATE)]
     record.text = join_pieces(piece.text for piece in job.texts)
-    record.language = options.language if options.language != "auto" else detect_language(record.text)
+    record.language = job.language or detect_language(record.text)
     if warn is not None:
         for (start, end), piece in zip(job.spans, job.texts):
             if piece.truncated:
@@ -271,7 +307,6 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     rerun that finds nothing left to do, loads nothing).
     """
     options.validate()
-    instruction = options.instruction
     loaded: list[Engine] = [engine] if isinstance(engine, Engine) else []
 
     def model() -> Engine:
@@ -288,7 +323,8 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
                 job.texts[index] = PieceText("")
         todo = [(job, index, clip) for job, index, clip in batch if job.texts[index] is None]
         if todo:
-            results = generate_batch(model(), [clip for _, _, clip in todo], instruction, decode)
+            results = generate_batch(model(), [clip for _, _, clip in todo], [job.instruction for job, _, _ in todo],
+                                     decode)
             for (job, index, _), result in zip(todo, results):
                 job.texts[index] = result
 
@@ -298,8 +334,10 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
 
     for item in inputs:
         job, samples = _start_job(item, options)
+        if job.spans and options.detects_language:
+            _detect_language(job, samples, model(), options, decode)
         open_jobs.append(job)
-        waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans))
+        waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans) if job.texts[i] is None)
         while len(waiting) >= options.batch_size:
             run(options.batch_size)
             yield from finished()

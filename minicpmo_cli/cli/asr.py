@@ -33,6 +33,7 @@ HELP = common.examples_help(
     "minicpmo asr recordings/ -o transcripts/ -f all --recursive",
     "cat clip.wav | minicpmo asr - -f jsonl",
     "minicpmo asr interview.m4a --task speaker --language zh",
+    "minicpmo asr lecture_zh.mp3 --task translate -f srt -o subs/",
 )
 
 
@@ -49,8 +50,13 @@ def asr(
     output_dir: Optional[Path] = typer.Option(None, "-o", "--output-dir",
                                               help="Write one file per input here (named after it)."),
     output_format: str = typer.Option("txt", "-f", "--format", help="txt, json, jsonl, srt, vtt or all."),
-    task: str = typer.Option("transcribe", "--task", help="transcribe, caption, speaker or scene."),
-    language: str = typer.Option("auto", "--language", help="en, zh or auto (prompt language)."),
+    task: str = typer.Option("transcribe", "--task",
+                             help="transcribe, translate, caption, speaker or scene. translate gives English text, "
+                                  "asking: 'Please listen to the audio snippet carefully and translate its content "
+                                  "into English.' (English speech gets the transcription prompt)."),
+    language: str = typer.Option("auto", "--language",
+                                 help="Spoken language: en, zh, or auto (decided per input from its first speech "
+                                      "piece; json/jsonl and -v report it)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="A custom instruction instead of the task's."),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into sub-folders."),
     files_from: Optional[str] = typer.Option(None, "--files-from", metavar="FILE|-",
@@ -257,6 +263,9 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
             if record.error is not None:
                 failed += 1
                 common.err(f"minicpmo: error: {input_name(record.path)}: {record.error}")
+            else:
+                common.debug(f"{input_name(record.path)}: language {record.language or 'unknown (no speech)'}, "
+                             f"{len(record.segments)} segment(s)")
             sink.emit(item, record)
             advance()
     return failed

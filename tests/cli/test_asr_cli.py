@@ -230,6 +230,7 @@ def test_several_inputs_to_stdout_get_headers(tiny_ckpt, speech, capsys):
     (["--task", "summarise"], "--task"),
     (["--vad-threshold", "1.5"], "--vad-threshold"),
     (["--min-silence-ms", "-1"], "--min-silence-ms"),
+    (["--language", "fr"], "'fr' is not supported"),
     (["--batch-size", "0"], "batch-size"),
 ])
 def test_usage_errors(tiny_ckpt, speech, capsys, args, message):
@@ -322,3 +323,29 @@ def test_no_vad_sends_fixed_pieces_covering_the_file(tiny_ckpt, long_recording, 
     assert segments[0]["start"] == 0.0 and segments[-1]["end"] == record["duration"]
     assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))  # contiguous pieces
     assert len(segments) == 3 and all(0 < s["end"] - s["start"] <= 30.0 for s in segments)
+
+
+@pytest.mark.parametrize("language", ["auto", "zh"])
+def test_translate_records_the_language_and_sends_the_translate_prompt(tiny_ckpt, speech, capsys, monkeypatch,
+                                                                       language):
+    from minicpmo_cli.api import asr as asr_api
+
+    real, prompts_sent = asr_api.generate_batch, []
+
+    def spy(engine, clips, instruction, decode):
+        prompts_sent.extend([instruction] * len(clips) if isinstance(instruction, str) else instruction)
+        return real(engine, clips, instruction, decode)
+
+    monkeypatch.setattr(asr_api, "generate_batch", spy)
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "-v", "asr", speech["one"], "--task", "translate",
+                                 "--language", language, "-f", "json", *FAST)
+    assert code == 0, err
+    record = json.loads(stdout)
+    assert record["language"] in ("en", "zh") and (language == "auto" or record["language"] == language)
+    assert f"{speech['one']}: language {record['language']}, {len(record['segments'])} segment(s)" in err
+    translate, english = asr_api.TRANSLATE_PROMPT + "\n", asr_api.task_prompt("transcribe", "en")
+    if language == "zh":
+        assert set(prompts_sent) == {translate}
+    else:  # the probe with the English prompt first; a Chinese answer then gets the translation prompt
+        assert prompts_sent[0] == english
+        assert set(prompts_sent[1:]) <= ({translate} if record["language"] == "zh" else {english})

@@ -37,7 +37,7 @@ def test_bad_task_and_language_are_usage_errors():
     from minicpmo_cli.errors import UsageError
 
     with pytest.raises(UsageError, match="--task"):
-        task_prompt("translate")
+        task_prompt("summarise")
     with pytest.raises(UsageError, match="--language"):
         task_prompt(language="fr")
 
@@ -189,3 +189,72 @@ def test_segmentation_options_are_checked():
                        ({"min_silence_ms": -5}, "--min-silence-ms"), ({"batch_size": 0}, "--batch-size")]:
         with pytest.raises(UsageError, match=match):
             AsrOptions(**bad).validate()
+
+
+def fake_model(monkeypatch, answer: str) -> list[tuple[str, int]]:
+    """generate_batch replaced by one answering ``answer`` to everything; returns the (prompt, clip length) sent."""
+    from minicpmo_cli.api import asr as asr_api
+
+    sent: list[tuple[str, int]] = []
+
+    def fake(engine, clips, instruction, decode):
+        instructions = [instruction] * len(clips) if isinstance(instruction, str) else instruction
+        sent.extend((text, len(clip)) for text, clip in zip(instructions, clips))
+        return [asr_api.PieceText(answer) for _ in clips]
+
+    monkeypatch.setattr(asr_api, "generate_batch", fake)
+    return sent
+
+
+@pytest.mark.parametrize("answer, language", [("hello there", "en"), ("你好，世界", "zh")])
+def test_auto_language_decides_the_prompt_per_input(monkeypatch, answer, language):
+    """The first piece goes out with the English prompt; the script of its answer picks every piece's prompt."""
+    from minicpmo_cli.api.asr import AsrOptions, AudioInput, task_prompt, transcribe_many
+
+    sent = fake_model(monkeypatch, answer)
+    audio = noise(41.3, 1)  # --no-vad: two fixed pieces
+    [record] = transcribe_many(lambda: object(), [AudioInput("x", audio)], AsrOptions(vad=False, batch_size=2))
+    assert record.language == language
+    english, chosen = task_prompt("transcribe", "en"), task_prompt("transcribe", language)
+    if language == "en":  # the probe is the first piece's transcript: two pieces, two model answers
+        assert [p for p, _ in sent] == [english, english]
+    else:  # the probe, then both pieces again with the Chinese prompt
+        assert [p for p, _ in sent] == [english, chosen, chosen]
+    assert sum(n for _, n in sent[-2:]) == len(audio)
+    assert record.text == (answer + " " + answer if language == "en" else answer + answer)
+
+
+def test_given_language_is_recorded_and_not_probed(monkeypatch):
+    from minicpmo_cli.api.asr import AsrOptions, AudioInput, task_prompt, transcribe_many
+
+    sent = fake_model(monkeypatch, "hello")
+    [record] = transcribe_many(lambda: object(), [AudioInput("x", noise(3.0, 2))], AsrOptions(language="zh",
+                                                                                              vad=False))
+    assert record.language == "zh" and [p for p, _ in sent] == [task_prompt("transcribe", "zh")]
+
+
+@pytest.mark.parametrize("language, answer, expected", [
+    ("zh", "Hello world", ["TRANSLATE"]),
+    ("en", "Hello world", ["ASR_EN"]),  # English speech: its transcript is its English translation
+    ("auto", "你好", ["ASR_EN", "TRANSLATE"]),  # probe (Chinese), then the translation
+    ("auto", "hello", ["ASR_EN"]),  # probe (English) is the answer
+])
+def test_translate_prompts(monkeypatch, language, answer, expected):
+    from minicpmo_cli.api.asr import TRANSLATE_PROMPT, AsrOptions, AudioInput, task_prompt, transcribe_many
+
+    names = {"TRANSLATE": TRANSLATE_PROMPT + "\n", "ASR_EN": task_prompt("transcribe", "en")}
+    sent = fake_model(monkeypatch, answer)
+    options = AsrOptions(task="translate", language=language, vad=False)
+    [record] = transcribe_many(lambda: object(), [AudioInput("x", noise(3.0, 2))], options)
+    assert [p for p, _ in sent] == [names[e] for e in expected]
+    assert record.language == (language if language != "auto" else ("zh" if answer == "你好" else "en"))
+    assert task_prompt("translate", "zh") == TRANSLATE_PROMPT + "\n"
+
+
+def test_unsupported_language_is_one_clear_usage_error():
+    from minicpmo_cli.api.asr import AsrOptions
+    from minicpmo_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="'fr' is not supported: the model transcribes en") as info:
+        AsrOptions(language="fr").validate()
+    assert "\n" not in str(info.value)
