@@ -144,17 +144,26 @@ def split_at_quiet_points(samples: np.ndarray, span: Span, max_len: int, search:
 
 
 def quietest_point(samples: np.ndarray, low: int, high: int, window: int, hop: int) -> int:
-    """The candidate in [low, high] (every ``hop`` samples, ``high`` included) with the least energy around it."""
+    """The candidate in [low, high] (every ``hop`` samples, ``high`` included) that is quietest around it.
+
+    Quiet is the mean energy over ``window`` plus that over four times ``window``, both centred on the
+    candidate: the short window finds a gap between words, the long one prefers the longest such gap (a
+    breath between sentences over a stop inside a word). The latest candidate wins ties.
+    """
     candidates = np.arange(high, low - 1, -hop)[::-1]  # anchored at ``high``: the limit is always a candidate
+    score = _mean_energy(samples, candidates, window) + _mean_energy(samples, candidates, 4 * window)
+    latest_minimum = len(score) - 1 - int(np.argmin(score[::-1]))
+    return int(candidates[latest_minimum])
+
+
+def _mean_energy(samples: np.ndarray, centres: np.ndarray, window: int) -> np.ndarray:
     half = window // 2
-    left = np.clip(candidates - half, 0, len(samples))
-    right = np.clip(candidates + half, 0, len(samples))
+    left = np.clip(centres - half, 0, len(samples))
+    right = np.clip(centres + half, 0, len(samples))
     region_start, region_end = int(left.min()), int(right.max())
     region = np.asarray(samples[region_start:region_end], dtype=np.float64)
     cumulative = np.concatenate(([0.0], np.cumsum(region * region)))
-    energy = (cumulative[right - region_start] - cumulative[left - region_start]) / np.maximum(right - left, 1)
-    latest_minimum = len(energy) - 1 - int(np.argmin(energy[::-1]))
-    return int(candidates[latest_minimum])
+    return (cumulative[right - region_start] - cumulative[left - region_start]) / np.maximum(right - left, 1)
 
 
 # ------------------------------------------------------------------------------------------ texts
