@@ -259,13 +259,12 @@ def bench_text_chat(engine, prompt_tokens: int, new_tokens: int, repeats: int, f
 
 
 def bench_asr(engine, clips: dict[float, np.ndarray], source: str, repeats: int) -> list[Row]:
-    """``api.asr.transcribe`` on each clip (split at silences into <= 30 s pieces, greedy, 512-token cap)."""
-    from minicpmo_cli.api.asr import transcribe
-    from minicpmo_cli.media.audio import split_on_silence
+    """``api.asr.transcribe`` on each clip (VAD pieces of <= 30 s, greedy, 512-token cap)."""
+    from minicpmo_cli.api.asr import AsrOptions, transcribe
 
     rows = []
     for seconds, samples in sorted(clips.items()):
-        pieces = len(split_on_silence(samples, SAMPLE_RATE, max_seconds=30.0))
+        pieces = len(AsrOptions().segment(samples))
         with GenerateProbe(engine) as counter:
             wall, _ = timed(counter.reset_then(lambda: transcribe(engine, samples)), repeats)
         rows.append(Row("asr", f"{seconds:.0f} s clip", seconds / wall, "x real time",

@@ -1,7 +1,8 @@
 """Audio understanding: transcription (ASR), audio captions, speaker analysis and scene tags.
 
-Every input is decoded to 16 kHz mono, split at silences into pieces of at most 30 s (the Whisper window:
-nothing is ever cut off), and each piece is sent as the guide's message ``[task prompt + "\\n", audio]``
+Every input is decoded to 16 kHz mono and segmented by the Silero VAD (``processing/segments.py``): speech
+regions grouped into pieces of at most 30 s (the Whisper window), cut only inside pauses, non-speech never
+sent; each piece is sent as the guide's message ``[task prompt + "\\n", audio]``
 under the TTS chat template (audio switches it on, as the reference). Pieces of several inputs share one
 forward pass (``batch_size``); the answers are the same as one piece at a time (see ``embed_prompts``).
 """
@@ -17,13 +18,19 @@ import numpy as np
 
 from minicpmo_cli.api.engine import DecodeOptions, Engine
 from minicpmo_cli.errors import InputError, UsageError
-from minicpmo_cli.outputs import Segment, TranscriptRecord
+from minicpmo_cli.outputs import TranscriptRecord
 from minicpmo_cli.processing import prompts
+from minicpmo_cli.processing.segments import Piece, join_texts, piece_segments
 
-TASKS = ("transcribe", "caption", "speaker", "scene")
-LANGUAGES = ("auto", "en", "zh")
+TASKS = ("transcribe", "translate", "caption", "speaker", "scene")
+LANGUAGES = ("auto", "en", "zh")  # what the model transcribes; auto decides per input (see _detect_language)
+# --task translate: ours, not the guide's (it has no translation prompt), worded like its ASR prompt. English
+# speech is transcribed with the guide's English prompt instead: its transcript is its English translation.
+TRANSLATE_PROMPT = "Please listen to the audio snippet carefully and translate its content into English."
 SAMPLE_RATE = 16000  # Hz: what the audio encoder takes
-MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split at silences
+MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split in its pauses
+DEFAULT_VAD_THRESHOLD = 0.5  # Silero's speech probability threshold
+DEFAULT_MIN_SILENCE_MS = 500  # a pause this long ends a speech region (and may take a cut)
 
 # Decoding defaults. The guide's ASR snippet samples (temperature 0.3, 128 new tokens); we decode greedily
 # unless --sampling is asked for: a transcript should be the single most likely reading of the audio, the
@@ -48,35 +55,65 @@ AudioSource = Union[str, bytes, np.ndarray]
 def task_prompt(task: str = "transcribe", language: str = "auto", custom: str | None = None) -> str:
     """The instruction sent with the audio: ``custom`` when given, else the guide's prompt for the task.
 
-    Only transcription has a Chinese prompt in the guide; the other tasks use their English prompt for
-    every language (the model answers them in either).
+    ``language`` is the spoken language. Only transcription has a Chinese prompt in the guide; the other
+    tasks use their English prompt for every language (the model answers them in either). Translation of
+    Chinese (or auto: not yet known) speech uses TRANSLATE_PROMPT; of English speech, the English ASR prompt.
     """
+    if language not in LANGUAGES:
+        raise UsageError(f"--language {language!r} is not supported: the model transcribes en (English) and "
+                         f"zh (Chinese); use en, zh or auto")
     if custom is not None:
         if not custom.strip():
             raise UsageError("--prompt is empty")
         text = custom
-    elif task == "transcribe":
+    elif task == "transcribe" or (task == "translate" and language == "en"):
         text = prompts.ASR_ZH if language == "zh" else prompts.ASR_EN
+    elif task == "translate":
+        text = TRANSLATE_PROMPT
     elif task in ("caption", "speaker", "scene"):
         text = prompts.TASK_PROMPTS[task]
     else:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
-    if language not in LANGUAGES:
-        raise UsageError(f"--language must be one of {', '.join(LANGUAGES)}, not {language!r}")
     return text if text.endswith(PROMPT_SUFFIX) else text + PROMPT_SUFFIX
 
 
 @dataclass(frozen=True)
 class AsrOptions:
-    task: str = "transcribe"  # transcribe | caption | speaker | scene
-    language: str = "auto"  # en | zh picks the prompt language; auto: English prompt
+    task: str = "transcribe"  # transcribe | translate (to English) | caption | speaker | scene
+    language: str = "auto"  # spoken language en | zh; auto: decided per input from its first speech piece
     prompt: str | None = None  # a custom instruction instead of the task's prompt
     batch_size: int | None = 1  # pieces per forward pass; None: chosen for the device (engine_batch_size)
-    max_piece_seconds: float = MAX_PIECE_SECONDS  # longer audio is split at silences
+    max_piece_seconds: float = MAX_PIECE_SECONDS  # longer audio is split in its pauses
+    vad: bool = True  # False: fixed pieces cut at the quietest point, silence and noise sent too
+    vad_threshold: float = DEFAULT_VAD_THRESHOLD
+    min_silence_ms: int = DEFAULT_MIN_SILENCE_MS
 
     @property
     def instruction(self) -> str:
         return task_prompt(self.task, self.language, self.prompt)
+
+    @property
+    def detects_language(self) -> bool:
+        """True when the prompt depends on a spoken language that --language auto leaves open."""
+        return self.language == "auto" and self.prompt is None and self.task in ("transcribe", "translate")
+
+    def validate(self) -> None:
+        """UsageError for a bad task, language, prompt or segmentation setting (before any work is done)."""
+        _ = self.instruction
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if not 0.0 < self.vad_threshold < 1.0:
+            raise UsageError(f"--vad-threshold must be between 0 and 1 (a speech probability), "
+                             f"not {self.vad_threshold}")
+        if self.min_silence_ms < 0:
+            raise UsageError(f"--min-silence-ms must be 0 or more, not {self.min_silence_ms}")
+
+    def segment(self, samples: np.ndarray) -> list[Piece]:
+        """The pieces the model hears: speech regions grouped by the VAD, or fixed pieces with --no-vad."""
+        from minicpmo_cli.processing.segments import segment_audio
+
+        return segment_audio(samples, SAMPLE_RATE, vad=self.vad, threshold=self.vad_threshold,
+                             min_silence_ms=self.min_silence_ms, max_seconds=self.max_piece_seconds)
 
 
 @dataclass
@@ -129,13 +166,15 @@ def embed_prompts(model, inputs) -> Any:
     return embeds
 
 
-def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str,
+def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str | list[str],
                    decode: DecodeOptions) -> list[PieceText]:
-    """One forward pass over several clips (left-padded); the answer to ``[instruction, clip]`` for each."""
+    """One forward pass over several clips (left-padded); the answer to ``[instruction, clip]`` for each
+    (``instruction``: one for all, or one per clip)."""
     from minicpmo_cli.generation.text import TTS_EOS, decode_text, decoding_settings, run_llm_generate, \
         terminator_ids
 
-    msgs = [[{"role": "user", "content": [instruction, clip]}] for clip in clips]
+    instructions = [instruction] * len(clips) if isinstance(instruction, str) else list(instruction)
+    msgs = [[{"role": "user", "content": [text, clip]}] for text, clip in zip(instructions, clips)]
     inputs = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True,
                                                   audio_device=engine.device).to(engine.device)
     sampling = bool(decode.sampling)
@@ -166,14 +205,7 @@ def _has_audio_tokens(clip: np.ndarray) -> bool:
 # ------------------------------------------------------------------------------------------ results
 def join_pieces(texts: Iterable[str]) -> str:
     """Piece texts joined with a space, or with nothing where both sides are CJK (no spaces in Chinese)."""
-    joined = ""
-    for text in (t.strip() for t in texts):
-        if not text:
-            continue
-        if joined and not (_CJK.match(joined[-1]) and _CJK.match(text[0])):
-            joined += " "
-        joined += text
-    return joined
+    return join_texts(texts)
 
 
 def detect_language(text: str) -> str | None:
@@ -188,7 +220,10 @@ class _Job:
     """An input on its way through: its record and the texts of its pieces as they arrive."""
 
     record: TranscriptRecord
-    spans: list[tuple[int, int]] = field(default_factory=list)
+    instruction: str = ""  # the prompt of its pieces (it depends on the input's language with auto)
+    language: str | None = None  # spoken language, when given or detected
+    pieces: list[Piece] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # the pieces' samples [start, end)
     texts: list[PieceText | None] = field(default_factory=list)
 
     @property
@@ -197,7 +232,7 @@ class _Job:
 
 
 def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray | None]:
-    from minicpmo_cli.media.audio import load_audio, split_on_silence
+    from minicpmo_cli.media.audio import load_audio
 
     record = TranscriptRecord(path=item.path)
     try:
@@ -209,8 +244,28 @@ def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray 
         record.error = _reason(exc)
         return _Job(record), None
     record.duration = round(len(samples) / SAMPLE_RATE, 3)
-    spans = split_on_silence(samples, SAMPLE_RATE, max_seconds=options.max_piece_seconds)
-    return _Job(record, spans, [None] * len(spans)), samples
+    pieces = options.segment(samples)
+    language = None if options.language == "auto" else options.language
+    return _Job(record, options.instruction, language, pieces, [(p.start, p.end) for p in pieces],
+                [None] * len(pieces)), samples
+
+
+def _detect_language(job: _Job, samples: np.ndarray, engine: Engine, options: AsrOptions,
+                     decode: DecodeOptions) -> None:
+    """--language auto: transcribe the first speech piece with the English prompt; the script of the
+    answer (CJK or not) gives the input's language, and so the prompt of all its pieces. For English the
+    probe is already the first piece's transcript; Chinese pieces are all transcribed with the Chinese prompt.
+    """
+    start, end = job.spans[0]
+    clip = samples[start:end]
+    if not _has_audio_tokens(clip):
+        return
+    english = task_prompt("transcribe", "en")
+    [first] = generate_batch(engine, [clip], english, decode)
+    job.language = detect_language(first.text) or "en"
+    job.instruction = task_prompt(options.task, job.language)
+    if job.instruction == english:
+        job.texts[0] = first
 
 
 def _reason(exc: InputError) -> str:
@@ -229,15 +284,15 @@ def _finish(job: _Job, options: AsrOptions, warn: Callable[[str], None] | None) 
     record = job.record
     if record.error is not None:
         return record
-    record.segments = [Segment(round(s / SAMPLE_RATE, 3), round(e / SAMPLE_RATE, 3), piece.text)
-                       for (s, e), piece in zip(job.spans, job.texts)]
+    record.segments = [segment for piece, answer in zip(job.pieces, job.texts)
+                       for segment in piece_segments(piece, answer.text, SAMPLE_RATE)]
     record.text = join_pieces(piece.text for piece in job.texts)
-    record.language = options.language if options.language != "auto" else detect_language(record.text)
+    record.language = job.language or detect_language(record.text)
     if warn is not None:
-        for segment, piece in zip(record.segments, job.texts):
+        for (start, end), piece in zip(job.spans, job.texts):
             if piece.truncated:
-                warn(f"{input_name(record.path)}: the answer for {segment.start:.1f}-{segment.end:.1f} s reached "
-                     f"--max-new-tokens and may be cut short")
+                warn(f"{input_name(record.path)}: the answer for {start / SAMPLE_RATE:.1f}-{end / SAMPLE_RATE:.1f} s "
+                     f"reached --max-new-tokens and may be cut short")
     return record
 
 
@@ -308,9 +363,7 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
     found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
     """
-    if options.batch_size is not None and options.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    instruction = options.instruction
+    options.validate()
     loaded: list[Engine] = [engine] if isinstance(engine, Engine) else []
 
     def model() -> Engine:
@@ -342,7 +395,8 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
                 job.texts[index] = PieceText("")
         todo = [(job, index, clip) for job, index, clip in batch if job.texts[index] is None]
         if todo:
-            results = generate_batch(model(), [clip for _, _, clip in todo], instruction, decode)
+            results = generate_batch(model(), [clip for _, _, clip in todo], [job.instruction for job, _, _ in todo],
+                                     decode)
             for (job, index, _), result in zip(todo, results):
                 job.texts[index] = result
         advance(done=len(batch))
@@ -362,8 +416,10 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     ahead = MAX_DECODE_AHEAD if options.batch_size is None else options.batch_size * SORT_WINDOW_BATCHES
     depth = min(MAX_DECODE_AHEAD, max(2, ahead))  # about one sorting window of files decoding ahead
     for job, samples in _decode_ahead(inputs, options, depth):
+        if job.spans and options.detects_language:
+            _detect_language(job, samples, model(), options, decode)
         open_jobs.append(job)
-        waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans))
+        waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans) if job.texts[i] is None)
         advance(found=len(job.spans))
         if waiting and len(waiting) >= window():
             yield from run_waiting()

@@ -137,13 +137,13 @@ def mimick(engine: Engine, audio: np.ndarray, *, decode: DecodeOptions | None = 
     Recordings longer than 30 s are cut at quiet places into pieces the encoder handles; each piece is
     transcribed and re-spoken on its own, and the results are joined.
     """
-    from minicpmo_cli.media.audio import split_on_silence
     from minicpmo_cli.processing.prompts import MIMICK
+    from minicpmo_cli.processing.segments import fixed_pieces
 
     _need_tts(engine)
     decode = decode or DecodeOptions()
     texts, wavs, pieces = [], [], []
-    spans = split_on_silence(audio) or [(0, len(audio))]
+    spans = [(p.start, p.end) for p in fixed_pieces(audio)] or [(0, len(audio))]
     for number, (start, end) in enumerate(spans):
         if progress is not None:
             progress(number, len(spans))

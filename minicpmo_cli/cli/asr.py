@@ -22,12 +22,14 @@ TEXT_FORMATS = ("txt", "json", "jsonl", "srt", "vtt")
 
 HELP = common.examples_help(
     "Transcribe speech, or caption, tag or describe the speaker of audio. INPUT is a file, a folder "
-    "(audio/video files inside; --recursive descends), a glob, or - for audio bytes on stdin. Long audio is "
-    "split at silences into pieces of at most 30 s; srt/vtt/json carry their times.",
+    "(audio/video files inside; --recursive descends), a glob, or - for audio bytes on stdin. A voice-activity "
+    "detector (Silero VAD) finds the speech; it goes to the model in pieces of at most 30 s cut in its pauses, "
+    "and noise or music alone is never sent. srt/vtt/json cues follow the speech, with its times in the file.",
     "minicpmo asr meeting.mp3",
     "minicpmo asr recordings/ -o transcripts/ -f all --recursive",
     "cat clip.wav | minicpmo asr - -f jsonl",
     "minicpmo asr interview.m4a --task speaker --language zh",
+    "minicpmo asr lecture_zh.mp3 --task translate -f srt -o subs/",
 )
 
 
@@ -48,8 +50,13 @@ def asr(
     output_format: Optional[str] = typer.Option(None, "-f", "--format",
                                                 help="txt, json, jsonl, srt, vtt or all (default: txt, or the "
                                                      "-o file's extension)."),
-    task: str = typer.Option("transcribe", "--task", help="transcribe, caption, speaker or scene."),
-    language: str = typer.Option("auto", "--language", help="en, zh or auto (prompt language)."),
+    task: str = typer.Option("transcribe", "--task",
+                             help="transcribe, translate, caption, speaker or scene. translate gives English text, "
+                                  "asking: 'Please listen to the audio snippet carefully and translate its content "
+                                  "into English.' (English speech gets the transcription prompt)."),
+    language: str = typer.Option("auto", "--language",
+                                 help="Spoken language: en, zh, or auto (decided per input from its first speech "
+                                      "piece; json/jsonl and -v report it)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="A custom instruction instead of the task's."),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into sub-folders."),
     files_from: Optional[str] = typer.Option(None, "--files-from", metavar="FILE|-",
@@ -60,19 +67,25 @@ def asr(
                                                   "from free memory on a GPU]."),
     skip_existing: bool = typer.Option(True, "--skip-existing/--overwrite",
                                        help="Skip inputs whose output files exist (resume), or redo them."),
+    vad: bool = typer.Option(True, "--vad/--no-vad",
+                             help="Send only the speech the VAD finds, or everything in fixed pieces of <= 30 s."),
+    vad_threshold: float = typer.Option(0.5, "--vad-threshold", metavar="P",
+                                        help="Speech probability (0-1) from which the VAD counts audio as speech."),
+    min_silence_ms: int = typer.Option(500, "--min-silence-ms", metavar="MS",
+                                       help="A pause must last this long to end a speech region (and allow a cut)."),
     # Default decoding is greedy (see api/asr.py); --sampling uses the guide's temperature 0.3.
     *,
     decode: DecodeOptions,
 ) -> None:
     from minicpmo_cli.api.asr import AsrOptions
     from minicpmo_cli.cli.inputs import resolve_inputs
+    from minicpmo_cli.processing.limits import check_instruction
 
     if output_format is not None and output_format not in FORMATS:
         common.fail_usage(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
-    options = AsrOptions(task=task, language=language, prompt=prompt, batch_size=batch_size)
-    _ = options.instruction  # validates --task / --language / --prompt before anything is read
-    from minicpmo_cli.processing.limits import check_instruction
-
+    options = AsrOptions(task=task, language=language, prompt=prompt, batch_size=batch_size, vad=vad,
+                         vad_threshold=vad_threshold, min_silence_ms=min_silence_ms)
+    options.validate()  # --task / --language / --prompt / VAD settings, before anything is read
     check_instruction(prompt)
     items = resolve_inputs(list(inputs or []), files_from, recursive)
     if any(item.path == "-" for item in items) and sys.stdin.isatty():
@@ -297,6 +310,9 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
                 if record.error is not None:
                     failed += 1
                     common.err(f"minicpmo: error: {display_name(input_name(record.path))}: {record.error}")
+                else:
+                    common.debug(f"{display_name(input_name(record.path))}: language "
+                                 f"{record.language or 'unknown (no speech)'}, {len(record.segments)} segment(s)")
                 sink.emit(item, record)
                 sink.release(item.path)  # done, or failed: then the next run tries it again
                 row.advance()

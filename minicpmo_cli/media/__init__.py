@@ -1,7 +1,8 @@
 """Media I/O: files and bytes <-> arrays (audio samples, PIL images, video frames and units).
 
 Submodules (imported on demand so that `import minicpmo_cli.media` stays cheap):
-  audio  load_audio, split_on_silence, audio_duration
+  audio  load_audio, audio_duration
+  vad    speech_regions (Silero VAD), speech_probabilities
   image  load_image
   video  probe_video, sample_frames, iter_video_units, video_units, load_video_audio
 

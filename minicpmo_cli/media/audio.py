@@ -29,12 +29,6 @@ from minicpmo_cli.media import (
 SAMPLE_RATE = 16000  # Hz: what the Whisper audio encoder of MiniCPM-o expects
 RESAMPLE_QUALITY = "HQ"  # soxr quality; librosa's default res_type "soxr_hq"
 
-# split_on_silence defaults
-MAX_SEGMENT_SECONDS = 30.0  # s: the Whisper encoder's window; longer audio is split
-SILENCE_SEARCH_SECONDS = 5.0  # s: how far back from a window's end we look for a quiet place to cut
-RMS_WINDOW_SECONDS = 0.1  # s: energy is measured over windows this long ...
-RMS_HOP_SECONDS = 0.01  # s: ... at candidate cut points this far apart
-
 Samples = np.ndarray  # float32, shape [n], values in about [-1, 1]
 
 
@@ -194,52 +188,3 @@ def _undecodable_message(head: bytes, exc: Exception) -> str:
 def _short(exc: Exception) -> str:
     """FFmpeg's reason without the file name it repeats."""
     return getattr(exc, "strerror", None) or str(exc).split(":")[0]
-
-
-def split_on_silence(
-    samples: Samples,
-    sr: int = SAMPLE_RATE,
-    max_seconds: float = MAX_SEGMENT_SECONDS,
-    search_seconds: float = SILENCE_SEARCH_SECONDS,
-    window_seconds: float = RMS_WINDOW_SECONDS,
-    hop_seconds: float = RMS_HOP_SECONDS,
-) -> list[tuple[int, int]]:
-    """Split audio into contiguous pieces of at most `max_seconds`, cutting where it is quietest.
-
-    For each piece we look at the last `search_seconds` before the length limit and cut at the point
-    whose surrounding `window_seconds` has the lowest RMS energy (the latest such point on ties, so
-    pieces stay long). Pieces cover the signal exactly: piece k ends where piece k+1 starts, the first
-    starts at 0 and the last ends at len(samples). Empty input gives [].
-    """
-    total = len(samples)
-    max_len = int(round(max_seconds * sr))
-    if max_len < 1:
-        raise ValueError(f"max_seconds must cover at least one sample, got {max_seconds}")
-    window = max(1, int(round(window_seconds * sr)))
-    hop = max(1, int(round(hop_seconds * sr)))
-    search = max(1, int(round(search_seconds * sr)))
-    pieces: list[tuple[int, int]] = []
-    start = 0
-    while total - start > max_len:
-        limit = start + max_len
-        cut = _quietest_point(samples, max(start + 1, limit - search), limit, window, hop)
-        pieces.append((start, cut))
-        start = cut
-    if total > start:
-        pieces.append((start, total))
-    return pieces
-
-
-def _quietest_point(samples: Samples, low: int, high: int, window: int, hop: int) -> int:
-    """The candidate in [low, high] (every `hop` samples, `high` included) with the least energy around it."""
-    # Anchored at `high`, so the length limit itself is always a candidate.
-    candidates = np.arange(high, low - 1, -hop)[::-1]
-    half = window // 2
-    left = np.clip(candidates - half, 0, len(samples))
-    right = np.clip(candidates + half, 0, len(samples))
-    region_start, region_end = int(left.min()), int(right.max())
-    region = np.asarray(samples[region_start:region_end], dtype=np.float64)
-    cumulative = np.concatenate(([0.0], np.cumsum(region * region)))
-    energy = (cumulative[right - region_start] - cumulative[left - region_start]) / np.maximum(right - left, 1)
-    latest_minimum = len(energy) - 1 - int(np.argmin(energy[::-1]))
-    return int(candidates[latest_minimum])

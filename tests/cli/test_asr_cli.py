@@ -53,23 +53,26 @@ def speech(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def long_recording(tmp_path_factory) -> Path:
-    """About 70 s: espeak sentences separated by 0.8 s of silence, written at 16 kHz."""
+def long_recording(tmp_path_factory) -> tuple[Path, list[tuple[float, float]]]:
+    """About 70 s: espeak sentences separated by 0.8 s of silence, written at 16 kHz; (path, pauses in s)."""
     import soundfile
 
     from minicpmo_cli.media.audio import load_audio
 
     folder = tmp_path_factory.mktemp("long")
     clips = [load_audio(speak(text, folder / f"s{i}.wav")) for i, text in enumerate(SENTENCES)]
-    pieces, total, index = [], 0, 0
+    pieces, voiced, total, index = [], [], 0, 0
     while total < 70 * 16000:
         clip = clips[index % len(clips)]
         pieces += [clip, np.zeros(12800, np.float32)]
+        loud = np.flatnonzero(np.abs(clip) > 1e-3)  # espeak's clips hold some silence of their own
+        voiced.append(((total + loud[0]) / 16000, (total + loud[-1]) / 16000))
         total += len(clip) + 12800
         index += 1
+    pauses = [(a[1], b[0]) for a, b in zip(voiced, voiced[1:])]
     path = folder / "meeting.wav"
     soundfile.write(path, np.concatenate(pieces), 16000)
-    return path
+    return path, pauses
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,7 @@ def test_folder_with_bad_files_then_rerun(tiny_ckpt, speech, tmp_path, capsys):
     for name in ("one", "two"):
         record = json.loads((out / f"{name}.json").read_text())
         assert record["path"] == str(inbox / f"{name}.wav") and record["error"] is None
-        assert record["segments"][0]["start"] == 0.0 and record["segments"][-1]["end"] == record["duration"]
+        assert 0.0 <= record["segments"][0]["start"] < record["segments"][-1]["end"] <= record["duration"]
     errors = error_lines(stderr)
     assert [line for line in errors if "corrupt.wav" in line] and [line for line in errors if "empty.mp3" in line]
     assert len(errors) == 3 and "2 of 4 inputs failed" in errors[-1]  # one line per bad file + the summary
@@ -142,8 +145,9 @@ def test_folder_with_bad_files_then_rerun(tiny_ckpt, speech, tmp_path, capsys):
 
 
 def test_long_recording_gives_timed_segments(tiny_ckpt, long_recording, tmp_path, capsys):
+    recording, pauses = long_recording
     out = tmp_path / "out"
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", long_recording, "-o", out, "-f", "all",
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", recording, "-o", out, "-f", "all",
                                  "--batch-size", "2", *FAST)
     assert code == 0, err
     assert stdout == ""
@@ -154,10 +158,12 @@ def test_long_recording_gives_timed_segments(tiny_ckpt, long_recording, tmp_path
     assert set(record) == {"path", "text", "language", "duration", "segments", "error"}
     assert record["duration"] == pytest.approx(70.0, abs=3.0)
     segments = record["segments"]
-    assert len(segments) >= 3
-    assert segments[0]["start"] == 0.0 and segments[-1]["end"] == record["duration"]
-    assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))
-    assert all(0 < s["end"] - s["start"] <= 30.0 for s in segments)
+    assert len(segments) >= len(pauses) // 2  # cues follow the sentences (short ones merged up to ~10 s)
+    assert 0.0 <= segments[0]["start"] and segments[-1]["end"] <= record["duration"]
+    assert all(a["end"] <= b["start"] for a, b in zip(segments, segments[1:]))
+    assert all(0 < s["end"] - s["start"] <= 10.5 for s in segments)
+    for a, b in zip(segments, segments[1:]):  # cue edges lie in one known pause (0.1 s: ~3 VAD windows)
+        assert any(p0 - 0.1 <= a["end"] <= p1 and p0 <= b["start"] <= p1 + 0.1 for p0, p1 in pauses), (a, b)
     assert (out / "meeting.txt").read_text() == record["text"].strip() + "\n"
 
     spoken = [s for s in segments if s["text"].strip()]
@@ -221,7 +227,10 @@ def test_several_inputs_to_stdout_get_headers(tiny_ckpt, speech, capsys):
 @pytest.mark.parametrize("args, message", [
     (["-f", "all"], "-o DIR"),
     (["-f", "json", "EXTRA"], "jsonl"),
-    (["--task", "translate"], "--task"),
+    (["--task", "summarise"], "--task"),
+    (["--vad-threshold", "1.5"], "--vad-threshold"),
+    (["--min-silence-ms", "-1"], "--min-silence-ms"),
+    (["--language", "fr"], "'fr' is not supported"),
     (["--batch-size", "0"], "batch-size"),
 ])
 def test_usage_errors(tiny_ckpt, speech, capsys, args, message):
@@ -299,7 +308,7 @@ def test_batched_folder_gives_the_same_bytes_as_one_by_one(tiny_ckpt, speech, lo
         shutil.copy(speech[name], inbox / f"{name}.wav")
     shutil.copy(speech["one"], inbox / "one_again.wav")  # the same length as one.wav: they share a Whisper call
     speak(SENTENCES[2], inbox / "three.wav")
-    shutil.copy(long_recording, inbox / "meeting.wav")  # three pieces cut at silences
+    shutil.copy(long_recording[0], inbox / "meeting.wav")  # several pieces cut in its pauses
     outputs = {}
     for size in ("1", "5"):
         out = tmp_path / f"out{size}"
@@ -310,3 +319,54 @@ def test_batched_folder_gives_the_same_bytes_as_one_by_one(tiny_ckpt, speech, lo
     assert len(outputs["1"]) == 5 * 5
     assert outputs["5"] == outputs["1"]
     assert len(json.loads(outputs["1"]["meeting.json"])["segments"]) >= 3
+
+
+def test_noise_alone_gives_an_empty_transcript_without_the_model(tiny_ckpt, tmp_path, capsys):
+    """Pure noise: the VAD finds no speech, no piece goes to the model (it is not even loaded), nothing made up."""
+    import soundfile
+
+    rng = np.random.default_rng(7)
+    noisy = tmp_path / "noise.wav"
+    soundfile.write(noisy, (0.05 * rng.standard_normal(16000 * 20)).astype(np.float32), 16000)
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "-v", "asr", noisy, "-f", "json", *FAST)
+    assert code == 0, err
+    record = json.loads(stdout)
+    assert record["text"] == "" and record["segments"] == [] and record["duration"] == 20.0
+    assert "loading" not in err
+
+
+def test_no_vad_sends_fixed_pieces_covering_the_file(tiny_ckpt, long_recording, tmp_path, capsys):
+    recording, _ = long_recording
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", recording, "--no-vad", "-f", "json", *FAST)
+    assert code == 0, err
+    record = json.loads(stdout)
+    segments = record["segments"]
+    assert segments[0]["start"] == 0.0 and segments[-1]["end"] == record["duration"]
+    assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))  # contiguous pieces
+    assert len(segments) == 3 and all(0 < s["end"] - s["start"] <= 30.0 for s in segments)
+
+
+@pytest.mark.parametrize("language", ["auto", "zh"])
+def test_translate_records_the_language_and_sends_the_translate_prompt(tiny_ckpt, speech, capsys, monkeypatch,
+                                                                       language):
+    from minicpmo_cli.api import asr as asr_api
+
+    real, prompts_sent = asr_api.generate_batch, []
+
+    def spy(engine, clips, instruction, decode):
+        prompts_sent.extend([instruction] * len(clips) if isinstance(instruction, str) else instruction)
+        return real(engine, clips, instruction, decode)
+
+    monkeypatch.setattr(asr_api, "generate_batch", spy)
+    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "-v", "asr", speech["one"], "--task", "translate",
+                                 "--language", language, "-f", "json", *FAST)
+    assert code == 0, err
+    record = json.loads(stdout)
+    assert record["language"] in ("en", "zh") and (language == "auto" or record["language"] == language)
+    assert f"{speech['one']}: language {record['language']}, {len(record['segments'])} segment(s)" in err
+    translate, english = asr_api.TRANSLATE_PROMPT + "\n", asr_api.task_prompt("transcribe", "en")
+    if language == "zh":
+        assert set(prompts_sent) == {translate}
+    else:  # the probe with the English prompt first; a Chinese answer then gets the translation prompt
+        assert prompts_sent[0] == english
+        assert set(prompts_sent[1:]) <= ({translate} if record["language"] == "zh" else {english})

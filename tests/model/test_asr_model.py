@@ -37,7 +37,7 @@ def test_bad_task_and_language_are_usage_errors():
     from minicpmo_cli.errors import UsageError
 
     with pytest.raises(UsageError, match="--task"):
-        task_prompt("translate")
+        task_prompt("summarise")
     with pytest.raises(UsageError, match="--language"):
         task_prompt(language="fr")
 
@@ -89,20 +89,21 @@ def test_batched_transcripts_equal_one_by_one(engine):
     clips = [noise(s, seed) for seed, s in enumerate((3.05, 41.3, 1.5, 6.66, 12.2))]
     inputs = [AudioInput(f"clip{i}", clip) for i, clip in enumerate(clips)]
     decode = DecodeOptions(max_new_tokens=5, **GREEDY)
-    one_by_one = list(transcribe_many(engine, inputs, AsrOptions(batch_size=1), decode))
-    batched = list(transcribe_many(engine, inputs, AsrOptions(batch_size=4), decode))
+    # Noise holds no speech for the VAD: --no-vad sends it all, in fixed pieces.
+    one_by_one = list(transcribe_many(engine, inputs, AsrOptions(batch_size=1, vad=False), decode))
+    batched = list(transcribe_many(engine, inputs, AsrOptions(batch_size=4, vad=False), decode))
     assert [r.to_dict() for r in batched] == [r.to_dict() for r in one_by_one]
     assert [r.path for r in batched] == [f"clip{i}" for i in range(5)]
     assert len(batched[1].segments) == 2  # 41.3 s: two pieces of at most 30 s
 
 
-def test_long_audio_is_split_into_timed_pieces(engine):
+def test_long_audio_without_vad_is_split_into_timed_pieces(engine):
     from minicpmo_cli.api.asr import AsrOptions, join_pieces, transcribe
     from minicpmo_cli.api.engine import DecodeOptions
 
     audio = np.concatenate([noise(27, 1), np.zeros(8000, np.float32), noise(27, 2), np.zeros(8000, np.float32),
                             noise(10, 3)])
-    record = transcribe(engine, audio, AsrOptions(), DecodeOptions(max_new_tokens=3), path="long")
+    record = transcribe(engine, audio, AsrOptions(vad=False), DecodeOptions(max_new_tokens=3), path="long")
     assert record.duration == pytest.approx(len(audio) / 16000, abs=1e-3)
     segments = record.segments
     assert len(segments) == 3
@@ -123,7 +124,8 @@ def test_bad_input_is_a_record_and_the_rest_go_on(engine, tmp_path):
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     inputs = [AudioInput.from_path(empty), AudioInput("good", noise(2.0, 5)), AudioInput.from_path(tmp_path / "x")]
-    records = list(transcribe_many(engine, inputs, AsrOptions(batch_size=2), DecodeOptions(max_new_tokens=2)))
+    records = list(transcribe_many(engine, inputs, AsrOptions(batch_size=2, vad=False),
+                                   DecodeOptions(max_new_tokens=2)))
     assert [r.error is None for r in records] == [False, True, False]
     assert records[0].error == "file is empty (0 bytes)" and records[2].error == "file not found"
     assert records[1].segments and records[1].duration == 2.0
@@ -240,3 +242,96 @@ def test_pieces_are_sorted_by_length_and_audio_decoded_ahead_in_threads(engine, 
     assert [r.path for r in records] == [f"clip{i}" for i in range(5)]  # input order
     assert batches == [[16000, 24000], [32000, 40000], [48000]]  # shortest first, two at a time
     assert all(name.startswith("minicpmo-audio") for name in decoded_in)
+
+
+def test_noise_sends_nothing_to_the_model(monkeypatch):
+    """With the VAD, noise and silence give an empty record and the model is never even loaded."""
+    from minicpmo_cli.api import asr as asr_api
+
+    def no_model():
+        raise AssertionError("the model was loaded for audio without speech")
+
+    monkeypatch.setattr(asr_api, "generate_batch", lambda *a, **k: pytest.fail("a piece was sent to the model"))
+    inputs = [asr_api.AudioInput("noise", noise(12.0, 4)), asr_api.AudioInput("silence", np.zeros(16000 * 5))]
+    records = list(asr_api.transcribe_many(no_model, inputs, asr_api.AsrOptions(batch_size=2)))
+    assert [(r.text, r.segments, r.error) for r in records] == [("", [], None), ("", [], None)]
+    assert [r.duration for r in records] == [12.0, 5.0]
+
+
+def test_segmentation_options_are_checked():
+    from minicpmo_cli.api.asr import AsrOptions
+    from minicpmo_cli.errors import UsageError
+
+    for bad, match in [({"vad_threshold": 1.0}, "--vad-threshold"), ({"vad_threshold": 0}, "--vad-threshold"),
+                       ({"min_silence_ms": -5}, "--min-silence-ms"), ({"batch_size": 0}, "--batch-size")]:
+        with pytest.raises(UsageError, match=match):
+            AsrOptions(**bad).validate()
+
+
+def fake_model(monkeypatch, answer: str) -> list[tuple[str, int]]:
+    """generate_batch replaced by one answering ``answer`` to everything; returns the (prompt, clip length) sent."""
+    from minicpmo_cli.api import asr as asr_api
+
+    sent: list[tuple[str, int]] = []
+
+    def fake(engine, clips, instruction, decode):
+        instructions = [instruction] * len(clips) if isinstance(instruction, str) else instruction
+        sent.extend((text, len(clip)) for text, clip in zip(instructions, clips))
+        return [asr_api.PieceText(answer) for _ in clips]
+
+    monkeypatch.setattr(asr_api, "generate_batch", fake)
+    return sent
+
+
+@pytest.mark.parametrize("answer, language", [("hello there", "en"), ("你好，世界", "zh")])
+def test_auto_language_decides_the_prompt_per_input(monkeypatch, answer, language):
+    """The first piece goes out with the English prompt; the script of its answer picks every piece's prompt."""
+    from minicpmo_cli.api.asr import AsrOptions, AudioInput, task_prompt, transcribe_many
+
+    sent = fake_model(monkeypatch, answer)
+    audio = noise(41.3, 1)  # --no-vad: two fixed pieces
+    [record] = transcribe_many(lambda: object(), [AudioInput("x", audio)], AsrOptions(vad=False, batch_size=2))
+    assert record.language == language
+    english, chosen = task_prompt("transcribe", "en"), task_prompt("transcribe", language)
+    if language == "en":  # the probe is the first piece's transcript: two pieces, two model answers
+        assert [p for p, _ in sent] == [english, english]
+    else:  # the probe, then both pieces again with the Chinese prompt
+        assert [p for p, _ in sent] == [english, chosen, chosen]
+    assert sum(n for _, n in sent[-2:]) == len(audio)
+    assert record.text == (answer + " " + answer if language == "en" else answer + answer)
+
+
+def test_given_language_is_recorded_and_not_probed(monkeypatch):
+    from minicpmo_cli.api.asr import AsrOptions, AudioInput, task_prompt, transcribe_many
+
+    sent = fake_model(monkeypatch, "hello")
+    [record] = transcribe_many(lambda: object(), [AudioInput("x", noise(3.0, 2))], AsrOptions(language="zh",
+                                                                                              vad=False))
+    assert record.language == "zh" and [p for p, _ in sent] == [task_prompt("transcribe", "zh")]
+
+
+@pytest.mark.parametrize("language, answer, expected", [
+    ("zh", "Hello world", ["TRANSLATE"]),
+    ("en", "Hello world", ["ASR_EN"]),  # English speech: its transcript is its English translation
+    ("auto", "你好", ["ASR_EN", "TRANSLATE"]),  # probe (Chinese), then the translation
+    ("auto", "hello", ["ASR_EN"]),  # probe (English) is the answer
+])
+def test_translate_prompts(monkeypatch, language, answer, expected):
+    from minicpmo_cli.api.asr import TRANSLATE_PROMPT, AsrOptions, AudioInput, task_prompt, transcribe_many
+
+    names = {"TRANSLATE": TRANSLATE_PROMPT + "\n", "ASR_EN": task_prompt("transcribe", "en")}
+    sent = fake_model(monkeypatch, answer)
+    options = AsrOptions(task="translate", language=language, vad=False)
+    [record] = transcribe_many(lambda: object(), [AudioInput("x", noise(3.0, 2))], options)
+    assert [p for p, _ in sent] == [names[e] for e in expected]
+    assert record.language == (language if language != "auto" else ("zh" if answer == "你好" else "en"))
+    assert task_prompt("translate", "zh") == TRANSLATE_PROMPT + "\n"
+
+
+def test_unsupported_language_is_one_clear_usage_error():
+    from minicpmo_cli.api.asr import AsrOptions
+    from minicpmo_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="'fr' is not supported: the model transcribes en") as info:
+        AsrOptions(language="fr").validate()
+    assert "\n" not in str(info.value)

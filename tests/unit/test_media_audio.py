@@ -1,4 +1,4 @@
-"""media.audio: decoding every supported format to 16 kHz mono float32, errors, silence splitting."""
+"""media.audio: decoding every supported format to 16 kHz mono float32, and its errors."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import soundfile
 from PIL import Image
 
 from minicpmo_cli.errors import InputError
-from minicpmo_cli.media.audio import SAMPLE_RATE, audio_duration, load_audio, resample, split_on_silence
+from minicpmo_cli.media.audio import SAMPLE_RATE, audio_duration, load_audio, resample
 
 TONE_HZ = 440.0
 TONE_SECONDS = 1.5
 SOURCE_RATE = 44100
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
 
@@ -156,57 +155,3 @@ def test_video_without_audio_track(media_dir):
     with pytest.raises(InputError, match="no audio track") as info:
         load_audio(media_dir / "silent.mp4")
     assert "silent.mp4" in str(info.value)
-
-
-# --- split_on_silence ---------------------------------------------------------------------------
-
-
-def speech_like(seconds_on_off: list[tuple[float, float]], sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Noise bursts separated by true silence: [(burst seconds, silence seconds), ...]."""
-    rng = np.random.default_rng(1)
-    parts = []
-    for burst, gap in seconds_on_off:
-        parts += [0.3 * rng.standard_normal(int(burst * sr)), np.zeros(int(gap * sr))]
-    return np.concatenate(parts).astype(np.float32)
-
-
-def check_cover(pieces, total, max_len):
-    assert pieces[0][0] == 0 and pieces[-1][1] == total
-    for (_, end), (start, _) in zip(pieces, pieces[1:]):
-        assert end == start  # contiguous: nothing dropped, nothing doubled
-    assert all(0 < end - start <= max_len for start, end in pieces)
-
-
-def test_split_cuts_inside_silences():
-    sr = SAMPLE_RATE
-    audio = speech_like([(8, 1), (9, 0.6), (10, 1), (7, 0.5), (20, 0.5), (12, 0)])  # pauses at 28.6 s, 57.1 s
-    pieces = split_on_silence(audio, sr, max_seconds=30.0)
-    check_cover(pieces, len(audio), 30 * sr)
-    assert len(pieces) == 3
-    for _, end in pieces[:-1]:
-        assert np.all(audio[end - 400 : end + 400] == 0)  # the cut lies in silence, not in a burst
-
-
-def test_split_short_audio_is_one_piece_and_empty_is_none():
-    assert split_on_silence(np.ones(16000, np.float32), max_seconds=30) == [(0, 16000)]
-    assert split_on_silence(np.zeros(0, np.float32)) == []
-
-
-def test_split_without_silence_cuts_at_the_limit():
-    sr = 1000
-    audio = np.ones(10 * sr + 1, np.float32)  # constant energy: every candidate ties
-    pieces = split_on_silence(audio, sr, max_seconds=3.0, search_seconds=1.0)
-    check_cover(pieces, len(audio), 3 * sr)
-    assert [end - start for start, end in pieces[:-1]] == [3 * sr] * 3
-
-
-@pytest.mark.skipif(not (EXAMPLES / "long_speech.mp3").exists(), reason="examples not generated")
-def test_split_real_long_recording():
-    audio = load_audio(EXAMPLES / "long_speech.mp3")
-    assert audio_duration(audio) > 60
-    pieces = split_on_silence(audio, max_seconds=30.0)
-    check_cover(pieces, len(audio), 30 * SAMPLE_RATE)
-    loud = np.sqrt(np.mean(audio**2))
-    for _, end in pieces[:-1]:
-        around_cut = audio[end - 800 : end + 800]
-        assert np.sqrt(np.mean(around_cut**2)) < 0.05 * loud  # cut in a pause between sentences
