@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn every failure into one line and an exit code."""
     from minicpmo_cli.cli.chat import join_example_args
 
+    from minicpmo_cli.cli.scale import ray_flag_args
+
     args = join_example_args(common.hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
+    args = ray_flag_args(args)
     debug = "--debug" in args or os.environ.get("MINICPMO_DEBUG", "") not in ("", "0")
     try:
         code = app(args=args, prog_name="minicpmo", standalone_mode=False)

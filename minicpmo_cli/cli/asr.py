@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from minicpmo_cli.cli import common
+from minicpmo_cli.cli import common, scale
 
 if TYPE_CHECKING:
     from minicpmo_cli.api.engine import DecodeOptions
@@ -58,6 +58,10 @@ def asr(
                                    help="Audio pieces per forward pass."),
     skip_existing: bool = typer.Option(True, "--skip-existing/--overwrite",
                                        help="Skip inputs whose output files exist (resume), or redo them."),
+    workers: Optional[int] = scale.WORKERS,
+    devices: Optional[str] = scale.DEVICES,
+    shard: Optional[str] = scale.SHARD,
+    ray: Optional[str] = scale.RAY,
     # Default decoding is greedy (see api/asr.py); --sampling uses the guide's temperature 0.3.
     *,
     decode: DecodeOptions,
@@ -68,16 +72,18 @@ def asr(
         common.fail_usage(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
     options = AsrOptions(task=task, language=language, prompt=prompt, batch_size=batch_size)
     _ = options.instruction  # validates --task / --language / --prompt before anything is read
+    spread = scale.options_of(workers, devices, shard, ray)
     items = resolve_inputs(list(inputs or []), files_from, recursive)
     if any(item.path == "-" for item in items) and sys.stdin.isatty():
         common.fail_usage("- reads audio from stdin, but stdin is a terminal: pipe a file in")
     sink = make_sink(items, output_dir, output_format, overwrite=not skip_existing)
+    items = scale.select_shard(items, spread.shard)  # after the collision check, which sees every shard
     todo = [item for item in items if not sink.is_done(item)]
     if len(todo) < len(items):
         common.info(f"skipped {len(items) - len(todo)} input(s) whose outputs exist (--overwrite redoes them)")
     if not todo:
         return
-    failed = run_batch(todo, options, decode, sink)
+    failed = run_batch(todo, options, decode, sink, spread)
     _exit_for_failures(failed, len(items))
 
 
@@ -235,17 +241,20 @@ def _audio_inputs(items: list[InputItem]):
             yield AudioInput.from_path(item.path)
 
 
-def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
+def run_batch(items: list[InputItem], options, decode, sink: Sink, spread: scale.Scale = scale.Scale()) -> int:
     """Transcribe every item with one model load, emitting each as it completes; returns the failures."""
     from minicpmo_cli.api.asr import input_name, transcribe_many
 
     def load():
         return common.load_engine(vision=False, audio=True, tts=False)
 
-    records = transcribe_many(load, _audio_inputs(items), options, decode, warn=common.warn)
+    if spread.parallel:  # worker processes or Ray: the same records, written here by the same Sink
+        done = scale.transcribe(spread, items, options, decode, ordered=sink.output_dir is None)
+    else:
+        done = zip(items, transcribe_many(load, _audio_inputs(items), options, decode, warn=common.warn))
     failed = 0
     with _Progress(len(items)) as advance:
-        for item, record in zip(items, records):
+        for item, record in done:
             if record.error is not None:
                 failed += 1
                 common.err(f"minicpmo: error: {input_name(record.path)}: {record.error}")

@@ -1,0 +1,145 @@
+"""`asr --shard`, `--workers`, `--devices` and `--ray` on the tiny checkpoint: the same files as one process.
+
+40 short clips (tone bursts made with numpy: quick to make, and every one a different length) plus one corrupt
+file go through one in-process run, which is the reference; every other mode must write byte-identical files,
+fail the same input and exit with the same code (3: one input failed, the others were done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minicpmo_cli.cli import app as app_module
+
+CLIPS = 40
+FAST = ["--max-new-tokens", "3", "--batch-size", "2"]
+
+
+def run_main(*args) -> int:
+    """The console entry point in-process; its stdout/stderr go to pytest's capture (capsys reads them)."""
+    with pytest.raises(SystemExit) as exit_info:
+        app_module.main([str(a) for a in args])
+    code = exit_info.value.code
+    return 0 if code is None else int(code)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def inbox(tmp_path_factory) -> Path:
+    import soundfile
+
+    folder = tmp_path_factory.mktemp("inbox")
+    (folder / "sub").mkdir()
+    rng = np.random.default_rng(14)
+    for i in range(CLIPS):
+        seconds = 0.3 + 0.05 * (i % 9)
+        t = np.arange(int(16000 * seconds)) / 16000
+        tone = 0.3 * np.sin(2 * np.pi * (180 + 15 * i) * t) + 0.01 * rng.standard_normal(len(t))
+        where = folder / "sub" if i % 5 == 0 else folder  # some in a sub-folder: outputs keep the layout
+        soundfile.write(where / f"clip{i:02d}.wav", tone.astype(np.float32), 16000)
+    (folder / "corrupt.wav").write_bytes(b"RIFF\x00\x00")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt, inbox, tmp_path_factory) -> dict[str, bytes]:
+    """One process, every format: the files each other mode must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("reference")
+    assert run_main("--model", tiny_ckpt, "asr", inbox, "-r", "-o", out, "-f", "all", *FAST) == 3
+    written = files(out)
+    assert len(written) == 5 * CLIPS and not any("corrupt" in name for name in written)
+    return written
+
+
+def base_args(tiny_ckpt, inbox, out) -> list:
+    return ["--model", tiny_ckpt, "asr", inbox, "-r", "-o", out, "-f", "all", *FAST]
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def test_shard_is_a_hash_of_the_relative_name():
+    from minicpmo_cli.api.parallel import in_shard, parse_shard, shard_key, shard_of
+
+    assert shard_key("/data/inbox/sub/a.wav", "sub") == "sub/a.wav" == shard_key("elsewhere/a.wav", Path("sub"))
+    assert shard_key("-") == "-"
+    expected = int.from_bytes(hashlib.sha1(b"sub/a.wav").digest()[:8], "big") % 7  # not Python's salted hash()
+    assert shard_of("sub/a.wav", 7) == expected
+    assert parse_shard("2/4").index == 2 and parse_shard(" 0 / 1 ").count == 1
+    keys = [f"k{i}.wav" for i in range(200)]
+    parts = [[k for k in keys if in_shard(k, parse_shard(f"{i}/3"))] for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(keys) and all(20 < len(p) < 120 for p in parts)
+
+
+@pytest.mark.parametrize("value", ["4/4", "-1/4", "1/0", "a/b", "3", "1/2/3"])
+def test_bad_shard_is_one_usage_line(tiny_ckpt, inbox, value, capsys):
+    assert run_main("--model", tiny_ckpt, "asr", inbox, "--shard", value) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--shard must be I/N" in err and value in err
+
+
+def test_shards_together_are_the_whole_run(tiny_ckpt, inbox, reference, tmp_path, capsys):
+    union: dict[str, bytes] = {}
+    counts = []
+    for index in range(3):
+        out = tmp_path / f"shard{index}"
+        code = run_main(*base_args(tiny_ckpt, inbox, out), "--shard", f"{index}/3")
+        part = files(out) if out.exists() else {}
+        assert code in (0, 3)  # 3 only for the shard that holds corrupt.wav
+        assert not set(part) & set(union)  # disjoint
+        union.update(part)
+        counts.append(len(part) // 5)
+    assert union == reference
+    assert all(count > 0 for count in counts)
+    err = capsys.readouterr().err
+    assert sum(int(n) for n in re.findall(r"shard \d/3: (\d+) of 41 input", err)) == CLIPS + 1
+
+    # Stable across machines: the same folder elsewhere (another mount point) picks the same inputs.
+    from minicpmo_cli.cli.asr import resolve_inputs
+    from minicpmo_cli.cli.scale import select_shard
+
+    moved = tmp_path / "mounted" / "elsewhere"
+    moved.parent.mkdir()
+    os.symlink(inbox, moved)
+    for index in range(3):
+        here = select_shard(resolve_inputs([str(inbox)], None, True), f"{index}/3")
+        there = select_shard(resolve_inputs([str(moved)], None, True), f"{index}/3")
+        assert [Path(i.path).relative_to(inbox) for i in here] == [Path(i.path).relative_to(moved) for i in there]
+        assert len(here) == counts[index] + (1 if any("corrupt" in i.path for i in here) else 0)
+
+
+# ---------------------------------------------------------------------------------------------- devices
+def test_devices_are_parsed_and_checked():
+    from minicpmo_cli.api.parallel import parse_devices, worker_devices
+    from minicpmo_cli.errors import EnvironmentProblem, UsageError
+
+    assert parse_devices("0,2", gpu_count=4) == ["cuda:0", "cuda:2"]
+    assert parse_devices("cuda:1, 0", gpu_count=2) == ["cuda:1", "cuda:0"]
+    assert parse_devices("all", gpu_count=3) == ["cuda:0", "cuda:1", "cuda:2"]
+    for bad, error in [("0,0", UsageError), ("x", UsageError), ("4", EnvironmentProblem)]:
+        with pytest.raises(error):
+            parse_devices(bad, gpu_count=4)
+    with pytest.raises(EnvironmentProblem, match="no CUDA GPU"):
+        parse_devices("all", gpu_count=0)
+    assert worker_devices(None, 3, "cpu") == ["cpu"] * 3
+    assert worker_devices(None, None, "cuda:1") == ["cuda:1"]
+
+
+def test_devices_on_a_machine_without_gpus_is_exit_4(tiny_ckpt, inbox, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert run_main(*base_args(tiny_ckpt, inbox, tmp_path / "out"), "--devices", "0,1") == 4
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("minicpmo: error: --devices 0,1: no CUDA GPU is usable here "
+                                            "(use --workers N on the CPU)")
