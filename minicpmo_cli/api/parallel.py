@@ -325,10 +325,8 @@ def _worker_main(job: Any, device: str, tasks: Any, results: Any, threads: int |
     sys.stdout = sys.stderr  # stdout belongs to the parent (it may be the jsonl stream)
     _note_pid()
     try:
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+        if threads is not None:  # read by torch when the job first imports it
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
         run = job.start(device, lambda message: results.send(("warn", message)))
         while (chunk := tasks.get()) is not None:
             indices = [index for index, _ in chunk]

@@ -143,3 +143,48 @@ def test_devices_on_a_machine_without_gpus_is_exit_4(tiny_ckpt, inbox, tmp_path,
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == ("minicpmo: error: --devices 0,1: no CUDA GPU is usable here "
                                             "(use --workers N on the CPU)")
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def test_two_workers_write_the_same_files(tiny_ckpt, inbox, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main("-v", *base_args(tiny_ckpt, inbox, out), "--workers", "2") == 3
+    assert files(out) == reference
+    err = capsys.readouterr().err
+    assert len(re.findall(r"^worker \d started on cpu \(pid \d+\)$", err, re.M)) == 2
+    assert "corrupt.wav" in err and "1 of 41 inputs failed" in err
+
+    # A rerun finds only the corrupt file left: one worker for it (no more workers than inputs), same exit.
+    assert run_main("-v", *base_args(tiny_ckpt, inbox, out), "--workers", "2") == 3
+    err = capsys.readouterr().err
+    assert "skipped 40 input(s)" in err and len(re.findall("started on", err)) == 1
+
+
+def test_a_killed_worker_loses_nothing_and_nothing_is_written_twice(tiny_ckpt, inbox, reference, tmp_path,
+                                                                     capsys, monkeypatch):
+    from minicpmo_cli.api import parallel
+    from minicpmo_cli.cli import asr as asr_cli
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv(parallel.PID_DIR_ENV, str(pids))
+    emitted: dict[str, int] = {}
+    killed: list[int] = []
+    real_emit = asr_cli.Sink.emit
+
+    def emit_then_kill(self, item, record):
+        emitted[item.path] = emitted.get(item.path, 0) + 1
+        real_emit(self, item, record)
+        if sum(emitted.values()) == 3:  # mid-run: both workers hold inputs
+            killed.append(int(sorted(pids.iterdir())[0].name))
+            os.kill(killed[0], signal.SIGKILL)
+
+    monkeypatch.setattr(asr_cli.Sink, "emit", emit_then_kill)
+    out = tmp_path / "out"
+    assert run_main(*base_args(tiny_ckpt, inbox, out), "--workers", "2") == 3
+    err = capsys.readouterr().err
+    back = re.search(rf"worker \d \(pid {killed[0]}, cpu\) died \(killed by SIGKILL\); (\d+) input\(s\) back", err)
+    assert back and int(back.group(1)) >= 1, err
+    assert len(list(pids.iterdir())) == 3  # the replacement worker
+    assert files(out) == reference
+    assert sorted(emitted) == sorted(str(p) for p in inbox.rglob("*.wav")) and set(emitted.values()) == {1}
