@@ -119,7 +119,8 @@ def transcribe(scale: Scale, items: list, options, decode, ordered: bool) -> Ite
     if scale.ray is not None:
         from minicpmo_cli.api.ray_asr import RayRun
 
-        runner = RayRun(scale.ray, scale.workers, warn=common.warn, debug=common.debug)
+        verbose = common.options().verbose or common.options().debug
+        runner = RayRun(scale.ray, scale.workers, warn=common.warn, debug=common.debug, verbose=verbose)
         results = runner.run(job, payloads, options.batch_size, ordered=ordered)
     else:
         results = pool(scale, options.batch_size, job).run(payloads, ordered=ordered)

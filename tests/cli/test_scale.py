@@ -188,3 +188,53 @@ def test_a_killed_worker_loses_nothing_and_nothing_is_written_twice(tiny_ckpt, i
     assert len(list(pids.iterdir())) == 3  # the replacement worker
     assert files(out) == reference
     assert sorted(emitted) == sorted(str(p) for p in inbox.rglob("*.wav")) and set(emitted.values()) == {1}
+
+
+# ---------------------------------------------------------------------------------------------- ray
+@pytest.fixture()
+def ray_module():
+    ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_ray_writes_the_same_files(tiny_ckpt, inbox, reference, tmp_path, capsys, ray_module):
+    """A bare --ray starts a local Ray for the run (and shuts it down after)."""
+    out = tmp_path / "out"
+    assert run_main("-v", *base_args(tiny_ckpt, inbox, out), "--ray", "--workers", "2") == 3
+    err = capsys.readouterr().err
+    assert files(out) == reference
+    assert "ray: 2 actor(s)" in err and "1 of 41 inputs failed" in err
+    assert not ray_module.is_initialized()
+
+
+def test_ray_retries_a_killed_actor_and_writes_everything_once(tiny_ckpt, inbox, reference, tmp_path, capsys,
+                                                               monkeypatch, ray_module):
+    """A Ray started by the caller (2 CPUs, a small object store) is used as it is, and left running."""
+    from minicpmo_cli.api import parallel
+    from minicpmo_cli.cli import asr as asr_cli
+
+    ray_module.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv(parallel.PID_DIR_ENV, str(pids))
+    emitted: dict[str, int] = {}
+    killed: list[int] = []
+    real_emit = asr_cli.Sink.emit
+
+    def emit_then_kill(self, item, record):
+        emitted[item.path] = emitted.get(item.path, 0) + 1
+        real_emit(self, item, record)
+        if sum(emitted.values()) == 3:
+            killed.append(int(sorted(pids.iterdir())[0].name))
+            os.kill(killed[0], signal.SIGKILL)
+
+    monkeypatch.setattr(asr_cli.Sink, "emit", emit_then_kill)
+    out = tmp_path / "out"
+    assert run_main(*base_args(tiny_ckpt, inbox, out), "--ray", "--workers", "2") == 3
+    assert killed and len(list(pids.iterdir())) == 3  # Ray restarted the killed actor
+    assert files(out) == reference
+    assert sorted(emitted) == sorted(str(p) for p in inbox.rglob("*.wav")) and set(emitted.values()) == {1}
+    assert ray_module.is_initialized()
