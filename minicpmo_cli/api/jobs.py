@@ -48,3 +48,30 @@ class AsrJob:
         from minicpmo_cli.outputs import TranscriptRecord
 
         return TranscriptRecord(path=payload.path, error=reason)
+
+
+@dataclass(frozen=True)
+class TtsJob:
+    """``tts --lines``: payloads are lines of text, results SpeechResults (a failed line: its reason, a str)."""
+
+    load: LoadOptions
+    voice: Any  # api.speech.Voice, its reference clip already loaded
+    decode: DecodeOptions
+    verbatim: bool
+    max_frames: int
+
+    def start(self, device: str, warn: Warn) -> Callable[[list[str]], Iterator[Any]]:
+        from minicpmo_cli.api.speech import speak
+
+        engine = _engine_once(replace(self.load, device=device), warn, vision=False,
+                              audio=self.voice.reference is not None, tts=True)
+
+        def run(lines: list[str]) -> Iterator[Any]:
+            for line in lines:
+                yield speak(engine(), line, self.voice, decode=self.decode, verbatim=self.verbatim,
+                            max_frames=self.max_frames)
+
+        return run
+
+    def failure(self, payload: str, reason: str) -> str:
+        return reason

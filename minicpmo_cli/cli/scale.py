@@ -49,16 +49,16 @@ class Scale:
 
         if self.shard is not None:
             parse_shard(self.shard)
-        if self.devices is not None:
-            from minicpmo_cli.api.parallel import parse_devices
-
-            parse_devices(self.devices)  # no GPU, or one that is not here: said before any work starts
         if self.ray is not None and self.devices is not None:
             common.fail_usage("--devices does not combine with --ray: Ray places one actor per GPU of the "
                               "cluster (--workers N sets how many actors)")
         if self.ray is not None and not _ADDRESS.match(self.ray):
             common.fail_usage(f"--ray {self.ray!r}: not a Ray address (auto, HOST:PORT, ray://HOST:PORT); a bare "
                               "--ray starts a local Ray")
+        if self.devices is not None:
+            from minicpmo_cli.api.parallel import parse_devices
+
+            parse_devices(self.devices)  # no GPU, or one that is not here: said before any work starts
 
 
 def ray_flag_args(argv: list[str]) -> list[str]:

@@ -238,3 +238,41 @@ def test_ray_retries_a_killed_actor_and_writes_everything_once(tiny_ckpt, inbox,
     assert files(out) == reference
     assert sorted(emitted) == sorted(str(p) for p in inbox.rglob("*.wav")) and set(emitted.values()) == {1}
     assert ray_module.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------- tts --lines
+def test_tts_lines_on_two_workers_write_the_same_wavs(tiny_ckpt, tmp_path, capsys):
+    text = tmp_path / "lines.txt"
+    text.write_text("First line.\nSecond line.\n\nThird line.\nFourth line.\nFifth line.\n", encoding="utf-8")
+    spoken = {}
+    for name, extra in (("one", []), ("two", ["--workers", "2"])):
+        out = tmp_path / name
+        assert run_main("--model", tiny_ckpt, "--device", "cpu", "--seed", "7", "tts", "--text-file", text,
+                        "--lines", "-o", out, "--max-audio-seconds", "0.2", *extra) == 0
+        spoken[name] = files(out)
+    assert sorted(spoken["one"]) == [f"000{i}.wav" for i in range(1, 6)]
+    assert spoken["two"] == spoken["one"]
+    assert run_main("--model", tiny_ckpt, "tts", "Hello.", "-o", tmp_path / "x.wav", "--workers", "2") == 2
+    assert "add --lines" in capsys.readouterr().err
+
+
+def test_a_bare_ray_flag_takes_no_input_as_its_address(tmp_path):
+    from minicpmo_cli.cli.scale import ray_flag_args
+
+    folder = tmp_path / "host:1"  # an existing path is an input, whatever it looks like
+    folder.mkdir()
+    assert ray_flag_args(["asr", "--ray", "in/", "-o", "o"]) == ["asr", "--ray=local", "in/", "-o", "o"]
+    assert ray_flag_args(["asr", "in/", "--ray"]) == ["asr", "in/", "--ray=local"]
+    assert ray_flag_args(["asr", "--ray", "auto", "x"]) == ["asr", "--ray=auto", "x"]
+    assert ray_flag_args(["asr", "--ray", "10.0.0.5:6379"]) == ["asr", "--ray=10.0.0.5:6379"]
+    assert ray_flag_args(["asr", "--ray", "ray://head:10001"]) == ["asr", "--ray=ray://head:10001"]
+    assert ray_flag_args(["asr", "--ray", str(folder)]) == ["asr", "--ray=local", str(folder)]
+    assert ray_flag_args(["chat", "--", "--ray"]) == ["chat", "--", "--ray"]
+
+
+def test_ray_with_devices_or_a_bad_address_is_a_usage_error(tiny_ckpt, inbox, capsys):
+    for extra, message in ((["--ray", "--devices", "0"], "--devices does not combine with --ray"),
+                           (["--ray=nowhere"], "not a Ray address")):
+        assert run_main("--model", tiny_ckpt, "asr", inbox, *extra) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err
