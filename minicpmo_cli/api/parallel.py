@@ -174,8 +174,10 @@ class WorkerPool:
                         index = self._order.popleft()
                         next_index += 1
                         yield index, self._results.pop(index)
-        finally:
-            self._stop()
+        except BaseException:  # Ctrl-C, a fatal worker error, or the caller stopped reading: stop at once
+            self._stop(graceful=False)
+            raise
+        self._stop(graceful=True)
 
     # -- workers
     def _start(self, device: str) -> _Worker:
@@ -281,7 +283,8 @@ class WorkerPool:
             raise WorkerError(f"every worker process died; {left} input(s) were not done "
                               f"(finished outputs were kept)")
 
-    def _stop(self) -> None:
+    def _stop(self, graceful: bool) -> None:
+        """Idle workers exit when told; busy ones (an interrupted run) are killed: only the parent writes."""
         for worker in self.workers:
             worker.stopping = True
             try:
@@ -289,7 +292,7 @@ class WorkerPool:
             except (OSError, ValueError):
                 pass
         for worker in self.workers:
-            worker.process.join(timeout=10)
+            worker.process.join(timeout=10 if graceful else 0)
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
