@@ -253,11 +253,13 @@ def _kept_files() -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn every failure into one line and an exit code."""
     from minicpmo_cli.cli.chat import join_example_args
+    from minicpmo_cli.cli.scale import ray_flag_args
 
     args = join_example_args(common.hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     _valid_utf8_stdout()
     if "minicpmo_cli.outputs" in sys.modules:  # a second run in one process (tests) counts its own files
         sys.modules["minicpmo_cli.outputs"].FILES_WRITTEN.clear()
+    args = ray_flag_args(args)
     debug = "--debug" in args or os.environ.get("MINICPMO_DEBUG", "") not in ("", "0")
     try:
         code = app(args=args, prog_name="minicpmo", standalone_mode=False)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from minicpmo_cli.cli import common
+from minicpmo_cli.cli import common, scale
 from minicpmo_cli.errors import display_name
 
 if TYPE_CHECKING:
@@ -73,6 +73,10 @@ def asr(
                                         help="Speech probability (0-1) from which the VAD counts audio as speech."),
     min_silence_ms: int = typer.Option(500, "--min-silence-ms", metavar="MS",
                                        help="A pause must last this long to end a speech region (and allow a cut)."),
+    workers: Optional[int] = scale.WORKERS,
+    devices: Optional[str] = scale.DEVICES,
+    shard: Optional[str] = scale.SHARD,
+    ray: Optional[str] = scale.RAY,
     # Default decoding is greedy (see api/asr.py); --sampling uses the guide's temperature 0.3.
     *,
     decode: DecodeOptions,
@@ -87,16 +91,18 @@ def asr(
                          vad_threshold=vad_threshold, min_silence_ms=min_silence_ms)
     options.validate()  # --task / --language / --prompt / VAD settings, before anything is read
     check_instruction(prompt)
+    spread = scale.options_of(workers, devices, shard, ray)
     items = resolve_inputs(list(inputs or []), files_from, recursive)
     if any(item.path == "-" for item in items) and sys.stdin.isatty():
         common.fail_usage("- reads audio from stdin, but stdin is a terminal: pipe a file in")
     sink = make_sink(items, output_dir, output_format, overwrite=not skip_existing)
+    items = scale.select_shard(items, spread.shard)  # after the collision check, which sees every shard
     todo = [item for item in items if not sink.is_done(item)]
     if len(todo) < len(items):
         common.info(f"skipped {len(items) - len(todo)} input(s) whose outputs exist (--overwrite redoes them)")
     if not todo:
         return
-    failed = run_batch(todo, options, decode, sink)
+    failed = run_batch(todo, options, decode, sink, spread)
     _exit_for_failures(failed, len(items))
 
 
@@ -287,7 +293,7 @@ def _read_stdin_audio() -> bytes:
     return data
 
 
-def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
+def run_batch(items: list[InputItem], options, decode, sink: Sink, spread: scale.Scale = scale.Scale()) -> int:
     """Transcribe every item with one model load, emitting each as it completes; returns the failures."""
     from minicpmo_cli.api.asr import input_name, transcribe_many
 
@@ -303,24 +309,36 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
     try:
         with common.progress("transcribing", total=len(by_path) if len(by_path) > 1 else None) as row, \
                 common.progress("audio pieces (at most 30 s each)") as pieces:
-            records = transcribe_many(load, _claimed_inputs(list(by_path.values()), sink), options, decode,
-                                      warn=common.warn, progress=pieces.steps)
+            if spread.parallel:  # worker processes or Ray: the same records, written here by the same Sink
+                claimed = [item for item in by_path.values() if sink.claim(item)]
+                records = (record for _, record in scale.transcribe(spread, claimed, options, decode,
+                                                                     ordered=sink.output_dir is None))
+            else:
+                records = transcribe_many(load, _claimed_inputs(list(by_path.values()), sink), options, decode,
+                                          warn=common.warn, progress=pieces.steps)
             for record in records:
-                item = by_path[record.path]
-                if record.error is not None:
-                    failed += 1
-                    common.err(f"minicpmo: error: {display_name(input_name(record.path))}: {record.error}")
-                else:
-                    common.debug(f"{display_name(input_name(record.path))}: language "
-                                 f"{record.language or 'unknown (no speech)'}, {len(record.segments)} segment(s)")
-                sink.emit(item, record)
-                sink.release(item.path)  # done, or failed: then the next run tries it again
+                failed += _emit_record(sink, by_path[record.path], record)
                 row.advance()
     finally:
         sink.release_all()  # interrupted: what this run held is free for the next one
     if sink.skipped:
         common.info(f"skipped {sink.skipped} input(s) that another run did or is doing (same -o folder)")
     return failed
+
+
+def _emit_record(sink: Sink, item: InputItem, record) -> int:
+    """Write (or print) one finished record and free its claim; 1 if it failed, else 0."""
+    from minicpmo_cli.api.asr import input_name
+
+    failed = record.error is not None
+    if failed:
+        common.err(f"minicpmo: error: {display_name(input_name(record.path))}: {record.error}")
+    else:
+        common.debug(f"{display_name(input_name(record.path))}: language "
+                     f"{record.language or 'unknown (no speech)'}, {len(record.segments)} segment(s)")
+    sink.emit(item, record)
+    sink.release(item.path)  # done, or failed: then the next run tries it again
+    return int(failed)
 
 
 def _exit_for_failures(failed: int, total: int) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from minicpmo_cli.cli import common
+from minicpmo_cli.cli import common, scale
 
 if TYPE_CHECKING:
     from minicpmo_cli.api.engine import DecodeOptions
@@ -107,6 +107,10 @@ def tts(
     verbatim: bool = VERBATIM,
     max_audio_seconds: Optional[float] = MAX_AUDIO_SECONDS,
     overwrite: bool = OVERWRITE,
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="With --lines: worker processes, each with its own model."),
+    devices: Optional[str] = typer.Option(None, "--devices", metavar="0,1,...|all",
+                                          help="With --lines: one worker per listed GPU (all: every GPU here)."),
     *,
     decode: DecodeOptions,
 ) -> None:
@@ -114,13 +118,16 @@ def tts(
 
     if voice is not None and ref is not None:
         raise UsageError("give --voice NAME or --ref FILE, not both")
+    spread = scale.options_of(workers, devices, None, None)
+    if spread.parallel and not lines:
+        raise UsageError("--workers and --devices share out the lines of --lines: add --lines")
     body = _read_text(text, text_file)
     speaker = _make_voice(voice or ref, mode, instruction, language)
     _warn_unused_decoding(verbatim, decode)
     if lines:
         items = [line.strip() for line in body.splitlines() if line.strip()]
         _need_text(" ".join(items))
-        _tts_lines(items, output, speaker, decode, verbatim, max_audio_seconds, overwrite)
+        _tts_lines(items, output, speaker, decode, verbatim, max_audio_seconds, overwrite, spread)
         return
     _need_text(body)
     target = common.audio_output_target(output, overwrite)
@@ -316,7 +323,8 @@ def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:
         common.warn(f"some speech was cut short by {cap}")
 
 
-def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, max_audio_seconds, overwrite: bool):
+def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, max_audio_seconds, overwrite: bool,
+               spread: scale.Scale = scale.Scale()):
     """--lines: one wav per line into the folder ``output`` (0001.wav, ...); existing files are skipped."""
     from minicpmo_cli.errors import UsageError
     from minicpmo_cli.outputs import ensure_output_dir, should_skip
@@ -331,6 +339,9 @@ def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, m
         common.info(f"skipping {len(items) - len(todo)} line(s) already spoken (--overwrite to redo them)")
     if not todo:
         return
+    if spread.parallel:
+        _tts_lines_parallel(todo, speaker, decode, verbatim, max_audio_seconds, spread)
+        return
     engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
     from minicpmo_cli.api.speech import speak
 
@@ -340,3 +351,21 @@ def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, m
                            max_frames=_max_frames(max_audio_seconds))
             _emit(result, path, max_audio_seconds)
             row.advance()
+
+
+def _tts_lines_parallel(todo: list[tuple[str, Path]], speaker, decode, verbatim: bool, max_audio_seconds,
+                        spread: scale.Scale) -> None:
+    """--lines on worker processes: each speaks lines with its own model; the wavs are written here."""
+    from minicpmo_cli.api.jobs import TtsJob
+    from minicpmo_cli.errors import PartialFailure
+
+    job = TtsJob(common.load_options(), speaker, decode, verbatim, _max_frames(max_audio_seconds))
+    failed = 0
+    for index, result in scale.pool(spread, 1, job).run([line for line, _ in todo]):
+        if isinstance(result, str):  # a line a worker died on twice
+            failed += 1
+            common.err(f"minicpmo: error: {todo[index][1].name}: {result}")
+            continue
+        _emit(result, todo[index][1], max_audio_seconds)
+    if failed:
+        raise PartialFailure(f"{failed} of {len(todo)} lines failed; the others were spoken")
