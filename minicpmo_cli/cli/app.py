@@ -57,6 +57,8 @@ def root(
     debug: bool = typer.Option(False, "--debug", envvar="MINICPMO_DEBUG", help="Full tracebacks on errors."),
     no_progress: bool = typer.Option(False, "--no-progress", envvar="MINICPMO_NO_PROGRESS",
                                      help="No progress bars."),
+    server: str = typer.Option(None, "--server", envvar="MINICPMO_SERVER", metavar="URL",
+                               help="Send asr, chat, tts and clone to a running `minicpmo serve` at URL."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
@@ -64,7 +66,7 @@ def root(
     _configure_logging(quiet=quiet, verbose=verbose or debug)
     common.set_options(common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
-        quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress,
+        quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, server=server or None,
     ))
 
 

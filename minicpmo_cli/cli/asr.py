@@ -242,7 +242,12 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink) -> int:
     def load():
         return common.load_engine(vision=False, audio=True, tts=False)
 
-    records = transcribe_many(load, _audio_inputs(items), options, decode, warn=common.warn)
+    if common.options().server:
+        from minicpmo_cli.cli import remote
+
+        records = remote.transcribe_many(remote.connect(), _audio_inputs(items), options, decode)
+    else:
+        records = transcribe_many(load, _audio_inputs(items), options, decode, warn=common.warn)
     failed = 0
     with _Progress(len(items)) as advance:
         for item, record in zip(items, records):

@@ -58,7 +58,9 @@ def chat(
             raise typer.BadParameter("--speak needs a wav file name (stdout carries the text answer)")
     # Media are read before the model loads too, so a missing file fails fast.
     conversation = _conversation(prompt, image, audio, video, system, example, voice, language)
-    engine = common.load_engine(vision=True, audio=True, tts=speak is not None)
+    from minicpmo_cli.cli.remote import engine_or_load
+
+    engine = engine_or_load(vision=True, audio=True, tts=speak is not None)
     if interactive:
         from minicpmo_cli.cli.repl import Repl
 
@@ -134,7 +136,9 @@ def stream_reply(engine, conversation, decode, out, pieces: list[str]) -> None:
     from contextlib import closing
 
     from minicpmo_cli.api.chat import reply
+    from minicpmo_cli.cli import remote
 
+    reply = remote.reply if remote.is_remote(engine) else reply
     # closing(): Ctrl-C ends the generation thread too, not only the printing.
     with closing(reply(engine, conversation, decode, stream=True)) as stream:
         for piece in stream:
@@ -146,8 +150,10 @@ def stream_reply(engine, conversation, decode, out, pieces: list[str]) -> None:
 def speak_answer(engine, conversation, decode, target: Path) -> str:
     """Generate the answer with speech and write the wav atomically; returns the text."""
     from minicpmo_cli.api.chat import reply_with_speech
+    from minicpmo_cli.cli import remote
     from minicpmo_cli.outputs import write_wav
 
+    reply_with_speech = remote.reply_with_speech if remote.is_remote(engine) else reply_with_speech
     text, wav, rate = reply_with_speech(engine, conversation, decode)
     write_wav(target, wav, sample_rate=rate)
     common.info(f"speech written to {target}")

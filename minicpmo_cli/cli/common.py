@@ -19,7 +19,7 @@ DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
 
 # Global options that take a value, and those that are flags. They are accepted before and after the
 # command (CLI.md): main() moves them in front of the command name before Typer parses argv.
-GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed"}
+GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed", "--server"}
 GLOBAL_FLAG_OPTIONS = {"--offline", "-q", "--quiet", "-v", "--verbose", "--debug", "--no-progress"}
 
 
@@ -35,6 +35,7 @@ class GlobalOptions:
     verbose: bool = False
     debug: bool = False
     no_progress: bool = False
+    server: str | None = None  # URL of a running `minicpmo serve`: asr, chat, tts and clone use it
 
 
 _options = GlobalOptions()

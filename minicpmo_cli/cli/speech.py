@@ -112,9 +112,10 @@ def tts(
         return
     _need_text(body)
     target = common.wav_output_target(output, overwrite)
-    engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
-    from minicpmo_cli.api.speech import speak
+    from minicpmo_cli.cli import remote
 
+    engine = remote.engine_or_load(vision=False, audio=speaker.reference is not None, tts=True)
+    speak = remote.speak_function(engine)
     result = speak(engine, body, speaker, decode=decode, verbatim=verbatim, max_frames=_max_frames(max_audio_seconds))
     _emit(result, target, max_audio_seconds)
 
@@ -153,9 +154,10 @@ def clone(
     speaker = _make_voice(voice or ref, mode, None, language)
     _warn_unused_decoding(verbatim, decode)
     target = common.wav_output_target(output, overwrite)
-    engine = common.load_engine(vision=False, audio=True, tts=True)
-    from minicpmo_cli.api.speech import speak
+    from minicpmo_cli.cli import remote
 
+    engine = remote.engine_or_load(vision=False, audio=True, tts=True)
+    speak = remote.speak_function(engine)
     result = speak(engine, body, speaker, decode=decode, verbatim=verbatim, max_frames=_max_frames(max_audio_seconds))
     _emit(result, target, max_audio_seconds)
     if save_voice is not None:
@@ -313,9 +315,10 @@ def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, m
         common.info(f"skipping {len(items) - len(todo)} line(s) already spoken (--overwrite to redo them)")
     if not todo:
         return
-    engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
-    from minicpmo_cli.api.speech import speak
+    from minicpmo_cli.cli import remote
 
+    engine = remote.engine_or_load(vision=False, audio=speaker.reference is not None, tts=True)
+    speak = remote.speak_function(engine)
     for item, path in todo:
         result = speak(engine, item, speaker, decode=decode, verbatim=verbatim,
                        max_frames=_max_frames(max_audio_seconds))
