@@ -65,6 +65,8 @@ def root(
     compile: Optional[bool] = typer.Option(
         None, "--compile/--no-compile", envvar="MINICPMO_COMPILE", show_default=False,
         help="Capture the decode step (torch.compile; CUDA graphs on a GPU). Default: on with CUDA, off on the CPU."),
+    server: str = typer.Option(None, "--server", envvar="MINICPMO_SERVER", metavar="URL",
+                               help="Send asr, chat, tts and clone to a running `minicpmo serve` at URL."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
@@ -75,7 +77,7 @@ def root(
     common.set_options(common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
         quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, compile=compile,
-        quantize=quantize,
+        quantize=quantize, server=server or None,
     ))
 
 
@@ -103,9 +105,9 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 def _register_commands() -> None:
     # Command modules import only typer at module level; torch comes in when a command runs.
-    from minicpmo_cli.cli import asr, chat, doctor, speech, video
+    from minicpmo_cli.cli import asr, chat, doctor, serve, speech, video
 
-    for module in (asr, chat, speech, video, doctor):
+    for module in (asr, chat, speech, video, doctor, serve):
         module.register(app)
 
 

@@ -293,13 +293,24 @@ def _read_stdin_audio() -> bytes:
     return data
 
 
+def _records(items: list[InputItem], options, decode, sink: Sink, spread: scale.Scale, progress):
+    """The records of the items this run claims: from a server (--server), worker processes or Ray, or here."""
+    from minicpmo_cli.api.asr import transcribe_many
+
+    if common.options().server:
+        from minicpmo_cli.cli import remote
+
+        return remote.transcribe_many(remote.connect(), _claimed_inputs(items, sink), options, decode)
+    if spread.parallel:  # worker processes or Ray: the same records, written here by the same Sink
+        claimed = [item for item in items if sink.claim(item)]
+        return (record for _, record in scale.transcribe(spread, claimed, options, decode,
+                                                         ordered=sink.output_dir is None))
+    return transcribe_many(lambda: common.load_engine(vision=False, audio=True, tts=False),
+                           _claimed_inputs(items, sink), options, decode, warn=common.warn, progress=progress)
+
+
 def run_batch(items: list[InputItem], options, decode, sink: Sink, spread: scale.Scale = scale.Scale()) -> int:
     """Transcribe every item with one model load, emitting each as it completes; returns the failures."""
-    from minicpmo_cli.api.asr import input_name, transcribe_many
-
-    def load():
-        return common.load_engine(vision=False, audio=True, tts=False)
-
     failed = 0
     for item in items:
         if item.error is not None:  # found while listing: a folder we may not read, a path through a file
@@ -309,14 +320,7 @@ def run_batch(items: list[InputItem], options, decode, sink: Sink, spread: scale
     try:
         with common.progress("transcribing", total=len(by_path) if len(by_path) > 1 else None) as row, \
                 common.progress("audio pieces (at most 30 s each)") as pieces:
-            if spread.parallel:  # worker processes or Ray: the same records, written here by the same Sink
-                claimed = [item for item in by_path.values() if sink.claim(item)]
-                records = (record for _, record in scale.transcribe(spread, claimed, options, decode,
-                                                                     ordered=sink.output_dir is None))
-            else:
-                records = transcribe_many(load, _claimed_inputs(list(by_path.values()), sink), options, decode,
-                                          warn=common.warn, progress=pieces.steps)
-            for record in records:
+            for record in _records(list(by_path.values()), options, decode, sink, spread, pieces.steps):
                 failed += _emit_record(sink, by_path[record.path], record)
                 row.advance()
     finally:

@@ -77,9 +77,11 @@ def chat(
     # Media are read before the model loads too, so a missing file fails fast.
     conversation = _conversation(prompt, image, audio, video, system, example, voice, language)
     conversation.mode = mode
+    from minicpmo_cli.cli.remote import engine_or_load
+
     # Only the towers the first message needs; the REPL loads the others when /image, /audio or /video asks.
-    engine = common.load_engine(vision=bool(image or video or example),
-                                audio=bool(audio or video or voice is not None), tts=speak is not None)
+    engine = engine_or_load(vision=bool(image or video or example),
+                            audio=bool(audio or video or voice is not None), tts=speak is not None)
     if interactive:
         from minicpmo_cli.cli.repl import Repl
 
@@ -190,7 +192,9 @@ def stream_reply(engine, conversation, decode, out, pieces: list[str]) -> None:
     from contextlib import closing
 
     from minicpmo_cli.api.chat import reply
+    from minicpmo_cli.cli import remote
 
+    reply = remote.reply if remote.is_remote(engine) else reply
     # closing(): Ctrl-C ends the generation thread too, not only the printing.
     with closing(reply(engine, conversation, decode, stream=True)) as stream:
         for piece in stream:
@@ -202,8 +206,10 @@ def stream_reply(engine, conversation, decode, out, pieces: list[str]) -> None:
 def speak_answer(engine, conversation, decode, target: Path) -> str:
     """Generate the answer with speech and write the wav atomically; returns the text."""
     from minicpmo_cli.api.chat import reply_with_speech
+    from minicpmo_cli.cli import remote
     from minicpmo_cli.outputs import write_audio
 
+    reply_with_speech = remote.reply_with_speech if remote.is_remote(engine) else reply_with_speech
     with common.status("answering in text and speech"):
         text, wav, rate = reply_with_speech(engine, conversation, decode)
     write_audio(target, wav, sample_rate=rate)

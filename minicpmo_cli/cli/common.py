@@ -20,7 +20,7 @@ DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
 
 # Global options that take a value, and those that are flags. They are accepted before and after the
 # command (CLI.md): main() moves them in front of the command name before Typer parses argv.
-GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed", "--quantize"}
+GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed", "--quantize", "--server"}
 GLOBAL_FLAG_OPTIONS = {"--offline", "-q", "--quiet", "-v", "--verbose", "--debug", "--no-progress", "--compile",
                        "--no-compile"}
 
@@ -39,6 +39,7 @@ class GlobalOptions:
     no_progress: bool = False
     compile: bool | None = None  # None: on with CUDA, off on the CPU (api/engine.py)
     quantize: str | None = None  # none | int8 | int4; None: as the checkpoint is
+    server: str | None = None  # URL of a running `minicpmo serve`: asr, chat, tts and clone use it
 
 
 _options = GlobalOptions()

@@ -131,12 +131,14 @@ def tts(
         return
     _need_text(body)
     target = common.audio_output_target(output, overwrite)
-    engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
-    from minicpmo_cli.api.speech import speak
+    from minicpmo_cli.cli import remote
 
+    engine = remote.engine_or_load(vision=False, audio=speaker.reference is not None, tts=True)
+    speak = remote.speak_function(engine)
     with common.progress("speaking (sentence groups)") as row:
+        progress = {} if remote.is_remote(engine) else {"progress": row.steps}
         result = speak(engine, body, speaker, decode=decode, verbatim=verbatim,
-                       max_frames=_max_frames(max_audio_seconds), progress=row.steps)
+                       max_frames=_max_frames(max_audio_seconds), **progress)
     _emit(result, target, max_audio_seconds)
 
 
@@ -174,12 +176,14 @@ def clone(
     speaker = _make_voice(voice or ref, mode, None, language)
     _warn_unused_decoding(verbatim, decode)
     target = common.audio_output_target(output, overwrite)
-    engine = common.load_engine(vision=False, audio=True, tts=True)
-    from minicpmo_cli.api.speech import speak
+    from minicpmo_cli.cli import remote
 
+    engine = remote.engine_or_load(vision=False, audio=True, tts=True)
+    speak = remote.speak_function(engine)
     with common.progress("speaking (sentence groups)") as row:
+        progress = {} if remote.is_remote(engine) else {"progress": row.steps}
         result = speak(engine, body, speaker, decode=decode, verbatim=verbatim,
-                       max_frames=_max_frames(max_audio_seconds), progress=row.steps)
+                       max_frames=_max_frames(max_audio_seconds), **progress)
     _emit(result, target, max_audio_seconds)
     if save_voice is not None:
         source = ref if ref is not None else speaker.reference
@@ -342,8 +346,10 @@ def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, m
     if spread.parallel:
         _tts_lines_parallel(todo, speaker, decode, verbatim, max_audio_seconds, spread)
         return
-    engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
-    from minicpmo_cli.api.speech import speak
+    from minicpmo_cli.cli import remote
+
+    engine = remote.engine_or_load(vision=False, audio=speaker.reference is not None, tts=True)
+    speak = remote.speak_function(engine)
 
     with common.progress("speaking lines", total=len(todo)) as row:
         for item, path in todo:

@@ -1,0 +1,56 @@
+"""`minicpmo serve`: the OpenAI-compatible server with its web page (needs the `serve` extra)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from minicpmo_cli.cli import common
+
+HELP = common.examples_help(
+    "Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/audio/transcriptions, "
+    "/v1/audio/translations, /v1/audio/speech, /v1/models) and a chat page at /. The model loads once; "
+    "requests run one at a time on it. Other commands use it with --server URL (or MINICPMO_SERVER).",
+    "minicpmo serve",
+    "minicpmo serve --host 0.0.0.0 --port 9000 --api-key secret",
+    "MINICPMO_SERVER=http://127.0.0.1:8080 minicpmo asr meeting.mp3",
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help=HELP)(serve)
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MINICPMO_API_KEY",
+                                          help="Require Authorization: Bearer KEY on /v1 routes."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
+                                                    help="The model id clients send (default: --model)."),
+    max_upload_mb: float = typer.Option(25.0, "--max-upload-mb", min=0.001, help="Largest request body."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting at most; more get 503."),
+    no_tts: bool = typer.Option(False, "--no-tts", help="Do not load the speech tower (no speech routes)."),
+    no_url_fetch: bool = typer.Option(False, "--no-url-fetch", help="Refuse http(s) image/video URLs."),
+) -> None:
+    try:
+        import uvicorn
+
+        from minicpmo_cli.server.app import create_app
+        from minicpmo_cli.server.media import FetchLimits
+        from minicpmo_cli.server.state import ServerState, Settings
+    except ImportError as exc:
+        from minicpmo_cli.errors import EnvironmentProblem
+
+        raise EnvironmentProblem(f"serve needs the serve extra ({exc.name} is missing): "
+                                 "pip install -e \".[serve]\"") from None
+    limit = int(max_upload_mb * 1024 * 1024)
+    settings = Settings(load=common.load_options(), model_id=served_model_name or common.options().model,
+                        api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, tts=not no_tts,
+                        fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch))
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    print(f"minicpmo: serving {settings.model_id} at {url} (web page: {url}/; GET /health says when it is ready)")
+    print(f"export MINICPMO_SERVER={url}", flush=True)
+    level = "warning" if common.options().quiet else "info"
+    uvicorn.run(create_app(ServerState(settings)), host=host, port=port, log_level=level, timeout_graceful_shutdown=3)

@@ -1,0 +1,213 @@
+"""POST /v1/chat/completions: text, image_url, input_audio and video_url parts in; text (and speech) out."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from minicpmo_cli.server import generation, media
+from minicpmo_cli.server.errors import APIError, error_body
+from minicpmo_cli.server.schemas import ChatRequest, Message
+from minicpmo_cli.server.voices import DEFAULT_VOICE, resolve_voice
+
+router = APIRouter()
+AUDIO_LIFETIME = 3600  # s: message.audio.expires_at (nothing is kept server-side; the field is OpenAI's)
+PCM_CHUNK = 24000 // 5 * 2  # bytes of pcm16 per streamed audio delta: 0.2 s at 24 kHz
+
+
+# ------------------------------------------------------------------------------------------ request -> model
+def _content_parts(message: Message) -> list[Any]:
+    if message.content is None:
+        return []
+    return [{"type": "text", "text": message.content}] if isinstance(message.content, str) else message.content
+
+
+def _part(part: dict, where: str, limits: media.FetchLimits) -> tuple[list[Any], str]:
+    """One content part -> (model parts, source type)."""
+    kind = part.get("type")
+    if kind == "text":
+        return [str(part.get("text", ""))], "text"
+    if kind == "image_url":
+        url = (part.get("image_url") or {}).get("url", "")
+        return [media.decode_image(media.url_bytes(url, where, limits), where)], "image"
+    if kind == "input_audio":
+        data = (part.get("input_audio") or {}).get("data", "")
+        return [media.decode_audio(media.b64decode(data, where), where)], "audio"
+    if kind == "video_url":
+        url = (part.get("video_url") or {}).get("url", "")
+        return media.video_parts(media.url_bytes(url, where, limits), where), "video"
+    raise APIError(400, f"{where}: unsupported content part type {kind!r} "
+                        "(text, image_url, input_audio, video_url)", param=where)
+
+
+def conversation_for(body: ChatRequest, limits: media.FetchLimits):
+    """The request's messages as a Conversation whose last turn is the user's question."""
+    from minicpmo_cli.api.chat import Conversation, Turn, strip_placeholder_markers
+
+    conversation = Conversation(language=body.language)
+    systems: list[str] = []
+    for index, message in enumerate(body.messages):
+        turn = Turn("assistant" if message.role == "assistant" else "user")
+        for number, part in enumerate(_content_parts(message)):
+            where = f"messages[{index}].content[{number}]"
+            if not isinstance(part, dict):
+                raise APIError(400, f"{where}: a content part must be an object", param=where)
+            parts, kind = _part(part, where, limits)
+            if message.role in ("system", "developer"):
+                if kind != "text":
+                    raise APIError(400, f"{where}: a system message holds text only", param=where)
+                systems.append(parts[0])
+                continue
+            if message.role == "assistant":
+                parts = [strip_placeholder_markers(p) if isinstance(p, str) else p for p in parts]
+            turn.parts.extend(parts)
+            turn.sources.extend({"type": kind} for _ in parts)
+            conversation.video_mode |= kind == "video"
+        if message.role not in ("system", "developer"):
+            conversation.turns.append(turn)
+    if not conversation.turns or conversation.turns[-1].role != "user" or not conversation.turns[-1].parts:
+        raise APIError(400, "the last message must be a user message with some content", param="messages")
+    conversation.system = "\n".join(systems) or None
+    return conversation
+
+
+def decode_options(body: ChatRequest):
+    """OpenAI's sampling fields -> DecodeOptions. temperature 0 means deterministic: greedy, still streamed."""
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    limit = body.max_completion_tokens or body.max_tokens
+    if body.sampling is False:
+        return DecodeOptions(max_new_tokens=limit, sampling=False, num_beams=body.num_beams,
+                             repetition_penalty=body.repetition_penalty)
+    if body.temperature == 0:
+        return DecodeOptions(max_new_tokens=limit, sampling=True, top_k=1, temperature=1.0,
+                             repetition_penalty=body.repetition_penalty)
+    return DecodeOptions(max_new_tokens=limit, sampling=True, temperature=body.temperature, top_p=body.top_p,
+                         top_k=body.top_k, repetition_penalty=body.repetition_penalty)
+
+
+def _check(body: ChatRequest) -> None:
+    if body.n not in (None, 1):
+        raise APIError(400, "n must be 1: this server gives one answer per request", param="n")
+    if body.audio is not None and not body.wants_audio:
+        raise APIError(400, "audio output needs modalities [\"text\", \"audio\"]", param="modalities")
+
+
+# ------------------------------------------------------------------------------------------ responses
+def _completion(body: ChatRequest, text: str, finish: str, usage: dict, audio: dict | None = None) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": text if audio is None else None}
+    if audio is not None:
+        message["audio"] = audio
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.model, "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                                              "logprobs": None}], "usage": usage}
+
+
+def _chunk(ident: str, model: str, delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    data = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": choices}
+    if usage is not None:
+        data["usage"] = usage
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _audio_object(wav, rate: int, fmt: str, transcript: str) -> dict:
+    from minicpmo_cli.server.encode import encode
+
+    return {"id": f"audio_{uuid.uuid4().hex}", "data": base64.b64encode(encode(wav, rate, fmt)).decode("ascii"),
+            "expires_at": int(time.time()) + AUDIO_LIFETIME, "transcript": transcript}
+
+
+async def _sse(first: list, rest: AsyncIterator, body: ChatRequest) -> AsyncIterator[str]:
+    ident, model = f"chatcmpl-{uuid.uuid4().hex}", body.model
+    yield _chunk(ident, model, {"role": "assistant", "content": ""})
+    try:
+        items = first
+        while True:
+            for item in items:
+                if item[0] == "text":
+                    yield _chunk(ident, model, {"content": item[1]})
+                else:
+                    yield _chunk(ident, model, {}, finish=item[2])
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _chunk(ident, model, {}, usage=item[1])
+            try:
+                items = [await rest.__anext__()]
+            except StopAsyncIteration:
+                break
+    except Exception as exc:  # noqa: BLE001 - mid-stream failures become an error event, never a traceback
+        from minicpmo_cli.errors import MiniCPMOError
+
+        message = str(exc) if isinstance(exc, (APIError, MiniCPMOError)) else f"internal error ({type(exc).__name__})"
+        yield f"data: {json.dumps(error_body(500, message))}\n\n"
+    finally:
+        await rest.aclose()
+    yield "data: [DONE]\n\n"
+
+
+async def _sse_spoken(result: tuple, body: ChatRequest) -> AsyncIterator[str]:
+    """A spoken answer as OpenAI streams it: transcript pieces, then base64 pcm16 24 kHz chunks."""
+    from minicpmo_cli.server.encode import pcm16_bytes
+
+    text, wav, rate, usage, finish = result
+    ident, model, audio_id = f"chatcmpl-{uuid.uuid4().hex}", body.model, f"audio_{uuid.uuid4().hex}"
+    yield _chunk(ident, model, {"role": "assistant", "content": None})
+    for word in _words(text):
+        yield _chunk(ident, model, {"audio": {"id": audio_id, "transcript": word}})
+    pcm = pcm16_bytes(wav)
+    for start in range(0, len(pcm), PCM_CHUNK):
+        data = base64.b64encode(pcm[start:start + PCM_CHUNK]).decode("ascii")
+        yield _chunk(ident, model, {"audio": {"id": audio_id, "data": data}})
+    yield _chunk(ident, model, {"audio": {"id": audio_id, "expires_at": int(time.time()) + AUDIO_LIFETIME}},
+                 finish=finish)
+    if body.stream_options and body.stream_options.include_usage:
+        yield _chunk(ident, model, {}, usage=usage)
+    yield "data: [DONE]\n\n"
+
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"\S+\s*|\s+", text)
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ------------------------------------------------------------------------------------------ the route
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    state = request.app.state.minicpmo
+    state.check_model(body.model)
+    _check(body)
+    conversation = conversation_for(body, state.settings.fetch)
+    decode = decode_options(body)
+    worker = state.worker
+    if body.wants_audio:
+        if not state.settings.tts:
+            raise APIError(400, "this server was started without the speech tower (--no-tts)", param="modalities")
+        conversation.voice = resolve_voice(body.audio.voice if body.audio else DEFAULT_VOICE)
+        job = generation.spoken_answer(conversation, decode, body.stops, body.seed)
+        result = await worker.run(job, disconnected=request.is_disconnected)
+        if body.stream:
+            return StreamingResponse(_sse_spoken(result, body), media_type="text/event-stream", headers=SSE_HEADERS)
+        text, wav, rate, usage, finish = result
+        fmt = body.audio.format if body.audio else "wav"
+        return _completion(body, text, finish, usage, audio=_audio_object(wav, rate, fmt, text))
+    job = generation.text_answer(conversation, decode, body.stops, body.seed)
+    if body.stream:
+        items = worker.stream(job)
+        first = [await items.__anext__()]  # errors before the first piece still get their HTTP status
+        return StreamingResponse(_sse(first, items, body), media_type="text/event-stream", headers=SSE_HEADERS)
+    collected = await worker.run(lambda engine, cancel: list(job(engine, cancel)),
+                                 disconnected=request.is_disconnected)
+    text = "".join(item[1] for item in collected if item[0] == "text")
+    _, usage, finish = collected[-1]
+    return _completion(body, text, finish, usage)

@@ -1,0 +1,92 @@
+"""What the server holds: its settings, the model (loaded in the background), the worker queue."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from minicpmo_cli.server.errors import APIError
+from minicpmo_cli.server.media import FetchLimits
+from minicpmo_cli.server.worker import Worker
+
+logger = logging.getLogger("minicpmo_cli.server")
+
+
+@dataclass
+class Settings:
+    load: Any  # api.LoadOptions
+    model_id: str  # the name /v1/models lists and requests must use
+    api_key: str | None = None
+    max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's own limit for audio uploads
+    max_queue: int = 64
+    fetch: FetchLimits = field(default_factory=FetchLimits)
+    tts: bool = True  # load the speech tower (speech routes and spoken chat answers)
+
+
+# Every module a request may import, imported before the loading thread starts: two threads importing
+# transformers' lazy modules at once deadlock on Python's import locks (a request arriving while the model loads).
+TASK_MODULES = ("torch", "transformers", "minicpmo_cli.registration", "minicpmo_cli.api.chat",
+                "minicpmo_cli.api.asr", "minicpmo_cli.api.speech", "minicpmo_cli.api.video",
+                "minicpmo_cli.api.voices", "minicpmo_cli.media.audio", "minicpmo_cli.media.image",
+                "minicpmo_cli.media.video", "minicpmo_cli.generation.text", "minicpmo_cli.model.omni",
+                "minicpmo_cli.processing.processor")
+
+
+def import_task_modules() -> None:
+    import importlib
+
+    for name in TASK_MODULES:
+        importlib.import_module(name)
+    from minicpmo_cli import registration
+
+    registration.register()
+
+
+class ServerState:
+    def __init__(self, settings: Settings, engine: Any = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.load_error: str | None = None
+        self.loaded = threading.Event()
+        if engine is not None:
+            self.loaded.set()
+        self.worker = Worker(self.ready_engine, settings.max_queue)
+
+    def start_loading(self) -> None:
+        if self.engine is None:
+            import_task_modules()
+            threading.Thread(target=self._load, name="minicpmo-load", daemon=True).start()
+
+    def _load(self) -> None:
+        from minicpmo_cli import api
+
+        try:
+            self.engine = api.load(self.settings.load, vision=True, audio=True, tts=self.settings.tts,
+                                   warn=logger.warning)
+            logger.info("model %s loaded", self.settings.model_id)
+        except Exception as exc:  # noqa: BLE001 - /health reports it; requests get a 503
+            self.load_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            logger.error("cannot load the model: %s", self.load_error)
+        finally:
+            self.loaded.set()
+
+    def ready_engine(self) -> Any:
+        if self.engine is not None:
+            return self.engine
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+        raise APIError(503, "the model is still loading; retry when GET /health says ok", code="loading")
+
+    def model_names(self) -> set[str]:
+        model = str(self.settings.load.model).rstrip("/\\")
+        return {self.settings.model_id, model, model.replace("\\", "/").rsplit("/", 1)[-1]}
+
+    def check_model(self, name: str) -> None:
+        """404 for a model this server does not serve (as OpenAI answers); 503 while loading."""
+        if name not in self.model_names():
+            raise APIError(404, f"the model {name!r} does not exist here; this server serves "
+                                f"{self.settings.model_id!r} (GET /v1/models)", param="model",
+                           code="model_not_found")
+        self.ready_engine()

@@ -1,0 +1,109 @@
+"""`--server URL` (MINICPMO_SERVER): asr, chat, tts and clone through a running server give the same outputs
+and exit codes as the same command run locally. Both run in-process through main() (as tests/cli do)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from tests.server.conftest import API_KEY, need
+
+
+@pytest.fixture
+def cli(tiny_ckpt, capsys, monkeypatch, tmp_path):
+    """run(remote, *args) -> (exit code, stdout, stderr) of `minicpmo --model <tiny> ARGS`, via the server or not."""
+    from minicpmo_cli.cli.app import main
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("MINICPMO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MINICPMO_API_KEY", API_KEY)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # nothing piped in (pytest's own stdin cannot be read)
+
+    def run(server, *args):
+        if server is None:
+            monkeypatch.delenv("MINICPMO_SERVER", raising=False)
+        else:
+            monkeypatch.setenv("MINICPMO_SERVER", server.url)
+        code = 0
+        try:
+            main(["--model", str(tiny_ckpt), "--device", "cpu", *map(str, args)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_asr_through_the_server_equals_local(server, cli, media_files, tmp_path):
+    speech = need(media_files, "speech")
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("plain text, not audio")
+    args = ["asr", speech, need(media_files, "mp3"), tmp_path / "missing.wav", not_audio, "-f", "jsonl",
+            "--max-new-tokens", "6"]
+    local, remote = cli(None, *args), cli(server, *args)
+    assert local[0] == remote[0] == 3  # some inputs failed, the others were done
+    assert local[1] == remote[1] and local[1].count("\n") == 4
+    assert sorted(line for line in local[2].splitlines() if "error" in line) == \
+        sorted(line for line in remote[2].splitlines() if "error" in line)
+    for fmt in ("srt", "txt"):
+        folders = [tmp_path / f"local-{fmt}", tmp_path / f"remote-{fmt}"]
+        for where, folder in zip((None, server), folders):
+            assert cli(where, "asr", speech, "-o", folder, "-f", fmt, "--max-new-tokens", "6")[0] == 0
+        assert (folders[0] / f"speech.{fmt}").read_text() == (folders[1] / f"speech.{fmt}").read_text()
+
+
+def test_chat_through_the_server_equals_local(server, cli, media_files, tmp_path):
+    args = ["--seed", "7", "chat", "What is in this picture?", "-i", media_files["picture"],
+            "--max-new-tokens", "6"]
+    local, remote = cli(None, *args), cli(server, *args)
+    assert local[0] == remote[0] == 0 and local[1] == remote[1] and local[1].strip()
+    greedy = ["chat", "Hi", "--no-sampling", "--num-beams", "1", "--repetition-penalty", "1.0",
+              "--max-new-tokens", "5", "-a", need(media_files, "speech")]
+    assert cli(None, *greedy)[1] == cli(server, *greedy)[1]
+    spoken = [tmp_path / "local.wav", tmp_path / "remote.wav"]
+    runs = [cli(where, "--seed", "7", "chat", "Say hello.", "--speak", path, "--max-new-tokens", "4")
+            for where, path in zip((None, server), spoken)]
+    assert runs[0][0] == runs[1][0] == 0 and runs[0][1] == runs[1][1]
+    assert spoken[0].read_bytes() == spoken[1].read_bytes()
+
+
+def test_chat_repl_through_the_server(server, tiny_ckpt, cli, tmp_path):
+    import os
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    expected = cli(server, "--seed", "7", "chat", "Hello?", "--max-new-tokens", "5")[1].strip()
+    env = {**os.environ, "NO_COLOR": "1", "MINICPMO_SERVER": server.url, "MINICPMO_API_KEY": API_KEY,
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "--seed", "7", "chat",
+                                           "--max-new-tokens", "5"], env=env, encoding="utf-8", timeout=120)
+    child.expect(">>> ")
+    child.sendline("Hello?")
+    child.expect(">>> ")
+    assert expected in child.before.replace("\r", "")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+
+def test_tts_and_clone_through_the_server_equal_local(server, cli, media_files, tmp_path):
+    ref = need(media_files, "ref")
+    jobs = {"tts": ["tts", "Hello there. How are you?"], "clone": ["clone", ref, "Read this in my voice."]}
+    for name, args in jobs.items():
+        outputs = [tmp_path / f"{name}-local.wav", tmp_path / f"{name}-remote.wav"]
+        for where, path in zip((None, server), outputs):
+            code, _, err = cli(where, "--seed", "3", *args, "-o", path, "--max-audio-seconds", "0.2")
+            assert code == 0, err
+        assert outputs[0].read_bytes() == outputs[1].read_bytes(), name
+    assert cli(server, "tts", "Hi.", "-o", tmp_path / "tts-local.wav")[0] == 1  # exists: same refusal as local
+
+
+def test_unreachable_server_is_one_line(cli, tmp_path):
+    from tests.server.conftest import free_port
+
+    class Nowhere:
+        url = f"http://127.0.0.1:{free_port()}"
+
+    code, _, err = cli(Nowhere, "tts", "Hi.", "-o", tmp_path / "x.wav")
+    assert code == 1 and err.count("\n") == 1 and "cannot reach the server" in err
