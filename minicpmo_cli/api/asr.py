@@ -349,6 +349,20 @@ def _decode_ahead(inputs: Iterable[AudioInput], options: AsrOptions, depth: int)
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _run_batch(batch: list[tuple[_Job, int, np.ndarray]], model: Callable[[], Engine],
+               decode: DecodeOptions) -> None:
+    """Answer each piece of ``batch`` into its job (slivers without audio tokens get "" without the model)."""
+    for job, index, clip in batch:
+        if not _has_audio_tokens(clip):
+            job.texts[index] = PieceText("")
+    todo = [(job, index, clip) for job, index, clip in batch if job.texts[index] is None]
+    if todo:
+        results = generate_batch(model(), [clip for _, _, clip in todo], [job.instruction for job, _, _ in todo],
+                                 decode)
+        for (job, index, _), result in zip(todo, results):
+            job.texts[index] = result
+
+
 def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[AudioInput],
                     options: AsrOptions = AsrOptions(), decode: DecodeOptions = DecodeOptions(),
                     warn: Callable[[str], None] | None = None,
@@ -389,18 +403,6 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     def window() -> int:  # one batch at a time when batches are single pieces: sorting would gain nothing
         return batch_size() * (SORT_WINDOW_BATCHES if batch_size() > 1 else 1)
 
-    def run(batch: list[tuple[_Job, int, np.ndarray]]) -> None:
-        for job, index, clip in batch:
-            if not _has_audio_tokens(clip):
-                job.texts[index] = PieceText("")
-        todo = [(job, index, clip) for job, index, clip in batch if job.texts[index] is None]
-        if todo:
-            results = generate_batch(model(), [clip for _, _, clip in todo], [job.instruction for job, _, _ in todo],
-                                     decode)
-            for (job, index, _), result in zip(todo, results):
-                job.texts[index] = result
-        advance(done=len(batch))
-
     def finished() -> Iterator[TranscriptRecord]:
         while open_jobs and open_jobs[0].done:
             yield _finish(open_jobs.popleft(), options, warn)
@@ -410,7 +412,8 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
         waiting.clear()
         size = batch_size()
         for start in range(0, len(pieces), size):
-            run(pieces[start:start + size])
+            _run_batch(pieces[start:start + size], model, decode)
+            advance(done=min(size, len(pieces) - start))
             yield from finished()
 
     ahead = MAX_DECODE_AHEAD if options.batch_size is None else options.batch_size * SORT_WINDOW_BATCHES
