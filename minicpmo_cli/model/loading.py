@@ -541,7 +541,9 @@ def quantization_preview(folder: Path, quantize: str | None, device: str, dtype)
         return f"none (full precision); {memory}"
     if mode == "int8":
         kernel = "int8pack-cpu" if device == "cpu" else "int8-cast"
-        reason = "torch's CPU int8 kernel" if device == "cpu" else "int8 weight cast to the activation dtype"
+        reason = ("torch's CPU int8 kernel, bfloat16 inputs" if device == "cpu"
+                  else "int8 weight cast to the activation dtype")
     else:
         kernel, reason = quant_linear.int4_kernel_for(torch.device(device), dtype, 4096, 4096, 128)
+        reason += ", bfloat16 inputs" if kernel == "int4pack-cpu" else ""
     return f"{mode} ({source}), kernel {kernel}: {reason}; {memory}"
