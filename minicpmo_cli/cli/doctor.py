@@ -126,13 +126,13 @@ def quantization_status(opts) -> str:
     try:
         from minicpmo_cli.api.engine import resolve_device, resolve_dtype
         from minicpmo_cli.errors import MiniCPMOError
-        from minicpmo_cli.model import loading
+        from minicpmo_cli.model import loading, quant
     except Exception:  # noqa: BLE001 - torch or transformers missing: reported above
         return "unknown (torch or transformers missing)"
     try:
         folder = loading.resolve_checkpoint_dir(opts.model, opts.revision, local_files_only=True)
         device = resolve_device(opts.device)
-        return loading.quantization_preview(folder, opts.quantize, device.split(":")[0],
+        return quant.quantization_preview(folder, opts.quantize, device.split(":")[0],
                                             resolve_dtype(opts.dtype, device))
     except MiniCPMOError as exc:
         return f"unknown ({exc})"

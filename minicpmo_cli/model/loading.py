@@ -446,7 +446,7 @@ def build_and_load(cls, config, folder: Path, dtype, device, quantize: str | Non
     from minicpmo_cli.model import quant, quant_gptq
 
     gptq = quant_gptq.read_gptq_config(folder)
-    mode, source = quantization_mode(quantize, gptq, folder)
+    mode, source = quant.quantization_mode(quantize, gptq, folder)
     with construction_context(dtype=dtype, device=device), parameters_on_meta():
         model = cls(config)
     quantized = {}
@@ -462,25 +462,6 @@ def build_and_load(cls, config, folder: Path, dtype, device, quantize: str | Non
     if mode != "none" and "dequantize" in model.quantization.kernel and str(device or "cpu").startswith("cuda"):
         logger.warning("%s: %s", mode, model.quantization.kernel_reason + "; dequantizing in forward (slower)")
     return model
-
-
-def quantization_mode(quantize: str | None, gptq, folder: Path) -> tuple[str, str]:
-    """(mode, source): what ``--quantize`` asks for, checked against what the checkpoint is."""
-    from minicpmo_cli.errors import UsageError
-    from minicpmo_cli.model import quant
-
-    try:
-        asked = quant.check_mode(quantize)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if gptq is not None:
-        if asked not in (None, "int4"):
-            raise UsageError(f"--quantize {asked}: {folder} is a GPTQ int4 checkpoint, which loads as int4 "
-                             "(leave --quantize out, or give int4)")
-        return "int4", "GPTQ checkpoint"
-    if asked in (None, "none"):
-        return "none", ""
-    return asked, "--quantize"
 
 
 def _return_freed_heap() -> None:
@@ -519,39 +500,3 @@ def attach_towers(model, towers: Iterable[str], device, dtype) -> None:
     for tower in towers:
         setattr(model.config, TOWER_FLAGS[tower], True)
     model.eval()
-
-
-def quantization_preview(folder: Path, quantize: str | None, device: str, dtype) -> str:
-    """What loading ``folder`` would give, without loading it (for doctor): the mode and where it comes from,
-    the kernel chosen on ``device`` and why, and the weights' memory, estimated from the file headers."""
-    import torch
-
-    from minicpmo_cli.model import quant, quant_gptq, quant_linear
-    from minicpmo_cli.model.safetensors_reader import read_header
-
-    gptq = quant_gptq.read_gptq_config(folder)
-    mode, source = quantization_mode(quantize, gptq, folder)
-    size = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for file in weight_files(folder):
-        for name, entry in read_header(file).items():
-            numel = max(1, entry.end - entry.start) // entry.dtype.itemsize
-            prefix, _, leaf = name.rpartition(".")
-            linear = prefix.startswith("llm.model.layers.") and prefix.endswith(quant.DECODER_LINEARS)
-            if linear and mode == "int8" and leaf == "weight":
-                total += numel + entry.shape[0] * size
-            elif linear and mode == "int4" and leaf == "weight":
-                total += numel // 2 + numel // quant.INT4_GROUP_SIZE * 2 * size
-            elif linear and gptq is not None and leaf in ("qweight", "scales"):
-                total += numel * (4 if leaf == "qweight" else 2 * size)
-            elif entry.dtype.is_floating_point and leaf not in ("g_idx", "qzeros"):
-                total += numel * size
-    memory = f"weights about {total / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')}"
-    if mode == "none":
-        return f"none (full precision); {memory}"
-    if mode == "int8":
-        kernel = "int8pack-cpu" if device == "cpu" else "int8-cast"
-        reason = "torch's CPU int8 kernel" if device == "cpu" else "int8 weight cast to the activation dtype"
-    else:
-        kernel, reason = quant_linear.int4_kernel_for(torch.device(device), dtype, 4096, 4096, 128)
-    return f"{mode} ({source}), kernel {kernel}: {reason}; {memory}"

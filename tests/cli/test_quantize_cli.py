@@ -147,7 +147,7 @@ def test_malformed_gptq_checkpoint_names_the_tensor(tiny_gptq_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("ckpt,flags,said", [
-    ("tiny_gptq_ckpt", [], "int4 (GPTQ checkpoint), kernel int4pack-cpu: torch's CPU int4 kernel; weights about"),
+    ("tiny_gptq_ckpt", [], "int4 (GPTQ checkpoint), kernel int4pack-cpu: torch's CPU int4 kernel, bfloat16 inputs; weights about"),
     ("tiny_ckpt", ["--quantize", "int8"], "int8 (--quantize), kernel int8pack-cpu"),
     ("tiny_ckpt", [], "none (full precision); weights about 0.01 GiB in float32"),
 ])

@@ -39,6 +39,7 @@ def random_int4(n, k, groups, seed=0):
 def test_int4_linear_matches_its_formula(n, k, group, kernel):
     q, scales, zeros = random_int4(n, k, k // group)
     linear = Int4Linear(k, n, bias=True, dtype=torch.float32)
+    linear.cpu_compute_dtype = torch.float32  # the formula exactly (the default feeds the kernel bf16)
     linear.bias.data = torch.randn(n)
     linear.set_weight(q, scales, zeros, group)
     assert linear.kernel == kernel
@@ -47,13 +48,24 @@ def test_int4_linear_matches_its_formula(n, k, group, kernel):
     torch.testing.assert_close(linear(x), expected, **FP32_TOL)
 
 
-def test_int4_bf16_activations_close_to_float():
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_default_cpu_kernels_take_bf16_inputs_and_stay_close(model_dtype):
+    """The default CPU path (bf16 inputs, the kernels' fast path): within 2 % of the float result."""
     q, scales, zeros = random_int4(64, 256, 2)
-    linear = Int4Linear(256, 64, bias=False, dtype=torch.bfloat16)
+    linear = Int4Linear(256, 64, bias=False, dtype=model_dtype)
     linear.set_weight(q, scales, zeros, 128)
+    assert linear.compute_dtype == torch.bfloat16 and "bfloat16 inputs" in linear.kernel_reason
     x = torch.randn(4, 256)
     expected = x @ torch_int4_weight(q, scales, zeros).t()
-    got = linear(x.bfloat16()).float()
+    got = linear(x.to(model_dtype))
+    assert got.dtype == model_dtype
+    assert (got.float() - expected).abs().max() < 0.02 * expected.abs().max()
+    w = torch.randn(48, 96)
+    q8, s8 = quant.quantize_int8(w)
+    int8 = Int8Linear(96, 48, bias=False, dtype=model_dtype)
+    int8.set_weight(q8, s8)
+    expected = x[:, :96] @ (q8.float() * s8[:, None]).t()
+    got = int8(x[:, :96].to(model_dtype)).float()
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
 
 
@@ -83,6 +95,7 @@ def test_int8_linear_matches_its_formula():
     assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
     assert (q.float() * scales[:, None] - w).abs().max() <= scales.max() / 2 + 1e-6
     linear = Int8Linear(96, 48, bias=False, dtype=torch.float32)
+    linear.cpu_compute_dtype = torch.float32  # the formula exactly (the default feeds the kernel bf16)
     linear.set_weight(q, scales)
     assert linear.kernel == "int8pack-cpu"
     x = torch.randn(5, 96)
@@ -120,6 +133,7 @@ def test_gptq_tensors_run_on_the_int4_kernel_as_their_formula():
     reference = pieces["scales"].float() * (values.float() - 8)  # scales[o] * (q[i, o] - (qzeros[o] + 1))
     torch.testing.assert_close(quant_gptq.dequantize(config, pieces, k), reference.t())
     linear = Int4Linear(k, n, bias=False, dtype=torch.float32)
+    linear.cpu_compute_dtype = torch.float32  # the formula exactly (the default feeds the kernel bf16)
     linear.set_weight(*quant_gptq.to_int4(config, "layer", pieces, k, n))
     x = torch.randn(3, k)
     torch.testing.assert_close(linear(x), x @ reference, **FP32_TOL)

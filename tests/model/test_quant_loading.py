@@ -17,9 +17,16 @@ from minicpmo_cli.model.quant_linear import Int4Linear, Int8Linear
 from minicpmo_cli.model.tiny_gptq import convert_to_gptq
 
 IDS = torch.tensor([[5, 17, 42, 99, 230, 7, 311, 64]])
-# Logits of the quantized model against the same model with the dequantized weights in float32: both run in
-# float32 on the CPU, so they differ only by the kernels' summation order.
-LOGIT_TOL = dict(atol=2e-4, rtol=1e-4)
+# Logits of the quantized model against the same model with the dequantized weights in float32. The CPU
+# kernels take bfloat16 inputs (their fast path, see quant_linear.py), so the stated tolerance is 2 % of the
+# largest logit (measured: 0.9 % on the tiny GPTQ checkpoint; the unquantized model is 30 % away).
+LOGIT_TOL = 0.02
+
+
+def assert_logits_close(got, reference):
+    bound = LOGIT_TOL * float(reference.abs().max())
+    assert float((got - reference).abs().max()) <= bound
+    return bound
 Q_PROJ = "llm.model.layers.0.self_attn.q_proj"
 
 
@@ -66,10 +73,10 @@ def test_official_int4_layout_loads_natively(tiny_ckpt, gptq_ckpt):
     for name in linear_names(model):
         pieces = {p: state[f"{name}.{p}"] for p in quant_gptq.GPTQ_PIECES}
         dequantized[name] = quant_gptq.dequantize(config, pieces, model.get_submodule(name).in_features)
-    reference = with_weights(tiny_ckpt, dequantized)
-    torch.testing.assert_close(logits(model), logits(reference), **LOGIT_TOL)
-    # and it is really quantized: the float model's logits are further away
-    assert (logits(load(tiny_ckpt)) - logits(model)).abs().max() > 100 * LOGIT_TOL["atol"]
+    reference = logits(with_weights(tiny_ckpt, dequantized))
+    bound = assert_logits_close(logits(model), reference)
+    # and it is really quantized: the float model's logits are much further away
+    assert float((logits(load(tiny_ckpt)) - logits(model)).abs().max()) > 5 * bound
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -87,7 +94,7 @@ def test_quantize_option_matches_the_dequantized_model(tiny_ckpt, mode):
             dequantized[name] = q.float() * scales[:, None]
         else:
             dequantized[name] = quant.dequantize_int4(*quant.quantize_int4(w, quant.INT4_GROUP_SIZE))
-    torch.testing.assert_close(logits(model), logits(with_weights(tiny_ckpt, dequantized)), **LOGIT_TOL)
+    assert_logits_close(logits(model), logits(with_weights(tiny_ckpt, dequantized)))
 
 
 def test_quantized_weights_take_less_memory(tiny_ckpt):
