@@ -61,6 +61,12 @@ class ModelLoadError(MiniCPMOError):
     exit_code = EXIT_RUNTIME
 
 
+class HubUnavailable(ModelLoadError):
+    """A hub checkpoint that is not cached and cannot be downloaded (no network, or offline): the environment."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
 class EnvironmentProblem(MiniCPMOError):
     """No usable device, out of memory, or a missing optional dependency."""
 

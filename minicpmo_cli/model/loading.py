@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from minicpmo_cli.errors import EnvironmentProblem, ModelLoadError
+from minicpmo_cli.errors import HubUnavailable, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def resolve_checkpoint_dir(
         else:
             reason = "not in the local Hugging Face cache, and the hub cannot be reached to download it"
         # No network (or offline) is the environment, not the checkpoint: exit 4, and say the way around it.
-        raise EnvironmentProblem(f"{reason}; download it elsewhere (hf download {name} --local-dir DIR) and "
-                                 "pass --model DIR, or use --offline once it is cached", name) from exc
+        raise HubUnavailable(f"{reason}; download it elsewhere (hf download {name} --local-dir DIR) and "
+                             "pass --model DIR, or use --offline once it is cached", name) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot download from the Hugging Face hub: {exc}", name) from exc
     return Path(folder)
