@@ -160,7 +160,7 @@ class WorkerPool:
         self._order: deque[int] = deque()  # completed, not yet yielded
         next_index = 0
         try:
-            for device in self.devices[:max(1, len(payloads))]:
+            for device in self.devices[:len(payloads)]:  # never more workers than inputs
                 self._start(device)
             while next_index < len(payloads):
                 self._dispatch()
