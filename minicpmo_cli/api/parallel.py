@@ -345,11 +345,13 @@ def _worker_main(job: Any, device: str, tasks: Any, results: Any, threads: int |
 
 def describe_failure(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code the CLI gives ``exc`` (as cli/app.py does in one process)."""
+    from minicpmo_cli.errors import describe_error
+
     if isinstance(exc, MiniCPMOError):
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, exc.exit_code
-    code = EXIT_ENVIRONMENT if type(exc).__name__ == "OutOfMemoryError" else EXIT_RUNTIME
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first} (run with --debug for details)", code
+        return describe_error(exc), exc.exit_code
+    code = EXIT_ENVIRONMENT if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" \
+        else EXIT_RUNTIME
+    return describe_error(exc), code
 
 
 def _note_pid() -> None:

@@ -13,7 +13,7 @@ import typer
 from minicpmo_cli import __version__
 from minicpmo_cli.cli import common
 from minicpmo_cli.errors import (EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, MiniCPMOError,
-                                 display_name, valid_text)
+                                 describe_error)
 
 app = typer.Typer(
     name="minicpmo",
@@ -173,33 +173,6 @@ def _exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's, without torch
         return EXIT_ENVIRONMENT
     return EXIT_RUNTIME
-
-
-def describe_error(exc: BaseException, debug: bool = False) -> str:
-    """One line for any failure, in words: an exception's class name never reaches the user (--debug adds
-    the traceback instead)."""
-    hint = "" if debug else " (run with --debug for details)"
-    text = _first_line(exc)
-    if isinstance(exc, MiniCPMOError):
-        return text
-    if isinstance(exc, OSError):
-        reason = (exc.strerror or text or "input/output error").lower()
-        where = exc.filename if exc.filename is not None else None
-        return f"{display_name(where)}: {reason}" if where is not None else reason
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-    if isinstance(exc, UnicodeError):
-        return f"text that cannot be encoded ({getattr(exc, 'reason', '') or 'invalid characters'})"
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return "out of memory" + (f": {text}" if text else "") + " (try a smaller --batch-size, or --device cpu)"
-    return f"unexpected failure{': ' + text if text else ''}{hint}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if isinstance(exc, KeyError) and len(exc.args) == 1:
-        text = f"missing key {exc.args[0]!r}"  # str(KeyError('x')) is just "'x'"
-    return valid_text(text.splitlines()[0]) if text else ""
 
 
 def _silence_stdout() -> None:

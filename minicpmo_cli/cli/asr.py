@@ -92,6 +92,7 @@ def asr(
     options.validate()  # --task / --language / --prompt / VAD settings, before anything is read
     check_instruction(prompt)
     spread = scale.options_of(workers, devices, shard, ray)
+    common.check_local_model()
     items = resolve_inputs(list(inputs or []), files_from, recursive)
     if any(item.path == "-" for item in items) and sys.stdin.isatty():
         common.fail_usage("- reads audio from stdin, but stdin is a terminal: pipe a file in")

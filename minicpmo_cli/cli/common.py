@@ -323,6 +323,15 @@ def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
     return engine
 
 
+def check_local_model() -> None:
+    """A --model that names a local folder is checked now, before any audio is decoded or segmented (the
+    VAD imports torch): a wrong path fails at once. Hub ids are left for the load (it may download)."""
+    from minicpmo_cli.model.loading import means_local_folder
+
+    if _options.server is None and (Path(_options.model).expanduser().exists() or means_local_folder(_options.model)):
+        checkpoint_folder()
+
+
 def checkpoint_folder() -> Path:
     """The local folder of --model: as given, or from the hub cache, downloading it first when it is not there."""
     from minicpmo_cli.model.loading import means_local_folder, resolve_checkpoint_dir

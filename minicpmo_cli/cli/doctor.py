@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 
 from minicpmo_cli.cli import common
+from minicpmo_cli.errors import describe_error
 
 FIXES = {
     "torch": "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu (CPU only), "
@@ -122,7 +123,10 @@ def model_cache_status(model: str, revision: str | None) -> tuple[str, str | Non
 
 
 def quantization_status(opts) -> str:
-    """The quantization a model command would load with, its kernel here and why, and the weights' memory."""
+    """The quantization a model command would load with; under -v also its kernel here and why, and the
+    weights' memory (that needs torch, which plain doctor never imports: it must stay instant)."""
+    if not (opts.verbose or opts.debug):
+        return _quantization_mode_only(opts)
     try:
         from minicpmo_cli.api.engine import resolve_device, resolve_dtype
         from minicpmo_cli.errors import MiniCPMOError
@@ -137,7 +141,19 @@ def quantization_status(opts) -> str:
     except MiniCPMOError as exc:
         return f"unknown ({exc})"
     except (OSError, ValueError, RuntimeError) as exc:
-        return f"unknown ({type(exc).__name__}: {exc})"
+        return f"unknown ({describe_error(exc)})"
+
+
+def _quantization_mode_only(opts) -> str:
+    """The mode from --quantize or the checkpoint's quantize_config.json, read without torch."""
+    hint = " (minicpmo -v doctor: kernel and weights' memory)"
+    if opts.quantize not in (None, "none"):
+        return f"{opts.quantize} (--quantize){hint}"
+    folder = Path(opts.model).expanduser()
+    folder = folder if folder.is_dir() else cached_snapshot(opts.model, opts.revision)
+    if folder is not None and (folder / "quantize_config.json").exists():
+        return f"int4 (GPTQ checkpoint){hint}"
+    return f"none (full precision){hint}"
 
 
 def run_doctor() -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from minicpmo_cli.errors import describe_error
 from minicpmo_cli.server import generation, media
 from minicpmo_cli.server.errors import APIError, error_body
 from minicpmo_cli.server.schemas import ChatRequest, Message
@@ -145,7 +146,7 @@ async def _sse(first: list, rest: AsyncIterator, body: ChatRequest) -> AsyncIter
     except Exception as exc:  # noqa: BLE001 - mid-stream failures become an error event, never a traceback
         from minicpmo_cli.errors import MiniCPMOError
 
-        message = str(exc) if isinstance(exc, (APIError, MiniCPMOError)) else f"internal error ({type(exc).__name__})"
+        message = str(exc) if isinstance(exc, (APIError, MiniCPMOError)) else f"internal error: {describe_error(exc)}"
         yield f"data: {json.dumps(error_body(500, message))}\n\n"
     finally:
         await rest.aclose()

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minicpmo_cli.errors import EnvironmentProblem, MiniCPMOError
+from minicpmo_cli.errors import EnvironmentProblem, MiniCPMOError, describe_error
 
 logger = logging.getLogger("minicpmo_cli.server")
 
@@ -74,5 +74,5 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        logger.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details")
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"internal error: {describe_error(exc)}; the server log has the details")

@@ -42,7 +42,8 @@ def request_engine(engine: Any, seed: int | None) -> tuple[Any, _CountingProcess
 def counting_passes(engine: Any):
     """A list whose length is the number of LLM forward passes made inside the block."""
     passes: list[int] = []
-    handle = engine.model.llm.register_forward_hook(lambda *args: passes.append(1))
+    # lm_head runs once per new token (the decode core calls the layers directly, not llm.forward)
+    handle = engine.model.llm.lm_head.register_forward_hook(lambda *args: passes.append(1))
     try:
         yield passes
     finally:

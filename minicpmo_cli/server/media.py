@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from minicpmo_cli.errors import MiniCPMOError
+from minicpmo_cli.errors import MiniCPMOError, describe_error
 from minicpmo_cli.server.errors import APIError
 
 
@@ -119,6 +119,6 @@ def video_parts(data: bytes, where: str) -> list[Any]:
 
 def _reason(exc: Exception) -> str:
     """The library's message without a leading "<bytes>: "-style name of the input."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = describe_error(exc)
     path = getattr(exc, "path", None)
     return text[len(path) + 2:] if path and text.startswith(f"{path}: ") else text

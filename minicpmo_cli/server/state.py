@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from minicpmo_cli.errors import describe_error
 from minicpmo_cli.server.errors import APIError
 from minicpmo_cli.server.media import FetchLimits
 from minicpmo_cli.server.worker import Worker
@@ -67,7 +68,7 @@ class ServerState:
                                    warn=logger.warning)
             logger.info("model %s loaded", self.settings.model_id)
         except Exception as exc:  # noqa: BLE001 - /health reports it; requests get a 503
-            self.load_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.load_error = describe_error(exc)
             logger.error("cannot load the model: %s", self.load_error)
         finally:
             self.loaded.set()

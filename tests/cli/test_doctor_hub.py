@@ -63,10 +63,10 @@ def test_no_network_is_exit_4_with_the_way_around_it(tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf"),
            "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
     env.pop("HF_HUB_OFFLINE", None)
-    last, _, err = probe("asr", clip, env=env)
+    last, _, err = probe("asr", clip, "--no-vad", env=env)
     assert last.startswith("EXIT=4"), (last, err)
     lines = err.strip().splitlines()
     assert lines[0].startswith("downloading openbmb/MiniCPM-o-2_6 (about 16 GB) into " + str(tmp_path / "hub"))
     assert len(lines) == 2 and "--model DIR" in lines[1] and "--offline" in lines[1]
-    last, _, err = probe("-q", "asr", clip, env=env)
+    last, _, err = probe("-q", "asr", clip, "--no-vad", env=env)
     assert last.startswith("EXIT=4") and len(err.strip().splitlines()) == 1  # -q: only the error

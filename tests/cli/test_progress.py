@@ -22,7 +22,7 @@ def long_clip(tmp_path_factory):
 
 def test_loading_and_a_long_file_show_progress_on_the_terminal(tiny_ckpt, long_clip, tmp_path):
     run = run_on_terminal("--model", tiny_ckpt, "--device", "cpu", "asr", long_clip, "--max-new-tokens", "2",
-                          stdout_file=tmp_path / "out.txt")
+                          "--no-vad", stdout_file=tmp_path / "out.txt")
     assert run.returncode == 0, run.terminal
     assert "loading the model from" in run.terminal
     assert "audio pieces" in run.terminal and "/3" in run.terminal  # pieces of the one long file
@@ -59,7 +59,7 @@ def test_no_progress_turns_off_the_hubs_download_bars(tiny_ckpt, tmp_path, monke
     huggingface_hub.utils.enable_progress_bars()
     clip = noise_wav(tmp_path / "a.wav", 0.5)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--no-progress", "--model", str(tiny_ckpt), "--device", "cpu", "asr", str(clip), "--max-new-tokens", "2"])
+        main(["--no-progress", "--model", str(tiny_ckpt), "--device", "cpu", "asr", str(clip), "--max-new-tokens", "2", "--no-vad"])
     assert exit_info.value.code in (0, None)
     assert huggingface_hub.utils.are_progress_bars_disabled()
     import os

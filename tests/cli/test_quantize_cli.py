@@ -152,7 +152,7 @@ def test_malformed_gptq_checkpoint_names_the_tensor(tiny_gptq_ckpt, tmp_path):
     ("tiny_ckpt", [], "none (full precision); weights about 0.01 GiB in float32"),
 ])
 def test_doctor_says_the_quantization_kernel_and_memory(request, cli, ckpt, flags, said):
-    code, out, _ = cli("--model", request.getfixturevalue(ckpt), *flags, "doctor")
+    code, out, _ = cli("-v", "--model", request.getfixturevalue(ckpt), *flags, "doctor")
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("quantization"))
     assert said in row

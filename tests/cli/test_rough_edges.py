@@ -67,7 +67,7 @@ def test_shell_completion(tmp_path):
 
 def test_verbose_shows_device_dtype_attention_and_load_time(cli, tiny_ckpt, tmp_path):
     clip = noise_wav(tmp_path / "a.wav", 0.5)
-    code, _, err = cli("-v", "--model", tiny_ckpt, "--device", "cpu", "asr", clip, "--max-new-tokens", "2")
+    code, _, err = cli("-v", "--model", tiny_ckpt, "--device", "cpu", "asr", clip, "--max-new-tokens", "2", "--no-vad")
     assert code == 0, err
     line = next(l for l in err.splitlines() if "model loaded in" in l)
     assert "device cpu, dtype float32, attention sdpa" in line and " s: " in line

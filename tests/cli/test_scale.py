@@ -104,7 +104,7 @@ def test_shards_together_are_the_whole_run(tiny_ckpt, inbox, reference, tmp_path
     assert sum(int(n) for n in re.findall(r"shard \d/3: (\d+) of 41 input", err)) == CLIPS + 1
 
     # Stable across machines: the same folder elsewhere (another mount point) picks the same inputs.
-    from minicpmo_cli.cli.asr import resolve_inputs
+    from minicpmo_cli.cli.inputs import resolve_inputs
     from minicpmo_cli.cli.scale import select_shard
 
     moved = tmp_path / "mounted" / "elsewhere"
