@@ -349,6 +349,23 @@ def _decode_ahead(inputs: Iterable[AudioInput], options: AsrOptions, depth: int)
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _loaded_once(engine: Engine | Callable[[], Engine]) -> Callable[[], Engine]:
+    """``engine``, or a function that loads it the first time it is called and returns it after."""
+    loaded: list[Engine] = [engine] if isinstance(engine, Engine) else []
+
+    def model() -> Engine:
+        if not loaded:
+            loaded.append(engine())
+        return loaded[0]
+    return model
+
+
+def _decode_depth(options: AsrOptions) -> int:
+    """Files decoded ahead of the model: about one sorting window of them."""
+    ahead = MAX_DECODE_AHEAD if options.batch_size is None else options.batch_size * SORT_WINDOW_BATCHES
+    return min(MAX_DECODE_AHEAD, max(2, ahead))
+
+
 def _run_batch(batch: list[tuple[_Job, int, np.ndarray]], model: Callable[[], Engine],
                decode: DecodeOptions) -> None:
     """Answer each piece of ``batch`` into its job (slivers without audio tokens get "" without the model)."""
@@ -378,22 +395,16 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
     """
     options.validate()
-    loaded: list[Engine] = [engine] if isinstance(engine, Engine) else []
-
-    def model() -> Engine:
-        if not loaded:
-            loaded.append(engine())
-        return loaded[0]
+    model = _loaded_once(engine)
     open_jobs: deque[_Job] = deque()
     waiting: list[tuple[_Job, int, np.ndarray]] = []  # pieces not yet sent to the model
     sizes: list[int] = [] if options.batch_size is None else [options.batch_size]
     counts = [0, 0]  # pieces done, pieces known: for ``progress``
 
     def advance(done: int = 0, found: int = 0) -> None:
-        counts[0] += done
-        counts[1] += found
+        counts[:] = counts[0] + done, counts[1] + found
         if progress is not None:
-            progress(counts[0], counts[1])
+            progress(*counts)
 
     def batch_size() -> int:
         if not sizes:
@@ -416,9 +427,7 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
             advance(done=min(size, len(pieces) - start))
             yield from finished()
 
-    ahead = MAX_DECODE_AHEAD if options.batch_size is None else options.batch_size * SORT_WINDOW_BATCHES
-    depth = min(MAX_DECODE_AHEAD, max(2, ahead))  # about one sorting window of files decoding ahead
-    for job, samples in _decode_ahead(inputs, options, depth):
+    for job, samples in _decode_ahead(inputs, options, _decode_depth(options)):
         if job.spans and options.detects_language:
             _detect_language(job, samples, model(), options, decode)
         open_jobs.append(job)

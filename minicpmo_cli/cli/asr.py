@@ -97,7 +97,13 @@ def asr(
     if any(item.path == "-" for item in items) and sys.stdin.isatty():
         common.fail_usage("- reads audio from stdin, but stdin is a terminal: pipe a file in")
     sink = make_sink(items, output_dir, output_format, overwrite=not skip_existing)
-    items = scale.select_shard(items, spread.shard)  # after the collision check, which sees every shard
+    _transcribe_pending(scale.select_shard(items, spread.shard), sink, options, decode, spread)
+
+
+def _transcribe_pending(items: list[InputItem], sink: Sink, options, decode, spread: scale.Scale) -> None:
+    """Transcribe the items whose outputs are not there yet (a rerun resumes); exit 3 or 1 on failures.
+
+    ``items`` is this shard's part, taken after make_sink's collision check, which sees every shard."""
     todo = [item for item in items if not sink.is_done(item)]
     if len(todo) < len(items):
         common.info(f"skipped {len(items) - len(todo)} input(s) whose outputs exist (--overwrite redoes them)")
