@@ -80,4 +80,8 @@ def test_quantizing_load_never_holds_the_float_weights(request, medium_ckpt, mod
         m = measure(medium_ckpt, mode)
     float_llm = 4 * 4 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2816)  # 4 layers x 4 bytes x values
     assert m["weights"] < float_llm / (3 if mode == "int8" else 5)
-    assert m["growth"] <= m["weights"] + 4 * m["largest"] + 16 * MB, m
+    # glibc keeps some of the quantizer's freed temporaries in its heap, and how much varies from run to run
+    # (seen: 74 to 150 MiB peak on this checkpoint): 64 MiB of slack over weights + four tensors. Still far
+    # below holding the float linears (float_llm, ~178 MiB) next to the result.
+    assert m["growth"] <= m["weights"] + 4 * m["largest"] + 64 * MB, m
+    assert m["growth"] < m["weights"] + float_llm, m
