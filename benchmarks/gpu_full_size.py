@@ -20,7 +20,6 @@ answers never stop early, so decoding and speech run for fixed lengths.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -92,34 +91,11 @@ def make_config(config_dict: dict, tts_tokenizer_ids: dict[str, int], attn: str)
     return config
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Parameters go to the meta device as they are registered; buffers stay real on the CPU.
-
-    Why not only ``torch.device("meta")``: ``to_empty`` leaves buffers as garbage too, and the RoPE
-    ``inv_freq`` tables and the DVAE quantiser levels are computed in ``__init__``, so we keep them.
-    """
-    from torch import nn
-
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def build_on_meta(config, dtype):
     """(MiniCPMO with every tower, Vocos in float32 as the reference), parameters on meta."""
     import torch
 
-    from minicpmo_cli.model.loading import construction_context
+    from minicpmo_cli.model.loading import construction_context, parameters_on_meta
     from minicpmo_cli.model.omni import MiniCPMO
     from minicpmo_cli.model.vocoder import Vocos
 
