@@ -66,9 +66,9 @@ class Engine:
         """Load the speech tower into an engine loaded without it (the REPL's /speak on): only tts.* is read."""
         if self.has_tts:
             return
-        if getattr(self.model, "tts", None) is None:
-            self.model.tts = load_tts_tower(self.model.config, self.device, self.dtype)
-            self.model.config.init_tts = True
+        from minicpmo_cli.model.loading import attach_towers
+
+        attach_towers(self.model, ["tts"], self.device, self.dtype)
         self.model.init_tts()
         self.towers["tts"] = True
 
@@ -121,27 +121,6 @@ class Engine:
             yield result
         else:
             yield from result
-
-
-OTHER_TOWERS = ("llm.", "vpm.", "resampler.", "apm.", "audio_projection_layer.")
-
-
-def load_tts_tower(config, device: str, dtype):
-    """Build the TTS tower and fill it from the checkpoint's ``tts.*`` tensors alone."""
-    from pathlib import Path
-
-    from torch import nn
-
-    from minicpmo_cli.model import loading
-    from minicpmo_cli.model.tts import ConditionalChatTTS
-
-    folder = Path(config._name_or_path)
-    with loading.construction_context(dtype=dtype, device=device):
-        holder = nn.Module()
-        holder.tts = ConditionalChatTTS(config.tts_config)
-    report = loading.load_safetensors_into(holder, loading.weight_files(folder), OTHER_TOWERS)
-    report.raise_if_incomplete(folder)
-    return holder.tts.to(device).eval()
 
 
 def seed_everything(seed: int) -> None:
@@ -205,7 +184,7 @@ def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, aud
     device = resolve_device(options.device, warn)
     dtype = resolve_dtype(options.dtype, device)
     from minicpmo_cli import registration
-    from minicpmo_cli.model.omni import MiniCPMO
+    from minicpmo_cli.generation.guide import MiniCPMO
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
 
     registration.register()

@@ -56,16 +56,14 @@ from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation.decode import DecodeSettings, decode_one_token, resolve_compile
 from minicpmo_cli.generation.forward import forward
 from minicpmo_cli.generation.sampling import next_tokens
-from minicpmo_cli.generation.speech_units import MAX_AUDIO_FRAMES, SAMPLE_RATE
 from minicpmo_cli.generation.static_cache import StaticKV, bucket_length
 from minicpmo_cli.processing.tts_text import TTS_EOS
+from minicpmo_cli.units import INPUT_SAMPLE_RATE, MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE, STREAM_TTS_CHUNK_FRAMES
 
 logger = logging.getLogger(__name__)
 
 GENERATION_PROMPT = "<|im_end|>\n<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>"
 ROUND_TOKENS = 3  # tokens per LLM round (reference llm_generate_chunk: max_new_tokens=3 per call)
-TTS_CHUNK_FRAMES = 25  # the only output chunk size the streaming speech schedule supports
-AUDIO_RATE = 16000
 ROLES = ("system", "user", "assistant")
 
 
@@ -244,7 +242,7 @@ def _prefill(model, state: OmniSession, session_id, msgs, processor=None, tokeni
     inputs = processor(
         [prompt], [images], [audios], max_slice_nums=1 if max_slice_nums is None else max_slice_nums,
         use_image_id=False, chunk_input=True, return_tensors="pt", max_length=None,
-        sampling_rate=AUDIO_RATE, add_special_tokens=is_first,
+        sampling_rate=INPUT_SAMPLE_RATE, add_special_tokens=is_first,
     ).to(model.device)
     embeds, _ = model.get_vllm_embedding(inputs)
     audio_embeds, state.audio_cache = model.streaming_audio_embedding(inputs, state.audio_cache)
@@ -265,7 +263,7 @@ def streaming_generate(model, session_id=None, processor=None, tokenizer=None, *
 
 def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new_tokens: int = 512,
                        min_new_tokens: int = 0, sampling: bool = True, use_tts: bool = True,
-                       generate_audio: bool = True, tts_output_chunk_size: int = TTS_CHUNK_FRAMES,
+                       generate_audio: bool = True, tts_output_chunk_size: int = STREAM_TTS_CHUNK_FRAMES,
                        enable_regenerate: bool = False, tts_max_new_tokens: int = MAX_AUDIO_FRAMES,
                        **kwargs: Any) -> Iterator:
     """Answer what the session holds; returns an iterator that decodes as it is consumed.
@@ -286,8 +284,9 @@ def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new
     _, tokenizer = _resolve_processor(model, processor, tokenizer)
     if state.llm_cache is None:
         raise UsageError("nothing to answer: call streaming_prefill() before streaming_generate()")
-    if tts_output_chunk_size != TTS_CHUNK_FRAMES:
-        logger.warning("tts_output_chunk_size=%s is not supported; using %d", tts_output_chunk_size, TTS_CHUNK_FRAMES)
+    if tts_output_chunk_size != STREAM_TTS_CHUNK_FRAMES:
+        logger.warning("tts_output_chunk_size=%s is not supported; using %d", tts_output_chunk_size,
+                       STREAM_TTS_CHUNK_FRAMES)
     if enable_regenerate:
         logger.warning("enable_regenerate is not supported; ignored")
     settings = decoding_settings(sampling, 0, kwargs)
@@ -369,7 +368,7 @@ def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: dict, max_
     Each round's last token is fed at the start of the next round, so a terminator (and the very last
     token) never enters the cache, as in the reference.
     """
-    from minicpmo_cli.generation.text import decode_text, terminator_ids
+    from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
 
     state = _state(owner)
     terminators = terminator_ids(tokenizer)
@@ -437,5 +436,5 @@ def _speech_items(model, rounds, spk_bound: tuple[int, int], seed: int | None,
         first = False
     rest = "".join(pieces).replace(TTS_EOS, "")  # the speech ended before the answer did
     if rest or first:
-        yield StreamingOutput(text=rest, audio_wav=np.zeros(0, dtype=np.float32), sampling_rate=SAMPLE_RATE,
+        yield StreamingOutput(text=rest, audio_wav=np.zeros(0, dtype=np.float32), sampling_rate=OUTPUT_SAMPLE_RATE,
                               spk_embeds=spk_embeds if first else None)

@@ -25,7 +25,9 @@ from typing import Any, Iterator
 import torch
 
 from minicpmo_cli.errors import UsageError
+from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
 from minicpmo_cli.processing.tts_text import LLM_TERMINATORS, TTS_EOS
+from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -59,25 +61,6 @@ def decoding_settings(sampling: bool, min_new_tokens: int = 0, overrides: dict |
                      "sampling" if sampling else "beam", ", ".join(dropped))
     settings.update((k, overrides[k]) for k in settings.keys() & overrides.keys())
     return settings
-
-
-def terminator_ids(tokenizer) -> list[int]:
-    return [tokenizer.convert_tokens_to_ids(t) for t in LLM_TERMINATORS]
-
-
-def decode_text(result_ids, tokenizer, terminators: list[int] | None = None) -> list[str]:
-    """Reference ``_decode_text``: drop every 0, a leading bos, one trailing terminator; keep specials."""
-    terminators = terminator_ids(tokenizer) if terminators is None else terminators
-    texts = []
-    for row in result_ids:
-        row = torch.as_tensor(row)
-        row = row[row != 0]
-        if len(row) and int(row[0]) == tokenizer.bos_token_id:
-            row = row[1:]
-        if len(row) and int(row[-1]) in terminators:
-            row = row[:-1]
-        texts.append(tokenizer.decode(row.tolist()))
-    return texts
 
 
 def spk_embeds_from_hidden(hidden: torch.Tensor, spk_bounds) -> torch.Tensor:
@@ -165,7 +148,7 @@ def _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs: dict, tts_temp
     for key in ("image_sizes", "decode_text"):
         kwargs.pop(key, None)
     if tts_template:
-        from minicpmo_cli.generation.tts_prompt import apply_tts_template, needs_tts_prompt
+        from minicpmo_cli.processing.tts_prompt import apply_tts_template, needs_tts_prompt
 
         if needs_tts_prompt(data):
             data, attention_mask = apply_tts_template(data, attention_mask, tokenizer)
@@ -269,7 +252,7 @@ def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict,
 
 def synthesize(model, spk_embeds: torch.Tensor, answer: str, output_audio_path=None):
     """Answer text -> (24 kHz float32 wav, 24000) with the model's TTS; writes a wav file if a path is given."""
-    from minicpmo_cli.generation.speech import SAMPLE_RATE, generate_speech
+    from minicpmo_cli.generation.speech import generate_speech
 
     if getattr(model, "vocos", None) is None or getattr(model, "tts_processor", None) is None:
         model.init_tts()
@@ -277,8 +260,8 @@ def synthesize(model, spk_embeds: torch.Tensor, answer: str, output_audio_path=N
     if output_audio_path is not None:
         import soundfile
 
-        soundfile.write(str(output_audio_path), wav, SAMPLE_RATE)
-    return wav, SAMPLE_RATE
+        soundfile.write(str(output_audio_path), wav, OUTPUT_SAMPLE_RATE)
+    return wav, OUTPUT_SAMPLE_RATE
 
 
 def _contains_audio(msgs_list) -> bool:
