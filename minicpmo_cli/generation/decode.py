@@ -155,10 +155,8 @@ def decode_one_token(llm, tokens: torch.Tensor, positions: torch.Tensor, cache: 
         logits = fwd.run_compiled(llm, tokens, positions[:, None], index, mask, cache)
         cache.advance(1)
         return logits
-    embeds = llm.model.embed_tokens(tokens[:, None])
     mask = None if valid is None else valid[:, None, None, :cache.length + 1]
-    hidden = fwd.forward(llm, embeds, positions[:, None], cache, mask)
-    return llm.lm_head(hidden[:, -1:]).float()[:, -1]
+    return fwd.decode_step(llm, tokens, positions[:, None], cache, mask)
 
 
 class _Rows:
