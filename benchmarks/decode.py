@@ -5,13 +5,16 @@ The checkpoint is deep and narrow: the full model's 28 LLM layers (and its 28/4 
 widths, so a token costs the full model's number of operations but almost no arithmetic. What is left is the
 per-token host overhead that bounds batch-1 decode on a GPU: Python, op dispatch, kernel launches, host syncs.
 
-Rows: transformers ``generate`` (greedy, eager), the core eager, and with ``--compile`` the core's captured
-step (torch.compile; CUDA graphs on CUDA). Columns: median ms per new token (prefill excluded: the time for
-N tokens minus the time for 1, over N - 1), host reads of tensor data per token (``.item()``, ``.tolist()``,
-``bool(tensor)``...: each one a device sync on CUDA) and aten ops per token (TorchDispatchMode).
+Rows, in pairs: transformers ``generate`` (greedy, eager) and the core eager; with ``--compile``
+``generate``'s own compiled path (static cache + CompileConfig) and the core's captured step (torch.compile;
+CUDA graphs on CUDA). Every row's first call is timed (the compile, for compiled rows) and its ids checked
+against eager ``generate``; then the rows are timed in turn inside each repeat. Columns: median ms per new
+token (prefill excluded: the time for N tokens minus the time for 1, over N - 1), host reads of tensor data
+per token (``.item()``, ``.tolist()``, ``bool(tensor)``...: each one a device sync on CUDA), aten ops per
+token (TorchDispatchMode; eager rows only) and the first call's seconds.
 
-    python benchmarks/decode.py                    # CPU, eager rows only
-    python benchmarks/decode.py --compile          # adds the compiled row (minutes of compiling on a CPU)
+    python benchmarks/decode.py                    # CPU, eager rows only (about a minute)
+    python benchmarks/decode.py --compile          # adds the compiled rows (minutes of compiling on a CPU)
     python benchmarks/decode.py --device cuda --compile
 """
 

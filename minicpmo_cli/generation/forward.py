@@ -1,16 +1,19 @@
 """The Qwen2 LLM's forward over new positions, written as a plain loop over its layers (gpt-fast style).
 
-It calls the model's own submodules (norms, projections, MLP, rotary embedding) and makes the attention call
-exactly as transformers' sdpa integration makes it (the same GQA packing, the same ``is_causal`` rule), so
-the hidden states equal those of ``Qwen2Model.forward`` bit for bit. What it leaves out is what costs host
-time per token: the cache classes, mask construction for every call, output dataclasses, hooks and kwargs
-plumbing.
+It runs the model's own weights through the same kernels that transformers' Qwen2 code calls, and makes the
+attention call exactly as transformers' sdpa integration makes it (the same GQA packing, the same
+``is_causal`` rule), so the hidden states equal those of ``Qwen2Model.forward`` bit for bit. What it leaves
+out is what costs host time per token: the cache classes, mask construction for every call, output
+dataclasses, ``nn.Module.__call__`` and its hooks, kwargs plumbing.
 
-Two ways to run a decode step:
-- :func:`forward` (eager): attends over the filled part of the :class:`StaticKV` (a view; no mask unless the
-  batch is padded), identical arithmetic to transformers' dynamic cache path;
-- :func:`static_step` (captured): fixed shapes over the whole bucket with a boolean mask, no Python state
-  read from tensors, written for ``torch.compile(fullgraph=True)`` (CUDA graphs with ``reduce-overhead``).
+Three entry points:
+- :func:`forward` (eager, any number of new positions; the streaming session's prefill): attends over the
+  filled part of the :class:`StaticKV` (a view; no mask unless the batch is padded);
+- :func:`decode_step` (eager, one new token per row; the token loop): the same arithmetic with fewer ops per
+  layer (hidden states 2-D, the rotary sign folded once per step, no-op dtype casts skipped);
+- :func:`stock_step` / :func:`static_step` (captured): fixed shapes over the whole bucket with a boolean
+  mask, no Python state read from tensors, written for ``torch.compile(fullgraph=True)`` (CUDA graphs with
+  ``reduce-overhead``); :func:`run_compiled` picks one and logs the warm-up.
 """
 
 from __future__ import annotations
@@ -229,19 +232,21 @@ _STOCK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def stock_weights(llm) -> tuple | None:
     """``(weights, sizes)`` for :func:`stock_step`, or None when a part of the model is not the stock kind.
-    Kept per model: the parameter objects stay the same when a model moves (``.to`` swaps their data)."""
+    Found once per model (swap modules, e.g. quantize, before its first decode); the parameter objects stay
+    the same when a model moves (``.to`` swaps their data)."""
     if llm not in _STOCK:
-        decoder = llm.model
+        decoder, head = llm.model, llm.lm_head
         layers = tuple(_stock_tensors(layer) for layer in decoder.layers)
-        attn, norm = decoder.layers[0].self_attn, decoder.norm
-        plain = (all(t is not None for t in layers) and type(norm) is Qwen2RMSNorm
-                 and type(llm.lm_head) is nn.Linear and llm.lm_head.bias is None
-                 and type(decoder.embed_tokens) is nn.Embedding
-                 and len({(n.variance_epsilon) for layer in decoder.layers
-                          for n in (layer.input_layernorm, layer.post_attention_layernorm)} | {norm.variance_epsilon}) == 1)
-        _STOCK[llm] = None if not plain else (
-            (decoder.embed_tokens.weight, norm.weight, llm.lm_head.weight, layers),
-            (float(norm.variance_epsilon), int(attn.head_dim), float(attn.scaling), int(attn.num_key_value_groups)))
+        norms = [decoder.norm, *(n for layer in decoder.layers
+                                 for n in (layer.input_layernorm, layer.post_attention_layernorm))]
+        plain = (all(t is not None for t in layers) and type(decoder.norm) is Qwen2RMSNorm
+                 and type(head) is nn.Linear and head.bias is None and type(decoder.embed_tokens) is nn.Embedding
+                 and len({n.variance_epsilon for n in norms}) == 1)
+        attn = decoder.layers[0].self_attn
+        sizes = (float(decoder.norm.variance_epsilon), int(attn.head_dim), float(attn.scaling),
+                 int(attn.num_key_value_groups))
+        weights = (decoder.embed_tokens.weight, decoder.norm.weight, head.weight, layers)
+        _STOCK[llm] = (weights, sizes) if plain else None
     return _STOCK[llm]
 
 
@@ -304,8 +309,11 @@ def compiled_step(device: torch.device, stock: bool):
 
 
 def run_compiled(llm, tokens, positions, index, mask, cache: StaticKV) -> torch.Tensor:
-    """The captured step; the first call of each (batch, bucket) shape is timed and logged (warm-up)."""
-    stock = stock_weights(llm)
+    """The captured step; the first call of each (batch, bucket) shape is timed and logged (warm-up).
+
+    On the CPU stock models take :func:`stock_step`. On CUDA the module-based :func:`static_step` stays: CUDA
+    graphs treat module parameters as static inputs, weights passed as plain arguments might be copied in."""
+    stock = stock_weights(llm) if tokens.device.type == "cpu" else None
     step = compiled_step(tokens.device, stock is not None)
     if stock is None:
         args = (llm, tokens, positions, index, mask, cache.keys, cache.values)

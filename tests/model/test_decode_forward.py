@@ -1,6 +1,6 @@
 """The eager decode step (generation/forward.py ``decode_step``) against transformers' ``Qwen2Model.forward``
 on the same weights: logits and the written cache entries equal bit for bit, step after step, for a padded
-batch (masked) and one unpadded row; the fallback for layer kinds it does not inline (quantized linears)
+batch (masked), one unpadded row and in bfloat16; the fallback for layer kinds it does not inline (quantized linears)
 runs their own ``forward`` with the same result; the compiled step's weights are found only for stock layers.
 """
 
@@ -91,6 +91,16 @@ def test_decode_step_equals_qwen2model_bit_for_bit_padded_batch(model, prompts):
 def test_decode_step_equals_qwen2model_bit_for_bit_one_row(model, prompts):
     embeds, mask = prompts
     assert_same(model.llm, embeds[:1, mask[0].bool()], None)
+
+
+def test_decode_step_equals_qwen2model_bit_for_bit_in_bfloat16(golden_ckpt, prompts):
+    """bf16: the RMSNorm's casts are real here, and every rotary product rounds to bf16 in the same order."""
+    from minicpmo_cli import MiniCPMO
+
+    model = MiniCPMO.from_pretrained(golden_ckpt, dtype=torch.bfloat16)
+    embeds, mask = prompts
+    assert model.llm.lm_head.weight.dtype == torch.bfloat16
+    assert_same(model.llm, embeds.to(torch.bfloat16), mask)
 
 
 class WrappedLinear(nn.Module):
