@@ -31,7 +31,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from minicpmo_cli.generation.decode import DecodeSettings, generate_ids
 
-
 SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__")  # each reads a tensor's data on the host
 
 
