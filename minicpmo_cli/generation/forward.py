@@ -100,20 +100,30 @@ def forward(llm, embeds: torch.Tensor, positions: torch.Tensor, cache: StaticKV,
     return decoder.norm(hidden)
 
 
+def _hooked(module) -> bool:
+    """Whether ``module`` has its own forward hooks (e.g. a server counting ``lm_head`` passes): then it is
+    called through ``nn.Module.__call__`` so that they run; otherwise that machinery is skipped."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _call(module, *args):
+    return module(*args) if _hooked(module) else module.forward(*args)
+
+
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` without ``nn.Module.__call__``: a plain ``nn.Linear`` is ``F.linear`` on its own tensors
     (on a 2-D input that is the same ``addmm`` / ``mm`` that ``[B, 1, D]`` folds to); other kinds (int8/int4
     layers) run their own ``forward``."""
-    if type(module) is nn.Linear:
+    if type(module) is nn.Linear and not _hooked(module):
         return F.linear(x, module.weight, module.bias)
-    return module.forward(x)
+    return _call(module, x)
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """``Qwen2RMSNorm.forward`` op for op, minus its dtype casts when they are no-ops (float32 models), which
     still cost a dispatch each; other norm kinds run their own ``forward``."""
-    if type(norm) is not Qwen2RMSNorm:
-        return norm.forward(x)
+    if type(norm) is not Qwen2RMSNorm or _hooked(norm):
+        return _call(norm, x)
     h = x if x.dtype == torch.float32 else x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + norm.variance_epsilon)
@@ -126,7 +136,7 @@ def step_rotary(decoder, like: torch.Tensor, positions: torch.Tensor):
     transformers rotates with ``q * cos + rotate_half(q) * sin``, ``rotate_half(q) = cat(-q2, q1)``. With the
     sign moved into sin, ``roll(q) * cat(-sin1, sin2)`` makes the same products (an IEEE negation is exact and
     commutes with the product), so every layer saves the slicing and the negation of ``rotate_half``."""
-    cos, sin = decoder.rotary_emb.forward(like, positions)
+    cos, sin = _call(decoder.rotary_emb, like, positions)
     half = sin.shape[-1] // 2
     signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
     return cos[:, None], signed[:, None]
@@ -149,7 +159,7 @@ def _qkv(layer, hidden, cos, sin):
 def _mlp(layer, hidden):
     mlp = layer.mlp
     x = _rms_norm(layer.post_attention_layernorm, hidden)
-    gate = mlp.act_fn.forward(_linear(mlp.gate_proj, x))
+    gate = _call(mlp.act_fn, _linear(mlp.gate_proj, x))
     return _linear(mlp.down_proj, gate * _linear(mlp.up_proj, x))
 
 
@@ -172,10 +182,11 @@ def decode_step(llm, tokens: torch.Tensor, positions: torch.Tensor, cache: Stati
     """One new token per row (eager, for the token loop): ``tokens`` ``[B]`` at ``positions`` ``[B, 1]``;
     float32 logits ``[B, V]``. Bit-identical to :func:`forward` + ``lm_head`` (and so to ``Qwen2Model``):
     the same kernels on the same values, with hidden states kept 2-D ``[B, D]`` (the shape transformers'
-    linears fold ``[B, 1, D]`` to), the submodules' own ``forward`` called without ``__call__``, the rotary
+    linears fold ``[B, 1, D]`` to), the submodules' own ``forward`` called without ``__call__`` (unless they
+    have forward hooks: :func:`_hooked`), the rotary
     sign folded once per step (:func:`step_rotary`) and the mask left out when the batch is unpadded."""
     decoder = llm.model
-    hidden = decoder.embed_tokens.forward(tokens)
+    hidden = _call(decoder.embed_tokens, tokens)
     cos, sin = step_rotary(decoder, hidden, positions)
     slot = torch.full((1,), cache.length, dtype=torch.long, device=tokens.device)
     for index, layer in enumerate(decoder.layers):

@@ -127,3 +127,22 @@ def test_other_linear_kinds_run_their_own_forward_and_are_not_stock(model, promp
     assert fwd._stock_tensors(llm.model.layers[0]) is None
     assert_same(llm, embeds, mask, steps=3)
     assert calls  # the decode step went through the wrapper's forward
+
+
+def test_forward_hooks_on_the_modules_it_calls_still_run(model, prompts):
+    """The step skips ``nn.Module.__call__`` only for modules without hooks: a hook on ``lm_head`` (the server
+    counts passes with one) sees the prefill and every decode step, and the ids stay those of generate."""
+    from minicpmo_cli.generation.decode import DecodeSettings, generate_ids
+
+    embeds, mask = prompts
+    alone = embeds[:1, mask[0].bool()]
+    settings = DecodeSettings(max_new_tokens=7, min_new_tokens=7, stop_ids=(0,))
+    plain = generate_ids(model.llm, alone, None, settings)
+    passes = []
+    handle = model.llm.lm_head.register_forward_hook(lambda *args: passes.append(1))
+    try:
+        hooked = generate_ids(model.llm, alone, None, settings)
+    finally:
+        handle.remove()
+    assert hooked == plain and len(plain[0]) == 7
+    assert len(passes) == 7  # the prefill's pass and six decode steps
