@@ -5,19 +5,23 @@ The checkpoint is deep and narrow: the full model's 28 LLM layers (and its 28/4 
 widths, so a token costs the full model's number of operations but almost no arithmetic. What is left is the
 per-token host overhead that bounds batch-1 decode on a GPU: Python, op dispatch, kernel launches, host syncs.
 
-Rows: transformers ``generate`` (greedy, eager), the core eager, and with ``--compile`` the core's captured
-step (torch.compile; CUDA graphs on CUDA). Columns: median ms per new token (prefill excluded: the time for
-N tokens minus the time for 1, over N - 1), host reads of tensor data per token (``.item()``, ``.tolist()``,
-``bool(tensor)``...: each one a device sync on CUDA) and aten ops per token (TorchDispatchMode).
+Rows, in pairs: transformers ``generate`` (greedy, eager) and the core eager; with ``--compile``
+``generate``'s own compiled path (static cache + CompileConfig) and the core's captured step (torch.compile;
+CUDA graphs on CUDA). Every row's first call is timed (the compile, for compiled rows) and its ids checked
+against eager ``generate``; then the rows are timed in turn inside each repeat. Columns: median ms per new
+token (prefill excluded: the time for N tokens minus the time for 1, over N - 1), host reads of tensor data
+per token (``.item()``, ``.tolist()``, ``bool(tensor)``...: each one a device sync on CUDA), aten ops per
+token (TorchDispatchMode; eager rows only) and the first call's seconds.
 
-    python benchmarks/decode.py                    # CPU, eager rows only
-    python benchmarks/decode.py --compile          # adds the compiled row (minutes of compiling on a CPU)
+    python benchmarks/decode.py                    # CPU, eager rows only (about a minute)
+    python benchmarks/decode.py --compile          # adds the compiled rows (minutes of compiling on a CPU)
     python benchmarks/decode.py --device cuda --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 import warnings
@@ -30,18 +34,12 @@ from minicpmo_cli.generation.decode import DecodeSettings, generate_ids
 SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__")  # each reads a tensor's data on the host
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts aten ops, and host reads of tensor data (the calls in SYNC_METHODS: on CUDA each is a sync)."""
+class SyncCounter:
+    """Counts host reads of tensor data (the calls in SYNC_METHODS: on CUDA each one is a device sync)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
         self.syncs = 0
         self._saved: dict = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
 
     def __enter__(self):
         for name in SYNC_METHODS:
@@ -53,12 +51,24 @@ class OpCounter(TorchDispatchMode):
                 return _original(tensor, *args, **kwargs)
 
             setattr(torch.Tensor, name, counted)
-        return super().__enter__()
+        return self
 
     def __exit__(self, *exc):
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
-        return super().__exit__(*exc)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that reach the dispatcher (eager only: torch.compile refuses to run under a
+    dispatch mode, so compiled rows show none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 def deep_narrow_llm(layers: int, device: str):
@@ -82,17 +92,32 @@ def deep_narrow_llm(layers: int, device: str):
 STOPS = [1002, 1000]  # real stop ids, banned by min_new_tokens = N: both loops check stops, none ends early
 
 
-def run_generate(llm, embeds, tokens: int):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = llm.generate(inputs_embeds=embeds, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           pad_token_id=0, eos_token_id=STOPS)
-    return out.tolist()
+def generate_row(llm, embeds, compile: bool):
+    """transformers ``generate``, greedy; compiled: its own static-cache path (``cache_implementation=
+    "static"`` + a CompileConfig, which generate honours on the CPU only with ``_compile_all_devices``)."""
+    kwargs = {}
+    if compile:
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=True, dynamic=False,
+                               mode="reduce-overhead" if embeds.device.type == "cuda" else "default")
+        config._compile_all_devices = True
+        kwargs = {"cache_implementation": "static", "compile_config": config}
+
+    def run(tokens: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = llm.generate(inputs_embeds=embeds, max_new_tokens=tokens, min_new_tokens=tokens,
+                               do_sample=False, pad_token_id=0, eos_token_id=STOPS, **kwargs)
+        return out.tolist()
+    return run
 
 
-def run_core(llm, embeds, tokens: int, compile: bool):
-    settings = DecodeSettings(max_new_tokens=tokens, min_new_tokens=tokens, stop_ids=tuple(STOPS))
-    return generate_ids(llm, embeds, None, settings, compile=compile)
+def core_row(llm, embeds, compile: bool):
+    def run(tokens: int):
+        settings = DecodeSettings(max_new_tokens=tokens, min_new_tokens=tokens, stop_ids=tuple(STOPS))
+        return generate_ids(llm, embeds, None, settings, compile=compile)
+    return run
 
 
 def timed(fn, tokens: int, device: str) -> float:
@@ -105,52 +130,76 @@ def timed(fn, tokens: int, device: str) -> float:
     return time.perf_counter() - started
 
 
-def measure(fn, tokens: int, repeats: int, device: str) -> dict:
-    fn(tokens)  # warm-up (and compilation)
-    per_token = []
-    for _ in range(repeats):
-        per_token.append((timed(fn, tokens, device) - timed(fn, 1, device)) / (tokens - 1))
-    counts = []
+def count(fn, tokens: int, ops: bool) -> dict:
+    """Host reads and (``ops``) aten ops per new token: the counts for N tokens minus those for 1, over N - 1."""
+    syncs, dispatched = [], []
     for n in (1, tokens):
-        with OpCounter() as counter:
+        with SyncCounter() as sync_counter, (OpCounter() if ops else contextlib.nullcontext()) as op_counter:
             fn(n)
-        counts.append(counter)
-    return {"ms": 1000 * statistics.median(per_token),
-            "syncs": (counts[1].syncs - counts[0].syncs) / (tokens - 1),
-            "ops": (counts[1].ops - counts[0].ops) / (tokens - 1)}
+        syncs.append(sync_counter.syncs)
+        dispatched.append(op_counter.ops if ops else 0)
+    return {"syncs": (syncs[1] - syncs[0]) / (tokens - 1),
+            "ops": (dispatched[1] - dispatched[0]) / (tokens - 1) if ops else None}
+
+
+def measure(rows: list, tokens: int, repeats: int, device: str) -> list[dict]:
+    """Every row timed in turn inside each repeat (ours and the baseline alternate, so a burst of load on a
+    shared machine hits both), ms per new token = (t(N) - t(1)) / (N - 1), median over the repeats."""
+    per_token = {name: [] for name, _ in rows}
+    for _ in range(repeats):
+        for name, fn in rows:
+            per_token[name].append((timed(fn, tokens, device) - timed(fn, 1, device)) / (tokens - 1))
+    return [{"ms": 1000 * statistics.median(per_token[name]), **count(fn, tokens, "compiled" not in name)}
+            for name, fn in rows]
+
+
+def warm_up(name: str, fn, tokens: int, reference: list[int]) -> float:
+    """First call (compiles, for the compiled rows), timed; its ids must equal eager ``generate``'s."""
+    started = time.perf_counter()
+    ids = fn(tokens)[0]
+    seconds = time.perf_counter() - started
+    assert ids == reference, f"{name}: ids differ from transformers generate (eager)"
+    print(f"warm-up {name}: {seconds:.1f} s", flush=True)
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=28)
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per timed run")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per timed run")
     parser.add_argument("--prompt", type=int, default=32, help="prompt positions")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="add the compiled core row")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add the compiled rows: generate's static-cache compile and the core's captured step")
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with torch.inference_mode():
         llm = deep_narrow_llm(args.layers, args.device)
         embeds = 0.05 * torch.randn(1, args.prompt, llm.config.hidden_size, device=args.device)
-        reference = run_generate(llm, embeds, args.tokens)[0]
-        assert run_core(llm, embeds, args.tokens, False)[0] == reference, "core ids differ from generate"
-        rows = [("transformers generate (eager)", lambda n: run_generate(llm, embeds, n)),
-                ("decode core (eager)", lambda n: run_core(llm, embeds, n, False))]
-        if args.compile:
-            assert run_core(llm, embeds, args.tokens, True)[0] == reference, "compiled ids differ from generate"
-            rows.append(("decode core (compiled)", lambda n: run_core(llm, embeds, n, True)))
-        results = [(name, measure(fn, args.tokens, args.repeats, args.device)) for name, fn in rows]
+        reference = generate_row(llm, embeds, False)(args.tokens)[0]
+        modes = (False, True) if args.compile else (False,)
+        rows = []
+        for compile in modes:
+            kind = "compiled" if compile else "eager"
+            rows += [(f"transformers generate ({kind})", generate_row(llm, embeds, compile)),
+                     (f"decode core ({kind})", core_row(llm, embeds, compile))]
+        warm = [warm_up(name, fn, args.tokens, reference) for name, fn in rows]
+        results = measure(rows, args.tokens, args.repeats, args.device)
 
-    base = results[0][1]["ms"]
-    print(f"deep-narrow LLM: {args.layers} layers, hidden {llm.config.hidden_size}, {args.device}, "
-          f"{torch.get_num_threads()} threads, batch 1, prompt {args.prompt}, {args.tokens} new tokens, "
-          f"median of {args.repeats}; ids identical to generate\n")
-    print("| decode | ms/token | vs generate | host reads/token | aten ops/token |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r in results:
-        print(f"| {name} | {r['ms']:.2f} | {base / r['ms']:.2f}x | {r['syncs']:.2f} | {r['ops']:.0f} |")
+    print(f"\ndeep-narrow LLM: {args.layers} layers, hidden {llm.config.hidden_size}, {args.device}, "
+          f"{torch.get_num_threads()} thread(s), batch 1, prompt {args.prompt}, {args.tokens} new tokens, "
+          f"median of {args.repeats} (rows alternating); ids identical to eager generate in every row\n")
+    print("| decode | ms/token | vs generate (same mode) | host reads/token | aten ops/token | first call s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for index, ((name, _), r, seconds) in enumerate(zip(rows, results, warm)):
+        base = results[index - index % 2]["ms"]
+        ops = "n/a (compiled)" if r["ops"] is None else f"{r['ops']:.0f}"
+        print(f"| {name} | {r['ms']:.2f} | {base / r['ms']:.2f}x | {r['syncs']:.2f} | {ops} "
+              f"| {seconds:.1f} |")
 
 
 if __name__ == "__main__":

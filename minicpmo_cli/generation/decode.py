@@ -6,7 +6,8 @@
   makes it (same positions and mask), its key/values copied into a preallocated :class:`StaticKV` sized to
   the prompt plus ``max_new_tokens`` (bucketed). Its final-norm hidden states are returned (the TTS speaker
   state is read from them: no hook on the model).
-- :func:`decode_one_token`: one step over the static cache (generation/forward.py), eager or captured.
+- :func:`decode_one_token`: one step over the static cache (generation/forward.py ``decode_step``, eager and
+  bit-identical to transformers, or ``run_compiled``, captured).
 - :func:`generate_ids`: the token loop. Sampling happens on the device (generation/sampling.py). Without a
   callback nothing is read back per token: stops are checked every ``CHECK_EVERY`` tokens, and then finished
   rows leave the batch. With ``on_token`` (streaming) each token is handed over as it is chosen.
@@ -155,10 +156,8 @@ def decode_one_token(llm, tokens: torch.Tensor, positions: torch.Tensor, cache: 
         logits = fwd.run_compiled(llm, tokens, positions[:, None], index, mask, cache)
         cache.advance(1)
         return logits
-    embeds = llm.model.embed_tokens(tokens[:, None])
     mask = None if valid is None else valid[:, None, None, :cache.length + 1]
-    hidden = fwd.forward(llm, embeds, positions[:, None], cache, mask)
-    return llm.lm_head(hidden[:, -1:]).float()[:, -1]
+    return fwd.decode_step(llm, tokens, positions[:, None], cache, mask)
 
 
 class _Rows:

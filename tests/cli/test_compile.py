@@ -37,9 +37,16 @@ def test_compile_flag_answers_as_eager_and_logs_the_warm_up(tiny_ckpt):
 
 
 @pytest.mark.slow
-def test_compiled_ids_equal_eager_ids(tiny_ckpt):
+@pytest.mark.parametrize("path", ["stock", "modules"])
+def test_compiled_ids_equal_eager_ids(tiny_ckpt, path, monkeypatch):
+    """Both captured steps: the CPU's over plain tensors (nested compile regions) and the module-based one
+    (CUDA's, and any model with layers of other kinds, e.g. int8/int4 linears)."""
     from minicpmo_cli import api
+    from minicpmo_cli.generation import forward
     from minicpmo_cli.generation.decode import DecodeSettings, generate_ids
+
+    if path == "modules":
+        monkeypatch.setattr(forward, "stock_weights", lambda llm: None)
 
     engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu", dtype="float32"), tts=False)
     inputs = engine.processor.apply_chat_template(msgs=[{"role": "user", "content": "hello there"}])
@@ -47,7 +54,11 @@ def test_compiled_ids_equal_eager_ids(tiny_ckpt):
         embeds, _ = engine.model.get_inputs_embeds(dict(inputs))
     settings = DecodeSettings.from_kwargs({"repetition_penalty": 1.2}, 6, [1])
     eager = generate_ids(engine.model.llm, embeds, None, settings)
+    taken = []
+    real_step = forward.compiled_step
+    monkeypatch.setattr(forward, "compiled_step", lambda device, stock: taken.append(stock) or real_step(device, stock))
     assert generate_ids(engine.model.llm, embeds, None, settings, compile=True) == eager
+    assert taken and set(taken) == {path == "stock"}
 
 
 def test_compile_default_follows_the_device_and_the_environment(monkeypatch):
