@@ -256,7 +256,7 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
         budget = _FrameBudget(ReferenceSampler(), max_frames)
         with torch.inference_mode():
             codes = generate_codes(model.tts, model.tts_processor, spk, group, max_new_tokens=max_frames,
-                                   sampler=budget)
+                                   sampler=budget, compile=getattr(engine, "compile", None))
             wav = codes_to_wav(model.tts, model.vocos, codes)
         wavs.append(wav)
         pieces.append(Piece(text=group, samples=len(wav), capped=budget.capped))

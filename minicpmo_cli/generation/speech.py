@@ -23,9 +23,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from minicpmo_cli.generation.decode import resolve_compile
 from minicpmo_cli.generation.speech_units import MAX_AUDIO_FRAMES, SAMPLE_RATE
-from minicpmo_cli.model.tts import AUDIO_EOS_ID, DEFAULT_TEMPERATURES
-from minicpmo_cli.model.tts_sampling import ReferenceSampler, make_logits_processors
+from minicpmo_cli.generation.tts_decode import FrameSampling, TTSState, generate_frames, prefill_audio, prefill_text
+from minicpmo_cli.model.tts import DEFAULT_TEMPERATURES
+from minicpmo_cli.model.tts_sampling import ReferenceSampler
 from minicpmo_cli.processing.tts_text import (
     TTS_EOS,
     build_streaming_text_mask,
@@ -38,7 +40,7 @@ from minicpmo_cli.processing.tts_text import (
     split_tts_text,
 )
 
-OUTPUT_CHUNK_FRAMES = 25  # audio frames per tts.generate call (reference output_chunk_size)
+OUTPUT_CHUNK_FRAMES = 25  # audio frames per generate call (reference output_chunk_size)
 
 
 @dataclass
@@ -48,32 +50,6 @@ class SpeechChunk:
     text: str
     wav: np.ndarray
     sample_rate: int = SAMPLE_RATE
-
-
-class _Sampler:
-    """Bundles the sampling settings every ``tts.generate`` call of one utterance shares."""
-
-    def __init__(self, tts, temperature, sampler) -> None:
-        temps = [float(temperature)] * tts.num_vq if isinstance(temperature, (int, float)) else list(temperature)
-        self.temperature = torch.tensor(temps, dtype=torch.float, device=tts.device)
-        self.warpers, self.processors = make_logits_processors(
-            tts.top_p, tts.top_k, tts.repetition_penalty, tts.num_audio_tokens
-        )
-        self.sampler = sampler
-
-    def generate(self, tts, audio_ids, cache, text_mask, force_no_stop=False):
-        return tts.generate(
-            input_ids=audio_ids,
-            past_key_values=cache,
-            temperature=self.temperature,
-            eos_token=AUDIO_EOS_ID,
-            streaming_tts_text_mask=text_mask,
-            force_no_stop=force_no_stop,
-            max_new_token=OUTPUT_CHUNK_FRAMES,
-            logits_warpers=self.warpers,
-            logits_processors=self.processors,
-            sampler=self.sampler,
-        )
 
 
 def as_text_rounds(text: str) -> list[str]:
@@ -110,31 +86,27 @@ def generate_codes(
     max_new_tokens: int = MAX_AUDIO_FRAMES,
     sampler=None,
     force_no_stop: bool = False,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """Audio codes ``[1, T, num_vq]`` for one text that fits the 300 reserved positions (reference
-    ``_generate_mel_spec`` up to the codes)."""
+    ``_generate_mel_spec`` up to the codes). ``compile``: capture the TTS step (see decode.resolve_compile)."""
     prompt, num_tokens = prepare_tts_text(tts_tokenizer, text, tts.streaming_text_reserved_len, tts.num_spk_embs)
     input_ids = encode_tts_prompt(tts_tokenizer, prompt).to(tts.device)
     # On the model's device once, not copied there at every audio frame.
     text_mask = build_streaming_text_mask(num_tokens, tts.streaming_text_reserved_len, tts.num_spk_embs).to(tts.device)
-    sampler = _Sampler(tts, temperature, sampler if sampler is not None else make_sampler())
-    cache, audio_ids = tts.new_kv_cache(), tts.new_audio_input_ids()
-    outputs = None
+    sampling = FrameSampling.for_tts(tts, temperature, sampler if sampler is not None else make_sampler())
+    options = {"force_no_stop": force_no_stop, "compile": resolve_compile(compile, tts.device)}
+    state = TTSState(tts, OUTPUT_CHUNK_FRAMES)
     for chunk_idx in range(math.ceil(tts.condition_length / tts.streaming_text_chunk_size)):
         begin, end = _text_chunk_bounds(tts, chunk_idx)
         if end > begin:
-            position_ids = torch.arange(begin, end, device=tts.device)[None]
-            spk = spk_embeds if begin == 0 else None
-            cache = tts.prefill_text(input_ids[:, begin:end], position_ids, cache, spk)
-        outputs = sampler.generate(tts, audio_ids, cache, text_mask, force_no_stop)
-        audio_ids, cache = outputs.audio_input_ids, outputs.past_key_values
-        if outputs.finished:
-            return outputs.new_ids
+            prefill_text(tts, state, input_ids[:, begin:end], begin, spk_embeds if begin == 0 else None)
+        if generate_frames(tts, state, sampling, text_mask, OUTPUT_CHUNK_FRAMES, **options):
+            return state.new_ids
     while True:
-        outputs = sampler.generate(tts, audio_ids, cache, text_mask, force_no_stop)
-        audio_ids, cache = outputs.audio_input_ids, outputs.past_key_values
-        if outputs.finished or outputs.new_ids.shape[1] > max_new_tokens:
-            return outputs.new_ids
+        finished = generate_frames(tts, state, sampling, text_mask, OUTPUT_CHUNK_FRAMES, **options)
+        if finished or state.new_ids.shape[1] > max_new_tokens:
+            return state.new_ids
 
 
 def codes_to_wav(tts, vocos, codes: torch.Tensor) -> np.ndarray:
@@ -156,19 +128,21 @@ def generate_speech(
     max_new_tokens: int = MAX_AUDIO_FRAMES,
     seed: int | None = None,
     streaming: bool = False,
+    compile: bool | None = None,
 ) -> np.ndarray:
     """Whole-utterance speech for ``text`` (an LLM answer; ``<|tts_bos|>``/``<|tts_eos|>`` are handled).
 
     ``spk_embeds``: the LLM's final hidden state at ``<|spk|>`` (``[1, llm_dim]``). ``temperature``: per
     codebook (reference default 0.1/0.3/0.1/0.3) or one value for all. ``max_new_tokens``: frame cap per
     piece (~46.9 frames/s). ``seed``: private RNG (None uses torch's global RNG, as the reference).
-    ``streaming=True`` runs the streaming schedule and joins its chunks. Returns float32 mono at 24 kHz.
+    ``streaming=True`` runs the streaming schedule and joins its chunks. ``compile``: capture the TTS step.
+    Returns float32 mono at 24 kHz.
     """
     text = extract_tts_text(text)
     if streaming:
         chunks = stream_speech(
             tts, vocos, tts_tokenizer, spk_embeds, as_text_rounds(text), temperature=temperature,
-            max_new_tokens=max_new_tokens, seed=seed,
+            max_new_tokens=max_new_tokens, seed=seed, compile=compile,
         )
         wavs = [chunk.wav for chunk in chunks]
         return np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, dtype=np.float32)
@@ -177,7 +151,7 @@ def generate_speech(
     for piece in split_tts_text(tts_tokenizer, text, tts.streaming_text_reserved_len - 1):
         codes = generate_codes(
             tts, tts_tokenizer, spk_embeds, piece, temperature=temperature,
-            max_new_tokens=max_new_tokens, sampler=sampler,
+            max_new_tokens=max_new_tokens, sampler=sampler, compile=compile,
         )
         wavs.append(codes_to_wav(tts, vocos, codes))
     return np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, dtype=np.float32)
@@ -193,13 +167,15 @@ def stream_speech(
     temperature: float | Sequence[float] = DEFAULT_TEMPERATURES,
     max_new_tokens: int = MAX_AUDIO_FRAMES,
     seed: int | None = None,
+    compile: bool | None = None,
 ) -> Iterator[SpeechChunk]:
     """Streaming speech as the reference's ``_generate_mel_spec_audio_streaming``: consumes text as it
     arrives (e.g. LLM rounds) and yields :class:`SpeechChunk` s of 12 800 samples (0.533 s; the last may
-    differ). See :class:`_StreamingSpeech` for the schedule."""
+    differ). See :class:`_StreamingSpeech` for the schedule. ``compile``: capture the TTS step."""
     pieces = iter(as_text_rounds(text_pieces) if isinstance(text_pieces, str) else text_pieces)
-    sampler = _Sampler(tts, temperature, make_sampler(seed))
-    runner = _StreamingSpeech(tts, vocos, tts_tokenizer, spk_embeds, sampler, max_new_tokens)
+    sampling = FrameSampling.for_tts(tts, temperature, make_sampler(seed))
+    runner = _StreamingSpeech(tts, vocos, tts_tokenizer, spk_embeds, sampling, max_new_tokens,
+                              resolve_compile(compile, tts.device))
     yield from runner.run(pieces)
 
 
@@ -238,9 +214,11 @@ class _StreamingSpeech:
     CONTEXT_TEXT_TOKENS = 5
     CONTEXT_AUDIO_FRAMES = 50
 
-    def __init__(self, tts, vocos, tokenizer, spk_embeds, sampler: _Sampler, max_new_tokens: int) -> None:
+    def __init__(self, tts, vocos, tokenizer, spk_embeds, sampling: FrameSampling, max_new_tokens: int,
+                 compile: bool = False) -> None:
         self.tts, self.vocos, self.tokenizer = tts, vocos, tokenizer
-        self.spk_embeds, self.sampler, self.max_new_tokens = spk_embeds, sampler, max_new_tokens
+        self.spk_embeds, self.sampling, self.max_new_tokens = spk_embeds, sampling, max_new_tokens
+        self.compile = compile
 
     def run(self, pieces: Iterator[str]) -> Iterator[SpeechChunk]:
         previous = None  # (text ids [1, 5], text left over, audio ids [1, 50, 4]) of a closed segment
@@ -256,11 +234,11 @@ class _Segment:
     def __init__(self, owner: _StreamingSpeech, previous) -> None:
         self.o = owner
         tts = owner.tts
-        self.cache, self.audio_ids = tts.new_kv_cache(), tts.new_audio_input_ids()
+        self.state = TTSState(tts, OUTPUT_CHUNK_FRAMES)
+        self.generated = False  # any frames sampled in this segment
         self.chunk_idx, self.new_ids_len, self.prev_text_len = 0, 0, 0
         self.gen_text, self.tts_text, self.num_tokens = "", "", 0
         self.prev_wav: torch.Tensor | None = None
-        self.outputs = None
         self.next_segment = None
         self.is_continuation = previous is not None
         if previous is not None:
@@ -286,11 +264,10 @@ class _Segment:
         self.num_tokens = text_ids.shape[1]
         start_ids = encode_tts_prompt(self.o.tokenizer, "[Stts]" + "[spk_emb]" * tts.num_spk_embs).to(tts.device)
         ids = torch.cat([start_ids, text_ids.to(tts.device)], dim=1)
-        position_ids = torch.arange(0, ids.shape[1], device=tts.device)[None]
-        self.cache = tts.prefill_text(ids, position_ids, self.cache, self.o.spk_embeds)
-        self.cache = tts.prefill_audio_ids(audio_ids[:, :-1], self.cache, self._text_mask())
+        prefill_text(tts, self.state, ids, 0, self.o.spk_embeds)
+        prefill_audio(tts, self.state, audio_ids[:, :-1], self._text_mask())
         self.chunk_idx = int(self.num_tokens / tts.streaming_text_chunk_size)
-        self.audio_ids = torch.cat([self.audio_ids, audio_ids.to(tts.device)], dim=1)
+        self.state.append_ids(audio_ids)
         self.gen_text = self.o.tokenizer.decode(text_ids[0].tolist(), add_special_tokens=False) + text_left
         self.prev_text_len = len(self.gen_text)
         self.new_ids_len = audio_ids.shape[1]
@@ -301,16 +278,16 @@ class _Segment:
     def _prefill(self, begin: int, end: int) -> None:
         tts = self.o.tts
         self._input_ids = encode_tts_prompt(self.o.tokenizer, self.tts_text).to(tts.device)
-        position_ids = torch.arange(begin, end, device=tts.device)[None]
         spk = self.o.spk_embeds if self.chunk_idx == 0 else None
-        self.cache = tts.prefill_text(self._input_ids[:, begin:end], position_ids, self.cache, spk)
+        prefill_text(tts, self.state, self._input_ids[:, begin:end], begin, spk)
 
     def _generate_and_emit(self) -> Iterator[SpeechChunk]:
         tts = self.o.tts
-        self.outputs = self.o.sampler.generate(tts, self.audio_ids, self.cache, self._text_mask())
-        self.audio_ids, self.cache = self.outputs.audio_input_ids, self.outputs.past_key_values
+        generate_frames(tts, self.state, self.o.sampling, self._text_mask(), OUTPUT_CHUNK_FRAMES,
+                        compile=self.o.compile)
         self.chunk_idx += 1
-        new_ids = self.outputs.new_ids
+        self.generated = True
+        new_ids = self.state.new_ids
         codes = new_ids[:, max(self.new_ids_len - self.o.CONTEXT_FRAMES, 0) :]
         self.new_ids_len = new_ids.shape[1]
         wav = self._decode(codes)
@@ -350,7 +327,7 @@ class _Segment:
             if self.num_tokens >= (self.chunk_idx + 1) * chunk:
                 self._prefill(*_text_chunk_bounds(tts, self.chunk_idx))
                 yield from self._generate_and_emit()
-                if self.outputs.finished:
+                if self.state.finished:
                     finished = True
                     break
         stopped = False
@@ -362,18 +339,18 @@ class _Segment:
                 self._prefill(begin, end)
             while True:
                 yield from self._generate_and_emit()
-                if self.outputs.finished:
+                if self.state.finished:
                     break
-                if self.outputs.new_ids.shape[1] > self.o.max_new_tokens:
+                if self.state.new_ids.shape[1] > self.o.max_new_tokens:
                     stopped = True
                     break
         if self.prev_wav is not None:
             yield self._chunk(self.prev_wav)  # last chunk, without cross-fade
-        if text_left is not None and not stopped and self.outputs is not None:
+        if text_left is not None and not stopped and self.generated:
             ids = encode_tts_prompt(self.o.tokenizer, self.tts_text)
             last = self.num_tokens + prefix  # index of [Etts]
             self.next_segment = (
                 ids[:, last - self.o.CONTEXT_TEXT_TOKENS : last],
                 text_left,
-                self.outputs.new_ids[:, -self.o.CONTEXT_AUDIO_FRAMES :],
+                self.state.new_ids[:, -self.o.CONTEXT_AUDIO_FRAMES :],
             )

@@ -90,9 +90,11 @@ def test_streaming_long_text_continues_in_a_new_segment(golden_pipeline, tokeniz
 
     tts, vocos = golden_pipeline
     _, arrays = golden_case("e_tts_pieces")
+    from minicpmo_cli.generation import speech
+
     primed = []
-    original = tts.prefill_audio_ids
-    monkeypatch.setattr(tts, "prefill_audio_ids", lambda ids, *a, **k: primed.append(ids.shape) or original(ids, *a, **k))
+    original = speech.prefill_audio
+    monkeypatch.setattr(speech, "prefill_audio", lambda tts, state, ids, *a: primed.append(ids.shape) or original(tts, state, ids, *a))
     text = "hello world, the voice of the helpful assistant. " * 9  # 135 tokens
     before = torch.get_num_threads()
     torch.set_num_threads(1)
