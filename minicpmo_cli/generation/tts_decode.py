@@ -165,7 +165,8 @@ def iter_frames(tts, state: TTSState, sampling: FrameSampling, text_mask: torch.
     state.reserve(max_frames)
     state.finished = False
     mask = _StepMask(tts, text_mask)
-    heads = [head.weight for head in tts.head_code]  # the weight norm once per call, not per frame
+    with torch.inference_mode():
+        heads = [head.weight for head in tts.head_code]  # the weight norm once per call, not per frame
     eos = sampling.eos
     for step in range(max_frames):
         is_bos = state.progress == state.start
