@@ -3,8 +3,6 @@ the reference-exact sampler, text splitting and the streaming pipeline's glue.""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
 from minicpmo_cli.generation.speech import _overlap_add_pair, as_text_rounds
