@@ -174,7 +174,9 @@ def iter_frames(tts, state: TTSState, sampling: FrameSampling, text_mask: torch.
             logits = _step_logits(tts, state, mask, heads, compile and not is_bos)
             if logits_out is not None:
                 logits_out.append(logits.clone())
-            history = state.ids[:, state.start : state.progress].permute(0, 2, 1).reshape(tts.num_vq, -1)
+            # the frames so far, [num_vq, n], for the repetition penalty (the warpers do not read them)
+            history = (state.ids[:, state.start : state.progress].permute(0, 2, 1).reshape(tts.num_vq, -1)
+                       if sampling.processors else None)
             processors = () if is_bos else (*sampling.processors, *sampling.warpers)
             banned = eos if step < sampling.min_new_frames or force_no_stop else None
             frame = _sample_frame(logits, sampling, history, processors, banned)
