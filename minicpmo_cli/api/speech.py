@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -27,6 +27,10 @@ from minicpmo_cli.errors import InputError, UsageError
 from minicpmo_cli.units import MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE, frames_for_seconds  # noqa: F401
 
 GROUP_TOKENS = 80  # ChatTTS tokens per synthesised piece (see module docstring)
+# Streamed speech (speak_stream): TTS frames (46.875 a second) before the first chunk, then per chunk; 25 is
+# the reference's step (0.53 s of audio).
+FIRST_CHUNK_FRAMES = 25
+CHUNK_FRAMES = 25
 
 # The guide's settings for every speech example: sampling, temperature 0.3, 128 new tokens.
 SPEECH_DEFAULTS: dict[str, Any] = {"sampling": True, "temperature": 0.3, "max_new_tokens": 128}
@@ -171,6 +175,40 @@ def speak_text(engine: Engine, text: str, path: str | Path, voice: Any = None, l
     return write_wav(path, result.wav, result.sample_rate)
 
 
+def speak_stream(engine: Engine, text: str, voice: Voice | None = None, *,
+                 first_chunk_frames: int = FIRST_CHUNK_FRAMES, chunk_frames: int = CHUNK_FRAMES,
+                 max_frames: int = MAX_AUDIO_FRAMES) -> Iterator[np.ndarray]:
+    """Read ``text`` aloud word for word as it is synthesised: yields 24 kHz float32 pieces, the first as
+    soon as ``first_chunk_frames`` frames exist, then one per ``chunk_frames`` frames (the reference's
+    streaming schedule; long text continues in new segments at sentence ends). ``max_frames``: cap per
+    segment, checked after every 25-frame step. Bad arguments raise UsageError before anything runs.
+    """
+    from minicpmo_cli.generation.speech import check_chunk_frames
+
+    voice = voice or Voice()
+    voice.check()
+    check_chunk_frames(first_chunk_frames, chunk_frames)
+    if not text.strip():
+        raise UsageError("nothing to say: the text is empty")
+    if max_frames < 1:
+        raise UsageError("the audio length cap must be at least one frame")
+    _need_tts(engine)
+    _, spk = _speaker(engine, read_messages(text_groups(engine, text.strip())[0], voice))
+    return _stream_pieces(engine, spk, text.strip(), (first_chunk_frames, chunk_frames), max_frames)
+
+
+def _stream_pieces(engine: Engine, spk, text: str, chunks: tuple[int, int], max_frames: int) -> Iterator[np.ndarray]:
+    from minicpmo_cli.generation.speech import stream_speech
+    from minicpmo_cli.processing.tts_text import extract_tts_text
+
+    model = engine.model
+    # seed=None: the engine's seeded global RNG, as speak() (reference-exact draws)
+    for chunk in stream_speech(model.tts, model.vocos, model.tts_processor, spk.to(model.tts.device),
+                               extract_tts_text(text), max_new_tokens=max_frames, first_chunk_frames=chunks[0],
+                               chunk_frames=chunks[1], compile=getattr(engine, "compile", None)):
+        yield chunk.wav
+
+
 def text_groups(engine: Engine, text: str, group_tokens: int = GROUP_TOKENS) -> list[str]:
     """``text`` cut at sentence ends into pieces of at most ``group_tokens`` ChatTTS tokens."""
     from minicpmo_cli.processing.tts_text import split_tts_text
@@ -256,7 +294,7 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
         budget = _FrameBudget(ReferenceSampler(), max_frames)
         with torch.inference_mode():
             codes = generate_codes(model.tts, model.tts_processor, spk, group, max_new_tokens=max_frames,
-                                   sampler=budget)
+                                   sampler=budget, compile=getattr(engine, "compile", None))
             wav = codes_to_wav(model.tts, model.vocos, codes)
         wavs.append(wav)
         pieces.append(Piece(text=group, samples=len(wav), capped=budget.capped))

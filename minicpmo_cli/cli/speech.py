@@ -26,6 +26,7 @@ TTS_HELP = common.examples_help(
     'minicpmo tts "Welcome back." --ref speaker.wav --mode roleplay -o welcome.wav',
     'minicpmo tts --text-file lines.txt --lines --voice alice -o out/',
     'echo "Speak up." | minicpmo tts - --instruction "A calm, deep male voice." -o - > speak.wav',
+    'minicpmo tts "Streaming, as it is made." --stream --first-chunk-frames 10 -o - | aplay',
 )
 CLONE_HELP = common.examples_help(
     "Zero-shot voice cloning: read TEXT in the voice of the reference clip (5-15 s of clean speech works "
@@ -72,6 +73,13 @@ MAX_AUDIO_SECONDS = typer.Option(None, "--max-audio-seconds", min=0.05,
                                  help="Cap on the speech of each sentence group, in seconds (default 43.7, the "
                                       "model's own cap).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing output files.")
+STREAM = typer.Option(False, "--stream", help="Write the wav while the speech is made (the reference's streaming "
+                                              "schedule), chunk by chunk, instead of at the end; -o a .wav file or -.")
+FIRST_CHUNK_FRAMES = typer.Option(None, "--first-chunk-frames", min=5, max=2048,
+                                  help="With --stream: audio frames (46.875 a second) before the first chunk is "
+                                       "written (default 25).")
+CHUNK_FRAMES = typer.Option(None, "--chunk-frames", min=5, max=2048,
+                            help="With --stream: audio frames per later chunk (default 25).")
 # The decoding options of tts, clone and mimick (those of `chat` less --min-new-tokens and --num-beams).
 SPEECH_DECODING = ("max_new_tokens", "sampling", "temperature", "top_p", "top_k", "repetition_penalty")
 
@@ -111,6 +119,9 @@ def tts(
                                           help="With --lines: worker processes, each with its own model."),
     devices: Optional[str] = typer.Option(None, "--devices", metavar="0,1,...|all",
                                           help="With --lines: one worker per listed GPU (all: every GPU here)."),
+    stream: bool = STREAM,
+    first_chunk_frames: Optional[int] = FIRST_CHUNK_FRAMES,
+    chunk_frames: Optional[int] = CHUNK_FRAMES,
     *,
     decode: DecodeOptions,
 ) -> None:
@@ -118,6 +129,8 @@ def tts(
 
     if voice is not None and ref is not None:
         raise UsageError("give --voice NAME or --ref FILE, not both")
+    if stream or first_chunk_frames is not None or chunk_frames is not None:
+        _check_stream(stream, first_chunk_frames, chunk_frames, lines, verbatim)
     spread = scale.options_of(workers, devices, None, None)
     if spread.parallel and not lines:
         raise UsageError("--workers and --devices share out the lines of --lines: add --lines")
@@ -130,6 +143,10 @@ def tts(
         _tts_lines(items, output, speaker, decode, verbatim, max_audio_seconds, overwrite, spread)
         return
     _need_text(body)
+    if stream:
+        _tts_stream(body, common.wav_output_target(output, overwrite), speaker, max_audio_seconds,
+                    first_chunk_frames, chunk_frames)
+        return
     target = common.audio_output_target(output, overwrite)
     from minicpmo_cli.cli import remote
 
@@ -325,6 +342,76 @@ def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:
     if result.capped:
         cap = "the model's cap" if max_audio_seconds is None else f"--max-audio-seconds {max_audio_seconds:g}"
         common.warn(f"some speech was cut short by {cap}")
+
+
+def _check_stream(stream: bool, first_chunk_frames, chunk_frames, lines: bool, verbatim: bool) -> None:
+    from minicpmo_cli.errors import UsageError
+
+    if not stream:
+        name = "--first-chunk-frames" if first_chunk_frames is not None else "--chunk-frames"
+        raise UsageError(f"{name} sets the chunks of streamed speech: add --stream")
+    if lines:
+        raise UsageError("--stream writes one wav as it is spoken: it does not combine with --lines")
+    if not verbatim:
+        raise UsageError("--stream reads the text as given: it does not combine with --no-verbatim")
+    if common.options().server:
+        raise UsageError("--stream speaks with the model loaded here: it does not combine with --server")
+
+
+def _tts_stream(body: str, target: Path | None, speaker, max_audio_seconds, first_chunk_frames, chunk_frames):
+    """tts --stream: each chunk goes to the wav (a file valid after every chunk, or stdout) as it is made."""
+    import time
+
+    from minicpmo_cli.api.speech import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, speak_stream
+
+    engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
+    started = time.perf_counter()
+    pieces = speak_stream(engine, body, speaker, max_frames=_max_frames(max_audio_seconds),
+                          first_chunk_frames=first_chunk_frames or FIRST_CHUNK_FRAMES,
+                          chunk_frames=chunk_frames or CHUNK_FRAMES)
+    writer = _StdoutWav() if target is None else _file_wav(target)
+    with writer:
+        for number, piece in enumerate(pieces):
+            if number == 0:
+                common.debug(f"first audio after {1000 * (time.perf_counter() - started):.0f} ms")
+            writer.write(piece)
+    if target is not None:
+        common.info(f"wrote {target} ({writer.seconds:.1f} s)")
+
+
+def _file_wav(target: Path):
+    from minicpmo_cli.outputs import WavStreamWriter
+
+    return WavStreamWriter(target)
+
+
+class _StdoutWav:
+    """A 24 kHz mono PCM16 wav streamed to stdout: the header cannot know the length, so its sizes say
+    'unknown' (0xFFFFFFFF), which players and sox/ffmpeg read up to the end of the stream."""
+
+    def __init__(self) -> None:
+        self.samples_written = 0
+
+    def __enter__(self):
+        import struct
+
+        rate = 24000
+        header = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + struct.pack(
+            "<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF)
+        sys.stdout.buffer.write(header)
+        sys.stdout.buffer.flush()
+        return self
+
+    def write(self, samples) -> None:
+        import numpy as np
+
+        audio = np.nan_to_num(np.asarray(samples, dtype=np.float32).reshape(-1), nan=0.0, posinf=1.0, neginf=-1.0)
+        sys.stdout.buffer.write(np.rint(np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+        sys.stdout.buffer.flush()
+        self.samples_written += len(audio)
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, max_audio_seconds, overwrite: bool,

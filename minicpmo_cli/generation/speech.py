@@ -23,8 +23,18 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from minicpmo_cli.model.tts import AUDIO_EOS_ID, DEFAULT_TEMPERATURES
-from minicpmo_cli.model.tts_sampling import ReferenceSampler, make_logits_processors
+from minicpmo_cli.errors import UsageError
+from minicpmo_cli.generation.decode import resolve_compile
+from minicpmo_cli.generation.tts_decode import (
+    FrameSampling,
+    TTSState,
+    generate_frames,
+    iter_frames,
+    prefill_audio,
+    prefill_text,
+)
+from minicpmo_cli.model.tts import DEFAULT_TEMPERATURES
+from minicpmo_cli.model.tts_sampling import ReferenceSampler
 from minicpmo_cli.processing.tts_text import (
     TTS_EOS,
     build_streaming_text_mask,
@@ -38,7 +48,10 @@ from minicpmo_cli.processing.tts_text import (
 )
 from minicpmo_cli.units import MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE
 
-OUTPUT_CHUNK_FRAMES = 25  # audio frames per tts.generate call (reference output_chunk_size)
+OUTPUT_CHUNK_FRAMES = 25  # audio frames per generate call (reference output_chunk_size)
+CONTEXT_FRAMES = 4  # frames of left context re-decoded with each streamed chunk
+OVERLAP_SAMPLES = 512 * CONTEXT_FRAMES  # their samples: cross-faded with the end of the audio before
+MIN_CHUNK_FRAMES = CONTEXT_FRAMES + 1  # a chunk must add audio beyond the cross-faded part
 
 
 @dataclass
@@ -48,32 +61,6 @@ class SpeechChunk:
     text: str
     wav: np.ndarray
     sample_rate: int = OUTPUT_SAMPLE_RATE
-
-
-class _Sampler:
-    """Bundles the sampling settings every ``tts.generate`` call of one utterance shares."""
-
-    def __init__(self, tts, temperature, sampler) -> None:
-        temps = [float(temperature)] * tts.num_vq if isinstance(temperature, (int, float)) else list(temperature)
-        self.temperature = torch.tensor(temps, dtype=torch.float, device=tts.device)
-        self.warpers, self.processors = make_logits_processors(
-            tts.top_p, tts.top_k, tts.repetition_penalty, tts.num_audio_tokens
-        )
-        self.sampler = sampler
-
-    def generate(self, tts, audio_ids, cache, text_mask, force_no_stop=False):
-        return tts.generate(
-            input_ids=audio_ids,
-            past_key_values=cache,
-            temperature=self.temperature,
-            eos_token=AUDIO_EOS_ID,
-            streaming_tts_text_mask=text_mask,
-            force_no_stop=force_no_stop,
-            max_new_token=OUTPUT_CHUNK_FRAMES,
-            logits_warpers=self.warpers,
-            logits_processors=self.processors,
-            sampler=self.sampler,
-        )
 
 
 def as_text_rounds(text: str) -> list[str]:
@@ -110,31 +97,27 @@ def generate_codes(
     max_new_tokens: int = MAX_AUDIO_FRAMES,
     sampler=None,
     force_no_stop: bool = False,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """Audio codes ``[1, T, num_vq]`` for one text that fits the 300 reserved positions (reference
-    ``_generate_mel_spec`` up to the codes)."""
+    ``_generate_mel_spec`` up to the codes). ``compile``: capture the TTS step (see decode.resolve_compile)."""
     prompt, num_tokens = prepare_tts_text(tts_tokenizer, text, tts.streaming_text_reserved_len, tts.num_spk_embs)
     input_ids = encode_tts_prompt(tts_tokenizer, prompt).to(tts.device)
     # On the model's device once, not copied there at every audio frame.
     text_mask = build_streaming_text_mask(num_tokens, tts.streaming_text_reserved_len, tts.num_spk_embs).to(tts.device)
-    sampler = _Sampler(tts, temperature, sampler if sampler is not None else make_sampler())
-    cache, audio_ids = tts.new_kv_cache(), tts.new_audio_input_ids()
-    outputs = None
+    sampling = FrameSampling.for_tts(tts, temperature, sampler if sampler is not None else make_sampler())
+    options = {"force_no_stop": force_no_stop, "compile": resolve_compile(compile, tts.device)}
+    state = TTSState(tts, OUTPUT_CHUNK_FRAMES)
     for chunk_idx in range(math.ceil(tts.condition_length / tts.streaming_text_chunk_size)):
         begin, end = _text_chunk_bounds(tts, chunk_idx)
         if end > begin:
-            position_ids = torch.arange(begin, end, device=tts.device)[None]
-            spk = spk_embeds if begin == 0 else None
-            cache = tts.prefill_text(input_ids[:, begin:end], position_ids, cache, spk)
-        outputs = sampler.generate(tts, audio_ids, cache, text_mask, force_no_stop)
-        audio_ids, cache = outputs.audio_input_ids, outputs.past_key_values
-        if outputs.finished:
-            return outputs.new_ids
+            prefill_text(tts, state, input_ids[:, begin:end], begin, spk_embeds if begin == 0 else None)
+        if generate_frames(tts, state, sampling, text_mask, OUTPUT_CHUNK_FRAMES, **options):
+            return state.new_ids
     while True:
-        outputs = sampler.generate(tts, audio_ids, cache, text_mask, force_no_stop)
-        audio_ids, cache = outputs.audio_input_ids, outputs.past_key_values
-        if outputs.finished or outputs.new_ids.shape[1] > max_new_tokens:
-            return outputs.new_ids
+        finished = generate_frames(tts, state, sampling, text_mask, OUTPUT_CHUNK_FRAMES, **options)
+        if finished or state.new_ids.shape[1] > max_new_tokens:
+            return state.new_ids
 
 
 def codes_to_wav(tts, vocos, codes: torch.Tensor) -> np.ndarray:
@@ -156,19 +139,21 @@ def generate_speech(
     max_new_tokens: int = MAX_AUDIO_FRAMES,
     seed: int | None = None,
     streaming: bool = False,
+    compile: bool | None = None,
 ) -> np.ndarray:
     """Whole-utterance speech for ``text`` (an LLM answer; ``<|tts_bos|>``/``<|tts_eos|>`` are handled).
 
     ``spk_embeds``: the LLM's final hidden state at ``<|spk|>`` (``[1, llm_dim]``). ``temperature``: per
     codebook (reference default 0.1/0.3/0.1/0.3) or one value for all. ``max_new_tokens``: frame cap per
     piece (~46.9 frames/s). ``seed``: private RNG (None uses torch's global RNG, as the reference).
-    ``streaming=True`` runs the streaming schedule and joins its chunks. Returns float32 mono at 24 kHz.
+    ``streaming=True`` runs the streaming schedule and joins its chunks. ``compile``: capture the TTS step.
+    Returns float32 mono at 24 kHz.
     """
     text = extract_tts_text(text)
     if streaming:
         chunks = stream_speech(
             tts, vocos, tts_tokenizer, spk_embeds, as_text_rounds(text), temperature=temperature,
-            max_new_tokens=max_new_tokens, seed=seed,
+            max_new_tokens=max_new_tokens, seed=seed, compile=compile,
         )
         wavs = [chunk.wav for chunk in chunks]
         return np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, dtype=np.float32)
@@ -177,7 +162,7 @@ def generate_speech(
     for piece in split_tts_text(tts_tokenizer, text, tts.streaming_text_reserved_len - 1):
         codes = generate_codes(
             tts, tts_tokenizer, spk_embeds, piece, temperature=temperature,
-            max_new_tokens=max_new_tokens, sampler=sampler,
+            max_new_tokens=max_new_tokens, sampler=sampler, compile=compile,
         )
         wavs.append(codes_to_wav(tts, vocos, codes))
     return np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, dtype=np.float32)
@@ -193,14 +178,78 @@ def stream_speech(
     temperature: float | Sequence[float] = DEFAULT_TEMPERATURES,
     max_new_tokens: int = MAX_AUDIO_FRAMES,
     seed: int | None = None,
+    compile: bool | None = None,
+    first_chunk_frames: int = OUTPUT_CHUNK_FRAMES,
+    chunk_frames: int = OUTPUT_CHUNK_FRAMES,
 ) -> Iterator[SpeechChunk]:
     """Streaming speech as the reference's ``_generate_mel_spec_audio_streaming``: consumes text as it
-    arrives (e.g. LLM rounds) and yields :class:`SpeechChunk` s of 12 800 samples (0.533 s; the last may
-    differ). See :class:`_StreamingSpeech` for the schedule."""
+    arrives (e.g. LLM rounds) and yields :class:`SpeechChunk` s as soon as they are decoded: the first once
+    ``first_chunk_frames`` frames exist, then one per ``chunk_frames`` frames (``chunk_frames * 512`` samples;
+    25 frames = 0.533 s). The chunk sizes change only when audio is decoded, not which codes are drawn.
+    See :class:`_StreamingSpeech` for the schedule. ``compile``: capture the TTS step."""
+    check_chunk_frames(first_chunk_frames, chunk_frames)
     pieces = iter(as_text_rounds(text_pieces) if isinstance(text_pieces, str) else text_pieces)
-    sampler = _Sampler(tts, temperature, make_sampler(seed))
-    runner = _StreamingSpeech(tts, vocos, tts_tokenizer, spk_embeds, sampler, max_new_tokens)
+    sampling = FrameSampling.for_tts(tts, temperature, make_sampler(seed))
+    runner = _StreamingSpeech(tts, vocos, tts_tokenizer, spk_embeds, sampling, max_new_tokens,
+                              resolve_compile(compile, tts.device), (int(first_chunk_frames), int(chunk_frames)))
     yield from runner.run(pieces)
+
+
+def check_chunk_frames(first_chunk_frames: int, chunk_frames: int) -> None:
+    """Streamed chunk sizes must be whole frames beyond the re-decoded context (UsageError otherwise)."""
+    for name, value in (("first_chunk_frames", first_chunk_frames), ("chunk_frames", chunk_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or not MIN_CHUNK_FRAMES <= value <= MAX_AUDIO_FRAMES:
+            raise UsageError(f"{name} must be a whole number of frames from {MIN_CHUNK_FRAMES} to "
+                             f"{MAX_AUDIO_FRAMES}, not {value!r}")
+
+
+def decode_codes(tts, vocos, codes: torch.Tensor) -> torch.Tensor:
+    """Codes ``[1, T, num_vq]`` -> float32 wav ``[T * 512]`` on the CPU (one streamed chunk)."""
+    if codes.shape[1] == 0:
+        return torch.zeros(0)
+    with torch.inference_mode():
+        mel = tts.decode_to_mel_specs(codes)
+        return vocos.decode(mel.float()).squeeze(0).cpu().float()
+
+
+class _ChunkedWav:
+    """A segment's audio, decoded as its frames are sampled: the first chunk after ``first_frames`` new
+    frames, then every ``frames``; each decode takes 4 frames of left context, whose 2048 samples are
+    cross-faded with the end of the audio before (the reference's ``_linear_overlap_add2_wav``).
+
+    Only the last 2048 samples of what was decoded wait (the cross-fade with the next chunk changes them), so
+    a chunk is yielded as soon as it is decoded; joined, the chunks are the reference's held-back stream to
+    float rounding.
+    """
+
+    def __init__(self, decode, first_frames: int, frames: int, decoded: int = 0) -> None:
+        self.decode, self.first_frames, self.frames = decode, first_frames, frames
+        self.decoded = decoded  # frames decoded so far (a continued segment starts after its primer frames)
+        self.emitted_any = False
+        self.tail: torch.Tensor | None = None  # the last samples, still to be cross-faded
+
+    def due(self, frames: int) -> bool:
+        return frames - self.decoded >= (self.frames if self.emitted_any else self.first_frames)
+
+    def push(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """Decode the frames of ``new_ids`` not decoded yet (with context); the samples that are final."""
+        codes = new_ids[:, max(self.decoded - CONTEXT_FRAMES, 0) :]
+        self.decoded = new_ids.shape[1]
+        self.emitted_any = True
+        wav = self.decode(codes)
+        if self.tail is not None:
+            faded, rest = _overlap_add_pair(self.tail, wav, overlap=self.tail.shape[0])
+            wav = torch.cat([faded, rest])
+        keep = min(OVERLAP_SAMPLES, wav.shape[0])
+        self.tail = wav[wav.shape[0] - keep :]
+        return wav[: wav.shape[0] - keep]
+
+    def finish(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """Everything not yielded yet: the undecoded frames and the held samples."""
+        head = self.push(new_ids) if new_ids.shape[1] > self.decoded else torch.zeros(0)
+        tail, self.tail = (self.tail if self.tail is not None else torch.zeros(0)), None
+        return torch.cat([head, tail])
+
 
 
 def _overlap_add_pair(prev: torch.Tensor, cur: torch.Tensor, overlap: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,22 +274,26 @@ class _StreamingSpeech:
     """The reference streaming schedule, segment by segment.
 
     Per text piece: digits are spelled out and ``*`` removed; whenever the TTS text reaches the next multiple
-    of 10 tokens, the next text chunk is prefilled and 25 frames are generated; the new frames (with 4 frames
-    of left context) are decoded, cross-faded over 2048 samples with the held-back previous chunk, and the
-    previous chunk is yielded. Once the text has >= 120 tokens and a piece ends a sentence, the segment is
+    of 10 tokens, the next text chunk is prefilled and 25 frames are generated; as the frames come, they are
+    decoded and yielded in chunks (:class:`_ChunkedWav`: 4 frames of left context, cross-faded over 2048
+    samples). Once the text has >= 120 tokens and a piece ends a sentence, the segment is
     closed and a new one starts, primed with the last 5 text tokens and last 50 frames of the old one. At the
     end of the text the rest is prefilled through ``[Etts]`` and generation runs to EOS (or the frame cap).
     Not reproduced: ``enable_regenerate`` (off by default in the reference).
     """
 
     SEGMENT_SHIFT = 180  # a new segment may start once the text has 300 - 180 tokens
-    CONTEXT_FRAMES = 4
     CONTEXT_TEXT_TOKENS = 5
     CONTEXT_AUDIO_FRAMES = 50
 
-    def __init__(self, tts, vocos, tokenizer, spk_embeds, sampler: _Sampler, max_new_tokens: int) -> None:
+    def __init__(self, tts, vocos, tokenizer, spk_embeds, sampling: FrameSampling, max_new_tokens: int,
+                 compile: bool = False, chunks: tuple[int, int] = (OUTPUT_CHUNK_FRAMES, OUTPUT_CHUNK_FRAMES)) -> None:
         self.tts, self.vocos, self.tokenizer = tts, vocos, tokenizer
-        self.spk_embeds, self.sampler, self.max_new_tokens = spk_embeds, sampler, max_new_tokens
+        self.spk_embeds, self.sampling, self.max_new_tokens = spk_embeds, sampling, max_new_tokens
+        self.compile, self.chunks = compile, chunks
+
+    def chunked_wav(self, decoded: int = 0) -> _ChunkedWav:
+        return _ChunkedWav(lambda codes: decode_codes(self.tts, self.vocos, codes), *self.chunks, decoded)
 
     def run(self, pieces: Iterator[str]) -> Iterator[SpeechChunk]:
         previous = None  # (text ids [1, 5], text left over, audio ids [1, 50, 4]) of a closed segment
@@ -256,11 +309,11 @@ class _Segment:
     def __init__(self, owner: _StreamingSpeech, previous) -> None:
         self.o = owner
         tts = owner.tts
-        self.cache, self.audio_ids = tts.new_kv_cache(), tts.new_audio_input_ids()
-        self.chunk_idx, self.new_ids_len, self.prev_text_len = 0, 0, 0
+        self.state = TTSState(tts, OUTPUT_CHUNK_FRAMES)
+        self.generated = False  # any frames sampled in this segment
+        self.chunk_idx, self.prev_text_len = 0, 0
         self.gen_text, self.tts_text, self.num_tokens = "", "", 0
-        self.prev_wav: torch.Tensor | None = None
-        self.outputs = None
+        self.wav = owner.chunked_wav()
         self.next_segment = None
         self.is_continuation = previous is not None
         if previous is not None:
@@ -286,14 +339,13 @@ class _Segment:
         self.num_tokens = text_ids.shape[1]
         start_ids = encode_tts_prompt(self.o.tokenizer, "[Stts]" + "[spk_emb]" * tts.num_spk_embs).to(tts.device)
         ids = torch.cat([start_ids, text_ids.to(tts.device)], dim=1)
-        position_ids = torch.arange(0, ids.shape[1], device=tts.device)[None]
-        self.cache = tts.prefill_text(ids, position_ids, self.cache, self.o.spk_embeds)
-        self.cache = tts.prefill_audio_ids(audio_ids[:, :-1], self.cache, self._text_mask())
+        prefill_text(tts, self.state, ids, 0, self.o.spk_embeds)
+        prefill_audio(tts, self.state, audio_ids[:, :-1], self._text_mask())
         self.chunk_idx = int(self.num_tokens / tts.streaming_text_chunk_size)
-        self.audio_ids = torch.cat([self.audio_ids, audio_ids.to(tts.device)], dim=1)
+        self.state.append_ids(audio_ids)
         self.gen_text = self.o.tokenizer.decode(text_ids[0].tolist(), add_special_tokens=False) + text_left
         self.prev_text_len = len(self.gen_text)
-        self.new_ids_len = audio_ids.shape[1]
+        self.wav = self.o.chunked_wav(decoded=audio_ids.shape[1])  # the primer frames were spoken before
         # Deviation: the reference leaves the prompt empty until the next LLM piece arrives, so leftover text is
         # dropped when the text ends exactly at a segment cut; preparing it here lets the tail be spoken.
         self._prompt()
@@ -301,35 +353,25 @@ class _Segment:
     def _prefill(self, begin: int, end: int) -> None:
         tts = self.o.tts
         self._input_ids = encode_tts_prompt(self.o.tokenizer, self.tts_text).to(tts.device)
-        position_ids = torch.arange(begin, end, device=tts.device)[None]
         spk = self.o.spk_embeds if self.chunk_idx == 0 else None
-        self.cache = tts.prefill_text(self._input_ids[:, begin:end], position_ids, self.cache, spk)
+        prefill_text(tts, self.state, self._input_ids[:, begin:end], begin, spk)
 
     def _generate_and_emit(self) -> Iterator[SpeechChunk]:
+        """One generate call (25 frames); each chunk is yielded as soon as its frames exist."""
         tts = self.o.tts
-        self.outputs = self.o.sampler.generate(tts, self.audio_ids, self.cache, self._text_mask())
-        self.audio_ids, self.cache = self.outputs.audio_input_ids, self.outputs.past_key_values
+        for frames in iter_frames(tts, self.state, self.o.sampling, self._text_mask(), OUTPUT_CHUNK_FRAMES,
+                                  compile=self.o.compile):
+            if self.wav.due(frames):
+                yield from self._chunk(self.wav.push(self.state.new_ids))
         self.chunk_idx += 1
-        new_ids = self.outputs.new_ids
-        codes = new_ids[:, max(self.new_ids_len - self.o.CONTEXT_FRAMES, 0) :]
-        self.new_ids_len = new_ids.shape[1]
-        wav = self._decode(codes)
-        if self.prev_wav is None:
-            self.prev_wav = wav
+        self.generated = True
+
+    def _chunk(self, wav: torch.Tensor) -> Iterator[SpeechChunk]:
+        if wav.shape[0] == 0:
             return
-        ready, self.prev_wav = _overlap_add_pair(self.prev_wav, wav, overlap=512 * self.o.CONTEXT_FRAMES)
-        yield self._chunk(ready)
-
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        if codes.shape[1] == 0:
-            return torch.zeros(0)
-        mel = self.o.tts.decode_to_mel_specs(codes)
-        return self.o.vocos.decode(mel.float()).squeeze(0).cpu().float()
-
-    def _chunk(self, wav: torch.Tensor) -> SpeechChunk:
         text = self.gen_text_raw[self.prev_text_len :]
         self.prev_text_len = len(self.gen_text_raw)
-        return SpeechChunk(text=text, wav=wav.numpy().astype(np.float32))
+        yield SpeechChunk(text=text, wav=wav.numpy().astype(np.float32))
 
     def run(self, pieces: Iterator[str]) -> Iterator[SpeechChunk]:
         tts = self.o.tts
@@ -350,7 +392,7 @@ class _Segment:
             if self.num_tokens >= (self.chunk_idx + 1) * chunk:
                 self._prefill(*_text_chunk_bounds(tts, self.chunk_idx))
                 yield from self._generate_and_emit()
-                if self.outputs.finished:
+                if self.state.finished:
                     finished = True
                     break
         stopped = False
@@ -362,18 +404,17 @@ class _Segment:
                 self._prefill(begin, end)
             while True:
                 yield from self._generate_and_emit()
-                if self.outputs.finished:
+                if self.state.finished:
                     break
-                if self.outputs.new_ids.shape[1] > self.o.max_new_tokens:
+                if self.state.new_ids.shape[1] > self.o.max_new_tokens:
                     stopped = True
                     break
-        if self.prev_wav is not None:
-            yield self._chunk(self.prev_wav)  # last chunk, without cross-fade
-        if text_left is not None and not stopped and self.outputs is not None:
+        yield from self._chunk(self.wav.finish(self.state.new_ids))  # the rest, without cross-fade
+        if text_left is not None and not stopped and self.generated:
             ids = encode_tts_prompt(self.o.tokenizer, self.tts_text)
             last = self.num_tokens + prefix  # index of [Etts]
             self.next_segment = (
                 ids[:, last - self.o.CONTEXT_TEXT_TOKENS : last],
                 text_left,
-                self.outputs.new_ids[:, -self.o.CONTEXT_AUDIO_FRAMES :],
+                self.state.new_ids[:, -self.o.CONTEXT_AUDIO_FRAMES :],
             )

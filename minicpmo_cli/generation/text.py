@@ -128,7 +128,7 @@ def generate(
     if want_speech:
         spk_embeds = spk_embeds_from_hidden(prompt_hidden, data.get("spk_bounds"))
     if generate_audio and not batched:
-        wav, rate = synthesize(model, spk_embeds, answer, output_audio_path)
+        wav, rate = synthesize(model, spk_embeds, answer, output_audio_path, compile=compile)
     answer = [t.replace(TTS_EOS, "") for t in answer] if batched else answer.replace(TTS_EOS, "")
     if return_dict or return_spk_embed:
         return OmniOutput(text=answer, spk_embeds=spk_embeds, audio_wav=wav, sampling_rate=rate)
@@ -250,13 +250,15 @@ def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict,
     return pieces()
 
 
-def synthesize(model, spk_embeds: torch.Tensor, answer: str, output_audio_path=None):
-    """Answer text -> (24 kHz float32 wav, 24000) with the model's TTS; writes a wav file if a path is given."""
+def synthesize(model, spk_embeds: torch.Tensor, answer: str, output_audio_path=None, compile: bool | None = None):
+    """Answer text -> (24 kHz float32 wav, 24000) with the model's TTS; writes a wav file if a path is given.
+    ``compile``: capture the TTS step (None: as decode.resolve_compile decides)."""
     from minicpmo_cli.generation.speech import generate_speech
 
     if getattr(model, "vocos", None) is None or getattr(model, "tts_processor", None) is None:
         model.init_tts()
-    wav = generate_speech(model.tts, model.vocos, model.tts_processor, spk_embeds.to(model.tts.device), answer)
+    wav = generate_speech(model.tts, model.vocos, model.tts_processor, spk_embeds.to(model.tts.device), answer,
+                          compile=compile)
     if output_audio_path is not None:
         import soundfile
 

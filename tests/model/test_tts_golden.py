@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minicpmo_cli.generation.speech import codes_to_wav, generate_codes, generate_speech
+from minicpmo_cli.generation.tts_decode import FrameSampling, TTSState, generate_frames, prefill_text
 from minicpmo_cli.model.tts import ConditionalChatTTS
 from minicpmo_cli.model.tts_sampling import make_logits_processors
 from minicpmo_cli.model.vocoder import load_vocos
@@ -73,21 +74,18 @@ def test_teacher_forced_step_logits(golden_tts, golden_case):
     meta, arrays = golden_case("e_tts_pieces")
     ids = torch.from_numpy(arrays["tts_input_ids"])
     mask = torch.tensor(meta["tts_text"]["streaming_tts_text_mask"], dtype=torch.int8)
-    cache = tts.prefill_text(ids[:, :12], torch.arange(12)[None], tts.new_kv_cache(), torch.from_numpy(arrays["spk_embeds"]))
-    audio_ids = tts.new_audio_input_ids()
-    warpers, processors = make_logits_processors(0.7, 20, 1.0)
+    state = TTSState(tts)
+    prefill_text(tts, state, ids[:, :12], 0, torch.from_numpy(arrays["spk_embeds"]))
+    sampling = FrameSampling.for_tts(tts)
+    sampling.warpers, sampling.processors = make_logits_processors(0.7, 20, 1.0)
     logits = []
     forced = torch.from_numpy(arrays["teacher_forcing_codes"])
     for step in range(3):
-        out = tts.generate(
-            audio_ids, cache, streaming_tts_text_mask=mask, max_new_token=1,
-            logits_warpers=warpers, logits_processors=processors, logits_out=logits,
-        )
-        assert out.audio_input_ids.shape == (1, 304 + step, 4)
-        audio_ids, cache = out.audio_input_ids.clone(), out.past_key_values
-        assert cache[0][0].shape[2] == 303 + step
+        generate_frames(tts, state, sampling, mask, 1, logits_out=logits)
+        assert state.audio_input_ids.shape == (1, 304 + step, 4)
+        assert state.cache.length == 303 + step
         if step < 2:
-            audio_ids[0, -1] = forced[step]
+            state.ids[0, state.progress - 1] = forced[step]
     np.testing.assert_allclose(torch.stack(logits).numpy(), arrays["tf_step_logits"], atol=1e-4, rtol=0)
 
 

@@ -75,7 +75,8 @@ def test_streaming_chunks(golden_pipeline, tokenizer, golden_case):
         torch.set_num_threads(before)
     assert len(chunks) >= 2
     assert all(c.wav.dtype == np.float32 and c.sample_rate == 24000 for c in chunks)
-    assert all(c.wav.shape == (12800,) for c in chunks[:-1])  # 25 frames x 512 samples per yield
+    # 25 frames x 512 samples per yield; the first lacks the 2048 samples the next cross-fade changes
+    assert chunks[0].wav.shape == (12800 - 2048,) and all(c.wav.shape == (12800,) for c in chunks[1:-1])
     assert "".join(c.text for c in chunks) == "hello world, the voice."
     joined = np.concatenate([c.wav for c in chunks])
     assert np.isfinite(joined).all()
@@ -90,9 +91,11 @@ def test_streaming_long_text_continues_in_a_new_segment(golden_pipeline, tokeniz
 
     tts, vocos = golden_pipeline
     _, arrays = golden_case("e_tts_pieces")
+    from minicpmo_cli.generation import speech
+
     primed = []
-    original = tts.prefill_audio_ids
-    monkeypatch.setattr(tts, "prefill_audio_ids", lambda ids, *a, **k: primed.append(ids.shape) or original(ids, *a, **k))
+    original = speech.prefill_audio
+    monkeypatch.setattr(speech, "prefill_audio", lambda tts, state, ids, *a: primed.append(ids.shape) or original(tts, state, ids, *a))
     text = "hello world, the voice of the helpful assistant. " * 9  # 135 tokens
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -103,5 +106,75 @@ def test_streaming_long_text_continues_in_a_new_segment(golden_pipeline, tokeniz
     assert primed == [(1, 49, 4)]
     assert "".join(c.text for c in chunks) == text
     sizes = [c.wav.shape[0] for c in chunks]
-    # each segment flushes its own tail; a continued segment starts with 29 frames (4 re-decoded context frames)
-    assert sizes.count(12800) >= len(sizes) - 3 and 14848 in sizes
+    # each segment flushes its own tail; the first chunk of the first segment lacks the 2048 cross-faded
+    # samples, a continued segment's first chunk has 4 re-decoded context frames more (29 frames - 2048 samples)
+    assert sizes[0] == 12800 - 2048 and sizes.count(12800) >= len(sizes) - 3
+
+
+class CountingSampler:
+    """The reference sampler, recording every frame drawn (so a test knows how many frames exist)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.frames = sampler, []
+
+    def sample(self, probs):
+        drawn = self.sampler.sample(probs)
+        self.frames.append(drawn.flatten().tolist())
+        return drawn
+
+
+def _stream_recorded(tts, vocos, tokenizer, spk, monkeypatch, **options):
+    """stream_speech, with the frames drawn before each chunk, every decoded wav and the codes drawn."""
+    from minicpmo_cli.generation import speech
+
+    samplers, decoded = [], []
+    make = speech.make_sampler
+    monkeypatch.setattr(speech, "make_sampler", lambda seed=None: samplers.append(CountingSampler(make(seed)))
+                        or samplers[-1])
+    decode = speech.decode_codes
+    monkeypatch.setattr(speech, "decode_codes", lambda *a: decoded.append(decode(*a)) or decoded[-1])
+    chunks, arrivals = [], []
+    for chunk in speech.stream_speech(tts, vocos, tokenizer, spk, ["hello", " world", ", the voice."], seed=5,
+                                      max_new_tokens=120, **options):
+        chunks.append(chunk.wav)
+        arrivals.append(len(samplers[0].frames))
+    return chunks, arrivals, decoded, samplers[0].frames
+
+
+def test_first_chunk_is_yielded_when_decoded_and_the_join_is_the_held_back_stream(golden_pipeline, tokenizer,
+                                                                                   golden_case, monkeypatch):
+    """Before, each decoded chunk was held back until the next one existed (for the cross-fade); now only its
+    last 2048 samples wait. Joined, the chunks equal that held-back stream (re-built here from the same
+    decoded wavs with the reference's overlap-add) to float rounding: the weights' division is no longer
+    applied to samples outside the cross-fade."""
+    from minicpmo_cli.generation.speech import _overlap_add_pair
+
+    tts, vocos = golden_pipeline
+    spk = torch.from_numpy(golden_case("e_tts_pieces")[1]["spk_embeds"])
+    chunks, arrivals, decoded, frames = _stream_recorded(tts, vocos, tokenizer, spk, monkeypatch)
+    assert arrivals[0] == 25 and chunks[0].shape == ((25 - 4) * 512,)  # the first 25 frames, at once
+    assert arrivals[1] == 50 and len(decoded) == len(chunks) - 1  # the tail comes after the last decode
+    held = [decoded[0]]
+    for wav in decoded[1:]:
+        ready, rest = _overlap_add_pair(held.pop(), wav, overlap=2048)
+        held += [ready, rest]
+    expected = torch.cat(held).numpy()
+    joined = np.concatenate(chunks)
+    assert joined.shape == expected.shape == (512 * sum(1 for f in frames if 625 not in f),)
+    np.testing.assert_allclose(joined, expected, atol=1e-6, rtol=0)
+
+    # Other chunk sizes: the same codes drawn, the first chunk after 10 frames, then 15 frames a chunk.
+    small, arrivals, _, same_frames = _stream_recorded(tts, vocos, tokenizer, spk, monkeypatch,
+                                                       first_chunk_frames=10, chunk_frames=15)
+    assert same_frames == frames and arrivals[:3] == [10, 25, 40]
+    assert small[0].shape == ((10 - 4) * 512,) and all(c.shape == (15 * 512,) for c in small[1:-2])
+    assert sum(c.shape[0] for c in small) == joined.shape[0]  # the vocoder looks ahead: samples differ a little
+
+
+@pytest.mark.parametrize(("first", "every"), [(4, 25), (25, 0), (2.5, 25), (25, 5000)])
+def test_bad_chunk_sizes_are_usage_errors(first, every):
+    from minicpmo_cli.errors import UsageError
+    from minicpmo_cli.generation.speech import check_chunk_frames
+
+    with pytest.raises(UsageError, match="chunk_frames must be a whole number of frames from 5 to 2048"):
+        check_chunk_frames(first, every)

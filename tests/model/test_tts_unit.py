@@ -3,11 +3,10 @@ the reference-exact sampler, text splitting and the streaming pipeline's glue.""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
 from minicpmo_cli.generation.speech import _overlap_add_pair, as_text_rounds
+from minicpmo_cli.generation.tts_decode import FrameSampling, TTSState, generate_frames, prefill_text
 from minicpmo_cli.model.config import ConditionalChatTTSConfig
 from minicpmo_cli.model.tts import (
     ConditionalChatTTS,
@@ -60,14 +59,14 @@ def test_bf16_model_generates():
     torch.manual_seed(0)
     tts = ConditionalChatTTS(tiny_config()).to(torch.bfloat16).eval()
     ids = torch.tensor([[40, 41] + [5] * 10])
-    cache = tts.prefill_text(ids, torch.arange(12)[None], tts.new_kv_cache(), torch.randn(1, 16))
+    state = TTSState(tts)
+    prefill_text(tts, state, ids, 0, torch.randn(1, 16))
     mask = torch.zeros(303, dtype=torch.int8)
     mask[:13] = 1
     mask[-1] = 1
-    out = tts.generate(tts.new_audio_input_ids(), cache, streaming_tts_text_mask=mask, max_new_token=4,
-                       sampler=ReferenceSampler(seed=3))
-    assert out.new_ids.shape == (1, 4, 4) and int(out.new_ids.max()) < 625  # EOS banned for 10 steps
-    assert out.past_key_values[0][0].shape[2] == 306 and out.past_key_values[0][0].dtype == torch.bfloat16
+    finished = generate_frames(tts, state, FrameSampling.for_tts(tts, sampler=ReferenceSampler(seed=3)), mask, 4)
+    assert not finished and state.new_ids.shape == (1, 4, 4) and int(state.new_ids.max()) < 625  # EOS banned
+    assert state.cache.length == 306 and state.cache.keys[0].dtype == torch.bfloat16
 
 
 def test_streaming_mask_hides_future_text_pads_and_ptts():

@@ -1,0 +1,205 @@
+"""The TTS frame loop on the decoding core (generation/tts_decode.py) against the loop it replaced: the old
+``ConditionalChatTTS.generate`` over a transformers ``DynamicCache`` through ``LlamaModel.forward``, kept
+here only as the reference. Seeded codes must be identical (the golden case f test proves the reference
+draws; this one proves the new loop makes the same choices for other seeds, lengths and the streaming
+continuation), and ``--compile`` must give the same codes as eager."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from minicpmo_cli.generation import tts_decode
+from minicpmo_cli.generation.speech import OUTPUT_CHUNK_FRAMES, _text_chunk_bounds, generate_codes, make_sampler
+from minicpmo_cli.model.tts import AUDIO_EOS_ID
+from minicpmo_cli.processing.tts_text import (
+    build_streaming_text_mask,
+    encode_tts_prompt,
+    load_tts_tokenizer,
+    prepare_tts_text,
+)
+
+# ----- the old loop (reference only) -------------------------------------------------------------------
+
+
+class _GrowingLayer(DynamicLayer):
+    def __init__(self, keys, values):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.keys.shape[-2]
+
+
+def _cache(kv):
+    cache = DynamicCache()
+    cache.layers = [_GrowingLayer(k, v) for k, v in kv]
+    return cache
+
+
+def old_new_kv(tts):
+    cfg = tts.model.config
+    shape = (1, cfg.num_attention_heads, tts.condition_length - 1, cfg.hidden_size // cfg.num_attention_heads)
+    return [(torch.zeros(shape, dtype=tts.dtype), torch.zeros(shape, dtype=tts.dtype))
+            for _ in range(cfg.num_hidden_layers)]
+
+
+@torch.inference_mode()
+def old_prefill_text(tts, input_ids, begin, kv, spk=None):
+    end = begin + input_ids.shape[1]
+    embeds = tts.merge_inputs_embeds(input_ids, spk)
+    cache = _cache([(k[:, :, :begin].clone(), v[:, :, :begin].clone()) for k, v in kv])
+    tts.model(inputs_embeds=embeds, position_ids=torch.arange(begin, end)[None], cache=cache, use_cache=True)
+    for (keys, values), layer in zip(kv, cache.layers):
+        keys[:, :, begin:end] = layer.keys[:, :, begin:end]
+        values[:, :, begin:end] = layer.values[:, :, begin:end]
+    return kv
+
+
+@torch.inference_mode()
+def old_generate(tts, audio_ids, kv, temps, text_mask, max_new, warpers, processors, sampler, logits_out=None):
+    start, progress = tts.condition_length, audio_ids.shape[1]
+    buffer = torch.zeros(1, progress + max_new, tts.num_vq, dtype=torch.long)
+    buffer[:, :progress] = audio_ids
+    cache = _cache(kv)
+    heads = [head.weight for head in tts.head_code]
+    finished = False
+    for step in range(max_new):
+        past = cache.get_seq_length()
+        embeds = tts.bos_embeds() if progress == start else tts.embed_codes(buffer[:, progress - 1 : progress])
+        mask = tts.streaming_mask(embeds, past, text_mask)
+        out = tts.model(inputs_embeds=embeds, attention_mask=mask, position_ids=torch.tensor([[past]]),
+                        cache=cache, use_cache=True)
+        logits = tts.code_logits(out.last_hidden_state[:, -1], heads)
+        if logits_out is not None:
+            logits_out.append(logits.clone())
+        history = buffer[:, start:progress].permute(0, 2, 1).reshape(tts.num_vq, -1)
+        logits = logits / temps
+        if progress != start:
+            for processor in (*processors, *warpers):
+                logits = processor(history, logits)
+        if step < 10:
+            logits[:, AUDIO_EOS_ID] = -torch.inf
+        frame = sampler.sample(F.softmax(logits, dim=-1)).view(1, tts.num_vq)
+        finished = bool(frame.eq(AUDIO_EOS_ID).any())
+        buffer[:, progress] = frame
+        if step == 0 and finished:
+            break
+        progress += 1
+        if finished:
+            break
+    ids = buffer[:, :progress]
+    new_ids = ids[:, start:-1] if finished else ids[:, start:]
+    return new_ids, ids, [(layer.keys, layer.values) for layer in cache.layers], finished
+
+
+def old_generate_codes(tts, tokenizer, spk, text, sampler, max_new_tokens=2048):
+    prompt, num_tokens = prepare_tts_text(tokenizer, text)
+    input_ids = encode_tts_prompt(tokenizer, prompt)
+    text_mask = build_streaming_text_mask(num_tokens)
+    sampling = tts_decode.FrameSampling.for_tts(tts, sampler=sampler)
+    args = (sampling.temperature, text_mask, OUTPUT_CHUNK_FRAMES, sampling.warpers, sampling.processors, sampler)
+    kv, audio_ids = old_new_kv(tts), tts.new_audio_input_ids()
+    for chunk_idx in range(math.ceil(tts.condition_length / tts.streaming_text_chunk_size)):
+        begin, end = _text_chunk_bounds(tts, chunk_idx)
+        if end > begin:
+            kv = old_prefill_text(tts, input_ids[:, begin:end], begin, kv, spk if begin == 0 else None)
+        new_ids, audio_ids, kv, finished = old_generate(tts, audio_ids, kv, *args)
+        if finished:
+            return new_ids
+    while True:
+        new_ids, audio_ids, kv, finished = old_generate(tts, audio_ids, kv, *args)
+        if finished or new_ids.shape[1] > max_new_tokens:
+            return new_ids
+
+
+# ----- fixtures ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def golden_tts(golden_ckpt):
+    from safetensors.torch import load_file
+
+    from minicpmo_cli.model.config import MiniCPMOConfig
+    from minicpmo_cli.model.tts import ConditionalChatTTS
+
+    config = MiniCPMOConfig(**json.loads((golden_ckpt / "config.json").read_text())).tts_config
+    tts = ConditionalChatTTS(config)
+    state = {k[4:]: v for k, v in load_file(golden_ckpt / "model.safetensors").items() if k.startswith("tts.")}
+    tts.load_state_dict(state, strict=True)
+    return tts.float().eval(), load_tts_tokenizer(golden_ckpt / "assets" / "chattts_tokenizer")
+
+
+class EosAfter:
+    """A sampler that draws EOS after ``limit`` frames (api/speech.py's frame budget does the same), so a
+    test reaches the end of an utterance, and the first-step-EOS quirk, in a few dozen frames."""
+
+    def __init__(self, sampler, limit):
+        self.sampler, self.limit, self.frames = sampler, limit, 0
+
+    def sample(self, probs):
+        drawn = self.sampler.sample(probs)
+        self.frames += 1
+        if self.frames > self.limit:
+            drawn[0, 0] = AUDIO_EOS_ID
+        return drawn
+
+
+TEXTS = ("hi.", "hello world, the voice.", "hello world, the voice of the helpful assistant. " * 3)
+
+
+@pytest.mark.parametrize(("seed", "text", "limit"), [(0, TEXTS[0], 30), (1, TEXTS[1], 25), (7, TEXTS[2], 61),
+                                                      (1234, TEXTS[2], 80)])
+def test_new_loop_gives_the_old_loops_codes(golden_tts, seed, text, limit):
+    """limit 25: EOS forced on the first step of the second call (the reference's dropped-frame quirk)."""
+    tts, tokenizer = golden_tts
+    spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(seed))
+    old = old_generate_codes(tts, tokenizer, spk, text, EosAfter(make_sampler(seed), limit))
+    new = generate_codes(tts, tokenizer, spk, text, sampler=EosAfter(make_sampler(seed), limit), compile=False)
+    assert new.shape[1] == (limit - 1 if limit % OUTPUT_CHUNK_FRAMES == 0 else limit)
+    assert torch.equal(new, old)
+
+
+def test_step_logits_equal_the_old_loops_bit_for_bit(golden_tts):
+    tts, tokenizer = golden_tts
+    prompt, num_tokens = prepare_tts_text(tokenizer, TEXTS[1])
+    ids = encode_tts_prompt(tokenizer, prompt)
+    mask = build_streaming_text_mask(num_tokens)
+    spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(3))
+    sampling = tts_decode.FrameSampling.for_tts(tts, sampler=make_sampler(3))
+    old_logits, new_logits = [], []
+    kv = old_prefill_text(tts, ids[:, :12], 0, old_new_kv(tts), spk)
+    kv = old_prefill_text(tts, ids[:, 12:22], 12, kv, None)
+    old_generate(tts, tts.new_audio_input_ids(), kv, sampling.temperature, mask, 12, sampling.warpers,
+                 sampling.processors, make_sampler(3), old_logits)
+    state = tts_decode.TTSState(tts)
+    tts_decode.prefill_text(tts, state, ids[:, :12], 0, spk)
+    tts_decode.prefill_text(tts, state, ids[:, 12:22], 12)
+    tts_decode.generate_frames(tts, state, sampling, mask, 12, logits_out=new_logits)
+    assert state.progress == 303 + 12 and state.cache.length == 302 + 12
+    assert all(torch.equal(a, b) for a, b in zip(old_logits, new_logits)) and len(new_logits) == 12
+    for (keys, values), k, v in zip(kv, state.cache.keys, state.cache.values):
+        assert torch.equal(keys, k[:, :, : keys.shape[2]]) and torch.equal(values, v[:, :, : values.shape[2]])
+
+
+def test_compiled_step_gives_the_eager_codes(golden_tts, caplog):
+    """--compile on the CPU (Inductor): the same codes as eager over a few frames."""
+    tts, tokenizer = golden_tts
+    caplog.set_level("INFO", logger=tts_decode.__name__)
+    spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(5))
+    eager = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(5), 12), compile=False)
+    compiled = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(5), 12), compile=True)
+    assert eager.shape == (1, 12, 4) and torch.equal(compiled, eager)
+    assert "compiled the TTS step for cache 512" in caplog.text
