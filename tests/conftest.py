@@ -71,15 +71,18 @@ def tiny_gptq_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
-class CliResult:
-    """What a `minicpmo` run gave: exit code, stdout, stderr (``code, out, err = cli(...)`` unpacks it)."""
+class CliResult(tuple):
+    """What a `minicpmo` run gave: exit code, stdout, stderr (``code, out, err = cli(...)``; ``.code`` ...), and
+    stdout's bytes (``.stdout_bytes``: wav bytes from a subprocess)."""
 
-    def __init__(self, code: int, stdout: str, stderr: str, stdout_bytes: bytes | None = None) -> None:
-        self.code, self.stdout, self.stderr = code, stdout, stderr
-        self.stdout_bytes = stdout.encode() if stdout_bytes is None else stdout_bytes
+    def __new__(cls, code: int, stdout: str, stderr: str, stdout_bytes: bytes | None = None) -> CliResult:
+        result = super().__new__(cls, (code, stdout, stderr))
+        result.stdout_bytes = stdout.encode() if stdout_bytes is None else stdout_bytes
+        return result
 
-    def __iter__(self):
-        return iter((self.code, self.stdout, self.stderr))
+    code = property(lambda self: self[0])
+    stdout = property(lambda self: self[1])
+    stderr = property(lambda self: self[2])
 
     def __repr__(self) -> str:
         return f"CliResult(code={self.code}, stdout={self.stdout[-300:]!r}, stderr={self.stderr[-600:]!r})"
