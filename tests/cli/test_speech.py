@@ -185,13 +185,15 @@ def test_mimick_prints_the_transcription_and_writes_speech(real_cli, clips, tiny
     assert out == expected.text + "\n"
 
 
-def test_stdin_text_and_wav_on_stdout(tiny_ckpt, cli_process):
-    """The real `python -m minicpmo_cli` on the tiny model: text piped in, wav bytes piped out."""
+def test_stdin_text_and_wav_on_stdout(tiny_ckpt, cli_process, tmp_path):
+    """The real `python -m minicpmo_cli` on the tiny model: text piped in, wav bytes piped out (`-o -` is
+    stdout, not a file named "-")."""
     result = cli_process("--model", tiny_ckpt, "--device", "cpu", "tts", "-", "-o", "-", *SHORT,
-                         stdin=b"Read from stdin.")
+                         stdin=b"Read from stdin.", cwd=tmp_path)
     assert result.code == 0, result.stderr
     assert result.stdout_bytes[:4] == b"RIFF"
     assert len(read_wav(result.stdout_bytes)) <= CAP_SAMPLES
+    assert not (tmp_path / "-").exists()
 
 
 def test_output_and_reference_errors_are_one_line_naming_the_path(speech_cli, fake_engine, clips, tmp_path,
