@@ -73,11 +73,13 @@ def tiny_gptq_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------ the CLI
 class CliResult(tuple):
     """What a `minicpmo` run gave: exit code, stdout, stderr (``code, out, err = cli(...)``; ``.code`` ...), and
-    stdout's bytes (``.stdout_bytes``: wav bytes from a subprocess)."""
+    the bytes of both (``.stdout_bytes``: wav bytes, or text that must be valid UTF-8, from a subprocess)."""
 
-    def __new__(cls, code: int, stdout: str, stderr: str, stdout_bytes: bytes | None = None) -> CliResult:
+    def __new__(cls, code: int, stdout: str, stderr: str, stdout_bytes: bytes | None = None,
+                stderr_bytes: bytes | None = None) -> CliResult:
         result = super().__new__(cls, (code, stdout, stderr))
         result.stdout_bytes = stdout.encode() if stdout_bytes is None else stdout_bytes
+        result.stderr_bytes = stderr.encode() if stderr_bytes is None else stderr_bytes
         return result
 
     code = property(lambda self: self[0])
@@ -137,18 +139,24 @@ def cli(capsys, monkeypatch, tmp_path) -> CliRunner:
     return CliRunner(capsys, monkeypatch)
 
 
-def run_cli_process(*args, stdin: str | bytes = b"", env: dict | None = None, cwd=None,
-                    timeout: float = 300) -> CliResult:
-    """`python -m minicpmo_cli ARGS` in a subprocess: the real entry point, for the few smoke tests that need
-    a process of its own (a fresh interpreter, signals, a real pipe)."""
+def cli_command(*args) -> list:
+    """The argv of `python -m minicpmo_cli ARGS` (bytes arguments kept: file names that are not UTF-8)."""
+    return [sys.executable, "-m", "minicpmo_cli", *[a if isinstance(a, bytes) else str(a) for a in args]]
+
+
+def run_cli_process(*args, stdin: str | bytes = b"", env: dict | None = None, cwd=None, timeout: float = 300,
+                    prefix: list | None = None) -> CliResult:
+    """`python -m minicpmo_cli ARGS` in a subprocess: the real entry point, for the few tests that need a
+    process of its own (a fresh interpreter, signals, real pipes and file descriptors, ``prefix``: a command
+    to run it under, e.g. setpriv)."""
     import os
     import subprocess
 
     data = stdin.encode() if isinstance(stdin, str) else stdin
-    done = subprocess.run([sys.executable, "-m", "minicpmo_cli", *map(str, args)], capture_output=True, input=data,
+    done = subprocess.run([*(prefix or []), *cli_command(*args)], capture_output=True, input=data,
                           env={**os.environ, "NO_COLOR": "1", **(env or {})}, cwd=cwd, timeout=timeout)
     return CliResult(done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"),
-                     stdout_bytes=done.stdout)
+                     stdout_bytes=done.stdout, stderr_bytes=done.stderr)
 
 
 @pytest.fixture
