@@ -129,9 +129,11 @@ class CliRunner:
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch, tmp_path) -> CliRunner:
-    """The in-process CLI runner, in a temporary home (MINICPMO_HOME: saved voices) and working folder."""
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
+def cli(capsys, monkeypatch, tmp_path_factory) -> CliRunner:
+    """The in-process CLI runner, in a temporary home (MINICPMO_HOME: saved voices) and working folder of its
+    own (outside the test's ``tmp_path``, which stays the test's to fill and list)."""
+    folder = tmp_path_factory.mktemp("cli")
+    home, cwd = folder / "home", folder / "cwd"
     cwd.mkdir()
     monkeypatch.setenv("MINICPMO_HOME", str(home))
     monkeypatch.setenv("NO_COLOR", "1")
