@@ -90,6 +90,18 @@ class CliResult(tuple):
         return f"CliResult(code={self.code}, stdout={self.stdout[-300:]!r}, stderr={self.stderr[-600:]!r})"
 
 
+def main_exit_code(*args) -> int:
+    """Run the console entry point (``main``) in this process on ``args``; its exit code. The output goes to
+    whatever captures it: the ``cli`` fixture below, or pytest (for module-scoped fixtures)."""
+    from minicpmo_cli.cli.app import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
 class _TerminalInput(io.TextIOWrapper):
     """Scripted keyboard input: a stdin that says it is a terminal (the REPL starts) and reads the script."""
 
@@ -111,15 +123,9 @@ class CliRunner:
         self.capsys, self.monkeypatch, self.prefix = capsys, monkeypatch, prefix
 
     def __call__(self, *args, stdin: str | bytes = "", tty: bool = False) -> CliResult:
-        from minicpmo_cli.cli.app import main
-
         self.capsys.readouterr()  # what the test printed before is not the command's
         self.monkeypatch.setattr(sys, "stdin", _stdin(stdin, tty))
-        try:
-            main([*self.prefix, *map(str, args)])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = main_exit_code(*self.prefix, *args)
         out, err = self.capsys.readouterr()
         return CliResult(code, out, err)
 

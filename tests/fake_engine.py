@@ -18,6 +18,7 @@ the engine is recorded (:class:`Recorder`), so a test can assert which options r
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -231,3 +232,17 @@ class Recorder:
     @property
     def last(self) -> Call:
         return self.calls[-1]
+
+
+def main() -> None:
+    """`python -m tests.fake_engine ARGS`: the `minicpmo` entry point with the fake engine installed, for the tests
+    that need a process of its own (a pseudo-terminal) but not the model."""
+    from minicpmo_cli.api import engine as engine_module
+    from minicpmo_cli.cli.app import main as cli_main
+
+    engine_module.load = Recorder().load
+    cli_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
