@@ -1,5 +1,5 @@
 """A model-free engine for the CLI's behaviour tests: what the commands do with options, files, formats, exit
-codes and the REPL, in milliseconds, without the model's arithmetic.
+codes and the REPL, without the model's arithmetic.
 
 It implements ``minicpmo_cli.api.protocol.Engine`` and ``ModelSteps`` with deterministic answers:
 

@@ -3,7 +3,7 @@
 ``api.engine.Engine`` is the real one: the model on a device, with its processor. Anything else that has
 these members can stand in for it, e.g. the test suite's fake engine, which answers the CLI's commands
 without the model (deterministic text and audio, no torch work) so that options, files, formats, exit codes
-and the REPL are tested in milliseconds.
+and the REPL are tested without the model's arithmetic.
 
 A few steps of the tasks reach past ``generate`` into the model's towers (asr's batched decode, the speech
 synthesis of sentence groups). The task modules run those steps on ``engine.model`` themselves; an engine
