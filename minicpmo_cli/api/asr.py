@@ -170,6 +170,11 @@ def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str | l
                    decode: DecodeOptions) -> list[PieceText]:
     """One forward pass over several clips (left-padded); the answer to ``[instruction, clip]`` for each
     (``instruction``: one for all, or one per clip)."""
+    from minicpmo_cli.api.protocol import own_steps
+
+    steps = own_steps(engine)
+    if steps is not None:  # an engine not backed by a model answers itself (api/protocol.py)
+        return steps.transcribe_clips(clips, instruction, decode)
     from minicpmo_cli.generation.text import TTS_EOS, decoding_settings, run_llm_generate
     from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
 
@@ -352,7 +357,7 @@ def _decode_ahead(inputs: Iterable[AudioInput], options: AsrOptions, depth: int)
 
 def _loaded_once(engine: Engine | Callable[[], Engine]) -> Callable[[], Engine]:
     """``engine``, or a function that loads it the first time it is called and returns it after."""
-    loaded: list[Engine] = [engine] if isinstance(engine, Engine) else []
+    loaded: list[Engine] = [] if callable(engine) else [engine]  # an Engine, or any api.protocol.Engine
 
     def model() -> Engine:
         if not loaded:

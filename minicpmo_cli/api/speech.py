@@ -277,12 +277,16 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
                        progress: Callable[[int, int], None] | None = None) -> SpeechResult:
     import torch
 
+    from minicpmo_cli.api.protocol import own_steps
     from minicpmo_cli.generation.speech import codes_to_wav, generate_codes
     from minicpmo_cli.model.tts_sampling import ReferenceSampler
     from minicpmo_cli.processing.tts_text import extract_tts_text
 
     if max_frames < 1:
         raise UsageError("the audio length cap must be at least one frame")
+    steps = own_steps(engine)
+    if steps is not None:  # an engine not backed by a model speaks itself (api/protocol.py)
+        return steps.synthesize(spk, groups, max_frames, progress)
     model = engine.model
     spk = spk.to(model.tts.device)
     wavs, pieces = [], []

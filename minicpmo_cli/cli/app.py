@@ -48,6 +48,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     model: str = typer.Option(common.DEFAULT_MODEL, "--model", envvar="MINICPMO_MODEL",
                               help="Hugging Face hub id or local checkpoint folder."),
     revision: str = typer.Option(None, "--revision", envvar="MINICPMO_REVISION",
@@ -80,11 +81,12 @@ def root(
     if quantize is not None and quantize.strip().lower() not in ("none", "int8", "int4"):
         raise typer.BadParameter(f"--quantize must be none, int8 or int4, not {quantize!r}")
     _configure_logging(quiet=quiet, verbose=verbose or debug)
-    common.set_options(common.GlobalOptions(
+    # In typer's context, not a module global: each command's context inherits ctx.obj (common.options()).
+    ctx.obj = common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
         quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, compile=compile,
         quantize=quantize, server=server or None,
-    ))
+    )
 
 
 class _StderrLine(logging.Handler):

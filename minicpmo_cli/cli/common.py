@@ -42,17 +42,30 @@ class GlobalOptions:
     server: str | None = None  # URL of a running `minicpmo serve`: asr, chat, tts and clone use it
 
 
-_options = GlobalOptions()
+DEFAULT_OPTIONS = GlobalOptions()
 
 
 def options() -> GlobalOptions:
-    """The global options of this invocation (set by the root callback)."""
-    return _options
+    """The global options of this invocation: the root callback keeps them in typer's context (``ctx.obj``),
+    which every command's context inherits. Outside a command (library use, a thread of our own, after the
+    command has returned) they are the defaults: nothing of one invocation leaks into the next."""
+    context = _current_context()
+    found = context.find_object(GlobalOptions) if context is not None else None
+    return found if found is not None else DEFAULT_OPTIONS
 
 
-def set_options(opts: GlobalOptions) -> None:
-    global _options
-    _options = opts
+def _current_context():
+    """The click context of the command running in this thread, or None. Typer vendors click from 0.2x on
+    (``typer._click``); older typers use click itself."""
+    import importlib
+
+    for name in ("typer._click.globals", "click.globals"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        return module.get_current_context(silent=True)
+    return None
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:
@@ -95,23 +108,23 @@ def err(message: str) -> None:
 
 
 def info(message: str) -> None:
-    if not _options.quiet:
+    if not options().quiet:
         err(message)
 
 
 def debug(message: str) -> None:
-    if _options.verbose or _options.debug:
+    if options().verbose or options().debug:
         err(message)
 
 
 def warn(message: str) -> None:
-    if not _options.quiet:
+    if not options().quiet:
         err(f"warning: {message}")
 
 
 def show_progress() -> bool:
     """Progress bars only on an interactive stderr, and never with --no-progress or -q."""
-    return sys.stderr.isatty() and not (_options.no_progress or _options.quiet)
+    return sys.stderr.isatty() and not (options().no_progress or options().quiet)
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -286,7 +299,7 @@ def decode_options(max_new_tokens=None, min_new_tokens=None, sampling=None, temp
 def load_options():
     from minicpmo_cli.api.engine import LoadOptions
 
-    o = _options
+    o = options()
     return LoadOptions(model=o.model, revision=o.revision, offline=o.offline, device=o.device, dtype=o.dtype,
                        seed=o.seed, compile=o.compile, quantize=o.quantize)
 
@@ -310,7 +323,7 @@ def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
             disable_progress_bars()
     started = time.perf_counter()
     folder = checkpoint_folder()
-    debug(f"loading {_options.model} from {folder} (vision={vision}, audio={audio}, tts={tts})")
+    debug(f"loading {options().model} from {folder} (vision={vision}, audio={audio}, tts={tts})")
     with status(f"loading the model from {folder}"):
         engine = load(replace(load_options(), model=str(folder)), vision=vision, audio=audio, tts=tts, warn=warn)
     quantization = getattr(engine.model, "quantization", None)
@@ -327,7 +340,8 @@ def check_local_model() -> None:
     VAD imports torch): a wrong path fails at once. Hub ids are left for the load (it may download)."""
     from minicpmo_cli.model.checkpoint_files import means_local_folder
 
-    if _options.server is None and (Path(_options.model).expanduser().exists() or means_local_folder(_options.model)):
+    o = options()
+    if o.server is None and (Path(o.model).expanduser().exists() or means_local_folder(o.model)):
         checkpoint_folder()
 
 
@@ -335,7 +349,7 @@ def checkpoint_folder() -> Path:
     """The local folder of --model: as given, or from the hub cache, downloading it first when it is not there."""
     from minicpmo_cli.model.checkpoint_files import cached_snapshot, means_local_folder, resolve_checkpoint_dir
 
-    o = _options
+    o = options()
     path = Path(o.model).expanduser()
     if path.is_dir() or path.exists() or means_local_folder(o.model):
         return resolve_checkpoint_dir(o.model)  # the folder, or a one-line error naming it

@@ -1,13 +1,15 @@
-"""`minicpmo asr` end to end on the tiny checkpoint with real (espeak-ng) speech.
+"""`minicpmo asr` end to end with real (espeak-ng) speech: inputs, records, files, formats, segment times,
+exit codes, error lines.
 
-The tiny model's weights are random, so transcripts are gibberish: the tests check structure (the CLI gives
-the library's answer, records, files, segment times, exit codes, error lines), never words.
+Most tests run in-process on the fake engine (tests/fake_engine.py), whose transcript of a piece is its
+length (``clip 2.50 s``): the audio decoding, the VAD, the pieces and every output are real. The tiny
+checkpoint keeps the subprocess smoke test (stdout is the library's transcript) and the batching test
+(--batch-size 5 gives the same bytes as one piece at a time, which only the real model can show).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,28 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minicpmo_cli.cli import app as app_module
-
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
 FAST = ["--max-new-tokens", "4"]
 SENTENCES = ["Good morning everyone and welcome to the meeting.", "Today we talk about the quarterly results.",
              "Sales went up in the northern region.", "Please send me the report before Friday."]
-
-
-def run_cli(*args, stdin: bytes = b""):
-    env = {**os.environ, "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "minicpmo_cli", *map(str, args)], capture_output=True,
-                          input=stdin, env=env, timeout=300)
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    """The console entry point in-process (faster than a subprocess): (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        app_module.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 def speak(text: str, path: Path) -> Path:
@@ -89,27 +74,33 @@ def library_text(engine, path) -> str:
     return transcribe(engine, str(path), decode=DecodeOptions(max_new_tokens=4)).text
 
 
+@pytest.fixture
+def asr(cli, fake_engine, tiny_ckpt):
+    """`minicpmo --model TINY ...` on the fake engine."""
+    return cli.with_args("--model", tiny_ckpt)
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("minicpmo: error:")]
 
 
-def test_one_file_prints_its_transcript(tiny_ckpt, engine, speech):
-    result = run_cli("--model", tiny_ckpt, "asr", speech["one"], *FAST, "--device", "cpu")
-    assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode() == library_text(engine, speech["one"]) + "\n"
+def test_one_file_prints_its_transcript(tiny_ckpt, engine, speech, cli_process):
+    result = cli_process("--model", tiny_ckpt, "asr", speech["one"], *FAST, "--device", "cpu")
+    assert result.code == 0, result.stderr
+    assert result.stdout == library_text(engine, speech["one"]) + "\n"
 
 
-def test_stdin_gives_the_same_transcript(tiny_ckpt, engine, speech, capsys, monkeypatch, tmp_path):
-    import io
-
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(speech["one"].read_bytes())))
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", "-", "-o", tmp_path, "-f", "json", *FAST)
+def test_stdin_gives_the_same_transcript(asr, fake_engine, speech, tmp_path):
+    code, stdout, err = asr("asr", "-", "-o", tmp_path, "-f", "json", *FAST, stdin=speech["one"].read_bytes())
     assert code == 0, err
     record = json.loads((tmp_path / "stdin.json").read_text())
-    assert record["path"] == "-" and record["text"] == library_text(engine, speech["one"])
+    code, stdout, err = asr("asr", speech["one"], "-f", "json", *FAST)
+    assert code == 0, err
+    assert record["path"] == "-" and record == {**json.loads(stdout), "path": "-"}
+    assert record["text"].startswith("clip ") and fake_engine.of_kind("transcribe")[0].decode.max_new_tokens == 4
 
 
-def test_folder_with_bad_files_then_rerun(tiny_ckpt, speech, tmp_path, capsys):
+def test_folder_with_bad_files_then_rerun(asr, speech, tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     for name in ("one", "two"):
@@ -117,9 +108,8 @@ def test_folder_with_bad_files_then_rerun(tiny_ckpt, speech, tmp_path, capsys):
     (inbox / "corrupt.wav").write_bytes(speech["one"].read_bytes()[:30])  # a header cut short
     (inbox / "empty.mp3").write_bytes(b"")
     (inbox / "notes.txt").write_text("not media: a folder contributes only audio/video files")
-    result = run_cli("--model", tiny_ckpt, "asr", inbox, "-o", out, "-f", "json", *FAST)
-    stderr = result.stderr.decode()
-    assert result.returncode == 3, stderr
+    code, _, stderr = asr("asr", inbox, "-o", out, "-f", "json", *FAST)
+    assert code == 3, stderr
     assert sorted(p.name for p in out.iterdir()) == ["one.json", "two.json"]
     for name in ("one", "two"):
         record = json.loads((out / f"{name}.json").read_text())
@@ -131,24 +121,22 @@ def test_folder_with_bad_files_then_rerun(tiny_ckpt, speech, tmp_path, capsys):
 
     # A rerun redoes nothing: the finished outputs stay untouched and the model is not even loaded.
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    code, _, err = run_main(capsys, "--model", tiny_ckpt, "-v", "asr", inbox, "-o", out, "-f", "json", *FAST)
+    code, _, err = asr("-v", "asr", inbox, "-o", out, "-f", "json", *FAST)
     assert code == 3
     assert "skipped 2 input(s)" in err and "loading" not in err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     (inbox / "corrupt.wav").unlink()
     (inbox / "empty.mp3").unlink()
-    assert run_main(capsys, "--model", tiny_ckpt, "asr", inbox, "-o", out, "-f", "json", *FAST)[0] == 0
-    code, _, _ = run_main(capsys, "--model", tiny_ckpt, "asr", inbox, "-o", out, "-f", "json", "--overwrite",
-                          *FAST)
+    assert asr("asr", inbox, "-o", out, "-f", "json", *FAST).code == 0
+    code, _, _ = asr("asr", inbox, "-o", out, "-f", "json", "--overwrite", *FAST)
     assert code == 0
     assert all((out / name).stat().st_mtime_ns != mtime for name, mtime in before.items())
 
 
-def test_long_recording_gives_timed_segments(tiny_ckpt, long_recording, tmp_path, capsys):
+def test_long_recording_gives_timed_segments(asr, fake_engine, long_recording, tmp_path):
     recording, pauses = long_recording
     out = tmp_path / "out"
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", recording, "-o", out, "-f", "all",
-                                 "--batch-size", "2", *FAST)
+    code, stdout, err = asr("asr", recording, "-o", out, "-f", "all", "--batch-size", "2", *FAST)
     assert code == 0, err
     assert stdout == ""
     assert sorted(p.name for p in out.iterdir()) == [f"meeting.{ext}" for ext in ("json", "jsonl", "srt",
@@ -165,6 +153,11 @@ def test_long_recording_gives_timed_segments(tiny_ckpt, long_recording, tmp_path
     for a, b in zip(segments, segments[1:]):  # cue edges lie in one known pause (0.1 s: ~3 VAD windows)
         assert any(p0 - 0.1 <= a["end"] <= p1 and p0 <= b["start"] <= p1 + 0.1 for p0, p1 in pauses), (a, b)
     assert (out / "meeting.txt").read_text() == record["text"].strip() + "\n"
+    calls = fake_engine.of_kind("transcribe")
+    assert all(len(call.answer) <= 2 for call in calls)  # --batch-size 2
+    pieces = [text for call in calls for text in call.answer]
+    assert all(re.fullmatch(r"clip \d+\.\d\d s", t) for t in pieces)
+    assert sorted(re.findall(r"clip \d+\.\d\d s", record["text"])) == sorted(pieces)  # sent sorted by length
 
     spoken = [s for s in segments if s["text"].strip()]
     srt_times = re.findall(r"(\d\d:\d\d:\d\d,\d\d\d) --> (\d\d:\d\d:\d\d,\d\d\d)", (out / "meeting.srt").read_text())
@@ -180,48 +173,45 @@ def to_seconds(stamp: str) -> float:
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-def test_jsonl_on_stdout_from_a_files_from_list(tiny_ckpt, engine, speech, tmp_path, capsys):
+def test_jsonl_on_stdout_from_a_files_from_list(asr, speech, tmp_path):
     listing = tmp_path / "list.txt"
     missing = tmp_path / "missing.wav"
     listing.write_text(f"# inputs\n{speech['one']}\n\n{missing}\n{speech['two']}\n")
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", "--files-from", listing, "-f", "jsonl", *FAST)
+    code, stdout, err = asr("asr", "--files-from", listing, "-f", "jsonl", *FAST)
     assert code == 3
     records = [json.loads(line) for line in stdout.splitlines()]
     assert [r["path"] for r in records] == [str(speech["one"]), str(missing), str(speech["two"])]
     assert all(set(r) == {"path", "text", "language", "duration", "segments", "error"} for r in records)
-    assert records[0]["text"] == library_text(engine, speech["one"]) and records[0]["error"] is None
+    assert records[0]["text"] == json.loads(asr("asr", speech["one"], "-f", "json", *FAST).stdout)["text"]
+    assert records[0]["text"].startswith("clip ") and records[0]["error"] is None
     assert records[1]["error"] == "file not found" and records[1]["text"] == ""
     assert [line for line in error_lines(err) if str(missing) in line]
 
 
-def test_glob_recursive_and_sub_folders(tiny_ckpt, speech, tmp_path, capsys, monkeypatch):
-    from minicpmo_cli.cli import common
-
-    towers, real_load = [], common.load_engine
-
-    def recording_load(**kwargs):
-        towers.append(kwargs)
-        return real_load(**kwargs)
-
-    monkeypatch.setattr(common, "load_engine", recording_load)
+def test_glob_recursive_and_sub_folders(asr, fake_engine, speech, tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     (inbox / "sub").mkdir(parents=True)
     shutil.copy(speech["one"], inbox / "one.wav")
     shutil.copy(speech["two"], inbox / "sub" / "two.wav")
-    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", inbox, "--recursive", "-o", out, *FAST)
+    code, _, err = asr("asr", inbox, "--recursive", "-o", out, *FAST)
     assert code == 0, err
     assert (out / "one.txt").is_file() and (out / "sub" / "two.txt").is_file()
-    assert towers == [{"vision": False, "audio": True, "tts": False}]  # one load, no vision, no TTS
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", str(inbox / "*.wav"), *FAST)  # unexpanded
+    assert [load.towers for load in fake_engine.loads] == [{"vision": False, "audio": True, "tts": False}]
+    code, stdout, err = asr("asr", str(inbox / "*.wav"), *FAST)  # unexpanded
     assert code == 0, err
     assert stdout.strip() == (out / "one.txt").read_text().strip()
 
 
-def test_several_inputs_to_stdout_get_headers(tiny_ckpt, speech, capsys):
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], speech["two"], "--task",
-                                 "caption", "--language", "zh", *FAST)
+def test_several_inputs_to_stdout_get_headers(asr, fake_engine, speech):
+    from minicpmo_cli.api.asr import task_prompt
+
+    code, stdout, err = asr("asr", speech["one"], speech["two"], "--task", "caption", "--language", "zh", *FAST)
     assert code == 0, err
-    assert f"==> {speech['one']} <==" in stdout and f"==> {speech['two']} <==" in stdout
+    blocks = re.findall(r"==> (.+) <==\n(.+)\n", stdout)  # each transcript under its input's header
+    assert [path for path, _ in blocks] == [str(speech["one"]), str(speech["two"])], stdout
+    assert all(re.fullmatch(r"clip \d+\.\d\d s", text) for _, text in blocks)
+    sent = {i for call in fake_engine.of_kind("transcribe") for i in call.options["instructions"]}
+    assert sent == {task_prompt("caption", "zh")}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -233,52 +223,52 @@ def test_several_inputs_to_stdout_get_headers(tiny_ckpt, speech, capsys):
     (["--language", "fr"], "'fr' is not supported"),
     (["--batch-size", "0"], "batch-size"),
 ])
-def test_usage_errors(tiny_ckpt, speech, capsys, args, message):
+def test_usage_errors(asr, fake_engine, speech, args, message):
     args = [str(speech["two"]) if a == "EXTRA" else a for a in args]
-    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], *args)
+    code, _, err = asr("asr", speech["one"], *args)
+    assert fake_engine.calls == []
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("minicpmo: error:")  # one line, every kind
 
 
-def test_all_formats_rerun_writes_only_the_missing_ones(tiny_ckpt, speech, tmp_path, capsys):
+def test_all_formats_rerun_writes_only_the_missing_ones(asr, speech, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "one.txt").write_text("kept\n")
-    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], "-o", out, "-f", "all", *FAST)
+    code, _, err = asr("asr", speech["one"], "-o", out, "-f", "all", *FAST)
     assert code == 0, err
     assert (out / "one.txt").read_text() == "kept\n"  # never replaced without --overwrite
     assert all((out / f"one.{ext}").is_file() for ext in ("json", "srt", "vtt"))
 
 
-def test_double_star_glob_matches_every_depth(tiny_ckpt, speech, tmp_path, capsys):
+def test_double_star_glob_matches_every_depth(asr, speech, tmp_path):
     inbox = tmp_path / "inbox"
     (inbox / "sub").mkdir(parents=True)
     shutil.copy(speech["one"], inbox / "one.wav")
     shutil.copy(speech["two"], inbox / "sub" / "two.wav")
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", str(inbox / "**" / "*.wav"), *FAST)
+    code, stdout, err = asr("asr", str(inbox / "**" / "*.wav"), *FAST)
     assert code == 0, err
     assert f"==> {inbox / 'one.wav'} <==" in stdout and f"==> {inbox / 'sub' / 'two.wav'} <==" in stdout
 
 
-def test_one_bad_file_is_one_line_and_exit_1(tiny_ckpt, tmp_path, capsys):
+def test_one_bad_file_is_one_line_and_exit_1(asr, tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_text("hello")
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", bad)
+    code, stdout, err = asr("asr", bad)
     assert code == 1 and stdout == ""
     assert error_lines(err) == [f"minicpmo: error: {bad}: not an audio file (looks like text)"]
 
 
-def test_inputs_that_would_share_an_output_are_refused(tiny_ckpt, speech, tmp_path, capsys):
+def test_inputs_that_would_share_an_output_are_refused(asr, speech, tmp_path):
     other = tmp_path / "elsewhere"
     other.mkdir()
     shutil.copy(speech["one"], other / "one.wav")
-    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], other / "one.wav", "-o",
-                            tmp_path / "out")
+    code, _, err = asr("asr", speech["one"], other / "one.wav", "-o", tmp_path / "out")
     assert code == 2 and "same output file" in err
     assert not list((tmp_path / "out").glob("*.txt"))
 
 
-def test_ctrl_c_keeps_finished_outputs(tiny_ckpt, speech, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_keeps_finished_outputs(asr, speech, tmp_path, monkeypatch):
     """Interrupted during the second input: the first one's file is complete, nothing half-written remains."""
     from minicpmo_cli.api import asr as asr_api
 
@@ -293,14 +283,13 @@ def test_ctrl_c_keeps_finished_outputs(tiny_ckpt, speech, tmp_path, capsys, monk
 
     monkeypatch.setattr(asr_api, "generate_batch", interrupt_on_second)
     out = tmp_path / "out"
-    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", speech["one"], speech["two"], "-o", out,
-                            "--batch-size", "1", *FAST)
+    code, _, err = asr("asr", speech["one"], speech["two"], "-o", out, "--batch-size", "1", *FAST)
     assert code == 130  # (click handles Ctrl-C itself: exit 130)
     assert [p.name for p in out.iterdir()] == ["one.txt"]
     assert (out / "one.txt").read_text().endswith("\n")
 
 
-def test_batched_folder_gives_the_same_bytes_as_one_by_one(tiny_ckpt, speech, long_recording, tmp_path, capsys):
+def test_batched_folder_gives_the_same_bytes_as_one_by_one(cli, tiny_ckpt, speech, long_recording, tmp_path):
     """--batch-size 5 (sorted pieces, equal lengths in one Whisper call, decoding ahead) == --batch-size 1."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -312,8 +301,7 @@ def test_batched_folder_gives_the_same_bytes_as_one_by_one(tiny_ckpt, speech, lo
     outputs = {}
     for size in ("1", "5"):
         out = tmp_path / f"out{size}"
-        code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", inbox, "-o", out, "-f", "all",
-                                "--batch-size", size, *FAST)
+        code, _, err = cli("--model", tiny_ckpt, "asr", inbox, "-o", out, "-f", "all", "--batch-size", size, *FAST)
         assert code == 0, err
         outputs[size] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert len(outputs["1"]) == 5 * 5
@@ -321,45 +309,40 @@ def test_batched_folder_gives_the_same_bytes_as_one_by_one(tiny_ckpt, speech, lo
     assert len(json.loads(outputs["1"]["meeting.json"])["segments"]) >= 3
 
 
-def test_noise_alone_gives_an_empty_transcript_without_the_model(tiny_ckpt, tmp_path, capsys):
+def test_noise_alone_gives_an_empty_transcript_without_the_model(asr, fake_engine, tmp_path):
     """Pure noise: the VAD finds no speech, no piece goes to the model (it is not even loaded), nothing made up."""
     import soundfile
 
     rng = np.random.default_rng(7)
     noisy = tmp_path / "noise.wav"
     soundfile.write(noisy, (0.05 * rng.standard_normal(16000 * 20)).astype(np.float32), 16000)
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "-v", "asr", noisy, "-f", "json", *FAST)
+    code, stdout, err = asr("-v", "asr", noisy, "-f", "json", *FAST)
     assert code == 0, err
     record = json.loads(stdout)
     assert record["text"] == "" and record["segments"] == [] and record["duration"] == 20.0
-    assert "loading" not in err
+    assert "loading" not in err and fake_engine.loads == []
 
 
-def test_no_vad_sends_fixed_pieces_covering_the_file(tiny_ckpt, long_recording, tmp_path, capsys):
+def test_no_vad_sends_fixed_pieces_covering_the_file(asr, fake_engine, long_recording, tmp_path):
     recording, _ = long_recording
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "asr", recording, "--no-vad", "-f", "json", *FAST)
+    code, stdout, err = asr("asr", recording, "--no-vad", "-f", "json", *FAST)
     assert code == 0, err
     record = json.loads(stdout)
     segments = record["segments"]
     assert segments[0]["start"] == 0.0 and segments[-1]["end"] == record["duration"]
     assert all(a["end"] == b["start"] for a, b in zip(segments, segments[1:]))  # contiguous pieces
     assert len(segments) == 3 and all(0 < s["end"] - s["start"] <= 30.0 for s in segments)
+    sent = [n for call in fake_engine.of_kind("transcribe") for n in call.options["samples"]]
+    assert sum(sent) / 16000 == pytest.approx(record["duration"], abs=1e-3)  # every sample went to the model, once
 
 
 @pytest.mark.parametrize("language", ["auto", "zh"])
-def test_translate_records_the_language_and_sends_the_translate_prompt(tiny_ckpt, speech, capsys, monkeypatch,
-                                                                       language):
+def test_translate_records_the_language_and_sends_the_translate_prompt(asr, fake_engine, speech, language):
     from minicpmo_cli.api import asr as asr_api
 
-    real, prompts_sent = asr_api.generate_batch, []
-
-    def spy(engine, clips, instruction, decode):
-        prompts_sent.extend([instruction] * len(clips) if isinstance(instruction, str) else instruction)
-        return real(engine, clips, instruction, decode)
-
-    monkeypatch.setattr(asr_api, "generate_batch", spy)
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "-v", "asr", speech["one"], "--task", "translate",
-                                 "--language", language, "-f", "json", *FAST)
+    code, stdout, err = asr("-v", "asr", speech["one"], "--task", "translate", "--language", language, "-f", "json",
+                            *FAST)
+    prompts_sent = [i for call in fake_engine.of_kind("transcribe") for i in call.options["instructions"]]
     assert code == 0, err
     record = json.loads(stdout)
     assert record["language"] in ("en", "zh") and (language == "auto" or record["language"] == language)

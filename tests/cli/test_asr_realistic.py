@@ -1,7 +1,7 @@
 """Segmentation on realistic recordings (tests/realistic_audio.py): a noisy 5-minute meeting with music and
 known pauses, and a file of noise and music alone; at the segmenter and through `minicpmo asr`.
 
-The tiny model's transcripts are random tokens: these tests check where the audio is cut, what is sent to
+Through the CLI on the fake engine (tests/fake_engine.py): these tests check where the audio is cut, what is sent to
 the model and the times written, never words.
 """
 
@@ -13,7 +13,6 @@ import shutil
 import pytest
 
 from tests import realistic_audio as ra
-from tests.cli.test_asr_cli import run_main
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -44,19 +43,10 @@ def in_a_pause(recording: ra.Recording, seconds: float) -> bool:
     return any(start - SLACK <= seconds <= end + SLACK for start, end in recording.pauses)
 
 
-def spied_model(monkeypatch) -> list[tuple[str, int]]:
-    """The real generate_batch, recording (prompt, clip length) of everything sent to the model."""
-    from minicpmo_cli.api import asr as asr_api
-
-    real, sent = asr_api.generate_batch, []
-
-    def spy(engine, clips, instruction, decode):
-        prompts = [instruction] * len(clips) if isinstance(instruction, str) else instruction
-        sent.extend((prompt, len(clip)) for prompt, clip in zip(prompts, clips))
-        return real(engine, clips, instruction, decode)
-
-    monkeypatch.setattr(asr_api, "generate_batch", spy)
-    return sent
+def sent_to_model(fake_engine) -> list[tuple[str, int]]:
+    """(prompt, clip length) of everything sent to the (fake) engine."""
+    return [(prompt, samples) for call in fake_engine.of_kind("transcribe")
+            for prompt, samples in zip(call.options["instructions"], call.options["samples"])]
 
 
 def test_the_meeting_is_what_it_should_be(meeting):
@@ -100,12 +90,12 @@ def test_noise_and_music_alone_have_no_pieces(noise_file):
     assert segment_audio(load_audio(noise_file)) == []
 
 
-def test_meeting_through_the_cli(tiny_ckpt, meeting, pieces, tmp_path, capsys, monkeypatch):
-    sent = spied_model(monkeypatch)
+def test_meeting_through_the_cli(cli, fake_engine, tiny_ckpt, meeting, pieces, tmp_path):
     out = tmp_path / "out"
-    code, _, err = run_main(capsys, "--model", tiny_ckpt, "asr", meeting.path, "-o", out, "-f", "all",
-                            "--language", "en", "--batch-size", "4", *FAST)
+    code, _, err = cli("--model", tiny_ckpt, "asr", meeting.path, "-o", out, "-f", "all", "--language", "en",
+                       "--batch-size", "4", *FAST)
     assert code == 0, err
+    sent = sent_to_model(fake_engine)
     # exactly the pieces, each <= 30 s (batches go out sorted by length)
     assert sorted(n for _, n in sent) == sorted(p.end - p.start for p in pieces)
     record = json.loads((out / "meeting.json").read_text())
@@ -119,10 +109,10 @@ def test_meeting_through_the_cli(tiny_ckpt, meeting, pieces, tmp_path, capsys, m
     assert (out / "meeting.srt").read_text().count(" --> ") == len(spoken)
 
 
-def test_noise_through_the_cli_sends_nothing(tiny_ckpt, noise_file, tmp_path, capsys, monkeypatch):
-    sent = spied_model(monkeypatch)
-    code, stdout, err = run_main(capsys, "--model", tiny_ckpt, "-v", "asr", noise_file, "-f", "json", *FAST)
+def test_noise_through_the_cli_sends_nothing(cli, fake_engine, tiny_ckpt, noise_file):
+    code, stdout, err = cli("--model", tiny_ckpt, "-v", "asr", noise_file, "-f", "json", *FAST)
     assert code == 0, err
+    sent = sent_to_model(fake_engine)
     record = json.loads(stdout)
     assert (record["text"], record["segments"], record["error"]) == ("", [], None)
     assert sent == [] and "loading" not in err  # no piece sent; the model was not even loaded

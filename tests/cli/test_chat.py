@@ -1,21 +1,28 @@
-"""`minicpmo chat` end to end on the tiny checkpoint: one-shot, images, stdin, few-shot, errors, the REPL."""
+"""`minicpmo chat`: one-shot, images, stdin, few-shot, errors, --speak and the REPL (scripted input).
+
+The behaviour tests run in-process on the fake engine (tests/fake_engine.py): its answer says what it was
+asked (``echo: TEXT [images: N, audio: M]``), and the calls it records say which messages and options
+reached it. The real model on the tiny checkpoint keeps a subprocess smoke test (the answer equals the
+library's), a failed answer in the REPL, and Ctrl-C on a real terminal.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
+import numpy as np
 import pytest
+import soundfile
 
 GREEDY = ["--no-sampling", "--num-beams", "1", "--repetition-penalty", "1.0", "--max-new-tokens", "6"]
 
 
-def run_cli(*args, stdin: str | None = None):
-    env = {**os.environ, "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "minicpmo_cli", *map(str, args)], capture_output=True,
-                          text=True, input=stdin if stdin is not None else "", env=env, timeout=300)
+@pytest.fixture
+def chat(cli, fake_engine, tiny_ckpt):
+    """`minicpmo --model TINY chat ...` on the fake engine."""
+    return cli.with_args("--model", tiny_ckpt, "chat")
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +30,6 @@ def engine(tiny_ckpt):
     from minicpmo_cli import api
 
     return api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu"), tts=False)
-
-
-def library_answer(engine, content: list, **decode):
-    from minicpmo_cli.api.engine import DecodeOptions
-
-    options = DecodeOptions(sampling=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=6)
-    return engine.generate([{"role": "user", "content": content}], options)
 
 
 @pytest.fixture(scope="module")
@@ -43,98 +43,48 @@ def picture(tmp_path_factory):
     return path
 
 
-def test_one_shot_prints_the_models_answer(tiny_ckpt, engine):
-    result = run_cli("--model", tiny_ckpt, "chat", "What is the capital of France?", *GREEDY, "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    expected = library_answer(engine, ["What is the capital of France?"])
-    assert result.stdout == expected + "\n"
+def sine_clip(path, seconds: float = 2.0):
+    t = np.arange(int(16000 * seconds)) / 16000
+    soundfile.write(str(path), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+    return path
 
 
-def test_images_and_stdin_are_part_of_the_question(tiny_ckpt, engine, picture):
-    from minicpmo_cli.media.image import load_image
-
-    result = run_cli("--model", tiny_ckpt, "chat", "Describe it.", "-i", picture, "-i", picture, *GREEDY,
-                     stdin="some notes")
-    assert result.returncode == 0, result.stderr
-    image = load_image(picture)
-    expected = library_answer(engine, [image, image, "some notes\n\nDescribe it."])
-    assert result.stdout == expected + "\n"
+def same_image(a, b) -> bool:
+    return np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_few_shot_examples(tiny_ckpt, engine, picture):
-    from minicpmo_cli.media.image import load_image
-
-    result = run_cli("--model", tiny_ckpt, "chat", "production date", "--example", picture, "2023.08.04",
-                     *GREEDY)
-    assert result.returncode == 0, result.stderr
-    image = load_image(picture)
+# ------------------------------------------------------------------------------------ the real model
+def test_one_shot_prints_the_models_answer(tiny_ckpt, engine, cli_process):
+    """The real `python -m minicpmo_cli` on the tiny model: stdout is the library's answer, byte for byte."""
     from minicpmo_cli.api.engine import DecodeOptions
 
-    msgs = [{"role": "user", "content": [image, "production date"]},
-            {"role": "assistant", "content": ["2023.08.04"]},
-            {"role": "user", "content": ["production date"]}]
+    result = cli_process("--model", tiny_ckpt, "chat", "What is the capital of France?", *GREEDY, "--device", "cpu")
+    assert result.code == 0, result.stderr
     options = DecodeOptions(sampling=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=6)
-    assert result.stdout == engine.generate(msgs, options) + "\n"
+    expected = engine.generate([{"role": "user", "content": ["What is the capital of France?"]}], options)
+    assert result.stdout == expected + "\n"
 
 
-def test_missing_image_is_one_line_naming_it(tiny_ckpt, tmp_path):
-    missing = tmp_path / "nope.png"
-    result = run_cli("--model", tiny_ckpt, "chat", "hi", "-i", missing)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("minicpmo: error")]
-    assert len(lines) == 1 and str(missing) in lines[0]
+def test_history_survives_an_answer_with_marker_tokens(engine):
+    from minicpmo_cli.api.chat import Conversation
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    conversation = Conversation()
+    conversation.ask("Hi.")
+    conversation.answer("a <image> b </slice> c")
+    assert conversation.turns[-1].parts == ["a  b  c"]
+    conversation.ask("And then?")
+    answer = engine.generate(conversation.messages(), DecodeOptions(sampling=False, num_beams=1, max_new_tokens=3))
+    assert isinstance(answer, str)
 
 
-def test_missing_model_folder_is_a_clear_error(tmp_path):
-    result = run_cli("--model", tmp_path / "absent", "chat", "hi")
-    assert result.returncode == 1
-    assert "absent" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_debug_shows_the_traceback(tiny_ckpt, tmp_path):
-    result = run_cli("--debug", "--model", tiny_ckpt, "chat", "hi", "-i", tmp_path / "nope.png")
-    assert result.returncode == 1 and "Traceback" in result.stderr
-
-
-def test_repl_session_through_a_terminal(tiny_ckpt, picture, tmp_path):
-    pexpect = pytest.importorskip("pexpect")
-    saved = tmp_path / "conversation.json"
-    child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "chat",
-                                           "--max-new-tokens", "4"],
-                          env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=120)
-    child.expect(">>> ")
-    child.sendline("/help")
-    child.expect("/image PATH")
-    child.expect(">>> ")
-    child.sendline(f"/image {picture}")
-    child.expect("attached")
-    child.expect(">>> ")
-    child.sendline("What is this?")
-    child.expect(">>> ")
-    child.sendline('"""first line')
-    child.expect(r"\.\.\. ")
-    child.sendline('second line"""')
-    child.expect(">>> ")
-    child.sendline("/bogus")
-    child.expect("unknown command")
-    child.sendline(f"/save {saved}")
-    child.expect("saved to")
-    child.expect(">>> ")
-    child.sendline("/clear")
-    child.expect("cleared")
-    child.expect(">>> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    data = json.loads(saved.read_text())
-    roles = [m["role"] for m in data["messages"]]
-    assert roles == ["user", "assistant", "user", "assistant"]
-    first = data["messages"][0]["content"]
-    assert first[0] == {"type": "image", "path": str(picture)}
-    assert first[1] == {"type": "text", "text": "What is this?"}
-    assert data["messages"][2]["content"] == [{"type": "text", "text": "first line\nsecond line"}]
+def test_repl_reports_a_failed_answer_and_goes_on(cli, tiny_ckpt):
+    """A literal marker the real processor cannot pair fails that answer only; the session goes on."""
+    result = cli("--model", tiny_ckpt, "--device", "cpu", "chat", "--max-new-tokens", "3",
+                 stdin="what is <image> here\nhello\n/exit\n", tty=True)
+    assert result.code == 0, result.stderr
+    after_error = result.stdout.split("error: ", 1)[1]
+    assert after_error.count(">>> ") == 2  # "hello" was answered, then /exit
 
 
 def test_repl_ctrl_c_stops_an_answer_and_keeps_the_session(tiny_ckpt):
@@ -154,107 +104,163 @@ def test_repl_ctrl_c_stops_an_answer_and_keeps_the_session(tiny_ckpt):
     assert child.exitstatus == 0
 
 
-def _read_wav(path):
-    import soundfile
+# ------------------------------------------------------------------------------------ the fake engine
+def test_one_shot_streams_the_answer_and_passes_the_options(chat, fake_engine):
+    code, out, err = chat("What is the capital of France?", *GREEDY)
+    assert code == 0, err
+    assert out == "echo: What is the capital of France? [images: 0, audio: 0]\n"
+    [load] = fake_engine.loads
+    assert load.towers == {"vision": False, "audio": False, "tts": False}
+    [call] = fake_engine.of_kind("generate")
+    assert call.msgs == [{"role": "user", "content": ["What is the capital of France?"]}]
+    decode = call.decode
+    assert (decode.sampling, decode.num_beams, decode.repetition_penalty, decode.max_new_tokens) == (False, 1, 1.0, 6)
 
+
+def test_sampling_options_and_the_seed_reach_the_engine(chat, fake_engine):
+    code, _, err = chat("Hi.", "--sampling", "--temperature", "0.5", "--top-p", "0.9", "--top-k", "7",
+                        "--max-new-tokens", "12", "--min-new-tokens", "2", "--seed", "42")
+    assert code == 0, err
+    decode = fake_engine.last.decode
+    assert (decode.sampling, decode.temperature, decode.top_p, decode.top_k) == (True, 0.5, 0.9, 7)
+    assert (decode.max_new_tokens, decode.min_new_tokens) == (12, 2)
+    assert fake_engine.loads[0].options.seed == 42
+
+
+def test_sampling_with_beams_is_a_usage_error(chat, fake_engine):
+    code, _, err = chat("Hi.", "--sampling", "--num-beams", "4")
+    assert code == 2 and "--num-beams" in err and len(err.strip().splitlines()) == 1, err
+    assert fake_engine.calls == []
+
+
+def test_images_and_stdin_are_part_of_the_question(chat, fake_engine, picture):
+    from minicpmo_cli.media.image import load_image
+
+    code, out, err = chat("Describe it.", "-i", picture, "-i", picture, *GREEDY, stdin="some notes")
+    assert code == 0, err
+    assert out == "echo: some notes\n\nDescribe it. [images: 2, audio: 0]\n"
+    assert fake_engine.loads[0].towers["vision"] is True
+    [message] = fake_engine.last.msgs
+    image = load_image(picture)
+    assert [same_image(p, image) for p in message["content"][:2]] == [True, True]
+    assert message["content"][2] == "some notes\n\nDescribe it."
+
+
+def test_few_shot_examples(chat, fake_engine, picture):
+    from minicpmo_cli.media.image import load_image
+
+    code, out, err = chat("production date", "--example", picture, "2023.08.04", *GREEDY)
+    assert code == 0, err
+    assert out == "echo: production date [images: 1, audio: 0]\n"
+    msgs = fake_engine.last.msgs
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert same_image(msgs[0]["content"][0], load_image(picture)) and msgs[0]["content"][1] == "production date"
+    assert msgs[1]["content"] == ["2023.08.04"] and msgs[2]["content"] == ["production date"]
+
+
+def test_missing_image_is_one_line_naming_it(chat, fake_engine, tmp_path):
+    missing = tmp_path / "nope.png"
+    code, _, err = chat("hi", "-i", missing)
+    assert code == 1 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("minicpmo: error")]
+    assert len(lines) == 1 and str(missing) in lines[0]
+    assert fake_engine.loads == []  # media are read before the model loads
+
+
+def test_missing_model_folder_is_a_clear_error(cli, fake_engine, tmp_path):
+    code, _, err = cli("--model", tmp_path / "absent", "chat", "hi")
+    assert code == 1 and "absent" in err and "Traceback" not in err
+    assert fake_engine.loads == []
+
+
+def test_debug_shows_the_traceback(cli, tiny_ckpt, tmp_path):
+    code, _, err = cli("--debug", "--model", tiny_ckpt, "chat", "hi", "-i", tmp_path / "nope.png")
+    assert code == 1 and "Traceback" in err
+
+
+def read_wav_info(path):
     info = soundfile.info(str(path))
-    return info
+    return info.samplerate, info.channels, info.subtype, info.frames
 
 
-def test_speak_writes_the_spoken_answer(tiny_ckpt, tmp_path):
+def test_speak_writes_the_spoken_answer(chat, fake_engine, tmp_path):
     target = tmp_path / "answer.wav"
-    result = run_cli("--model", tiny_ckpt, "--seed", "7", "chat", "Say hello.", "--speak", target,
-                     "--max-new-tokens", "6")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() != "" or result.stdout == "\n"
-    info = _read_wav(target)
-    assert (info.samplerate, info.channels, info.subtype) == (24000, 1, "PCM_16")
-    assert info.frames > 0
+    code, out, err = chat("Say hello.", "--speak", target, "--max-new-tokens", "6")
+    assert code == 0, err
+    assert out == "echo: Say hello. [images: 0, audio: 0]\n"
+    rate, channels, subtype, frames = read_wav_info(target)
+    assert (rate, channels, subtype) == (24000, 1, "PCM_16")
+    assert frames == 4 * 512 * len("echo: Say hello. [images: 0, audio: 0]")  # the fake's speech of the answer
+    assert fake_engine.loads[0].towers["tts"] is True
+    call = fake_engine.last
+    assert call.options["generate_audio"] and call.options["use_tts_template"]
     assert not list(tmp_path.glob("*.tmp*")), "no temp files left behind"
 
 
-def test_speak_into_a_missing_folder_is_one_line(tiny_ckpt, tmp_path):
+def test_speak_into_a_missing_folder_is_one_line(chat, fake_engine, tmp_path):
     target = tmp_path / "no" / "such" / "answer.wav"
-    result = run_cli("--model", tiny_ckpt, "chat", "Say hello.", "--speak", target, "--max-new-tokens", "4")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr and str(target.parent) in result.stderr
+    code, _, err = chat("Say hello.", "--speak", target)
+    assert code == 1 and "Traceback" not in err and str(target.parent) in err
+    assert fake_engine.loads == []
 
 
-def test_repl_speak_on_loads_speech_and_writes_numbered_files(tiny_ckpt, tmp_path):
-    pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "chat",
-                                           "--max-new-tokens", "4"], cwd=str(tmp_path),
-                          env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=180)
-    child.expect(">>> ")
-    child.sendline("/speak on")
-    child.expect(r"\[speaking on\]")
-    child.expect(">>> ")
-    for _ in range(2):
-        child.sendline("Hello there.")
-        child.expect(r"\[spoken into ")
-        child.expect(">>> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    for name in ("answer.wav", "answer-2.wav"):
-        info = _read_wav(tmp_path / name)
-        assert (info.samplerate, info.channels) == (24000, 1) and info.frames > 0
+def test_speak_in_a_saved_voice(chat, fake_engine, tmp_path):
+    from minicpmo_cli.media.audio import load_audio
 
-
-def test_speak_in_a_saved_voice(tiny_ckpt, tmp_path):
-    import numpy as np
-    import soundfile
-
-    clip = tmp_path / "ref.wav"
-    t = np.arange(16000 * 2) / 16000
-    soundfile.write(str(clip), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+    clip = sine_clip(tmp_path / "ref.wav")
     target = tmp_path / "voiced.wav"
-    result = run_cli("--model", tiny_ckpt, "chat", "Say hello.", "--speak", target, "--voice", clip,
-                     "--max-new-tokens", "4")
-    assert result.returncode == 0, result.stderr
-    info = _read_wav(target)
-    assert info.samplerate == 24000 and info.frames > 0
-    bad = run_cli("--model", tiny_ckpt, "chat", "Say hello.", "--voice", clip)
-    assert bad.returncode == 2 and "--speak" in bad.stderr
+    code, out, err = chat("Say hello.", "--speak", target, "--voice", clip, "--max-new-tokens", "4")
+    assert code == 0, err
+    assert out == "echo: Say hello. [images: 0, audio: 1]\n"  # the voice clip is in the prompt
+    assert read_wav_info(target)[:2] == (24000, 1)
+    assert np.array_equal(fake_engine.last.msgs[0]["content"][1], load_audio(clip))
+    code, _, err = chat("Say hello.", "--voice", clip)
+    assert code == 2 and "--speak" in err
 
 
-def test_history_survives_an_answer_with_marker_tokens(engine):
-    from minicpmo_cli.api.chat import Conversation
-    from minicpmo_cli.api.engine import DecodeOptions
-
-    conversation = Conversation()
-    conversation.ask("Hi.")
-    conversation.answer("a <image> b </slice> c")
-    assert conversation.turns[-1].parts == ["a  b  c"]
-    conversation.ask("And then?")
-    answer = engine.generate(conversation.messages(), DecodeOptions(sampling=False, num_beams=1, max_new_tokens=3))
-    assert isinstance(answer, str)
-
-
-def test_repl_reports_a_failed_answer_and_goes_on(tiny_ckpt):
-    pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "chat",
-                                           "--max-new-tokens", "3"],
-                          env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=120)
-    child.expect(">>> ")
-    child.sendline("what is <image> here")  # a literal marker the processor cannot pair
-    child.expect("error: ")
-    child.expect(">>> ")
-    child.sendline("hello")
-    child.expect(">>> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-
-
-def test_speak_path_and_media_are_checked_before_the_model_loads(tmp_path):
+def test_speak_path_and_media_are_checked_before_the_model_loads(cli, fake_engine, tmp_path):
     # --model points nowhere: a failure about the model would mean the inputs were checked too late.
     absent_model = tmp_path / "no-model"
     existing = tmp_path / "answer.wav"
     existing.write_bytes(b"RIFF")
-    result = run_cli("--model", absent_model, "chat", "hi", "--speak", existing)
-    assert result.returncode == 1 and "--overwrite" in result.stderr and "no-model" not in result.stderr
-    result = run_cli("--model", absent_model, "chat", "hi", "-i", tmp_path / "missing.png")
-    assert result.returncode == 1 and "missing.png" in result.stderr and "no-model" not in result.stderr
+    code, _, err = cli("--model", absent_model, "chat", "hi", "--speak", existing)
+    assert code == 1 and "--overwrite" in err and "no-model" not in err
+    code, _, err = cli("--model", absent_model, "chat", "hi", "-i", tmp_path / "missing.png")
+    assert code == 1 and "missing.png" in err and "no-model" not in err
+    assert fake_engine.loads == []
+
+
+# ------------------------------------------------------------------------------------ the REPL (scripted)
+def test_repl_session(chat, fake_engine, picture, tmp_path):
+    saved = tmp_path / "conversation.json"
+    script = ["/help", f"/image {picture}", "What is this?", '"""first line', 'second line"""', "/bogus",
+              f"/save {saved}", "/clear", "After clearing."]
+    code, out, err = chat("--max-new-tokens", "4", stdin="\n".join(script) + "\n", tty=True)
+    assert code == 0, err  # Ctrl-D (the end of the script) leaves
+    assert "/image PATH" in out and "[loading the vision model]" in out and "attached]" in out
+    assert "echo: What is this? [images: 1, audio: 0]" in out
+    assert "echo: first line\nsecond line [images: 1, audio: 0]" in out  # the image stays in the history
+    assert "unknown command /bogus" in out and "saved to" in out and "[conversation cleared]" in out
+    assert "echo: After clearing. [images: 0, audio: 0]" in out
+    assert out.count(">>> ") == 9 and "... " in out  # a prompt per message read (and at the end), "... " within one
+    assert fake_engine.loads[0].towers == {"vision": False, "audio": False, "tts": False}
+    assert [c.options["towers"] for c in fake_engine.of_kind("ensure_towers")] == [["vision"]]
+    data = json.loads(saved.read_text())
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
+    first = data["messages"][0]["content"]
+    assert first[0] == {"type": "image", "path": str(picture)}
+    assert first[1] == {"type": "text", "text": "What is this?"}
+    assert data["messages"][1]["content"] == [{"type": "text", "text": "echo: What is this? [images: 1, audio: 0]"}]
+    assert data["messages"][2]["content"] == [{"type": "text", "text": "first line\nsecond line"}]
+
+
+def test_repl_speak_on_loads_speech_and_writes_numbered_files(chat, fake_engine, tmp_path):
+    code, out, err = chat("--max-new-tokens", "4", stdin="/speak on\nHello there.\nHello again.\n/exit\n", tty=True)
+    assert code == 0, err
+    assert "[loading the speech model]" in out and "[speaking on]" in out
+    assert out.count("[spoken into ") == 2
+    assert [c.kind for c in fake_engine.calls].count("enable_tts") == 1
+    for name, text in (("answer.wav", "Hello there."), ("answer-2.wav", "Hello again.")):
+        rate, channels, _, frames = read_wav_info(name)  # in the working folder
+        assert (rate, channels) == (24000, 1)
+        assert frames == 4 * 512 * len(f"echo: {text} [images: 0, audio: 0]")

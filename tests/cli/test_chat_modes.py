@@ -1,10 +1,10 @@
 """`chat --mode assistant|roleplay|default` with a spoken question (-a), a voice and --speak, one-shot and in
-the REPL: the model receives the guide's system prompt for the mode (checked at the processor's input)."""
+the REPL: the model receives the guide's system prompt for the mode (checked in the messages that reach the
+fake engine; the real processor's rendering of those prompts is tested with the model)."""
 
 from __future__ import annotations
 
-import os
-import sys
+import json
 
 import numpy as np
 import pytest
@@ -14,36 +14,20 @@ from tests.cli.ttyrun import noise_wav
 
 
 @pytest.fixture
-def seen(monkeypatch):
-    """The msgs every apply_chat_template call receives (the real processor still does the work)."""
-    from minicpmo_cli.processing.processor import MiniCPMOProcessor
+def seen(fake_engine):
+    """The msgs of every answer the (fake) engine was asked for, in order."""
 
-    calls: list = []
-    original = MiniCPMOProcessor.apply_chat_template
+    class Seen:
+        def __getitem__(self, index):
+            return fake_engine.of_kind("generate")[index].msgs
 
-    def spy(self, *args, **kwargs):
-        calls.append(kwargs.get("msgs", args[0] if args else None))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(MiniCPMOProcessor, "apply_chat_template", spy)
-    return calls
+    return Seen()
 
 
 @pytest.fixture
-def cli(tiny_ckpt, capsys, monkeypatch, tmp_path):
-    from minicpmo_cli.cli.app import main
-
-    monkeypatch.setenv("MINICPMO_HOME", str(tmp_path / "home"))
-
-    def run(*args):
-        try:
-            main(["--model", str(tiny_ckpt), "--device", "cpu", *map(str, args)])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return (code, *capsys.readouterr())
-
-    return run
+def cli(cli, fake_engine, tiny_ckpt):
+    """`minicpmo --model TINY --device cpu ...` in-process on the fake engine."""
+    return cli.with_args("--model", tiny_ckpt, "--device", "cpu")
 
 
 @pytest.fixture
@@ -103,37 +87,27 @@ def test_mode_usage_errors_are_one_line(cli, voice_and_question, tmp_path, args,
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_repl_mode_voice_and_load(tiny_ckpt, voice_and_question, tmp_path):
-    pexpect = pytest.importorskip("pexpect")
+def test_repl_mode_voice_and_load(cli, seen, voice_and_question, tmp_path):
     voice, question = voice_and_question
     saved = tmp_path / "talk.json"
-    child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "chat",
-                                           "--max-new-tokens", "3", "--device", "cpu"],
-                          env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=180, cwd=str(tmp_path))
-    child.expect(">>> ")
-    child.sendline("/mode roleplay")
-    child.expect(r"\[mode roleplay; set a voice: /voice V\]")
-    child.sendline(f"/voice {voice}")
-    child.expect(r"\[voice .*character.wav, mode roleplay\]")
-    child.sendline(f"/audio {question}")
-    child.expect("attached")
-    child.sendline("Who are you?")
-    child.expect(">>> ")
-    child.sendline(f"/save {saved}")
-    child.expect("saved to")
-    child.sendline("/clear")
-    child.expect("cleared")
-    child.sendline(f"/load {saved}")
-    child.expect(r"\[loaded 2 messages from ")
-    child.sendline(f"/save {tmp_path / 'again.json'}")
-    child.expect("saved to")
-    child.sendline("/load nowhere.json")
-    child.expect("nowhere.json: no such file")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    import json
+    script = ["/mode roleplay", f"/voice {voice}", f"/audio {question}", "Who are you?", f"/save {saved}", "/clear",
+              f"/load {saved}", f"/save {tmp_path / 'again.json'}", "/load nowhere.json", "/exit"]
+    code, out, err = cli("chat", "--max-new-tokens", "3", stdin="\n".join(script) + "\n", tty=True)
+    assert code == 0, err
+    assert "[mode roleplay; set a voice: /voice V]" in out
+    assert f"[voice {voice}, mode roleplay]" in out and "attached]" in out
+    assert "echo: Who are you? [images: 0, audio: 2]" in out  # the voice clip and the question
+    assert "saved to" in out and "[conversation cleared]" in out
+    assert f"[loaded 2 messages from {saved}]" in out and "nowhere.json: no such file" in out
+    assert seen[-1][0]["content"][0] == roleplay_prompt_text()
 
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[0]["content"][0] == {"type": "audio", "path": str(question)}
     assert (tmp_path / "again.json").read_text() == saved.read_text()  # /load restored the conversation
+
+
+def roleplay_prompt_text() -> str:
+    from minicpmo_cli.processing.prompts import get_sys_prompt
+
+    return get_sys_prompt(ref_audio=np.zeros(1, np.float32), mode="audio_roleplay", language="en")["content"][0]

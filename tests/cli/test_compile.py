@@ -6,20 +6,17 @@ with the tiniest shapes (batch 1, a 256-position bucket); the second one reuses 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from tests.conftest import run_cli_process
 
 GREEDY = ["--no-sampling", "--num-beams", "1", "--repetition-penalty", "1.2", "--max-new-tokens", "6"]
 
 
 def run_cli(*args, env_extra: dict | None = None):
-    env = {**os.environ, "NO_COLOR": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "minicpmo_cli", *map(str, args)], capture_output=True,
-                          text=True, input="", env=env, timeout=900)
+    """A fresh process each time: compiling twice in one process would reuse the first capture."""
+    return run_cli_process(*args, env=env_extra, timeout=900)
 
 
 @pytest.mark.slow
@@ -27,8 +24,8 @@ def test_compile_flag_answers_as_eager_and_logs_the_warm_up(tiny_ckpt):
     common = ["--model", tiny_ckpt, "--device", "cpu", "--dtype", "float32", "-v"]
     eager = run_cli(*common, "--no-compile", "chat", "hello there", *GREEDY)
     compiled = run_cli(*common, "--compile", "chat", "hello there", *GREEDY)
-    assert eager.returncode == 0, eager.stderr
-    assert compiled.returncode == 0, compiled.stderr
+    assert eager.code == 0, eager.stderr
+    assert compiled.code == 0, compiled.stderr
     assert compiled.stdout == eager.stdout and eager.stdout.strip()
     assert "compiled the decode step for batch 1" in compiled.stderr
     assert "compiled the decode step" not in eager.stderr

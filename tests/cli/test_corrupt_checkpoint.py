@@ -6,33 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-
-from minicpmo_cli.cli.app import main
 
 QUESTION = ["chat", "Hello?", "--max-new-tokens", "2", "--no-sampling", "--num-beams", "1"]
 
 
-def run_cli(*args, env=None):
-    env = {**os.environ, "NO_COLOR": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "minicpmo_cli", "--device", "cpu", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
-
-
-def run_main(capsys, monkeypatch, *args):
-    import io
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    try:
-        main(["--device", "cpu", *map(str, args)])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+@pytest.fixture
+def cli(cli):
+    """The in-process CLI on the CPU (the real loader: what it says about a damaged file is the point)."""
+    return cli.with_args("--device", "cpu")
 
 
 def one_error_line(stderr: str) -> str:
@@ -50,36 +33,36 @@ def copy(tiny_ckpt, tmp_path):
     return folder
 
 
-def test_truncated_weights(copy):
+def test_truncated_weights(cli, copy):
     weights = copy / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    result = run_cli("--model", copy, *QUESTION)
-    assert result.returncode == 1 and result.stdout == ""
-    line = one_error_line(result.stderr)
+    code, out, err = cli("--model", copy, *QUESTION)
+    assert code == 1 and out == ""
+    line = one_error_line(err)
     assert f"{weights}: damaged or incomplete weights file (truncated: tensor" in line
     assert f"copy or convert it again into {copy}" in line
 
 
-def test_garbage_weights_for_asr_too(copy, tmp_path):
+def test_garbage_weights_for_asr_too(cli, copy, tmp_path):
     import numpy as np
     import soundfile
 
     (copy / "model.safetensors").write_bytes(os.urandom(4096))
     clip = tmp_path / "a.wav"
     soundfile.write(clip, np.zeros(16000, dtype=np.float32) + 0.1, 16000)
-    result = run_cli("--model", copy, "asr", clip, "--no-vad")
-    assert result.returncode == 1
-    line = one_error_line(result.stderr)
+    code, _, err = cli("--model", copy, "asr", clip, "--no-vad")
+    assert code == 1
+    line = one_error_line(err)
     assert "model.safetensors: damaged or incomplete weights file (no valid safetensors header" in line
 
 
-def test_header_that_is_not_json(copy, capsys, monkeypatch):
+def test_header_that_is_not_json(cli, copy):
     weights = copy / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[8:20] = b"\xff" * 12
     weights.write_bytes(bytes(data))
-    code, out, err = run_main(capsys, monkeypatch, "--model", copy, *QUESTION)
+    code, out, err = cli("--model", copy, *QUESTION)
     assert code == 1 and out == ""
     assert "its header is not valid JSON" in one_error_line(err)
 
@@ -99,26 +82,26 @@ def shard(folder):
     return folder / "model-00002-of-00002.safetensors"
 
 
-def test_sharded_checkpoint_loads_and_a_broken_shard_is_named(copy, capsys, monkeypatch):
+def test_sharded_checkpoint_loads_and_a_broken_shard_is_named(cli, copy):
     second = shard(copy)
-    code, out, err = run_main(capsys, monkeypatch, "--model", copy, *QUESTION)
+    code, out, err = cli("--model", copy, *QUESTION)
     assert code == 0, err
     second.write_bytes(second.read_bytes()[:-100])
-    code, out, err = run_main(capsys, monkeypatch, "--model", copy, *QUESTION)
+    code, out, err = cli("--model", copy, *QUESTION)
     assert code == 1 and out == ""
     assert f"{second}: damaged or incomplete weights file (truncated" in one_error_line(err)
 
 
-def test_broken_index_is_named(copy, capsys, monkeypatch):
+def test_broken_index_is_named(cli, copy):
     shard(copy)
     (copy / "model.safetensors.index.json").write_text("{not json")
-    code, _, err = run_main(capsys, monkeypatch, "--model", copy, *QUESTION)
+    code, _, err = cli("--model", copy, *QUESTION)
     assert code == 1
     assert "model.safetensors.index.json: damaged or incomplete weights file (not a valid weights index" in \
         one_error_line(err)
 
 
-def test_hub_file_says_how_to_download_it_again(tiny_ckpt, tmp_path, capsys, monkeypatch):
+def test_hub_file_says_how_to_download_it_again(cli, tiny_ckpt, tmp_path, monkeypatch):
     """A damaged file in the Hugging Face cache: delete it and its blob, rerun with the hub id and revision."""
     cache = tmp_path / "hub"
     repo = cache / "models--someone--tiny"
@@ -134,7 +117,7 @@ def test_hub_file_says_how_to_download_it_again(tiny_ckpt, tmp_path, capsys, mon
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    code, _, err = run_main(capsys, monkeypatch, "--model", "someone/tiny", "--offline", *QUESTION)
+    code, _, err = cli("--model", "someone/tiny", "--offline", *QUESTION)
     assert code == 1
     line = one_error_line(err)
     assert "model.safetensors: damaged or incomplete weights file" in line

@@ -40,21 +40,19 @@ FAILURES = [
 
 
 @pytest.mark.parametrize("exc, code, words", FAILURES, ids=[type(f[0]).__name__ for f in FAILURES])
-def test_failures_are_one_line_in_words(exc, code, words, monkeypatch, capsys, tmp_path):
+def test_failures_are_one_line_in_words(cli, exc, code, words, monkeypatch, tmp_path):
     def failing_load(**towers):
         raise exc
 
     monkeypatch.setattr(common, "load_engine", failing_load)
-    with pytest.raises(SystemExit) as info:
-        app_module.main(["tts", "Hello.", "-o", str(tmp_path / "x.wav")])
-    err = capsys.readouterr().err
-    assert info.value.code == code
+    exit_code, _, err = cli("tts", "Hello.", "-o", tmp_path / "x.wav")
+    assert exit_code == code
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minicpmo: error: ") and words in lines[0], err
     assert not CLASS_NAME.search(err), err
 
 
-def test_python_warnings_are_one_line_without_their_category(monkeypatch, capsys, tmp_path):
+def test_python_warnings_are_one_line_without_their_category(cli, monkeypatch, tmp_path):
     import warnings
 
     def warning_load(**towers):
@@ -62,9 +60,7 @@ def test_python_warnings_are_one_line_without_their_category(monkeypatch, capsys
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(common, "load_engine", warning_load)
-    with pytest.raises(SystemExit):
-        app_module.main(["tts", "Hello.", "-o", str(tmp_path / "x.wav")])
-    err = capsys.readouterr().err
+    _, _, err = cli("tts", "Hello.", "-o", tmp_path / "x.wav")
     assert err.splitlines() == ["warning: TypedStorage is deprecated", "minicpmo: error: input/output error"]
 
 

@@ -4,29 +4,17 @@ or /video first asks, once, and answers as a model loaded with every tower."""
 from __future__ import annotations
 
 import io
-import sys
 
 import numpy as np
 import pytest
-
-from minicpmo_cli.cli.app import main
 
 GREEDY = ["--no-sampling", "--num-beams", "1", "--repetition-penalty", "1.0", "--max-new-tokens", "5"]
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-
-    def run(*args):
-        try:
-            main(["--device", "cpu", "-v", *map(str, args)])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        return (code, *capsys.readouterr())
-
-    return run
+def cli(cli, fake_engine):
+    """In-process on the fake engine: which towers the CLI asks for is what is tested here."""
+    return cli.with_args("--device", "cpu", "-v")
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +34,14 @@ def media(tmp_path_factory):
     (["-i", "p.png"], "vision=True, audio=False"),
     (["-a", "a.wav"], "vision=False, audio=True"),
 ])
-def test_chat_loads_only_what_the_message_needs(cli, tiny_ckpt, media, extra, towers):
+def test_chat_loads_only_what_the_message_needs(cli, fake_engine, tiny_ckpt, media, extra, towers):
     extra = [str(media / e) if e.endswith((".png", ".wav")) else e for e in extra]
     code, out, err = cli("--model", tiny_ckpt, "chat", "Describe.", *extra, *GREEDY)
     assert code == 0, err
     assert f"({towers}, tts=False)" in err  # -v's loading line
-    assert out.strip()
+    vision, audio = (part.split("=")[1] == "True" for part in towers.split(", "))
+    assert [load.towers for load in fake_engine.loads] == [{"vision": vision, "audio": audio, "tts": False}]
+    assert out.startswith("echo: Describe. [")
 
 
 def test_repl_loads_a_tower_once_when_asked(tiny_ckpt, media):

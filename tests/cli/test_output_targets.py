@@ -1,9 +1,11 @@
 """`-o` means one thing everywhere: - is stdout, a single input's FILE.ext is that file, the extension names
-the format (txt/json/jsonl/srt/vtt for asr; wav/flac/mp3/ogg for speech), anything else is refused in one line."""
+the format (txt/json/jsonl/srt/vtt for asr; wav/flac/mp3/ogg for speech), anything else is refused in one line.
+
+On the fake engine: the targets and formats are the CLI's, whatever the model says (`tts -o -` on the real
+model: test_speech.py's subprocess test)."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -17,23 +19,10 @@ SHORT = ["--max-audio-seconds", "0.2", "--seed", "3"]
 
 
 @pytest.fixture
-def cli(tiny_ckpt, capsys, tmp_path, monkeypatch):
-    """`minicpmo --model <tiny> --device cpu ARGS` in-process, in an empty working folder."""
-    from minicpmo_cli.cli.app import main
-
+def cli(cli, fake_engine, tiny_ckpt, tmp_path, monkeypatch):
+    """`minicpmo --model <tiny> --device cpu ARGS` in-process on the fake engine, working in ``tmp_path``."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MINICPMO_HOME", str(tmp_path / "home"))
-
-    def run(*args):
-        try:
-            main(["--model", str(tiny_ckpt), "--device", "cpu", *map(str, args)])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return cli.with_args("--model", tiny_ckpt, "--device", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +109,3 @@ def test_speech_output_with_an_unknown_extension_is_one_line(cli, tmp_path):
         assert code == 2, (args, err)
         assert len(err.strip().splitlines()) == 1 and ".wav" in err and ".mp3" in err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == []
-
-
-def test_tts_dash_is_wav_bytes_on_stdout(tiny_ckpt, tmp_path):
-    import subprocess
-    import sys
-
-    import soundfile
-
-    result = subprocess.run([sys.executable, "-m", "minicpmo_cli", "--model", str(tiny_ckpt), "--device", "cpu",
-                             "tts", "Hi.", "-o", "-", *SHORT], capture_output=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    samples, rate = soundfile.read(io.BytesIO(result.stdout), dtype="int16")
-    assert rate == 24000 and len(samples) > 0
-    assert not (tmp_path / "-").exists()

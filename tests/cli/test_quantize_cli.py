@@ -4,37 +4,19 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-from minicpmo_cli.cli.app import main
 
 GREEDY = ["--no-sampling", "--num-beams", "1", "--repetition-penalty", "1.0", "--max-new-tokens", "5"]
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("MINICPMO_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # chat reads a piped stdin: give it an empty one
-
-    def run(*args):
-        code = 0
-        try:
-            main(["--device", "cpu", *map(str, args)])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+def cli(cli):
+    """The in-process CLI on the CPU, on the real model (the quantized linears are the point)."""
+    return cli.with_args("--device", "cpu")
 
 
 def engine_for(folder, quantize, **towers):
@@ -108,18 +90,16 @@ def test_tts_writes_speech(request, cli, tmp_path, ckpt, mode, said):
     assert (info.samplerate, info.channels, info.subtype) == (24000, 1, "PCM_16") and 0 < info.frames <= 5120
 
 
-def test_environment_variable_and_bad_values(tiny_ckpt, tiny_gptq_ckpt):
-    env = {**os.environ, "NO_COLOR": "1", "MINICPMO_QUANTIZE": "int8"}
-    command = [sys.executable, "-m", "minicpmo_cli", "--model", str(tiny_ckpt), "--device", "cpu", "-v",
-               "chat", QUESTION, *GREEDY]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "quantization int8 (--quantize)" in result.stderr
+def test_environment_variable_and_bad_values(cli, tiny_ckpt, monkeypatch):
+    monkeypatch.setenv("MINICPMO_QUANTIZE", "int8")
+    code, _, err = cli("--model", tiny_ckpt, "-v", "chat", QUESTION, *GREEDY)
+    assert code == 0, err
+    assert "quantization int8 (--quantize)" in err
 
-    bad = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                         env={**env, "MINICPMO_QUANTIZE": "int3"})
-    assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr.strip().count("\n") == 0 and "--quantize must be none, int8 or int4" in bad.stderr
+    monkeypatch.setenv("MINICPMO_QUANTIZE", "int3")
+    code, out, err = cli("--model", tiny_ckpt, "-v", "chat", QUESTION, *GREEDY)
+    assert code == 2 and out == ""
+    assert err.strip().count("\n") == 0 and "--quantize must be none, int8 or int4" in err
 
 
 def test_gptq_checkpoint_with_another_mode_is_a_usage_error(cli, tiny_gptq_ckpt):
@@ -128,7 +108,7 @@ def test_gptq_checkpoint_with_another_mode_is_a_usage_error(cli, tiny_gptq_ckpt)
     assert "is a GPTQ int4 checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
-def test_malformed_gptq_checkpoint_names_the_tensor(tiny_gptq_ckpt, tmp_path):
+def test_malformed_gptq_checkpoint_names_the_tensor(cli, tiny_gptq_ckpt, tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -138,11 +118,9 @@ def test_malformed_gptq_checkpoint_names_the_tensor(tiny_gptq_ckpt, tmp_path):
     state = load_file(str(folder / "model.safetensors"))
     del state["llm.model.layers.1.mlp.down_proj.qzeros"]
     save_file(state, str(folder / "model.safetensors"))
-    result = subprocess.run([sys.executable, "-m", "minicpmo_cli", "--model", str(folder), "--device", "cpu",
-                             "chat", QUESTION, *GREEDY], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "NO_COLOR": "1"})
-    assert result.returncode == 1 and result.stdout == ""
-    lines = result.stderr.strip().splitlines()
+    code, out, err = cli("--model", folder, "chat", QUESTION, *GREEDY)
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "llm.model.layers.1.mlp.down_proj.qzeros" in lines[0] and "missing" in lines[0]
 
 

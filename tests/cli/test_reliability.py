@@ -1,7 +1,10 @@
-"""Faults and hostile inputs end cleanly, through the CLI on the tiny checkpoint (issue: reliability).
+"""Faults and hostile inputs end cleanly, through the CLI (issue: reliability).
 
 kill -9 mid-batch, two runs over one output folder, file names that are not UTF-8, permissions (as root too:
 the child runs without CAP_DAC_OVERRIDE), prompts larger than the context, binary stdin, corrupt mp3.
+Real processes on the tiny checkpoint where the process is the point (signals, concurrency, capabilities,
+the bytes on stdout and on file descriptor 2); in-process on the fake engine where the fault is caught
+before any model work.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import pytest
 
 from minicpmo_cli.outputs import TEXT_FORMATS
 from minicpmo_cli.temp_files import is_temp_name
+from tests.conftest import cli_command
+from tests.conftest import run_cli_process as run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -30,14 +35,11 @@ FAST = ["--max-new-tokens", "2", "--batch-size", "1"]
 CLASS_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception|Warning)\b|Traceback")
 
 
-def cli_command(*args) -> list:
-    return [sys.executable, "-m", "minicpmo_cli", *[a if isinstance(a, bytes) else str(a) for a in args]]
-
-
-def run_cli(*args, stdin: bytes = b"", timeout: float = 300, prefix: list | None = None):
-    env = {**os.environ, "NO_COLOR": "1"}
-    return subprocess.run((prefix or []) + cli_command(*args), capture_output=True, input=stdin, env=env,
-                          timeout=timeout)
+@pytest.fixture
+def fake_cli(cli, fake_engine, tiny_ckpt):
+    """`minicpmo --model TINY --device cpu ...` in-process on the fake engine: for the faults that end before
+    (or without) any model work."""
+    return cli.with_args("--model", tiny_ckpt, "--device", "cpu")
 
 
 def speak(text: str, path: Path) -> Path:
@@ -107,21 +109,20 @@ def test_kill_9_mid_batch_then_rerun_completes_and_leaves_no_temp_files(tiny_ckp
 
     rerun = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", inbox, "-o", out, "-f", "all", *FAST,
                     planted_input)
-    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert rerun.code == 0, rerun.stderr
     assert_complete(out, stems)
     assert leftovers(out) == []  # the killed writers' temp files and the killed batch's claims are gone
-    assert "temp file" in rerun.stderr.decode()  # the planted temp given as an input was refused, by name
+    assert "temp file" in rerun.stderr  # the planted temp given as an input was refused, by name
     expected = {f"{stem}.{ext}" for stem in stems for ext in TEXT_FORMATS}
     assert set(os.listdir(out)) == expected  # nothing else: the temp files were never taken for inputs
 
 
-def test_tts_rerun_sweeps_a_killed_stream_writers_part_file(tiny_ckpt, tmp_path):
+def test_tts_rerun_sweeps_a_killed_stream_writers_part_file(fake_cli, tmp_path):
     target = tmp_path / "answer.wav"
     die_while_writing(target, stream=True)
     assert len(leftovers(tmp_path)) == 1 and not target.exists()
-    result = run_cli("--model", tiny_ckpt, "--device", "cpu", "tts", "Hi.", "-o", target, "--max-audio-seconds",
-                     "0.2")
-    assert result.returncode == 0, result.stderr.decode()
+    code, _, err = fake_cli("tts", "Hi.", "-o", target, "--max-audio-seconds", "0.2")
+    assert code == 0, err
     assert target.stat().st_size > 44 and leftovers(tmp_path) == []
 
 
@@ -188,7 +189,7 @@ def test_file_names_that_are_not_utf8_round_trip(tiny_ckpt, clip, tmp_path):
     inbox, out = tmp_path / "in", tmp_path / "out"
     inputs = bytes_named_copies(clip, inbox, [b"caf\xe9.wav", b"\xff\xfe-x.wav"])
     result = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", inbox, "-o", out, "-f", "json", *FAST)
-    assert result.returncode == 0, result.stderr.decode()
+    assert result.code == 0, result.stderr
     written = sorted(os.listdir(os.fsencode(out)))
     assert written == sorted([b"caf\xe9.json", b"\xff\xfe-x.json"])  # named from the same bytes
     for raw_input in inputs:
@@ -199,12 +200,12 @@ def test_file_names_that_are_not_utf8_round_trip(tiny_ckpt, clip, tmp_path):
         assert base64.b64decode(record["path_bytes"]) == raw_input  # and lossless
 
     listed = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", *inputs, "-f", "jsonl", *FAST)
-    assert listed.returncode == 0, listed.stderr.decode()
-    lines = listed.stdout.decode("utf-8").splitlines()  # strict: stdout is valid UTF-8
+    assert listed.code == 0, listed.stderr
+    lines = listed.stdout_bytes.decode("utf-8").splitlines()  # strict: stdout is valid UTF-8
     assert sorted(base64.b64decode(json.loads(line)["path_bytes"]) for line in lines) == sorted(inputs)
     several = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", *inputs, *FAST)
-    assert several.returncode == 0 and several.stdout.decode("utf-8").count("==> ") == 2
-    assert not CLASS_NAME.search(several.stderr.decode("utf-8", "replace"))
+    assert several.code == 0 and several.stdout_bytes.decode("utf-8").count("==> ") == 2
+    assert not CLASS_NAME.search(several.stderr)
 
 
 def test_files_from_list_and_tts_output_with_such_names(tiny_ckpt, clip, tmp_path):
@@ -213,13 +214,13 @@ def test_files_from_list_and_tts_output_with_such_names(tiny_ckpt, clip, tmp_pat
     listing.write_bytes(raw + b"\n")
     result = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", "--files-from", listing, "-o", tmp_path / "o",
                      *FAST)
-    assert result.returncode == 0, result.stderr.decode()
+    assert result.code == 0, result.stderr
     assert os.listdir(os.fsencode(tmp_path / "o")) == [b"\xe9t\xe9.txt"]
     wav = os.path.join(os.fsencode(tmp_path), b"sp\xe9ech.wav")
     spoken = run_cli("--model", tiny_ckpt, "--device", "cpu", "tts", "Hi.", "-o", wav, "--max-audio-seconds", "0.2")
-    assert spoken.returncode == 0, spoken.stderr.decode()
+    assert spoken.code == 0, spoken.stderr
     assert os.path.getsize(wav) > 44
-    assert "sp\ufffdech.wav" in spoken.stderr.decode("utf-8")  # the message names it readably
+    assert "sp\ufffdech.wav" in spoken.stderr_bytes.decode("utf-8")  # the message names it readably
 
 
 # ------------------------------------------------------------------------------------ 3: permissions
@@ -238,11 +239,12 @@ def restricted(probe: Path) -> list[str]:
     return prefix
 
 
-def one_error_line_per(stderr: bytes, *names: str) -> None:
-    lines = [line for line in stderr.decode("utf-8").splitlines() if line.startswith("minicpmo: error:")]
+def one_error_line_per(stderr: bytes | str, *names: str) -> None:
+    text = stderr.decode("utf-8") if isinstance(stderr, bytes) else stderr  # strict: stderr is valid UTF-8
+    lines = [line for line in text.splitlines() if line.startswith("minicpmo: error:")]
     for name in names:
         assert sum(name in line for line in lines) == 1, (name, lines)
-    assert not CLASS_NAME.search(stderr.decode("utf-8")), stderr.decode()
+    assert not CLASS_NAME.search(text), text
 
 
 def test_unreadable_files_and_folders_fail_alone_and_the_batch_goes_on(tiny_ckpt, clip, tmp_path):
@@ -257,46 +259,45 @@ def test_unreadable_files_and_folders_fail_alone_and_the_batch_goes_on(tiny_ckpt
         prefix = restricted(inbox / "noread.wav")
         result = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", inbox, "-r", "-o", tmp_path / "out",
                          "-f", "json", *FAST, prefix=prefix)
-        assert result.returncode == 3, result.stderr.decode()
-        one_error_line_per(result.stderr, "noread.wav: permission denied", "locked: cannot list this folder")
+        assert result.code == 3, result.stderr
+        one_error_line_per(result.stderr_bytes, "noread.wav: permission denied", "locked: cannot list this folder")
         assert sorted(os.listdir(tmp_path / "out")) == ["s0.json", "s1.json"]
         through = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", inbox / "locked" / "deep.wav",
                           inbox / "s0.wav", *FAST, prefix=prefix)
-        assert through.returncode == 3, through.stderr.decode()
-        one_error_line_per(through.stderr, "deep.wav: cannot reach it (permission denied)")
+        assert through.code == 3, through.stderr
+        one_error_line_per(through.stderr_bytes, "deep.wav: cannot reach it (permission denied)")
         for option in ("-i", "-a", "--video"):  # chat's media: unreadable is a runtime error (1), not usage (2)
             chat = run_cli("--model", tiny_ckpt, "chat", "hi", option, inbox / "noread.wav", prefix=prefix)
-            assert chat.returncode == 1, chat.stderr.decode()
-            one_error_line_per(chat.stderr, "noread.wav: permission denied")
+            assert chat.code == 1, chat.stderr
+            one_error_line_per(chat.stderr_bytes, "noread.wav: permission denied")
         for args in (["tts", "--text-file", inbox / "noread.wav", "-o", tmp_path / "x.wav"],
                      ["tts", "hi", "-o", inbox / "locked" / "x.wav"],
                      ["clone", inbox / "locked" / "deep.wav", "hi", "-o", tmp_path / "y.wav"],
                      ["describe-video", inbox / "locked" / "v.mp4"], ["asr", "--files-from", inbox / "noread.wav"]):
             other = run_cli("--model", tiny_ckpt, *args, prefix=prefix)
-            assert other.returncode == 1, (args, other.stderr.decode())
-            assert len(other.stderr.decode().strip().splitlines()) == 1, other.stderr.decode()
-            assert not CLASS_NAME.search(other.stderr.decode())
+            assert other.code == 1, (args, other.stderr)
+            assert len(other.stderr.strip().splitlines()) == 1, other.stderr
+            assert not CLASS_NAME.search(other.stderr)
     finally:
         (inbox / "locked").chmod(0o755)
 
 
-def test_paths_through_a_file_or_a_symlink_loop_fail_alone(tiny_ckpt, clip, tmp_path):
+def test_paths_through_a_file_or_a_symlink_loop_fail_alone(fake_cli, clip, tmp_path):
     """Works as root too: no permission bits involved."""
     good = folder_of(clip, tmp_path, 1)[0]
     os.symlink("loop", tmp_path / "loop")
-    result = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", good / "x.wav", tmp_path / "loop" / "y.wav",
-                     good, *FAST)
-    assert result.returncode == 3, result.stderr.decode()
-    one_error_line_per(result.stderr, "s0.wav/x.wav: a folder in this path is a file", "loop/y.wav: cannot reach it")
-    chat = run_cli("--model", tiny_ckpt, "chat", "hi", "-i", good / "x.png")
-    assert chat.returncode == 1
-    one_error_line_per(chat.stderr, "x.png: file not found")
+    code, _, err = fake_cli("asr", good / "x.wav", tmp_path / "loop" / "y.wav", good, *FAST)
+    assert code == 3, err
+    one_error_line_per(err, "s0.wav/x.wav: a folder in this path is a file", "loop/y.wav: cannot reach it")
+    code, _, err = fake_cli("chat", "hi", "-i", good / "x.png")
+    assert code == 1
+    one_error_line_per(err, "x.png: file not found")
 
 
 # ------------------------------------------------------------------------------------ 5: nothing can hang
 def assert_too_long(result, *words: str) -> None:
-    err = result.stderr.decode("utf-8")
-    assert result.returncode == 2, err
+    code, _, err = result
+    assert code == 2, err
     lines = [line for line in err.splitlines() if line.startswith("minicpmo: error:")]
     assert len(lines) == 1 and "at most 4096" in lines[0], err  # the tiny model's max_position_embeddings
     for word in words:
@@ -304,45 +305,43 @@ def assert_too_long(result, *words: str) -> None:
     assert not CLASS_NAME.search(err) and "longer than the specified maximum" not in err, err
 
 
-def test_a_1mb_prompt_on_stdin_is_refused_in_seconds(tiny_ckpt):
+def test_a_1mb_prompt_on_stdin_is_refused_in_seconds(fake_cli, fake_engine):
     started = time.monotonic()
-    result = run_cli("--model", tiny_ckpt, "--device", "cpu", "chat", "Summarise.", stdin=b"word " * 200_000,
-                     timeout=180)
-    assert_too_long(result, "the prompt is ", " tokens")
+    assert_too_long(fake_cli("chat", "Summarise.", stdin=b"word " * 200_000), "the prompt is ", " tokens")
     assert time.monotonic() - started < 180
+    assert fake_engine.of_kind("generate") == []  # measured with the real processor, refused before answering
 
 
-def test_too_many_images_too_long_audio_or_video_are_refused_before_decoding(tiny_ckpt, tmp_path):
+def test_too_many_images_too_long_audio_or_video_are_refused_before_decoding(fake_cli, fake_engine, tmp_path):
     import numpy as np
     import soundfile
     from PIL import Image
 
     Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
     images = [arg for _ in range(70) for arg in ("-i", tmp_path / "red.png")]
-    assert_too_long(run_cli("--model", tiny_ckpt, "--device", "cpu", "chat", "Compare them.", *images))
+    assert_too_long(fake_cli("chat", "Compare them.", *images))
     soundfile.write(tmp_path / "long.wav", np.zeros(16000 * 200, np.float32), 16000)  # 200 s: ~5000 tokens
-    assert_too_long(run_cli("--model", tiny_ckpt, "--device", "cpu", "chat", "What is this?", "-a",
-                            tmp_path / "long.wav"))
+    assert_too_long(fake_cli("chat", "What is this?", "-a", tmp_path / "long.wav"))
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg is not installed (needed to make the test video)")
     video = tmp_path / "long.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=gray:s=32x32:r=1:d=90", "-f",
                     "lavfi", "-i", "sine=d=90", "-shortest", str(video)], check=True)
     for mode in (["--stream"], []):
-        assert_too_long(run_cli("--model", tiny_ckpt, "--device", "cpu", "omni", video, *mode), "90 one-second units")
+        assert_too_long(fake_cli("omni", video, *mode), "90 one-second units")
+    assert fake_engine.of_kind("generate") == []
 
 
 # ------------------------------------------------------------------------------------ 6: binary stdin
 @pytest.mark.parametrize("args", [["tts", "-", "-o", "{out}"], ["chat"], ["chat", "Summarise."],
                                   ["tts", "--text-file", "-", "-o", "{out}"], ["tts", "--text-file", "{wav}", "-o",
                                                                                 "{out}"]])
-def test_binary_input_where_text_is_expected_is_a_usage_error(tiny_ckpt, clip, tmp_path, args):
+def test_binary_input_where_text_is_expected_is_a_usage_error(fake_cli, fake_engine, clip, tmp_path, args):
     args = [a.format(out=tmp_path / "x.wav", wav=clip) for a in args]
-    result = run_cli("--model", tiny_ckpt, *args, stdin=clip.read_bytes())
-    err = result.stderr.decode("utf-8")
-    assert result.returncode == 2, err
+    code, _, err = fake_cli(*args, stdin=clip.read_bytes())
+    assert code == 2, err
     assert err.count("\n") == 1 and "not UTF-8 text" in err, err
-    assert not (tmp_path / "x.wav").exists()
+    assert not (tmp_path / "x.wav").exists() and fake_engine.loads == []
 
 
 # ------------------------------------------------------------------------------------ 7: no library noise
@@ -360,12 +359,12 @@ def test_corrupt_mp3_gives_exactly_our_lines_on_stderr(tiny_ckpt, clip, tmp_path
     (tmp_path / "garbage.mp3").write_bytes(b"ID3" + bytes(rng.randrange(256) for _ in range(5000)))
 
     broken = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", tmp_path / "garbage.mp3", *FAST)
-    assert broken.returncode == 1
-    assert broken.stderr.decode().splitlines() == [
+    assert broken.code == 1
+    assert broken.stderr.splitlines() == [
         f"minicpmo: error: {tmp_path / 'garbage.mp3'}: corrupt or truncated audio file "
         "(Invalid data found when processing input)"]
     scratched = run_cli("--model", tiny_ckpt, "--device", "cpu", "asr", tmp_path / "scratched.mp3", *FAST)
-    assert scratched.returncode == 0, scratched.stderr.decode()
-    lines = scratched.stderr.decode().splitlines()
+    assert scratched.code == 0, scratched.stderr
+    lines = scratched.stderr.splitlines()
     assert all(line.startswith(("warning: ", "minicpmo: error: ")) for line in lines), lines  # nothing but ours
     assert sum("scratched.mp3: " in line and "damaged audio packet" in line for line in lines) == 1, lines

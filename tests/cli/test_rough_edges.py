@@ -3,7 +3,6 @@ the interrupt message and the tiny checkpoint's file modes."""
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -15,23 +14,6 @@ from tests.cli.ttyrun import noise_wav
 GREEDY = ["--no-sampling", "--num-beams", "1", "--repetition-penalty", "1.0", "--max-new-tokens", "4"]
 COMMANDS = ["asr", "chat", "tts", "clone", "mimick", "describe-video", "omni", "doctor", "voices", "voices add",
             "voices remove"]
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch, tmp_path):
-    from minicpmo_cli.cli.app import main
-
-    monkeypatch.setenv("MINICPMO_HOME", str(tmp_path / "home"))
-
-    def run(*args):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return (code, *capsys.readouterr())
-
-    return run
 
 
 @pytest.mark.parametrize("args, message", [
@@ -73,21 +55,21 @@ def test_verbose_shows_device_dtype_attention_and_load_time(cli, tiny_ckpt, tmp_
     assert "device cpu, dtype float32, attention sdpa" in line and " s: " in line
 
 
-def test_no_stdin_leaves_piped_input_alone(cli, tiny_ckpt, monkeypatch):
+def test_no_stdin_leaves_piped_input_alone(cli, fake_engine, tiny_ckpt):
     def ask(*extra, stdin):
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        code, out, err = cli("--model", tiny_ckpt, "--device", "cpu", "chat", "Hi.", *GREEDY, *extra)
+        code, out, err = cli("--model", tiny_ckpt, "--device", "cpu", "chat", "Hi.", *GREEDY, *extra, stdin=stdin)
         assert code == 0, err
         return out, sys.stdin.read()
 
     alone, _ = ask(stdin="")
     with_notes, rest = ask(stdin="some piped notes that change the question")
-    assert rest == "" and with_notes != alone  # read to its end, and part of the question
+    assert rest == "" and with_notes == "echo: some piped notes that change the question\n\nHi. [images: 0, audio: 0]\n"
     ignored, rest = ask("--no-stdin", stdin="some piped notes that change the question")
-    assert ignored == alone and rest == "some piped notes that change the question"
+    assert ignored == alone == "echo: Hi. [images: 0, audio: 0]\n"
+    assert rest == "some piped notes that change the question"
 
 
-def test_interrupt_message_says_what_was_kept(cli, tiny_ckpt, tmp_path, monkeypatch):
+def test_interrupt_message_says_what_was_kept(cli, fake_engine, tiny_ckpt, tmp_path, monkeypatch):
     from minicpmo_cli.api import speech
 
     real_speak = speech.speak

@@ -17,18 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minicpmo_cli.cli import app as app_module
+from tests.conftest import main_exit_code
 
 CLIPS = 40
 FAST = ["--max-new-tokens", "3", "--batch-size", "2"]
-
-
-def run_main(*args) -> int:
-    """The console entry point in-process; its stdout/stderr go to pytest's capture (capsys reads them)."""
-    with pytest.raises(SystemExit) as exit_info:
-        app_module.main([str(a) for a in args])
-    code = exit_info.value.code
-    return 0 if code is None else int(code)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -56,7 +48,7 @@ def inbox(tmp_path_factory) -> Path:
 def reference(tiny_ckpt, inbox, tmp_path_factory) -> dict[str, bytes]:
     """One process, every format: the files each other mode must reproduce byte for byte."""
     out = tmp_path_factory.mktemp("reference")
-    assert run_main("--model", tiny_ckpt, "asr", inbox, "-r", "-o", out, "-f", "all", *FAST) == 3
+    assert main_exit_code("--model", tiny_ckpt, "asr", inbox, "-r", "-o", out, "-f", "all", *FAST) == 3
     written = files(out)
     assert len(written) == 5 * CLIPS and not any("corrupt" in name for name in written)
     return written
@@ -81,18 +73,19 @@ def test_shard_is_a_hash_of_the_relative_name():
 
 
 @pytest.mark.parametrize("value", ["4/4", "-1/4", "1/0", "a/b", "3", "1/2/3"])
-def test_bad_shard_is_one_usage_line(tiny_ckpt, inbox, value, capsys):
-    assert run_main("--model", tiny_ckpt, "asr", inbox, "--shard", value) == 2
-    err = capsys.readouterr().err
+def test_bad_shard_is_one_usage_line(tiny_ckpt, inbox, value, cli):
+    code, _, err = cli("--model", tiny_ckpt, "asr", inbox, "--shard", value)
+    assert code == 2
     assert len(err.strip().splitlines()) == 1 and "--shard must be I/N" in err and value in err
 
 
-def test_shards_together_are_the_whole_run(tiny_ckpt, inbox, reference, tmp_path, capsys):
+def test_shards_together_are_the_whole_run(tiny_ckpt, inbox, reference, tmp_path, cli):
     union: dict[str, bytes] = {}
-    counts = []
+    counts, errors = [], []
     for index in range(3):
         out = tmp_path / f"shard{index}"
-        code = run_main(*base_args(tiny_ckpt, inbox, out), "--shard", f"{index}/3")
+        code, _, err = cli(*base_args(tiny_ckpt, inbox, out), "--shard", f"{index}/3")
+        errors.append(err)
         part = files(out) if out.exists() else {}
         assert code in (0, 3)  # 3 only for the shard that holds corrupt.wav
         assert not set(part) & set(union)  # disjoint
@@ -100,7 +93,7 @@ def test_shards_together_are_the_whole_run(tiny_ckpt, inbox, reference, tmp_path
         counts.append(len(part) // 5)
     assert union == reference
     assert all(count > 0 for count in counts)
-    err = capsys.readouterr().err
+    err = "".join(errors)
     assert sum(int(n) for n in re.findall(r"shard \d/3: (\d+) of 41 input", err)) == CLIPS + 1
 
     # Stable across machines: the same folder elsewhere (another mount point) picks the same inputs.
@@ -134,34 +127,34 @@ def test_devices_are_parsed_and_checked():
     assert worker_devices(None, None, "cuda:1") == ["cuda:1"]
 
 
-def test_devices_on_a_machine_without_gpus_is_exit_4(tiny_ckpt, inbox, tmp_path, capsys):
+def test_devices_on_a_machine_without_gpus_is_exit_4(tiny_ckpt, inbox, tmp_path, cli):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert run_main(*base_args(tiny_ckpt, inbox, tmp_path / "out"), "--devices", "0,1") == 4
-    err = capsys.readouterr().err
+    code, _, err = cli(*base_args(tiny_ckpt, inbox, tmp_path / "out"), "--devices", "0,1")
+    assert code == 4
     assert err.strip().splitlines()[-1] == ("minicpmo: error: --devices 0,1: no CUDA GPU is usable here "
                                             "(use --workers N on the CPU)")
 
 
 # ---------------------------------------------------------------------------------------------- workers
-def test_two_workers_write_the_same_files(tiny_ckpt, inbox, reference, tmp_path, capsys):
+def test_two_workers_write_the_same_files(tiny_ckpt, inbox, reference, tmp_path, cli):
     out = tmp_path / "out"
-    assert run_main("-v", *base_args(tiny_ckpt, inbox, out), "--workers", "2") == 3
+    code, _, err = cli("-v", *base_args(tiny_ckpt, inbox, out), "--workers", "2")
+    assert code == 3
     assert files(out) == reference
-    err = capsys.readouterr().err
     assert len(re.findall(r"^worker \d started on cpu \(pid \d+\)$", err, re.M)) == 2
     assert "corrupt.wav" in err and "1 of 41 inputs failed" in err
 
     # A rerun finds only the corrupt file left: one worker for it (no more workers than inputs), same exit.
-    assert run_main("-v", *base_args(tiny_ckpt, inbox, out), "--workers", "2") == 3
-    err = capsys.readouterr().err
+    code, _, err = cli("-v", *base_args(tiny_ckpt, inbox, out), "--workers", "2")
+    assert code == 3
     assert "skipped 40 input(s)" in err and len(re.findall("started on", err)) == 1
 
 
 def test_a_killed_worker_loses_nothing_and_nothing_is_written_twice(tiny_ckpt, inbox, reference, tmp_path,
-                                                                     capsys, monkeypatch):
+                                                                     cli, monkeypatch):
     from minicpmo_cli.api import parallel
     from minicpmo_cli.cli import asr as asr_cli
 
@@ -181,8 +174,8 @@ def test_a_killed_worker_loses_nothing_and_nothing_is_written_twice(tiny_ckpt, i
 
     monkeypatch.setattr(asr_cli.Sink, "emit", emit_then_kill)
     out = tmp_path / "out"
-    assert run_main(*base_args(tiny_ckpt, inbox, out), "--workers", "2") == 3
-    err = capsys.readouterr().err
+    code, _, err = cli(*base_args(tiny_ckpt, inbox, out), "--workers", "2")
+    assert code == 3
     back = re.search(rf"worker \d \(pid {killed[0]}, cpu\) died \(killed by SIGKILL\); (\d+) input\(s\) back", err)
     assert back and int(back.group(1)) >= 1, err
     assert len(list(pids.iterdir())) == 3  # the replacement worker
@@ -200,17 +193,17 @@ def ray_module():
         ray.shutdown()
 
 
-def test_ray_writes_the_same_files(tiny_ckpt, inbox, reference, tmp_path, capsys, ray_module):
+def test_ray_writes_the_same_files(tiny_ckpt, inbox, reference, tmp_path, cli, ray_module):
     """A bare --ray starts a local Ray for the run (and shuts it down after)."""
     out = tmp_path / "out"
-    assert run_main("-v", *base_args(tiny_ckpt, inbox, out), "--ray", "--workers", "2") == 3
-    err = capsys.readouterr().err
+    code, _, err = cli("-v", *base_args(tiny_ckpt, inbox, out), "--ray", "--workers", "2")
+    assert code == 3
     assert files(out) == reference
     assert "ray: 2 actor(s)" in err and "1 of 41 inputs failed" in err
     assert not ray_module.is_initialized()
 
 
-def test_ray_retries_a_killed_actor_and_writes_everything_once(tiny_ckpt, inbox, reference, tmp_path, capsys,
+def test_ray_retries_a_killed_actor_and_writes_everything_once(tiny_ckpt, inbox, reference, tmp_path, cli,
                                                                monkeypatch, ray_module):
     """A Ray started by the caller (2 CPUs, a small object store) is used as it is, and left running."""
     from minicpmo_cli.api import parallel
@@ -233,7 +226,7 @@ def test_ray_retries_a_killed_actor_and_writes_everything_once(tiny_ckpt, inbox,
 
     monkeypatch.setattr(asr_cli.Sink, "emit", emit_then_kill)
     out = tmp_path / "out"
-    assert run_main(*base_args(tiny_ckpt, inbox, out), "--ray", "--workers", "2") == 3
+    assert cli(*base_args(tiny_ckpt, inbox, out), "--ray", "--workers", "2").code == 3
     assert killed and len(list(pids.iterdir())) == 3  # Ray restarted the killed actor
     assert files(out) == reference
     assert sorted(emitted) == sorted(str(p) for p in inbox.rglob("*.wav")) and set(emitted.values()) == {1}
@@ -241,19 +234,19 @@ def test_ray_retries_a_killed_actor_and_writes_everything_once(tiny_ckpt, inbox,
 
 
 # ---------------------------------------------------------------------------------------------- tts --lines
-def test_tts_lines_on_two_workers_write_the_same_wavs(tiny_ckpt, tmp_path, capsys):
+def test_tts_lines_on_two_workers_write_the_same_wavs(tiny_ckpt, tmp_path, cli):
     text = tmp_path / "lines.txt"
     text.write_text("First line.\nSecond line.\n\nThird line.\nFourth line.\nFifth line.\n", encoding="utf-8")
     spoken = {}
     for name, extra in (("one", []), ("two", ["--workers", "2"])):
         out = tmp_path / name
-        assert run_main("--model", tiny_ckpt, "--device", "cpu", "--seed", "7", "tts", "--text-file", text,
-                        "--lines", "-o", out, "--max-audio-seconds", "0.2", *extra) == 0
+        assert cli("--model", tiny_ckpt, "--device", "cpu", "--seed", "7", "tts", "--text-file", text,
+                   "--lines", "-o", out, "--max-audio-seconds", "0.2", *extra).code == 0
         spoken[name] = files(out)
     assert sorted(spoken["one"]) == [f"000{i}.wav" for i in range(1, 6)]
     assert spoken["two"] == spoken["one"]
-    assert run_main("--model", tiny_ckpt, "tts", "Hello.", "-o", tmp_path / "x.wav", "--workers", "2") == 2
-    assert "add --lines" in capsys.readouterr().err
+    code, _, err = cli("--model", tiny_ckpt, "tts", "Hello.", "-o", tmp_path / "x.wav", "--workers", "2")
+    assert code == 2 and "add --lines" in err
 
 
 def test_a_bare_ray_flag_takes_no_input_as_its_address(tmp_path):
@@ -270,9 +263,9 @@ def test_a_bare_ray_flag_takes_no_input_as_its_address(tmp_path):
     assert ray_flag_args(["chat", "--", "--ray"]) == ["chat", "--", "--ray"]
 
 
-def test_ray_with_devices_or_a_bad_address_is_a_usage_error(tiny_ckpt, inbox, capsys):
+def test_ray_with_devices_or_a_bad_address_is_a_usage_error(tiny_ckpt, inbox, cli):
     for extra, message in ((["--ray", "--devices", "0"], "--devices does not combine with --ray"),
                            (["--ray=nowhere"], "not a Ray address")):
-        assert run_main("--model", tiny_ckpt, "asr", inbox, *extra) == 2
-        err = capsys.readouterr().err
+        code, _, err = cli("--model", tiny_ckpt, "asr", inbox, *extra)
+        assert code == 2
         assert len(err.strip().splitlines()) == 1 and message in err

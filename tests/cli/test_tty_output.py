@@ -1,4 +1,7 @@
-"""stdout carries only data, whatever stderr is: progress is drawn on a terminal stderr and never captures stdout."""
+"""stdout carries only data, whatever stderr is: progress is drawn on a terminal stderr and never captures stdout.
+
+Real processes on a pseudo-terminal, on the fake engine (tests/fake_engine.py): the terminal is the point here,
+not the model."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 
 import pytest
 
-from tests.cli.ttyrun import noise_wav, run_on_terminal
+from tests.cli.ttyrun import REPO, noise_wav, run_on_terminal
 
 FAST = ["--max-new-tokens", "3", "--device", "cpu"]
 
@@ -18,7 +21,8 @@ def clips(tmp_path_factory):
 
 
 def test_redirected_transcripts_land_in_the_file_not_on_the_terminal(tiny_ckpt, clips, tmp_path):
-    run = run_on_terminal("--model", tiny_ckpt, "asr", *clips, "-f", "jsonl", *FAST, stdout_file=tmp_path / "out.jsonl")
+    run = run_on_terminal("--model", tiny_ckpt, "asr", *clips, "-f", "jsonl", *FAST, stdout_file=tmp_path / "out.jsonl",
+                          fake_engine=True)
     assert run.returncode == 0, run.terminal
     records = [json.loads(line) for line in run.stdout.decode().splitlines()]
     assert [r["path"] for r in records] == [str(c) for c in clips]
@@ -27,7 +31,8 @@ def test_redirected_transcripts_land_in_the_file_not_on_the_terminal(tiny_ckpt, 
 
 
 def test_txt_transcripts_of_several_inputs_go_to_stdout(tiny_ckpt, clips, tmp_path):
-    run = run_on_terminal("--model", tiny_ckpt, "asr", *clips, *FAST, stdout_file=tmp_path / "out.txt")
+    run = run_on_terminal("--model", tiny_ckpt, "asr", *clips, *FAST, stdout_file=tmp_path / "out.txt",
+                          fake_engine=True)
     assert run.returncode == 0, run.terminal
     text = run.stdout.decode()
     assert text.count("==> ") == 2 and f"==> {clips[1]} <==" in text
@@ -37,7 +42,7 @@ def test_txt_transcripts_of_several_inputs_go_to_stdout(tiny_ckpt, clips, tmp_pa
 @pytest.mark.parametrize("flag", ["-q", "--no-progress"])
 def test_quiet_and_no_progress_draw_nothing(tiny_ckpt, clips, tmp_path, flag):
     run = run_on_terminal(flag, "--model", tiny_ckpt, "asr", *clips, "-f", "jsonl", *FAST,
-                          stdout_file=tmp_path / "out.jsonl")
+                          stdout_file=tmp_path / "out.jsonl", fake_engine=True)
     assert run.returncode == 0, run.terminal
     assert len(run.stdout.decode().splitlines()) == 2
     assert "transcribing" not in run.terminal and "loading" not in run.terminal
@@ -49,9 +54,11 @@ def test_stdout_on_the_same_terminal_gets_whole_lines(tiny_ckpt, clips):
     import os
     import sys
 
-    child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "asr", *map(str, clips),
-                                           *FAST], env={**os.environ, "TERM": "xterm-256color"}, encoding="utf-8",
-                          timeout=180, dimensions=(40, 120))
+    env = {**os.environ, "TERM": "xterm-256color",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    child = pexpect.spawn(sys.executable, ["-m", "tests.fake_engine", "--model", str(tiny_ckpt), "asr",
+                                           *map(str, clips), *FAST], env=env, encoding="utf-8", timeout=180,
+                          dimensions=(40, 120))
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0, child.before

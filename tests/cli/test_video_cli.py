@@ -1,13 +1,14 @@
-"""`minicpmo describe-video` and `minicpmo omni` (normal and --stream) end to end on a tiny checkpoint and
-generated mp4 files with and without sound: exit codes, stdout, the wav files, one-line errors, Ctrl-C."""
+"""`minicpmo describe-video` and `minicpmo omni` (normal and --stream) end to end on generated mp4 files with
+and without sound: exit codes, stdout, the wav files, one-line errors, Ctrl-C.
+
+In-process on the fake engine (what reaches it: frames, sound, units, options); the tiny checkpoint runs the
+two real processes and omni --stream's seeded repeat (the streaming session is the model's)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import subprocess
-import sys
 import wave
 from pathlib import Path
 
@@ -18,16 +19,6 @@ from minicpmo_cli.cli import app as app_module
 from minicpmo_cli.cli import common
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
-
-# Registers the video commands unless app.py already does, then runs the CLI (same code path as `minicpmo`).
-RUNNER = (
-    "import sys\n"
-    "from minicpmo_cli.cli import app, video\n"
-    "if not any(c.name == 'omni' for c in app.app.registered_commands):\n"
-    "    video.register(app.app)\n"
-    "app.main(sys.argv[1:])\n"
-)
-
 
 def ensure_registered() -> None:
     from minicpmo_cli.cli import video
@@ -41,11 +32,9 @@ def ffmpeg(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from minicpmo_cli.model.tiny import make_tiny_checkpoint
-
+def files(tmp_path_factory, tiny_ckpt):
     work = tmp_path_factory.mktemp("video_cli")
-    ckpt = make_tiny_checkpoint(work / "ckpt")
+    ckpt = tiny_ckpt
     sound, silent = work / "sound.mp4", work / "silent.mp4"
     ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x64:rate=4", "-f", "lavfi",
            "-i", "sine=frequency=330:sample_rate=16000", "-t", "3", "-c:v", "libx264", "-pix_fmt", "yuv420p",
@@ -63,11 +52,16 @@ def engine(files):
 
 
 @pytest.fixture
-def cli(files, engine, monkeypatch, capsys):
-    """Run the CLI in this process with the model loaded once; returns (exit code, stdout, stderr)."""
-    from minicpmo_cli.api.engine import Engine
-
+def cli(cli, fake_engine, files):
+    """The CLI in this process on the fake engine: what reaches the engine, and the files written."""
     ensure_registered()
+    return cli.with_args("--model", files["ckpt"], "--device", "cpu")
+
+
+@pytest.fixture
+def model_cli(cli, files, engine, monkeypatch):
+    """The same on the tiny model, loaded once (omni --stream: the streaming session runs on the model)."""
+    from minicpmo_cli.api.engine import Engine
 
     def load_engine(**towers):
         # A fresh Engine over the shared weights, with this invocation's global options (--seed).
@@ -75,15 +69,7 @@ def cli(files, engine, monkeypatch, capsys):
 
     monkeypatch.setattr(common, "load_engine", load_engine)
     assert isinstance(engine, Engine)
-
-    def run(*args: str):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            app_module.main(["--model", str(files["ckpt"]), "--device", "cpu", *args])
-        out = capsys.readouterr()
-        return exit_info.value.code or 0, out.out, out.err
-
-    return run
+    return cli
 
 
 def read_wav(path: Path) -> tuple[int, int, int, int]:
@@ -91,26 +77,20 @@ def read_wav(path: Path) -> tuple[int, int, int, int]:
         return wav.getframerate(), wav.getnchannels(), wav.getsampwidth(), wav.getnframes()
 
 
-def run_subprocess(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-
-
 # ---------------------------------------------------------------------------------------------- real processes
-def test_describe_video_in_a_real_process(files):
-    result = run_subprocess("--model", str(files["ckpt"]), "describe-video", str(files["sound"]),
+def test_describe_video_in_a_real_process(files, cli_process):
+    result = cli_process("--model", str(files["ckpt"]), "describe-video", str(files["sound"]),
                             "What happens?", "--max-new-tokens", "5", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    assert result.code == 0, result.stderr
     assert result.stdout.endswith("\n") and result.stdout.strip()
     assert "Traceback" not in result.stderr
 
 
-def test_omni_stream_with_speech_in_a_real_process(files, tmp_path):
+def test_omni_stream_with_speech_in_a_real_process(files, tmp_path, cli_process):
     out = tmp_path / "answer.wav"
-    result = run_subprocess("--model", str(files["ckpt"]), "omni", str(files["sound"]), "--stream", "-o", str(out),
+    result = cli_process("--model", str(files["ckpt"]), "omni", str(files["sound"]), "--stream", "-o", str(out),
                             "--max-new-tokens", "5", "--max-audio-seconds", "1", "--seed", "3")
-    assert result.returncode == 0, result.stderr
+    assert result.code == 0, result.stderr
     assert result.stdout.strip()
     rate, channels, width, frames = read_wav(out)
     assert (rate, channels, width) == (24000, 1, 2)
@@ -119,29 +99,25 @@ def test_omni_stream_with_speech_in_a_real_process(files, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- in process
-def spy_generate(monkeypatch):
-    """Record the messages and options each Engine.generate call gets."""
-    from minicpmo_cli.api.engine import Engine
+def spy_generate(fake_engine):
+    """The (messages, decoding options, other options) of each answer the fake engine was asked for."""
 
-    calls = []
-    original = Engine.generate
+    class Calls:
+        def __getitem__(self, index):
+            call = fake_engine.of_kind("generate")[index]
+            return call.msgs, call.decode, call.options
 
-    def spy(self, msgs, decode, **kwargs):
-        calls.append((msgs, decode, kwargs))
-        return original(self, msgs, decode, **kwargs)
-
-    monkeypatch.setattr(Engine, "generate", spy)
-    return calls
+    return Calls()
 
 
-def test_describe_video_frames_and_settings(cli, files, monkeypatch):
+def test_describe_video_frames_and_settings(cli, files, fake_engine):
     from PIL import Image
 
-    calls = spy_generate(monkeypatch)
+    calls = spy_generate(fake_engine)
     code, out, err = cli("describe-video", str(files["silent"]), "--max-frames", "2", "--fps", "4",
                          "--max-new-tokens", "4")
     assert code == 0, err
-    assert out.strip()
+    assert out == "echo: Describe the video [images: 2, audio: 0]\n"
     msgs, decode, options = calls[-1]
     content = msgs[0]["content"]
     assert sum(isinstance(c, Image.Image) for c in content) == 2  # 8 frames at 4 fps, thinned to 2
@@ -158,12 +134,12 @@ def test_describe_video_frames_and_settings(cli, files, monkeypatch):
     assert len(audio) == 1 and abs(len(audio[0]) - 3 * 16000) < 1600
 
 
-def test_omni_normal_text_and_speech(cli, files, monkeypatch, tmp_path):
-    calls = spy_generate(monkeypatch)
+def test_omni_normal_text_and_speech(cli, files, fake_engine, tmp_path):
+    calls = spy_generate(fake_engine)
     out_wav = tmp_path / "omni.wav"
     code, out, err = cli("omni", str(files["sound"]), "-o", str(out_wav), "--max-new-tokens", "5", "--seed", "1")
     assert code == 0, err
-    assert out.strip() and out.endswith("\n")
+    assert out == "echo:  [images: 3, audio: 3]\n"  # 3 units (frame + 1 s of sound), no prompt
     rate, channels, width, frames = read_wav(out_wav)
     assert (rate, channels, width) == (24000, 1, 2)
     assert frames > 0 and frames % 512 == 0  # whole TTS frames of 512 samples
@@ -177,16 +153,19 @@ def test_omni_normal_text_and_speech(cli, files, monkeypatch, tmp_path):
     assert code == 1 and "--overwrite" in err and str(out_wav) in err  # never overwritten silently, as tts
 
 
-def test_omni_silent_video_text_only_and_streaming(cli, files, monkeypatch):
-    calls = spy_generate(monkeypatch)
+def test_omni_silent_video_text_only(cli, files, fake_engine):
+    calls = spy_generate(fake_engine)
     code, out, err = cli("omni", str(files["silent"]), "--max-new-tokens", "4")
     assert code == 0, err
-    assert out.strip()
+    assert out == "echo:  [images: 2, audio: 2]\n"
     units = calls[-1][0][1]["content"]
     assert len(units) == 6 and all(not a.any() for a in units[2::3])  # 2 units of silence
+    assert not calls[-1][2]["generate_audio"] and calls[-1][1].max_new_tokens == 4
 
-    first = cli("omni", str(files["silent"]), "Describe it.", "--stream", "--max-new-tokens", "6", "--seed", "7")
-    again = cli("omni", str(files["silent"]), "Describe it.", "--stream", "--max-new-tokens", "6", "--seed", "7")
+
+def test_omni_streaming_repeats_with_the_seed(model_cli, files):
+    first = model_cli("omni", str(files["silent"]), "Describe it.", "--stream", "--max-new-tokens", "6", "--seed", "7")
+    again = model_cli("omni", str(files["silent"]), "Describe it.", "--stream", "--max-new-tokens", "6", "--seed", "7")
     assert first[0] == 0 and first[1].strip()
     assert first[1] == again[1]  # --seed makes the sampled answer repeatable
 

@@ -17,14 +17,24 @@ class TtyRun:
     terminal: str  # everything drawn on the terminal (stderr)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def run_on_terminal(*args, stdout_file: Path, cwd: Path | None = None, env: dict | None = None,
-                    timeout: float = 300) -> TtyRun:
-    """`python -m minicpmo_cli ARGS > stdout_file` with stderr on a pty (stdin empty, not a terminal)."""
+                    timeout: float = 300, fake_engine: bool = False) -> TtyRun:
+    """`python -m minicpmo_cli ARGS > stdout_file` with stderr on a pty (stdin empty, not a terminal).
+
+    ``fake_engine``: the same entry point with tests/fake_engine.py's engine instead of the model (what is drawn
+    on the terminal is the CLI's, whatever the model says)."""
     master, slave = pty.openpty()
     environment = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", **(env or {})}
     environment.pop("NO_COLOR", None)
+    module = "minicpmo_cli"
+    if fake_engine:
+        module = "tests.fake_engine"
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
     with open(stdout_file, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "minicpmo_cli", *map(str, args)], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=slave, env=environment, cwd=cwd)
     os.close(slave)
     chunks: list[bytes] = []

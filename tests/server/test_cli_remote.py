@@ -3,35 +3,24 @@ and exit codes as the same command run locally. Both run in-process through main
 
 from __future__ import annotations
 
-import io
-
 import pytest
 
 from tests.server.conftest import API_KEY, need
 
 
 @pytest.fixture
-def cli(tiny_ckpt, capsys, monkeypatch, tmp_path):
-    """run(remote, *args) -> (exit code, stdout, stderr) of `minicpmo --model <tiny> ARGS`, via the server or not."""
-    from minicpmo_cli.cli.app import main
-
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("MINICPMO_HOME", str(tmp_path / "home"))
+def cli(cli, tiny_ckpt, monkeypatch):
+    """run(server, *args) -> (exit code, stdout, stderr) of `minicpmo --model <tiny> ARGS` in-process (the shared
+    runner), through ``server`` (MINICPMO_SERVER) or locally when it is None."""
     monkeypatch.setenv("MINICPMO_API_KEY", API_KEY)
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # nothing piped in (pytest's own stdin cannot be read)
+    local = cli.with_args("--model", tiny_ckpt, "--device", "cpu")
 
     def run(server, *args):
         if server is None:
             monkeypatch.delenv("MINICPMO_SERVER", raising=False)
         else:
             monkeypatch.setenv("MINICPMO_SERVER", server.url)
-        code = 0
-        try:
-            main(["--model", str(tiny_ckpt), "--device", "cpu", *map(str, args)])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
+        return local(*args)
 
     return run
 
