@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
 # --- commands ---------------------------------------------------------------------------------------------
 
 
-@common.decoding_options(include=SPEECH_DECODING)
+@common.decoding_options(include=SPEECH_DECODING, task="speech")
 def tts(
     text: Optional[str] = typer.Argument(None, help="The text to read, or - to read it from stdin."),
     output: str = OUTPUT,
@@ -142,7 +142,7 @@ def tts(
     _emit(result, target, max_audio_seconds)
 
 
-@common.decoding_options(include=SPEECH_DECODING)
+@common.decoding_options(include=SPEECH_DECODING, task="speech")
 def clone(
     ref: Optional[str] = typer.Argument(None, help="Reference clip: the voice to clone (or use --voice NAME)."),
     text: Optional[str] = typer.Argument(None, help="The text to read, or - to read it from stdin."),
@@ -191,7 +191,7 @@ def clone(
         common.info(f"saved voice {profile.name!r} ({profile.duration:.1f} s) to {profile.path}")
 
 
-@common.decoding_options(include=SPEECH_DECODING)
+@common.decoding_options(include=SPEECH_DECODING, task="speech")
 def mimick(
     audio: str = typer.Argument(..., help="The recording to re-speak (any audio format)."),
     output: str = OUTPUT,

@@ -184,7 +184,11 @@ def run_llm_generate(model, embeds, attention_mask, tokenizer, max_new_tokens: i
     """
     from minicpmo_cli.generation.decode import DecodeSettings, generate_ids, resolve_compile
 
-    decode = DecodeSettings.from_kwargs(settings, max_new_tokens, terminator_ids(tokenizer))
+    if isinstance(settings, DecodeSettings):  # resolved by the caller (generation/presets.py)
+        decode = settings.with_(max_new_tokens=int(max_new_tokens), stop_ids=tuple(terminator_ids(tokenizer)))
+        settings = {}
+    else:
+        decode = DecodeSettings.from_kwargs(settings, max_new_tokens, terminator_ids(tokenizer))
     if decode.beam_search:
         if streamer is not None:
             raise UsageError("beam search cannot stream")
