@@ -177,8 +177,8 @@ def test_mimick_prints_the_transcription_and_writes_speech(cli, clips, tiny_ckpt
                          "--seed", "3", *SHORT)
     assert code == 0, err
     read_wav(tmp_path / "m.wav")
-    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu", seed=3), vision=False, tts=True)
-    expected = mimick(engine, load_audio(clips["speech"]), decode=api.DecodeOptions(max_new_tokens=4),
+    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu"), vision=False, tts=True)
+    expected = mimick(engine, load_audio(clips["speech"]), decode=api.DecodeOptions(max_new_tokens=4, seed=3),
                       max_frames=frames_for_seconds(CAP_SECONDS))
     assert out == expected.text + "\n"
 
