@@ -27,7 +27,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from minicpmo_cli.generation.decode import DecodeSettings, generate_ids
 
-
 SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__")  # each reads a tensor's data on the host
 
 
@@ -64,8 +63,8 @@ class OpCounter(TorchDispatchMode):
 
 def deep_narrow_llm(layers: int, device: str):
     """The LLM of model/tiny.py's config with ``layers`` layers and 28 query / 4 KV heads of width 8."""
+    from minicpmo_cli.generation.guide import MiniCPMO
     from minicpmo_cli.model.config import MiniCPMOConfig
-    from minicpmo_cli.model.omni import MiniCPMO
     from minicpmo_cli.model.tiny import _redraw_parameters, tiny_config_dict
 
     values = tiny_config_dict(1058, {"size": 146, "[spk_emb]": 141, "[Ptts]": 139, "[Etts]": 140})

@@ -95,8 +95,8 @@ def build_on_meta(config, dtype):
     """(MiniCPMO with every tower, Vocos in float32 as the reference), parameters on meta."""
     import torch
 
+    from minicpmo_cli.generation.guide import MiniCPMO
     from minicpmo_cli.model.loading import construction_context, parameters_on_meta
-    from minicpmo_cli.model.omni import MiniCPMO
     from minicpmo_cli.model.vocoder import Vocos
 
     config.init_vision = config.init_audio = config.init_tts = True
@@ -371,9 +371,9 @@ def compare_stages(args, model, vocos, engine, tts_tokenizer, device: str) -> li
 
 
 def run(args: argparse.Namespace, workdir: Path) -> str:
+    import gpu_compare
     import torch
 
-    import gpu_compare
     from minicpmo_cli.model.tiny import make_tiny_checkpoint
 
     # The tiny checkpoint lends its tokenizers and processor (random weights need no real ones) and, with

@@ -28,8 +28,8 @@ MODES = ("none", "int8", "int4", "gptq")
 def child(folder: str, mode: str, new_tokens: int, threads: int) -> dict:
     import torch
 
+    from minicpmo_cli.generation.guide import MiniCPMO
     from minicpmo_cli.model import quant
-    from minicpmo_cli.model.omni import MiniCPMO
 
     torch.set_num_threads(threads)
     try:

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "MiniCPMOConfig": "minicpmo_cli.model.config",
-    "MiniCPMO": "minicpmo_cli.model.omni",
+    "MiniCPMO": "minicpmo_cli.generation.guide",
     "MiniCPMOProcessor": "minicpmo_cli.processing.processor",
 }
 

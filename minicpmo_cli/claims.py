@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from minicpmo_cli.outputs import CLAIM_SUFFIX, owner_tag
+from minicpmo_cli.temp_files import CLAIM_SUFFIX, owner_tag
 
 try:
     import fcntl

@@ -11,10 +11,6 @@ import base64
 import io
 import json
 import os
-import re
-import socket
-import tempfile
-import time
 import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +19,9 @@ from typing import Callable, Iterable, TextIO
 import numpy as np
 
 from minicpmo_cli.errors import OutputError, UsageError, display_name, valid_text  # noqa: F401
+from minicpmo_cli.temp_files import default_file_mode, make_temp_file, sweep_temp_files
+from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
 
-WAV_SAMPLE_RATE = 24000  # Hz: the vocoder's output rate, the default for every wav we write
 PCM16_MAX = 32767  # full scale of signed 16-bit PCM
 TEXT_FORMATS = ("txt", "json", "jsonl", "srt", "vtt")
 STDIN_STEM = "stdin"  # output name for input "-"
@@ -282,130 +279,10 @@ def _remove_quietly(name: str) -> None:
         pass
 
 
-# --- temp files: recognisable, swept when their owner is gone --------------------------------------
-
-TEMP_MARKER = "minicpmo"
-TEMP_SUFFIX = ".part"
-# Longest part of the target's name kept in a temp name: the whole name must stay under NAME_MAX (255).
-TEMP_NAME_KEEP = 120
-STALE_SECONDS = 24 * 3600  # a temp file untouched this long is stale whoever owns it (pid reuse, other hosts)
-LEGACY_STALE_SECONDS = 3600  # temp files of earlier versions (no owner in the name)
-_TEMP_RE = re.compile(r"^\..*\." + TEMP_MARKER + r"-(?P<pid>\d+)@(?P<host>[A-Za-z0-9_.-]+)\.[A-Za-z0-9_]{8}"
-                      + re.escape(TEMP_SUFFIX) + "$", re.DOTALL)
-_LEGACY_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.part$", re.DOTALL)  # tempfile's `.<name>.XXXXXXXX.part`
-_swept_folders: set[str] = set()
-
-
-def host_name() -> str:
-    """This machine's name as it appears in temp and claim file names (only safe characters)."""
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname() or "localhost")[:64]
-
-
-def owner_tag() -> str:
-    return f"{os.getpid()}@{host_name()}"
-
-
-def make_temp_file(target: Path) -> tuple[int, str]:
-    """An open descriptor and the name of a new temp file beside `target`, named after this process.
-
-    Sweeps the folder's stale temp files first (once per folder and process).
-    """
-    if target.is_dir():
-        raise OutputError("is a directory, cannot write a file there", target)
-    folder = target.parent
-    sweep_temp_files(folder)
-    prefix = f".{target.name[:TEMP_NAME_KEEP]}.{TEMP_MARKER}-{owner_tag()}."
-    try:
-        # Same folder as the target: os.replace is only atomic within one file system.
-        return tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write here ({exc.strerror or exc})", target) from None
-
-
-def is_temp_name(name: str) -> bool:
-    """True for our temp and claim files (and earlier versions' temp files): never inputs or outputs."""
-    return bool(_TEMP_RE.match(name) or _LEGACY_TEMP_RE.match(name) or name.endswith(CLAIM_SUFFIX)
-                or name.startswith(".minicpmo-probe-"))
-
-
-def sweep_temp_files(folder: str | os.PathLike[str], force: bool = False) -> list[str]:
-    """Remove the temp files in `folder` left by processes that died; returns their names.
-
-    A temp file is stale when its owner (pid on this host) no longer runs, or when it was not touched for
-    STALE_SECONDS; files of live writers are left alone (a concurrent run is writing them).
-    """
-    key = os.path.abspath(folder)
-    if key in _swept_folders and not force:
-        return []
-    _swept_folders.add(key)
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return []  # the write that follows reports the folder's problem
-    now = time.time()
-    for entry in entries:
-        if entry.name.startswith(".") and _is_stale_temp(entry, now):
-            try:
-                os.unlink(entry.path)
-                removed.append(entry.name)
-            except OSError:
-                pass
-    return removed
-
-
-def _is_stale_temp(entry: os.DirEntry, now: float) -> bool:
-    match = _TEMP_RE.match(entry.name)
-    limit = STALE_SECONDS if match else LEGACY_STALE_SECONDS if _LEGACY_TEMP_RE.match(entry.name) else None
-    if limit is None:
-        return False
-    try:
-        if not entry.is_file(follow_symlinks=False):
-            return False
-        age = now - entry.stat(follow_symlinks=False).st_mtime
-    except OSError:
-        return False
-    if age > limit:
-        return True
-    return bool(match) and match["host"] == host_name() and not process_alive(int(match["pid"]))
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (a process of another user counts)."""
-    if pid <= 0:
-        return False
-    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-CLAIM_SUFFIX = ".minicpmo-claim"  # claims.py names claim files so; listed here so inputs never pick them
-
-
-_UMASK: int | None = None
-
-
-def default_file_mode() -> int:
-    """0o666 minus the process umask: the mode open() would have given a new file."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0)  # reading the umask requires setting it; restore at once
-        os.umask(_UMASK)
-    return 0o666 & ~_UMASK
-
-
 # --- wav ----------------------------------------------------------------------------------------
 
 
-def wav_bytes(samples: np.ndarray, sample_rate: int = WAV_SAMPLE_RATE) -> bytes:
+def wav_bytes(samples: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> bytes:
     """A complete mono PCM16 wav file in memory (for `-o -`, stdout)."""
     pcm = _to_pcm16(samples)
     buffer = io.BytesIO()
@@ -417,7 +294,7 @@ def wav_bytes(samples: np.ndarray, sample_rate: int = WAV_SAMPLE_RATE) -> bytes:
     return buffer.getvalue()
 
 
-def write_wav(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = WAV_SAMPLE_RATE) -> Path:
+def write_wav(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> Path:
     """Write float samples (clipped to [-1, 1]) as a mono PCM16 wav, atomically."""
     return write_bytes_atomic(path, wav_bytes(samples, sample_rate))
 
@@ -455,7 +332,7 @@ def encoded_audio_bytes(samples: np.ndarray, sample_rate: int, suffix: str) -> b
     return buffer.getvalue()
 
 
-def write_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = WAV_SAMPLE_RATE) -> Path:
+def write_audio(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = OUTPUT_SAMPLE_RATE) -> Path:
     """Write speech in the format the file extension names (wav, flac, mp3, ogg/opus), atomically."""
     suffix = check_audio_extension(path)
     if suffix == ".wav":
@@ -472,3 +349,69 @@ def _to_pcm16(samples: np.ndarray) -> np.ndarray:
     audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
     # Little-endian int16 is what the wav format stores, whatever the machine's byte order.
     return np.rint(np.clip(audio, -1.0, 1.0) * PCM16_MAX).astype("<i2")
+
+
+# --- wav written as it is spoken ---------------------------------------------------------------
+
+
+class WavStreamWriter:
+    """A 24 kHz mono PCM16 wav written chunk by chunk, valid on disk after every chunk.
+
+    Samples go to a temp file next to the target whose header is patched after each write; on a normal
+    end or Ctrl-C (KeyboardInterrupt) the temp file is renamed over the target, so what was spoken so far
+    is kept; on any other error it is removed (no half files).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], sample_rate: int = OUTPUT_SAMPLE_RATE) -> None:
+        self.path = Path(path)
+        self.sample_rate = int(sample_rate)
+        self.samples_written = 0
+        self._temp: str | None = None
+        self._handle = None
+        self._wav: wave.Wave_write | None = None
+
+    def __enter__(self) -> WavStreamWriter:
+        descriptor, self._temp = make_temp_file(self.path)  # named after us: swept if we are killed
+        self._handle = os.fdopen(descriptor, "w+b")
+        self._wav = wave.open(self._handle, "wb")
+        self._wav.setnchannels(1)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(self.sample_rate)
+        self._wav.writeframes(b"")  # header now, so even an answer with no speech leaves a valid file
+        self._handle.flush()
+        return self
+
+    def write(self, samples: np.ndarray) -> None:
+        """Append float samples (clipped to [-1, 1]); the header then says the new length."""
+        audio = np.nan_to_num(np.asarray(samples, dtype=np.float32).reshape(-1), nan=0.0, posinf=1.0, neginf=-1.0)
+        pcm = np.rint(np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
+        self._wav.writeframes(pcm.tobytes())  # wave patches the RIFF/data sizes after each call
+        self._handle.flush()
+        self.samples_written += len(pcm)
+
+    @property
+    def seconds(self) -> float:
+        return self.samples_written / self.sample_rate
+
+    def close(self, keep: bool = True) -> None:
+        if self._wav is None:
+            return
+        wav, self._wav = self._wav, None
+        try:
+            wav.close()  # final header patch; the file object stays open (wave does not own it)
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        finally:
+            self._handle.close()
+        if keep:
+            os.chmod(self._temp, default_file_mode())
+            os.replace(self._temp, self.path)
+            FILES_WRITTEN.append(Path(self.path))
+        else:
+            os.unlink(self._temp)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Ctrl-C keeps what was spoken, but an interrupted answer with no speech yet leaves no file (a rerun
+        # would otherwise refuse to overwrite an empty wav).
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.close(keep=exc_type is None or (interrupted and self.samples_written > 0))

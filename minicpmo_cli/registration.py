@@ -28,8 +28,8 @@ def register() -> None:
         AutoTokenizer,
     )
 
+    from minicpmo_cli.generation.guide import MiniCPMO
     from minicpmo_cli.model.config import ConditionalChatTTSConfig, MiniCPMOConfig
-    from minicpmo_cli.model.omni import MiniCPMO
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
     from minicpmo_cli.processing.tokenizer import MiniCPMOTokenizerFast
 

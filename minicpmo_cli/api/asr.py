@@ -22,13 +22,13 @@ from minicpmo_cli.generation.presets import resolve
 from minicpmo_cli.outputs import TranscriptRecord
 from minicpmo_cli.processing import prompts
 from minicpmo_cli.processing.segments import Piece, join_texts, piece_segments
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 TASKS = ("transcribe", "translate", "caption", "speaker", "scene")
 LANGUAGES = ("auto", "en", "zh")  # what the model transcribes; auto decides per input (see _detect_language)
 # --task translate: ours, not the guide's (it has no translation prompt), worded like its ASR prompt. English
 # speech is transcribed with the guide's English prompt instead: its transcript is its English translation.
 TRANSLATE_PROMPT = "Please listen to the audio snippet carefully and translate its content into English."
-SAMPLE_RATE = 16000  # Hz: what the audio encoder takes
 MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split in its pauses
 DEFAULT_VAD_THRESHOLD = 0.5  # Silero's speech probability threshold
 DEFAULT_MIN_SILENCE_MS = 500  # a pause this long ends a speech region (and may take a cut)
@@ -106,7 +106,7 @@ class AsrOptions:
         """The pieces the model hears: speech regions grouped by the VAD, or fixed pieces with --no-vad."""
         from minicpmo_cli.processing.segments import segment_audio
 
-        return segment_audio(samples, SAMPLE_RATE, vad=self.vad, threshold=self.vad_threshold,
+        return segment_audio(samples, INPUT_SAMPLE_RATE, vad=self.vad, threshold=self.vad_threshold,
                              min_silence_ms=self.min_silence_ms, max_seconds=self.max_piece_seconds)
 
 
@@ -164,7 +164,8 @@ def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str | l
                    decode: DecodeOptions) -> list[PieceText]:
     """One forward pass over several clips (left-padded); the answer to ``[instruction, clip]`` for each
     (``instruction``: one for all, or one per clip)."""
-    from minicpmo_cli.generation.text import TTS_EOS, decode_text, run_llm_generate, terminator_ids
+    from minicpmo_cli.generation.text import TTS_EOS, run_llm_generate
+    from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
 
     settings = resolve(ASR_TASK, decode)
     instructions = [instruction] * len(clips) if isinstance(instruction, str) else list(instruction)
@@ -174,8 +175,8 @@ def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str | l
     embeds = embed_prompts(engine.model, inputs)
     tokenizer = engine.processor.tokenizer
     seed_call(settings.seed)
-    sequences, _ = run_llm_generate(engine.model, embeds, inputs["attention_mask"], tokenizer,
-                                    settings.max_new_tokens, settings.decode, compile=getattr(engine, "compile", None))
+    sequences, _ = run_llm_generate(engine.model, embeds, inputs["attention_mask"], tokenizer, settings.decode,
+                                    compile=getattr(engine, "compile", None))
     stops = set(terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
     return [PieceText(text.replace(TTS_EOS, "").strip(), truncated=not stops.intersection(row.tolist()))
@@ -223,14 +224,14 @@ def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray 
 
     record = TranscriptRecord(path=item.path)
     try:
-        samples = item.source if isinstance(item.source, np.ndarray) else load_audio(item.source, SAMPLE_RATE)
+        samples = item.source if isinstance(item.source, np.ndarray) else load_audio(item.source, INPUT_SAMPLE_RATE)
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         if samples.size == 0:
             raise InputError("no audio samples", input_name(item.path))
     except InputError as exc:
         record.error = _reason(exc)
         return _Job(record), None
-    record.duration = round(len(samples) / SAMPLE_RATE, 3)
+    record.duration = round(len(samples) / INPUT_SAMPLE_RATE, 3)
     pieces = options.segment(samples)
     language = None if options.language == "auto" else options.language
     return _Job(record, options.instruction, language, pieces, [(p.start, p.end) for p in pieces],
@@ -272,13 +273,14 @@ def _finish(job: _Job, options: AsrOptions, warn: Callable[[str], None] | None) 
     if record.error is not None:
         return record
     record.segments = [segment for piece, answer in zip(job.pieces, job.texts)
-                       for segment in piece_segments(piece, answer.text, SAMPLE_RATE)]
+                       for segment in piece_segments(piece, answer.text, INPUT_SAMPLE_RATE)]
     record.text = join_pieces(piece.text for piece in job.texts)
     record.language = job.language or detect_language(record.text)
     if warn is not None:
         for (start, end), piece in zip(job.spans, job.texts):
             if piece.truncated:
-                warn(f"{input_name(record.path)}: the answer for {start / SAMPLE_RATE:.1f}-{end / SAMPLE_RATE:.1f} s "
+                span = f"{start / INPUT_SAMPLE_RATE:.1f}-{end / INPUT_SAMPLE_RATE:.1f} s"
+                warn(f"{input_name(record.path)}: the answer for {span} "
                      f"reached --max-new-tokens and may be cut short")
     return record
 

@@ -45,9 +45,9 @@ class Engine:
         """Load the speech tower into an engine loaded without it (the REPL's /speak on): only tts.* is read."""
         if self.has_tts:
             return
-        if getattr(self.model, "tts", None) is None:
-            self.model.tts = load_tts_tower(self.model.config, self.device, self.dtype)
-            self.model.config.init_tts = True
+        from minicpmo_cli.model.loading import attach_towers
+
+        attach_towers(self.model, ["tts"], self.device, self.dtype)
         self.model.init_tts()
         self.towers["tts"] = True
 
@@ -80,18 +80,19 @@ class Engine:
         """
         import torch
 
-        settings = as_settings(settings)
+        from minicpmo_cli.generation.text import generate
 
+        settings = as_settings(settings)
         inputs = self.processor.apply_chat_template(
             msgs=msgs, omni_input=omni_input, max_slice_nums=max_slice_nums, use_image_id=use_image_id,
             use_tts_template=use_tts_template,
         ).to(self.device)
         seed_call(settings.seed)
         with torch.inference_mode():
-            return self.model.generate(
-                **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
+            return generate(
+                self.model, **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
                 generate_audio=generate_audio, return_dict=generate_audio, return_spk_embed=return_spk_embed,
-                compile=self.compile, **_guide_kwargs(settings),
+                compile=self.compile, decode=settings.decode,
             )
 
     def text_pieces(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = True,
@@ -107,38 +108,6 @@ class Engine:
 
 def as_settings(settings: TaskSettings | DecodeOptions | None) -> TaskSettings:
     return settings if isinstance(settings, TaskSettings) else resolve("guide", settings)
-
-
-def _guide_kwargs(settings: TaskSettings) -> dict[str, Any]:
-    decode = settings.decode
-    values = {"sampling": decode.sampling, "max_new_tokens": decode.max_new_tokens,
-              "min_new_tokens": decode.min_new_tokens, "repetition_penalty": decode.repetition_penalty}
-    if decode.sampling:
-        values.update(temperature=decode.temperature, top_p=decode.top_p, top_k=decode.top_k)
-    else:
-        values["num_beams"] = decode.num_beams
-    return values
-
-
-OTHER_TOWERS = ("llm.", "vpm.", "resampler.", "apm.", "audio_projection_layer.")
-
-
-def load_tts_tower(config, device: str, dtype):
-    """Build the TTS tower and fill it from the checkpoint's ``tts.*`` tensors alone."""
-    from pathlib import Path
-
-    from torch import nn
-
-    from minicpmo_cli.model import loading
-    from minicpmo_cli.model.tts import ConditionalChatTTS
-
-    folder = Path(config._name_or_path)
-    with loading.construction_context(dtype=dtype, device=device):
-        holder = nn.Module()
-        holder.tts = ConditionalChatTTS(config.tts_config)
-    report = loading.load_safetensors_into(holder, loading.weight_files(folder), OTHER_TOWERS)
-    report.raise_if_incomplete(folder)
-    return holder.tts.to(device).eval()
 
 
 def seed_call(seed: int | None) -> None:
@@ -167,7 +136,7 @@ def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, aud
     device = resolve_device(options.device, warn)
     dtype = resolve_dtype(options.dtype, device)
     from minicpmo_cli import registration
-    from minicpmo_cli.model.omni import MiniCPMO
+    from minicpmo_cli.generation.guide import MiniCPMO
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
 
     registration.register()

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 from minicpmo_cli.api.parallel import PID_DIR_ENV, WorkerError, describe_failure
 from minicpmo_cli.errors import EnvironmentProblem
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 RETRIES = 3  # restarts of a dead actor, and retries of the batch it had, before the job fails
 DECODE_CPUS = 0.5  # decoding is light; leaves room for the actors on a small local Ray
@@ -41,13 +42,13 @@ def import_ray():
 # ----------------------------------------------------------------------------------------------- on Ray
 def decode_row(row: dict) -> dict:
     """A Ray task: the input's audio decoded to 16 kHz samples, or the reason it cannot be."""
-    from minicpmo_cli.api.asr import SAMPLE_RATE, AudioInput, _reason
+    from minicpmo_cli.api.asr import AudioInput, _reason
     from minicpmo_cli.errors import InputError
     from minicpmo_cli.media.audio import load_audio
 
     item: AudioInput = pickle.loads(row["payload"])
     try:
-        decoded: Any = AudioInput(item.path, load_audio(item.source, SAMPLE_RATE))
+        decoded: Any = AudioInput(item.path, load_audio(item.source, INPUT_SAMPLE_RATE))
     except InputError as exc:  # as api/asr.py's _start_job words it
         decoded = _reason(exc)
     return {"index": row["index"], "path": item.path, "decoded": pickle.dumps(decoded)}

@@ -25,7 +25,7 @@ import numpy as np
 from minicpmo_cli.api.engine import DecodeOptions, Engine
 from minicpmo_cli.errors import InputError, UsageError
 from minicpmo_cli.generation.presets import resolve
-from minicpmo_cli.generation.speech_units import MAX_AUDIO_FRAMES, SAMPLE_RATE, frames_for_seconds  # noqa: F401
+from minicpmo_cli.units import MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE, frames_for_seconds  # noqa: F401
 
 GROUP_TOKENS = 80  # ChatTTS tokens per synthesised piece (see module docstring)
 
@@ -81,7 +81,7 @@ class Piece:
 class SpeechResult:
     text: str  # the text spoken (verbatim: the input; otherwise what the model wrote)
     wav: np.ndarray  # float32 mono
-    sample_rate: int = SAMPLE_RATE
+    sample_rate: int = OUTPUT_SAMPLE_RATE
     pieces: list[Piece] = field(default_factory=list)
 
     @property

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,9 +25,7 @@ import numpy as np
 from minicpmo_cli.api.engine import DecodeOptions, Engine, seed_call
 from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation.presets import resolve
-from minicpmo_cli.generation.speech_units import FRAMES_PER_SECOND, MAX_AUDIO_FRAMES
-from minicpmo_cli.generation.speech_units import SAMPLE_RATE as SPEECH_RATE
-from minicpmo_cli.outputs import FILES_WRITTEN, default_file_mode, make_temp_file
+from minicpmo_cli.units import FRAMES_PER_SECOND, MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE
 
 DEFAULT_VIDEO_PROMPT = "Describe the video"  # the guide's question
 DEFAULT_FPS = 1.0  # frames per second of video for describe-video
@@ -55,7 +52,7 @@ class OmniAnswer:
     text: str
     units: int  # 1 s units given to the model
     audio: np.ndarray | None = None  # float32 mono at sample_rate; None without speech
-    sample_rate: int = SPEECH_RATE
+    sample_rate: int = OUTPUT_SAMPLE_RATE
     output: Path | None = None  # where the wav was written
 
 
@@ -65,7 +62,7 @@ class OmniChunk:
 
     text: str
     audio: np.ndarray
-    sample_rate: int = SPEECH_RATE
+    sample_rate: int = OUTPUT_SAMPLE_RATE
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -159,7 +156,7 @@ def _speech_frame_cap(max_audio_seconds: float | None) -> int:
 def _trim(audio: np.ndarray, max_audio_seconds: float | None) -> np.ndarray:
     if max_audio_seconds is None:
         return audio
-    return audio[: int(round(max_audio_seconds * SPEECH_RATE))]
+    return audio[: int(round(max_audio_seconds * OUTPUT_SAMPLE_RATE))]
 
 
 def omni(engine: Engine, path: str | os.PathLike[str], prompt: str | None = None,
@@ -185,7 +182,7 @@ def omni(engine: Engine, path: str | os.PathLike[str], prompt: str | None = None
     if not speak:
         return OmniAnswer(path=str(path), text=result, units=count)
     audio = _trim(np.asarray(result.audio_wav, dtype=np.float32).reshape(-1), max_audio_seconds)
-    written = write_wav(output, audio, SPEECH_RATE) if output is not None else None
+    written = write_wav(output, audio, OUTPUT_SAMPLE_RATE) if output is not None else None
     return OmniAnswer(path=str(path), text=result.text, units=count, audio=audio, output=written)
 
 
@@ -204,7 +201,7 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
     from minicpmo_cli.generation.session import reset_session, streaming_generate, streaming_prefill
 
     settings = resolve(OMNI_STREAM_TASK, decode)
-    decoding = streaming_kwargs(settings)
+    _check_streamable(settings)
     model, processor = engine.model, engine.processor
     system = omni_system_message(ref_audio, language)
     _check_units_fit(engine, path)
@@ -221,9 +218,8 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
         streaming_prefill(model, session_id, [{"role": "user", "content": [prompt]}], processor=processor)
     seed_call(settings.seed)
     items = streaming_generate(model, session_id, processor=processor, use_tts=speak,
-                               tts_max_new_tokens=_speech_frame_cap(max_audio_seconds),
-                               **decoding)
-    budget = None if max_audio_seconds is None else int(round(max_audio_seconds * SPEECH_RATE))
+                               tts_max_new_tokens=_speech_frame_cap(max_audio_seconds), decode=settings.decode)
+    budget = None if max_audio_seconds is None else int(round(max_audio_seconds * OUTPUT_SAMPLE_RATE))
     for item in items:
         if not speak:
             yield OmniChunk(text=item["text"], audio=np.zeros(0, dtype=np.float32))
@@ -231,21 +227,14 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
         audio = np.asarray(item.audio_wav, dtype=np.float32).reshape(-1)
         if budget is not None:
             audio, budget = audio[:budget], max(0, budget - len(audio))
-        yield OmniChunk(text=item.text, audio=audio, sample_rate=item.sampling_rate or SPEECH_RATE)
+        yield OmniChunk(text=item.text, audio=audio, sample_rate=item.sampling_rate or OUTPUT_SAMPLE_RATE)
 
 
-def streaming_kwargs(settings) -> dict[str, Any]:
-    """The resolved settings as streaming_generate's keyword arguments (the session decodes greedily or by
-    sampling: beam search cannot stream)."""
-    decode = settings.decode
-    if decode.beam_search:
-        raise UsageError(f"num_beams={decode.num_beams}: streaming omni decodes greedily or by sampling, beam "
-                         "search cannot stream (leave out num_beams)", parameters=("num_beams",))
-    values = {"sampling": decode.sampling, "max_new_tokens": decode.max_new_tokens,
-              "min_new_tokens": decode.min_new_tokens, "repetition_penalty": decode.repetition_penalty}
-    if decode.sampling:
-        values.update(temperature=decode.temperature, top_p=decode.top_p, top_k=decode.top_k)
-    return values
+def _check_streamable(settings) -> None:
+    """Before any unit is prefilled: the streaming session decodes greedily or by sampling."""
+    if settings.decode.beam_search:
+        raise UsageError(f"num_beams={settings.decode.num_beams}: streaming omni decodes greedily or by sampling, "
+                         "beam search cannot stream (leave out num_beams)", parameters=("num_beams",))
 
 
 def _check_units_fit(engine: Engine, path) -> None:
@@ -254,67 +243,3 @@ def _check_units_fit(engine: Engine, path) -> None:
     from minicpmo_cli.processing.limits import check_video_fits
 
     check_video_fits(engine, probe_video(path), 0, True, unit_mode=True)
-
-
-# ---------------------------------------------------------------------------------------------- wav output
-class WavStreamWriter:
-    """A 24 kHz mono PCM16 wav written chunk by chunk, valid on disk after every chunk.
-
-    Samples go to a temp file next to the target whose header is patched after each write; on a normal
-    end or Ctrl-C (KeyboardInterrupt) the temp file is renamed over the target, so what was spoken so far
-    is kept; on any other error it is removed (no half files).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], sample_rate: int = SPEECH_RATE) -> None:
-        self.path = Path(path)
-        self.sample_rate = int(sample_rate)
-        self.samples_written = 0
-        self._temp: str | None = None
-        self._handle = None
-        self._wav: wave.Wave_write | None = None
-
-    def __enter__(self) -> WavStreamWriter:
-        descriptor, self._temp = make_temp_file(self.path)  # named after us: swept if we are killed
-        self._handle = os.fdopen(descriptor, "w+b")
-        self._wav = wave.open(self._handle, "wb")
-        self._wav.setnchannels(1)
-        self._wav.setsampwidth(2)
-        self._wav.setframerate(self.sample_rate)
-        self._wav.writeframes(b"")  # header now, so even an answer with no speech leaves a valid file
-        self._handle.flush()
-        return self
-
-    def write(self, samples: np.ndarray) -> None:
-        """Append float samples (clipped to [-1, 1]); the header then says the new length."""
-        audio = np.nan_to_num(np.asarray(samples, dtype=np.float32).reshape(-1), nan=0.0, posinf=1.0, neginf=-1.0)
-        pcm = np.rint(np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
-        self._wav.writeframes(pcm.tobytes())  # wave patches the RIFF/data sizes after each call
-        self._handle.flush()
-        self.samples_written += len(pcm)
-
-    @property
-    def seconds(self) -> float:
-        return self.samples_written / self.sample_rate
-
-    def close(self, keep: bool = True) -> None:
-        if self._wav is None:
-            return
-        wav, self._wav = self._wav, None
-        try:
-            wav.close()  # final header patch; the file object stays open (wave does not own it)
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-        finally:
-            self._handle.close()
-        if keep:
-            os.chmod(self._temp, default_file_mode())
-            os.replace(self._temp, self.path)
-            FILES_WRITTEN.append(Path(self.path))
-        else:
-            os.unlink(self._temp)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        # Ctrl-C keeps what was spoken, but an interrupted answer with no speech yet leaves no file (a rerun
-        # would otherwise refuse to overwrite an empty wav).
-        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
-        self.close(keep=exc_type is None or (interrupted and self.samples_written > 0))

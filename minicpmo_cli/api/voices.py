@@ -23,8 +23,8 @@ from typing import Union
 import numpy as np
 
 from minicpmo_cli.errors import InputError, OutputError, UsageError
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
-VOICE_SAMPLE_RATE = 16000  # Hz: reference audio is Whisper input, so it is stored at the encoder's rate
 # Letters, digits, '-', '_' and '.', not starting with '.' or '-': safe as a file name on every system.
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 # The maintainers recommend 5-15 s reference clips (spec audio-tts §6); much longer ones only cost time.
@@ -89,9 +89,9 @@ def save_voice(name: str, source: VoiceSource, *, overwrite: bool = False) -> Vo
     samples = np.asarray(source, dtype=np.float32) if isinstance(source, np.ndarray) else load_audio(source)
     check_reference(samples, str(source) if not isinstance(source, np.ndarray) else name)
     ensure_output_dir(voices_dir())
-    wav = write_wav(_wav_path(name), samples, VOICE_SAMPLE_RATE)
+    wav = write_wav(_wav_path(name), samples, INPUT_SAMPLE_RATE)
     profile = VoiceProfile(
-        name=name, path=wav, duration=round(len(samples) / VOICE_SAMPLE_RATE, 3),
+        name=name, path=wav, duration=round(len(samples) / INPUT_SAMPLE_RATE, 3),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         source=None if isinstance(source, np.ndarray) else str(Path(source).resolve()),
     )

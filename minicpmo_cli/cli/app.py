@@ -12,8 +12,14 @@ import typer
 
 from minicpmo_cli import __version__
 from minicpmo_cli.cli import common
-from minicpmo_cli.errors import (EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, MiniCPMOError,
-                                 describe_error)
+from minicpmo_cli.errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    MiniCPMOError,
+    describe_error,
+)
 
 app = typer.Typer(
     name="minicpmo",

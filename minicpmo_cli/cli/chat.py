@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from minicpmo_cli.cli import common
+from minicpmo_cli.cli.answers import speak_answer, stream_reply
 
 if TYPE_CHECKING:
     from minicpmo_cli.api.engine import DecodeOptions
@@ -185,33 +186,3 @@ def answer_once(engine, conversation, text: str, decode, speak: Path | None) -> 
     sys.stdout.write((answer if speak is not None else "") + "\n")
     conversation.answer(answer)
     return answer
-
-
-def stream_reply(engine, conversation, decode, out, pieces: list[str]) -> None:
-    """Write the answer to ``out`` as it is generated, collecting it in ``pieces`` (kept if interrupted)."""
-    from contextlib import closing
-
-    from minicpmo_cli.api.chat import reply
-    from minicpmo_cli.cli import remote
-
-    reply = remote.reply if remote.is_remote(engine) else reply
-    # closing(): Ctrl-C ends the generation thread too, not only the printing.
-    with closing(reply(engine, conversation, decode, stream=True)) as stream:
-        for piece in stream:
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
-
-
-def speak_answer(engine, conversation, decode, target: Path) -> str:
-    """Generate the answer with speech and write the wav atomically; returns the text."""
-    from minicpmo_cli.api.chat import reply_with_speech
-    from minicpmo_cli.cli import remote
-    from minicpmo_cli.outputs import write_audio
-
-    reply_with_speech = remote.reply_with_speech if remote.is_remote(engine) else reply_with_speech
-    with common.status("answering in text and speech"):
-        text, wav, rate = reply_with_speech(engine, conversation, decode)
-    write_audio(target, wav, sample_rate=rate)
-    common.info(f"speech written to {target}")
-    return text

@@ -145,8 +145,7 @@ class _Row:
 
 def _new_bar():
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True), transient=True,
@@ -358,7 +357,7 @@ def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
 def check_local_model() -> None:
     """A --model that names a local folder is checked now, before any audio is decoded or segmented (the
     VAD imports torch): a wrong path fails at once. Hub ids are left for the load (it may download)."""
-    from minicpmo_cli.model.loading import means_local_folder
+    from minicpmo_cli.model.checkpoint_files import means_local_folder
 
     if _options.server is None and (Path(_options.model).expanduser().exists() or means_local_folder(_options.model)):
         checkpoint_folder()
@@ -366,14 +365,12 @@ def check_local_model() -> None:
 
 def checkpoint_folder() -> Path:
     """The local folder of --model: as given, or from the hub cache, downloading it first when it is not there."""
-    from minicpmo_cli.model.loading import means_local_folder, resolve_checkpoint_dir
+    from minicpmo_cli.model.checkpoint_files import cached_snapshot, means_local_folder, resolve_checkpoint_dir
 
     o = _options
     path = Path(o.model).expanduser()
     if path.is_dir() or path.exists() or means_local_folder(o.model):
         return resolve_checkpoint_dir(o.model)  # the folder, or a one-line error naming it
-    from minicpmo_cli.cli.doctor import cached_snapshot
-
     snapshot = cached_snapshot(o.model, o.revision)
     if snapshot is not None and any(snapshot.glob("*.safetensors")):
         return resolve_checkpoint_dir(o.model, o.revision, local_files_only=True)

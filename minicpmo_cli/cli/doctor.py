@@ -85,20 +85,9 @@ def _nvidia_gpus() -> list[str]:
     return gpus
 
 
-def cached_snapshot(model: str, revision: str | None) -> Path | None:
-    """The hub cache's snapshot folder of ``model`` at ``revision`` when it has a config.json, else None."""
-    from huggingface_hub import constants
-
-    repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + model.replace("/", "--"))
-    ref = repo_dir / "refs" / (revision or "main")
-    commit = ref.read_text().strip() if ref.is_file() else (revision if revision else None)
-    snapshot = repo_dir / "snapshots" / commit if commit else None
-    return snapshot if snapshot is not None and (snapshot / "config.json").exists() else None
-
-
 def model_cache_status(model: str, revision: str | None) -> tuple[str, str | None]:
     """Where the model's files are (a folder or the HF cache) and at which revision; (status, fix)."""
-    from minicpmo_cli.model.loading import means_local_folder
+    from minicpmo_cli.model.checkpoint_files import cached_snapshot, means_local_folder
 
     folder = Path(model).expanduser()
     if folder.is_dir():
@@ -130,11 +119,12 @@ def quantization_status(opts) -> str:
     try:
         from minicpmo_cli.api.engine import resolve_device, resolve_dtype
         from minicpmo_cli.errors import MiniCPMOError
-        from minicpmo_cli.model import loading, quant
+        from minicpmo_cli.model import quant
+        from minicpmo_cli.model.checkpoint_files import resolve_checkpoint_dir
     except Exception:  # noqa: BLE001 - torch or transformers missing: reported above
         return "unknown (torch or transformers missing)"
     try:
-        folder = loading.resolve_checkpoint_dir(opts.model, opts.revision, local_files_only=True)
+        folder = resolve_checkpoint_dir(opts.model, opts.revision, local_files_only=True)
         device = resolve_device(opts.device)
         return quant.quantization_preview(folder, opts.quantize, device.split(":")[0],
                                             resolve_dtype(opts.dtype, device))
@@ -146,6 +136,8 @@ def quantization_status(opts) -> str:
 
 def _quantization_mode_only(opts) -> str:
     """The mode from --quantize or the checkpoint's quantize_config.json, read without torch."""
+    from minicpmo_cli.model.checkpoint_files import cached_snapshot
+
     hint = " (minicpmo -v doctor: kernel and weights' memory)"
     if opts.quantize not in (None, "none"):
         return f"{opts.quantize} (--quantize){hint}"

@@ -90,7 +90,7 @@ def _expand(arg: str, recursive: bool) -> list[InputItem]:
         return [InputItem(arg, error=f"cannot reach it ({os_reason(exc)})")]
     if stat.S_ISDIR(mode):
         return _folder_items(Path(arg), recursive)
-    from minicpmo_cli.outputs import is_temp_name
+    from minicpmo_cli.temp_files import is_temp_name
 
     if is_temp_name(os.path.basename(arg)):
         common.warn(f"{display_name(arg)}: a temp file of an unfinished write, not an input: skipped")

@@ -20,6 +20,7 @@ import numpy as np
 
 from minicpmo_cli.cli import common
 from minicpmo_cli.errors import EnvironmentProblem, InputError, MiniCPMOError, UsageError
+from minicpmo_cli.units import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 
 TIMEOUT = 600.0  # s: a long answer on a busy server
 
@@ -94,7 +95,7 @@ def engine_or_load(**towers) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ encoding
-def float_wav_b64(samples: np.ndarray, rate: int = 16000) -> str:
+def float_wav_b64(samples: np.ndarray, rate: int = INPUT_SAMPLE_RATE) -> str:
     """Samples as a float32 wav: decoded on the server to exactly these samples (no PCM16 rounding)."""
     import soundfile
 
@@ -164,7 +165,7 @@ def reply_with_speech(engine: RemoteEngine, conversation, decode):
                      audio={"voice": "alloy", "format": "wav"})
     message = engine.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
     audio = message["audio"]
-    return audio["transcript"], wav_samples(base64.b64decode(audio["data"])), 24000
+    return audio["transcript"], wav_samples(base64.b64decode(audio["data"])), OUTPUT_SAMPLE_RATE
 
 
 def wav_samples(data: bytes) -> np.ndarray:
@@ -183,7 +184,7 @@ def wav_samples(data: bytes) -> np.ndarray:
 class RemoteSpeech:
     text: str
     wav: np.ndarray
-    sample_rate: int = 24000
+    sample_rate: int = OUTPUT_SAMPLE_RATE
     capped: bool = False
     pieces: list = field(default_factory=list)
 
@@ -195,7 +196,7 @@ class RemoteSpeech:
 def speak(engine: RemoteEngine, text: str, voice=None, *, decode=None, verbatim: bool = True,
           max_frames: int | None = None) -> RemoteSpeech:
     """api.speech.speak's remote twin: the speech of ``text`` as the server makes it."""
-    from minicpmo_cli.generation.speech_units import FRAMES_PER_SECOND
+    from minicpmo_cli.units import FRAMES_PER_SECOND
 
     body: dict[str, Any] = {"model": engine.model, "input": text, "voice": "alloy", "response_format": "wav",
                             "verbatim": verbatim, "seed": common.options().seed}

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from minicpmo_cli.cli.answers import speak_answer, stream_reply
 from minicpmo_cli.errors import MiniCPMOError
 
 PROMPT = ">>> "
@@ -103,8 +104,6 @@ class Repl:
             del self.conversation.turns[turns:]
 
     def answer(self, text: str) -> None:
-        from minicpmo_cli.cli.chat import stream_reply
-
         self.conversation.ask(text)
         if self.speak:
             self.answer_with_speech()
@@ -118,8 +117,6 @@ class Repl:
         self.conversation.answer("".join(pieces))
 
     def answer_with_speech(self) -> None:
-        from minicpmo_cli.cli.chat import speak_answer
-
         target = self.next_speech_path()
         try:
             answer = speak_answer(self.engine, self.conversation, self.decode, target)

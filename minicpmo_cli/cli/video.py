@@ -119,7 +119,8 @@ def _omni_whole(engine, video: Path, prompt, decode, output: Optional[Path], opt
 def _omni_streaming(engine, video: Path, prompt, decode, output: Optional[Path], options: dict) -> None:
     from contextlib import nullcontext
 
-    from minicpmo_cli.api.video import WavStreamWriter, omni_stream
+    from minicpmo_cli.api.video import omni_stream
+    from minicpmo_cli.outputs import WavStreamWriter
 
     chunks = omni_stream(engine, video, prompt, decode, on_unit=lambda i: common.debug(f"prefilled unit {i + 1}"),
                          **options)

@@ -23,7 +23,6 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from minicpmo_cli.generation.speech_units import MAX_AUDIO_FRAMES, SAMPLE_RATE
 from minicpmo_cli.model.tts import AUDIO_EOS_ID, DEFAULT_TEMPERATURES
 from minicpmo_cli.model.tts_sampling import ReferenceSampler, make_logits_processors
 from minicpmo_cli.processing.tts_text import (
@@ -37,6 +36,7 @@ from minicpmo_cli.processing.tts_text import (
     spell_digits,
     split_tts_text,
 )
+from minicpmo_cli.units import MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE
 
 OUTPUT_CHUNK_FRAMES = 25  # audio frames per tts.generate call (reference output_chunk_size)
 
@@ -47,7 +47,7 @@ class SpeechChunk:
 
     text: str
     wav: np.ndarray
-    sample_rate: int = SAMPLE_RATE
+    sample_rate: int = OUTPUT_SAMPLE_RATE
 
 
 class _Sampler:

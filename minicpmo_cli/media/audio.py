@@ -25,14 +25,14 @@ from minicpmo_cli.media import (
     read_head,
     source_name,
 )
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
-SAMPLE_RATE = 16000  # Hz: what the Whisper audio encoder of MiniCPM-o expects
 RESAMPLE_QUALITY = "HQ"  # soxr quality; librosa's default res_type "soxr_hq"
 
 Samples = np.ndarray  # float32, shape [n], values in about [-1, 1]
 
 
-def load_audio(source: MediaSource, sr: int = SAMPLE_RATE) -> Samples:
+def load_audio(source: MediaSource, sr: int = INPUT_SAMPLE_RATE) -> Samples:
     """Decode a file path (or the raw bytes of a file) to mono float32 samples at `sr` Hz.
 
     Raises InputError naming the file for: missing, directory, unreadable, empty, not audio,
@@ -59,7 +59,7 @@ def resample(samples: Samples, orig_sr: int, target_sr: int) -> Samples:
     return soxr.resample(samples, orig_sr, target_sr, quality=RESAMPLE_QUALITY).astype(np.float32, copy=False)
 
 
-def audio_duration(samples: Samples, sr: int = SAMPLE_RATE) -> float:
+def audio_duration(samples: Samples, sr: int = INPUT_SAMPLE_RATE) -> float:
     """Length of `samples` in seconds."""
     return len(samples) / float(sr)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from minicpmo_cli.errors import EnvironmentProblem
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
-VAD_SAMPLE_RATE = 16000  # Hz: the rate the Silero model is given here
 WINDOW = 512  # samples per speech probability: the model's fixed frame at 16 kHz (32 ms)
 BLOCK_WINDOWS = 256  # windows per block of the batch (about 8 s)
 WARMUP_WINDOWS = 32  # windows of the preceding audio each block sees first (about 1 s)
@@ -84,7 +84,7 @@ def speech_probabilities(samples: np.ndarray, device: str = "cpu") -> np.ndarray
     steps = WARMUP_WINDOWS + BLOCK_WINDOWS
     with _LOCK, torch.inference_mode(), _one_thread(device):
         model.reset_states()
-        out = [model(batch[:, t * WINDOW:(t + 1) * WINDOW], VAD_SAMPLE_RATE) for t in range(steps)]
+        out = [model(batch[:, t * WINDOW:(t + 1) * WINDOW], INPUT_SAMPLE_RATE) for t in range(steps)]
     probs = torch.cat(out, dim=1)[:, WARMUP_WINDOWS:].float().cpu().numpy()  # [blocks, B]
     return probs.reshape(-1)[:windows]
 
@@ -112,7 +112,7 @@ def _one_thread(device: str):
 
 def regions_from_probabilities(probs: np.ndarray, total: int, threshold: float = DEFAULT_THRESHOLD,
                                min_silence_ms: int = DEFAULT_MIN_SILENCE_MS, min_speech_ms: int = MIN_SPEECH_MS,
-                               pad_ms: int = SPEECH_PAD_MS, sr: int = VAD_SAMPLE_RATE) -> list[tuple[int, int]]:
+                               pad_ms: int = SPEECH_PAD_MS, sr: int = INPUT_SAMPLE_RATE) -> list[tuple[int, int]]:
     """Speech regions ``[(start, end), ...]`` in samples (sorted, disjoint, within ``[0, total]``).
 
     Speech starts at a window whose probability reaches ``threshold`` and ends where it stays below

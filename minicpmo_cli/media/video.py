@@ -21,7 +21,8 @@ from PIL import Image
 
 from minicpmo_cli.errors import InputError
 from minicpmo_cli.media import check_readable_file, guess_kind, read_head
-from minicpmo_cli.media.audio import SAMPLE_RATE, decode_with_av, resample
+from minicpmo_cli.media.audio import decode_with_av, resample
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 DEFAULT_SAMPLE_FPS = 1.0  # frames per second of video for describe-video (the guide's choice)
 MAX_NUM_FRAMES = 64  # the guide's MAX_NUM_FRAMES: more frames than this are uniformly thinned
@@ -109,7 +110,7 @@ def _decode_frames_at(path: str | os.PathLike[str], indices: list[int]) -> list[
 
 
 def load_video_audio(
-    path: str | os.PathLike[str], sr: int = SAMPLE_RATE, required: bool = False
+    path: str | os.PathLike[str], sr: int = INPUT_SAMPLE_RATE, required: bool = False
 ) -> np.ndarray | None:
     """The audio track as mono float32 at `sr` Hz; None for a silent video unless `required`."""
     file_path = check_readable_file(path)
@@ -122,7 +123,7 @@ def load_video_audio(
 
 
 def iter_video_units(
-    path: str | os.PathLike[str], sr: int = SAMPLE_RATE
+    path: str | os.PathLike[str], sr: int = INPUT_SAMPLE_RATE
 ) -> Iterator[tuple[Image.Image, np.ndarray]]:
     """Yield (frame, 1 s of audio) per second of video, decoding frames lazily.
 
@@ -137,7 +138,7 @@ def iter_video_units(
         yield image, _unit_audio(audio, unit, sr)
 
 
-def video_units(path: str | os.PathLike[str], sr: int = SAMPLE_RATE) -> list[tuple[Image.Image, np.ndarray]]:
+def video_units(path: str | os.PathLike[str], sr: int = INPUT_SAMPLE_RATE) -> list[tuple[Image.Image, np.ndarray]]:
     """All omni units of a video as a list (see iter_video_units)."""
     return list(iter_video_units(path, sr=sr))
 

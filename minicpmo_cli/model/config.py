@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig, Qwen2Config, SiglipVisionConfig, WhisperConfig
 
+from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
+
 # Class defaults of the reference's ConditionalChatTTSConfig (spec audio-tts §3.1); config.json only
 # overrides llm_dim. The DVAE and Vocos sizes are hard-coded in the reference (spec §4, §5).
 TTS_DEFAULTS: dict[str, Any] = {
@@ -54,7 +56,7 @@ TTS_DEFAULTS: dict[str, Any] = {
     "vocos_num_layers": 8,
     "vocos_n_fft": 1024,
     "vocos_hop_length": 256,
-    "sample_rate": 24000,
+    "sample_rate": OUTPUT_SAMPLE_RATE,
 }
 
 

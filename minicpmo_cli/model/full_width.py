@@ -79,10 +79,10 @@ def _write_weights(folder: Path, config_dict: dict, tokenizer_size: int, seed: i
     import torch
     from safetensors.torch import save_file
 
-    from minicpmo_cli.model.omni import MiniCPMO
+    from minicpmo_cli.model.omni import MiniCPMOModel
 
     with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in MiniCPMO(_model_config(config_dict)).state_dict().items()}
+        shapes = {name: tuple(t.shape) for name, t in MiniCPMOModel(_model_config(config_dict)).state_dict().items()}
     generator = torch.Generator().manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]

@@ -1,4 +1,8 @@
-"""``MiniCPMO``: the MiniCPM-o 2.6 model (Qwen2 LLM + SigLIP/resampler + Whisper + ChatTTS), native on 5.x.
+"""``MiniCPMOModel``: the MiniCPM-o 2.6 modules (Qwen2 LLM + SigLIP/resampler + Whisper + ChatTTS), native on 5.x.
+
+Pure modules, embeddings and loading: nothing here knows prompts or decoding. The guide's methods
+(``generate``, ``chat``, ``streaming_*``, sessions) are bound on top of this class by ``MiniCPMO`` in
+generation/guide.py, so this layer imports nothing above itself.
 
 Module names are the official ones (``llm``, ``vpm``, ``resampler``, ``apm``, ``audio_avg_pooler``,
 ``audio_projection_layer``, ``tts``) so the official safetensors load unchanged. The towers live in their own
@@ -19,7 +23,6 @@ from minicpmo_cli.model.config import MiniCPMOConfig
 from minicpmo_cli.model.layers import MultiModalProjector
 
 
-
 class MiniCPMOPreTrainedModel(PreTrainedModel):
     config_class = MiniCPMOConfig
     config: MiniCPMOConfig
@@ -31,8 +34,9 @@ class MiniCPMOPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
 
 
-class MiniCPMO(MiniCPMOPreTrainedModel):
-    """MiniCPM-o 2.6. Build with :meth:`from_pretrained`; see API.md for the generation/chat interface."""
+class MiniCPMOModel(MiniCPMOPreTrainedModel):
+    """MiniCPM-o 2.6's modules. Build with :meth:`from_pretrained`; ``MiniCPMO`` (generation/guide.py) adds the
+    usage guide's generation/chat interface."""
 
     def __init__(self, config: MiniCPMOConfig) -> None:
         super().__init__(config)
@@ -43,14 +47,11 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         if config.init_audio:
             self._build_audio()
         if config.init_tts:
-            from minicpmo_cli.model.tts import ConditionalChatTTS
-
-            self.tts = ConditionalChatTTS(config.tts_config)
+            self._build_tts()
         self.processor = None  # set by from_pretrained when the checkpoint has the processor files
         self.tts_processor = None
         self.vocos = None
         self.name_or_path = getattr(config, "_name_or_path", "")
-        self.reset_session()
         self.post_init()
 
     def _build_vision(self) -> None:
@@ -80,6 +81,11 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         self.audio_projection_layer = MultiModalProjector(in_dim=audio_output_dim, out_dim=self.embed_dim)
         self.audio_encoder_layer = -1
 
+    def _build_tts(self) -> None:
+        from minicpmo_cli.model.tts import ConditionalChatTTS
+
+        self.tts = ConditionalChatTTS(self.config.tts_config)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
@@ -98,14 +104,14 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         cache_dir: str | None = None,
         token: str | bool | None = None,
         config: MiniCPMOConfig | None = None,
-        load_processor: bool = True,
         quantize: str | None = None,  # none | int8 | int4 (LLM decoder linears); None: as the checkpoint is
         **_ignored: Any,  # e.g. trust_remote_code from AutoModel: nothing remote is ever run
-    ) -> MiniCPMO:
+    ) -> MiniCPMOModel:
         """Load the official checkpoint (folder or hub id) strictly by the official tensor names."""
         from minicpmo_cli.model import loading
+        from minicpmo_cli.model.checkpoint_files import resolve_checkpoint_dir
 
-        folder = loading.resolve_checkpoint_dir(
+        folder = resolve_checkpoint_dir(
             pretrained_model_name_or_path, revision, local_files_only, cache_dir, token
         )
         if config is None:
@@ -134,8 +140,6 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
 
             raise EnvironmentProblem(f"attn_implementation={config._attn_implementation!r} cannot be used: {exc}")
         model.eval()
-        if load_processor:
-            model.processor = _try_load_processor(folder)
         return model
 
     def init_tts(self, tts_text_tokenizer_path: str | None = None, vocos_ckpt_path: str | None = None) -> None:
@@ -156,22 +160,6 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         self.tts_processor = BertTokenizerFast.from_pretrained(str(tokenizer_path))
         # The vocoder always runs in float32, as the reference.
         self.vocos = load_vocos(vocos_path, self.config.tts_config, device=self.device, dtype=torch.float32)
-
-    def reset_session(self) -> None:
-        """Forget the default streaming session (KV caches, turn state; see generation/session.py)."""
-        from minicpmo_cli.generation.session import OmniSession
-
-        if getattr(self, "_session", None) is None:
-            self._session = OmniSession(self)
-        self._session.reset()
-
-    def new_session(self):
-        """A streaming conversation of its own (its caches and turn state), independent of the default one
-        that ``streaming_prefill`` / ``streaming_generate`` use; several can be used one after another or
-        interleaved on this one model."""
-        from minicpmo_cli.generation.session import OmniSession
-
-        return OmniSession(self)
 
     # ------------------------------------------------------------------ embeddings
     def get_input_embeddings(self):
@@ -219,10 +207,10 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         )
 
     def get_audio_embedding(self, data: dict, chunk_length: float = -1, stream_input: bool = False) -> list:
-        """Audio embeddings per sample; ``stream_input`` encodes with the default session's streaming cache."""
+        """Audio embeddings per sample. ``stream_input`` (the streaming encoder with a session's cache) needs a
+        session: ``MiniCPMO`` (generation/guide.py) binds it to its default session."""
         if stream_input:
-            embeds, self.audio_past_key_values = self.streaming_audio_embedding(data, self.audio_past_key_values)
-            return embeds
+            raise ValueError("stream_input=True needs a streaming session: use minicpmo_cli.MiniCPMO")
         features = data.get("audio_features")
         if features is None or len(features) == 0:
             return []
@@ -319,55 +307,6 @@ class MiniCPMO(MiniCPMOPreTrainedModel):
         return self.llm(input_ids=None, inputs_embeds=embeds, attention_mask=mask,
                         position_ids=position_ids.long().to(embeds.device), **kwargs)
 
-    # ------------------------------------------------------------------ chat / generate
-    def get_sys_prompt(self, ref_audio=None, mode: str = "default", language: str = "zh") -> dict:
-        from minicpmo_cli.processing.prompts import get_sys_prompt
-
-        return get_sys_prompt(ref_audio=ref_audio, mode=mode, language=language)
-
-    def generate(self, input_ids=None, **kwargs: Any):
-        """Generate from processor outputs; returns the answer text (see generation/text.py)."""
-        from minicpmo_cli.generation.text import generate
-
-        return generate(self, input_ids=input_ids, **kwargs)
-
-    def chat(self, image=None, msgs=None, tokenizer=None, processor=None, **kwargs: Any):
-        """The reference ``chat()``: messages in, answer text out (see generation/text.py)."""
-        from minicpmo_cli.generation.text import chat
-
-        return chat(self, msgs=msgs, image=image, tokenizer=tokenizer, processor=processor, **kwargs)
-
-
-    # ------------------------------------------------------------------ streaming sessions
-    def streaming_prefill(self, session_id, msgs, processor=None, tokenizer=None, **kwargs: Any) -> None:
-        """Append one message to the session's cache (see generation/session.py)."""
-        from minicpmo_cli.generation.session import streaming_prefill
-
-        return streaming_prefill(self, session_id, msgs, processor=processor, tokenizer=tokenizer, **kwargs)
-
-    def streaming_generate(self, session_id=None, processor=None, tokenizer=None, **kwargs: Any):
-        """Answer the session: an iterator of text (and speech) pieces (see generation/session.py)."""
-        from minicpmo_cli.generation.session import streaming_generate
-
-        return streaming_generate(self, session_id, processor=processor, tokenizer=tokenizer, **kwargs)
-
-
-def _session_attribute(name: str) -> property:
-    """The reference's session attribute ``model.<name>``, read from and written to the default session."""
-    def get(self):
-        return getattr(self._session, name)
-
-    def set(self, value):
-        setattr(self._session, name, value)
-
-    return property(get, set, doc=f"The default streaming session's {name} (generation/session.py).")
-
-
-for _name, _field in (("session_id", "session_id"), ("new_user_msg", "new_user_msg"),
-                      ("llm_generated", "llm_generated"), ("llm_generate_completed", "llm_generate_completed"),
-                      ("llm_past_key_values", "llm_cache"), ("audio_past_key_values", "audio_cache")):
-    setattr(MiniCPMO, _name, _session_attribute(_field))
-
 
 def positions_from_mask(attention_mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
     """RoPE positions: cumsum(mask) - 1 with pads set to 1 (as the reference), or 0..L-1 without a mask."""
@@ -376,15 +315,6 @@ def positions_from_mask(attention_mask: torch.Tensor | None, length: int, device
     mask = attention_mask.to(device).long()
     positions = mask.cumsum(-1) - 1
     return positions.masked_fill(mask == 0, 1)
-
-
-def _try_load_processor(folder: Path):
-    """The checkpoint's processor, or None when its files are not there (e.g. a weights-only folder)."""
-    if not (folder / "tokenizer_config.json").exists():
-        return None
-    from minicpmo_cli.processing.processor import MiniCPMOProcessor
-
-    return MiniCPMOProcessor.from_pretrained(folder)
 
 
 # Last line on purpose: lets `import minicpmo_cli` finish registering the Auto classes (see __init__.py).

@@ -162,7 +162,7 @@ def quantization_preview(folder: Path, quantize: str | None, device: str, dtype)
     """What loading ``folder`` would give, without loading it (for doctor): the mode and where it comes from,
     the kernel chosen on ``device`` and why, and the weights' memory, estimated from the file headers."""
     from minicpmo_cli.model import quant_gptq, quant_linear
-    from minicpmo_cli.model.loading import weight_files
+    from minicpmo_cli.model.checkpoint_files import weight_files
     from minicpmo_cli.model.safetensors_reader import read_header
 
     gptq = quant_gptq.read_gptq_config(folder)

@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from minicpmo_cli.outputs import default_file_mode
+from minicpmo_cli.temp_files import default_file_mode
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 QWEN_SPECIALS = [  # ids 151643.. in the official tokenizer; (token, special)
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
@@ -207,7 +208,7 @@ PREPROCESSOR_CONFIG = {
     "im_id_end": "</image_id>", "slice_mode": True, "norm_mean": [0.5, 0.5, 0.5], "norm_std": [0.5, 0.5, 0.5],
     "version": 2.6, "chunk_length": 30, "feature_size": 80, "hop_length": 160, "n_fft": 400,
     "n_samples": 480000, "nb_max_frames": 3000, "padding_side": "right", "padding_value": 0.0,
-    "return_attention_mask": False, "sampling_rate": 16000,
+    "return_attention_mask": False, "sampling_rate": INPUT_SAMPLE_RATE,
 }
 
 
@@ -235,7 +236,7 @@ def _write_weights(folder: Path, config_dict: dict, seed: int) -> None:
     from safetensors.torch import save_file
 
     from minicpmo_cli.model.config import MiniCPMOConfig
-    from minicpmo_cli.model.omni import MiniCPMO
+    from minicpmo_cli.model.omni import MiniCPMOModel
     from minicpmo_cli.model.vocoder import Vocos
 
     config = MiniCPMOConfig(**{k: v for k, v in config_dict.items() if k not in ("auto_map", "architectures")})
@@ -243,7 +244,7 @@ def _write_weights(folder: Path, config_dict: dict, seed: int) -> None:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        model = MiniCPMO(config)
+        model = MiniCPMOModel(config)
         vocos = Vocos(config.tts_config)
     finally:
         torch.set_default_dtype(previous)

@@ -19,7 +19,7 @@ def make_resized_checkpoint(out_dir: str | Path, *, hidden_size: int = 1024, int
 
     from minicpmo_cli.model.config import MiniCPMOConfig
     from minicpmo_cli.model.loading import construction_context, parameters_on_meta
-    from minicpmo_cli.model.omni import MiniCPMO
+    from minicpmo_cli.model.omni import MiniCPMOModel
     from minicpmo_cli.model.tiny import make_tiny_checkpoint
 
     folder = make_tiny_checkpoint(out_dir, seed=seed)
@@ -33,7 +33,7 @@ def make_resized_checkpoint(out_dir: str | Path, *, hidden_size: int = 1024, int
     config = MiniCPMOConfig(**{k: v for k, v in data.items() if k not in ("auto_map", "architectures")})
     config._attn_implementation = "sdpa"
     with construction_context(dtype=torch.float32), parameters_on_meta():
-        model = MiniCPMO(config)
+        model = MiniCPMOModel(config)
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, tensor in model.state_dict().items():

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
+
 
 class VocosConvNeXtBlock(nn.Module):
     """dwconv k7 -> LayerNorm -> Linear -> GELU -> Linear -> ``gamma`` layer scale -> residual."""
@@ -110,7 +112,7 @@ class Vocos(nn.Module):
     def __init__(self, tts_config=None) -> None:
         super().__init__()
         n_mels = int(getattr(tts_config, "num_mel_bins", 100))
-        self.sample_rate = int(getattr(tts_config, "sample_rate", 24000))
+        self.sample_rate = int(getattr(tts_config, "sample_rate", OUTPUT_SAMPLE_RATE))
         self.backbone = VocosBackbone(
             input_channels=n_mels,
             dim=int(getattr(tts_config, "vocos_dim", 512)),

@@ -17,13 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
-SAMPLING_RATE = 16000
+from minicpmo_cli.units import INPUT_SAMPLE_RATE, MEL_HOP_SAMPLES, WHISPER_WINDOW_SECONDS
+
 N_FFT = 400
-HOP_LENGTH = 160
 N_MELS = 80
-WINDOW_SECONDS = 30
-WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLING_RATE  # 480 000: one Whisper pass
-WINDOW_FRAMES = WINDOW_SAMPLES // HOP_LENGTH  # 3000 mel frames
+WINDOW_SAMPLES = WHISPER_WINDOW_SECONDS * INPUT_SAMPLE_RATE  # 480 000: one Whisper pass
+WINDOW_FRAMES = WINDOW_SAMPLES // MEL_HOP_SAMPLES  # 3000 mel frames
 POOL_STEP = 2  # hard-coded in the reference's placeholder maths (config.audio_pool_step is 2 as well)
 
 AUDIO_START = "<|audio_start|>"
@@ -32,7 +31,7 @@ AUDIO_UNK = "<unk>"
 
 
 # --------------------------------------------------------------------------------------------- token counts
-def mel_frame_count(n_samples: int, hop_length: int = HOP_LENGTH) -> int:
+def mel_frame_count(n_samples: int, hop_length: int = MEL_HOP_SAMPLES) -> int:
     """Valid mel frames of a piece: the extractor's frame-level attention mask sums to ceil(N / hop)."""
     return math.ceil(n_samples / hop_length)
 
@@ -84,7 +83,7 @@ def _mel_filters() -> np.ndarray:
         num_mel_filters=N_MELS,
         min_frequency=0.0,
         max_frequency=8000.0,
-        sampling_rate=SAMPLING_RATE,
+        sampling_rate=INPUT_SAMPLE_RATE,
         norm="slaney",
         mel_scale="slaney",
     )
@@ -132,7 +131,7 @@ def log_mel_window(audio: np.ndarray, device=None):
     window, bank = _stft_constants(str(device))
     wave = torch.zeros(stft_length(audio.size), dtype=torch.float32, device=device)
     wave[: audio.size] = torch.from_numpy(audio).to(device)
-    spectrum = torch.stft(wave, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect",
+    spectrum = torch.stft(wave, N_FFT, MEL_HOP_SAMPLES, window=window, center=True, pad_mode="reflect",
                           return_complex=True)
     power = (spectrum.abs() ** 2)[:, :WINDOW_FRAMES]  # abs in float32 then square, as the reference
     log_spec = torch.clamp(bank @ power, min=1e-10).log10()
@@ -173,9 +172,9 @@ def merge_audio_parts(audios: Sequence[np.ndarray], parts: Sequence[int] | None)
     return merged
 
 
-def split_into_windows(audio: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> list[np.ndarray]:
+def split_into_windows(audio: np.ndarray, sampling_rate: int = INPUT_SAMPLE_RATE) -> list[np.ndarray]:
     """Cut an audio longer than 30 s into consecutive 30 s pieces (the last one shorter)."""
-    window = WINDOW_SECONDS * sampling_rate
+    window = WHISPER_WINDOW_SECONDS * sampling_rate
     if len(audio) <= window:
         return [audio]
     return [audio[i * window : (i + 1) * window] for i in range(math.ceil(len(audio) / window))]
@@ -185,7 +184,7 @@ def extract_audio_features(
     audios,
     audio_parts: list[list[int]] | None = None,
     chunk_input: bool = True,
-    sampling_rate: int = SAMPLING_RATE,
+    sampling_rate: int = INPUT_SAMPLE_RATE,
     chunk_length: float = 1.0,
     device=None,
 ):
@@ -203,8 +202,8 @@ def extract_audio_features(
     """
     import torch
 
-    if sampling_rate != SAMPLING_RATE:
-        raise ValueError(f"audio must be sampled at {SAMPLING_RATE} Hz, got {sampling_rate}")
+    if sampling_rate != INPUT_SAMPLE_RATE:
+        raise ValueError(f"audio must be sampled at {INPUT_SAMPLE_RATE} Hz, got {sampling_rate}")
     batch = _normalise_audios(audios)
     if audio_parts is not None and len(audio_parts) != len(batch):
         raise ValueError(f"audio_parts has {len(audio_parts)} samples for {len(batch)}")

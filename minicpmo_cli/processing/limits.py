@@ -13,11 +13,11 @@ import math
 from typing import Any
 
 from minicpmo_cli.errors import UsageError
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 DEFAULT_CONTEXT = 32768  # positions: MiniCPM-o 2.6's LLM (Qwen2.5-7B) when a config does not say
 MIN_ANSWER_TOKENS = 16  # a prompt must leave at least this much room for the answer
 MAX_INSTRUCTION_CHARS = 16384  # asr --prompt: an instruction, sent with every 30 s piece
-AUDIO_RATE = 16000  # Hz
 MAX_STDIN_BYTES = 2 << 30  # audio piped in is held in memory: more than this should be given as a file
 
 
@@ -82,7 +82,7 @@ def audio_tokens(seconds: float) -> int:
     """Tokens that `seconds` of audio take in a prompt (its embeddings and the two markers around them)."""
     from minicpmo_cli.processing.audio import audio_token_count
 
-    samples = int(math.ceil(max(seconds, 0.0) * AUDIO_RATE))
+    samples = int(math.ceil(max(seconds, 0.0) * INPUT_SAMPLE_RATE))
     return audio_token_count(samples) + 2  # <|audio_start|> ... <|audio_end|>
 
 
@@ -91,7 +91,7 @@ def unit_tokens(processor, width: int, height: int, max_slice_nums: int = 1) -> 
     from minicpmo_cli.processing.audio import get_audio_placeholder
 
     image = processor.image_processor.get_slice_image_placeholder((width, height), 0, max_slice_nums, False)
-    audio = get_audio_placeholder(AUDIO_RATE, chunk_input=True, chunk_length=processor.audio_chunk_length)
+    audio = get_audio_placeholder(INPUT_SAMPLE_RATE, chunk_input=True, chunk_length=processor.audio_chunk_length)
     return len(processor.tokenizer.encode("<unit>" + image + audio))
 
 

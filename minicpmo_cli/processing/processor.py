@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from minicpmo_cli.processing.prompts import get_sys_prompt as _get_sys_prompt
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 IMAGE_TAG = "(<image>./</image>)"
 AUDIO_TAG = "(<audio>./</audio>)"
@@ -27,7 +28,6 @@ TTS_CHAT_TEMPLATE = (
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>' }}{% endif %}"
 )
-AUDIO_SAMPLING_RATE = 16000
 
 
 def _is_image(item: Any) -> bool:
@@ -95,7 +95,7 @@ class MiniCPMOProcessor:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> MiniCPMOProcessor:
         """Load tokenizer, image processor and feature extractor from a checkpoint folder or hub id."""
-        from minicpmo_cli.model.loading import resolve_checkpoint_dir
+        from minicpmo_cli.model.checkpoint_files import resolve_checkpoint_dir
         from minicpmo_cli.processing.tokenizer import MiniCPMOTokenizerFast
 
         folder = resolve_checkpoint_dir(
@@ -195,7 +195,7 @@ class MiniCPMOProcessor:
         use_image_id: bool | None = True,
         chunk_input: bool = False,
         return_tensors: str | None = "pt",
-        sampling_rate: int = AUDIO_SAMPLING_RATE,
+        sampling_rate: int = INPUT_SAMPLE_RATE,
         **kwargs: Any,
     ):
         """Prompt text(s) with tags + media -> BatchFeature (the reference processor ``__call__``)."""
@@ -330,7 +330,7 @@ class MiniCPMOProcessor:
 
     # ------------------------------------------------------------------ decoding
     def decode_text(self, result_ids, terminators: list[int] | None = None) -> list[str]:
-        from minicpmo_cli.generation.text import decode_text
+        from minicpmo_cli.processing.answer_text import decode_text
 
         return decode_text(result_ids, self.tokenizer, terminators)
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from minicpmo_cli.outputs import Segment
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
-SAMPLE_RATE = 16000  # Hz: what the VAD and the audio encoder take
 MAX_PIECE_SECONDS = 30.0  # s: one Whisper window
 PIECE_PAD_SECONDS = 0.2  # s: margin around a piece's speech (clamped to half the pause to the next region)
 SEARCH_SECONDS = 5.0  # s: how far back from a piece's length limit the quietest cut is looked for
@@ -47,7 +47,7 @@ class Piece:
     cues: tuple[Span, ...]
 
 
-def segment_audio(samples: np.ndarray, sr: int = SAMPLE_RATE, vad: bool = True, threshold: float | None = None,
+def segment_audio(samples: np.ndarray, sr: int = INPUT_SAMPLE_RATE, vad: bool = True, threshold: float | None = None,
                   min_silence_ms: int | None = None, max_seconds: float = MAX_PIECE_SECONDS,
                   device: str = "cpu") -> list[Piece]:
     """The pieces of ``samples``: speech regions grouped (``vad``), or fixed pieces cut at quiet points."""
@@ -55,8 +55,8 @@ def segment_audio(samples: np.ndarray, sr: int = SAMPLE_RATE, vad: bool = True, 
         return fixed_pieces(samples, sr, max_seconds)
     from minicpmo_cli.media import vad as silero
 
-    if sr != silero.VAD_SAMPLE_RATE:
-        raise ValueError(f"the VAD takes {silero.VAD_SAMPLE_RATE} Hz audio, not {sr} Hz")
+    if sr != INPUT_SAMPLE_RATE:
+        raise ValueError(f"the VAD takes {INPUT_SAMPLE_RATE} Hz audio, not {sr} Hz")
     regions = silero.speech_regions(
         samples,
         silero.DEFAULT_THRESHOLD if threshold is None else threshold,
@@ -66,14 +66,15 @@ def segment_audio(samples: np.ndarray, sr: int = SAMPLE_RATE, vad: bool = True, 
     return vad_pieces(samples, regions, sr, max_seconds)
 
 
-def fixed_pieces(samples: np.ndarray, sr: int = SAMPLE_RATE, max_seconds: float = MAX_PIECE_SECONDS) -> list[Piece]:
+def fixed_pieces(samples: np.ndarray, sr: int = INPUT_SAMPLE_RATE,
+                 max_seconds: float = MAX_PIECE_SECONDS) -> list[Piece]:
     """``--no-vad``: contiguous pieces of at most ``max_seconds`` covering everything, cut at quiet points."""
     spans = split_at_quiet_points(samples, (0, len(samples)), _samples(max_seconds, sr), _samples(SEARCH_SECONDS, sr),
                                   sr)
     return [Piece(start, end, ((start, end),)) for start, end in spans]
 
 
-def vad_pieces(samples: np.ndarray, regions: list[Span], sr: int = SAMPLE_RATE,
+def vad_pieces(samples: np.ndarray, regions: list[Span], sr: int = INPUT_SAMPLE_RATE,
                max_seconds: float = MAX_PIECE_SECONDS, pad_seconds: float = PIECE_PAD_SECONDS) -> list[Piece]:
     """Group sorted, disjoint speech ``regions`` into padded pieces of at most ``max_seconds``."""
     limit, pad = _samples(max_seconds, sr), _samples(pad_seconds, sr)
@@ -109,7 +110,7 @@ def _piece(samples, regions: list[Span], bounds: list[Span], group: list[int], s
     return Piece(bounds[group[0]][0], bounds[group[-1]][1], cue_spans(samples, [regions[i] for i in group], sr))
 
 
-def cue_spans(samples: np.ndarray, regions: list[Span], sr: int = SAMPLE_RATE,
+def cue_spans(samples: np.ndarray, regions: list[Span], sr: int = INPUT_SAMPLE_RATE,
               cue_seconds: float = CUE_SECONDS) -> tuple[Span, ...]:
     """One cue per region: long ones split at quiet points, close short ones merged up to ``cue_seconds``."""
     longest, gap = _samples(cue_seconds, sr), _samples(CUE_MERGE_GAP_SECONDS, sr)
@@ -124,7 +125,7 @@ def cue_spans(samples: np.ndarray, regions: list[Span], sr: int = SAMPLE_RATE,
 
 
 def split_at_quiet_points(samples: np.ndarray, span: Span, max_len: int, search: int,
-                          sr: int = SAMPLE_RATE) -> list[Span]:
+                          sr: int = INPUT_SAMPLE_RATE) -> list[Span]:
     """``span`` as contiguous parts of at most ``max_len`` samples, each cut at the quietest point of the
     last ``search`` samples before the limit (the latest such point on ties, so parts stay long)."""
     if max_len < 1:
@@ -190,7 +191,7 @@ def split_text(text: str, weights: list[float]) -> list[str]:
     return [join_texts(units[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
-def piece_segments(piece: Piece, text: str, sr: int = SAMPLE_RATE) -> list[Segment]:
+def piece_segments(piece: Piece, text: str, sr: int = INPUT_SAMPLE_RATE) -> list[Segment]:
     """The timed segments of one transcribed piece: its cues, each with its share of the text."""
     texts = split_text(text, [end - start for start, end in piece.cues])
     return [Segment(round(start / sr, 3), round(end / sr, 3), part) for (start, end), part in zip(piece.cues, texts)]

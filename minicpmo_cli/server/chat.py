@@ -16,10 +16,11 @@ from minicpmo_cli.server import generation, media
 from minicpmo_cli.server.errors import APIError, error_body
 from minicpmo_cli.server.schemas import ChatRequest, Message
 from minicpmo_cli.server.voices import DEFAULT_VOICE, resolve_voice
+from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
 
 router = APIRouter()
 AUDIO_LIFETIME = 3600  # s: message.audio.expires_at (nothing is kept server-side; the field is OpenAI's)
-PCM_CHUNK = 24000 // 5 * 2  # bytes of pcm16 per streamed audio delta: 0.2 s at 24 kHz
+PCM_CHUNK = OUTPUT_SAMPLE_RATE // 5 * 2  # bytes of pcm16 per streamed audio delta: 0.2 s of speech
 
 
 # ------------------------------------------------------------------------------------------ request -> model

@@ -32,7 +32,7 @@ class Settings:
 TASK_MODULES = ("torch", "transformers", "minicpmo_cli.registration", "minicpmo_cli.api.chat",
                 "minicpmo_cli.api.asr", "minicpmo_cli.api.speech", "minicpmo_cli.api.video",
                 "minicpmo_cli.api.voices", "minicpmo_cli.media.audio", "minicpmo_cli.media.image",
-                "minicpmo_cli.media.video", "minicpmo_cli.generation.text", "minicpmo_cli.model.omni",
+                "minicpmo_cli.media.video", "minicpmo_cli.generation.text", "minicpmo_cli.generation.guide",
                 "minicpmo_cli.processing.processor")
 
 

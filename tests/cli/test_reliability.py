@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from minicpmo_cli.outputs import TEXT_FORMATS, is_temp_name
+from minicpmo_cli.outputs import TEXT_FORMATS
+from minicpmo_cli.temp_files import is_temp_name
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -71,10 +72,10 @@ def assert_complete(out: Path, stems: list[str]) -> None:
 
 def die_while_writing(target: Path, stream: bool = False) -> None:
     """A process that opens one of our temp files for `target`, writes half of it and gets kill -9."""
-    body = ("from minicpmo_cli.api.video import WavStreamWriter\nimport numpy as np\n"
+    body = ("from minicpmo_cli.outputs import WavStreamWriter\nimport numpy as np\n"
             f"w = WavStreamWriter({str(target)!r}).__enter__(); w.write(np.zeros(2400, np.float32))\n"
             if stream else
-            "from minicpmo_cli.outputs import make_temp_file\nfrom pathlib import Path\n"
+            "from minicpmo_cli.temp_files import make_temp_file\nfrom pathlib import Path\n"
             f"fd, name = make_temp_file(Path({str(target)!r})); os.write(fd, b'half')\n")
     code = "import os, signal\n" + body + "os.kill(os.getpid(), signal.SIGKILL)\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True)
@@ -125,7 +126,7 @@ def test_tts_rerun_sweeps_a_killed_stream_writers_part_file(tiny_ckpt, tmp_path)
 
 
 def test_live_writers_temp_files_are_left_alone(tmp_path):
-    from minicpmo_cli.outputs import make_temp_file, sweep_temp_files
+    from minicpmo_cli.temp_files import make_temp_file, sweep_temp_files
 
     descriptor, name = make_temp_file(tmp_path / "a.txt")  # ours, and we are alive
     os.close(descriptor)

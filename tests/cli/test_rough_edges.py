@@ -111,7 +111,7 @@ def test_interrupt_message_says_what_was_kept(cli, tiny_ckpt, tmp_path, monkeypa
 
 
 def test_tiny_checkpoint_files_follow_the_umask(tiny_ckpt):
-    from minicpmo_cli.outputs import default_file_mode
+    from minicpmo_cli.temp_files import default_file_mode
 
     modes = {p.name: p.stat().st_mode & 0o777 for p in tiny_ckpt.rglob("*") if p.is_file()}
     assert modes["model.safetensors"] == default_file_mode(), modes

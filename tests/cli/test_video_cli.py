@@ -234,7 +234,7 @@ def test_omni_usage_errors(cli, files, tmp_path):
 
 
 def test_wav_stream_writer_is_valid_after_each_chunk_and_discards_on_error(tmp_path):
-    from minicpmo_cli.api.video import WavStreamWriter
+    from minicpmo_cli.outputs import WavStreamWriter
 
     target = tmp_path / "out.wav"
     with WavStreamWriter(target) as writer:

@@ -152,9 +152,9 @@ def test_decoding_defaults_greedy_or_the_guides_sampling(engine, monkeypatch):
     seen = []
     real = text.run_llm_generate
 
-    def spy(model, embeds, mask, tokenizer, max_new_tokens, settings, **kwargs):
-        seen.append((max_new_tokens, settings))  # the resolved DecodeSettings (generation/presets.py)
-        return real(model, embeds, mask, tokenizer, 2, settings, **kwargs)
+    def spy(model, embeds, mask, tokenizer, settings, **kwargs):
+        seen.append((settings.max_new_tokens, settings))  # the resolved DecodeSettings (generation/presets.py)
+        return real(model, embeds, mask, tokenizer, settings.with_(max_new_tokens=2), **kwargs)
 
     monkeypatch.setattr(text, "run_llm_generate", spy)
     clip = noise(1.0, 9)

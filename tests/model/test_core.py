@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from minicpmo_cli.errors import ModelLoadError, UsageError
-from minicpmo_cli.generation.text import BEAM_DEFAULTS, SAMPLING_DEFAULTS, decode_text, decoding_settings
+from minicpmo_cli.generation.text import BEAM_DEFAULTS, SAMPLING_DEFAULTS, decoding_settings
+from minicpmo_cli.processing.answer_text import decode_text
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_loading_accepts_old_weight_norm_names_and_skips_unbuilt_towers(golden_c
 
 
 def test_hub_id_offline_without_cache_is_a_clean_error(tmp_path):
-    from minicpmo_cli.model.loading import resolve_checkpoint_dir
+    from minicpmo_cli.model.checkpoint_files import resolve_checkpoint_dir
 
     with pytest.raises(ModelLoadError, match="cache"):
         resolve_checkpoint_dir("openbmb/not-a-cached-model", local_files_only=True, cache_dir=tmp_path)

@@ -21,7 +21,7 @@ def status(key):
             return int(line.split()[1]) * 1024
 import torch
 from minicpmo_cli.model import quant
-from minicpmo_cli.model.omni import MiniCPMO
+from minicpmo_cli.generation.guide import MiniCPMO
 from safetensors import safe_open
 with safe_open(sys.argv[1] + "/model.safetensors", "pt") as f:
     largest = max(f.get_slice(k).get_shape() and torch.Size(f.get_slice(k).get_shape()).numel() * 4 for k in f.keys())

@@ -10,8 +10,8 @@ import torch
 
 
 def _build(reference_dir, **flags):
+    from minicpmo_cli.generation.guide import MiniCPMO
     from minicpmo_cli.model.config import MiniCPMOConfig
-    from minicpmo_cli.model.omni import MiniCPMO
 
     config = MiniCPMOConfig.from_pretrained(reference_dir)
     for key, value in flags.items():

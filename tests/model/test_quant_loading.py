@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minicpmo_cli.errors import ModelLoadError, UsageError
+from minicpmo_cli.generation.guide import MiniCPMO
 from minicpmo_cli.model import quant, quant_gptq
-from minicpmo_cli.model.omni import MiniCPMO
 from minicpmo_cli.model.quant_linear import Int4Linear, Int8Linear
 from minicpmo_cli.model.tiny_gptq import convert_to_gptq
 

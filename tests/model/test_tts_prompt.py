@@ -13,7 +13,7 @@ def processor(tiny_ckpt):
 
 
 def _rewrite(processor, msgs):
-    from minicpmo_cli.generation.tts_prompt import apply_tts_template, needs_tts_prompt
+    from minicpmo_cli.processing.tts_prompt import apply_tts_template, needs_tts_prompt
 
     plain = processor.apply_chat_template(msgs=msgs)
     assert needs_tts_prompt(plain)

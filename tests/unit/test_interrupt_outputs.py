@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minicpmo_cli.api.video import WavStreamWriter
+from minicpmo_cli.outputs import WavStreamWriter
 
 
 def test_stream_interrupted_before_any_speech_leaves_no_file(tmp_path):

@@ -13,7 +13,8 @@ import soundfile
 from PIL import Image
 
 from minicpmo_cli.errors import InputError
-from minicpmo_cli.media.audio import SAMPLE_RATE, audio_duration, load_audio, resample
+from minicpmo_cli.media.audio import audio_duration, load_audio, resample
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 TONE_HZ = 440.0
 TONE_SECONDS = 1.5
@@ -59,7 +60,7 @@ def check_tone(samples: np.ndarray) -> None:
     assert samples.ndim == 1
     # Lossy codecs add up to a few frames of priming/padding; never more than 0.1 s.
     assert abs(audio_duration(samples) - TONE_SECONDS) < 0.1
-    assert abs(dominant_frequency(samples, SAMPLE_RATE) - TONE_HZ) < 2.0
+    assert abs(dominant_frequency(samples, INPUT_SAMPLE_RATE) - TONE_HZ) < 2.0
     assert 0.4 < np.abs(samples).max() < 0.6  # the tone's amplitude (0.5) survives decode + resample
 
 
@@ -67,7 +68,7 @@ def check_tone(samples: np.ndarray) -> None:
 def test_lossless_formats(media_dir, suffix):
     samples = load_audio(media_dir / f"tone.{suffix}")
     check_tone(samples)
-    assert len(samples) == int(TONE_SECONDS * SAMPLE_RATE)
+    assert len(samples) == int(TONE_SECONDS * INPUT_SAMPLE_RATE)
 
 
 @needs_ffmpeg

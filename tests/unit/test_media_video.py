@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from minicpmo_cli.errors import InputError
-from minicpmo_cli.media.audio import SAMPLE_RATE
 from minicpmo_cli.media.video import (
     iter_video_units,
     load_video_audio,
@@ -25,6 +24,7 @@ from minicpmo_cli.media.video import (
     uniform_sample,
     video_units,
 )
+from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
 
@@ -97,30 +97,30 @@ def test_units_with_sound(videos):
     assert [frame_number(image) for image, _ in units] == [4, 8, 12, 16, 20, 20]
     for _, audio in units:
         assert audio.dtype == np.float32 and audio.ndim == 1
-        assert abs(len(audio) - SAMPLE_RATE) <= SAMPLE_RATE // 100
+        assert abs(len(audio) - INPUT_SAMPLE_RATE) <= INPUT_SAMPLE_RATE // 100
         spectrum = np.abs(np.fft.rfft(audio))
-        assert abs(np.argmax(spectrum) * SAMPLE_RATE / len(audio) - TONE_HZ) < 3
-    assert len(units[0][1]) == SAMPLE_RATE
+        assert abs(np.argmax(spectrum) * INPUT_SAMPLE_RATE / len(audio) - TONE_HZ) < 3
+    assert len(units[0][1]) == INPUT_SAMPLE_RATE
 
 
 def test_units_without_sound_get_one_second_of_silence(videos):
     units = video_units(videos.silent)
     assert len(units) == SECONDS
     for _, audio in units:
-        assert audio.shape == (SAMPLE_RATE,) and audio.dtype == np.float32 and not audio.any()
+        assert audio.shape == (INPUT_SAMPLE_RATE,) and audio.dtype == np.float32 and not audio.any()
 
 
 def test_iter_units_is_lazy(videos):
     units = iter_video_units(videos.sound)
     image, audio = next(units)
-    assert frame_number(image) == 4 and len(audio) == SAMPLE_RATE
+    assert frame_number(image) == 4 and len(audio) == INPUT_SAMPLE_RATE
     units.close()
 
 
 def test_video_audio_track(videos):
     audio = load_video_audio(videos.sound)
     assert audio is not None and audio.dtype == np.float32
-    assert abs(len(audio) / SAMPLE_RATE - SECONDS) < 0.1
+    assert abs(len(audio) / INPUT_SAMPLE_RATE - SECONDS) < 0.1
     assert load_video_audio(videos.silent) is None
     with pytest.raises(InputError, match="no audio track"):
         load_video_audio(videos.silent, required=True)
