@@ -154,6 +154,8 @@ def _check_mode(sampling: bool | None, num_beams: int | None) -> None:
 
 
 def _mode_name(chosen: Preset, options: DecodeOptions) -> str:
-    beams = options.num_beams if options.num_beams is not None else {**REFERENCE_BEAM, **chosen.deterministic}[
-        "num_beams"]
+    """What a call without sampling does: beam search, or greedy search with one beam."""
+    beams = options.num_beams
+    if beams is None:
+        beams = {**REFERENCE_BEAM, **chosen.deterministic}["num_beams"]
     return "beam search" if beams > 1 else "greedy search"

@@ -76,7 +76,7 @@ def test_seed_is_per_call_in_the_library(tiny_ckpt):
         first = engine.generate(msgs, resolve("chat", options))
         torch.rand(100)  # draws in between must not matter
         again = engine.generate(msgs, resolve("chat", options))
-        other = engine.generate(msgs, resolve("chat", DecodeOptions(**{**options.chosen(), "seed": 6})))
+        engine.generate(msgs, resolve("chat", DecodeOptions(**{**options.chosen(), "seed": 6})))
     finally:
         decode_module.generate_ids = real
     assert len(seen) == 3 and seen[0] == seen[1] and seen[0] != seen[2]
