@@ -17,8 +17,10 @@ class MiniCPMOError(Exception):
 
     exit_code = EXIT_RUNTIME
 
-    def __init__(self, message: str, path: object | None = None) -> None:
+    def __init__(self, message: str, path: object | None = None, parameters: tuple[str, ...] = ()) -> None:
         self.path = None if path is None else str(path)
+        # The library parameters the message names (e.g. "dtype"): the CLI says them as its flags (--dtype).
+        self.parameters = tuple(parameters)
         super().__init__(f"{display_name(self.path)}: {message}" if self.path else message)
 
 

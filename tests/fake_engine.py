@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-SPEECH_RATE = 24000
+from minicpmo_cli.units import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
+
 SAMPLES_PER_FRAME = 512  # 24 kHz / 46.875 frames a second
 FRAMES_PER_CHARACTER = 4
 _CJK = re.compile(r"[\u3400-\u9fff]")
@@ -38,8 +39,8 @@ class Call:
 
     kind: str  # generate | transcribe | synthesize | ensure_towers | enable_tts
     msgs: list = field(default_factory=list)
-    decode: Any = None  # the decoding options object, as the task function passed it
-    defaults: dict = field(default_factory=dict)  # the task's defaults (generate)
+    decode: Any = None  # generate: the resolved DecodeSettings; transcribe: the caller's DecodeOptions
+    seed: int | None = None  # generate: the call's seed
     options: dict = field(default_factory=dict)  # the other keyword arguments
     answer: Any = None  # what the engine returned (text, or the texts of a transcribe call)
 
@@ -78,7 +79,7 @@ def speech_samples(text: str, max_frames: int) -> tuple[np.ndarray, bool]:
     frames = max(1, FRAMES_PER_CHARACTER * len(text.strip()))
     capped = frames > max_frames
     n = min(frames, max_frames) * SAMPLES_PER_FRAME
-    t = np.arange(n, dtype=np.float32) / SPEECH_RATE
+    t = np.arange(n, dtype=np.float32) / OUTPUT_SAMPLE_RATE
     return (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32), capped
 
 
@@ -147,25 +148,28 @@ class FakeEngine:
             self.calls.append(Call("ensure_towers", options={"towers": wanted}))
         return wanted
 
-    def seed(self) -> None:
-        pass
+    def generate(self, msgs, settings, *, stream=False, use_tts_template=False, generate_audio=False,
+                 omni_input=False, max_slice_nums=None, use_image_id=None, return_spk_embed=False) -> Any:
+        from minicpmo_cli.api.engine import as_settings
 
-    def generate(self, msgs, decode, *, stream=False, use_tts_template=False, generate_audio=False,
-                 omni_input=False, max_slice_nums=None, use_image_id=None, defaults=None) -> Any:
+        settings = as_settings(settings)  # as the real engine: a plain DecodeOptions gets the guide's defaults
         answer = echo_answer(msgs)
-        defaults = dict(defaults or {})
-        self.calls.append(Call("generate", msgs=msgs, decode=decode, defaults=defaults, answer=answer, options={
-            "stream": stream, "use_tts_template": use_tts_template, "generate_audio": generate_audio,
-            "omni_input": omni_input, "max_slice_nums": max_slice_nums, "use_image_id": use_image_id}))
-        if defaults.get("return_spk_embed"):
+        self.calls.append(Call("generate", msgs=msgs, decode=settings.decode, seed=settings.seed, answer=answer,
+                               options={"stream": stream, "use_tts_template": use_tts_template,
+                                        "generate_audio": generate_audio, "omni_input": omni_input,
+                                        "max_slice_nums": max_slice_nums, "use_image_id": use_image_id}))
+        if return_spk_embed:
             return SpeechOutput(text=answer, spk_embeds=np.ones((1, 8), np.float32))
         if generate_audio:
             wav, _ = speech_samples(answer, 2048)
-            return SpeechOutput(text=answer, audio_wav=wav, sampling_rate=SPEECH_RATE)
+            return SpeechOutput(text=answer, audio_wav=wav, sampling_rate=OUTPUT_SAMPLE_RATE)
         return _pieces(answer) if stream else answer
 
-    def text_pieces(self, msgs, decode, *, stream=True, defaults=None, **kwargs) -> Iterator[str]:
-        result = self.generate(msgs, decode, stream=stream, defaults=defaults, **kwargs)
+    def text_pieces(self, msgs, settings, *, stream=True, **kwargs) -> Iterator[str]:
+        from minicpmo_cli.api.engine import as_settings
+
+        settings = as_settings(settings)
+        result = self.generate(msgs, settings, stream=stream and settings.sampling, **kwargs)
         yield from [result] if isinstance(result, str) else result
 
     # ModelSteps -------------------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ class FakeEngine:
         from minicpmo_cli.api.asr import PieceText
 
         instructions = [instruction] * len(clips) if isinstance(instruction, str) else list(instruction)
-        texts = [f"片段 {len(c) / 16000:.2f} 秒" if _CJK.search(i) else f"clip {len(c) / 16000:.2f} s"
+        texts = [f"片段 {len(c) / INPUT_SAMPLE_RATE:.2f} 秒" if _CJK.search(i) else f"clip {len(c) / INPUT_SAMPLE_RATE:.2f} s"
                  for c, i in zip(clips, instructions)]
         self.calls.append(Call("transcribe", decode=decode, answer=texts,
                                options={"instructions": instructions, "samples": [len(c) for c in clips]}))

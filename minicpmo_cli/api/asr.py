@@ -16,8 +16,9 @@ from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 
-from minicpmo_cli.api.engine import DecodeOptions, Engine
+from minicpmo_cli.api.engine import DecodeOptions, Engine, seed_call
 from minicpmo_cli.errors import InputError, UsageError
+from minicpmo_cli.generation.presets import resolve
 from minicpmo_cli.outputs import TranscriptRecord
 from minicpmo_cli.processing import prompts
 from minicpmo_cli.processing.segments import Piece, join_texts, piece_segments
@@ -32,16 +33,9 @@ MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split in its 
 DEFAULT_VAD_THRESHOLD = 0.5  # Silero's speech probability threshold
 DEFAULT_MIN_SILENCE_MS = 500  # a pause this long ends a speech region (and may take a cut)
 
-# Decoding defaults. The guide's ASR snippet samples (temperature 0.3, 128 new tokens); we decode greedily
-# unless --sampling is asked for: a transcript should be the single most likely reading of the audio, the
-# same on every run, and greedy is what Whisper-style ASR uses by default. The reference's other
-# non-sampling mode (beam search with repetition_penalty 1.2) is not the default: that penalty punishes words
-# that really are repeated in speech ("the ... the"); --num-beams N still gives beam search. 512 tokens leave
-# room for a 30 s piece of fast speech in any language (the guide's 128 can cut such a piece short); a piece
-# that still hits the limit is reported, never silently cut.
-MAX_NEW_TOKENS = 512
-GREEDY_DEFAULTS: dict[str, Any] = {"num_beams": 1, "repetition_penalty": 1.0}
-SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.3}  # --sampling: the guide's ASR call
+# Decoding: the "asr" preset of generation/presets.py (greedy unless --sampling; 512 new tokens; why there).
+# A piece that hits the token limit is reported, never silently cut.
+ASR_TASK = "asr"
 
 # The guide's message puts a newline after the task prompt ("...transcribe the content.\n"), which the
 # chat join turns into a blank line before the audio; golden case c_asr confirms the prompt text.
@@ -175,25 +169,19 @@ def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str | l
     steps = own_steps(engine)
     if steps is not None:  # an engine not backed by a model answers itself (api/protocol.py)
         return steps.transcribe_clips(clips, instruction, decode)
-    from minicpmo_cli.generation.text import TTS_EOS, decoding_settings, run_llm_generate
+    from minicpmo_cli.generation.text import TTS_EOS, run_llm_generate
     from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
 
+    settings = resolve(ASR_TASK, decode)
     instructions = [instruction] * len(clips) if isinstance(instruction, str) else list(instruction)
     msgs = [[{"role": "user", "content": [text, clip]}] for text, clip in zip(instructions, clips)]
     inputs = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True,
                                                   audio_device=engine.device).to(engine.device)
-    sampling = bool(decode.sampling)
-    mode_defaults = SAMPLING_DEFAULTS if sampling else GREEDY_DEFAULTS
-    settings = decode.merged(sampling=sampling, max_new_tokens=MAX_NEW_TOKENS, **mode_defaults)
-    settings.pop("sampling")
-    max_new_tokens = int(settings.pop("max_new_tokens"))
-    min_new_tokens = int(settings.pop("min_new_tokens", 0) or 0)
-    llm_settings = decoding_settings(sampling, min_new_tokens, settings)
     embeds = embed_prompts(engine.model, inputs)
     tokenizer = engine.processor.tokenizer
-    engine.seed()
-    sequences, _ = run_llm_generate(engine.model, embeds, inputs["attention_mask"], tokenizer, max_new_tokens,
-                                    llm_settings, compile=getattr(engine, "compile", None))
+    seed_call(settings.seed)
+    sequences, _ = run_llm_generate(engine.model, embeds, inputs["attention_mask"], tokenizer, settings.decode,
+                                    compile=getattr(engine, "compile", None))
     stops = set(terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
     return [PieceText(text.replace(TTS_EOS, "").strip(), truncated=not stops.intersection(row.tolist()))
@@ -401,6 +389,7 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
     """
     options.validate()
+    resolve(ASR_TASK, decode)  # contradictory decoding options fail before any audio is decoded
     model = _loaded_once(engine)
     open_jobs: deque[_Job] = deque()
     waiting: list[tuple[_Job, int, np.ndarray]] = []  # pieces not yet sent to the model

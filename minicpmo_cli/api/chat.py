@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from minicpmo_cli.api.engine import DecodeOptions, Engine
+from minicpmo_cli.generation.presets import resolve
 
-# What `chat` does when the user sets nothing: the guide's vision chat settings (sampling, long answers).
-CHAT_DEFAULTS: dict[str, Any] = {"sampling": True, "max_new_tokens": 1024}
+# The decoding preset of `chat` (generation/presets.py): the guide's vision chat settings; with a video
+# attached, the guide's "chat with video" one.
+CHAT_TASK = "chat"
+VIDEO_TASK = "describe-video"
 
 
 # Marker tokens whose positions the processor pairs up into image/audio/speaker bounds. An answer that happens
@@ -154,8 +157,8 @@ def reply_with_speech(engine: Engine, conversation: Conversation, decode: Decode
     check_prompt_fits(engine, msgs, use_tts_template=True, **_video_settings(conversation))
     if not engine.has_tts:
         engine.enable_tts()
-    result = engine.generate(msgs, decode, defaults=CHAT_DEFAULTS,
-                             use_tts_template=True, generate_audio=True, **_video_settings(conversation))
+    result = engine.generate(msgs, chat_settings(conversation, decode), use_tts_template=True,
+                             generate_audio=True, **_video_settings(conversation))
     return result.text, result.audio_wav, result.sampling_rate
 
 
@@ -170,8 +173,13 @@ def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
     msgs = conversation.messages()
     tts_template = conversation.uses_audio() or conversation.has_voice_prompt()
     check_prompt_fits(engine, msgs, use_tts_template=tts_template, **_video_settings(conversation))
-    yield from engine.text_pieces(msgs, decode, stream=stream, defaults=CHAT_DEFAULTS,
+    yield from engine.text_pieces(msgs, chat_settings(conversation, decode), stream=stream,
                                   use_tts_template=tts_template, **_video_settings(conversation))
+
+
+def chat_settings(conversation: Conversation, decode: DecodeOptions | None):
+    """The resolved decoding settings of the next answer (a usage error for contradictory options)."""
+    return resolve(VIDEO_TASK if conversation.video_mode else CHAT_TASK, decode)
 
 
 def attach_video(conversation: Conversation, path: str | Path) -> None:

@@ -34,18 +34,14 @@ class Engine(Protocol):
     def ensure_towers(self, vision: bool = False, audio: bool = False) -> list[str]:
         """Load the vision / audio tower if missing; returns the towers it loaded."""
 
-    def seed(self) -> None:
-        """Seed the random generators before a generation (--seed), if a seed was given."""
-
-    def generate(self, msgs: list[dict], decode: Any, *, stream: bool = False, use_tts_template: bool = False,
+    def generate(self, msgs: list[dict], settings: Any, *, stream: bool = False, use_tts_template: bool = False,
                  generate_audio: bool = False, omni_input: bool = False, max_slice_nums: int | None = None,
-                 use_image_id: bool | None = None, defaults: dict[str, Any] | None = None) -> Any:
+                 use_image_id: bool | None = None, return_spk_embed: bool = False) -> Any:
         """Messages -> the answer: a str, an iterator of text pieces (``stream``), or a result with ``text``
-        and ``audio_wav`` / ``sampling_rate`` (``generate_audio``) or ``spk_embeds`` (``return_spk_embed``
-        in ``defaults``)."""
+        and ``audio_wav`` / ``sampling_rate`` (``generate_audio``) or ``spk_embeds`` (``return_spk_embed``).
+        ``settings``: the call's resolved TaskSettings (generation/presets.py), seed included."""
 
-    def text_pieces(self, msgs: list[dict], decode: Any, *, stream: bool = True,
-                    defaults: dict[str, Any] | None = None, **kwargs: Any) -> Iterator[str]:
+    def text_pieces(self, msgs: list[dict], settings: Any, *, stream: bool = True, **kwargs: Any) -> Iterator[str]:
         """The answer as text pieces (streamed when sampling, one piece with beam search)."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from minicpmo_cli.api.engine import DecodeOptions, Engine
 from minicpmo_cli.errors import InputError, UsageError
+from minicpmo_cli.generation.presets import resolve
 from minicpmo_cli.units import MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE, frames_for_seconds  # noqa: F401
 
 GROUP_TOKENS = 80  # ChatTTS tokens per synthesised piece (see module docstring)
@@ -32,8 +33,10 @@ GROUP_TOKENS = 80  # ChatTTS tokens per synthesised piece (see module docstring)
 FIRST_CHUNK_FRAMES = 25
 CHUNK_FRAMES = 25
 
-# The guide's settings for every speech example: sampling, temperature 0.3, 128 new tokens.
-SPEECH_DEFAULTS: dict[str, Any] = {"sampling": True, "temperature": 0.3, "max_new_tokens": 128}
+# The decoding presets (generation/presets.py): the guide's settings for every speech example, and one
+# greedy token where only the TTS prompt's speaker state is wanted.
+SPEECH_TASK = "speech"
+SPEAKER_STATE_TASK = "speaker-state"
 # --mode -> the reference's get_sys_prompt mode (spec audio-tts §6, §7).
 VOICE_MODES = {"clone": "voice_cloning", "assistant": "audio_assistant", "roleplay": "audio_roleplay"}
 LANGUAGES = ("en", "zh")
@@ -120,8 +123,9 @@ def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: Deco
     _need_tts(engine)
     groups = text_groups(engine, text.strip(), group_tokens)
     decode = decode or DecodeOptions()
+    resolve(SPEECH_TASK, decode)  # contradictory options fail here, whether the LLM writes the text or not
     if verbatim:
-        _, spk = _speaker(engine, read_messages(groups[0], voice))
+        _, spk = _speaker(engine, read_messages(groups[0], voice), decode, seed_only=True)
         return _synthesize_groups(engine, spk, groups, max_frames, progress)
     spoken, spk = [], None
     for group in groups:
@@ -177,11 +181,12 @@ def speak_text(engine: Engine, text: str, path: str | Path, voice: Any = None, l
 
 def speak_stream(engine: Engine, text: str, voice: Voice | None = None, *,
                  first_chunk_frames: int = FIRST_CHUNK_FRAMES, chunk_frames: int = CHUNK_FRAMES,
-                 max_frames: int = MAX_AUDIO_FRAMES) -> Iterator[np.ndarray]:
+                 max_frames: int = MAX_AUDIO_FRAMES, seed: int | None = None) -> Iterator[np.ndarray]:
     """Read ``text`` aloud word for word as it is synthesised: yields 24 kHz float32 pieces, the first as
     soon as ``first_chunk_frames`` frames exist, then one per ``chunk_frames`` frames (the reference's
     streaming schedule; long text continues in new segments at sentence ends). ``max_frames``: cap per
-    segment, checked after every 25-frame step. Bad arguments raise UsageError before anything runs.
+    segment, checked after every 25-frame step; ``seed``: seeds the draws (same seed, same audio). Bad
+    arguments raise UsageError before anything runs.
     """
     from minicpmo_cli.generation.speech import check_chunk_frames
 
@@ -193,7 +198,8 @@ def speak_stream(engine: Engine, text: str, voice: Voice | None = None, *,
     if max_frames < 1:
         raise UsageError("the audio length cap must be at least one frame")
     _need_tts(engine)
-    _, spk = _speaker(engine, read_messages(text_groups(engine, text.strip())[0], voice))
+    _, spk = _speaker(engine, read_messages(text_groups(engine, text.strip())[0], voice), DecodeOptions(seed=seed),
+                      seed_only=True)
     return _stream_pieces(engine, spk, text.strip(), (first_chunk_frames, chunk_frames), max_frames)
 
 
@@ -231,22 +237,24 @@ def _echo_budget(engine: Engine, group: str) -> int:
 
 
 def _speaker(engine: Engine, msgs: list[dict], decode: DecodeOptions | None = None,
-             echo_tokens: int | None = None) -> tuple[str, Any]:
+             echo_tokens: int | None = None, seed_only: bool = False) -> tuple[str, Any]:
     """Run the LLM on ``msgs`` under the TTS template -> (its answer, speaker state ``[1, D]``).
 
-    ``decode=None``: only the speaker state is wanted, so one greedy token is generated (the state is the
-    prompt pass's ``<|spk|>`` row, the same for any decoding).
+    ``decode=None`` or ``seed_only``: only the speaker state is wanted, so one greedy token is generated (the
+    state is the prompt pass's ``<|spk|>`` row, the same for any decoding); ``seed_only`` keeps the seed of
+    ``decode`` (the speech drawn next then follows it).
     """
-    if decode is None:
-        decode, defaults = DecodeOptions(max_new_tokens=1, sampling=False, num_beams=1), {}
+    from dataclasses import replace
+
+    if decode is None or seed_only:
+        settings = resolve(SPEAKER_STATE_TASK, DecodeOptions(seed=None if decode is None else decode.seed))
     else:
-        defaults = dict(SPEECH_DEFAULTS)
-        if echo_tokens is not None:
-            defaults["max_new_tokens"] = echo_tokens
+        if echo_tokens is not None and decode.max_new_tokens is None:
+            decode = replace(decode, max_new_tokens=echo_tokens)
+        settings = resolve(SPEECH_TASK, decode)
     # return_spk_embed makes generate() return the speaker state without synthesising speech itself, so
     # the synthesis below can split long text and cap the length (generate's own path can do neither).
-    defaults["return_spk_embed"] = True
-    result = engine.generate(msgs, decode, use_tts_template=True, defaults=defaults)
+    result = engine.generate(msgs, settings, use_tts_template=True, return_spk_embed=True)
     return str(result.text or ""), result.spk_embeds
 
 

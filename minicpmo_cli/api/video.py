@@ -22,18 +22,18 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from minicpmo_cli.api.engine import DecodeOptions, Engine
+from minicpmo_cli.api.engine import DecodeOptions, Engine, seed_call
 from minicpmo_cli.errors import UsageError
+from minicpmo_cli.generation.presets import resolve
 from minicpmo_cli.units import FRAMES_PER_SECOND, MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE
 
 DEFAULT_VIDEO_PROMPT = "Describe the video"  # the guide's question
 DEFAULT_FPS = 1.0  # frames per second of video for describe-video
 MAX_FRAMES = 64  # the guide's MAX_NUM_FRAMES
-VIDEO_DEFAULTS: dict[str, Any] = {"sampling": True, "max_new_tokens": 1024}
+# Decoding presets (generation/presets.py): the guide's "chat with video", omni "normal generate", and the
+# reference's streaming_generate defaults.
+VIDEO_TASK, OMNI_TASK, OMNI_STREAM_TASK = "describe-video", "omni", "omni-stream"
 VIDEO_PROCESSING = {"use_image_id": False, "max_slice_nums": 2}  # the guide's settings for video frames
-OMNI_DEFAULTS: dict[str, Any] = {"sampling": True, "temperature": 0.5, "max_new_tokens": 4096,
-                                 "repetition_penalty": 1.2}
-OMNI_STREAM_DEFAULTS: dict[str, Any] = {"sampling": True, "max_new_tokens": 512}
 OMNI_PROCESSING = {"omni_input": True, "use_image_id": False, "max_slice_nums": 1}
 LANGUAGES = ("en", "zh")
 
@@ -114,7 +114,7 @@ def describe_video_stream(engine: Engine, path: str | os.PathLike[str], prompt: 
                           decode: DecodeOptions | None = None, max_frames: int = MAX_FRAMES,
                           fps: float = DEFAULT_FPS) -> Iterator[str]:
     """Describe a video, yielding the answer piece by piece (one piece with beam search)."""
-    decode = decode or DecodeOptions()
+    settings = resolve(VIDEO_TASK, decode)  # contradictory options fail before the video is read
     from minicpmo_cli.media.video import probe_video
     from minicpmo_cli.processing.limits import check_prompt_fits, check_video_fits
 
@@ -124,7 +124,7 @@ def describe_video_stream(engine: Engine, path: str | os.PathLike[str], prompt: 
     parts, _ = video_message_parts(path, max_frames=max_frames, fps=fps, with_audio=with_audio)
     msgs = [{"role": "user", "content": parts + [prompt or DEFAULT_VIDEO_PROMPT]}]
     check_prompt_fits(engine, msgs, **VIDEO_PROCESSING)
-    yield from engine.text_pieces(msgs, decode, defaults=VIDEO_DEFAULTS, **VIDEO_PROCESSING)
+    yield from engine.text_pieces(msgs, settings, **VIDEO_PROCESSING)
 
 
 def describe_video(engine: Engine, path: str | os.PathLike[str], prompt: str | None = None,
@@ -169,7 +169,7 @@ def omni(engine: Engine, path: str | os.PathLike[str], prompt: str | None = None
     """
     from minicpmo_cli.outputs import write_wav
 
-    decode = decode or DecodeOptions()
+    settings = resolve(OMNI_TASK, decode)
     system = omni_system_message(ref_audio, language)
     _check_units_fit(engine, path)
     units = [item for unit in omni_unit_contents(path) for item in unit]
@@ -178,8 +178,7 @@ def omni(engine: Engine, path: str | os.PathLike[str], prompt: str | None = None
     msgs = [system, {"role": "user", "content": content}]
     if speak:
         engine.enable_tts()
-    result = engine.generate(msgs, decode, use_tts_template=True, generate_audio=speak, defaults=OMNI_DEFAULTS,
-                             **OMNI_PROCESSING)
+    result = engine.generate(msgs, settings, use_tts_template=True, generate_audio=speak, **OMNI_PROCESSING)
     if not speak:
         return OmniAnswer(path=str(path), text=result, units=count)
     audio = _trim(np.asarray(result.audio_wav, dtype=np.float32).reshape(-1), max_audio_seconds)
@@ -201,7 +200,8 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
 
     from minicpmo_cli.generation.session import reset_session, streaming_generate, streaming_prefill
 
-    decode = decode or DecodeOptions()
+    settings = resolve(OMNI_STREAM_TASK, decode)
+    _check_streamable(settings)
     model, processor = engine.model, engine.processor
     system = omni_system_message(ref_audio, language)
     _check_units_fit(engine, path)
@@ -216,10 +216,9 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
             on_unit(index)
     if prompt:
         streaming_prefill(model, session_id, [{"role": "user", "content": [prompt]}], processor=processor)
-    settings = decode.merged(**OMNI_STREAM_DEFAULTS)
-    engine.seed()
+    seed_call(settings.seed)
     items = streaming_generate(model, session_id, processor=processor, use_tts=speak,
-                               tts_max_new_tokens=_speech_frame_cap(max_audio_seconds), **settings)
+                               tts_max_new_tokens=_speech_frame_cap(max_audio_seconds), decode=settings.decode)
     budget = None if max_audio_seconds is None else int(round(max_audio_seconds * OUTPUT_SAMPLE_RATE))
     for item in items:
         if not speak:
@@ -229,6 +228,13 @@ def omni_stream(engine: Engine, path: str | os.PathLike[str], prompt: str | None
         if budget is not None:
             audio, budget = audio[:budget], max(0, budget - len(audio))
         yield OmniChunk(text=item.text, audio=audio, sample_rate=item.sampling_rate or OUTPUT_SAMPLE_RATE)
+
+
+def _check_streamable(settings) -> None:
+    """Before any unit is prefilled: the streaming session decodes greedily or by sampling."""
+    if settings.decode.beam_search:
+        raise UsageError(f"num_beams={settings.decode.num_beams}: streaming omni decodes greedily or by sampling, "
+                         "beam search cannot stream (leave out num_beams)", parameters=("num_beams",))
 
 
 def _check_units_fit(engine: Engine, path) -> None:

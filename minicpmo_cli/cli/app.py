@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(EXIT_RUNTIME)
         if debug:
             traceback.print_exc()
-        common.err(f"minicpmo: error: {describe_error(exc, debug)}")
+        common.err(f"minicpmo: error: {common.in_flag_words(exc, describe_error(exc, debug))}")
         sys.exit(_exit_code_for(exc))
     if code == EXIT_INTERRUPTED:
         common.err(f"minicpmo: interrupted{_kept_files()}")

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
 
 
 # Every decoding option but --min-new-tokens.
-@common.decoding_options(include=("max_new_tokens", "sampling", "temperature", "top_p", "top_k",
+@common.decoding_options(task="asr", include=("max_new_tokens", "sampling", "temperature", "top_p", "top_k",
                                   "repetition_penalty", "num_beams"))
 def asr(
     inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT",

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
     app.command(help=HELP)(chat)
 
 
-@common.decoding_options()
+@common.decoding_options(task="chat")
 def chat(
     prompt: Optional[str] = typer.Argument(None, help="The question. Omit it on a terminal for the REPL."),
     image: list[Path] = typer.Option([], "-i", "--image", help="An image to ask about (repeatable)."),

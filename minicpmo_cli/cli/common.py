@@ -250,9 +250,11 @@ DECODING_PARAMETERS = {
 ALL_DECODING = tuple(DECODING_PARAMETERS)
 
 
-def decoding_options(include: tuple[str, ...] = ALL_DECODING):
+def decoding_options(include: tuple[str, ...] = ALL_DECODING, task: str | None = None):
     """Give a command the decoding options named in ``include`` (listed after its own, in that order) and call
-    it with one ``decode: DecodeOptions`` keyword argument instead of the separate values.
+    it with one ``decode: DecodeOptions`` keyword argument instead of the separate values (with --seed).
+    ``task``: its decoding preset (generation/presets.py); options that contradict each other or do not fit
+    the mode fail there, before the command does any work.
 
     Typer reads the parameters from ``inspect.signature`` and the types from ``typing.get_type_hints``, so
     the wrapper gets a rewritten ``__signature__`` and its own ``__annotations__``.
@@ -273,7 +275,12 @@ def decoding_options(include: tuple[str, ...] = ALL_DECODING):
         @functools.wraps(command)
         def run(*args, **kwargs):
             chosen = {name: kwargs.pop(name, None) for name in include}
-            return command(*args, decode=decode_options(**chosen), **kwargs)
+            decode = decode_options(**chosen)
+            if task is not None:
+                from minicpmo_cli.generation.presets import resolve
+
+                resolve(task, decode)
+            return command(*args, decode=decode, **kwargs)
 
         run.__signature__ = signature.replace(parameters=own + added)
         # A new dict: functools.wraps shares the wrapped function's. `decode` leaves it, since its (string)
@@ -289,11 +296,36 @@ def decoding_options(include: tuple[str, ...] = ALL_DECODING):
 
 def decode_options(max_new_tokens=None, min_new_tokens=None, sampling=None, temperature=None, top_p=None,
                    top_k=None, repetition_penalty=None, num_beams=None):
-    from minicpmo_cli.api.engine import DecodeOptions
+    """The command's decoding options, seeded by the global --seed (a per-call option of the library)."""
+    from minicpmo_cli.generation.presets import DecodeOptions
 
     return DecodeOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, sampling=sampling,
                          temperature=temperature, top_p=top_p, top_k=top_k,
-                         repetition_penalty=repetition_penalty, num_beams=num_beams)
+                         repetition_penalty=repetition_penalty, num_beams=num_beams, seed=options().seed)
+
+
+# The library's parameter names -> this CLI's flags, for its error messages (`dtype must be ...` is said as
+# `--dtype must be ...`). Names with an underscore are always parameter names; plain words only when the
+# error says it names them (MiniCPMOError.parameters).
+PARAMETER_FLAGS = {
+    "model": "--model", "revision": "--revision", "device": "--device", "dtype": "--dtype", "seed": "--seed",
+    "quantize": "--quantize", "compile": "--compile", "sampling": "--sampling", "temperature": "--temperature",
+    "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty",
+    "num_beams": "--num-beams", "max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens",
+    "sampling=True": "--sampling", "sampling=False": "--no-sampling",
+}
+
+
+def in_flag_words(exc: BaseException, message: str) -> str:
+    """``message`` (describing ``exc``) with the library's parameter names said as this CLI's flags."""
+    import re
+
+    named = set(getattr(exc, "parameters", ()) or ())
+    names = [n for n in PARAMETER_FLAGS if "_" in n or n.split("=")[0] in named]
+    if not names:
+        return message
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")(?![\w-])")
+    return pattern.sub(lambda m: PARAMETER_FLAGS[m.group(1)], message)
 
 
 def load_options():
@@ -301,7 +333,7 @@ def load_options():
 
     o = options()
     return LoadOptions(model=o.model, revision=o.revision, offline=o.offline, device=o.device, dtype=o.dtype,
-                       seed=o.seed, compile=o.compile, quantize=o.quantize)
+                       compile=o.compile, quantize=o.quantize)
 
 
 FULL_MODEL_SIZE = "about 16 GB"  # the official checkpoint's files that are downloaded (HUB_ALLOW_PATTERNS)

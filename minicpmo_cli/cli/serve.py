@@ -48,6 +48,7 @@ def serve(
     limit = int(max_upload_mb * 1024 * 1024)
     settings = Settings(load=common.load_options(), model_id=served_model_name or common.options().model,
                         api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, tts=not no_tts,
+                        seed=common.options().seed,
                         fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch))
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     print(f"minicpmo: serving {settings.model_id} at {url} (web page: {url}/; GET /health says when it is ready)")

@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
 # --- commands ---------------------------------------------------------------------------------------------
 
 
-@common.decoding_options(include=SPEECH_DECODING)
+@common.decoding_options(include=SPEECH_DECODING, task="speech")
 def tts(
     text: Optional[str] = typer.Argument(None, help="The text to read, or - to read it from stdin."),
     output: str = OUTPUT,
@@ -159,7 +159,7 @@ def tts(
     _emit(result, target, max_audio_seconds)
 
 
-@common.decoding_options(include=SPEECH_DECODING)
+@common.decoding_options(include=SPEECH_DECODING, task="speech")
 def clone(
     ref: Optional[str] = typer.Argument(None, help="Reference clip: the voice to clone (or use --voice NAME)."),
     text: Optional[str] = typer.Argument(None, help="The text to read, or - to read it from stdin."),
@@ -208,7 +208,7 @@ def clone(
         common.info(f"saved voice {profile.name!r} ({profile.duration:.1f} s) to {profile.path}")
 
 
-@common.decoding_options(include=SPEECH_DECODING)
+@common.decoding_options(include=SPEECH_DECODING, task="speech")
 def mimick(
     audio: str = typer.Argument(..., help="The recording to re-speak (any audio format)."),
     output: str = OUTPUT,
@@ -368,7 +368,7 @@ def _tts_stream(body: str, target: Path | None, speaker, max_audio_seconds, firs
     started = time.perf_counter()
     pieces = speak_stream(engine, body, speaker, max_frames=_max_frames(max_audio_seconds),
                           first_chunk_frames=first_chunk_frames or FIRST_CHUNK_FRAMES,
-                          chunk_frames=chunk_frames or CHUNK_FRAMES)
+                          chunk_frames=chunk_frames or CHUNK_FRAMES, seed=common.options().seed)
     writer = _StdoutWav() if target is None else _file_wav(target)
     with writer:
         for number, piece in enumerate(pieces):

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
     app.command("omni", help=OMNI_HELP)(omni)
 
 
-@common.decoding_options()
+@common.decoding_options(task="describe-video")
 def describe_video(
     video: Path = typer.Argument(..., help="The video file (mp4, mkv, webm, mov, ...)."),
     prompt: Optional[str] = typer.Argument(None, help='The question (default: "Describe the video").'),
@@ -59,7 +59,7 @@ def describe_video(
     sys.stdout.write("\n")
 
 
-@common.decoding_options()
+@common.decoding_options(task="omni")
 def omni(
     video: Path = typer.Argument(..., help="The video file (mp4, mkv, webm, mov, ...)."),
     prompt: Optional[str] = typer.Argument(None, help="Optional text after the video (default: none)."),

@@ -261,11 +261,11 @@ def streaming_generate(model, session_id=None, processor=None, tokenizer=None, *
     return _generate(model, _state(model), processor, tokenizer, **kwargs)
 
 
-def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new_tokens: int = 512,
-                       min_new_tokens: int = 0, sampling: bool = True, use_tts: bool = True,
-                       generate_audio: bool = True, tts_output_chunk_size: int = STREAM_TTS_CHUNK_FRAMES,
-                       enable_regenerate: bool = False, tts_max_new_tokens: int = MAX_AUDIO_FRAMES,
-                       **kwargs: Any) -> Iterator:
+def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new_tokens: int | None = None,
+              min_new_tokens: int | None = None, sampling: bool | None = None, use_tts: bool = True,
+              generate_audio: bool = True, tts_output_chunk_size: int = STREAM_TTS_CHUNK_FRAMES,
+              enable_regenerate: bool = False, tts_max_new_tokens: int = MAX_AUDIO_FRAMES,
+              decode: DecodeSettings | None = None, **kwargs: Any) -> Iterator:
     """Answer what the session holds; returns an iterator that decodes as it is consumed.
 
     With speech (``use_tts`` and ``generate_audio``, both default True) items are :class:`StreamingOutput`
@@ -276,11 +276,13 @@ def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new
     does). ``tts_max_new_tokens``: audio frames (46.875/s) the speech may add after the answer text has all
     been read (the reference's cap, 2048). ``seed``: a private RNG for the speech sampling (default: torch's
     global RNG). ``compile``: capture the decode step (default: as the engine, see decode.resolve_compile).
-    See the module docstring for differences.
+    ``decode``: settings resolved already (generation/presets.py) instead of the decoding keywords; the
+    defaults otherwise are the "omni-stream" preset's (sampling, 512 new tokens). See the module docstring
+    for differences.
     """
-    from minicpmo_cli.generation.text import decoding_settings
-
     compile = kwargs.pop("compile", None)
+    seed = kwargs.pop("seed", None)
+    decode = _stream_settings(decode, sampling, max_new_tokens, min_new_tokens, kwargs)
     _, tokenizer = _resolve_processor(model, processor, tokenizer)
     if state.llm_cache is None:
         raise UsageError("nothing to answer: call streaming_prefill() before streaming_generate()")
@@ -289,8 +291,6 @@ def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new
                        STREAM_TTS_CHUNK_FRAMES)
     if enable_regenerate:
         logger.warning("enable_regenerate is not supported; ignored")
-    settings = decoding_settings(sampling, 0, kwargs)
-    settings.pop("num_beams", None)
     speak = bool(use_tts and generate_audio)
     if speak:
         _ensure_tts(model)
@@ -301,11 +301,32 @@ def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new
     state.audio_cache = None
     prompt_ids = tokenizer(GENERATION_PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     spk_bound = _speaker_bound(prompt_ids[0], tokenizer)
-    rounds = _llm_rounds(state, tokenizer, prompt_ids.to(model.device), settings, int(max_new_tokens),
-                         int(min_new_tokens), compile=compile)
+    rounds = _llm_rounds(state, tokenizer, prompt_ids.to(model.device), decode, compile=compile)
     if speak:
-        return _speech_items(model, rounds, spk_bound, kwargs.get("seed"), int(tts_max_new_tokens))
+        return _speech_items(model, rounds, spk_bound, seed, int(tts_max_new_tokens))
     return _text_items(rounds)
+
+
+def _stream_settings(decode: DecodeSettings | None, sampling, max_new_tokens, min_new_tokens,
+                     overrides: dict) -> DecodeSettings:
+    """``decode``, or the guide's keywords converted once (the reference's mode values, the "omni-stream"
+    preset for what is left out). Without sampling the session decodes greedily: beam search cannot stream."""
+    from minicpmo_cli.generation.presets import PRESETS
+    from minicpmo_cli.generation.text import decoding_settings, refuse_guide_keywords
+
+    if decode is not None:
+        refuse_guide_keywords(sampling, max_new_tokens, min_new_tokens, overrides)
+        if decode.beam_search:
+            raise UsageError(f"num_beams={decode.num_beams}: a streaming answer is decoded greedily or by "
+                             "sampling, beam search cannot stream", parameters=("num_beams",))
+        return decode
+    preset = PRESETS["omni-stream"]
+    sampling = preset.sampling if sampling is None else bool(sampling)
+    kwargs = decoding_settings(sampling, 0, overrides)
+    kwargs.pop("num_beams", None)
+    limit = preset.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    # max_new_tokens=0 decodes one token, as the reference's 3-token rounds do
+    return DecodeSettings.from_kwargs(kwargs, max(limit, 1), ()).with_(min_new_tokens=int(min_new_tokens or 0))
 
 
 def _ensure_tts(model) -> None:
@@ -361,8 +382,8 @@ def _next_logits(state: OmniSession, feed: torch.Tensor, compile: bool):
 
 
 @torch.inference_mode()
-def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: dict, max_new_tokens: int,
-                min_new_tokens: int, compile: bool | None = None) -> Iterator[_Round]:
+def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSettings,
+                compile: bool | None = None) -> Iterator[_Round]:
     """Decode in rounds of 3 tokens; yields a :class:`_Round` per round (``owner``: a session or a model).
 
     Each round's last token is fed at the start of the next round, so a terminator (and the very last
@@ -372,7 +393,8 @@ def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: dict, max_
 
     state = _state(owner)
     terminators = terminator_ids(tokenizer)
-    decode = DecodeSettings.from_kwargs(settings, max(max_new_tokens, 1), terminators)
+    decode = settings.with_(stop_ids=tuple(terminators))
+    max_new_tokens, min_new_tokens = decode.max_new_tokens, decode.min_new_tokens
     compile = resolve_compile(compile, prompt_ids.device)
     vocab = state.model.llm.lm_head.out_features
     stops = torch.tensor(terminators, device=prompt_ids.device)

@@ -3,7 +3,10 @@
 - ``sampling=True``: top_p 0.8, top_k 100, temperature 0.7, repetition penalty 1.05.
 - ``sampling=False``: **beam search**, 3 beams, repetition penalty 1.2 (not greedy).
 - Only keys already in that settings dict may be overridden (as the reference's ``chat()``); other decoding
-  keyword arguments are dropped. ``min_new_tokens`` is added only when > 0.
+  keyword arguments are dropped. ``min_new_tokens`` is added only when > 0. That is the guide's keyword API
+  (``generate``/``chat``), converted once into a :class:`~minicpmo_cli.generation.decode.DecodeSettings` by
+  :func:`guide_decode`; below it, and for callers that resolved their settings already (api/: ``decode=``
+  from generation/presets.py, where contradictions are refused instead of dropped), only typed settings flow.
 - Stop on ``<|im_end|>`` / ``<|endoftext|>``; pad id 0.
 - Decoding drops **every id 0** (the pad, which is also the token ``!``), a leading ``<|im_start|>`` and one
   trailing terminator, then ``<|tts_eos|>`` is removed from the answer (reference quirks, kept for parity).
@@ -25,14 +28,18 @@ from typing import Any, Iterator
 import torch
 
 from minicpmo_cli.errors import UsageError
+from minicpmo_cli.generation.decode import DecodeSettings
+from minicpmo_cli.generation.presets import PRESETS, REFERENCE_BEAM, REFERENCE_SAMPLING
 from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
 from minicpmo_cli.processing.tts_text import LLM_TERMINATORS, TTS_EOS
 from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_DEFAULTS = {"top_p": 0.8, "top_k": 100, "temperature": 0.7, "do_sample": True, "repetition_penalty": 1.05}
-BEAM_DEFAULTS = {"num_beams": 3, "repetition_penalty": 1.2}
+SAMPLING_DEFAULTS = {**REFERENCE_SAMPLING, "do_sample": True}  # as transformers generate() kwargs
+BEAM_DEFAULTS = dict(REFERENCE_BEAM)
+DECODING_KEYS = set(SAMPLING_DEFAULTS) | set(BEAM_DEFAULTS)
+GUIDE_TASK = "guide"  # the preset of what the guide's generate()/chat() calls leave out
 # Processor-time options that the usage guide also passes to generate(); they have no effect there.
 PROCESSING_ONLY_KEYS = ("use_image_id", "max_slice_nums", "chunk_input", "omni_input", "max_inp_length")
 MODEL_INPUT_KEYS = ("pixel_values", "tgt_sizes", "image_bound", "audio_features", "audio_feature_lens",
@@ -63,6 +70,36 @@ def decoding_settings(sampling: bool, min_new_tokens: int = 0, overrides: dict |
     return settings
 
 
+def guide_decode(sampling: bool | None = None, max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+                 overrides: dict | None = None) -> DecodeSettings:
+    """The guide's decoding keyword arguments -> settings, by the reference's rules (see the module docstring);
+    what is left out comes from the "guide" preset (sampling, 2048 new tokens)."""
+    preset = PRESETS[GUIDE_TASK]
+    sampling = preset.sampling if sampling is None else bool(sampling)
+    kwargs = decoding_settings(sampling, int(min_new_tokens or 0), overrides)
+    limit = preset.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    return DecodeSettings.from_kwargs(kwargs, limit, ())
+
+
+def _typed_or_guide(decode: DecodeSettings | None, sampling, max_new_tokens, min_new_tokens,
+                    overrides: dict) -> DecodeSettings:
+    """``decode`` when the caller resolved it, else the guide's keywords converted; never both."""
+    if decode is None:
+        return guide_decode(sampling, max_new_tokens, min_new_tokens, overrides)
+    refuse_guide_keywords(sampling, max_new_tokens, min_new_tokens, overrides)
+    return decode
+
+
+def refuse_guide_keywords(sampling, max_new_tokens, min_new_tokens, overrides: dict) -> None:
+    """With ``decode=`` the guide's decoding keywords would be a second, contradicting source: refused."""
+    given = [name for name, value in (("sampling", sampling), ("max_new_tokens", max_new_tokens),
+                                      ("min_new_tokens", min_new_tokens)) if value is not None]
+    given += sorted(set(overrides) & DECODING_KEYS)
+    if given:
+        raise UsageError(f"decode= holds the decoding settings; drop {', '.join(given)} (or drop decode=)",
+                         parameters=("decode", *given))
+
+
 def spk_embeds_from_hidden(hidden: torch.Tensor, spk_bounds) -> torch.Tensor:
     """[n, D] rows of sample 0 at its last speaker bound (reference: batch 1, ``spk_bounds[0][-1]``)."""
     bounds = spk_bounds[0] if spk_bounds is not None and len(spk_bounds) else []
@@ -85,9 +122,9 @@ def generate(
     attention_mask=None,
     processor=None,
     tokenizer=None,
-    sampling: bool = True,
-    max_new_tokens: int = 2048,
-    min_new_tokens: int = 0,
+    sampling: bool | None = None,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
     stream: bool = False,
     use_tts_template: bool = False,
     generate_audio: bool = False,
@@ -95,6 +132,7 @@ def generate(
     return_spk_embed: bool = False,
     return_dict: bool = False,
     compile: bool | None = None,
+    decode: DecodeSettings | None = None,
     **kwargs: Any,
 ):
     """``MiniCPMO.generate(**processor_outputs, processor=..., ...)``: answer text (list for a batch).
@@ -102,6 +140,8 @@ def generate(
     ``stream=True`` returns an iterator of text pieces (sampling only, as the reference). With
     ``generate_audio=True`` the spoken answer is synthesised (and written to ``output_audio_path``).
     ``compile``: capture the decode step (None: on with CUDA, off on the CPU; see decode.resolve_compile).
+    Decoding: the guide's keywords (``sampling`` True, ``max_new_tokens`` 2048, ``top_p``, ...), or
+    ``decode``: settings resolved already (generation/presets.py), then without those keywords.
     """
     if input_ids is None:
         raise UsageError("generate() needs the processor outputs (input_ids, ...)")
@@ -111,15 +151,15 @@ def generate(
     want_speech = generate_audio or return_spk_embed
     data, attention_mask = _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs,
                                            tts_template=use_tts_template and want_speech)
-    settings = decoding_settings(sampling, min_new_tokens, kwargs)
+    decode = _typed_or_guide(decode, sampling, max_new_tokens, min_new_tokens, kwargs)
+    if stream and not decode.sampling:
+        raise UsageError("stream=True needs sampling=True (as the reference)", parameters=("stream", "sampling"))
     with torch.inference_mode():
         embeds, _ = model.get_inputs_embeds(data)
     mask = None if attention_mask is None else attention_mask.to(embeds.device)
     if stream:
-        if not sampling:
-            raise UsageError("stream=True needs sampling=True (as the reference)")
-        return _stream_text(model, embeds, tokenizer, max_new_tokens, settings, compile)
-    sequences, prompt_hidden = run_llm_generate(model, embeds, mask, tokenizer, max_new_tokens, settings,
+        return _stream_text(model, embeds, tokenizer, decode, compile)
+    sequences, prompt_hidden = run_llm_generate(model, embeds, mask, tokenizer, decode,
                                                 capture_prompt_hidden=want_speech, compile=compile)
     texts = decode_text(sequences, tokenizer)
     batched = len(texts) > 1
@@ -155,23 +195,25 @@ def _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs: dict, tts_temp
     return data, attention_mask
 
 
-def run_llm_generate(model, embeds, attention_mask, tokenizer, max_new_tokens: int, settings: dict,
+def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeSettings,
                      capture_prompt_hidden: bool = False, streamer=None, stop_event: Event | None = None,
                      compile: bool | None = None):
     """Decode on the merged embeddings; returns (new token ids [B, T] padded with 0, prompt final hidden or None).
+
+    ``settings``: resolved decoding settings; the stop ids are the tokenizer's chat terminators.
 
     Greedy and sampling run on the decode core (generation/decode.py); beam search (``num_beams > 1``) on
     transformers ``generate``, the only implementation that reproduces the reference's beams. ``streamer``
     (``put``/``end``, as transformers' streamers) receives the ids as they are chosen; ``stop_event`` set from
     another thread ends the decode at the next token.
     """
-    from minicpmo_cli.generation.decode import DecodeSettings, generate_ids, resolve_compile
+    from minicpmo_cli.generation.decode import generate_ids, resolve_compile
 
-    decode = DecodeSettings.from_kwargs(settings, max_new_tokens, terminator_ids(tokenizer))
+    decode = settings.with_(stop_ids=tuple(terminator_ids(tokenizer)))
     if decode.beam_search:
         if streamer is not None:
-            raise UsageError("beam search cannot stream")
-        return _beam_generate(model, embeds, attention_mask, decode, settings, capture_prompt_hidden)
+            raise UsageError("beam search cannot stream", parameters=("num_beams",))
+        return _beam_generate(model, embeds, attention_mask, decode, capture_prompt_hidden)
     captured: list[torch.Tensor] = []
     on_token = None
     if streamer is not None or stop_event is not None:
@@ -192,7 +234,7 @@ def run_llm_generate(model, embeds, attention_mask, tokenizer, max_new_tokens: i
     return sequences, (captured[0] if captured else None)
 
 
-def _beam_generate(model, embeds, attention_mask, decode, settings: dict, capture_prompt_hidden: bool):
+def _beam_generate(model, embeds, attention_mask, decode: DecodeSettings, capture_prompt_hidden: bool):
     """transformers beam search (as the reference); the prompt's hidden states come from one extra prompt pass
     when asked for (no hook on the shared model)."""
     hidden = None
@@ -200,17 +242,15 @@ def _beam_generate(model, embeds, attention_mask, decode, settings: dict, captur
         from minicpmo_cli.generation.decode import prefill
 
         hidden, _, _ = prefill(model.llm, embeds, attention_mask, embeds.shape[1])
-    extra = {k: v for k, v in settings.items() if k not in decode.generate_kwargs() and k != "do_sample"}
     with torch.inference_mode(), warnings.catch_warnings():
         # Penalising only the new tokens is exactly the reference behaviour; the warning is noise.
         warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
         sequences = model.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                       **decode.generate_kwargs(), **extra)
+                                       **decode.generate_kwargs())
     return sequences, hidden
 
 
-def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict,
-                 compile: bool | None = None) -> Iterator[str]:
+def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, compile: bool | None = None) -> Iterator[str]:
     """Text pieces as they are generated, with the chat terminators removed (reference stream mode).
 
     Closing the iterator early (the caller stopped reading, e.g. Ctrl-C in the REPL) stops the generation
@@ -226,8 +266,8 @@ def _stream_text(model, embeds, tokenizer, max_new_tokens: int, settings: dict,
 
     def work() -> None:
         try:
-            run_llm_generate(model, embeds, None, tokenizer, max_new_tokens, settings, streamer=streamer,
-                             stop_event=stop, compile=compile)
+            run_llm_generate(model, embeds, None, tokenizer, decode, streamer=streamer, stop_event=stop,
+                             compile=compile)
         except BaseException as exc:  # surfaced in the consumer thread below
             failure.append(exc)
             streamer.end()
@@ -299,9 +339,9 @@ def chat(
     tokenizer=None,
     processor=None,
     vision_hidden_states=None,
-    max_new_tokens: int = 2048,
-    min_new_tokens: int = 0,
-    sampling: bool = True,
+    max_new_tokens: int | None = None,  # None: the "guide" preset's (generation/presets.py)
+    min_new_tokens: int | None = None,
+    sampling: bool | None = None,  # None: True, as the reference
     max_inp_length: int = 32768,
     stream: bool = False,
     chunk_input: bool = True,
@@ -329,7 +369,7 @@ def chat(
         msgs = [dict(m) for m in msgs]
         if isinstance(msgs[0]["content"], str):
             msgs[0]["content"] = [image, msgs[0]["content"]]
-    if stream and not sampling:
+    if stream and sampling is False:
         raise UsageError("if use stream mode, make sure sampling=True")
     use_tts_template = use_tts_template or _contains_audio(msgs if batched else [msgs])
     inputs = processor.apply_chat_template(

@@ -311,39 +311,6 @@ def construction_context(dtype=None, device=None):
             torch.set_default_dtype(previous)
 
 
-def resolve_dtype(dtype):
-    """``torch.dtype``, a name ("bfloat16", "float16", "float32"), "auto" or None -> torch.dtype or None."""
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    name = str(dtype).removeprefix("torch.")
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ModelLoadError(f"unknown dtype {dtype!r}")
-    return value
-
-
-def resolve_device(device_map) -> str | None:
-    """device_map as accepted by our loader: None/"cpu"/"cuda"/"cuda:1"/torch.device/int, or "auto"."""
-    import torch
-
-    if device_map is None:
-        return None
-    if isinstance(device_map, dict):
-        devices = set(device_map.values())
-        if len(devices) != 1:
-            raise ModelLoadError("device_map with several devices is not supported; give one device")
-        device_map = devices.pop()
-    if isinstance(device_map, int):
-        return f"cuda:{device_map}"
-    if str(device_map) == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device_map)
-
-
 def build_and_load(cls, config, folder: Path, dtype, device, quantize: str | None = None):
     """``cls(config)`` with parameters on meta, its decoder linears quantized as asked (or as the GPTQ
     checkpoint is), then filled from the checkpoint straight into ``device``/``dtype``: peak memory is the

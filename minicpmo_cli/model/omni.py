@@ -92,7 +92,7 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *model_args: Any,
-        dtype: Any = "auto",
+        dtype: Any = None,  # None: the checkpoint's (config.json); "auto": the device's best (model/devices.py)
         torch_dtype: Any = None,
         attn_implementation: str | None = None,
         device_map: Any = None,
@@ -125,10 +125,13 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
                 setattr(config, flag, bool(value))
         config._attn_implementation = attn_implementation or "sdpa"
         config._name_or_path = str(folder)
-        dtype = loading.resolve_dtype(torch_dtype if torch_dtype is not None else dtype)
-        if dtype is None:
-            dtype = loading.resolve_dtype(getattr(config, "dtype", None) or "float32")
-        device = loading.resolve_device(device_map)
+        from minicpmo_cli.model import devices
+
+        # Not given: on the CPU, in the checkpoint's dtype (as transformers); "auto": see model/devices.py.
+        device = None if device_map is None else devices.resolve_device(device_map)
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        dtype = devices.resolve_dtype(dtype if dtype is not None else getattr(config, "dtype", None) or "float32",
+                                      device or "cpu")
         try:
             # Parameters on meta, filled from the files on their device (quantized as asked): see loading.py.
             model = loading.build_and_load(cls, config, folder, dtype, device, quantize)

@@ -77,6 +77,7 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
         raise APIError(400, f"file {file.filename or ''}: the upload is empty".replace("file : ", "file: "),
                        param="file")
     name = file.filename or "upload"
+    decode = generation.with_default_seed(decode, state.settings.seed)
 
     def job(engine, cancel):
         return transcribe(engine, data, options, decode, path=name)
@@ -136,7 +137,8 @@ def _speech_decode(body: SpeechRequest):
     from minicpmo_cli.api.engine import DecodeOptions
 
     return DecodeOptions(max_new_tokens=body.max_new_tokens, sampling=body.sampling, temperature=body.temperature,
-                         top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty)
+                         top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty,
+                         seed=body.seed)
 
 
 async def _speech_sse(audio: bytes, usage: dict):
@@ -159,10 +161,10 @@ async def speech(body: SpeechRequest, request: Request):
     voice = _speech_voice(body)
     voice.check()
     frames = MAX_AUDIO_FRAMES if body.max_audio_seconds is None else frames_for_seconds(body.max_audio_seconds)
-    decode = _speech_decode(body)
+    decode = generation.with_default_seed(_speech_decode(body), state.settings.seed)
 
     def job(engine, cancel):
-        job_engine, _ = generation.request_engine(engine, body.seed)
+        job_engine, _ = generation.request_engine(engine)
         result = speak(job_engine, body.input, voice, decode=decode, verbatim=body.verbatim, max_frames=frames)
         return result, generation.count_tokens(engine, body.input)
 

@@ -83,15 +83,13 @@ def decode_options(body: ChatRequest):
     """OpenAI's sampling fields -> DecodeOptions. temperature 0 means deterministic: greedy, still streamed."""
     from minicpmo_cli.api.engine import DecodeOptions
 
-    limit = body.max_completion_tokens or body.max_tokens
+    common = {"max_new_tokens": body.max_completion_tokens or body.max_tokens, "seed": body.seed,
+              "repetition_penalty": body.repetition_penalty}
     if body.sampling is False:
-        return DecodeOptions(max_new_tokens=limit, sampling=False, num_beams=body.num_beams,
-                             repetition_penalty=body.repetition_penalty)
+        return DecodeOptions(sampling=False, num_beams=body.num_beams, **common)
     if body.temperature == 0:
-        return DecodeOptions(max_new_tokens=limit, sampling=True, top_k=1, temperature=1.0,
-                             repetition_penalty=body.repetition_penalty)
-    return DecodeOptions(max_new_tokens=limit, sampling=True, temperature=body.temperature, top_p=body.top_p,
-                         top_k=body.top_k, repetition_penalty=body.repetition_penalty)
+        return DecodeOptions(sampling=True, top_k=1, temperature=1.0, **common)
+    return DecodeOptions(sampling=True, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, **common)
 
 
 def _check(body: ChatRequest) -> None:
@@ -190,20 +188,23 @@ async def chat_completions(body: ChatRequest, request: Request):
     state.check_model(body.model)
     _check(body)
     conversation = conversation_for(body, state.settings.fetch)
-    decode = decode_options(body)
+    decode = generation.with_default_seed(decode_options(body), state.settings.seed)
+    from minicpmo_cli.api.chat import chat_settings
+
+    chat_settings(conversation, decode)  # options that contradict each other are a 400 before any work
     worker = state.worker
     if body.wants_audio:
         if not state.settings.tts:
             raise APIError(400, "this server was started without the speech tower (--no-tts)", param="modalities")
         conversation.voice = resolve_voice(body.audio.voice if body.audio else DEFAULT_VOICE)
-        job = generation.spoken_answer(conversation, decode, body.stops, body.seed)
+        job = generation.spoken_answer(conversation, decode, body.stops)
         result = await worker.run(job, disconnected=request.is_disconnected)
         if body.stream:
             return StreamingResponse(_sse_spoken(result, body), media_type="text/event-stream", headers=SSE_HEADERS)
         text, wav, rate, usage, finish = result
         fmt = body.audio.format if body.audio else "wav"
         return _completion(body, text, finish, usage, audio=_audio_object(wav, rate, fmt, text))
-    job = generation.text_answer(conversation, decode, body.stops, body.seed)
+    job = generation.text_answer(conversation, decode, body.stops)
     if body.stream:
         items = worker.stream(job)
         first = [await items.__anext__()]  # errors before the first piece still get their HTTP status

@@ -41,7 +41,9 @@ def from_library(exc: MiniCPMOError) -> APIError:
     """The library's one-line errors: bad inputs and options are the client's fault (400)."""
     if isinstance(exc, EnvironmentProblem):
         return APIError(503, str(exc), code="environment")
-    return APIError(400, str(exc), code="invalid_input")
+    # The parameter it names last is the one at fault (the server's JSON fields carry the library's names).
+    param = exc.parameters[-1] if getattr(exc, "parameters", ()) else None
+    return APIError(400, str(exc), param=param, code="invalid_input")
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -1,7 +1,7 @@
 """Jobs the worker runs for the routes: a chat answer (text pieces, or text + speech), with usage counts.
 
-Each job gets a shallow copy of the engine whose processor counts the prompt's tokens and whose seed is the
-request's, so a request's ``seed`` gives the same answer as ``minicpmo --seed N chat`` would. Generated
+Each job gets a shallow copy of the engine whose processor counts the prompt's tokens; a request's ``seed``
+travels in its DecodeOptions, so it gives the same answer as ``minicpmo --seed N chat`` would. Generated
 tokens are counted as the language model's forward passes (one per new token, batch 1): the worker runs one
 job at a time, so the hook sees only that job's passes.
 """
@@ -12,7 +12,7 @@ import dataclasses
 from contextlib import closing, contextmanager
 from typing import Any, Iterator
 
-from minicpmo_cli.api.chat import CHAT_DEFAULTS, Conversation, reply, reply_with_speech
+from minicpmo_cli.api.chat import Conversation, chat_settings, reply, reply_with_speech
 from minicpmo_cli.api.engine import DecodeOptions
 
 
@@ -32,10 +32,9 @@ class _CountingProcessor:
         return getattr(self._processor, name)
 
 
-def request_engine(engine: Any, seed: int | None) -> tuple[Any, _CountingProcessor]:
+def request_engine(engine: Any) -> tuple[Any, _CountingProcessor]:
     counter = _CountingProcessor(engine.processor)
-    options = engine.options if seed is None else dataclasses.replace(engine.options, seed=seed)
-    return dataclasses.replace(engine, processor=counter, options=options), counter
+    return dataclasses.replace(engine, processor=counter), counter
 
 
 @contextmanager
@@ -54,8 +53,14 @@ def count_tokens(engine: Any, text: str) -> int:
     return len(engine.processor.tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
 
-def max_new_tokens(decode: DecodeOptions) -> int:
-    return int(decode.max_new_tokens or CHAT_DEFAULTS["max_new_tokens"])
+def with_default_seed(decode: DecodeOptions, seed: int | None) -> DecodeOptions:
+    """The request's options, seeded with the server's --seed when the request gives no seed of its own."""
+    return decode if decode.seed is not None or seed is None else dataclasses.replace(decode, seed=seed)
+
+
+def max_new_tokens(conversation: Conversation, decode: DecodeOptions) -> int:
+    """The answer's token limit as the chat task resolves it (the request's, else the preset's)."""
+    return chat_settings(conversation, decode).max_new_tokens
 
 
 class StopFilter:
@@ -85,11 +90,11 @@ class StopFilter:
         return out
 
 
-def text_answer(conversation: Conversation, decode: DecodeOptions, stops: list[str], seed: int | None):
+def text_answer(conversation: Conversation, decode: DecodeOptions, stops: list[str]):
     """A job yielding ("text", piece) items, then ("end", usage dict, finish_reason)."""
 
     def run(engine: Any, cancel) -> Iterator[tuple]:
-        job_engine, counter = request_engine(engine, seed)
+        job_engine, counter = request_engine(engine)
         stop_filter, stopped, answer = StopFilter(stops), False, []
         stream = reply(job_engine, conversation, decode, stream=True)
         with counting_passes(engine) as passes, closing(stream) as pieces:
@@ -105,24 +110,24 @@ def text_answer(conversation: Conversation, decode: DecodeOptions, stops: list[s
             answer.append(tail)
             yield ("text", tail)
         completion = len(passes)
-        finish = "length" if not stopped and completion >= max_new_tokens(decode) else "stop"
+        finish = "length" if not stopped and completion >= max_new_tokens(conversation, decode) else "stop"
         yield ("end", usage(counter.prompt_tokens, completion), finish)
 
     return run
 
 
-def spoken_answer(conversation: Conversation, decode: DecodeOptions, stops: list[str], seed: int | None):
+def spoken_answer(conversation: Conversation, decode: DecodeOptions, stops: list[str]):
     """A job returning (text, 24 kHz float32 wav, sample rate, usage, finish_reason)."""
 
     def run(engine: Any, cancel) -> tuple:
-        job_engine, counter = request_engine(engine, seed)
+        job_engine, counter = request_engine(engine)
         with counting_passes(engine) as passes:
             text, wav, rate = reply_with_speech(job_engine, conversation, decode)
         stop_filter = StopFilter(stops)
         kept, stopped = stop_filter.feed(text)
         kept += "" if stopped else stop_filter.flush()
         completion = len(passes)
-        finish = "length" if not stopped and completion >= max_new_tokens(decode) else "stop"
+        finish = "length" if not stopped and completion >= max_new_tokens(conversation, decode) else "stop"
         return kept, wav, rate, usage(counter.prompt_tokens, completion), finish
 
     return run

@@ -24,6 +24,7 @@ class Settings:
     max_queue: int = 64
     fetch: FetchLimits = field(default_factory=FetchLimits)
     tts: bool = True  # load the speech tower (speech routes and spoken chat answers)
+    seed: int | None = None  # `minicpmo --seed N serve`: the seed of requests that give none
 
 
 # Every module a request may import, imported before the loading thread starts: two threads importing

@@ -107,13 +107,15 @@ def test_global_options_live_in_the_command_context_only(cli, fake_engine, tiny_
     code, _, err = cli("--model", tiny_ckpt, "chat", "Hi.", "--quantize", "int8", "--no-compile", "-q")
     assert code == 0, err
     load = fake_engine.loads[-1].options
-    assert (load.seed, load.quantize, load.compile, load.device, load.dtype) == (11, "int8", False, "auto", "auto")
+    assert (load.quantize, load.compile, load.device, load.dtype) == ("int8", False, "auto", "auto")
+    assert fake_engine.last.seed == 11  # the seed is the call's, not the loaded engine's
     assert err == ""  # -q: not even the CPU warning
     monkeypatch.delenv("MINICPMO_SEED")
     code, _, err = cli("--model", tiny_ckpt, "--device", "cpu", "--dtype", "float32", "chat", "Hi.")
     assert code == 0, err
     load = fake_engine.loads[-1].options
-    assert (load.seed, load.quantize, load.compile, load.device, load.dtype) == (None, None, None, "cpu", "float32")
+    assert (load.quantize, load.compile, load.device, load.dtype) == (None, None, "cpu", "float32")
+    assert fake_engine.last.seed is None
     assert common.options() == common.GlobalOptions()  # outside a command: the defaults
 
 

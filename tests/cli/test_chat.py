@@ -124,7 +124,7 @@ def test_sampling_options_and_the_seed_reach_the_engine(chat, fake_engine):
     decode = fake_engine.last.decode
     assert (decode.sampling, decode.temperature, decode.top_p, decode.top_k) == (True, 0.5, 0.9, 7)
     assert (decode.max_new_tokens, decode.min_new_tokens) == (12, 2)
-    assert fake_engine.loads[0].options.seed == 42
+    assert fake_engine.last.seed == 42
 
 
 def test_sampling_with_beams_is_a_usage_error(chat, fake_engine):

@@ -137,7 +137,7 @@ def test_voice_modes_and_instruction(speech_cli, fake_engine, clips, tmp_path):
                                                                         "Please read the text below.", "Good morning."]}]
     assert prompts["clone.wav"].decode.max_new_tokens == 1  # verbatim: only the speaker state is wanted
     assert prompts["rewritten.wav"].decode.max_new_tokens == 4  # --no-verbatim: the model writes, within the budget
-    assert fake_engine.loads[0].options.seed == 1 and fake_engine.loads[0].towers["tts"]
+    assert prompts["clone.wav"].seed == 1 and fake_engine.loads[0].towers["tts"]
 
 
 def test_clone_saves_a_voice_that_tts_and_clone_reuse_then_voices_lists_and_removes(speech_cli, clips, tmp_path,
@@ -179,8 +179,8 @@ def test_mimick_prints_the_transcription_and_writes_speech(real_cli, clips, tiny
                               "--seed", "3", *SHORT)
     assert code == 0, err
     read_wav(tmp_path / "m.wav")
-    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu", seed=3), vision=False, tts=True)
-    expected = mimick(engine, load_audio(clips["speech"]), decode=api.DecodeOptions(max_new_tokens=4),
+    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu"), vision=False, tts=True)
+    expected = mimick(engine, load_audio(clips["speech"]), decode=api.DecodeOptions(max_new_tokens=4, seed=3),
                       max_frames=frames_for_seconds(CAP_SECONDS))
     assert out == expected.text + "\n"
 

@@ -57,8 +57,8 @@ def library_stream(tiny_ckpt, **chunks) -> np.ndarray:
     from minicpmo_cli import api
     from minicpmo_cli.api.speech import frames_for_seconds, speak_stream
 
-    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu", seed=5), vision=False, tts=True)
-    pieces = list(speak_stream(engine, TEXT, max_frames=frames_for_seconds(0.2), **chunks))
+    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu"), vision=False, tts=True)
+    pieces = list(speak_stream(engine, TEXT, max_frames=frames_for_seconds(0.2), seed=5, **chunks))
     assert len(pieces) >= 2 and all(p.dtype == np.float32 for p in pieces)
     return np.concatenate(pieces)
 

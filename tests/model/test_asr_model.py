@@ -152,19 +152,25 @@ def test_decoding_defaults_greedy_or_the_guides_sampling(engine, monkeypatch):
     seen = []
     real = text.run_llm_generate
 
-    def spy(model, embeds, mask, tokenizer, max_new_tokens, settings, **kwargs):
-        seen.append((max_new_tokens, dict(settings)))
-        return real(model, embeds, mask, tokenizer, 2, settings, **kwargs)
+    def spy(model, embeds, mask, tokenizer, settings, **kwargs):
+        seen.append((settings.max_new_tokens, settings))  # the resolved DecodeSettings (generation/presets.py)
+        return real(model, embeds, mask, tokenizer, settings.with_(max_new_tokens=2), **kwargs)
 
     monkeypatch.setattr(text, "run_llm_generate", spy)
     clip = noise(1.0, 9)
     generate_batch(engine, [clip], task_prompt(), DecodeOptions())
     generate_batch(engine, [clip], task_prompt(), DecodeOptions(sampling=True))
     generate_batch(engine, [clip], task_prompt(), DecodeOptions(num_beams=3, max_new_tokens=7))
-    assert seen[0] == (512, {"num_beams": 1, "repetition_penalty": 1.0})
-    assert seen[1] == (512, {"top_p": 0.8, "top_k": 100, "temperature": 0.3, "do_sample": True,
-                             "repetition_penalty": 1.05})
-    assert seen[2] == (7, {"num_beams": 3, "repetition_penalty": 1.0})
+    def chosen(settings):
+        names = ("sampling", "num_beams", "repetition_penalty") + (("top_p", "top_k", "temperature")
+                                                                   if settings.sampling else ())
+        return {name: getattr(settings, name) for name in names}
+
+    assert [max_new for max_new, _ in seen] == [512, 512, 7]
+    assert chosen(seen[0][1]) == {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0}
+    assert chosen(seen[1][1]) == {"sampling": True, "num_beams": 1, "top_p": 0.8, "top_k": 100,
+                                  "temperature": 0.3, "repetition_penalty": 1.05}
+    assert chosen(seen[2][1]) == {"sampling": False, "num_beams": 3, "repetition_penalty": 1.0}
 
 
 def test_default_batch_size_from_free_memory():

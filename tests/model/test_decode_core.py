@@ -183,4 +183,5 @@ def test_cli_refuses_sampling_with_beams_in_one_line(tmp_path):
                              "--sampling", "--num-beams", "4"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "sampling and num_beams=4" in lines[0] and "Traceback" not in result.stderr
+    # the library's words (sampling, num_beams) said as the CLI's flags (issue 15 item 5)
+    assert len(lines) == 1 and "--sampling and --num-beams=4" in lines[0] and "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from minicpmo_cli.generation.text import decoding_settings, run_llm_generate
+from minicpmo_cli.generation.text import guide_decode, run_llm_generate
 
 LOGIT_TOL = 1e-4
 GREEDY = {"num_beams": 1, "repetition_penalty": 1.0}
@@ -55,14 +55,14 @@ def case(golden_case, golden_ckpt):
 
 def _generated_ids(model, inputs, settings):
     embeds, _ = model.get_inputs_embeds(dict(inputs))
-    sequences, _ = run_llm_generate(model, embeds, inputs["attention_mask"], model.processor.tokenizer, 16, settings)
+    sequences, _ = run_llm_generate(model, embeds, inputs["attention_mask"], model.processor.tokenizer, settings)
     return sequences[0].tolist()
 
 
 def _check_decoding(model, meta, msgs, inputs):
     greedy, beam3 = meta["decoding"]["greedy"], meta["decoding"]["beam3"]
-    assert _generated_ids(model, inputs, decoding_settings(False, 0, GREEDY)) == greedy["generated_ids"]
-    assert _generated_ids(model, inputs, decoding_settings(False)) == beam3["generated_ids"]
+    assert _generated_ids(model, inputs, guide_decode(False, 16, 0, GREEDY)) == greedy["generated_ids"]
+    assert _generated_ids(model, inputs, guide_decode(False, 16)) == beam3["generated_ids"]
     text = model.chat(msgs=msgs, sampling=False, max_new_tokens=16, **GREEDY)
     assert text == greedy["chat_return_text"]
     assert model.chat(msgs=msgs, sampling=False, max_new_tokens=16) == beam3["chat_return_text"]

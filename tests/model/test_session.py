@@ -108,15 +108,15 @@ def test_streaming_generate_ids_and_text_match_generate(engine):
     msgs = [model.get_sys_prompt(mode="omni", language="en"),
             {"role": "user", "content": ["<unit>", frame(2), sound(2)]}]
     inputs = processor.apply_chat_template(msgs=msgs, **OMNI_PROCESSING)
-    from minicpmo_cli.generation.text import decoding_settings, run_llm_generate
+    from minicpmo_cli.generation.text import guide_decode, run_llm_generate
 
     with torch.inference_mode():
         embeds, _ = model.get_inputs_embeds(dict(inputs))
-    settings = decoding_settings(True, 0, GREEDY)
-    expected, _ = run_llm_generate(model, embeds, None, processor.tokenizer, 10, settings)
+    settings = guide_decode(True, 10, 0, GREEDY)
+    expected, _ = run_llm_generate(model, embeds, None, processor.tokenizer, settings)
     prefill_all(model, processor, msgs)
     prompt_ids = processor.tokenizer(session.GENERATION_PROMPT, return_tensors="pt", add_special_tokens=False)
-    rounds = list(session._llm_rounds(model, processor.tokenizer, prompt_ids["input_ids"], settings, 10, 0))
+    rounds = list(session._llm_rounds(model, processor.tokenizer, prompt_ids["input_ids"], settings))
     assert [i for r in rounds for i in r.ids] == expected[0].tolist()
     assert all(len(r.ids) <= session.ROUND_TOKENS for r in rounds)
 

@@ -126,12 +126,11 @@ def test_speech_sse_events(server):
 
 
 def library_wav(engine, voice):
+    from minicpmo_cli.api.engine import DecodeOptions
     from minicpmo_cli.api.speech import frames_for_seconds, speak
     from minicpmo_cli.outputs import wav_bytes
-    from minicpmo_cli.server.generation import request_engine
 
-    seeded, _ = request_engine(engine, 3)
-    local = speak(seeded, "Hello there.", voice, max_frames=frames_for_seconds(CAP))
+    local = speak(engine, "Hello there.", voice, decode=DecodeOptions(seed=3), max_frames=frames_for_seconds(CAP))
     return wav_bytes(local.wav, local.sample_rate)
 
 
