@@ -314,9 +314,8 @@ def _make_voice(reference: str | None, mode: str | None, instruction: str | None
 
 
 def _warn_unused_decoding(verbatim: bool, decode: DecodeOptions) -> None:
-    from dataclasses import astuple
-
-    if verbatim and any(value is not None for value in astuple(decode)):
+    # The seed is not one of them: it seeds the speech drawn as well.
+    if verbatim and set(decode.chosen()) - {"seed"}:
         common.warn("decoding options only apply with --no-verbatim: the text is read as given")
 
 

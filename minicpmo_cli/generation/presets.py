@@ -124,7 +124,7 @@ def resolve(task: str | Preset, options: DecodeOptions | None = None) -> TaskSet
     The mode is the caller's ``sampling`` when set, else beam search when they asked for ``num_beams > 1``,
     else the preset's. Refused: sampling with ``num_beams > 1``, and temperature/top_p/top_k without sampling.
     """
-    from minicpmo_cli.generation.decode import DecodeSettings
+    from minicpmo_cli.generation.settings import DecodeSettings
 
     chosen = task if isinstance(task, Preset) else preset(task)
     options = options or DecodeOptions()

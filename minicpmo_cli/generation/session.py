@@ -53,9 +53,10 @@ import numpy as np
 import torch
 
 from minicpmo_cli.errors import UsageError
-from minicpmo_cli.generation.decode import DecodeSettings, decode_one_token, resolve_compile
+from minicpmo_cli.generation.decode import decode_one_token, resolve_compile
 from minicpmo_cli.generation.forward import forward
 from minicpmo_cli.generation.sampling import next_tokens
+from minicpmo_cli.generation.settings import DecodeSettings
 from minicpmo_cli.generation.static_cache import StaticKV, bucket_length
 from minicpmo_cli.processing.tts_text import TTS_EOS
 from minicpmo_cli.units import INPUT_SAMPLE_RATE, MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE, STREAM_TTS_CHUNK_FRAMES

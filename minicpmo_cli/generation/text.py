@@ -28,8 +28,8 @@ from typing import Any, Iterator
 import torch
 
 from minicpmo_cli.errors import UsageError
-from minicpmo_cli.generation.decode import DecodeSettings
 from minicpmo_cli.generation.presets import PRESETS, REFERENCE_BEAM, REFERENCE_SAMPLING
+from minicpmo_cli.generation.settings import DecodeSettings
 from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
 from minicpmo_cli.processing.tts_text import LLM_TERMINATORS, TTS_EOS
 from minicpmo_cli.units import OUTPUT_SAMPLE_RATE

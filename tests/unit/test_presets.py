@@ -73,15 +73,15 @@ def test_out_of_range_values_are_refused():
 
 
 def test_max_new_tokens_defaults_live_in_the_presets_table_only():
-    """No literal max_new_tokens default outside generation/presets.py, but the decode core's own dataclass
-    default (DecodeSettings; importing the table there would make a cycle: presets builds DecodeSettings)."""
+    """No literal max_new_tokens default outside generation/presets.py, but the settings dataclass's own field
+    default (generation/settings.py; importing the table there would make a cycle: presets builds it)."""
     import re
 
     root = Path(__file__).resolve().parents[2] / "minicpmo_cli"
     literal = re.compile(r"max_new_tokens[\"']?: *(int *= *)?[0-9]|max_new_tokens *= *[0-9]|MAX_NEW_TOKENS *= *[0-9]")
     found = [f"{path.relative_to(root)}:{number}" for path in root.rglob("*.py")
              for number, line in enumerate(path.read_text().splitlines(), 1)
-             if literal.search(line.split("#")[0]) and path.name not in ("presets.py", "decode.py")]
+             if literal.search(line.split("#")[0]) and path.name not in ("presets.py", "settings.py")]
     assert found == []
 
 
