@@ -149,11 +149,14 @@ class FakeEngine:
         return wanted
 
     def generate(self, msgs, settings, *, stream=False, use_tts_template=False, generate_audio=False,
-                 omni_input=False, max_slice_nums=None, use_image_id=None, return_spk_embed=False) -> Any:
+                 omni_input=False, max_slice_nums=None, use_image_id=None, return_spk_embed=False,
+                 usage=None) -> Any:
         from minicpmo_cli.api.engine import as_settings
 
         settings = as_settings(settings)  # as the real engine: a plain DecodeOptions gets the guide's defaults
         answer = echo_answer(msgs)
+        if usage is not None:  # one "token" per word, like the pieces streamed
+            usage.prompt_tokens, usage.completion_tokens = len(str(msgs).split()), len(answer.split())
         self.calls.append(Call("generate", msgs=msgs, decode=settings.decode, seed=settings.seed, answer=answer,
                                options={"stream": stream, "use_tts_template": use_tts_template,
                                         "generate_audio": generate_audio, "omni_input": omni_input,
@@ -177,8 +180,8 @@ class FakeEngine:
         from minicpmo_cli.api.asr import PieceText
 
         instructions = [instruction] * len(clips) if isinstance(instruction, str) else list(instruction)
-        texts = [f"片段 {len(c) / INPUT_SAMPLE_RATE:.2f} 秒" if _CJK.search(i) else f"clip {len(c) / INPUT_SAMPLE_RATE:.2f} s"
-                 for c, i in zip(clips, instructions)]
+        seconds = [len(c) / INPUT_SAMPLE_RATE for c in clips]
+        texts = [f"片段 {s:.2f} 秒" if _CJK.search(i) else f"clip {s:.2f} s" for s, i in zip(seconds, instructions)]
         self.calls.append(Call("transcribe", decode=decode, answer=texts,
                                options={"instructions": instructions, "samples": [len(c) for c in clips]}))
         return [PieceText(text) for text in texts]

@@ -145,11 +145,11 @@ def _video_settings(conversation: Conversation) -> dict[str, Any]:
     return {"use_image_id": False, "max_slice_nums": 2} if conversation.video_mode else {}
 
 
-def reply_with_speech(engine: Engine, conversation: Conversation, decode: DecodeOptions):
+def reply_with_speech(engine: Engine, conversation: Conversation, decode: DecodeOptions, usage: Any = None):
     """Answer the last user message in text and speech: (text, 24 kHz float32 wav, sample rate).
 
     Speech comes from the same generation (the TTS chat template and the LLM's speaker state), as the
-    reference's ``generate_audio=True``; it cannot stream text.
+    reference's ``generate_audio=True``; it cannot stream text. ``usage``: a generation.text.Usage to fill.
     """
     from minicpmo_cli.processing.limits import check_prompt_fits
 
@@ -158,22 +158,23 @@ def reply_with_speech(engine: Engine, conversation: Conversation, decode: Decode
     if not engine.has_tts:
         engine.enable_tts()
     result = engine.generate(msgs, chat_settings(conversation, decode), use_tts_template=True,
-                             generate_audio=True, **_video_settings(conversation))
+                             generate_audio=True, usage=usage, **_video_settings(conversation))
     return result.text, result.audio_wav, result.sampling_rate
 
 
 def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
-          stream: bool = True) -> Iterator[str]:
+          stream: bool = True, usage: Any = None) -> Iterator[str]:
     """Answer the conversation's last user message, yielding text pieces (one piece when not streaming).
 
-    Beam search (``sampling=False``) cannot stream, so it yields the whole answer at once.
+    Beam search (``sampling=False``) cannot stream, so it yields the whole answer at once. ``usage``: a
+    generation.text.Usage filled with the prompt and completion token counts as the answer is made.
     """
     from minicpmo_cli.processing.limits import check_prompt_fits
 
     msgs = conversation.messages()
     tts_template = conversation.uses_audio() or conversation.has_voice_prompt()
     check_prompt_fits(engine, msgs, use_tts_template=tts_template, **_video_settings(conversation))
-    yield from engine.text_pieces(msgs, chat_settings(conversation, decode), stream=stream,
+    yield from engine.text_pieces(msgs, chat_settings(conversation, decode), stream=stream, usage=usage,
                                   use_tts_template=tts_template, **_video_settings(conversation))
 
 

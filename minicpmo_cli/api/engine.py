@@ -71,12 +71,13 @@ class Engine:
     def generate(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = False,
                  use_tts_template: bool = False, generate_audio: bool = False, omni_input: bool = False,
                  max_slice_nums: int | None = None, use_image_id: bool | None = None,
-                 return_spk_embed: bool = False) -> Any:
+                 return_spk_embed: bool = False, usage: Any = None) -> Any:
         """Messages -> the model's answer (str), an iterator of text pieces, or a dict result with audio.
 
         ``settings``: the call's resolved settings (generation/presets.py resolve); its seed, if any, seeds
         the random generators right before this call. A DecodeOptions is resolved with the guide's
-        generate() defaults (the "guide" preset).
+        generate() defaults (the "guide" preset). ``usage``: a generation.text.Usage this call's token counts
+        are written to (the server's usage numbers; nothing is attached to the shared model).
         """
         import torch
 
@@ -92,7 +93,7 @@ class Engine:
             return generate(
                 self.model, **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
                 generate_audio=generate_audio, return_dict=generate_audio, return_spk_embed=return_spk_embed,
-                compile=self.compile, decode=settings.decode,
+                compile=self.compile, decode=settings.decode, usage=usage,
             )
 
     def text_pieces(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = True,

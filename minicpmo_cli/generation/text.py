@@ -30,6 +30,7 @@ import torch
 from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation.presets import PRESETS, REFERENCE_BEAM, REFERENCE_SAMPLING
 from minicpmo_cli.generation.settings import DecodeSettings
+from minicpmo_cli.generation.usage import Usage, generated_count
 from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
 from minicpmo_cli.processing.tts_text import LLM_TERMINATORS, TTS_EOS
 from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
@@ -133,6 +134,7 @@ def generate(
     return_dict: bool = False,
     compile: bool | None = None,
     decode: DecodeSettings | None = None,
+    usage: Usage | None = None,
     **kwargs: Any,
 ):
     """``MiniCPMO.generate(**processor_outputs, processor=..., ...)``: answer text (list for a batch).
@@ -142,6 +144,7 @@ def generate(
     ``compile``: capture the decode step (None: on with CUDA, off on the CPU; see decode.resolve_compile).
     Decoding: the guide's keywords (``sampling`` True, ``max_new_tokens`` 2048, ``top_p``, ...), or
     ``decode``: settings resolved already (generation/presets.py), then without those keywords.
+    ``usage``: a :class:`Usage` to fill with this call's prompt and completion token counts.
     """
     if input_ids is None:
         raise UsageError("generate() needs the processor outputs (input_ids, ...)")
@@ -152,15 +155,18 @@ def generate(
     data, attention_mask = _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs,
                                            tts_template=use_tts_template and want_speech)
     decode = _typed_or_guide(decode, sampling, max_new_tokens, min_new_tokens, kwargs)
+    usage = usage if usage is not None else Usage()
+    usage.prompt_tokens = int(data["input_ids"].shape[-1])
     if stream and not decode.sampling:
         raise UsageError("stream=True needs sampling=True (as the reference)", parameters=("stream", "sampling"))
     with torch.inference_mode():
         embeds, _ = model.get_inputs_embeds(data)
     mask = None if attention_mask is None else attention_mask.to(embeds.device)
     if stream:
-        return _stream_text(model, embeds, tokenizer, decode, compile)
+        return _stream_text(model, embeds, tokenizer, decode, compile, usage)
     sequences, prompt_hidden = run_llm_generate(model, embeds, mask, tokenizer, decode,
                                                 capture_prompt_hidden=want_speech, compile=compile)
+    usage.completion_tokens = generated_count(sequences, terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
     batched = len(texts) > 1
     answer = texts if batched else texts[0]
@@ -250,8 +256,10 @@ def _beam_generate(model, embeds, attention_mask, decode: DecodeSettings, captur
     return sequences, hidden
 
 
-def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, compile: bool | None = None) -> Iterator[str]:
-    """Text pieces as they are generated, with the chat terminators removed (reference stream mode).
+def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, compile: bool | None = None,
+                 usage: Usage | None = None) -> Iterator[str]:
+    """Text pieces as they are generated, with the chat terminators removed (reference stream mode); each
+    generated id counts in ``usage.completion_tokens`` as it comes.
 
     Closing the iterator early (the caller stopped reading, e.g. Ctrl-C in the REPL) stops the generation
     thread at its next token instead of letting it run on to ``max_new_tokens`` in the background.
@@ -261,12 +269,13 @@ def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, compile: bool
     if embeds.shape[0] != 1:
         raise UsageError("stream=True supports one conversation at a time")
     streamer = TextIteratorStreamer(tokenizer)
+    counted = _CountedStreamer(streamer, usage if usage is not None else Usage())
     failure: list[BaseException] = []
     stop = Event()
 
     def work() -> None:
         try:
-            run_llm_generate(model, embeds, None, tokenizer, decode, streamer=streamer, stop_event=stop,
+            run_llm_generate(model, embeds, None, tokenizer, decode, streamer=counted, stop_event=stop,
                              compile=compile)
         except BaseException as exc:  # surfaced in the consumer thread below
             failure.append(exc)
@@ -288,6 +297,20 @@ def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, compile: bool
             raise failure[0]
 
     return pieces()
+
+
+class _CountedStreamer:
+    """A streamer's ``put``/``end`` that also counts the ids put through it in ``usage``."""
+
+    def __init__(self, streamer, usage: Usage) -> None:
+        self.streamer, self.usage = streamer, usage
+
+    def put(self, value: torch.Tensor) -> None:
+        self.usage.completion_tokens += int(value.numel())
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
 
 
 def synthesize(model, spk_embeds: torch.Tensor, answer: str, output_audio_path=None, compile: bool | None = None):

@@ -164,8 +164,7 @@ async def speech(body: SpeechRequest, request: Request):
     decode = generation.with_default_seed(_speech_decode(body), state.settings.seed)
 
     def job(engine, cancel):
-        job_engine, _ = generation.request_engine(engine)
-        result = speak(job_engine, body.input, voice, decode=decode, verbatim=body.verbatim, max_frames=frames)
+        result = speak(engine, body.input, voice, decode=decode, verbatim=body.verbatim, max_frames=frames)
         return result, generation.count_tokens(engine, body.input)
 
     result, input_tokens = await state.worker.run(job, disconnected=request.is_disconnected)

@@ -1,52 +1,19 @@
 """Jobs the worker runs for the routes: a chat answer (text pieces, or text + speech), with usage counts.
 
-Each job gets a shallow copy of the engine whose processor counts the prompt's tokens; a request's ``seed``
-travels in its DecodeOptions, so it gives the same answer as ``minicpmo --seed N chat`` would. Generated
-tokens are counted as the language model's forward passes (one per new token, batch 1): the worker runs one
-job at a time, so the hook sees only that job's passes.
+A request's ``seed`` travels in its DecodeOptions, so it gives the same answer as ``minicpmo --seed N chat``
+would. Token counts come from the generation itself (a ``Usage`` the job owns and generate fills): nothing
+per request is attached to the shared model, so jobs do not depend on running one at a time to count right.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import closing, contextmanager
+from contextlib import closing
 from typing import Any, Iterator
 
 from minicpmo_cli.api.chat import Conversation, chat_settings, reply, reply_with_speech
 from minicpmo_cli.api.engine import DecodeOptions
-
-
-class _CountingProcessor:
-    """The engine's processor, remembering the length of the last prompt it built."""
-
-    def __init__(self, processor: Any) -> None:
-        self._processor = processor
-        self.prompt_tokens = 0
-
-    def apply_chat_template(self, *args, **kwargs):
-        inputs = self._processor.apply_chat_template(*args, **kwargs)
-        self.prompt_tokens = int(inputs["input_ids"].shape[-1])
-        return inputs
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._processor, name)
-
-
-def request_engine(engine: Any) -> tuple[Any, _CountingProcessor]:
-    counter = _CountingProcessor(engine.processor)
-    return dataclasses.replace(engine, processor=counter), counter
-
-
-@contextmanager
-def counting_passes(engine: Any):
-    """A list whose length is the number of LLM forward passes made inside the block."""
-    passes: list[int] = []
-    # lm_head runs once per new token (the decode core calls the layers directly, not llm.forward)
-    handle = engine.model.llm.lm_head.register_forward_hook(lambda *args: passes.append(1))
-    try:
-        yield passes
-    finally:
-        handle.remove()
+from minicpmo_cli.generation.usage import Usage
 
 
 def count_tokens(engine: Any, text: str) -> int:
@@ -94,10 +61,10 @@ def text_answer(conversation: Conversation, decode: DecodeOptions, stops: list[s
     """A job yielding ("text", piece) items, then ("end", usage dict, finish_reason)."""
 
     def run(engine: Any, cancel) -> Iterator[tuple]:
-        job_engine, counter = request_engine(engine)
+        counts = Usage()
         stop_filter, stopped, answer = StopFilter(stops), False, []
-        stream = reply(job_engine, conversation, decode, stream=True)
-        with counting_passes(engine) as passes, closing(stream) as pieces:
+        stream = reply(engine, conversation, decode, stream=True, usage=counts)
+        with closing(stream) as pieces:
             for piece in pieces:
                 text, stopped = stop_filter.feed(piece)
                 if text:
@@ -109,9 +76,8 @@ def text_answer(conversation: Conversation, decode: DecodeOptions, stops: list[s
         if tail:
             answer.append(tail)
             yield ("text", tail)
-        completion = len(passes)
-        finish = "length" if not stopped and completion >= max_new_tokens(conversation, decode) else "stop"
-        yield ("end", usage(counter.prompt_tokens, completion), finish)
+        finish = finish_reason(stopped, counts, conversation, decode)
+        yield ("end", usage(counts.prompt_tokens, counts.completion_tokens), finish)
 
     return run
 
@@ -120,17 +86,21 @@ def spoken_answer(conversation: Conversation, decode: DecodeOptions, stops: list
     """A job returning (text, 24 kHz float32 wav, sample rate, usage, finish_reason)."""
 
     def run(engine: Any, cancel) -> tuple:
-        job_engine, counter = request_engine(engine)
-        with counting_passes(engine) as passes:
-            text, wav, rate = reply_with_speech(job_engine, conversation, decode)
+        counts = Usage()
+        text, wav, rate = reply_with_speech(engine, conversation, decode, usage=counts)
         stop_filter = StopFilter(stops)
         kept, stopped = stop_filter.feed(text)
         kept += "" if stopped else stop_filter.flush()
-        completion = len(passes)
-        finish = "length" if not stopped and completion >= max_new_tokens(conversation, decode) else "stop"
-        return kept, wav, rate, usage(counter.prompt_tokens, completion), finish
+        finish = finish_reason(stopped, counts, conversation, decode)
+        return kept, wav, rate, usage(counts.prompt_tokens, counts.completion_tokens), finish
 
     return run
+
+
+def finish_reason(stopped: bool, counts: Usage, conversation: Conversation, decode: DecodeOptions) -> str:
+    """OpenAI's finish_reason: "length" when the answer used its whole token budget without a stop."""
+    limit = max_new_tokens(conversation, decode)
+    return "length" if not stopped and counts.completion_tokens >= limit else "stop"
 
 
 def usage(prompt: int, completion: int) -> dict:

@@ -166,7 +166,7 @@ def read_wav_bytes(data: bytes):
 def test_spoken_answer_is_a_wav_with_its_transcript(server, engine):
     from minicpmo_cli.api.chat import Conversation, reply_with_speech
     from minicpmo_cli.api.engine import DecodeOptions
-    from minicpmo_cli.server.generation import request_engine
+    from minicpmo_cli.generation.usage import Usage
 
     answer = ask(server.client(), "Say hello.", max_tokens=4, seed=7, modalities=["text", "audio"],
                  audio={"voice": "alloy", "format": "wav"})
@@ -175,10 +175,13 @@ def test_spoken_answer_is_a_wav_with_its_transcript(server, engine):
     samples = read_wav_bytes(base64.b64decode(message.audio.data))
     conversation = Conversation()
     conversation.ask("Say hello.")
-    seeded, _ = request_engine(engine)
-    text, wav, _ = reply_with_speech(seeded, conversation, DecodeOptions(sampling=True, top_k=1, temperature=1.0,
-                                                                          max_new_tokens=4, seed=7))
+    counts = Usage()
+    text, wav, _ = reply_with_speech(engine, conversation, DecodeOptions(sampling=True, top_k=1, temperature=1.0,
+                                                                          max_new_tokens=4, seed=7), usage=counts)
     assert message.audio.transcript == text
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (counts.prompt_tokens,
+                                                                            counts.completion_tokens)
+    assert 1 <= counts.completion_tokens <= 4
     expected = np.rint(np.clip(wav, -1, 1) * 32767).astype(np.int16)
     assert len(samples) == len(expected) > 0 and np.array_equal(samples, expected)
 
