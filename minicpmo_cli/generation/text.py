@@ -148,9 +148,7 @@ def generate(
     """
     if input_ids is None:
         raise UsageError("generate() needs the processor outputs (input_ids, ...)")
-    tokenizer = tokenizer or getattr(processor, "tokenizer", None) or getattr(model.processor, "tokenizer", None)
-    if tokenizer is None:
-        raise UsageError("generate() needs processor= (or tokenizer=) to decode the answer")
+    tokenizer = _answer_tokenizer(model, processor, tokenizer)
     want_speech = generate_audio or return_spk_embed
     data, attention_mask = _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs,
                                            tts_template=use_tts_template and want_speech)
@@ -169,8 +167,7 @@ def generate(
     usage.completion_tokens = generated_count(sequences, terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
     batched = len(texts) > 1
-    answer = texts if batched else texts[0]
-    spk_embeds = wav = rate = None
+    answer, spk_embeds, wav, rate = texts if batched else texts[0], None, None, None
     if want_speech:
         spk_embeds = spk_embeds_from_hidden(prompt_hidden, data.get("spk_bounds"))
     if generate_audio and not batched:
@@ -179,6 +176,13 @@ def generate(
     if return_dict or return_spk_embed:
         return OmniOutput(text=answer, spk_embeds=spk_embeds, audio_wav=wav, sampling_rate=rate)
     return answer
+
+
+def _answer_tokenizer(model, processor, tokenizer):
+    tokenizer = tokenizer or getattr(processor, "tokenizer", None) or getattr(model.processor, "tokenizer", None)
+    if tokenizer is None:
+        raise UsageError("generate() needs processor= (or tokenizer=) to decode the answer")
+    return tokenizer
 
 
 def _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs: dict, tts_template: bool):
