@@ -25,23 +25,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from decode import OpCounter  # benchmarks/decode.py: the same aten-op count
 
 from minicpmo_cli.generation import tts_decode
 from minicpmo_cli.model.config import ConditionalChatTTSConfig
 from minicpmo_cli.model.tts import AUDIO_EOS_ID, ConditionalChatTTS
 from minicpmo_cli.model.tts_sampling import ReferenceSampler
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
 
 
 def deep_narrow_tts(layers: int) -> ConditionalChatTTS:
