@@ -17,14 +17,14 @@ Beam search is not here: transformers ``generate`` still does it (generation/tex
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation import forward as fwd
 from minicpmo_cli.generation.sampling import mark_seen, next_tokens
-from minicpmo_cli.generation.settings import PAD_ID, DecodeSettings
+from minicpmo_cli.generation.settings import PAD_ID, DecodeSettings, cut_at_stop
 from minicpmo_cli.generation.static_cache import StaticKV, bucket_length
 
 CHECK_EVERY = 8  # tokens between two stop checks (the only host reads of a non-streaming decode)
@@ -180,11 +180,5 @@ def generate_ids(llm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor 
                 logits, tokens = rows.keep(keep, cache, logits, tokens)
         logits = decode_one_token(llm, tokens, rows.positions, cache, rows.valid, compile)
         rows.positions = rows.positions + 1
-    return [_cut_at_stop(row, settings.stop_ids) for row in out[:, :steps].tolist()]
+    return [cut_at_stop(row, settings.stop_ids) for row in out[:, :steps].tolist()]
 
-
-def _cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
-    for index, token in enumerate(row):
-        if token in stop_ids:
-            return row[: index + 1]
-    return row

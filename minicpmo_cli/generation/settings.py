@@ -79,3 +79,11 @@ class DecodeSettings:
 
     def with_(self, **changes) -> DecodeSettings:
         return replace(self, **changes)
+
+
+def cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """``row`` up to and including its first stop id (what follows is padding), or all of it."""
+    for index, token in enumerate(row):
+        if token in stop_ids:
+            return row[: index + 1]
+    return row

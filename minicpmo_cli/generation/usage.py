@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minicpmo_cli.generation.settings import cut_at_stop
+
 
 @dataclass
 class Usage:
@@ -22,8 +24,4 @@ class Usage:
 def generated_count(sequences, stop_ids: list[int]) -> int:
     """The ids generated over all rows of ``run_llm_generate``'s padded result: each row up to and including
     its first stop id (what follows is padding), a row without one in full."""
-    total = 0
-    for row in sequences.tolist():
-        ends = [index for index, token in enumerate(row) if token in stop_ids]
-        total += ends[0] + 1 if ends else len(row)
-    return total
+    return sum(len(cut_at_stop(row, stop_ids)) for row in sequences.tolist())
