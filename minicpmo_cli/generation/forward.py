@@ -319,14 +319,6 @@ def compiled_step(device: torch.device, stock: bool):
     return _COMPILED[kind]
 
 
-def mark_static_buffers(cache: StaticKV) -> None:
-    """Tell Dynamo the cache buffers keep their addresses (as transformers' StaticCache does): the captured
-    step writes into them in place, and CUDA graphs only replay over mutated inputs marked static (others are
-    copied in at every replay, or make the capture fall back to no graph)."""
-    for buffer in (*cache.keys, *cache.values):
-        torch._dynamo.mark_static_address(buffer)
-
-
 def run_compiled(llm, tokens, positions, index, mask, cache: StaticKV) -> torch.Tensor:
     """The captured step; the first call of each (batch, bucket) shape is timed and logged (warm-up).
 
@@ -335,7 +327,7 @@ def run_compiled(llm, tokens, positions, index, mask, cache: StaticKV) -> torch.
     stock = stock_weights(llm) if tokens.device.type == "cpu" else None
     step = compiled_step(tokens.device, stock is not None)
     if tokens.device.type == "cuda":
-        mark_static_buffers(cache)
+        cache.mark_static()
     if stock is None:
         args = (llm, tokens, positions, index, mask, cache.keys, cache.values)
     else:

@@ -34,6 +34,7 @@ class StaticKV:
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0) -> None:
         self.keys, self.values, self.length = keys, values, int(length)
+        self._marked_static = False  # see mark_static; new buffers (growth, fewer rows) are unmarked
 
     @classmethod
     def empty(cls, config, batch: int, capacity: int, dtype, device) -> StaticKV:
@@ -84,6 +85,7 @@ class StaticKV:
                 new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
                 new[:, :, :self.length] = old[:, :, :self.length]
                 buffers[i] = new
+        self._marked_static = False
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,3 +104,14 @@ class StaticKV:
         """Keep only the batch rows in ``index`` (finished rows leave the batch)."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+        self._marked_static = False
+
+    def mark_static(self) -> None:
+        """Tell Dynamo the buffers keep their addresses (as transformers' StaticCache does), once per set of
+        buffers: a captured step writes into them in place, and CUDA graphs replay over mutated inputs only
+        when they are marked (others are copied in at every replay, or the capture falls back to no graph)."""
+        if self._marked_static:
+            return
+        for buffer in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(buffer)
+        self._marked_static = True
