@@ -153,8 +153,9 @@ def test_two_workers_write_the_same_files(tiny_ckpt, inbox, reference, tmp_path,
     assert "skipped 40 input(s)" in err and len(re.findall("started on", err)) == 1
 
 
-def test_a_killed_worker_loses_nothing_and_nothing_is_written_twice(tiny_ckpt, inbox, reference, tmp_path,
-                                                                     cli, monkeypatch):
+def kill_a_worker_after_three_outputs(tmp_path, monkeypatch):
+    """Workers write their pids into a folder; after the third output one of them is killed with SIGKILL
+    (mid-run: both workers hold inputs). Returns (the pid folder, outputs per input path, the killed pid)."""
     from minicpmo_cli.api import parallel
     from minicpmo_cli.cli import asr as asr_cli
 
@@ -168,11 +169,17 @@ def test_a_killed_worker_loses_nothing_and_nothing_is_written_twice(tiny_ckpt, i
     def emit_then_kill(self, item, record):
         emitted[item.path] = emitted.get(item.path, 0) + 1
         real_emit(self, item, record)
-        if sum(emitted.values()) == 3:  # mid-run: both workers hold inputs
+        if sum(emitted.values()) == 3:
             killed.append(int(sorted(pids.iterdir())[0].name))
             os.kill(killed[0], signal.SIGKILL)
 
     monkeypatch.setattr(asr_cli.Sink, "emit", emit_then_kill)
+    return pids, emitted, killed
+
+
+def test_a_killed_worker_loses_nothing_and_nothing_is_written_twice(tiny_ckpt, inbox, reference, tmp_path,
+                                                                     cli, monkeypatch):
+    pids, emitted, killed = kill_a_worker_after_three_outputs(tmp_path, monkeypatch)
     out = tmp_path / "out"
     code, _, err = cli(*base_args(tiny_ckpt, inbox, out), "--workers", "2")
     assert code == 3
@@ -206,25 +213,8 @@ def test_ray_writes_the_same_files(tiny_ckpt, inbox, reference, tmp_path, cli, r
 def test_ray_retries_a_killed_actor_and_writes_everything_once(tiny_ckpt, inbox, reference, tmp_path, cli,
                                                                monkeypatch, ray_module):
     """A Ray started by the caller (2 CPUs, a small object store) is used as it is, and left running."""
-    from minicpmo_cli.api import parallel
-    from minicpmo_cli.cli import asr as asr_cli
-
     ray_module.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False)
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    monkeypatch.setenv(parallel.PID_DIR_ENV, str(pids))
-    emitted: dict[str, int] = {}
-    killed: list[int] = []
-    real_emit = asr_cli.Sink.emit
-
-    def emit_then_kill(self, item, record):
-        emitted[item.path] = emitted.get(item.path, 0) + 1
-        real_emit(self, item, record)
-        if sum(emitted.values()) == 3:
-            killed.append(int(sorted(pids.iterdir())[0].name))
-            os.kill(killed[0], signal.SIGKILL)
-
-    monkeypatch.setattr(asr_cli.Sink, "emit", emit_then_kill)
+    pids, emitted, killed = kill_a_worker_after_three_outputs(tmp_path, monkeypatch)
     out = tmp_path / "out"
     assert cli(*base_args(tiny_ckpt, inbox, out), "--ray", "--workers", "2").code == 3
     assert killed and len(list(pids.iterdir())) == 3  # Ray restarted the killed actor
