@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
