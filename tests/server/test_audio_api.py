@@ -67,7 +67,7 @@ def test_transcription_of_mp3_with_language_and_prompt(server, media_files, engi
 def test_translation_to_english(server, media_files, engine):
     from minicpmo_cli.api.asr import AsrOptions, transcribe
     from minicpmo_cli.api.engine import DecodeOptions
-    from minicpmo_cli.server.audio import TRANSLATE_EN
+    from minicpmo_cli.server.transcriptions import TRANSLATE_EN
 
     speech = need(media_files, "speech")
     with open(speech, "rb") as handle:
