@@ -14,6 +14,7 @@ HELP = common.examples_help(
     "requests run one at a time on it. Other commands use it with --server URL (or MINICPMO_SERVER).",
     "minicpmo serve",
     "minicpmo serve --host 0.0.0.0 --port 9000 --api-key secret",
+    "minicpmo --model ./ckpt serve --served-model-name minicpmo,omni --strict-model-names",
     "MINICPMO_SERVER=http://127.0.0.1:8080 minicpmo asr meeting.mp3",
 )
 
