@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from minicpmo_cli.cli import common
-from minicpmo_cli.errors import HubUnavailable, InputError, UsageError
+from minicpmo_cli.errors import HubUnavailable, InputError, ModelLoadError, UsageError
 
 OFFICIAL = ("openbmb/MiniCPM-o-2_6", "openbmb/MiniCPM-o-2_6-int4")  # bf16, and the GPTQ int4
 
@@ -194,9 +194,11 @@ def pull(model_id: Optional[str] = typer.Argument(None, metavar="[ID]",
     with _hub_progress(common.show_progress()):
         snapshot = resolve_checkpoint_dir(repo_id, opts.revision, local_files_only=opts.offline or None)
     missing = _missing_files(snapshot)
-    if missing is not None:
+    if missing is not None and opts.offline:
         raise HubUnavailable(f"only partly in the cache ({missing}) and --offline forbids downloading the rest",
                              repo_id)
+    if missing is not None:
+        raise ModelLoadError(f"the download finished, but the snapshot is not a checkpoint ({missing})", snapshot)
     size = sum(f.stat().st_size for f in snapshot.rglob("*") if f.is_file())
     common.write_stdout(f"{repo_id} at revision {snapshot.name[:12]}: {human_size(size)}, complete, in {snapshot}\n")
 
@@ -205,7 +207,7 @@ def _hub_id_argument(value: str, command: str) -> str:
     from minicpmo_cli.model.checkpoint_files import means_local_folder
 
     if Path(value).expanduser().exists() or means_local_folder(value):
-        raise UsageError(f"{command} takes a hub id of the form owner/name, not a local folder: {value}")
+        raise UsageError(f"{command} takes a hub id of the form owner/name; {value!r} is not one (a local folder needs no download)")
     return value
 
 
