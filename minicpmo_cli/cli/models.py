@@ -207,7 +207,8 @@ def _hub_id_argument(value: str, command: str) -> str:
     from minicpmo_cli.model.checkpoint_files import means_local_folder
 
     if Path(value).expanduser().exists() or means_local_folder(value):
-        raise UsageError(f"{command} takes a hub id of the form owner/name; {value!r} is not one (a local folder needs no download)")
+        raise UsageError(f"{command} takes a hub id of the form owner/name; {value!r} is not one "
+                         "(a local folder needs no download)")
     return value
 
 
