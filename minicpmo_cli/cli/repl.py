@@ -67,7 +67,15 @@ class Repl:
                 continue
             if line is None:
                 return
-            self.handle(line)
+            turns = len(self.conversation.turns)
+            try:
+                self.handle(line)
+            except KeyboardInterrupt:
+                # Ctrl-C anywhere after the line was read (measuring the prompt, loading a tower, before the
+                # first piece or while the answer streams) stops this message and keeps the session; a stopped
+                # exchange is not kept in the history (the next answer must not build on half an answer).
+                self.say(" [stopped]")
+                del self.conversation.turns[turns:]
 
     def read_message(self) -> str | None:
         line = self.read_line(PROMPT)
@@ -109,23 +117,15 @@ class Repl:
             self.answer_with_speech()
             return
         pieces: list[str] = []
-        try:
-            stream_reply(self.engine, self.conversation, self.decode, self.out, pieces)
-            self.say("")
-        except KeyboardInterrupt:
-            self.say(" [stopped]")
+        stream_reply(self.engine, self.conversation, self.decode, self.out, pieces)
+        self.say("")
         self.conversation.answer("".join(pieces))
 
     def answer_with_speech(self) -> None:
         target = self.next_speech_path()
-        try:
-            answer = speak_answer(self.engine, self.conversation, self.decode, target)
-        except KeyboardInterrupt:
-            self.say(" [stopped]")
-            answer = ""
-        else:
-            self.say(answer)
-            self.say(f"[spoken into {target}]")
+        answer = speak_answer(self.engine, self.conversation, self.decode, target)
+        self.say(answer)
+        self.say(f"[spoken into {target}]")
         self.conversation.answer(answer)
 
     def next_speech_path(self) -> Path:
