@@ -1,5 +1,6 @@
-"""The CLI through a running `minicpmo serve` (--server URL / MINICPMO_SERVER): asr, chat, tts and clone send
-their work there instead of loading the model, and write the same outputs.
+"""The CLI through a running `minicpmo serve` (--server URL / MINICPMO_SERVER): asr, chat (voices and videos
+included), describe-video, tts and clone send their work there instead of loading the model, and write the
+same outputs. mimick, omni and tts --stream have no route on the server: they say so in one line and run here.
 
 The requests carry exactly what the local command would use (decoding options, --seed, the reference clip as
 float32 samples, images as lossless PNG), through the server's OpenAI routes and their extension fields, so
@@ -59,8 +60,13 @@ class RemoteEngine:
     has_tts: bool = True
     remote: bool = True
 
+    towers: dict = field(default_factory=lambda: {"vision": True, "audio": True, "tts": True})  # the server's
+
     def enable_tts(self) -> None:  # the server loads its speech tower itself
         pass
+
+    def ensure_towers(self, vision: bool = False, audio: bool = False) -> list[str]:
+        return []
 
     def post(self, path: str, **kwargs):
         with transport_errors(self.url, path):
@@ -191,12 +197,46 @@ def _parts(parts: list[Any]) -> list[dict]:
     return out
 
 
+def video_part(path: str) -> dict:
+    """A video file as a video_url part: the server samples it as `chat --video` does (1 fps, at most 64
+    frames, its sound)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise InputError(f"cannot read it ({exc.strerror or exc})", path) from None
+    return {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}}
+
+
+def _turn_parts(turn) -> list[dict]:
+    """A turn's parts as content parts; an attached video goes as the file (its frames and sound are parts
+    here, but the server must know they are a video to use the guide's video settings)."""
+    out: list[dict] = []
+    parts = list(turn.parts)
+    for source in turn.sources:
+        if source.get("type") == "video":
+            taken = int(source.get("frames", 0)) + (1 if source.get("audio") else 0)
+            del parts[:taken]
+            out.append(video_part(source["path"]))
+        else:
+            out += _parts(parts[:1])
+            del parts[:1]
+    return out + _parts(parts)
+
+
+def chat_messages(conversation) -> list[dict]:
+    """The conversation as the model will see it: the voice prompt (mode and reference clip) or --system
+    first, then the turns, so the server builds exactly the local prompt."""
+    messages = [{"role": m["role"], "content": _parts(m["content"])} for m in conversation.system_messages()]
+    return messages + [{"role": t.role, "content": _turn_parts(t)} for t in conversation.turns]
+
+
 def chat_body(engine: RemoteEngine, conversation, decode, **extra) -> dict:
-    if conversation.video_mode:
-        raise UsageError("--video with --server is not supported: run without --server")
-    messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
-    messages += [{"role": t.role, "content": _parts(t.parts)} for t in conversation.turns]
-    body = {"model": engine.model, "messages": messages, "language": conversation.language,
+    return request_body(engine, chat_messages(conversation), conversation.language, decode, **extra)
+
+
+def request_body(engine: RemoteEngine, messages: list[dict], language: str, decode, **extra) -> dict:
+    body = {"model": engine.model, "messages": messages, "language": language,
             "max_tokens": decode.max_new_tokens, "temperature": decode.temperature, "top_p": decode.top_p,
             "top_k": decode.top_k, "repetition_penalty": decode.repetition_penalty, "num_beams": decode.num_beams,
             "sampling": decode.sampling, "seed": common.options().seed, **extra}
@@ -210,9 +250,22 @@ CHAT = "/v1/chat/completions"
 
 
 def reply(engine: RemoteEngine, conversation, decode, stream: bool = True) -> Iterator[str]:
-    """The answer's text pieces as the server streams them (api.chat.reply's remote twin). Anything but a
-    stream of chat.completion.chunk events ending in [DONE] is a malformed answer, never an empty one."""
-    body = chat_body(engine, conversation, decode, stream=True)
+    """The answer's text pieces as the server streams them (api.chat.reply's remote twin)."""
+    return stream_answer(engine, chat_body(engine, conversation, decode, stream=True))
+
+
+def describe_video_stream(engine: RemoteEngine, path, prompt: str | None, decode) -> Iterator[str]:
+    """api.video.describe_video_stream's remote twin (1 frame a second, at most 64: the server's sampling)."""
+    from minicpmo_cli.api.video import DEFAULT_VIDEO_PROMPT
+
+    content = [video_part(str(path)), {"type": "text", "text": prompt or DEFAULT_VIDEO_PROMPT}]
+    return stream_answer(engine, request_body(engine, [{"role": "user", "content": content}], "en", decode,
+                                              stream=True))
+
+
+def stream_answer(engine: RemoteEngine, body: dict) -> Iterator[str]:
+    """The text pieces of a streamed chat completion. Anything but a stream of chat.completion.chunk events
+    ending in [DONE] is a malformed answer, never an empty one."""
     with transport_errors(engine.url, CHAT):
         with engine.client.stream("POST", CHAT, json=body) as response:
             if response.status_code >= 400:

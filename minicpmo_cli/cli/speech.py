@@ -221,6 +221,9 @@ def mimick(
 
     samples = load_audio(audio)
     target = common.audio_output_target(output, overwrite)
+    from minicpmo_cli.cli.remote import runs_locally
+
+    runs_locally("mimick", "the server has no route that re-speaks a recording in its speaker's voice")
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import mimick as run_mimick
 
@@ -353,8 +356,6 @@ def _check_stream(stream: bool, first_chunk_frames, chunk_frames, lines: bool, v
         raise UsageError("--stream writes one wav as it is spoken: it does not combine with --lines")
     if not verbatim:
         raise UsageError("--stream reads the text as given: it does not combine with --no-verbatim")
-    if common.options().server:
-        raise UsageError("--stream speaks with the model loaded here: it does not combine with --server")
 
 
 def _tts_stream(body: str, target: Path | None, speaker, max_audio_seconds, first_chunk_frames, chunk_frames):
@@ -362,7 +363,9 @@ def _tts_stream(body: str, target: Path | None, speaker, max_audio_seconds, firs
     import time
 
     from minicpmo_cli.api.speech import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, speak_stream
+    from minicpmo_cli.cli.remote import runs_locally
 
+    runs_locally("tts --stream", "the server sends speech whole, not as it is made (drop --stream to use it)")
     engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
     started = time.perf_counter()
     pieces = speak_stream(engine, body, speaker, max_frames=_max_frames(max_audio_seconds),
