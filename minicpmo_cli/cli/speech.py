@@ -206,6 +206,7 @@ def clone(
         source = ref if ref is not None else speaker.reference
         profile = profiles.save_voice(save_voice, source, overwrite=overwrite)
         common.info(f"saved voice {profile.name!r} ({profile.duration:.1f} s) to {profile.path}")
+        _advise_length(profile)
 
 
 @common.decoding_options(include=SPEECH_DECODING, task="speech")
@@ -262,6 +263,15 @@ def voices_add(
 
     profile = save_voice(name, clip, overwrite=overwrite)
     common.info(f"saved voice {profile.name!r} ({profile.duration:.1f} s) to {profile.path}")
+    _advise_length(profile)
+
+
+def _advise_length(profile) -> None:
+    from minicpmo_cli.api.voices import length_advice
+
+    advice = length_advice(profile.duration)
+    if advice is not None:
+        common.warn(f"voice {profile.name!r}: {advice}")
 
 
 def voices_remove(names: list[str] = typer.Argument(..., help="Voice names to delete.")) -> None:
@@ -388,11 +398,13 @@ def _file_wav(target: Path):
 
 
 class _StdoutWav:
-    """A 24 kHz mono PCM16 wav streamed to stdout: the header cannot know the length, so its sizes say
-    'unknown' (0xFFFFFFFF), which players and sox/ffmpeg read up to the end of the stream."""
+    """A 24 kHz mono PCM16 wav streamed to stdout. Into a pipe the header cannot know the length, so its sizes
+    say 'unknown' (0xFFFFFFFF), which players and sox/ffmpeg read up to the end of the stream; when stdout is
+    a regular file we can seek in (`-o - > x.wav`), the sizes are patched at the end (also after Ctrl-C)."""
 
     def __init__(self) -> None:
         self.samples_written = 0
+        self.start: int | None = None  # where the wav begins in a seekable stdout file
 
     def __enter__(self):
         import struct
@@ -400,6 +412,8 @@ class _StdoutWav:
         rate = 24000
         header = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + struct.pack(
             "<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF)
+        sys.stdout.buffer.flush()
+        self.start = _patchable_offset(sys.stdout.buffer)
         sys.stdout.buffer.write(header)
         sys.stdout.buffer.flush()
         return self
@@ -412,7 +426,38 @@ class _StdoutWav:
         sys.stdout.buffer.flush()
         self.samples_written += len(audio)
 
+    @property
+    def seconds(self) -> float:
+        return self.samples_written / 24000
+
     def __exit__(self, *exc) -> None:
+        import os
+        import struct
+
+        data = 2 * self.samples_written
+        if self.start is None or 36 + data > 0xFFFFFFFF:
+            return None
+        sys.stdout.buffer.flush()
+        descriptor = sys.stdout.buffer.fileno()
+        os.pwrite(descriptor, struct.pack("<I", 36 + data), self.start + 4)
+        os.pwrite(descriptor, struct.pack("<I", data), self.start + 40)
+        return None
+
+
+def _patchable_offset(stream) -> int | None:
+    """The current offset of ``stream`` when it is a regular file opened for writing in place (not a pipe, a
+    terminal, or a file opened for appending, where pwrite would append): there the header can be patched."""
+    import os
+    import stat
+
+    try:
+        import fcntl  # POSIX; elsewhere the header keeps saying 'unknown'
+
+        descriptor = stream.fileno()
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode) or fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_APPEND:
+            return None
+        return os.lseek(descriptor, 0, os.SEEK_CUR)
+    except (ImportError, OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
         return None
 
 
