@@ -348,3 +348,39 @@ def test_repl_speak_on_loads_speech_and_writes_numbered_files(chat, fake_engine,
         rate, channels, _, frames = read_wav_info(name)  # in the working folder
         assert (rate, channels) == (24000, 1)
         assert frames == 4 * 512 * len(f"echo: {text} [images: 0, audio: 0]")
+
+
+def test_repl_forgets_the_oldest_exchanges_when_the_context_is_full(chat, fake_engine, picture, tmp_path):
+    """The tiny model reads 4096 tokens; one long message and its echo fill most of it. The oldest text-only
+    exchange is forgotten with one line; the exchange holding the image stays (it is still talked about)."""
+    saved = tmp_path / "c.json"
+    long = {name: f"{name}:" + " word" * 900 for name in ("first", "second", "third")}
+    script = [f"/image {picture}", "What is this?", long["first"], long["second"], long["third"], f"/save {saved}"]
+    code, out, err = chat("--system", "Be brief.", "--max-new-tokens", "4", stdin="\n".join(script) + "\n", tty=True)
+    assert code == 0, err
+    notices = [line.removeprefix(">>> ") for line in out.splitlines() if "no longer fits" in line]
+    assert notices == ["[the conversation no longer fits the model's context: forgot its 1 oldest exchange (the "
+                       "system prompt and attached media are kept)]"] * 2, out
+    assert "error" not in out
+    # each notice comes just before the answer it made room for
+    assert out.index(notices[0]) < out.index("echo: second:") < out.rindex(notices[1]) < out.index("echo: third:")
+    data = json.loads(saved.read_text())
+    assert data["system"] == "Be brief."
+    texts = [" ".join(s.get("text", s["type"]) for s in m["content"]) for m in data["messages"]]
+    assert [t.split(":")[0] for t in texts] == ["image What is this?", "echo", "third", "echo"]
+    # the answer to "third" still saw the image: it was kept
+    assert fake_engine.last.answer.endswith("[images: 1, audio: 0]")
+
+
+def test_repl_says_clear_when_forgetting_is_not_enough(chat, fake_engine, picture, tmp_path):
+    saved = tmp_path / "c.json"
+    script = [f"/image {picture}", "What is this?", "short one", "huge:" + " word" * 3900, "still here?",
+              f"/save {saved}"]
+    code, out, err = chat("--max-new-tokens", "4", stdin="\n".join(script) + "\n", tty=True)
+    assert code == 0, err
+    [error] = [line for line in out.splitlines() if "error: " in line]
+    assert "/clear" in error and "tokens, but the model reads at most 4096" in error
+    assert "echo: still here? [images: 1, audio: 0]" in out  # the session goes on with its whole history
+    texts = [m["content"][-1]["text"] for m in json.loads(saved.read_text())["messages"]]
+    assert texts[:4] == ["What is this?", "echo: What is this? [images: 1, audio: 0]", "short one",
+                         "echo: short one [images: 1, audio: 0]"]

@@ -15,12 +15,12 @@ def cli(cli, tiny_ckpt, monkeypatch):
     monkeypatch.setenv("MINICPMO_API_KEY", API_KEY)
     local = cli.with_args("--model", tiny_ckpt, "--device", "cpu")
 
-    def run(server, *args):
+    def run(server, *args, **stdin):
         if server is None:
             monkeypatch.delenv("MINICPMO_SERVER", raising=False)
         else:
             monkeypatch.setenv("MINICPMO_SERVER", server.url)
-        return local(*args)
+        return local(*args, **stdin)
 
     return run
 
@@ -139,3 +139,17 @@ def test_commands_without_a_route_say_they_run_here(server, cli, media_files, tm
         assert "runs on this machine" not in runs[0][2]
         if extra:
             assert outputs[0].read_bytes() == outputs[1].read_bytes(), name
+
+
+def test_repl_through_the_server_forgets_old_exchanges_when_the_context_is_full(server, cli, tmp_path):
+    """The server's "prompt is too long" answer makes the REPL forget the oldest exchange, as locally."""
+    saved = tmp_path / "c.json"
+    script = [f"{name}:" + " word" * 700 for name in ("first", "second", "third", "fourth")] + [f"/save {saved}"]
+    code, out, err = cli(server, "--seed", "7", "chat", "--max-new-tokens", "3", stdin="\n".join(script) + "\n",
+                         tty=True)
+    assert code == 0, err
+    assert "error" not in out and "forgot its 1 oldest exchange" in out, out[-2000:]
+    import json
+
+    users = [m["content"][0]["text"].split(":")[0] for m in json.loads(saved.read_text())["messages"][::2]]
+    assert users[-1] == "fourth" and "first" not in users
