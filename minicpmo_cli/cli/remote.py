@@ -122,7 +122,15 @@ def check(response) -> None:
         message = _one_line(response.text) or response.reason_phrase
         message = f"HTTP {response.status_code} from {response.url.path}: {message}"
     error = UsageError if response.status_code == 422 else ServerError
+    if response.status_code == 400 and _too_long(message):
+        from minicpmo_cli.processing.limits import PromptTooLong
+
+        error = PromptTooLong  # exit 2, as the same prompt gives locally; the REPL makes room and asks again
     raise error(f"server: {_one_line(message, 500)}")
+
+
+def _too_long(message: str) -> bool:
+    return "tokens, but the model reads at most" in message or "maximum context length" in message
 
 
 def json_answer(response, path: str, url: str) -> dict:

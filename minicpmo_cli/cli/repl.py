@@ -25,7 +25,8 @@ HELP_TEXT = """Commands:
   /help           this help
   /exit           leave (Ctrl-D works too)
 Start a message with \"\"\" to type several lines; end it with \"\"\".
-Ctrl-C stops an answer."""
+Ctrl-C stops an answer (a stopped answer is not kept). When the conversation outgrows the model's context,
+its oldest messages are forgotten (those with images, audio or video are kept); /clear starts over."""
 
 
 class Repl:
@@ -290,9 +291,9 @@ class _NoticeFirst:
 
 
 def prompt_too_long(exc: Exception) -> bool:
-    """Whether ``exc`` says the prompt does not fit the context (here, or in a server's answer)."""
-    return isinstance(exc, PromptTooLong) or "tokens, but the model reads at most" in str(exc) \
-        or "context_length_exceeded" in str(exc)
+    """Whether ``exc`` says the prompt does not fit the context (cli.remote raises the same for a server's
+    answer that says so)."""
+    return isinstance(exc, PromptTooLong)
 
 
 def _holds_media(turns) -> bool:
