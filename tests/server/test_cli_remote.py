@@ -125,7 +125,8 @@ def test_commands_without_a_route_say_they_run_here(server, cli, media_files, tm
     jobs = {"mimick": ["mimick", speech, "--max-audio-seconds", "0.2"],
             "omni": ["omni", video, "--max-new-tokens", "3"],
             "tts --stream": ["tts", "Hello.", "--stream", "--max-audio-seconds", "0.2"],
-            "describe-video with --fps or --max-frames": ["describe-video", video, "--fps", "2", "--max-new-tokens", "3"]}
+            "describe-video with --fps or --max-frames": ["describe-video", video, "--fps", "2",
+                                                          "--max-new-tokens", "3"]}
     for name, args in jobs.items():
         outputs = [tmp_path / f"{name.split()[0]}-{where}.wav" for where in ("local", "remote")]
         runs = []
