@@ -34,5 +34,4 @@ def speak_answer(engine, conversation, decode, target: Path) -> str:
     with common.status("answering in text and speech"):
         text, wav, rate = reply_with_speech(engine, conversation, decode)
     write_audio(target, wav, sample_rate=rate)
-    common.info(f"speech written to {target}")
-    return text
+    return text  # the caller says where the speech went, after the answer it belongs to

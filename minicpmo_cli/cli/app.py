@@ -73,7 +73,8 @@ def root(
         None, "--compile/--no-compile", envvar="MINICPMO_COMPILE", show_default=False,
         help="Capture the decode step (torch.compile; CUDA graphs on a GPU). Default: on with CUDA, off on the CPU."),
     server: str = typer.Option(None, "--server", envvar="MINICPMO_SERVER", metavar="URL",
-                               help="Send asr, chat, tts and clone to a running `minicpmo serve` at URL."),
+                               help="Send asr, chat, describe-video, tts and clone to a running `minicpmo serve` "
+                                    "at URL (mimick, omni and tts --stream say so and run here)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
