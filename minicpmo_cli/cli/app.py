@@ -20,6 +20,7 @@ from minicpmo_cli.errors import (
     MiniCPMOError,
     describe_error,
 )
+from minicpmo_cli.startup import StartupClock
 
 app = typer.Typer(
     name="minicpmo",
@@ -85,8 +86,16 @@ def root(
     ctx.obj = common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
         quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, compile=compile,
-        quantize=quantize, server=server or None,
+        quantize=quantize, server=server or None, clock=StartupClock(),
     )
+    ctx.call_on_close(_end_of_command)
+
+
+def _end_of_command() -> None:
+    """-v: the start-up lines end with the rest of a model command (after its first output)."""
+    clock = common.startup_clock()
+    if clock is not None and clock.printing:
+        clock.mark("rest of the command")
 
 
 class _StderrLine(logging.Handler):
