@@ -11,10 +11,11 @@
 #   2. cli.md         the CLI on a tiny checkpoint on CUDA (benchmarks/gpu_cli_checks.py): one-shot chat
 #                     start-up (-v phases, wall) with and without cuDNN attention and on the CPU; eager vs
 #                     captured ids, seeded sampling twice, --quantize int8/int4, image, asr, tts
-#   3. profile.md     one decode step of the full-size LLM under torch.profiler (benchmarks/gpu_profile.py)
-#   4. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
+#   3. cuda_tests.txt the tests that need CUDA (pytest -k "cuda or graph"; the others skip or are deselected)
+#   4. profile.md     one decode step of the full-size LLM under torch.profiler (benchmarks/gpu_profile.py)
+#   5. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
 #                     under their own limits, with whatever time is left
-# Results go to $OUT when it is set (the device tool's folder), else benchmarks/results/gpu-<time>/; run.log
+# Results go to $OUT when it is set (a folder the caller collects), else benchmarks/results/gpu-<time>/; run.log
 # has every part's stderr. GPU_RUN_SMOKE=1: the same plumbing on the CPU at tiny sizes (no GPU needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +83,9 @@ if [ -n "$SMOKE" ]; then
     --quantize int4 --time-limit $(( $(left) - 15 ))
 else
   part cli cli.md 130 python3 benchmarks/gpu_cli_checks.py
+  # The tests that run only where CUDA is (graph == eager bit for bit, start_device, ...); the others skip.
+  part cuda_tests cuda_tests.txt 60 python3 -m pytest -q -rs -n 4 -p no:cacheprovider --continue-on-collection-errors \
+    -k "cuda or graph" tests/model tests/unit
   part profile profile.md 80 python3 benchmarks/gpu_profile.py --steps 16
   part full_size full_size.md "$(left)" python3 benchmarks/gpu_full_size.py --repeats 2 \
     --timeouts build=90,vision=30,audio=30,decode=60,prefill=30,asr=60,tts=60,memory=60,quant-int8=60,quant-int4=60 \
