@@ -80,17 +80,49 @@ def load_core():
     return generate_ids, DecodeSettings
 
 
-def step_kwargs(function, step: str | None) -> dict:
-    """How to ask ``function`` for the decode step mode: ``step=`` where it takes one (the step runners),
-    else the older ``compile=`` flag (graph and compile both meant the captured step then); None: as the
-    library decides (the older core: captured on CUDA, as it did by default)."""
+_ENGINES: dict[tuple, Any] = {}  # (id(llm), step) -> LLMEngine: its captured graphs outlive one call
+
+
+def decode_kwargs(generate_ids, llm, step: str | None) -> dict:
+    """How to run ``generate_ids`` in step mode ``step`` (None: the library's default for the device): on an
+    engine of our own per mode where the core takes one (step runners), so that the graphs captured in the
+    warm-up are replayed in the timed runs; else the older core's ``compile`` flag (graph and compile both
+    meant its captured step; None: captured on CUDA, as it did by default)."""
     import inspect
 
-    parameters = inspect.signature(function).parameters
-    if "step" in parameters:
-        return {} if step is None else {"step": step}
+    parameters = inspect.signature(generate_ids).parameters
+    device = llm.lm_head.weight.device
+    if "engine" in parameters:
+        from minicpmo_cli.generation.engine import LLMEngine
+        from minicpmo_cli.generation.step_runner import StepRunner, resolve_step
+
+        mode = resolve_step(step, device)
+        key = (id(llm), mode)
+        if key not in _ENGINES:
+            _ENGINES[key] = LLMEngine(llm, runner=StepRunner(mode), max_batch=1, threaded=False)
+        return {"engine": _ENGINES[key]}
     if "compile" in parameters:
-        return {"compile": step != "eager"} if step is not None else {"compile": None}
+        return {"compile": device.type == "cuda" if step is None else step != "eager"}
+    return {}
+
+
+def speech_kwargs(step: str | None, device: str) -> dict:
+    """The same for ``stream_speech``: a TTS step runner of our own per mode, or the older ``compile`` flag."""
+    import inspect
+
+    from minicpmo_cli.generation.speech import stream_speech
+
+    parameters = inspect.signature(stream_speech).parameters
+    if "runner" in parameters:
+        from minicpmo_cli.generation.step_runner import StepRunner, resolve_step
+
+        mode = resolve_step(step, device)
+        key = ("tts", mode)
+        if key not in _ENGINES:
+            _ENGINES[key] = StepRunner(mode, "TTS")
+        return {"runner": _ENGINES[key]}
+    if "compile" in parameters:
+        return {"compile": device.startswith("cuda") if step is None else step != "eager"}
     return {}
 
 
@@ -98,10 +130,7 @@ def ours_generate(core, llm, embeds, mask, count: int, step: str | None):
     generate_ids, settings_class = core
     settings = settings_class(sampling=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                               min_new_tokens=0, max_new_tokens=count, stop_ids=[])  # random weights: run N
-    kwargs = step_kwargs(generate_ids, step)
-    if kwargs.get("compile", False) is None:  # the older core's own default: captured on CUDA
-        kwargs["compile"] = embeds.device.type == "cuda"
-    return generate_ids(llm, embeds, mask, settings, **kwargs)
+    return generate_ids(llm, embeds, mask, settings, **decode_kwargs(generate_ids, llm, step))
 
 
 def transformers_generate(llm, embeds, mask, count: int):
@@ -284,7 +313,7 @@ def tts_rows(model, vocos, tts_tokenizer, device: str, budget: Budget) -> list[C
         start = time.perf_counter()
         arrivals, samples = [], 0
         for chunk in stream_speech(model.tts, vocos, tts_tokenizer, spk, TTS_SENTENCE,
-                                   max_new_tokens=budget.tts_frames, seed=0, **speech_step(step, device)):
+                                   max_new_tokens=budget.tts_frames, seed=0, **speech_kwargs(step, device)):
             sync(device)
             arrivals.append(time.perf_counter() - start)
             samples += len(chunk.wav)
@@ -308,25 +337,24 @@ def tts_rows(model, vocos, tts_tokenizer, device: str, budget: Budget) -> list[C
                      f"baseline: eager")]
 
 
-def speech_step(step: str | None, device: str) -> dict:
-    from minicpmo_cli.generation.speech import stream_speech
-
-    kwargs = step_kwargs(stream_speech, step)
-    if kwargs.get("compile", False) is None:
-        kwargs["compile"] = device.startswith("cuda")
-    return kwargs
-
-
 # ------------------------------------------------------------------------------------------ memory
-def make_engine(model, vocos, tiny_dir: Path, device: str, dtype):
+def make_engine(model, vocos, tiny_dir: Path, device: str, dtype, step: str | None = None):
     """An api Engine around the random model, with the tiny checkpoint's processor (tokenizer, features)."""
     from minicpmo_cli.api.engine import Engine, LoadOptions
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
 
     model.vocos = vocos
+    options = LoadOptions(model=str(tiny_dir), device=device)
+    engines = {}
+    try:  # the step runners' engines (api/engine.py make_engines), where the package has them
+        from minicpmo_cli.api.engine import make_engines
+
+        options = LoadOptions(model=str(tiny_dir), device=device, step=step)
+        engines = dict(zip(("llm_engine", "tts_runner"), make_engines(model, options, device)))
+    except ImportError:
+        pass
     return Engine(model=model, processor=MiniCPMOProcessor.from_pretrained(str(tiny_dir)), device=device,
-                  dtype=dtype, options=LoadOptions(model=str(tiny_dir), device=device),
-                  towers={"vision": True, "audio": True, "tts": True})
+                  dtype=dtype, options=options, towers={"vision": True, "audio": True, "tts": True}, **engines)
 
 
 def command_workloads(engine, vocos, tts_tokenizer, budget) -> dict[str, Callable[[], Any]]:
@@ -350,7 +378,8 @@ def command_workloads(engine, vocos, tts_tokenizer, budget) -> dict[str, Callabl
 
     def speech():
         for _ in stream_speech(model.tts, vocos, tts_tokenizer, spk.to(engine.device, model.tts.dtype),
-                               TTS_SENTENCE, max_new_tokens=budget.tts_frames, seed=0):
+                               TTS_SENTENCE, max_new_tokens=budget.tts_frames, seed=0,
+                               **speech_kwargs(budget.step, engine.device)):
             pass
 
     return {

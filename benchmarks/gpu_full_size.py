@@ -273,7 +273,8 @@ def check_device(args) -> str | None:
 def header_lines(args, source: str) -> list[str]:
     import torch
 
-    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    cuda = args.device.startswith("cuda") and torch.cuda.is_available()
+    name = torch.cuda.get_device_name(args.device) if cuda else "CPU" if args.device == "cpu" else "no GPU here"
     what = "tiny test config" if args.tiny else "full size, random weights"
     versions = f"torch {torch.__version__}"
     try:
@@ -354,7 +355,7 @@ def build_all(args, workdir: Path, report) -> dict:
     for row in rows:
         report.row(as_dict(row))
     tts_tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "assets" / "chattts_tokenizer"))
-    engine = gpu_compare.make_engine(model, vocos, tiny_dir, args.device, dtype)
+    engine = gpu_compare.make_engine(model, vocos, tiny_dir, args.device, dtype, args.step)
     return {"model": model, "vocos": vocos, "meter": meter, "dtype": dtype, "engine": engine,
             "tts_tokenizer": tts_tokenizer}
 

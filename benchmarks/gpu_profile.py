@@ -192,8 +192,13 @@ def attention_rows(model, device: str, dtype, prompt: int, calls: int = 64) -> l
     try:
         for enabled in (True, False):
             torch.backends.cuda.enable_cudnn_sdp(enabled)
-            choice = torch._fused_sdp_choice(query, keys[:, :, :prompt], values[:, :, :prompt], enable_gqa=True)
-            name = SDPBackend(choice).name if choice in {b.value for b in SDPBackend} else str(choice)
+            names = {backend.value: name for name, backend in SDPBackend.__members__.items()}
+            try:
+                choice = torch._fused_sdp_choice(query, keys[:, :, :prompt], values[:, :, :prompt],
+                                                 enable_gqa=True)
+                name = names.get(choice, str(choice))
+            except (RuntimeError, TypeError) as exc:  # a private function: its signature may move
+                name = f"unknown ({type(exc).__name__})"
             torch.cuda.synchronize()
             start = time.perf_counter()
             for length in range(prompt + 1, prompt + calls + 1):
@@ -281,10 +286,11 @@ def run(args) -> list[str]:
 def kernels_section(model, embeds, mask, args) -> list[str]:
     import gpu_compare
 
-    step_taken = "step" in __import__("inspect").signature(gpu_compare.load_core()[0]).parameters
+    taken = __import__("inspect").signature(gpu_compare.load_core()[0]).parameters
+    step_taken = "step" in taken or "engine" in taken  # the core runs step runners
     if args.step != "eager" and not step_taken:
         return ["", f"(no kernel table for --step {args.step}: this decode core has no step runner; its "
-                    "captured step is a torch.compile that takes minutes to warm up)"]
+                    "captured step is a torch.compile that takes a long warm-up)"]
     long = profile_generate(model, embeds, mask, args.steps + 1, args.step, args.device)
     short = profile_generate(model, embeds, mask, 1, args.step, args.device)
     kernels = per_step(kernel_table(long), kernel_table(short), args.steps)

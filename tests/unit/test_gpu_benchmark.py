@@ -94,3 +94,22 @@ def test_gpu_run_without_wheels_is_an_environment_error(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], capture_output=True, text=True,
                             env={**os.environ, "GPU_WHEELS": str(tmp_path / "none"), "OUT": str(tmp_path / "out")})
     assert result.returncode == 4 and "fetch_gpu_wheels.sh" in result.stderr
+
+
+def test_cli_checks_run_every_command_in_one_process():
+    """gpu_cli_checks.py (the CLI part of gpu_run.sh) on the CPU: every check passes but the CUDA-only one."""
+    result = run("--device", "cpu", script=ROOT / "benchmarks" / "gpu_cli_checks.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| check")]
+    results = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1] for line in rows}
+    assert len(results) == 8, result.stdout
+    assert [name for name, outcome in results.items() if outcome == "skipped"] == [
+        next(name for name in results if name.startswith("greedy ids"))]
+    assert all(outcome in ("ok", "skipped") for outcome in results.values()), result.stdout
+
+
+def test_dry_run_prints_the_full_size_plan_without_a_gpu():
+    result = run("--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| plan (meta) | llm | 14521 | MiB | 7613.0 M parameters, torch.bfloat16 |" in result.stdout
+    assert "| plan (meta) | all towers | 16598 | MiB |" in result.stdout
