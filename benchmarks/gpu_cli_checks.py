@@ -8,7 +8,7 @@ Two parts, one table each:
    (``TORCH_CUDNN_SDPA_DEPRIORITIZED=0``: torch's own order, which builds a cuDNN graph for every new key
    length), and on the CPU; the wall time of each and its ``-v`` phase lines.
 2. Checks, all in this one process through the console entry point (``minicpmo_cli.cli.app.main``), so that
-   eight commands cost one interpreter start: greedy ids of the eager step against the captured one (``--step
+   nine commands cost one interpreter start: greedy ids of the eager step against the captured one (``--step
    eager`` vs ``graph`` where the CLI has ``--step``, else ``--no-compile`` vs ``--compile``), seeded sampling
    twice, ``--quantize int8`` and ``int4``, an image question, asr, tts.
 

@@ -88,7 +88,7 @@ else
     -k "cuda or graph" tests/model tests/unit
   part profile profile.md 80 python3 benchmarks/gpu_profile.py --steps 16
   part full_size full_size.md "$(left)" python3 benchmarks/gpu_full_size.py --repeats 2 \
-    --timeouts build=90,vision=30,audio=30,decode=60,prefill=30,asr=60,tts=60,memory=60,quant-int8=60,quant-int4=60 \
+    --timeouts build=90,vision=30,audio=30,decode=60,prefill=30,asr=60,tts=60,memory=60,quant-int8=90,quant-int4=90 \
     --time-limit $(( $(left) - 15 ))
 fi
 echo "done in $(( SECONDS - START )) s; results in $RESULTS: $(ls "$RESULTS" | tr '\n' ' ')" | tee -a "$LOG" >&2

@@ -102,7 +102,7 @@ def test_cli_checks_run_every_command_in_one_process():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| check")]
     results = {line.split(" | ")[0].removeprefix("| "): line.split(" | ")[1] for line in rows}
-    assert len(results) == 8, result.stdout
+    assert len(results) == 7, result.stdout
     assert [name for name, outcome in results.items() if outcome == "skipped"] == [
         next(name for name in results if name.startswith("greedy ids"))]
     assert all(outcome in ("ok", "skipped") for outcome in results.values()), result.stdout
