@@ -479,10 +479,11 @@ class TablePrinter:
             self._print([f"| {row['section']} | {row['metric']} | {cell} | {row['unit']} | {row['detail']} |"])
             return
         relative = row.pop("relative_to", "")
-        if relative and isinstance(row["ours"], (int, float)) and self.ours.get(relative):
-            row["note"] += f"; {row['ours'] / self.ours[relative]:.2f}x the unquantized row"
-        if isinstance(row["ours"], (int, float)):
-            self.ours[row["metric"]] = row["ours"]
+        ours, base = row["ours"], self.ours.get(relative)
+        if relative and isinstance(ours, (int, float)) and ours == ours and base and base == base:
+            row["note"] += f"; {ours / base:.2f}x the unquantized row"
+        if isinstance(ours, (int, float)):
+            self.ours[row["metric"]] = ours
         self._print(render([Compared(**{k: v for k, v in row.items() if k != "table"})])[2:])
 
     def note(self, stage: str, status: str, seconds: float) -> None:

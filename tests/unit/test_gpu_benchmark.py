@@ -42,7 +42,6 @@ def test_cpu_smoke_prints_every_row():
                 "| peak GPU memory, chat decode, LLM int4 |"):
         assert row in table, row
     assert "transcripts identical: yes" in table  # batched asr == one by one, inside the benchmark too
-    assert "x the unquantized row" in table
     assert "error:" not in table and "stages lost: none" in table
     for stage in ("build", "vision", "audio", "decode", "prefill", "asr", "tts", "memory", "quant-int8"):
         assert f"[{stage}] done" in result.stderr, stage
@@ -113,3 +112,22 @@ def test_dry_run_prints_the_full_size_plan_without_a_gpu():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| plan (meta) | llm | 14521 | MiB | 7613.0 M parameters, torch.bfloat16 |" in result.stdout
     assert "| plan (meta) | all towers | 16598 | MiB |" in result.stdout
+
+
+def test_rows_print_with_their_table_header_and_the_quantized_ratio(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_compare import TablePrinter
+
+    printer = TablePrinter()
+    printer.row({"table": "towers", "section": "load", "metric": "all", "value": 1.5, "unit": "s", "detail": ""})
+    printer.row({"table": "compared", "metric": "decode", "unit": "tokens/s", "ours": 100.0, "baseline": 40.0,
+                 "note": "bf16", "relative_to": ""})
+    printer.row({"table": "compared", "metric": "decode int4", "unit": "tokens/s", "ours": 250.0, "baseline": None,
+                 "note": "int4", "relative_to": "decode"})
+    printer.row({"table": "compared", "metric": "decode int8", "unit": "tokens/s", "ours": float("nan"),
+                 "baseline": None, "note": "int8", "relative_to": "decode"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("| section |") and "| load | all | 1.5 | s |" in lines[3]
+    assert lines[5].startswith("| measurement |") and lines[7] == "| decode | tokens/s | 100 | 40 | bf16 |"
+    assert lines[8] == "| decode int4 | tokens/s | 250 | - | int4; 2.50x the unquantized row |"
+    assert lines[9] == "| decode int8 | tokens/s | nan | - | int8 |"
