@@ -78,11 +78,26 @@ def load_core():
     return generate_ids, DecodeSettings
 
 
-def ours_generate(core, llm, embeds, mask, count: int, compile: bool):
+def step_runner(compile: bool, device: str, name: str = "decode"):
+    """The step runner of ours: captured (CUDA graphs on CUDA, torch.compile elsewhere) or eager."""
+    from minicpmo_cli.generation.step_runner import StepRunner
+
+    mode = ("graph" if str(device).startswith("cuda") else "compile") if compile else "eager"
+    return StepRunner(mode, name)
+
+
+def ours_engine(llm, compile: bool, device: str):
+    """An LLM engine of ours, kept across the timed calls (its graphs are captured once)."""
+    from minicpmo_cli.generation.engine import LLMEngine
+
+    return LLMEngine(llm, runner=step_runner(compile, device), threaded=False)
+
+
+def ours_generate(core, llm, embeds, mask, count: int, engine):
     generate_ids, settings_class = core
     settings = settings_class(sampling=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                               min_new_tokens=0, max_new_tokens=count, stop_ids=[])  # random weights: run N
-    return generate_ids(llm, embeds, mask, settings, compile=compile)
+    return generate_ids(llm, embeds, mask, settings, engine=engine)
 
 
 def transformers_generate(llm, embeds, mask, count: int):
@@ -137,7 +152,8 @@ def decode_rows(model, device: str, budget: Budget, repeats: int) -> list[Compar
     baseline = rate(lambda count: transformers_generate(model.llm, embeds, mask, count))
     ours: float | str = CORE_MISSING
     if core is not None:
-        ours = rate(lambda count: ours_generate(core, model.llm, embeds, mask, count, budget.compile))
+        engine = ours_engine(model.llm, budget.compile, device)
+        ours = rate(lambda count: ours_generate(core, model.llm, embeds, mask, count, engine))
     bandwidth = copy_bandwidth(device, repeats) if device.startswith("cuda") else float("nan")
     bound = bandwidth / decode_bytes_per_token(model, budget.decode_prompt)
     rows = [Compared(f"decode, batch 1, {budget.decode_prompt}-token prompt", "tokens/s", ours, baseline,
@@ -212,11 +228,13 @@ def tts_rows(model, vocos, tts_tokenizer, device: str, budget: Budget) -> list[C
     spk = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
     spk = spk.to(device, model.tts.dtype)
 
+    runners = {flag: step_runner(flag, device, "TTS") for flag in (False, budget.compile)}
+
     def speak(compile: bool) -> tuple[float, float, float, float]:
         start = time.perf_counter()
         arrivals, samples = [], 0
         for chunk in stream_speech(model.tts, vocos, tts_tokenizer, spk, TTS_SENTENCE,
-                                   max_new_tokens=budget.tts_frames, seed=0, compile=compile):
+                                   max_new_tokens=budget.tts_frames, seed=0, runner=runners[compile]):
             sync(device)
             arrivals.append(time.perf_counter() - start)
             samples += len(chunk.wav)

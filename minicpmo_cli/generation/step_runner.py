@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 STEP_MODES = ("eager", "graph", "compile")
 STEP_ENV = "MINICPMO_STEP"
 COMPILE_ENV = "MINICPMO_COMPILE"  # the older switch: 1 -> compile, 0 -> eager
+MAX_GRAPHS = 32  # captured graphs kept per runner (buffers of one-off callers, e.g. a TTS utterance, die)
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS / allocator set-up stays out of it)
 
 
@@ -91,7 +92,8 @@ class _Graph:
                 fn(*self.inputs, *fixed)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: another thread's CUDA calls (an encoder, a TTS) do not break this thread's capture
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.output = fn(*self.inputs, *fixed)
 
     def replay(self, inputs: tuple) -> torch.Tensor:
@@ -141,6 +143,10 @@ class StepRunner:
     def _capture(self, key: tuple, fn: Callable, inputs: tuple, fixed: tuple) -> torch.Tensor:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        while len(self._graphs) >= MAX_GRAPHS:  # the oldest first: callers with short-lived buffers
+            oldest = next(iter(self._graphs))
+            del self._graphs[oldest]
+            self._warm.discard(oldest)
         graph = self._graphs[key] = _Graph(fn, inputs, fixed, self._pool)
         return graph.replay(inputs)
 
