@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from minicpmo_cli.errors import UsageError
+from minicpmo_cli.generation.static_cache import CacheRecycler
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class StepRunner:
         self._compiled: dict[Callable, Callable] = {}
         self._warm: set[tuple] = set()
         self._pool = None
+        self.recycler = CacheRecycler()  # one-caller caches (TTS utterances) reused with their graphs
 
     @property
     def static_shapes(self) -> bool:

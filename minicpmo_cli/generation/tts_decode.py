@@ -64,10 +64,14 @@ class TTSState:
     is the next step's input). ``finished``: the last generate call drew EOS.
     """
 
-    def __init__(self, tts, frames: int = 0) -> None:
+    def __init__(self, tts, frames: int = 0, runner=None) -> None:
         self.start = tts.condition_length
         capacity = _pow2(self.start + frames)
-        self.cache = StaticKV.empty(tts.model.config, 1, capacity, tts.dtype, tts.device)
+        recycler = getattr(runner, "recycler", None) if runner is not None and runner.static_shapes else None
+        if recycler is not None:  # a cache whose graphs are captured already
+            self.cache = recycler.take(tts.model.config, capacity, tts.dtype, tts.device, self)
+        else:
+            self.cache = StaticKV.empty(tts.model.config, 1, capacity, tts.dtype, tts.device)
         self.cache.advance(self.start - 1)  # the zero condition slots, [Ptts] excluded
         self.ids = torch.zeros(1, capacity, tts.num_vq, dtype=torch.long, device=tts.device)
         self.progress = self.start

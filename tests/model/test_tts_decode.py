@@ -258,3 +258,30 @@ def test_eos_every_few_frames_with_the_global_rng(golden_tts):
     torch.manual_seed(9)
     new = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=RewindableEosAfter(make_sampler(None), 33))
     assert torch.equal(new, old) and torch.equal(torch.rand(3), after_old)
+
+
+def test_graph_runner_reuses_an_utterances_cache_and_graph_for_the_next(golden_tts, monkeypatch):
+    """A graph-mode TTS runner hands a finished utterance's cache (zeroed) to the next one, so the graph
+    captured over it is replayed, not captured again; the codes are eager's (a CPU stand-in replays)."""
+    from minicpmo_cli.generation import step_runner
+
+    class ReplayOnCpu:
+        def __init__(self, fn, inputs, fixed, pool):
+            self.fn, self.fixed = fn, fixed
+            self.inputs = tuple(x.clone() for x in inputs)
+
+        def replay(self, inputs):
+            for static, value in zip(self.inputs, inputs):
+                static.copy_(value)
+            return self.fn(*self.inputs, *self.fixed).clone()
+
+    monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
+    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    tts, tokenizer = golden_tts
+    spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(5))
+    runner = step_runner.StepRunner("graph", "TTS")
+    for seed in (5, 6):
+        eager = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(seed), 12))
+        graph = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(seed), 12), runner=runner)
+        assert torch.equal(graph, eager)
+        assert runner.captured == 1  # the second utterance replays the first one's graph
