@@ -117,6 +117,7 @@ class StepRunner:
         self._compiled: dict[Callable, Callable] = {}
         self._warm: set[tuple] = set()
         self._pool = None
+        self._uncapturable: set[tuple] = set()
         self.recycler = CacheRecycler()  # one-caller caches (TTS utterances) reused with their graphs
 
     @property
@@ -128,6 +129,8 @@ class StepRunner:
         if self.mode == "eager":
             return fn(*inputs, *fixed)
         if self.mode == "graph":
+            if key in self._uncapturable:
+                return fn(*inputs, *fixed)
             graph = self._graphs.get(key)
             if graph is None:
                 return self._first(key, lambda: self._capture(key, fn, inputs, fixed))
@@ -149,7 +152,14 @@ class StepRunner:
             oldest = next(iter(self._graphs))
             del self._graphs[oldest]
             self._warm.discard(oldest)
-        graph = self._graphs[key] = _Graph(fn, inputs, fixed, self._pool)
+        try:
+            graph = _Graph(fn, inputs, fixed, self._pool)
+        except RuntimeError as exc:  # a layer kind that syncs with the host (some quantized kernels)
+            logger.warning("the %s step cannot be captured as a CUDA graph (%s); it runs eagerly, with the same "
+                           "fixed shapes", self.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._uncapturable.add(key)
+            return fn(*inputs, *fixed)
+        self._graphs[key] = graph
         return graph.replay(inputs)
 
     def _first(self, key: tuple, call: Callable[[], torch.Tensor]) -> torch.Tensor:

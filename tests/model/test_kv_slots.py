@@ -227,3 +227,20 @@ def test_graph_runner_keys_follow_the_pool_and_growth_never_replays_old_buffers(
     assert [h.result() for h in [first, *late]] == expected
     assert llm.pool.generation != old and all(key[-1] != old for key in runner._graphs)
     assert {key[:2] for key in runner._graphs} <= {(1, 256), (2, 256), (4, 256)}
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(model, rows, monkeypatch, caplog):
+    from minicpmo_cli.generation import step_runner
+
+    def refuse(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(step_runner, "_Graph", refuse)
+    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    settings = GREEDY.with_(stop_ids=stops(model), max_new_tokens=8)
+    runner = step_runner.StepRunner("graph")
+    llm = LLMEngine(model.llm, runner=runner, threaded=False)
+    caplog.set_level("WARNING", logger=step_runner.__name__)
+    assert llm.submit(Request(rows[0], settings)).result() == alone(model, rows[0], settings)
+    assert runner.captured == 0 and len(runner._uncapturable) == 1
+    assert caplog.text.count("cannot be captured as a CUDA graph") == 1  # said once, not per step
