@@ -77,9 +77,10 @@ class Engine:
                  return_spk_embed: bool = False, usage: Any = None) -> Any:
         """Messages -> the model's answer (str), an iterator of text pieces, or a dict result with audio.
 
-        ``settings``: the call's resolved settings (generation/presets.py resolve); its seed, if any, seeds
-        the random generators right before this call. A DecodeOptions is resolved with the guide's
-        generate() defaults (the "guide" preset). ``usage``: a generation.text.Usage this call's token counts
+        ``settings``: the call's resolved settings (generation/presets.py resolve); its seed, if any, gives
+        each answer row a private generator (the same answer alone or next to other requests on the engine)
+        and seeds the global generators right before this call (what the speech draws from). A DecodeOptions
+        is resolved with the guide's generate() defaults (the "guide" preset). ``usage``: a generation.text.Usage this call's token counts
         are written to (the server's usage numbers; nothing is attached to the shared model).
         """
         import torch
@@ -96,7 +97,8 @@ class Engine:
             return generate(
                 self.model, **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
                 generate_audio=generate_audio, return_dict=generate_audio, return_spk_embed=return_spk_embed,
-                engine=self.llm_engine, tts_runner=self.tts_runner, decode=settings.decode, usage=usage,
+                engine=self.llm_engine, tts_runner=self.tts_runner, seed=settings.seed, decode=settings.decode,
+                usage=usage,
             )
 
     def text_pieces(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = True,
