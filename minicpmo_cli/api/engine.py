@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator
 from minicpmo_cli.errors import ModelLoadError
 from minicpmo_cli.generation.presets import DecodeOptions, TaskSettings, resolve
 from minicpmo_cli.model.devices import DTYPES, check_dtype_name, resolve_device, resolve_dtype
+from minicpmo_cli.startup import StartupClock, mark
 
 __all__ = ["DEFAULT_MODEL", "DTYPES", "DecodeOptions", "Engine", "LoadOptions", "TaskSettings", "load",
            "resolve", "resolve_device", "resolve_dtype", "seed_everything"]
@@ -22,7 +23,9 @@ class LoadOptions:
     offline: bool = False  # cached files only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    compile: bool | None = None  # capture the decode step; None: MINICPMO_COMPILE, else on with CUDA only
+    step: str | None = None  # eager | graph | compile; None: MINICPMO_STEP, else graph with CUDA, eager elsewhere
+    compile: bool | None = None  # the older switch, an alias: True -> step "compile", False -> "eager"
+    max_batch: int = 16  # KV slots of the LLM engine (requests decoded together)
     quantize: str | None = None  # none | int8 | int4 (LLM decoder linears); None: as the checkpoint is
 
 
@@ -36,6 +39,8 @@ class Engine:
     dtype: Any
     options: LoadOptions
     towers: dict[str, bool] = field(default_factory=dict)
+    llm_engine: Any = None  # generation/engine.py LLMEngine: every greedy/sampled answer decodes on it
+    tts_runner: Any = None  # generation/step_runner.py StepRunner of the TTS frame loop
 
     @property
     def has_tts(self) -> bool:
@@ -52,11 +57,9 @@ class Engine:
         self.towers["tts"] = True
 
     @property
-    def compile(self) -> bool:
-        """Whether decoding runs the captured (torch.compile) step (generation/decode.py resolve_compile)."""
-        from minicpmo_cli.generation.decode import resolve_compile
-
-        return resolve_compile(self.options.compile, self.device)
+    def step_mode(self) -> str:
+        """How decode steps run: eager | graph | compile (generation/step_runner.py), fixed at load."""
+        return self.llm_engine.runner.mode if self.llm_engine is not None else step_mode(self.options, self.device)
 
     def ensure_towers(self, vision: bool = False, audio: bool = False) -> list[str]:
         """Load the vision/audio tower into an engine loaded without it (the REPL's /image, /audio, /video):
@@ -74,9 +77,10 @@ class Engine:
                  return_spk_embed: bool = False, usage: Any = None) -> Any:
         """Messages -> the model's answer (str), an iterator of text pieces, or a dict result with audio.
 
-        ``settings``: the call's resolved settings (generation/presets.py resolve); its seed, if any, seeds
-        the random generators right before this call. A DecodeOptions is resolved with the guide's
-        generate() defaults (the "guide" preset). ``usage``: a generation.text.Usage this call's token counts
+        ``settings``: the call's resolved settings (generation/presets.py resolve); its seed, if any, gives
+        each answer row a private generator (the same answer alone or next to other requests on the engine)
+        and seeds the global generators right before this call (what the speech draws from). A DecodeOptions
+        is resolved with the guide's generate() defaults (the "guide" preset). ``usage``: a generation.text.Usage this call's token counts
         are written to (the server's usage numbers; nothing is attached to the shared model).
         """
         import torch
@@ -93,7 +97,8 @@ class Engine:
             return generate(
                 self.model, **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
                 generate_audio=generate_audio, return_dict=generate_audio, return_spk_embed=return_spk_embed,
-                compile=self.compile, decode=settings.decode, usage=usage,
+                engine=self.llm_engine, tts_runner=self.tts_runner, seed=settings.seed, decode=settings.decode,
+                usage=usage,
             )
 
     def text_pieces(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = True,
@@ -105,6 +110,26 @@ class Engine:
             yield result
         else:
             yield from result
+
+
+def step_mode(options: LoadOptions, device) -> str:
+    """The step mode of ``options`` on ``device`` (``step``, else the ``compile`` alias, else the default)."""
+    from minicpmo_cli.generation.step_runner import resolve_step
+
+    mode = options.step
+    if mode is None and options.compile is not None:
+        mode = "compile" if options.compile else "eager"
+    return resolve_step(mode, device)
+
+
+def make_engines(model, options: LoadOptions, device):
+    """(LLMEngine, TTS StepRunner) of a loaded model, in the step mode resolved once here."""
+    from minicpmo_cli.generation.engine import LLMEngine
+    from minicpmo_cli.generation.step_runner import StepRunner
+
+    mode = step_mode(options, device)
+    llm_engine = LLMEngine(model.llm, runner=StepRunner(mode, "decode"), max_batch=options.max_batch)
+    return llm_engine, StepRunner(mode, "TTS")
 
 
 def as_settings(settings: TaskSettings | DecodeOptions | None) -> TaskSettings:
@@ -129,30 +154,37 @@ def seed_everything(seed: int) -> None:
 
 
 def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, audio: bool = True,
-         tts: bool = False, warn: Callable[[str], None] | None = None) -> Engine:
-    """Load the model with only the towers a task needs (asr: no vision, no TTS; text chat: no TTS)."""
+         tts: bool = False, warn: Callable[[str], None] | None = None, clock: StartupClock | None = None) -> Engine:
+    """Load the model with only the towers a task needs (asr: no vision, no TTS; text chat: no TTS).
+    ``clock``: marks the load's phases (imports, device start, weights read, ...; minicpmo_cli/startup.py)."""
     if isinstance(options, str):
         options = LoadOptions(model=options)
     check_dtype_name(options.dtype)  # a typo fails before any device warning
     device = resolve_device(options.device, warn)
+    step_mode(options, device)  # a step mode this device cannot run fails before the weights are read
     dtype = resolve_dtype(options.dtype, device)
     from minicpmo_cli import registration
     from minicpmo_cli.generation.guide import MiniCPMO
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
 
     registration.register()
-
+    mark(clock, "imports", "torch, transformers, the model's code")
     try:
         model = MiniCPMO.from_pretrained(
             options.model, dtype=dtype, attn_implementation="sdpa", device_map=device,
             init_vision=vision, init_audio=audio, init_tts=tts, revision=options.revision,
             local_files_only=options.offline or None, load_processor=False, quantize=options.quantize,
+            clock=clock,
         )
         processor = MiniCPMOProcessor.from_pretrained(model.config._name_or_path)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load the checkpoint: {exc}", options.model) from exc
     model.processor = processor
+    mark(clock, "processor and tokenizers")
     if tts:
         model.init_tts()
+        mark(clock, "speech tools", "TTS tokenizer, vocoder")
+    llm_engine, tts_runner = make_engines(model, options, device)
     return Engine(model=model, processor=processor, device=device, dtype=dtype, options=options,
-                  towers={"vision": vision, "audio": audio, "tts": tts})
+                  towers={"vision": vision, "audio": audio, "tts": tts}, llm_engine=llm_engine,
+                  tts_runner=tts_runner)

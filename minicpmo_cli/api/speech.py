@@ -211,7 +211,7 @@ def _stream_pieces(engine: Engine, spk, text: str, chunks: tuple[int, int], max_
     # seed=None: the engine's seeded global RNG, as speak() (reference-exact draws)
     for chunk in stream_speech(model.tts, model.vocos, model.tts_processor, spk.to(model.tts.device),
                                extract_tts_text(text), max_new_tokens=max_frames, first_chunk_frames=chunks[0],
-                               chunk_frames=chunks[1], compile=getattr(engine, "compile", None)):
+                               chunk_frames=chunks[1], runner=getattr(engine, "tts_runner", None)):
         yield chunk.wav
 
 
@@ -270,6 +270,14 @@ class _FrameBudget:
         self.frames = 0
         self.capped = False
 
+    def snapshot(self):
+        """For the frame loop's rewind past the end of speech (generation/tts_decode.py iter_frames)."""
+        return self.sampler.snapshot(), self.frames, self.capped
+
+    def restore(self, state) -> None:
+        inner, self.frames, self.capped = state
+        self.sampler.restore(inner)
+
     def sample(self, probs):
         from minicpmo_cli.model.tts import AUDIO_EOS_ID
 
@@ -306,7 +314,7 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
         budget = _FrameBudget(ReferenceSampler(), max_frames)
         with torch.inference_mode():
             codes = generate_codes(model.tts, model.tts_processor, spk, group, max_new_tokens=max_frames,
-                                   sampler=budget, compile=getattr(engine, "compile", None))
+                                   sampler=budget, runner=getattr(engine, "tts_runner", None))
             wav = codes_to_wav(model.tts, model.vocos, codes)
         wavs.append(wav)
         pieces.append(Piece(text=group, samples=len(wav), capped=budget.capped))

@@ -20,6 +20,7 @@ from minicpmo_cli.errors import (
     MiniCPMOError,
     describe_error,
 )
+from minicpmo_cli.startup import StartupClock
 
 app = typer.Typer(
     name="minicpmo",
@@ -69,9 +70,13 @@ def root(
     debug: bool = typer.Option(False, "--debug", envvar="MINICPMO_DEBUG", help="Full tracebacks on errors."),
     no_progress: bool = typer.Option(False, "--no-progress", envvar="MINICPMO_NO_PROGRESS",
                                      help="No progress bars."),
+    step: str = typer.Option(
+        None, "--step", envvar="MINICPMO_STEP", metavar="MODE", show_default=False,
+        help="How decode steps run: eager, graph (CUDA graphs; needs a CUDA GPU) or compile (torch.compile). "
+             "Default: graph with CUDA, eager on the CPU."),
     compile: Optional[bool] = typer.Option(
         None, "--compile/--no-compile", envvar="MINICPMO_COMPILE", show_default=False,
-        help="Capture the decode step (torch.compile; CUDA graphs on a GPU). Default: on with CUDA, off on the CPU."),
+        help="Aliases: --compile is --step compile, --no-compile is --step eager."),
     server: str = typer.Option(None, "--server", envvar="MINICPMO_SERVER", metavar="URL",
                                help="Send asr, chat, describe-video, tts and clone to a running `minicpmo serve` "
                                     "at URL (mimick, omni and tts --stream say so and run here)."),
@@ -85,9 +90,17 @@ def root(
     # In typer's context, not a module global: each command's context inherits ctx.obj (common.options()).
     ctx.obj = common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
-        quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, compile=compile,
-        quantize=quantize, server=server or None,
+        quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, step=step, compile=compile,
+        quantize=quantize, server=server or None, clock=StartupClock(),
     )
+    ctx.call_on_close(_end_of_command)
+
+
+def _end_of_command() -> None:
+    """-v: the start-up lines end with the rest of a model command (after its first output)."""
+    clock = common.startup_clock()
+    if clock is not None and clock.printing:
+        clock.mark("rest of the command")
 
 
 class _StderrLine(logging.Handler):

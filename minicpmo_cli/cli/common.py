@@ -16,11 +16,13 @@ from typing import Optional
 
 import typer
 
+from minicpmo_cli.startup import StartupClock
+
 DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
 
 # Global options that take a value, and those that are flags. They are accepted before and after the
 # command (CLI.md): main() moves them in front of the command name before Typer parses argv.
-GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed", "--quantize", "--server"}
+GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed", "--quantize", "--server", "--step"}
 GLOBAL_FLAG_OPTIONS = {"--offline", "-q", "--quiet", "-v", "--verbose", "--debug", "--no-progress", "--compile",
                        "--no-compile"}
 
@@ -37,9 +39,11 @@ class GlobalOptions:
     verbose: bool = False
     debug: bool = False
     no_progress: bool = False
-    compile: bool | None = None  # None: on with CUDA, off on the CPU (api/engine.py)
+    step: str | None = None  # eager | graph | compile; None: graph with CUDA, eager on the CPU (api/engine.py)
+    compile: bool | None = None  # --compile / --no-compile: aliases of --step compile / --step eager
     quantize: str | None = None  # none | int8 | int4; None: as the checkpoint is
     server: str | None = None  # URL of a running `minicpmo serve`: asr, chat, tts and clone use it
+    clock: StartupClock | None = None  # this command's start-up phases (minicpmo_cli/startup.py), -v prints them
 
 
 DEFAULT_OPTIONS = GlobalOptions()
@@ -94,6 +98,18 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             rest.append(arg)
         i += 1
     return front + rest
+
+
+def startup_clock() -> StartupClock | None:
+    """This command's start-up clock (None outside a command: library use)."""
+    return options().clock
+
+
+def first_output(name: str) -> None:
+    """Mark the command's first output of a kind (first answer text, first audio, first transcript)."""
+    clock = startup_clock()
+    if clock is not None:
+        clock.once(name)
 
 
 def use_color() -> bool:
@@ -309,7 +325,7 @@ def decode_options(max_new_tokens=None, min_new_tokens=None, sampling=None, temp
 # error says it names them (MiniCPMOError.parameters).
 PARAMETER_FLAGS = {
     "model": "--model", "revision": "--revision", "device": "--device", "dtype": "--dtype", "seed": "--seed",
-    "quantize": "--quantize", "compile": "--compile", "sampling": "--sampling", "temperature": "--temperature",
+    "quantize": "--quantize", "compile": "--compile", "step": "--step", "sampling": "--sampling", "temperature": "--temperature",
     "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty",
     "num_beams": "--num-beams", "max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens",
     "sampling=True": "--sampling", "sampling=False": "--no-sampling",
@@ -333,7 +349,7 @@ def load_options():
 
     o = options()
     return LoadOptions(model=o.model, revision=o.revision, offline=o.offline, device=o.device, dtype=o.dtype,
-                       compile=o.compile, quantize=o.quantize)
+                       step=o.step, compile=o.compile, quantize=o.quantize)
 
 
 FULL_MODEL_SIZE = "about 16 GB"  # the official checkpoint's files that are downloaded (HUB_ALLOW_PATTERNS)
@@ -354,10 +370,17 @@ def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
 
             disable_progress_bars()
     started = time.perf_counter()
+    clock = startup_clock()
+    if clock is not None:  # -v: the start-up phases from here on, each as it ends (and those before, now)
+        clock.start_printing(err if options().verbose or options().debug else None)
+        clock.mark("options and inputs")
     folder = checkpoint_folder()
+    if clock is not None:
+        clock.mark("checkpoint found")
     debug(f"loading {options().model} from {folder} (vision={vision}, audio={audio}, tts={tts})")
     with status(f"loading the model from {folder}"):
-        engine = load(replace(load_options(), model=str(folder)), vision=vision, audio=audio, tts=tts, warn=warn)
+        engine = load(replace(load_options(), model=str(folder)), vision=vision, audio=audio, tts=tts, warn=warn,
+                      clock=clock)
     quantization = getattr(engine.model, "quantization", None)
     if quantization is not None:
         debug(quantization.describe())

@@ -342,6 +342,7 @@ def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:
     """Write the speech to ``target`` (atomically) or as wav bytes to stdout."""
     from minicpmo_cli.outputs import wav_bytes, write_audio
 
+    common.first_output("first audio")
     if target is None:
         sys.stdout.buffer.write(wav_bytes(result.wav, result.sample_rate))
         sys.stdout.buffer.flush()
@@ -386,6 +387,7 @@ def _tts_stream(body: str, target: Path | None, speaker, max_audio_seconds, firs
     with writer:
         for number, piece in enumerate(pieces):
             if number == 0:
+                common.first_output("first audio")
                 common.debug(f"first audio after {1000 * (time.perf_counter() - started):.0f} ms")
             writer.write(piece)
     if target is not None:

@@ -64,6 +64,7 @@ def describe_video(
         engine = common.load_engine(vision=True, audio=info.has_audio, tts=False)
         pieces = describe_video_stream(engine, video, prompt, decode, max_frames=max_frames, fps=fps)
     for piece in pieces:
+        common.first_output("first answer text")
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -123,6 +124,7 @@ def _omni_whole(engine, video: Path, prompt, decode, output: Optional[Path], opt
     from minicpmo_cli.api.video import omni as run_omni
 
     answer = run_omni(engine, video, prompt, decode, output=output, **options)
+    common.first_output("answer")
     sys.stdout.write(answer.text + "\n")
     sys.stdout.flush()
     if answer.output is not None:
@@ -141,6 +143,7 @@ def _omni_streaming(engine, video: Path, prompt, decode, output: Optional[Path],
     try:
         with writer if writer is not None else nullcontext():
             for chunk in chunks:
+                common.first_output("first answer piece")
                 if chunk.text:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()

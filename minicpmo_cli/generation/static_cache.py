@@ -7,9 +7,13 @@ length)`` are filled; all rows share one length (batches are left padded, as tra
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import NamedTuple
 
 import torch
+
+_GENERATIONS = itertools.count(1)
 
 BUCKET = 256  # capacities are multiples of this up to LARGE_BUCKET, then powers of two
 
@@ -35,6 +39,7 @@ class StaticKV:
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0) -> None:
         self.keys, self.values, self.length = keys, values, int(length)
         self._marked_static = False  # see mark_static; new buffers (growth, fewer rows) are unmarked
+        self.generation = next(_GENERATIONS)  # new buffers, new generation (a step runner keys graphs by it)
 
     @classmethod
     def empty(cls, config, batch: int, capacity: int, dtype, device) -> StaticKV:
@@ -86,6 +91,7 @@ class StaticKV:
                 new[:, :, :self.length] = old[:, :, :self.length]
                 buffers[i] = new
         self._marked_static = False
+        self.generation = next(_GENERATIONS)
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +111,7 @@ class StaticKV:
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
         self._marked_static = False
+        self.generation = next(_GENERATIONS)
 
     def mark_static(self) -> None:
         """Tell Dynamo the buffers keep their addresses (as transformers' StaticCache does), once per set of
@@ -115,3 +122,31 @@ class StaticKV:
         for buffer in (*self.keys, *self.values):
             torch._dynamo.mark_static_address(buffer)
         self._marked_static = True
+
+
+class CacheRecycler:
+    """Batch-1 caches handed out again (zeroed) once their holder is gone, so the graphs a step runner captured
+    over them are replayed for the next holder instead of captured anew (a TTS utterance, then the next).
+    At most ``limit`` idle caches are kept per (capacity, dtype, device)."""
+
+    def __init__(self, limit: int = 2) -> None:
+        self.limit = limit
+        self._idle: dict[tuple, list[StaticKV]] = {}
+
+    def take(self, config, capacity: int, dtype, device, holder: object) -> StaticKV:
+        idle = self._idle.get((capacity, dtype, str(torch.device(device))))
+        if idle:
+            cache = idle.pop()
+            for buffer in (*cache.keys, *cache.values):
+                buffer.zero_()
+            cache.length = 0
+        else:
+            cache = StaticKV.empty(config, 1, capacity, dtype, device)
+        weakref.finalize(holder, self._give_back, cache)
+        return cache
+
+    def _give_back(self, cache: StaticKV) -> None:
+        key = (cache.capacity, cache.keys[0].dtype, str(cache.keys[0].device))
+        idle = self._idle.setdefault(key, [])
+        if len(idle) < self.limit:
+            idle.append(cache)
