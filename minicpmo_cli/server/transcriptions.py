@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Optional
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 
-from minicpmo_cli.server import generation
+from minicpmo_cli.server import generation, media
 from minicpmo_cli.server.errors import APIError
 
 router = APIRouter()
@@ -71,6 +72,8 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
         raise APIError(400, f"file {file.filename or ''}: the upload is empty".replace("file : ", "file: "),
                        param="file")
     name = file.filename or "upload"
+    # The audio's length from its header, before the worker decodes it whole (off the loop: it may decode)
+    await asyncio.to_thread(media.check_audio_length, data, "file", state.settings.fetch.max_transcription_seconds)
     decode = generation.with_default_seed(decode, state.settings.seed)
 
     def job(engine, cancel):
