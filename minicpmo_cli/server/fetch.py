@@ -199,6 +199,10 @@ def _body(response: http.client.HTTPResponse, limits: FetchLimits, deadline: flo
     while True:
         chunk = response.read1(CHUNK)  # returns what one read gives: never waits for a whole chunk
         if not chunk:
+            if time.monotonic() >= deadline:  # the timer shut the socket: an end, but not the body's
+                raise FetchFailed(f"took longer than {limits.timeout:g} s")
+            if length.isdigit() and size < int(length):
+                raise FetchFailed(f"the body ended after {size} of {length} bytes")
             return b"".join(chunks)
         size += len(chunk)
         if size > limits.max_bytes:
