@@ -65,7 +65,7 @@ def header_seconds(source: MediaSource) -> float | None:
 
         try:
             info = soundfile.info(open_source())
-            if info.frames > 0 and info.samplerate > 0:
+            if 0 < info.frames < _UNKNOWN_FRAMES and info.samplerate > 0:
                 return info.frames / info.samplerate
         except Exception:  # not libsndfile's: PyAV may know
             pass
@@ -122,10 +122,16 @@ def _decode_with_soundfile(file, name: str = "", max_seconds: float | None = Non
 
     try:
         with soundfile.SoundFile(file) as sound:
-            # libsndfile's frame count comes from the header (wav, aiff: the data chunk's size; flac: STREAMINFO)
-            if max_seconds is not None and sound.frames > max_seconds * sound.samplerate:
-                raise _too_long(sound.frames / sound.samplerate, max_seconds, name)
-            data, rate = sound.read(dtype="float32", always_2d=True), sound.samplerate
+            rate = sound.samplerate
+            # libsndfile's frame count comes from the header (wav, aiff: the data chunk's size; flac: STREAMINFO,
+            # which a streamed FLAC leaves unknown: then the count is read as it is decoded)
+            known = 0 < sound.frames < _UNKNOWN_FRAMES
+            if max_seconds is not None and known and sound.frames > max_seconds * rate:
+                raise _too_long(sound.frames / rate, max_seconds, name)
+            if max_seconds is None or known:
+                data = sound.read(dtype="float32", always_2d=True)
+            else:
+                data = _read_capped(sound, max_seconds, name)
     except AudioTooLong:
         raise
     except Exception:  # libsndfile raises several types for "not mine"; PyAV decides what it is
@@ -133,6 +139,20 @@ def _decode_with_soundfile(file, name: str = "", max_seconds: float | None = Non
     if data.shape[0] == 0:
         return None  # a header without samples: let PyAV word the error (or find more data)
     return np.ascontiguousarray(data.T), int(rate)
+
+
+_UNKNOWN_FRAMES = 1 << 40  # libsndfile's frame count for a stream whose header does not say (about SF_COUNT_MAX)
+
+
+def _read_capped(sound, max_seconds: float, name: str) -> np.ndarray:
+    """Blocks of ``sound`` until its end, refused as soon as they pass ``max_seconds``."""
+    blocks, frames = [], 0
+    for block in sound.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):
+        frames += block.shape[0]
+        if frames > max_seconds * sound.samplerate:
+            raise _too_long(frames / sound.samplerate, max_seconds, name)
+        blocks.append(block.copy())
+    return np.concatenate(blocks) if blocks else np.zeros((0, sound.channels), dtype=np.float32)
 
 
 def decode_with_av(
