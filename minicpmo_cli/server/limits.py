@@ -30,14 +30,19 @@ def audio_seconds_for(context: int) -> float:
     return context * 60.0 / audio_tokens(60.0)
 
 
+def check_answer_tokens(tokens: int | None, param: str, engine: Any) -> None:
+    """400 for an answer budget the context cannot hold even with an empty prompt."""
+    context = context_of(engine)
+    if tokens is not None and tokens >= context:
+        raise APIError(400, f"{param} is {tokens}, but this model's context is {context} tokens, the prompt "
+                            "included: ask for fewer", param=param, code="context_length_exceeded")
+
+
 def chat_limits(body: Any, fetch: FetchLimits, engine: Any) -> FetchLimits:
     """400 for a request that cannot fit the context; else its media limits (audio: what the context holds)."""
     context = context_of(engine)
-    answer = body.answer_tokens
-    if answer is not None and answer >= context:
-        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        raise APIError(400, f"{param} is {answer}, but this model's context is {context} tokens, the prompt "
-                            "included: ask for fewer", param=param, code="context_length_exceeded")
+    check_answer_tokens(body.answer_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+                        engine)
     chars = body.text_chars()
     if chars > context * CHARS_PER_TOKEN:
         raise APIError(400, f"the messages hold {chars} characters of text, more than this model's context of "

@@ -154,3 +154,15 @@ def test_a_500_keeps_the_connection_alive(broken_server):
                     length = int(line.split(b":")[1])
                 assert not line.lower().startswith(b"connection: close")
             assert b"the engine broke" in reader.read(length)
+
+
+@pytest.mark.parametrize("field, value", [("temperature", "nan"), ("top_p", "inf"), ("top_p", "-1"),
+                                          ("top_k", str(10**30)), ("repetition_penalty", "1e-300"),
+                                          ("num_beams", str(10**6)), ("max_new_tokens", str(10**12)),
+                                          ("max_new_tokens", "5000")])
+def test_bad_transcription_fields_are_400(server, media_files, field, value):
+    wav = media_files.get("speech")
+    data = wav.read_bytes() if wav is not None else b"RIFF"
+    response = httpx.post(f"{server.url}/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          data={"model": MODEL, field: value}, files={"file": ("a.wav", data)}, timeout=120)
+    assert error_of(response)["param"] == field
