@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minicpmo_cli.errors import EnvironmentProblem, MiniCPMOError, describe_error
+from minicpmo_cli.errors import EnvironmentProblem, MiniCPMOError
 
 logger = logging.getLogger("minicpmo_cli.server")
 

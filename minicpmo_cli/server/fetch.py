@@ -29,6 +29,7 @@ logger = logging.getLogger("minicpmo_cli.server")
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 65536
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,17 @@ def _target(url: str) -> _Target:
 def refusal(address: str) -> str | None:
     """Why ``address`` may not be fetched from without --allow-private-urls (None: it is public)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    for name in ("loopback", "private", "link_local", "multicast", "unspecified", "reserved", "site_local"):
+    if isinstance(ip, ipaddress.IPv6Address):  # an IPv4 address inside (mapped, 6to4, NAT64) is what is reached
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    for name in ("unspecified", "loopback", "link_local", "multicast", "site_local", "reserved", "private"):
         if getattr(ip, f"is_{name}", False):
-            return f"{ip} is a {name.replace('_', '-')} address"
+            article = "an" if name[0] in "aeiou" else "a"
+            return f"{ip} is {article} {name.replace('_', '-')} address"
     if not ip.is_global:
         return f"{ip} is not a public address"
     return None

@@ -11,14 +11,15 @@ import socket
 import httpx
 import pytest
 
-from minicpmo_cli.server import fetch
 from tests.server.conftest import API_KEY, free_port
 from tests.server.security_support import image_request, open_server, site  # noqa: F401 - fixtures
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 NOT_PUBLIC = ["http://127.0.0.1:{port}/pic.png", "http://localhost:{port}/pic.png", "http://0.0.0.0:{port}/pic.png",
               "http://[::1]:{port}/pic.png", "http://[::ffff:127.0.0.1]:{port}/pic.png", "http://10.0.0.1/pic.png",
-              "http://169.254.169.254/latest/meta-data/", "http://224.0.0.1/pic.png", "http://2130706433:{port}/"]
+              "http://169.254.169.254/latest/meta-data/", "http://224.0.0.1/pic.png", "http://2130706433:{port}/",
+              "http://[2002:7f00:1::]:{port}/pic.png", "http://[64:ff9b::7f00:1]:{port}/pic.png",
+              "http://100.64.0.1/pic.png", "https://127.0.0.1:{port}/pic.png"]
 
 
 def error_of(response: httpx.Response) -> dict:
@@ -39,6 +40,8 @@ def test_loopback_private_and_special_addresses_are_refused(server, site, templa
 
 def test_a_redirect_to_a_private_address_is_refused_at_that_hop(site, monkeypatch):
     """Each hop is checked: a public first hop (127.0.0.1 counts as public here) redirecting inside is refused."""
+    from minicpmo_cli.server import fetch
+
     inside = fetch_site = None
     try:
         from tests.server.security_support import Site
@@ -58,6 +61,8 @@ def test_a_redirect_to_a_private_address_is_refused_at_that_hop(site, monkeypatc
 
 def test_the_checked_address_is_the_one_connected_to(site, monkeypatch):
     """One DNS lookup per hop; the connection goes to that answer, with the URL's name as Host."""
+    from minicpmo_cli.server import fetch
+
     port = site.server.server_address[1]
     lookups = []
     real = socket.getaddrinfo
