@@ -108,3 +108,53 @@ def test_only_http_and_https(server):
         response = httpx.post(f"{server.url}/v1/chat/completions", json=image_request(url), headers=AUTH,
                               timeout=120)
         assert response.status_code == 400 and "data: or http(s)" in response.json()["error"]["message"]
+
+
+def test_https_to_the_pinned_address_keeps_the_name_for_tls(tmp_path, monkeypatch):
+    """Over TLS the pinned connection still sends the URL's name as SNI and checks the certificate against it."""
+    import http.server
+    import ssl
+    import subprocess
+    import threading
+
+    from minicpmo_cli.server import fetch
+    from tests.server.security_support import png_bytes
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                           "/CN=pictures.test", "-addext", "subjectAltName=DNS:pictures.test", "-keyout", str(key),
+                           "-out", str(cert)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"openssl cannot make a certificate: {made.stderr.decode()[:200]}")
+    names, hosts = [], []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            hosts.append(self.headers.get("Host"))
+            body = png_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: names.append(name)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    real_lookup, real_context = socket.getaddrinfo, ssl.create_default_context
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real_lookup(
+        "127.0.0.1" if host == "pictures.test" else host, *a, **k))
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: real_context(cafile=str(cert)))
+    try:
+        body = fetch.fetch(f"https://pictures.test:{port}/pic.png", fetch.FetchLimits(allow_private=True))
+        assert body[:4] == b"\x89PNG" and names == ["pictures.test"] and hosts == [f"pictures.test:{port}"]
+        with pytest.raises(fetch.FetchFailed, match="certificate|CERTIFICATE"):  # the name is checked too
+            fetch.fetch(f"https://127.0.0.1:{port}/pic.png", fetch.FetchLimits(allow_private=True))
+    finally:
+        httpd.shutdown()
