@@ -13,8 +13,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from minicpmo_cli.errors import describe_error
-from minicpmo_cli.server import generation, limits, media
+from minicpmo_cli.server import generation, media
 from minicpmo_cli.server.errors import APIError, error_body
+from minicpmo_cli.server.limits import chat_limits
 from minicpmo_cli.server.schemas import ChatRequest, Message
 from minicpmo_cli.server.voices import DEFAULT_VOICE, resolve_voice
 from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
@@ -188,7 +189,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     state = request.app.state.minicpmo
     state.check_model(body.model)
     _check(body)
-    media_limits = limits.chat_limits(body, state.settings.fetch, state.engine)
+    media_limits = chat_limits(body, state.settings.fetch, state.engine)  # a 400 before any decoding
     conversation = await asyncio.to_thread(conversation_for, body, media_limits)  # fetches, decoding: off the loop
     decode = generation.with_default_seed(decode_options(body), state.settings.seed)
     from minicpmo_cli.api.chat import chat_settings
