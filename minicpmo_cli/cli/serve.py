@@ -49,6 +49,11 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting at most; more get 503."),
     no_tts: bool = typer.Option(False, "--no-tts", help="Do not load the speech tower (no speech routes)."),
     no_url_fetch: bool = typer.Option(False, "--no-url-fetch", help="Refuse http(s) image/video URLs."),
+    allow_private_urls: bool = typer.Option(
+        False, "--allow-private-urls",
+        help="Also fetch image/video URLs on loopback, private and link-local addresses (off: public only)."),
+    url_timeout: float = typer.Option(10.0, "--url-timeout", min=0.1, max=600.0,
+                                      help="Seconds a whole image/video URL fetch may take."),
 ) -> None:
     try:
         import uvicorn
@@ -67,9 +72,24 @@ def serve(
                         strict_model_names=strict_model_names,
                         api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, tts=not no_tts,
                         seed=common.options().seed,
-                        fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch))
+                        fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch, timeout=url_timeout,
+                                          allow_private=allow_private_urls))
+    if api_key is None and not _loopback(host):
+        common.err(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
+                    "model (requests must name this address or localhost as their Host; use --api-key KEY)")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     print(f"minicpmo: serving {settings.model_id} at {url} (web page: {url}/; GET /health says when it is ready)")
     print(f"export MINICPMO_SERVER={url}", flush=True)
     level = "warning" if common.options().quiet else "info"
     uvicorn.run(create_app(ServerState(settings)), host=host, port=port, log_level=level, timeout_graceful_shutdown=3)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -21,7 +22,8 @@ def _speech_voice(body: SpeechRequest):
     from minicpmo_cli.api.speech import Voice
 
     if body.reference_audio is not None:
-        reference = media.decode_audio(media.b64decode(body.reference_audio, "reference_audio"), "reference_audio")
+        reference = media.decode_audio(media.b64decode(body.reference_audio, "reference_audio"), "reference_audio",
+                                       media.MAX_REFERENCE_SECONDS)
     else:
         reference = resolve_voice(body.voice)
     return Voice(reference=reference, mode=body.mode, instruction=body.instructions or None, language=body.language)
@@ -52,7 +54,7 @@ async def speech(body: SpeechRequest, request: Request):
         raise APIError(400, "this server was started without the speech tower (--no-tts)")
     if not body.input.strip():
         raise APIError(400, "input is empty: nothing to say", param="input")
-    voice = _speech_voice(body)
+    voice = await asyncio.to_thread(_speech_voice, body)  # decoding a reference voice: off the loop
     voice.check()
     frames = MAX_AUDIO_FRAMES if body.max_audio_seconds is None else frames_for_seconds(body.max_audio_seconds)
     decode = generation.with_default_seed(_speech_decode(body), state.settings.seed)
@@ -62,8 +64,8 @@ async def speech(body: SpeechRequest, request: Request):
         return result, generation.count_tokens(engine, body.input)
 
     result, input_tokens = await state.worker.run(job, disconnected=request.is_disconnected)
-    wav = encode.change_speed(result.wav, body.speed)
-    audio = encode.encode(wav, result.sample_rate, body.response_format)
+    wav = await asyncio.to_thread(encode.change_speed, result.wav, body.speed)
+    audio = await asyncio.to_thread(encode.encode, wav, result.sample_rate, body.response_format)
     headers = {"X-Speech-Capped": "1"} if result.capped else {}
     if body.stream_format == "sse":
         frames_out = len(result.wav) // 512  # one TTS frame per 512 samples at 24 kHz

@@ -90,7 +90,7 @@ def test_repl_reports_a_failed_answer_and_goes_on(cli, tiny_ckpt):
 def test_repl_ctrl_c_stops_an_answer_and_keeps_the_session(tiny_ckpt):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "chat",
-                                           "--max-new-tokens", "100000", "--min-new-tokens", "100000"],
+                                           "--max-new-tokens", "4000", "--min-new-tokens", "4000"],
                           env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=120)
     child.expect(">>> ")
     child.sendline("Tell me a very long story.")
