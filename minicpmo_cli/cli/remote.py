@@ -114,14 +114,18 @@ def check(response) -> None:
     """An error status as the server's own one-line message."""
     if response.status_code < 400:
         return
+    code = None
     try:
-        message = response.json()["error"]["message"]
+        error_object = response.json()["error"]
+        message, code = error_object["message"], error_object.get("code")
         if not isinstance(message, str):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         message = _one_line(response.text) or response.reason_phrase
         message = f"HTTP {response.status_code} from {response.url.path}: {message}"
-    error = UsageError if response.status_code == 422 else ServerError
+    # A request the server's schema refuses is a bad option here (exit 2), as the same value is locally.
+    schema_refusal = response.status_code == 422 or (response.status_code == 400 and code == "invalid_schema")
+    error = UsageError if schema_refusal else ServerError
     if response.status_code == 400 and _too_long(message):
         from minicpmo_cli.processing.limits import PromptTooLong
 
