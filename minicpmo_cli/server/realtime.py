@@ -21,7 +21,7 @@ from minicpmo_cli.server.errors import APIError, error_response
 
 logger = logging.getLogger("minicpmo_cli.server")
 router = APIRouter()
-MAX_EVENT_BYTES = 15 * 1024 * 1024  # OpenAI's own limit for one client event
+MAX_EVENT_BYTES = 15 * 1024 * 1024  # OpenAI's own limit for one client event (uvicorn closes frames over 16 MiB)
 KEY_PROTOCOL = "openai-insecure-api-key."
 
 
