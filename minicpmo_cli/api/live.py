@@ -87,7 +87,8 @@ class _Either:
 class LiveSession:
     def __init__(self, run_model: RunModel, send: Send, *, model: str,
                  resolve_voice: Callable[[str], np.ndarray | None] = lambda name: None,
-                 seed: int | None = None, make_vad: Callable[..., Any] | None = None) -> None:
+                 seed: int | None = None, make_vad: Callable[..., Any] | None = None,
+                 prefill_while_speaking: bool = True) -> None:
         self.run_model, self._send, self.resolve_voice = run_model, send, resolve_voice
         self.id = new_id("sess")
         self.config = SessionConfig(model=model, seed=seed)
@@ -95,6 +96,7 @@ class LiveSession:
         self.buffer = AudioBuffer()
         self.resampler = InputResampler()
         self._make_vad = make_vad
+        self.prefill_while_speaking = prefill_while_speaking  # False: the turn-based baseline (benchmarks)
         self.vad = None
         self.turn: Turn | None = None
         self.response: Response | None = None
@@ -226,7 +228,8 @@ class LiveSession:
             else:
                 await self._speech_stopped(vad_event.sample)
         if self.turn is not None:
-            self._prefill_ready_units()
+            if self.prefill_while_speaking:
+                self._prefill_ready_units()
             if self.buffer.end - self.turn.start > MAX_TURN_SECONDS * INPUT_SAMPLE_RATE:
                 self.vad.reset()
                 await self._speech_stopped(self.buffer.end)

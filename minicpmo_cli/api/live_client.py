@@ -25,7 +25,7 @@ RATE = 24000
 class LocalTransport:
     """A LiveSession in this process; model jobs run one at a time on a thread."""
 
-    def __init__(self, engine, model_name: str = "local", resolve_voice=None) -> None:
+    def __init__(self, engine, model_name: str = "local", resolve_voice=None, **session_options) -> None:
         from minicpmo_cli.api.live import LiveSession
 
         self._events: asyncio.Queue = asyncio.Queue()
@@ -36,7 +36,7 @@ class LocalTransport:
             return await asyncio.to_thread(self._locked, fn, engine)
 
         self.session = LiveSession(run_model, self._events.put, model=model_name,
-                                   resolve_voice=resolve_voice or (lambda name: None))
+                                   resolve_voice=resolve_voice or (lambda name: None), **session_options)
 
     def _locked(self, fn, engine):
         with self._lock:
