@@ -3,8 +3,8 @@
 Audio goes in as OpenAI Realtime events either way (api/live_client.py): a recording streamed at real-time
 speed (--input, or the sound of --video), or the microphone (sounddevice, the `live` extra). The answers are
 played on the speaker (microphone mode) and/or written to -o; both sides' transcripts go to stdout, one line
-each (the user's line comes once the model has answered and transcribed the turn). Ctrl-C ends cleanly:
-what was answered so far stays in the -o file.
+each (the user's line comes once the model has answered and transcribed the turn). Ctrl-C ends cleanly
+(exit 130): what was answered so far stays in the -o file.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def live(
         asyncio.run(_run(transport, session, audio, frames, speed, output))
     except KeyboardInterrupt:
         sys.stdout.write("\n")
-        common.info("stopped")
+        sys.stdout.flush()
+        raise  # exit 130; the -o file keeps what was answered (WavStreamWriter)
 
 
 def _recorded_input(input: Optional[Path], video: Optional[Path]):
@@ -115,12 +116,15 @@ async def _run(transport, session: dict, audio, frames: list, speed: float, outp
     speaker = None if audio is not None else _speaker()
     printer = _Printer(writer, speaker)
     with writer if writer is not None else nullcontext():
-        if audio is not None:
-            conversation = await converse(transport, session,
-                                          lambda: stream_recording(transport, audio, frames, speed), printer)
-        else:
-            conversation = await converse(transport, session, lambda: stream_blocks(transport, _microphone()),
-                                          printer, until_settled=False)
+        try:
+            if audio is not None:
+                conversation = await converse(transport, session,
+                                              lambda: stream_recording(transport, audio, frames, speed), printer)
+            else:
+                conversation = await converse(transport, session, lambda: stream_blocks(transport, _microphone()),
+                                              printer, until_settled=False)
+        except asyncio.CancelledError:  # Ctrl-C reaches the task as a cancellation: the wav is kept as on Ctrl-C
+            raise KeyboardInterrupt from None
     printer.end_line()
     if writer is not None:
         common.info(f"wrote {output} ({writer.seconds:.1f} s)")

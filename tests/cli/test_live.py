@@ -76,3 +76,31 @@ def test_live_bad_input_is_one_line(cli, tiny_ckpt, tmp_path):
     assert result.code != 0
     assert "nothing.wav" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_ends_cleanly_and_keeps_the_answer(tiny_ckpt, spoken, tmp_path):
+    import os
+    import signal
+    import sys
+
+    out = tmp_path / "answer.wav"
+    import numpy as np
+    import soundfile
+
+    speech, rate = soundfile.read(str(spoken), dtype="float32")
+    source = tmp_path / "long.wav"  # a minute of turns: still streaming when Ctrl-C comes
+    soundfile.write(str(source), np.concatenate([speech, np.zeros(rate, np.float32)] * 20), rate)
+    process = subprocess.Popen([sys.executable, "-m", "minicpmo_cli", "--model", str(tiny_ckpt), "--device", "cpu",
+                                "--seed", "5", "live", "--input", str(source), "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        first = process.stdout.readline().decode()  # the first answer has started (real-time pacing goes on)
+        assert first.startswith("assistant: ") or first.startswith("user: "), first
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err.decode()
+    assert b"Traceback" not in err
+    assert wav_frames(out)[1] > 0
