@@ -100,6 +100,7 @@ class LiveSession:
         self.vad = None
         self.turn: Turn | None = None
         self.response: Response | None = None
+        self._response_task: asyncio.Task | None = None
         self.items: dict[str, dict] = {}
         self.last_item_id: str | None = None
         self.frame = None  # the latest camera frame not yet given to the model
@@ -380,15 +381,24 @@ class LiveSession:
         from minicpmo_cli.api.live_respond import run_response
 
         if self.response is not None:
-            raise LiveError("a response is already in progress: wait for response.done or cancel it",
-                            "conversation_already_has_active_response", None)
+            if turn is None:
+                raise LiveError("a response is already in progress: wait for response.done or cancel it",
+                                "conversation_already_has_active_response", None)
+            # A turn ended while the last answer is still stopping (barge-in) or speaking: answer it next.
+            self._spawn(self._respond_after(self._response_task, turn))
+            return
         response = Response(id=new_id("resp"), item_id=new_id("item"))
         if turn is not None:
             response.speech_ended_at, response.prefill_ms = turn.ended_at, turn.prefill_ms
         elif self._pending_costs is not None:
             response.prefill_ms, self._pending_costs = self._pending_costs, None
         self.response = response
-        self._spawn(run_response(self, response))
+        self._response_task = self._spawn(run_response(self, response))
+
+    async def _respond_after(self, task: asyncio.Task | None, turn: Turn) -> None:
+        if task is not None:
+            await asyncio.wait({task})
+        await self._create_response(turn)
 
     def transcribe_waiting(self) -> None:
         """Transcribe the committed user turns (after the answer, so they never delay it)."""
