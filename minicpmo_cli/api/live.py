@@ -244,7 +244,6 @@ class LiveSession:
             self.response.stop.set()
         start = max(sample, self.buffer.base)
         self.turn = Turn(item_id=new_id("item"), start=start, next_unit=start)
-        self.enqueue(lambda engine, cancel: self.model.started and self.model.length())  # keeps jobs in order
         await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": ms(start),
                          "item_id": self.turn.item_id})
 
@@ -274,6 +273,8 @@ class LiveSession:
         self.buffer.drop_before(end)
         if self.config.turn_detection.create_response:
             await self._create_response(turn)
+        else:
+            self.transcribe_waiting()
 
     async def _commit_turn(self, turn: Turn, audio: np.ndarray) -> None:
         """Emit committed + the user item; its transcript follows when the model has answered."""
@@ -288,9 +289,13 @@ class LiveSession:
         self._transcripts.append((item, previous, audio))
 
     async def _commit(self, event: dict) -> None:
-        if self.config.turn_detection is not None and self.turn is not None:
+        if self.config.turn_detection is not None:
+            if self.turn is None:
+                raise LiveError("no speech to commit: the VAD has not heard a turn start",
+                                "input_audio_buffer_commit_empty", None)
             await self._speech_stopped(self.buffer.end)
             return
+        self.transcribe_waiting()  # an earlier commit that got no response.create: its transcript now
         if self.buffer.size == 0:
             raise LiveError("the input audio buffer is empty: append audio before committing",
                             "input_audio_buffer_commit_empty", None)

@@ -163,7 +163,8 @@ class Conversation:
         self.on_event(event)
 
     def is_settled(self) -> bool:
-        return not (self.active or self.speaking) and self.transcribed >= self.committed and self.responses >= self.committed
+        answered = self.transcribed >= self.committed and self.responses >= self.committed
+        return answered and not (self.active or self.speaking)
 
 
 async def converse(transport, session: dict, send_input: Callable[[], Awaitable[None]],

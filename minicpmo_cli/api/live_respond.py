@@ -121,7 +121,8 @@ async def _finish(session: LiveSession, response: Response, item: dict, part: di
     vad = session.config.turn_detection
     body["latency"] = latency_summary(response, None if vad is None else vad.silence_duration_ms)
     if stats is not None:
-        body["latency"]["first_item_compute_ms"] = None if stats.first_item_ms is None else round(stats.first_item_ms, 1)
+        first = stats.first_item_ms
+        body["latency"]["first_item_compute_ms"] = None if first is None else round(first, 1)
     session.response = None
     session.answers += 1
     session._last_answer_item = response.item_id

@@ -124,7 +124,8 @@ def _optional_str(value: Any, where: str) -> str | None:
 def _check_format(fmt: Any, where: str) -> None:
     if fmt is None or fmt == "pcm16":
         return
-    if isinstance(fmt, dict) and fmt.get("type") in ("audio/pcm", None) and fmt.get("rate", OUTPUT_SAMPLE_RATE) == OUTPUT_SAMPLE_RATE:
+    if isinstance(fmt, dict) and fmt.get("type") in ("audio/pcm", None) \
+            and fmt.get("rate", OUTPUT_SAMPLE_RATE) == OUTPUT_SAMPLE_RATE:
         return
     raise LiveError(f"{where}: only audio/pcm at {OUTPUT_SAMPLE_RATE} Hz (16-bit mono) is supported, got {fmt!r}",
                     "unsupported_audio_format", where)
