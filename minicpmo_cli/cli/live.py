@@ -54,6 +54,8 @@ def live(
     if output is not None and common.wav_output_target(str(output), overwrite) is None:
         raise UsageError("-o needs a wav file name (stdout carries the transcripts)")
     audio, frames = _recorded_input(input, video)
+    if audio is None:
+        _sounddevice()  # no recording: the microphone, whose library must be there before the model loads
     session = {"type": "realtime", "instructions": instructions, "seed": common.options().seed,
                "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": silence_ms,
                                                       "threshold": threshold}},

@@ -104,3 +104,12 @@ def test_ctrl_c_ends_cleanly_and_keeps_the_answer(tiny_ckpt, spoken, tmp_path):
     assert process.returncode == 130, err.decode()
     assert b"Traceback" not in err
     assert wav_frames(out)[1] > 0
+
+
+def test_live_without_input_needs_the_microphone_library(cli, tiny_ckpt, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # as if the live extra were not installed
+    result = cli("--model", tiny_ckpt, "--device", "cpu", "live")
+    assert result.code == 4, result
+    assert "sounddevice" in result.stderr and "--input" in result.stderr and "Traceback" not in result.stderr
