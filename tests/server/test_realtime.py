@@ -255,3 +255,29 @@ def test_long_session_memory_stays_flat(server, question):
             sizes.append(_rss_kb(server.process.pid))
         growth_mb = (sizes[-1] - sizes[1]) / 1024
         assert growth_mb < 40, sizes
+
+
+def _items_answer(server, pcm: str, picture: str | None):
+    with connect(server) as conn:
+        conn.session.update(session={"type": "realtime", "seed": 9, "max_output_tokens": 10,
+                                     "audio": {"input": {"turn_detection": None}}})
+        events_until(conn, "session.updated")
+        if picture is not None:
+            conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                "content": [{"type": "input_image", "image_url": picture}]})
+            frame = events_until(conn, "conversation.item.done")[-1]
+            assert frame.item.content[0].type == "input_image"
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_audio", "audio": pcm}]})
+        events_until(conn, "conversation.item.done")
+        conn.response.create()
+        done = answer_of(events_until(conn, "response.done"))[2]
+        assert done.response.status == "completed"
+        return done.response.usage.input_tokens
+
+
+def test_audio_and_image_items(server, question, media_files):
+    picture = "data:image/png;base64," + base64.b64encode(media_files["picture"].read_bytes()).decode()
+    pcm = base64.b64encode((np.clip(question, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+    with_frame, without = _items_answer(server, pcm, picture), _items_answer(server, pcm, None)
+    assert with_frame > without > 0  # the frame went in with the first audio unit
