@@ -412,7 +412,7 @@ class LiveSession:
             self._spawn(self._transcribe(item, previous, audio))
 
     async def _transcribe(self, item: dict, previous: str | None, audio: np.ndarray) -> None:
-        future = self.enqueue(lambda engine, cancel: LiveModel.transcribe(engine, audio))
+        future = self.enqueue(lambda engine, cancel: self.model.transcribe(engine, audio))
         try:
             text = await future
         except Exception:  # noqa: BLE001 - the job runner has sent the error event
