@@ -372,8 +372,7 @@ class LiveSession:
 
     # ------------------------------------------------------------------------------------------ responses
     async def _response_create(self, event: dict) -> None:
-        if self.config.turn_detection is None and self.turn is None and self.buffer.size:
-            pass  # manual mode: uncommitted audio stays in the buffer, as OpenAI does
+        """Answer what the conversation holds (uncommitted audio stays in the buffer, as OpenAI does)."""
         await self._create_response(None)
 
     async def _response_cancel(self, event: dict) -> None:
