@@ -26,9 +26,9 @@ KEY_PROTOCOL = "openai-insecure-api-key."
 
 
 def _given_key(websocket: WebSocket) -> str | None:
-    header = websocket.headers.get("authorization", "")
-    if header.startswith("Bearer "):
-        return header[len("Bearer "):]
+    scheme, _, token = websocket.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":  # the scheme's case does not matter (RFC 7235)
+        return token.strip()
     for protocol in websocket.scope.get("subprotocols", []):
         if protocol.startswith(KEY_PROTOCOL):
             return protocol[len(KEY_PROTOCOL):]
