@@ -62,8 +62,8 @@ async def realtime(websocket: WebSocket) -> None:
                                       f"subprotocol {KEY_PROTOCOL}KEY)", "invalid_api_key")
         return
     try:
-        state.ready_engine()
-    except APIError as exc:
+        state.check_model(websocket.query_params.get("model") or state.settings.model_id, "realtime")
+    except APIError as exc:  # a model this server does not serve (404), or still loading (503)
         await _refuse(websocket, exc.status, exc.message, exc.code or "loading")
         return
     offered = websocket.scope.get("subprotocols", [])
