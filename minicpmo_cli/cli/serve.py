@@ -14,6 +14,7 @@ HELP = common.examples_help(
     "requests run one at a time on it. Other commands use it with --server URL (or MINICPMO_SERVER).",
     "minicpmo serve",
     "minicpmo serve --host 0.0.0.0 --port 9000 --api-key secret",
+    "minicpmo --model ./ckpt serve --served-model-name minicpmo,omni --strict-model-names",
     "MINICPMO_SERVER=http://127.0.0.1:8080 minicpmo asr meeting.mp3",
 )
 
@@ -22,13 +23,28 @@ def register(app: typer.Typer) -> None:
     app.command(help=HELP)(serve)
 
 
+def served_names(value: str | None) -> list[str]:
+    """`--served-model-name a,b`: the names in order, without blanks or repeats; a usage error when empty."""
+    if value is None:
+        return []
+    names = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not names:
+        common.fail_usage(f"--served-model-name {value!r} names no model")
+    return names
+
+
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MINICPMO_API_KEY",
                                           help="Require Authorization: Bearer KEY on /v1 routes."),
-    served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
-                                                    help="The model id clients send (default: --model)."),
+    served_model_name: Optional[str] = typer.Option(
+        None, "--served-model-name", metavar="NAME[,NAME...]",
+        help="The model names clients may send, comma-separated; the first is listed first (default: --model). "
+             "The checkpoint's hub id is accepted too."),
+    strict_model_names: bool = typer.Option(
+        False, "--strict-model-names",
+        help="404 for OpenAI's standard names (whisper-1, tts-1, gpt-4o, ...), which are accepted by default."),
     max_upload_mb: float = typer.Option(25.0, "--max-upload-mb", min=0.001, help="Largest request body."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting at most; more get 503."),
     no_tts: bool = typer.Option(False, "--no-tts", help="Do not load the speech tower (no speech routes)."),
@@ -46,7 +62,9 @@ def serve(
         raise EnvironmentProblem(f"serve needs the serve extra ({exc.name} is missing): "
                                  "pip install -e \".[serve]\"") from None
     limit = int(max_upload_mb * 1024 * 1024)
-    settings = Settings(load=common.load_options(), model_id=served_model_name or common.options().model,
+    names = served_names(served_model_name) or [common.options().model]
+    settings = Settings(load=common.load_options(), model_id=names[0], served_names=tuple(names[1:]),
+                        strict_model_names=strict_model_names,
                         api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, tts=not no_tts,
                         seed=common.options().seed,
                         fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch))

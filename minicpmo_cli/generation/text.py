@@ -293,15 +293,19 @@ def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, engine=None,
     def pieces() -> Iterator[str]:
         # Started here, not before: an iterator dropped before its first item then never starts a thread.
         thread = Thread(target=work, daemon=True)
-        thread.start()
         try:
+            # start() inside the try: a Ctrl-C that lands while the thread starts still stops it (finally).
+            thread.start()
             for text in streamer:
                 for term in LLM_TERMINATORS:
                     text = text.replace(term, "")
                 yield text
         finally:
             stop.set()
-            thread.join()
+            try:
+                thread.join()
+            except RuntimeError:  # Ctrl-C inside start(), before the thread ran: it stops at its first token
+                pass
         if failure:
             raise failure[0]
 

@@ -185,7 +185,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     state = request.app.state.minicpmo
-    state.check_model(body.model)
+    state.check_model(body.model, "chat")
     _check(body)
     conversation = conversation_for(body, state.settings.fetch)
     decode = generation.with_default_seed(decode_options(body), state.settings.seed)

@@ -47,7 +47,7 @@ async def speech(body: SpeechRequest, request: Request):
     from minicpmo_cli.api.speech import MAX_AUDIO_FRAMES, frames_for_seconds, speak
 
     state = request.app.state.minicpmo
-    state.check_model(body.model)
+    state.check_model(body.model, "speech")
     if not state.settings.tts:
         raise APIError(400, "this server was started without the speech tower (--no-tts)")
     if not body.input.strip():

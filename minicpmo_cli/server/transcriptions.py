@@ -61,7 +61,7 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
     from minicpmo_cli.api.asr import transcribe
 
     state = request.app.state.minicpmo
-    state.check_model(model)
+    state.check_model(model, "transcription")
     if response_format not in RESPONSE_FORMATS:
         raise APIError(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}", param="response_format")
     data = await file.read()

@@ -28,8 +28,8 @@ def test_wrong_api_key_is_401(server):
 
 def test_unknown_model_and_route_are_404(server):
     with pytest.raises(openai.NotFoundError) as caught:
-        server.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-    assert "gpt-4o" in caught.value.message and caught.value.code == "model_not_found"
+        server.client().chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}])
+    assert "llama3" in caught.value.message and caught.value.code == "model_not_found"
     response = httpx.get(f"{server.url}/v1/nothing-here", headers={"Authorization": f"Bearer {API_KEY}"})
     assert response.status_code == 404 and body_error(response)["code"] == "unknown_route"
 
