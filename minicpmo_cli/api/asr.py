@@ -326,10 +326,31 @@ DECODE_THREADS = 2  # files decoded ahead while the model works (PyAV and numpy 
 MAX_DECODE_AHEAD = 64  # files decoded ahead at most (bounds the memory of decoded audio)
 
 
+def import_decoding_modules(vad: bool = True) -> None:
+    """Import, on this thread, every module the decoding threads use, before any of them starts.
+
+    A first import on a decoding thread while this thread is importing transformers for the model load is
+    how threads deadlock on Python's module locks (issue: a folder mixing wav and mp3 hung): PyAV is first
+    imported by the first mp3, torch by the VAD.
+    """
+    import av  # noqa: F401
+    import soundfile  # noqa: F401
+    import soxr  # noqa: F401
+
+    import minicpmo_cli.media.audio  # noqa: F401
+    import minicpmo_cli.processing.segments  # noqa: F401
+
+    if vad:
+        from minicpmo_cli.media import vad as silero
+
+        silero.load_vad_model("cpu")
+
+
 def _decode_ahead(inputs: Iterable[AudioInput], options: AsrOptions, depth: int) -> Iterator[tuple[_Job, Any]]:
     """``_start_job`` of each input, in order, with up to ``depth`` of the next inputs decoding in threads."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import_decoding_modules(options.vad)
     pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="minicpmo-audio")
     pending: deque = deque()
     try:
