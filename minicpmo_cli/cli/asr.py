@@ -161,6 +161,10 @@ class Sink:
             sweep_claims(stem.parent)
         try:
             claim = try_claim(stem)
+        except OSError as exc:  # a full disk: said of the file this input would write
+            from minicpmo_cli.errors import OutputError
+
+            raise OutputError(f"cannot write the file ({exc.strerror or exc})", self.targets(item)[0]) from None
         except Claimed as owner:
             common.debug(f"{display_name(item.path)}: skipped, another run ({owner}) is working on it")
             self.skipped += 1
