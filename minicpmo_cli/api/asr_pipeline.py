@@ -71,18 +71,45 @@ def staged_groups(inputs: Iterable[Any], decode: Callable[[Any], tuple[Any, Any]
                 except StopIteration:
                     exhausted = True
                     taken.put(_END)
-            item = out.get()
-            if item is _END:
+            group = _ready_groups(out)
+            if isinstance(group, BaseException):
+                raise group
+            if group:
+                handed += len(group)
+                yield group
+            if out_ended(group):
                 return
-            if isinstance(item, BaseException):
-                raise item
-            handed += len(item)
-            yield item
     finally:
         stop.set()
         if not exhausted:
             taken.put(_END)
         front.join(timeout=5)
+
+
+class _Ended(list):
+    """The last group: the inputs are all handed on after it."""
+
+
+def out_ended(group) -> bool:
+    return isinstance(group, _Ended)
+
+
+def _ready_groups(out: queue.Queue):
+    """The next group, joined with every group already waiting behind it (the model stage then batches the
+    language probes of all of them); an _Ended group when the end came too; an exception as it came."""
+    joined: list = []
+    block = True
+    while True:
+        try:
+            item = out.get(block=block)
+        except queue.Empty:
+            return joined
+        if item is _END:
+            return _Ended(joined)
+        if isinstance(item, BaseException):
+            return item
+        joined.extend(item)
+        block = False
 
 
 def _front(taken: queue.Queue, decode, segment, stages: Stages, out: queue.Queue, stop: threading.Event) -> None:
