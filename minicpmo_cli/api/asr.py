@@ -262,7 +262,8 @@ def _segment_group(group: list[tuple[_Job, np.ndarray | None]], options: AsrOpti
     decoded = [(job, samples) for job, samples in group if samples is not None]
     if options.vad and decoded:
         regions = vad().regions([samples for _, samples in decoded], options.vad_threshold, options.min_silence_ms)
-        pieces = [vad_pieces(samples, spans, INPUT_SAMPLE_RATE, options.max_piece_seconds, options.piece_pad_ms / 1000)
+        pad = options.piece_pad_ms / 1000
+        pieces = [vad_pieces(samples, spans, INPUT_SAMPLE_RATE, options.max_piece_seconds, pad)
                   for (_, samples), spans in zip(decoded, regions)]
     else:
         pieces = [fixed_pieces(samples, INPUT_SAMPLE_RATE, options.max_piece_seconds) for _, samples in decoded]
@@ -417,10 +418,10 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     Inputs are decoded in threads ahead of the model and segmented by the VAD many files at a time
     (api/asr_pipeline.py, ``stages``); a bad one gives a record with ``error`` set and the others go on. The
     --language auto probes of the files segmented together are batched. The pieces of consecutive inputs are
-    gathered SORT_WINDOW_BATCHES batches at a time, sorted by length (less padding; equal lengths share one Whisper call) and sent
-    ``options.batch_size`` at a time (None: :func:`engine_batch_size`). ``engine`` may be a function that
-    loads it: it is then called only once some audio needs the model (a batch of unreadable files, or a
-    rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
+    gathered SORT_WINDOW_BATCHES batches at a time, sorted by length (less padding; equal lengths share one
+    Whisper call) and sent ``options.batch_size`` at a time (None: :func:`engine_batch_size`). ``engine`` may
+    be a function that loads it: it is then called only once some audio needs the model (a batch of unreadable
+    files, or a rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
     found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
     ``on_piece(path, text)`` is called with each piece's text as soon as it and the pieces before it in its
     input are done (streamed transcriptions).
