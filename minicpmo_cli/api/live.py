@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ import numpy as np
 from minicpmo_cli.api.live_buffer import AudioBuffer
 from minicpmo_cli.api.live_items import b64_field as _b64
 from minicpmo_cli.api.live_model import UNIT_SAMPLES, LiveModel, InputResampler, pcm16_bytes, pcm16_samples
+from minicpmo_cli.api.live_respond import Response, latency_summary
 from minicpmo_cli.api.live_session_config import LiveError, SessionConfig
 from minicpmo_cli.units import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 
@@ -59,29 +59,8 @@ class Turn:
     ended_at: float | None = None  # monotonic time the VAD ended it
 
 
-@dataclass
-class Response:
-    id: str
-    item_id: str
-    stop: threading.Event = field(default_factory=threading.Event)
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    reason: str | None = None  # why it was stopped: turn_detected | client_cancelled
-    audio_samples: int = 0  # 24 kHz samples sent
-    transcript: str = ""
-    speech_ended_at: float | None = None
-    first_audio_at: float | None = None
-    prefill_ms: list[float] = field(default_factory=list)
-    created_at: float = field(default_factory=time.monotonic)
 
 
-class _Either:
-    """A cancel flag set when either of two events is."""
-
-    def __init__(self, *events: threading.Event) -> None:
-        self.events = events
-
-    def is_set(self) -> bool:
-        return any(e.is_set() for e in self.events)
 
 
 class LiveSession:
@@ -435,20 +414,6 @@ def _echo_part(part: Any) -> dict:
     return {"type": kind}
 
 
-def latency_summary(response: Response, vad_silence_ms: int | None) -> dict:
-    """This turn's latencies for response.done (ms; None where it does not apply). The VAD's silence
-    window (how long it waits before ending a turn) comes before ``speech_end_to_first_audio_ms``."""
-    first = response.first_audio_at
-    ended = response.speech_ended_at
-    costs = response.prefill_ms
-    return {
-        "speech_end_to_first_audio_ms": None if (first is None or ended is None) else round((first - ended) * 1000, 1),
-        "vad_silence_ms": vad_silence_ms if ended is not None else None,
-        "response_to_first_audio_ms": None if first is None else round((first - response.created_at) * 1000, 1),
-        "prefill_units": len(costs),
-        "prefill_ms_per_unit_median": round(statistics.median(costs), 1) if costs else None,
-        "prefill_ms_per_unit_max": round(max(costs), 1) if costs else None,
-    }
 
 
 _HANDLERS: dict[str, Callable[[LiveSession, dict], Awaitable[None]]] = {

@@ -146,12 +146,12 @@ class LiveModel:
     def transcribe(engine, audio: np.ndarray) -> str:
         """What the user said in a turn (the model's own ASR prompt, greedy): the item's transcript."""
         from minicpmo_cli.api.asr import AsrOptions, transcribe
-        from minicpmo_cli.generation.presets import DecodeOptions
+        from minicpmo_cli.generation.presets import LIVE_TRANSCRIPT_TOKENS, DecodeOptions
 
         if len(audio) < MIN_PIECE_SAMPLES:
             return ""
         record = transcribe(engine, np.asarray(audio, np.float32), AsrOptions(vad=False),
-                            DecodeOptions(max_new_tokens=128))
+                            DecodeOptions(max_new_tokens=LIVE_TRANSCRIPT_TOKENS))
         return record.text
 
 

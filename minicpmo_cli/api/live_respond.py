@@ -3,24 +3,66 @@
 Events, in OpenAI's order: ``response.created``, ``response.output_item.added``, ``conversation.item.added``,
 ``response.content_part.added``, then per generated item ``response.output_audio.delta`` (pcm16 24 kHz,
 base64) and ``response.output_audio_transcript.delta``, then the ``.done`` events and ``response.done`` with
-``usage`` and this turn's ``latency`` (an extension: see :func:`minicpmo_cli.api.live.latency_summary`).
+``usage`` and this turn's ``latency`` (an extension: see :func:`latency_summary`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import statistics
+import threading
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 from minicpmo_cli.api.live_model import pcm16_bytes
 from minicpmo_cli.api.live_session_config import PCM_FORMAT
 from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
 
-if TYPE_CHECKING:
-    from minicpmo_cli.api.live import LiveSession, Response
+# The session (api/live.py LiveSession) drives this module; it is typed loosely here so that this module,
+# which the session imports, does not import it back.
+LiveSession = Any
 
 _DONE = object()
+
+@dataclass
+class Response:
+    id: str
+    item_id: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    reason: str | None = None  # why it was stopped: turn_detected | client_cancelled
+    audio_samples: int = 0  # 24 kHz samples sent
+    transcript: str = ""
+    speech_ended_at: float | None = None
+    first_audio_at: float | None = None
+    prefill_ms: list[float] = field(default_factory=list)
+    created_at: float = field(default_factory=time.monotonic)
+
+class EitherEvent:
+    """A cancel flag set when either of two events is."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+def latency_summary(response: Response, vad_silence_ms: int | None) -> dict:
+    """This turn's latencies for response.done (ms; None where it does not apply). The VAD's silence
+    window (how long it waits before ending a turn) comes before ``speech_end_to_first_audio_ms``."""
+    first = response.first_audio_at
+    ended = response.speech_ended_at
+    costs = response.prefill_ms
+    return {
+        "speech_end_to_first_audio_ms": None if (first is None or ended is None) else round((first - ended) * 1000, 1),
+        "vad_silence_ms": vad_silence_ms if ended is not None else None,
+        "response_to_first_audio_ms": None if first is None else round((first - response.created_at) * 1000, 1),
+        "prefill_units": len(costs),
+        "prefill_ms_per_unit_median": round(statistics.median(costs), 1) if costs else None,
+        "prefill_ms_per_unit_max": round(max(costs), 1) if costs else None,
+    }
 
 
 def _response_json(session: LiveSession, response: Response, status: str) -> dict:
@@ -34,8 +76,6 @@ def _response_json(session: LiveSession, response: Response, status: str) -> dic
 
 async def run_response(session: LiveSession, response: Response) -> None:
     """Start the answer job, stream its items out, finish with the done events."""
-    from minicpmo_cli.api.live import _Either
-
     speak = session.config.speak
     previous, session.last_item_id = session.last_item_id, response.item_id
     item = {"id": response.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
@@ -57,7 +97,7 @@ async def run_response(session: LiveSession, response: Response) -> None:
         loop.call_soon_threadsafe(response.queue.put_nowait, (text, audio))
 
     def job(engine, cancel):
-        return session.model.answer(engine, _Either(cancel, response.stop), emit, decode=settings.decode,
+        return session.model.answer(engine, EitherEvent(cancel, response.stop), emit, decode=settings.decode,
                                     seed=seed, speak=speak)
 
     future = session.enqueue(job)
@@ -87,8 +127,6 @@ async def _stream_items(session: LiveSession, response: Response, where: dict, s
 
 async def _finish(session: LiveSession, response: Response, item: dict, part: dict, where: dict, stats,
                   failed: bool) -> None:
-    from minicpmo_cli.api.live import latency_summary
-
     speak = session.config.speak
     stopped = stats is not None and stats.cancelled
     if speak:

@@ -92,6 +92,9 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({
     # guide's own calls get for what they leave out.
     "guide": Preset(sampling=True, max_new_tokens=2048),
 })
+# A live turn's transcript of what the user said (realtime `conversation.item.done`): asr's greedy decoding,
+# with room for the speech of one turn rather than a whole recording.
+LIVE_TRANSCRIPT_TOKENS = 128
 
 
 @dataclass(frozen=True)

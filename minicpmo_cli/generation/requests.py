@@ -8,15 +8,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation.settings import DecodeSettings, cut_at_stop
 
-if TYPE_CHECKING:
-    from minicpmo_cli.generation.engine import LLMEngine
+# A handle aborts through the engine that runs it (generation/engine.py LLMEngine, which imports this module:
+# typed loosely here so that the import goes one way only).
+LLMEngine = Any
 
 
 class ContextTooLong(UsageError):

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from minicpmo_cli.errors import UsageError
+from minicpmo_cli.errors import UsageError, describe_error
 from minicpmo_cli.generation.static_cache import CacheRecycler
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class StepRunner:
             graph = _Graph(fn, inputs, fixed, self._pool)
         except RuntimeError as exc:  # a layer kind that syncs with the host (some quantized kernels)
             logger.warning("the %s step cannot be captured as a CUDA graph (%s); it runs eagerly, with the same "
-                           "fixed shapes", self.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                           "fixed shapes", self.name, describe_error(exc))
             self._uncapturable.add(key)
             return fn(*inputs, *fixed)
         self._graphs[key] = graph

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+from minicpmo_cli.errors import describe_error
+
 logger = logging.getLogger("minicpmo_cli.server")
 
 MAX_REDIRECTS = 5
@@ -192,7 +194,7 @@ def _fetch_once(url: str, limits: FetchLimits, deadline: float) -> tuple[int, st
     except (OSError, http.client.HTTPException, ValueError) as exc:
         if time.monotonic() >= deadline:
             raise FetchFailed(f"{url}: took longer than {limits.timeout:g} s") from None
-        raise FetchFailed(f"{url}: {type(exc).__name__}: {exc}") from None
+        raise FetchFailed(f"{url}: {describe_error(exc)}") from None  # the server log only
     finally:
         timer.cancel()
         connection.close()
