@@ -10,8 +10,9 @@ from minicpmo_cli.cli import common
 
 HELP = common.examples_help(
     "Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/audio/transcriptions, "
-    "/v1/audio/translations, /v1/audio/speech, /v1/models) and a chat page at /. The model loads once; "
-    "requests run one at a time on it. Other commands use it with --server URL (or MINICPMO_SERVER).",
+    "/v1/audio/translations, /v1/audio/speech, /v1/models), Prometheus /metrics and a chat page at /. The "
+    "model loads once; up to --max-batch requests run at once, their decoding batched together on it. Other "
+    "commands use it with --server URL (or MINICPMO_SERVER).",
     "minicpmo serve",
     "minicpmo serve --host 0.0.0.0 --port 9000 --api-key secret",
     "MINICPMO_SERVER=http://127.0.0.1:8080 minicpmo asr meeting.mp3",
@@ -30,7 +31,10 @@ def serve(
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
                                                     help="The model id clients send (default: --model)."),
     max_upload_mb: float = typer.Option(25.0, "--max-upload-mb", min=0.001, help="Largest request body."),
-    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting at most; more get 503."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1,
+                                  help="Requests waiting at most; more get 429 with Retry-After."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1,
+                                  help="Requests running at once, decoded together (1: one at a time)."),
     no_tts: bool = typer.Option(False, "--no-tts", help="Do not load the speech tower (no speech routes)."),
     no_url_fetch: bool = typer.Option(False, "--no-url-fetch", help="Refuse http(s) image/video URLs."),
 ) -> None:
@@ -47,7 +51,8 @@ def serve(
                                  "pip install -e \".[serve]\"") from None
     limit = int(max_upload_mb * 1024 * 1024)
     settings = Settings(load=common.load_options(), model_id=served_model_name or common.options().model,
-                        api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, tts=not no_tts,
+                        api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, max_batch=max_batch,
+                        tts=not no_tts,
                         seed=common.options().seed,
                         fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch))
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"

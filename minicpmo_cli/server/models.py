@@ -1,4 +1,5 @@
-"""GET /v1/models and GET /health (200 once the model is loaded, 503 while it loads or when it failed)."""
+"""GET /v1/models (ready: 503 until the model is loaded) and GET /health (alive: 200 while the server runs,
+with ``status`` "loading" or "ok"; 503 only when the model failed to load, since then nothing can be served)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ def _model_card(state) -> dict:
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [_model_card(request.app.state.minicpmo)]}
+    state = request.app.state.minicpmo
+    state.ready_engine()  # readiness: 503 while loading (or after a failed load)
+    return {"object": "list", "data": [_model_card(state)]}
 
 
 @router.get("/v1/models/{model:path}")
@@ -37,4 +40,4 @@ async def health(request: Request):
         return {"status": "ok", "model": state.settings.model_id}
     if state.load_error is not None:
         return error_response(503, f"the model failed to load: {state.load_error}", code="model_load_failed")
-    return error_response(503, "the model is still loading", code="loading")
+    return {"status": "loading", "model": state.settings.model_id}

@@ -51,7 +51,8 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
         if process.poll() is not None:
             raise RuntimeError(f"the server exited ({process.returncode}):\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            health = httpx.get(f"{url}/health", timeout=2)
+            if health.status_code == 200 and health.json().get("status") == "ok":  # loaded, not only alive
                 return
         except httpx.HTTPError:
             pass
