@@ -199,7 +199,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         alone = generation.runs_alone(decode, batched, speech=True)
         if body.stream:
             return await _streamed(pool.stream(generation.spoken_stream(conversation, decode, body.stops, timer),
-                                               exclusive=alone), body)
+                                               exclusive=alone), body, request)
         job = generation.spoken_answer(conversation, decode, body.stops, timer)
         text, wav, rate, usage, finish = await pool.run(job, disconnected=request.is_disconnected, exclusive=alone)
         fmt = body.audio.format if body.audio else "wav"
@@ -207,7 +207,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     job = generation.text_answer(conversation, decode, body.stops, timer)
     alone = generation.runs_alone(decode, batched)
     if body.stream:
-        return await _streamed(pool.stream(job, exclusive=alone), body)
+        return await _streamed(pool.stream(job, exclusive=alone), body, request)
     collected = await pool.run(lambda engine, cancel: list(job(engine, cancel)),
                                disconnected=request.is_disconnected, exclusive=alone)
     text = "".join(item[1] for item in collected if item[0] == "text")
@@ -215,10 +215,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     return _completion(body, text, finish, usage)
 
 
-async def _streamed(items: AsyncIterator, body: ChatRequest) -> StreamingResponse:
-    try:
-        first = [await items.__anext__()]  # errors before the first piece still get their HTTP status
-    except BaseException:
-        await items.aclose()
-        raise
+async def _streamed(items: AsyncIterator, body: ChatRequest, request: Request) -> StreamingResponse:
+    from minicpmo_cli.server.worker import Pool
+
+    first = [await Pool.first(items, request.is_disconnected)]
     return StreamingResponse(_sse(first, items, body), media_type="text/event-stream", headers=SSE_HEADERS)

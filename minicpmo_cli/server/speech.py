@@ -141,11 +141,7 @@ async def speech(body: SpeechRequest, request: Request):
     pool = state.worker
     if _streams(body):
         items = pool.stream(_streamed_job(body, voice, frames, decode.seed, timer))
-        try:
-            first = [await items.__anext__()]  # errors before the first piece still get their HTTP status
-        except BaseException:
-            await items.aclose()
-            raise
+        first = [await pool.first(items, request.is_disconnected)]
         if body.stream_format == "sse":
             return StreamingResponse(_streamed_sse(first, items), media_type="text/event-stream")
         return StreamingResponse(_streamed_audio(first, items), media_type=encode.MEDIA_TYPES[body.response_format])

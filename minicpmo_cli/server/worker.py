@@ -163,6 +163,24 @@ class Pool:
                 job.state = "dropped"
                 self.waiting -= 1
 
+    @staticmethod
+    async def first(items: AsyncIterator[Any], disconnected: Callable[[], Any] | None = None) -> Any:
+        """The first item of a ``stream`` (its errors still get their HTTP status); a client that leaves before
+        it comes (a long prefill, the written half of a spoken answer) cancels the job."""
+        task = asyncio.ensure_future(items.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=POLL_S)
+                if done:
+                    return task.result()
+                if disconnected is not None and await disconnected():
+                    logger.info("client went away before the first piece: its request was cancelled")
+                    raise Cancelled()
+        except BaseException:
+            task.cancel()
+            await items.aclose()
+            raise
+
     # --- worker side ------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
