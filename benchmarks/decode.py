@@ -6,8 +6,8 @@ widths, so a token costs the full model's number of operations but almost no ari
 per-token host overhead that bounds batch-1 decode on a GPU: Python, op dispatch, kernel launches, host syncs.
 
 Rows, in pairs: transformers ``generate`` (greedy, eager) and the core eager; with ``--compile``
-``generate``'s own compiled path (static cache + CompileConfig) and the core's captured step (torch.compile;
-CUDA graphs on CUDA). Every row's first call is timed (the compile, for compiled rows) and its ids checked
+``generate``'s own compiled path (static cache + CompileConfig) and the core's captured step (step mode graph
+on CUDA, compile on the CPU). Every row's first call is timed (the compile, for compiled rows) and its ids checked
 against eager ``generate``; then the rows are timed in turn inside each repeat. Columns: median ms per new
 token (prefill excluded: the time for N tokens minus the time for 1, over N - 1), host reads of tensor data
 per token (``.item()``, ``.tolist()``, ``bool(tensor)``...: each one a device sync on CUDA), aten ops per
@@ -30,6 +30,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minicpmo_cli.generation.decode import DecodeSettings, generate_ids
+from minicpmo_cli.generation.engine import LLMEngine
+from minicpmo_cli.generation.step_runner import StepRunner
 
 SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__")  # each reads a tensor's data on the host
 
@@ -113,10 +115,13 @@ def generate_row(llm, embeds, compile: bool):
     return run
 
 
-def core_row(llm, embeds, compile: bool):
+def core_row(llm, embeds, mode: str):
+    """The core on an engine of its own in step mode ``mode`` (its graphs / compiled steps kept across calls)."""
+    engine = LLMEngine(llm, runner=StepRunner(mode), threaded=False, max_batch=1)
+
     def run(tokens: int):
         settings = DecodeSettings(max_new_tokens=tokens, min_new_tokens=tokens, stop_ids=tuple(STOPS))
-        return generate_ids(llm, embeds, None, settings, compile=compile)
+        return generate_ids(llm, embeds, None, settings, engine=engine)
     return run
 
 
@@ -183,10 +188,12 @@ def main() -> None:
         reference = generate_row(llm, embeds, False)(args.tokens)[0]
         modes = (False, True) if args.compile else (False,)
         rows = []
+        captured = "graph" if args.device.startswith("cuda") else "compile"
         for compile in modes:
             kind = "compiled" if compile else "eager"
+            mode = captured if compile else "eager"
             rows += [(f"transformers generate ({kind})", generate_row(llm, embeds, compile)),
-                     (f"decode core ({kind})", core_row(llm, embeds, compile))]
+                     (f"decode core ({kind}: step {mode})", core_row(llm, embeds, mode))]
         warm = [warm_up(name, fn, args.tokens, reference) for name, fn in rows]
         results = measure(rows, args.tokens, args.repeats, args.device)
 

@@ -7,7 +7,7 @@ that bounds the TTS on a GPU. The same prompt, speaker state and seed go through
 
 - transformers: ``LlamaModel.forward`` over a ``DynamicCache`` per frame (the old loop in model/tts.py);
 - ours, eager: generation/tts_decode.py (a ``StaticKV`` and generation/forward.py's per-layer forward);
-- ours, compiled (``--compile``): its captured step (torch.compile; CUDA graphs on CUDA).
+- ours, compiled (``--compile``): its captured step (a StepRunner in mode compile).
 
 Sampling is the reference's (the same draws, so the codes must be identical: checked). Columns: median ms per
 frame and aten ops per frame. First audio and real-time factor on the full-size TTS are rows of
@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from decode import OpCounter  # benchmarks/decode.py: the same aten-op count
 
 from minicpmo_cli.generation import tts_decode
+from minicpmo_cli.generation.step_runner import StepRunner
 from minicpmo_cli.model.config import ConditionalChatTTSConfig
 from minicpmo_cli.model.tts import AUDIO_EOS_ID, ConditionalChatTTS
 from minicpmo_cli.model.tts_sampling import ReferenceSampler
@@ -90,9 +91,9 @@ def transformers_frames(tts, frames: int) -> torch.Tensor:
     return torch.cat(codes[1:], dim=1)
 
 
-def core_frames(tts, frames: int, compile: bool) -> torch.Tensor:
+def core_frames(tts, frames: int, runner: StepRunner | None) -> torch.Tensor:
     state, text_mask = primed_state(tts)
-    tts_decode.generate_frames(tts, state, sampling_for(tts), text_mask, frames, compile=compile)
+    tts_decode.generate_frames(tts, state, sampling_for(tts), text_mask, frames, runner=runner)
     return state.new_ids
 
 
@@ -128,9 +129,10 @@ def main() -> None:
     torch.set_num_threads(1)
     tts = deep_narrow_tts(args.layers)
     rows = [("transformers LlamaModel.forward + DynamicCache (old loop)", lambda n: transformers_frames(tts, n), True),
-            ("ours: StaticKV + forward.forward, eager", lambda n: core_frames(tts, n, False), True)]
+            ("ours: StaticKV + forward.forward, eager", lambda n: core_frames(tts, n, None), True)]
     if args.compile:
-        rows.append(("ours: captured step (torch.compile)", lambda n: core_frames(tts, n, True), False))
+        runner = StepRunner("compile", "TTS")  # one runner: its compiled step is reused by every run
+        rows.append(("ours: captured step (step mode compile)", lambda n: core_frames(tts, n, runner), False))
     results = [(name, *measure(run, args.frames, args.repeats, count)) for name, run, count in rows]
     base_ms, _, base_codes = results[0][1:]
     print(f"TTS deep-narrow ({args.layers} layers, hidden 64), CPU, 1 thread, {args.frames} frames, "

@@ -22,7 +22,9 @@ class LoadOptions:
     offline: bool = False  # cached files only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    compile: bool | None = None  # capture the decode step; None: MINICPMO_COMPILE, else on with CUDA only
+    step: str | None = None  # eager | graph | compile; None: MINICPMO_STEP, else graph with CUDA, eager elsewhere
+    compile: bool | None = None  # the older switch, an alias: True -> step "compile", False -> "eager"
+    max_batch: int = 16  # KV slots of the LLM engine (requests decoded together)
     quantize: str | None = None  # none | int8 | int4 (LLM decoder linears); None: as the checkpoint is
 
 
@@ -36,6 +38,8 @@ class Engine:
     dtype: Any
     options: LoadOptions
     towers: dict[str, bool] = field(default_factory=dict)
+    llm_engine: Any = None  # generation/engine.py LLMEngine: every greedy/sampled answer decodes on it
+    tts_runner: Any = None  # generation/step_runner.py StepRunner of the TTS frame loop
 
     @property
     def has_tts(self) -> bool:
@@ -52,11 +56,9 @@ class Engine:
         self.towers["tts"] = True
 
     @property
-    def compile(self) -> bool:
-        """Whether decoding runs the captured (torch.compile) step (generation/decode.py resolve_compile)."""
-        from minicpmo_cli.generation.decode import resolve_compile
-
-        return resolve_compile(self.options.compile, self.device)
+    def step_mode(self) -> str:
+        """How decode steps run: eager | graph | compile (generation/step_runner.py), fixed at load."""
+        return self.llm_engine.runner.mode if self.llm_engine is not None else step_mode(self.options, self.device)
 
     def ensure_towers(self, vision: bool = False, audio: bool = False) -> list[str]:
         """Load the vision/audio tower into an engine loaded without it (the REPL's /image, /audio, /video):
@@ -93,7 +95,7 @@ class Engine:
             return generate(
                 self.model, **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
                 generate_audio=generate_audio, return_dict=generate_audio, return_spk_embed=return_spk_embed,
-                compile=self.compile, decode=settings.decode, usage=usage,
+                engine=self.llm_engine, tts_runner=self.tts_runner, decode=settings.decode, usage=usage,
             )
 
     def text_pieces(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = True,
@@ -105,6 +107,26 @@ class Engine:
             yield result
         else:
             yield from result
+
+
+def step_mode(options: LoadOptions, device) -> str:
+    """The step mode of ``options`` on ``device`` (``step``, else the ``compile`` alias, else the default)."""
+    from minicpmo_cli.generation.step_runner import resolve_step
+
+    mode = options.step
+    if mode is None and options.compile is not None:
+        mode = "compile" if options.compile else "eager"
+    return resolve_step(mode, device)
+
+
+def make_engines(model, options: LoadOptions, device):
+    """(LLMEngine, TTS StepRunner) of a loaded model, in the step mode resolved once here."""
+    from minicpmo_cli.generation.engine import LLMEngine
+    from minicpmo_cli.generation.step_runner import StepRunner
+
+    mode = step_mode(options, device)
+    llm_engine = LLMEngine(model.llm, runner=StepRunner(mode, "decode"), max_batch=options.max_batch)
+    return llm_engine, StepRunner(mode, "TTS")
 
 
 def as_settings(settings: TaskSettings | DecodeOptions | None) -> TaskSettings:
@@ -135,6 +157,7 @@ def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, aud
         options = LoadOptions(model=options)
     check_dtype_name(options.dtype)  # a typo fails before any device warning
     device = resolve_device(options.device, warn)
+    step_mode(options, device)  # a step mode this device cannot run fails before the weights are read
     dtype = resolve_dtype(options.dtype, device)
     from minicpmo_cli import registration
     from minicpmo_cli.generation.guide import MiniCPMO
@@ -154,5 +177,7 @@ def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, aud
     model.processor = processor
     if tts:
         model.init_tts()
+    llm_engine, tts_runner = make_engines(model, options, device)
     return Engine(model=model, processor=processor, device=device, dtype=dtype, options=options,
-                  towers={"vision": vision, "audio": audio, "tts": tts})
+                  towers={"vision": vision, "audio": audio, "tts": tts}, llm_engine=llm_engine,
+                  tts_runner=tts_runner)

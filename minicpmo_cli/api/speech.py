@@ -230,7 +230,7 @@ def _stream_pieces(engine: Engine, spk, text: str, chunks: tuple[int, int], max_
     model = engine.model
     for chunk in stream_speech(model.tts, model.vocos, model.tts_processor, spk.to(model.tts.device),
                                extract_tts_text(text), max_new_tokens=max_frames, first_chunk_frames=chunks[0],
-                               chunk_frames=chunks[1], compile=getattr(engine, "compile", None), seed=seed):
+                               chunk_frames=chunks[1], runner=getattr(engine, "tts_runner", None), seed=seed):
         yield chunk.wav
 
 
@@ -253,7 +253,7 @@ def speak_answer(engine: Engine, spk, text: str, *, cancel: Any = None) -> np.nd
             break
         with torch.inference_mode():
             codes = generate_codes(tts, model.tts_processor, spk, piece, sampler=sampler,
-                                   compile=getattr(engine, "compile", None))
+                                   runner=getattr(engine, "tts_runner", None))
             wavs.append(codes_to_wav(tts, model.vocos, codes))
     return _join(wavs)
 
@@ -357,7 +357,7 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
         budget = _FrameBudget(draws, max_frames, cancel)
         with torch.inference_mode():
             codes = generate_codes(model.tts, model.tts_processor, spk, group, max_new_tokens=max_frames,
-                                   sampler=budget, compile=getattr(engine, "compile", None))
+                                   sampler=budget, runner=getattr(engine, "tts_runner", None))
             wav = codes_to_wav(model.tts, model.vocos, codes)
         wavs.append(wav)
         pieces.append(Piece(text=group, samples=len(wav), capped=budget.capped))

@@ -69,9 +69,13 @@ def root(
     debug: bool = typer.Option(False, "--debug", envvar="MINICPMO_DEBUG", help="Full tracebacks on errors."),
     no_progress: bool = typer.Option(False, "--no-progress", envvar="MINICPMO_NO_PROGRESS",
                                      help="No progress bars."),
+    step: str = typer.Option(
+        None, "--step", envvar="MINICPMO_STEP", metavar="MODE", show_default=False,
+        help="How decode steps run: eager, graph (CUDA graphs; needs a CUDA GPU) or compile (torch.compile). "
+             "Default: graph with CUDA, eager on the CPU."),
     compile: Optional[bool] = typer.Option(
         None, "--compile/--no-compile", envvar="MINICPMO_COMPILE", show_default=False,
-        help="Capture the decode step (torch.compile; CUDA graphs on a GPU). Default: on with CUDA, off on the CPU."),
+        help="Aliases: --compile is --step compile, --no-compile is --step eager."),
     server: str = typer.Option(None, "--server", envvar="MINICPMO_SERVER", metavar="URL",
                                help="Send asr, chat, tts and clone to a running `minicpmo serve` at URL."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
@@ -84,7 +88,7 @@ def root(
     # In typer's context, not a module global: each command's context inherits ctx.obj (common.options()).
     ctx.obj = common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
-        quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, compile=compile,
+        quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, step=step, compile=compile,
         quantize=quantize, server=server or None,
     )
 

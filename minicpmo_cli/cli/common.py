@@ -20,7 +20,7 @@ DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
 
 # Global options that take a value, and those that are flags. They are accepted before and after the
 # command (CLI.md): main() moves them in front of the command name before Typer parses argv.
-GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed", "--quantize", "--server"}
+GLOBAL_VALUE_OPTIONS = {"--model", "--revision", "--device", "--dtype", "--seed", "--quantize", "--server", "--step"}
 GLOBAL_FLAG_OPTIONS = {"--offline", "-q", "--quiet", "-v", "--verbose", "--debug", "--no-progress", "--compile",
                        "--no-compile"}
 
@@ -37,7 +37,8 @@ class GlobalOptions:
     verbose: bool = False
     debug: bool = False
     no_progress: bool = False
-    compile: bool | None = None  # None: on with CUDA, off on the CPU (api/engine.py)
+    step: str | None = None  # eager | graph | compile; None: graph with CUDA, eager on the CPU (api/engine.py)
+    compile: bool | None = None  # --compile / --no-compile: aliases of --step compile / --step eager
     quantize: str | None = None  # none | int8 | int4; None: as the checkpoint is
     server: str | None = None  # URL of a running `minicpmo serve`: asr, chat, tts and clone use it
 
@@ -309,7 +310,7 @@ def decode_options(max_new_tokens=None, min_new_tokens=None, sampling=None, temp
 # error says it names them (MiniCPMOError.parameters).
 PARAMETER_FLAGS = {
     "model": "--model", "revision": "--revision", "device": "--device", "dtype": "--dtype", "seed": "--seed",
-    "quantize": "--quantize", "compile": "--compile", "sampling": "--sampling", "temperature": "--temperature",
+    "quantize": "--quantize", "compile": "--compile", "step": "--step", "sampling": "--sampling", "temperature": "--temperature",
     "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty",
     "num_beams": "--num-beams", "max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens",
     "sampling=True": "--sampling", "sampling=False": "--no-sampling",
@@ -333,7 +334,7 @@ def load_options():
 
     o = options()
     return LoadOptions(model=o.model, revision=o.revision, offline=o.offline, device=o.device, dtype=o.dtype,
-                       compile=o.compile, quantize=o.quantize)
+                       step=o.step, compile=o.compile, quantize=o.quantize)
 
 
 FULL_MODEL_SIZE = "about 16 GB"  # the official checkpoint's files that are downloaded (HUB_ALLOW_PATTERNS)

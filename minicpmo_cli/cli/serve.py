@@ -50,7 +50,10 @@ def serve(
         raise EnvironmentProblem(f"serve needs the serve extra ({exc.name} is missing): "
                                  "pip install -e \".[serve]\"") from None
     limit = int(max_upload_mb * 1024 * 1024)
-    settings = Settings(load=common.load_options(), model_id=served_model_name or common.options().model,
+    from dataclasses import replace
+
+    load = replace(common.load_options(), max_batch=max_batch)  # the LLM engine's slots: one per running request
+    settings = Settings(load=load, model_id=served_model_name or common.options().model,
                         api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, max_batch=max_batch,
                         tts=not no_tts,
                         seed=common.options().seed,

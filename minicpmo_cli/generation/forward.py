@@ -11,22 +11,21 @@ Three entry points:
   filled part of the :class:`StaticKV` (a view; no mask unless the batch is padded);
 - :func:`decode_step` (eager, one new token per row; the token loop): the same arithmetic with fewer ops per
   layer (hidden states 2-D, the rotary sign folded once per step, no-op dtype casts skipped);
-- :func:`stock_step` / :func:`static_step` (captured): fixed shapes over the whole bucket with a boolean
-  mask, no Python state read from tensors, written for ``torch.compile(fullgraph=True)`` (CUDA graphs with
-  ``reduce-overhead``); :func:`run_compiled` picks one and logs the warm-up.
+- :func:`slot_step` (the engine's KV slots, generation/kv_pool.py): one new token per slot, each at its own
+  position; eager over the filled span, or over the whole capacity with a mask (the form a step runner
+  captures: CUDA graph or torch.compile, generation/step_runner.py);
+- :func:`static_step` (captured): one caller's :class:`StaticKV` over the whole bucket with a boolean mask,
+  no Python state read from tensors (a streaming session's step under a graph/compile runner).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import time
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import SiLUActivation
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 
 from minicpmo_cli.generation.static_cache import StaticKV
@@ -199,6 +198,31 @@ def decode_step(llm, tokens: torch.Tensor, positions: torch.Tensor, cache: Stati
     return _linear(llm.lm_head, _rms_norm(decoder.norm, hidden)).float()
 
 
+def slot_step(llm, tokens: torch.Tensor, positions: torch.Tensor, pool, mask: torch.Tensor | None,
+              span: int) -> torch.Tensor:
+    """One new token for each of the pool's slots ``[0, B)`` (generation/kv_pool.py): ``tokens`` ``[B]`` at
+    ``positions`` ``[B]`` (each row its own), each written at its own position of its slot; attention over the
+    first ``span`` positions of every slot where ``mask`` ``[B, 1, 1, span]`` is True (None: every row sits at
+    position ``span - 1``, no padding). Float32 logits ``[B, V]``.
+
+    With ``span`` = the filled length + 1 and no mask this is :func:`decode_step`'s arithmetic exactly (the same
+    kernels on the same values); with ``span`` = the capacity and a mask every shape is fixed by (B, capacity):
+    the form a CUDA graph captures (generation/step_runner.py)."""
+    decoder = llm.model
+    batch = tokens.shape[0]
+    hidden = _call(decoder.embed_tokens, tokens)
+    cos, sin = step_rotary(decoder, hidden, positions[:, None])
+    for index, layer in enumerate(decoder.layers):
+        attn = layer.self_attn
+        q, k, v = _qkv(layer, hidden, cos, sin)
+        pool.write_rows(index, k, v, positions)
+        keys = pool.keys[index][:batch, :, :span]
+        values = pool.values[index][:batch, :, :span]
+        hidden = hidden + _linear(attn.o_proj, attend_one(attn, q, keys, values, mask))
+        hidden = hidden + _mlp(layer, hidden)
+    return _linear(llm.lm_head, _rms_norm(decoder.norm, hidden)).float()
+
+
 def static_step(llm, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, mask: torch.Tensor,
                 keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
     """One decode step over the whole bucket: ``tokens`` ``[B]`` at ``positions`` ``[B, 1]``, written at cache
@@ -216,130 +240,3 @@ def static_step(llm, tokens: torch.Tensor, positions: torch.Tensor, index: torch
         hidden = hidden + _linear(attn.o_proj, attend_one(attn, q, keys[number], values[number], mask))
         hidden = hidden + _mlp(layer, hidden)
     return _linear(llm.lm_head, _rms_norm(decoder.norm, hidden)).float()
-
-
-def stock_step(tokens, cos, sin, index, mask, keys: list, values: list, weights: tuple, sizes: tuple):
-    """:func:`static_step` over plain tensors, for a model whose layers are all the stock kind.
-
-    ``weights``: ``(embedding, final norm, lm_head, per-layer tuples of :func:`_stock_tensors`)``; ``sizes``:
-    ``(eps, head_dim, scaling, groups)``; ``cos`` / ``sin``: :func:`step_rotary`'s. Nothing here is a module,
-    so the compiled function's guards are tensor checks only (guards on a whole model's modules cost more
-    than the step itself on a CPU), and the layers go through two nested compile regions
-    (:func:`_region_qkv`, :func:`_region_rest`) that Dynamo and Inductor compile once and reuse for every
-    layer instead of unrolling the loop (28 layers compile in about the time of a few)."""
-    embedding, final_norm, head, layers = weights
-    eps, head_dim, scaling, groups = sizes
-    hidden = F.embedding(tokens, embedding)
-    for number, tensors in enumerate(layers):
-        q, k, v = _region_qkv(hidden, cos, sin, *tensors[:7], eps, head_dim)
-        keys[number].index_copy_(2, index, k)
-        values[number].index_copy_(2, index, v)
-        hidden = _region_rest(hidden, q, keys[number], values[number], mask, *tensors[7:], eps, scaling, groups)
-    return F.linear(_norm(hidden, final_norm, eps), head).float()
-
-
-_STOCK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def stock_weights(llm) -> tuple | None:
-    """``(weights, sizes)`` for :func:`stock_step`, or None when a part of the model is not the stock kind.
-    Found once per model (swap modules, e.g. quantize, before its first decode); the parameter objects stay
-    the same when a model moves (``.to`` swaps their data)."""
-    if llm not in _STOCK:
-        decoder, head = llm.model, llm.lm_head
-        layers = tuple(_stock_tensors(layer) for layer in decoder.layers)
-        norms = [decoder.norm, *(n for layer in decoder.layers
-                                 for n in (layer.input_layernorm, layer.post_attention_layernorm))]
-        plain = (all(t is not None for t in layers) and type(decoder.norm) is Qwen2RMSNorm
-                 and type(head) is nn.Linear and head.bias is None and type(decoder.embed_tokens) is nn.Embedding
-                 and len({n.variance_epsilon for n in norms}) == 1)
-        attn = decoder.layers[0].self_attn
-        sizes = (float(decoder.norm.variance_epsilon), int(attn.head_dim), float(attn.scaling),
-                 int(attn.num_key_value_groups))
-        weights = (decoder.embed_tokens.weight, decoder.norm.weight, head.weight, layers)
-        _STOCK[llm] = (weights, sizes) if plain else None
-    return _STOCK[llm]
-
-
-def _stock_tensors(layer) -> tuple | None:
-    """A layer's tensors in :func:`_region_qkv` / :func:`_region_rest` order when every part of it is the stock
-    kind (``nn.Linear``, ``Qwen2RMSNorm``, SiLU), else None."""
-    attn, mlp = layer.self_attn, layer.mlp
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if (any(type(m) is not nn.Linear for m in linears) or any(type(n) is not Qwen2RMSNorm for n in norms)
-            or type(mlp.act_fn) is not SiLUActivation or attn.o_proj.bias is not None):
-        return None
-    return (layer.input_layernorm.weight, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight,
-            attn.k_proj.bias, attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight,
-            layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-
-
-def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-@torch.compiler.nested_compile_region
-def _region_qkv(hidden, cos, sin, norm_w, wq, bq, wk, bk, wv, bv, eps: float, head_dim: int):
-    """Norm, q/k/v projections and rotary of one stock layer (compiled once, reused by every layer)."""
-    x = _norm(hidden, norm_w, eps)
-    shape = (hidden.shape[0], -1, 1, head_dim)
-    q = F.linear(x, wq, bq).view(shape)
-    k = F.linear(x, wk, bk).view(shape)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin), F.linear(x, wv, bv).view(shape)
-
-
-@torch.compiler.nested_compile_region
-def _region_rest(hidden, q, keys, values, mask, wo, norm_w, w_gate, w_up, w_down, eps: float, scaling: float,
-                 groups: int):
-    """Attention over the bucket, output projection, MLP and both residuals of one stock layer."""
-    batch, heads, _, dim = q.shape
-    if groups > 1:
-        q = q.reshape(batch, heads // groups, groups, dim)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).reshape(batch, -1)
-    hidden = hidden + F.linear(out, wo)
-    x = _norm(hidden, norm_w, eps)
-    return hidden + F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
-
-
-_COMPILED: dict[tuple, object] = {}
-_WARM: set[tuple] = set()
-
-
-def compiled_step(device: torch.device, stock: bool):
-    """:func:`stock_step` (or :func:`static_step`) under torch.compile: CUDA graphs (``reduce-overhead``) on
-    CUDA, Inductor on the CPU."""
-    kind = ("cuda" if device.type == "cuda" else "cpu", stock)
-    if kind not in _COMPILED:
-        mode = "reduce-overhead" if kind[0] == "cuda" else None
-        _COMPILED[kind] = torch.compile(stock_step if stock else static_step, mode=mode, fullgraph=True,
-                                        dynamic=False)
-    return _COMPILED[kind]
-
-
-def run_compiled(llm, tokens, positions, index, mask, cache: StaticKV) -> torch.Tensor:
-    """The captured step; the first call of each (batch, bucket) shape is timed and logged (warm-up).
-
-    On the CPU stock models take :func:`stock_step`. On CUDA the module-based :func:`static_step` stays: CUDA
-    graphs treat module parameters as static inputs, weights passed as plain arguments might be copied in."""
-    stock = stock_weights(llm) if tokens.device.type == "cpu" else None
-    step = compiled_step(tokens.device, stock is not None)
-    if tokens.device.type == "cuda":
-        cache.mark_static()
-    if stock is None:
-        args = (llm, tokens, positions, index, mask, cache.keys, cache.values)
-    else:
-        cos, sin = step_rotary(llm.model, stock[0][0], positions)
-        args = (tokens, cos, sin, index, mask, cache.keys, cache.values, *stock)
-    shape = (tokens.device.type, id(llm), tokens.shape[0], cache.capacity)
-    if shape in _WARM:
-        # clone: a CUDA-graph replay overwrites its outputs in place at the next step
-        return step(*args).clone()
-    started = time.perf_counter()
-    logits = step(*args).clone()
-    _WARM.add(shape)
-    logger.info("compiled the decode step for batch %d, cache %d in %.1f s", shape[2], shape[3],
-                time.perf_counter() - started)
-    return logits

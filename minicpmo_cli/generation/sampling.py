@@ -69,3 +69,88 @@ def next_tokens(logits: torch.Tensor, settings, seen: torch.Tensor | None, banne
 def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mark ``tokens`` ``[B]`` in the ``seen`` table ``[B, V]`` (in place; returns it)."""
     return seen.scatter_(1, tokens[:, None], True)
+
+
+# ----- per-row parameters (the engine: every row its own settings and its own generator) ---------------
+
+
+class RowSampling:
+    """The next token of each row of a batch whose rows carry their own settings (``DecodeSettings`` each)
+    as ``[B, 1]`` tensors, in :func:`next_tokens`' order and arithmetic: a row's ids are the same alone or
+    batched with any other rows. Disabled steps are exact no-ops per row (penalty 1: ``x * 1`` / ``x / 1``;
+    no top-k: threshold -inf; no top-p: nothing below -1 is removed); a step no row uses is skipped.
+
+    ``rows``: one ``(settings, generated, generator)`` per batch row, or None for a row that takes no token
+    this step (a free slot). ``generated`` is how many tokens the row has so far (the min-new-tokens ban);
+    ``generator``: the row's own ``torch.Generator`` or None for torch's global one (rows sharing a generator
+    draw in one call, in row order)."""
+
+    def __init__(self, rows: list, seen: torch.Tensor | None, stops: torch.Tensor, device) -> None:
+        self.rows, self.seen, self.stops, self.device = rows, seen, stops, device
+        self.live = [r for r in rows if r is not None]
+
+    def _column(self, value, dtype) -> torch.Tensor:
+        values = [value(r[0]) if r is not None else value(None) for r in self.rows]
+        return torch.tensor(values, dtype=dtype).view(-1, 1).to(self.device, non_blocking=True)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[B, V]`` -> ids ``[B]`` (0 for rows without a request)."""
+        scores = logits
+        if self.seen is not None and any(r[0].repetition_penalty != 1.0 for r in self.live):
+            penalty = self._column(lambda s: 1.0 if s is None else s.repetition_penalty, torch.float32)
+            penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+            scores = torch.where(self.seen[: scores.shape[0]], penalised, scores)
+        banned = [r is not None and r[1] < r[0].min_new_tokens for r in self.rows]
+        if any(banned):
+            rows = torch.tensor(banned, dtype=torch.bool).view(-1, 1).to(self.device, non_blocking=True)
+            scores = torch.where(self.stops[: scores.shape[0]] & rows, -float("inf"), scores)
+        greedy = torch.argmax(scores, dim=-1)
+        if not any(r[0].sampling for r in self.live):
+            return greedy
+        sampled = self._sample(scores)
+        flags = self._column(lambda s: bool(s is not None and s.sampling), torch.bool).view(-1)
+        return torch.where(flags, sampled, greedy)
+
+    def _sample(self, scores: torch.Tensor) -> torch.Tensor:
+        live = [r[0] for r in self.live if r[0].sampling]
+        scores = scores / self._column(lambda s: 1.0 if s is None or not s.sampling else s.temperature,
+                                       torch.float32)
+        if any(s.top_k for s in live):
+            ks = [min(max(int(r[0].top_k), 1), scores.size(-1)) if r is not None and r[0].top_k else 0
+                  for r in self.rows]
+            top = torch.topk(scores, max(ks))[0]
+            index = torch.tensor([max(k - 1, 0) for k in ks]).view(-1, 1).to(self.device, non_blocking=True)
+            threshold = top.gather(1, index)
+            off = torch.tensor([k == 0 for k in ks]).view(-1, 1).to(self.device, non_blocking=True)
+            threshold = threshold.masked_fill(off, -float("inf"))
+            scores = scores.masked_fill(scores < threshold, -float("inf"))
+        if any(s.top_p < 1.0 for s in live):
+            cut = self._column(lambda s: 1 - s.top_p if s is not None and s.top_p < 1.0 else -1.0, torch.float32)
+            sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            remove = cumulative <= cut
+            remove[..., -1:] = False
+            remove = remove.scatter(1, sorted_indices, remove)
+            scores = scores.masked_fill(remove, -float("inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return self._draw(probs)
+
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One multinomial call per generator over its rows (in row order)."""
+        out = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
+        groups: dict[int, tuple[object, list[int]]] = {}
+        for index, row in enumerate(self.rows):
+            if row is not None and row[0].sampling:
+                generator = row[2]
+                groups.setdefault(id(generator), (generator, []))[1].append(index)
+        for generator, indices in groups.values():
+            if len(indices) == probs.shape[0]:
+                picked = probs
+            else:
+                picked = probs.index_select(0, torch.tensor(indices, device=probs.device))
+            drawn = torch.multinomial(picked, num_samples=1, generator=generator).squeeze(1)
+            if len(indices) == probs.shape[0]:
+                out = drawn
+            else:
+                out.index_copy_(0, torch.tensor(indices, device=probs.device), drawn)
+        return out

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from minicpmo_cli.errors import UsageError
-from minicpmo_cli.generation.decode import decode_one_token, resolve_compile
+from minicpmo_cli.generation.decode import decode_one_token
 from minicpmo_cli.generation.forward import forward
 from minicpmo_cli.generation.sampling import next_tokens
 from minicpmo_cli.generation.settings import DecodeSettings
@@ -276,12 +276,17 @@ def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new
     ``top_k``, ``repetition_penalty`` override those (other keyword arguments are ignored, as the reference
     does). ``tts_max_new_tokens``: audio frames (46.875/s) the speech may add after the answer text has all
     been read (the reference's cap, 2048). ``seed``: a private RNG for the speech sampling (default: torch's
-    global RNG). ``compile``: capture the decode step (default: as the engine, see decode.resolve_compile).
+    global RNG). ``runner``: the engine's step runner (generation/step_runner.py; default eager;
+    ``compile=True`` still means a compile runner).
     ``decode``: settings resolved already (generation/presets.py) instead of the decoding keywords; the
     defaults otherwise are the "omni-stream" preset's (sampling, 512 new tokens). See the module docstring
     for differences.
     """
-    compile = kwargs.pop("compile", None)
+    runner = kwargs.pop("runner", None)
+    if kwargs.pop("compile", None) and runner is None:
+        from minicpmo_cli.generation.step_runner import StepRunner
+
+        runner = StepRunner("compile")
     seed = kwargs.pop("seed", None)
     decode = _stream_settings(decode, sampling, max_new_tokens, min_new_tokens, kwargs)
     _, tokenizer = _resolve_processor(model, processor, tokenizer)
@@ -302,7 +307,7 @@ def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new
     state.audio_cache = None
     prompt_ids = tokenizer(GENERATION_PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     spk_bound = _speaker_bound(prompt_ids[0], tokenizer)
-    rounds = _llm_rounds(state, tokenizer, prompt_ids.to(model.device), decode, compile=compile)
+    rounds = _llm_rounds(state, tokenizer, prompt_ids.to(model.device), decode, runner=runner)
     if speak:
         return _speech_items(model, rounds, spk_bound, seed, int(tts_max_new_tokens))
     return _text_items(rounds)
@@ -369,7 +374,7 @@ class _Round(NamedTuple):
     ids: list[int]  # the ids sampled in this round (a terminator included)
 
 
-def _next_logits(state: OmniSession, feed: torch.Tensor, compile: bool):
+def _next_logits(state: OmniSession, feed: torch.Tensor, runner):
     """(float32 logits of the next token, final-norm hidden of ``feed`` or None) after appending ``feed``
     ``[1, n]`` to the session's cache: the prompt pass, or one decode step of the core."""
     llm = state.model.llm
@@ -377,14 +382,14 @@ def _next_logits(state: OmniSession, feed: torch.Tensor, compile: bool):
     if feed.shape[1] == 1:
         cache.ensure_capacity(cache.length + 1)
         positions = torch.full((1,), cache.length, dtype=torch.long, device=feed.device)
-        return decode_one_token(llm, feed[:, 0], positions, cache, None, compile), None
+        return decode_one_token(llm, feed[:, 0], positions, cache, None, runner), None
     hidden, state.llm_cache = _llm_step(state.model, llm.model.embed_tokens(feed), cache)
     return llm.lm_head(hidden[:, -1:]).float()[:, -1], hidden
 
 
 @torch.inference_mode()
 def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSettings,
-                compile: bool | None = None) -> Iterator[_Round]:
+                runner=None) -> Iterator[_Round]:
     """Decode in rounds of 3 tokens; yields a :class:`_Round` per round (``owner``: a session or a model).
 
     Each round's last token is fed at the start of the next round, so a terminator (and the very last
@@ -396,7 +401,6 @@ def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSett
     terminators = terminator_ids(tokenizer)
     decode = settings.with_(stop_ids=tuple(terminators))
     max_new_tokens, min_new_tokens = decode.max_new_tokens, decode.min_new_tokens
-    compile = resolve_compile(compile, prompt_ids.device)
     vocab = state.model.llm.lm_head.out_features
     stops = torch.tensor(terminators, device=prompt_ids.device)
     ban = torch.isin(torch.arange(vocab, device=prompt_ids.device), stops)
@@ -406,7 +410,7 @@ def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSett
     while True:
         round_ids, finished, first_round = [], False, prompt_hidden is None
         for _ in range(ROUND_TOKENS):
-            logits, hidden = _next_logits(state, feed, compile)
+            logits, hidden = _next_logits(state, feed, runner)
             if prompt_hidden is None:
                 prompt_hidden = hidden  # the pass over the generation prompt: holds the <|spk|> state
             token = _pick_token(logits, window, decode, ban if produced < min_new_tokens else None)

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from minicpmo_cli.errors import UsageError
-from minicpmo_cli.generation.decode import resolve_compile
 from minicpmo_cli.generation.tts_decode import (
     FrameSampling,
     TTSState,
@@ -97,16 +96,16 @@ def generate_codes(
     max_new_tokens: int = MAX_AUDIO_FRAMES,
     sampler=None,
     force_no_stop: bool = False,
-    compile: bool | None = None,
+    runner=None,
 ) -> torch.Tensor:
     """Audio codes ``[1, T, num_vq]`` for one text that fits the 300 reserved positions (reference
-    ``_generate_mel_spec`` up to the codes). ``compile``: capture the TTS step (see decode.resolve_compile)."""
+    ``_generate_mel_spec`` up to the codes). ``runner``: the TTS step runner (None: eager)."""
     prompt, num_tokens = prepare_tts_text(tts_tokenizer, text, tts.streaming_text_reserved_len, tts.num_spk_embs)
     input_ids = encode_tts_prompt(tts_tokenizer, prompt).to(tts.device)
     # On the model's device once, not copied there at every audio frame.
     text_mask = build_streaming_text_mask(num_tokens, tts.streaming_text_reserved_len, tts.num_spk_embs).to(tts.device)
     sampling = FrameSampling.for_tts(tts, temperature, sampler if sampler is not None else make_sampler())
-    options = {"force_no_stop": force_no_stop, "compile": resolve_compile(compile, tts.device)}
+    options = {"force_no_stop": force_no_stop, "runner": runner}
     state = TTSState(tts, OUTPUT_CHUNK_FRAMES)
     for chunk_idx in range(math.ceil(tts.condition_length / tts.streaming_text_chunk_size)):
         begin, end = _text_chunk_bounds(tts, chunk_idx)
@@ -139,21 +138,21 @@ def generate_speech(
     max_new_tokens: int = MAX_AUDIO_FRAMES,
     seed: int | None = None,
     streaming: bool = False,
-    compile: bool | None = None,
+    runner=None,
 ) -> np.ndarray:
     """Whole-utterance speech for ``text`` (an LLM answer; ``<|tts_bos|>``/``<|tts_eos|>`` are handled).
 
     ``spk_embeds``: the LLM's final hidden state at ``<|spk|>`` (``[1, llm_dim]``). ``temperature``: per
     codebook (reference default 0.1/0.3/0.1/0.3) or one value for all. ``max_new_tokens``: frame cap per
     piece (~46.9 frames/s). ``seed``: private RNG (None uses torch's global RNG, as the reference).
-    ``streaming=True`` runs the streaming schedule and joins its chunks. ``compile``: capture the TTS step.
+    ``streaming=True`` runs the streaming schedule and joins its chunks. ``runner``: the TTS step runner.
     Returns float32 mono at 24 kHz.
     """
     text = extract_tts_text(text)
     if streaming:
         chunks = stream_speech(
             tts, vocos, tts_tokenizer, spk_embeds, as_text_rounds(text), temperature=temperature,
-            max_new_tokens=max_new_tokens, seed=seed, compile=compile,
+            max_new_tokens=max_new_tokens, seed=seed, runner=runner,
         )
         wavs = [chunk.wav for chunk in chunks]
         return np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, dtype=np.float32)
@@ -162,7 +161,7 @@ def generate_speech(
     for piece in split_tts_text(tts_tokenizer, text, tts.streaming_text_reserved_len - 1):
         codes = generate_codes(
             tts, tts_tokenizer, spk_embeds, piece, temperature=temperature,
-            max_new_tokens=max_new_tokens, sampler=sampler, compile=compile,
+            max_new_tokens=max_new_tokens, sampler=sampler, runner=runner,
         )
         wavs.append(codes_to_wav(tts, vocos, codes))
     return np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, dtype=np.float32)
@@ -178,7 +177,7 @@ def stream_speech(
     temperature: float | Sequence[float] = DEFAULT_TEMPERATURES,
     max_new_tokens: int = MAX_AUDIO_FRAMES,
     seed: int | None = None,
-    compile: bool | None = None,
+    runner=None,
     first_chunk_frames: int = OUTPUT_CHUNK_FRAMES,
     chunk_frames: int = OUTPUT_CHUNK_FRAMES,
 ) -> Iterator[SpeechChunk]:
@@ -186,13 +185,13 @@ def stream_speech(
     arrives (e.g. LLM rounds) and yields :class:`SpeechChunk` s as soon as they are decoded: the first once
     ``first_chunk_frames`` frames exist, then one per ``chunk_frames`` frames (``chunk_frames * 512`` samples;
     25 frames = 0.533 s). The chunk sizes change only when audio is decoded, not which codes are drawn.
-    See :class:`_StreamingSpeech` for the schedule. ``compile``: capture the TTS step."""
+    See :class:`_StreamingSpeech` for the schedule. ``runner``: the TTS step runner (None: eager)."""
     check_chunk_frames(first_chunk_frames, chunk_frames)
     pieces = iter(as_text_rounds(text_pieces) if isinstance(text_pieces, str) else text_pieces)
     sampling = FrameSampling.for_tts(tts, temperature, make_sampler(seed))
-    runner = _StreamingSpeech(tts, vocos, tts_tokenizer, spk_embeds, sampling, max_new_tokens,
-                              resolve_compile(compile, tts.device), (int(first_chunk_frames), int(chunk_frames)))
-    yield from runner.run(pieces)
+    speech = _StreamingSpeech(tts, vocos, tts_tokenizer, spk_embeds, sampling, max_new_tokens, runner,
+                              (int(first_chunk_frames), int(chunk_frames)))
+    yield from speech.run(pieces)
 
 
 def check_chunk_frames(first_chunk_frames: int, chunk_frames: int) -> None:
@@ -287,10 +286,10 @@ class _StreamingSpeech:
     CONTEXT_AUDIO_FRAMES = 50
 
     def __init__(self, tts, vocos, tokenizer, spk_embeds, sampling: FrameSampling, max_new_tokens: int,
-                 compile: bool = False, chunks: tuple[int, int] = (OUTPUT_CHUNK_FRAMES, OUTPUT_CHUNK_FRAMES)) -> None:
+                 runner=None, chunks: tuple[int, int] = (OUTPUT_CHUNK_FRAMES, OUTPUT_CHUNK_FRAMES)) -> None:
         self.tts, self.vocos, self.tokenizer = tts, vocos, tokenizer
         self.spk_embeds, self.sampling, self.max_new_tokens = spk_embeds, sampling, max_new_tokens
-        self.compile, self.chunks = compile, chunks
+        self.runner, self.chunks = runner, chunks
 
     def chunked_wav(self, decoded: int = 0) -> _ChunkedWav:
         return _ChunkedWav(lambda codes: decode_codes(self.tts, self.vocos, codes), *self.chunks, decoded)
@@ -360,7 +359,7 @@ class _Segment:
         """One generate call (25 frames); each chunk is yielded as soon as its frames exist."""
         tts = self.o.tts
         for frames in iter_frames(tts, self.state, self.o.sampling, self._text_mask(), OUTPUT_CHUNK_FRAMES,
-                                  compile=self.o.compile):
+                                  runner=self.o.runner):
             if self.wav.due(frames):
                 yield from self._chunk(self.wav.push(self.state.new_ids))
         self.chunk_idx += 1

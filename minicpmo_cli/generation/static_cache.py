@@ -7,9 +7,12 @@ length)`` are filled; all rows share one length (batches are left padded, as tra
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
+
+_GENERATIONS = itertools.count(1)
 
 BUCKET = 256  # capacities are multiples of this up to LARGE_BUCKET, then powers of two
 
@@ -35,6 +38,7 @@ class StaticKV:
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0) -> None:
         self.keys, self.values, self.length = keys, values, int(length)
         self._marked_static = False  # see mark_static; new buffers (growth, fewer rows) are unmarked
+        self.generation = next(_GENERATIONS)  # new buffers, new generation (a step runner keys graphs by it)
 
     @classmethod
     def empty(cls, config, batch: int, capacity: int, dtype, device) -> StaticKV:
@@ -86,6 +90,7 @@ class StaticKV:
                 new[:, :, :self.length] = old[:, :, :self.length]
                 buffers[i] = new
         self._marked_static = False
+        self.generation = next(_GENERATIONS)
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +110,7 @@ class StaticKV:
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
         self._marked_static = False
+        self.generation = next(_GENERATIONS)
 
     def mark_static(self) -> None:
         """Tell Dynamo the buffers keep their addresses (as transformers' StaticCache does), once per set of

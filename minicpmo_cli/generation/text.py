@@ -132,7 +132,8 @@ def generate(
     output_audio_path=None,
     return_spk_embed: bool = False,
     return_dict: bool = False,
-    compile: bool | None = None,
+    engine=None,
+    tts_runner=None,
     decode: DecodeSettings | None = None,
     usage: Usage | None = None,
     **kwargs: Any,
@@ -141,7 +142,8 @@ def generate(
 
     ``stream=True`` returns an iterator of text pieces (sampling only, as the reference). With
     ``generate_audio=True`` the spoken answer is synthesised (and written to ``output_audio_path``).
-    ``compile``: capture the decode step (None: on with CUDA, off on the CPU; see decode.resolve_compile).
+    ``engine``: the LLMEngine to decode on (generation/engine.py; the api Engine's), None: a short-lived one
+    for this call; ``tts_runner``: the step runner of the TTS frame loop (None: eager).
     Decoding: the guide's keywords (``sampling`` True, ``max_new_tokens`` 2048, ``top_p``, ...), or
     ``decode``: settings resolved already (generation/presets.py), then without those keywords.
     ``usage``: a :class:`Usage` to fill with this call's prompt and completion token counts.
@@ -161,9 +163,9 @@ def generate(
         embeds, _ = model.get_inputs_embeds(data)
     mask = None if attention_mask is None else attention_mask.to(embeds.device)
     if stream:
-        return _stream_text(model, embeds, tokenizer, decode, compile, usage)
+        return _stream_text(model, embeds, tokenizer, decode, engine, usage)
     sequences, prompt_hidden = run_llm_generate(model, embeds, mask, tokenizer, decode,
-                                                capture_prompt_hidden=want_speech, compile=compile)
+                                                capture_prompt_hidden=want_speech, engine=engine)
     usage.completion_tokens = generated_count(sequences, terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
     batched = len(texts) > 1
@@ -171,7 +173,7 @@ def generate(
     if want_speech:
         spk_embeds = spk_embeds_from_hidden(prompt_hidden, data.get("spk_bounds"))
     if generate_audio and not batched:
-        wav, rate = synthesize(model, spk_embeds, answer, output_audio_path, compile=compile)
+        wav, rate = synthesize(model, spk_embeds, answer, output_audio_path, runner=tts_runner)
     answer = [t.replace(TTS_EOS, "") for t in answer] if batched else answer.replace(TTS_EOS, "")
     if return_dict or return_spk_embed:
         return OmniOutput(text=answer, spk_embeds=spk_embeds, audio_wav=wav, sampling_rate=rate)
@@ -207,7 +209,7 @@ def _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs: dict, tts_temp
 
 def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeSettings,
                      capture_prompt_hidden: bool = False, streamer=None, stop_event: Event | None = None,
-                     compile: bool | None = None):
+                     engine=None):
     """Decode on the merged embeddings; returns (new token ids [B, T] padded with 0, prompt final hidden or None).
 
     ``settings``: resolved decoding settings; the stop ids are the tokenizer's chat terminators.
@@ -215,9 +217,9 @@ def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeS
     Greedy and sampling run on the decode core (generation/decode.py); beam search (``num_beams > 1``) on
     transformers ``generate``, the only implementation that reproduces the reference's beams. ``streamer``
     (``put``/``end``, as transformers' streamers) receives the ids as they are chosen; ``stop_event`` set from
-    another thread ends the decode at the next token.
+    another thread ends the decode at the next token. ``engine``: the LLMEngine (None: a short-lived one).
     """
-    from minicpmo_cli.generation.decode import generate_ids, resolve_compile
+    from minicpmo_cli.generation.decode import generate_ids
 
     decode = settings.with_(stop_ids=tuple(terminator_ids(tokenizer)))
     if decode.beam_search:
@@ -232,8 +234,7 @@ def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeS
                 streamer.put(torch.tensor(ids))
             return stop_event is not None and stop_event.is_set()
 
-    rows = generate_ids(model.llm, embeds, attention_mask, decode, on_token=on_token,
-                        compile=resolve_compile(compile, embeds.device),
+    rows = generate_ids(model.llm, embeds, attention_mask, decode, on_token=on_token, engine=engine,
                         on_prefill=captured.append if capture_prompt_hidden else None)
     if streamer is not None:
         streamer.end()
@@ -260,7 +261,7 @@ def _beam_generate(model, embeds, attention_mask, decode: DecodeSettings, captur
     return sequences, hidden
 
 
-def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, compile: bool | None = None,
+def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, engine=None,
                  usage: Usage | None = None) -> Iterator[str]:
     """Text pieces as they are generated, with the chat terminators removed (reference stream mode); each
     generated id counts in ``usage.completion_tokens`` as it comes.
@@ -280,7 +281,7 @@ def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, compile: bool
     def work() -> None:
         try:
             run_llm_generate(model, embeds, None, tokenizer, decode, streamer=counted, stop_event=stop,
-                             compile=compile)
+                             engine=engine)
         except BaseException as exc:  # surfaced in the consumer thread below
             failure.append(exc)
             streamer.end()
@@ -317,15 +318,15 @@ class _CountedStreamer:
         self.streamer.end()
 
 
-def synthesize(model, spk_embeds: torch.Tensor, answer: str, output_audio_path=None, compile: bool | None = None):
+def synthesize(model, spk_embeds: torch.Tensor, answer: str, output_audio_path=None, runner=None):
     """Answer text -> (24 kHz float32 wav, 24000) with the model's TTS; writes a wav file if a path is given.
-    ``compile``: capture the TTS step (None: as decode.resolve_compile decides)."""
+    ``runner``: the TTS frame loop's step runner (None: eager)."""
     from minicpmo_cli.generation.speech import generate_speech
 
     if getattr(model, "vocos", None) is None or getattr(model, "tts_processor", None) is None:
         model.init_tts()
     wav = generate_speech(model.tts, model.vocos, model.tts_processor, spk_embeds.to(model.tts.device), answer,
-                          compile=compile)
+                          runner=runner)
     if output_audio_path is not None:
         import soundfile
 

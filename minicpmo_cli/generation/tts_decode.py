@@ -1,6 +1,7 @@
 """The TTS's audio-frame decode on the decoding core's pieces: a preallocated :class:`StaticKV` and the
 per-layer forward of generation/forward.py (the TTS decoder is a transformers ``LlamaModel``, the same shape
-as the LLM's Qwen2 decoder), eager or captured by torch.compile (CUDA graphs on CUDA).
+as the LLM's Qwen2 decoder), eager or through a step runner (generation/step_runner.py: CUDA graphs or
+torch.compile).
 
 Sequence layout (spec audio-tts §3.4): ``[Stts] [spk_emb] <300 text slots> [Ptts]`` (``condition_length``,
 303), then one position per audio frame (4 codebook ids). The cache starts as the 302 condition positions but
@@ -14,7 +15,6 @@ read per frame is the EOS check, which decides how many random draws are consume
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -152,7 +152,7 @@ class _StepMask:
 
 
 def iter_frames(tts, state: TTSState, sampling: FrameSampling, text_mask: torch.Tensor, max_frames: int, *,
-                force_no_stop: bool = False, compile: bool = False, logits_out: list | None = None) -> Iterator[int]:
+                force_no_stop: bool = False, runner=None, logits_out: list | None = None) -> Iterator[int]:
     """Sample up to ``max_frames`` audio frames (one reference ``generate`` call); yields the number of frames
     kept so far after each new frame (not after a final EOS). ``state.finished`` says whether EOS ended it.
 
@@ -171,7 +171,7 @@ def iter_frames(tts, state: TTSState, sampling: FrameSampling, text_mask: torch.
     for step in range(max_frames):
         is_bos = state.progress == state.start
         with torch.inference_mode():
-            logits = _step_logits(tts, state, mask, heads, compile and not is_bos)
+            logits = _step_logits(tts, state, mask, heads, None if is_bos else runner)
             if logits_out is not None:
                 logits_out.append(logits.clone())
             # the frames so far, [num_vq, n], for the repetition penalty (the warpers do not read them)
@@ -212,16 +212,19 @@ def _sample_frame(logits, sampling: FrameSampling, history, processors, banned: 
     return sampling.sampler.sample(probs).view(1, -1)
 
 
-def _step_logits(tts, state: TTSState, mask: _StepMask, heads: list[torch.Tensor], compile: bool) -> torch.Tensor:
+def _step_logits(tts, state: TTSState, mask: _StepMask, heads: list[torch.Tensor], runner) -> torch.Tensor:
     """One step: input ``[Ptts]`` at the BOS step, else the previous frame's code sum; raw float32 logits
-    ``[num_vq, num_audio_tokens]``."""
+    ``[num_vq, num_audio_tokens]``. ``runner``: a graph/compile step runner runs the fixed-shape step."""
     cache = state.cache
     past = cache.length
     last = state.ids[:, state.progress - 1 : state.progress]
-    if compile:
+    if runner is not None and runner.static_shapes:
         index = torch.full((1,), past, dtype=torch.long, device=last.device)
         full = mask.at(past, cache.capacity, _dtype_probe(tts))
-        logits = _run_compiled(tts, last, index[None], index, full, cache, heads)
+        if runner.mode == "compile" and last.device.type == "cuda":
+            cache.mark_static()
+        key = (1, cache.capacity, cache.generation)
+        logits = runner.run(key, _runner_step, (last, index[None], index, full), (tts, cache.keys, cache.values, heads))
         cache.advance(1)
         return logits
     embeds = tts.bos_embeds() if state.progress == state.start else tts.embed_codes(last)
@@ -264,27 +267,6 @@ def static_step(tts, codes: torch.Tensor, positions: torch.Tensor, index: torch.
     return logits.float().reshape(-1, heads[0].shape[0])
 
 
-_COMPILED: dict[str, object] = {}
-_WARM: set[tuple] = set()
-
-
-def _compiled_step(device: torch.device):
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    if kind not in _COMPILED:
-        mode = "reduce-overhead" if kind == "cuda" else None
-        _COMPILED[kind] = torch.compile(static_step, mode=mode, fullgraph=True, dynamic=False)
-    return _COMPILED[kind]
-
-
-def _run_compiled(tts, codes, positions, index, mask, cache: StaticKV, heads) -> torch.Tensor:
-    """The captured step; the first call of each cache size is timed and logged (the warm-up)."""
-    step = _compiled_step(codes.device)
-    shape = (codes.device.type, id(tts), cache.capacity)
-    if shape in _WARM:
-        # clone: a CUDA-graph replay overwrites its outputs in place at the next step
-        return step(tts, codes, positions, index, mask, cache.keys, cache.values, heads).clone()
-    started = time.perf_counter()
-    logits = step(tts, codes, positions, index, mask, cache.keys, cache.values, heads).clone()
-    _WARM.add(shape)
-    logger.info("compiled the TTS step for cache %d in %.1f s", shape[2], time.perf_counter() - started)
-    return logits
+def _runner_step(codes, positions, index, mask, tts, keys, values, heads):
+    """:func:`static_step` with the step runner's argument order (inputs first, then what a key pins)."""
+    return static_step(tts, codes, positions, index, mask, keys, values, heads)

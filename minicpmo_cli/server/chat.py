@@ -191,12 +191,12 @@ async def chat_completions(body: ChatRequest, request: Request):
     from minicpmo_cli.api.chat import chat_settings
 
     chat_settings(conversation, decode)  # options that contradict each other are a 400 before any work
-    pool, batched = state.worker, state.llm_engine() is not None
+    pool = state.worker
     if body.wants_audio:
         if not state.settings.tts:
             raise APIError(400, "this server was started without the speech tower (--no-tts)", param="modalities")
         conversation.voice = resolve_voice(body.audio.voice if body.audio else DEFAULT_VOICE)
-        alone = generation.runs_alone(decode, batched, speech=True)
+        alone = generation.runs_alone(decode, speech=True)
         if body.stream:
             return await _streamed(pool.stream(generation.spoken_stream(conversation, decode, body.stops, timer),
                                                exclusive=alone), body, request)
@@ -205,7 +205,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         fmt = body.audio.format if body.audio else "wav"
         return _completion(body, text, finish, usage, audio=_audio_object(wav, rate, fmt, text))
     job = generation.text_answer(conversation, decode, body.stops, timer)
-    alone = generation.runs_alone(decode, batched)
+    alone = generation.runs_alone(decode)
     if body.stream:
         return await _streamed(pool.stream(job, exclusive=alone), body, request)
     collected = await pool.run(lambda engine, cancel: list(job(engine, cancel)),

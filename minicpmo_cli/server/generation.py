@@ -145,22 +145,11 @@ def spoken_stream(conversation: Conversation, decode: DecodeOptions, stops: list
     return run
 
 
-def runs_alone(decode: DecodeOptions, batched_llm: bool, speech: bool = False) -> bool:
+def runs_alone(decode: DecodeOptions, speech: bool = False) -> bool:
     """Whether a request must run alone so that its seed holds (the pool's exclusive turn): a seeded request
-    whose draws come from torch's global generator, which other requests would draw from meanwhile. Greedy and
-    beam decoding draw nothing; the LLM engine (``batched_llm``) gives each request its own generator; speech
-    (``speech``: synthesis that continues the seeded global draws) always draws from the global one."""
+    that draws from torch's global generator, which other requests would draw from meanwhile. Greedy and beam
+    decoding draw nothing; sampled decoding and the speech of a spoken answer (``speech``) draw from the
+    global generator (the api seeds it per call; the LLM engine's per-request generators are not used by it)."""
     if decode.seed is None:
         return False
-    greedy = decode.sampling is False or decode.top_k == 1
-    return speech or not (batched_llm or greedy)
-
-
-def finish_reason(stopped: bool, counts: Usage, conversation: Conversation, decode: DecodeOptions) -> str:
-    """OpenAI's finish_reason: "length" when the answer used its whole token budget without a stop."""
-    limit = max_new_tokens(conversation, decode)
-    return "length" if not stopped and counts.completion_tokens >= limit else "stop"
-
-
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return speech or not (decode.sampling is False or decode.top_k == 1)

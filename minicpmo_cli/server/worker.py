@@ -203,7 +203,7 @@ class Pool:
                 finally:
                     self.gate.leave(job.exclusive)
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to its request
-                self._send(job, exc)
+                self._send(job, self._busy_if_full(exc))
             finally:
                 elapsed = time.monotonic() - started
                 with self._lock:
@@ -211,6 +211,12 @@ class Pool:
                     self._mean_s = 0.8 * self._mean_s + 0.2 * elapsed
                 if self.observer is not None:
                     self.observer.job_finished(elapsed, job.cancel.is_set())
+
+    def _busy_if_full(self, exc: BaseException) -> BaseException:
+        """The LLM engine's full queue is the server being busy: 429 + Retry-After, not a client mistake."""
+        if type(exc).__name__ == "EngineFull":
+            return Busy(self.waiting, self.retry_after())
+        return exc
 
     def _execute(self, job: Job) -> None:
         if job.cancel.is_set():

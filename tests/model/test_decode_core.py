@@ -116,8 +116,11 @@ def test_each_sampling_step_equals_its_transformers_processor():
     assert torch.equal(sampling.ban_ids(scores, banned), ban(history, scores))
 
 
-def test_finished_rows_leave_the_batch(model, prompts, monkeypatch):
-    """A stop id that one row reaches early: that row leaves, the others decode on with the same ids."""
+def test_finished_rows_free_their_slot(model, prompts, monkeypatch):
+    """A stop id that one row reaches early: that row's slot is freed at the first read-back (no
+    reallocation), the others decode on with the same ids."""
+    from minicpmo_cli.generation.kv_pool import KVPool
+
     embeds, mask = prompts
     settings = DecodeSettings.from_kwargs({}, 24, stops(model))
     plain = generate_ids(model.llm, embeds, mask, settings)
@@ -127,17 +130,14 @@ def test_finished_rows_leave_the_batch(model, prompts, monkeypatch):
         if max(len(ids) for ids in expected) > decode.CHECK_EVERY:
             break
     settings = settings.with_(stop_ids=(early,))
-    kept = []
-    real_keep = decode._Rows.keep
-
-    def spy(self, index, *args):
-        kept.append(index.tolist())
-        return real_keep(self, index, *args)
-
-    monkeypatch.setattr(decode._Rows, "keep", spy)
+    freed, grown = [], []
+    real_free, real_grown = KVPool.free, KVPool.grown
+    monkeypatch.setattr(KVPool, "free", lambda self, slot: freed.append(slot) or real_free(self, slot))
+    monkeypatch.setattr(KVPool, "grown", lambda self, *a: grown.append(a) or real_grown(self, *a))
     assert generate_ids(model.llm, embeds, mask, settings) == expected
     assert len(expected[early_row]) == 1 and max(len(ids) for ids in expected) > decode.CHECK_EVERY
-    assert kept and early_row not in kept[0]  # at the first stop check that row left the batch
+    assert freed and freed[0] == early_row  # the first slot freed is that row's
+    assert not grown  # the pool was sized for the batch once; nothing was reallocated
 
 
 def test_on_token_streams_every_id_and_can_stop(model, prompts):

@@ -167,7 +167,7 @@ def test_new_loop_gives_the_old_loops_codes(golden_tts, seed, text, limit):
     tts, tokenizer = golden_tts
     spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(seed))
     old = old_generate_codes(tts, tokenizer, spk, text, EosAfter(make_sampler(seed), limit))
-    new = generate_codes(tts, tokenizer, spk, text, sampler=EosAfter(make_sampler(seed), limit), compile=False)
+    new = generate_codes(tts, tokenizer, spk, text, sampler=EosAfter(make_sampler(seed), limit))
     assert new.shape[1] == (limit - 1 if limit % OUTPUT_CHUNK_FRAMES == 0 else limit)
     assert torch.equal(new, old)
 
@@ -195,11 +195,15 @@ def test_step_logits_equal_the_old_loops_bit_for_bit(golden_tts):
 
 
 def test_compiled_step_gives_the_eager_codes(golden_tts, caplog):
-    """--compile on the CPU (Inductor): the same codes as eager over a few frames."""
+    """--step compile on the CPU (Inductor): the same codes as eager over a few frames."""
+    from minicpmo_cli.generation import step_runner
+
     tts, tokenizer = golden_tts
-    caplog.set_level("INFO", logger=tts_decode.__name__)
+    caplog.set_level("INFO", logger=step_runner.__name__)
     spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(5))
-    eager = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(5), 12), compile=False)
-    compiled = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(5), 12), compile=True)
+    eager = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(5), 12),
+                           runner=step_runner.StepRunner("eager", "TTS"))
+    runner = step_runner.StepRunner("compile", "TTS")
+    compiled = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(5), 12), runner=runner)
     assert eager.shape == (1, 12, 4) and torch.equal(compiled, eager)
-    assert "compiled the TTS step for cache 512" in caplog.text
+    assert "compiled the TTS step for batch 1, cache 512" in caplog.text

@@ -1,0 +1,569 @@
+"""The LLM engine: many requests decoded together in KV slots (vLLM's split between scheduling and tensors).
+
+- :class:`Request`: one unpadded prompt row (embeddings ``[L, D]``), its own :class:`DecodeSettings`, seed and
+  callbacks; :meth:`LLMEngine.submit` returns a :class:`Handle` (ids as they come, the result, the reason
+  it finished, timings).
+- A step (:meth:`LLMEngine.step`): schedule (free the slots of aborted and finished requests, admit waiting
+  requests into free slots, prefill them, in chunks when a prompt is long so running rows keep decoding) ->
+  run one step for all decoding rows (generation/step_runner.py) -> sample each row with its own settings
+  and generator (generation/sampling.py ``RowSampling``) -> hand the ids over.
+- Ids are read back to the host every ``CHECK_EVERY`` steps (the only host reads of a non-streaming decode),
+  or every step while a streaming request runs. A row that stopped in between keeps decoding pads until the
+  read: its ids after the stop are dropped, as ``generate`` pads a finished row.
+
+A background thread steps while there is work (``threaded=True``, started on the first submit); a
+short-lived engine (the library path, ``threaded=False``) is stepped by whoever waits on a handle.
+Beam search is not here (generation/text.py routes it to transformers ``generate``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from minicpmo_cli.errors import UsageError
+from minicpmo_cli.generation import forward as fwd
+from minicpmo_cli.generation.kv_pool import KVPool, lengths_mask, slot_bucket
+from minicpmo_cli.generation.sampling import RowSampling
+from minicpmo_cli.generation.settings import PAD_ID, DecodeSettings, cut_at_stop
+from minicpmo_cli.generation.static_cache import bucket_length
+from minicpmo_cli.generation.step_runner import StepRunner
+
+logger = logging.getLogger(__name__)
+
+CHECK_EVERY = 8  # decode steps between two host reads of the chosen ids (when no request streams)
+PREFILL_CHUNK = 2048  # prompt positions prefilled per step: longer prompts are prefilled over several steps
+MAX_WAITING = 1024
+
+
+class ContextTooLong(UsageError):
+    """The prompt plus ``max_new_tokens`` does not fit the model's context."""
+
+
+class EngineFull(UsageError):
+    """The waiting queue is at its limit (the server answers 429)."""
+
+
+@dataclass
+class Request:
+    embeds: torch.Tensor  # [L, D], one unpadded prompt row on the engine's device and dtype
+    settings: DecodeSettings
+    seed: int | None = None  # a private generator: the same answer alone or in any batch
+    on_prefill: Callable[[torch.Tensor], None] | None = None  # the prompt's final-norm hidden states [L, D]
+    on_tokens: Callable[[list[int]], None] | None = None  # on the engine thread, as ids are chosen
+    stream: bool = False  # read ids back every step (also implied by on_tokens)
+    generator: torch.Generator | None = None  # a caller's own generator (shared rows draw in row order)
+
+
+@dataclass
+class Timings:
+    submitted: float = 0.0
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    slots_used: int = 0
+    slots_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+
+
+_END = object()
+
+
+class Handle:
+    """A submitted request: :meth:`tokens` (ids as decoded), :meth:`result` (all ids, cut at the stop id),
+    ``finish_reason`` ('stop' | 'length' | 'abort' | 'error'), ``error``, ``timings``."""
+
+    def __init__(self, engine: LLMEngine, request: Request) -> None:
+        self.engine, self.request = engine, request
+        self.ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.timings = Timings(submitted=time.monotonic())
+        self._queue: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _wait(self, event_check: Callable[[], bool], timeout: float | None = None) -> None:
+        if self.engine.threaded:
+            return
+        while not event_check():  # a short-lived engine: the waiter steps it
+            if not self.engine.step() and not event_check():
+                raise RuntimeError("the engine went idle before the request finished")
+
+    def tokens(self) -> Iterator[int]:
+        """Ids as they are decoded (blocks); ends when the request finishes."""
+        while True:
+            if not self.engine.threaded:
+                self._wait(lambda: not self._queue.empty())
+            item = self._queue.get()
+            if item is _END:
+                self._queue.put(_END)  # a second iteration ends at once too
+                return
+            yield item
+
+    def result(self) -> list[int]:
+        self._wait(self._done.is_set)
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
+        return cut_at_stop(self.ids, self.request.settings.stop_ids)
+
+    def _emit(self, token: int) -> None:
+        if self.timings.first_token is None:
+            self.timings.first_token = time.monotonic()
+        self.ids.append(token)
+        self._queue.put(token)
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self._done.is_set():
+            return
+        self.finish_reason, self.error = reason, error
+        self.timings.finished = time.monotonic()
+        self._queue.put(_END)
+        self._done.set()
+
+
+@dataclass
+class _Row:
+    """A running request: its slot, how far its prompt is prefilled, tokens chosen (read back or not)."""
+
+    handle: Handle
+    slot: int
+    prefilled: int = 0
+    sampled: int = 0  # ids chosen on the device so far (read back or not)
+    hidden: list = field(default_factory=list)
+    generator: torch.Generator | None = None
+    decoding: bool = False  # has a chosen id to feed at the next step
+
+    @property
+    def request(self) -> Request:
+        return self.handle.request
+
+    @property
+    def prompt_length(self) -> int:
+        return self.request.embeds.shape[0]
+
+    @property
+    def streams(self) -> bool:
+        return self.request.stream or self.request.on_tokens is not None
+
+
+class Scheduler:
+    """Waiting -> running -> finished: admits waiting requests into free slots (first come, first served)."""
+
+    def __init__(self, max_waiting: int = MAX_WAITING) -> None:
+        self.waiting: deque[Handle] = deque()
+        self.running: dict[int, _Row] = {}
+        self.max_waiting = max_waiting
+
+    def add(self, handle: Handle) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise EngineFull(f"the engine's queue is full ({self.max_waiting} requests waiting); retry later")
+        self.waiting.append(handle)
+
+    def prefilling(self) -> list[_Row]:
+        return [row for row in self.running.values() if row.prefilled < row.prompt_length]
+
+    def decoding(self) -> list[_Row]:
+        return [row for row in self.running.values() if row.decoding]
+
+
+class LLMEngine:
+    """Continuous batching of LLM requests over a :class:`KVPool`; see the module docstring."""
+
+    def __init__(self, llm, *, runner: StepRunner | None = None, max_batch: int = 16, threaded: bool = True,
+                 max_waiting: int = MAX_WAITING, prefill_chunk: int = PREFILL_CHUNK,
+                 check_every: int = CHECK_EVERY, context: int | None = None) -> None:
+        self.llm = llm
+        self.runner = runner if runner is not None else StepRunner("eager")
+        self.max_batch, self.threaded = slot_bucket(max_batch), threaded
+        self.prefill_chunk, self.check_every = int(prefill_chunk), int(check_every)
+        self.context = int(context or getattr(llm.config, "max_position_embeddings", 32768))
+        self.scheduler = Scheduler(max_waiting)
+        self.pool: KVPool | None = None
+        self.stats_ = EngineStats()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._aborts: list[Handle] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        if threaded:
+            atexit.register(_close_at_exit, weakref.ref(self))
+        self._pending: list[tuple[torch.Tensor, list[_Row]]] = []  # chosen ids not yet read back
+        self._seen: torch.Tensor | None = None
+        self._stops: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+        self._next: torch.Tensor | None = None  # [slots] the id each slot feeds at its next step
+        self._done: torch.Tensor | None = None  # [slots] stopped on the device (not yet read back)
+
+    # ----- any thread ---------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Handle:
+        settings = request.settings
+        if settings.beam_search:
+            raise UsageError("beam search is not done by the engine (use transformers generate)")
+        length = int(request.embeds.shape[0])
+        if length < 1:
+            raise UsageError("the prompt is empty")
+        if length + settings.max_new_tokens > self.context:
+            raise ContextTooLong(f"the prompt ({length} tokens) plus max_new_tokens ({settings.max_new_tokens}) "
+                                 f"is beyond the model's context of {self.context} tokens",
+                                 parameters=("max_new_tokens",))
+        handle = Handle(self, request)
+        with self._work:
+            self.scheduler.add(handle)
+            self._work.notify()
+            if self._closed:
+                raise UsageError("the engine is closed")
+            if self.threaded and self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="minicpmo-engine", daemon=True)
+                self._thread.start()
+        return handle
+
+    def abort(self, handle: Handle) -> None:
+        with self._work:
+            self._aborts.append(handle)
+            self._work.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            stats = EngineStats(**vars(self.stats_))
+            stats.running = len(self.scheduler.running)
+            stats.waiting = len(self.scheduler.waiting)
+            stats.slots_used = len(self.scheduler.running)
+            stats.slots_total = self.pool.slots if self.pool is not None else 0
+        return stats
+
+    @property
+    def idle(self) -> bool:
+        return not self.scheduler.waiting and not self.scheduler.running and not self._aborts
+
+    def _loop(self) -> None:
+        """Step while there is work; the thread ends when the engine goes idle (a later submit starts
+        another), so none is left running at interpreter exit (see :meth:`close`)."""
+        while True:
+            with self._work:
+                if self.idle:
+                    self._thread = None
+                    self._work.notify_all()
+                    return
+            self.step()
+
+    def close(self) -> None:
+        """Wait for the engine thread to end (requests in flight are finished first); called at exit."""
+        with self._work:
+            self._closed = True
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    # ----- the engine thread --------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One schedule -> run -> sample -> update; False when there was nothing to do."""
+        with torch.inference_mode():
+            try:
+                return self._step()
+            except Exception as exc:  # noqa: BLE001 - every request in flight learns of it
+                logger.debug("engine step failed", exc_info=True)
+                self._fail_all(exc)
+                return True
+
+    def _step(self) -> bool:
+        self._take_aborts()
+        self._admit()
+        if not self.scheduler.running:
+            return False
+        choose: list[_Row] = []
+        logits = None
+        decoding = self.scheduler.decoding()
+        if decoding:
+            logits = self._decode(decoding)
+            choose.extend(decoding)
+        for row in self.scheduler.prefilling():
+            last = self._prefill_chunk(row)
+            if last is not None:
+                logits = self._logits_rows(logits)
+                logits[row.slot] = last[0]
+                choose.append(row)
+        if choose:
+            self._choose(logits, choose)
+        if self._must_read():
+            self._read_back()
+        return True
+
+    def _take_aborts(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, []
+        for handle in aborts:
+            if handle in self.scheduler.waiting:
+                self.scheduler.waiting.remove(handle)
+                handle._finish("abort")
+                continue
+            for slot, row in list(self.scheduler.running.items()):
+                if row.handle is handle:
+                    self._release(row, "abort")
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self.scheduler.waiting:
+                    return
+                handle = self.scheduler.waiting[0]
+            needed = handle.request.embeds.shape[0] + handle.request.settings.max_new_tokens
+            if not self._make_room(needed):
+                return
+            with self._lock:
+                self.scheduler.waiting.popleft()
+            slot = self.pool.alloc()
+            row = _Row(handle, slot, generator=_generator(handle.request))
+            self.scheduler.running[slot] = row
+            self._reset_slot(row)
+            self.stats_.prompt_tokens_total += row.prompt_length
+
+    def _make_room(self, needed: int) -> bool:
+        """A free slot with room for ``needed`` positions: a new pool (the next bucket) when this one has no
+        free slot below ``max_batch`` or is too short; False when the batch is full."""
+        pool = self.pool
+        if pool is None:
+            llm = self.llm
+            weight = llm.lm_head.weight
+            slots = slot_bucket(min(self.max_batch, len(self.scheduler.waiting)))
+            self.pool = KVPool.empty(llm.config, slots, bucket_length(needed), weight.dtype, weight.device)
+            self._buffers()
+            return True
+        if pool.free_slots and pool.fits(needed):
+            return True
+        used = pool.slots - pool.free_slots
+        if used + 1 > self.max_batch:
+            return False
+        slots = min(self.max_batch, used + len(self.scheduler.waiting))  # room for the queue at once
+        if self._pending:
+            self._read_back()  # the ids chosen so far go with the old buffers' rows
+        self.pool = pool.grown(slots, needed)
+        self.runner.forget(pool.generation)
+        self._buffers(previous=pool.slots)
+        return True
+
+    def _buffers(self, previous: int = 0) -> None:
+        """Per-slot device state sized to the pool (kept for the slots that exist already)."""
+        slots, device = self.pool.slots, self.pool.keys[0].device
+        vocab = self.llm.lm_head.weight.shape[0]
+
+        def grow(old, fresh):
+            if old is not None and previous:
+                fresh[:previous] = old[:previous]
+            return fresh
+
+        self._next = grow(self._next, torch.zeros(slots, dtype=torch.long, device=device))
+        self._done = grow(self._done, torch.zeros(slots, dtype=torch.bool, device=device))
+        self._stops = grow(self._stops, torch.zeros(slots, vocab, dtype=torch.bool, device=device))
+        self._logits = grow(self._logits, torch.zeros(slots, vocab, dtype=torch.float32, device=device))
+        if self._seen is not None:
+            self._seen = grow(self._seen, torch.zeros(slots, vocab, dtype=torch.bool, device=device))
+
+    def _reset_slot(self, row: _Row) -> None:
+        settings, slot = row.request.settings, row.slot
+        self._done[slot] = False
+        self._stops[slot] = False
+        if settings.stop_ids:
+            ids = torch.tensor(settings.stop_ids, dtype=torch.long, device=self._stops.device)
+            self._stops[slot, ids] = True
+        if settings.repetition_penalty != 1.0 and self._seen is None:
+            self._seen = torch.zeros_like(self._stops)
+        if self._seen is not None:
+            self._seen[slot] = False
+
+    # ----- prefill ------------------------------------------------------------------------------------
+
+    def _prefill_chunk(self, row: _Row) -> torch.Tensor | None:
+        """Prefill the next chunk of ``row``'s prompt into its slot; the float32 logits ``[1, V]`` of the
+        prompt's last position once it is all in, else None."""
+        embeds = row.request.embeds
+        length, begin = embeds.shape[0], row.prefilled
+        end = min(length, begin + self.prefill_chunk)
+        if begin == 0 and end == length:
+            hidden = self._prefill_whole(row)
+        else:
+            hidden = self._prefill_part(row, begin, end)
+        row.prefilled = end
+        if row.request.on_prefill is not None:
+            row.hidden.append(hidden[0])
+        if end < length:
+            return None
+        if row.request.on_prefill is not None:
+            row.request.on_prefill(torch.cat(row.hidden) if len(row.hidden) > 1 else row.hidden[0])
+            row.hidden = []
+        return self.llm.lm_head(hidden[:, -1:]).float()[:, -1]
+
+    def _prefill_whole(self, row: _Row) -> torch.Tensor:
+        """The prompt pass exactly as transformers ``generate`` makes it (``Qwen2Model.forward``, same
+        positions, no mask), its key/values copied into the slot."""
+        from transformers import DynamicCache
+
+        decoder = self.llm.model
+        embeds = row.request.embeds[None]
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        cache = DynamicCache(config=self.llm.config)
+        out = decoder(inputs_embeds=embeds, position_ids=positions, use_cache=True,
+                      **{fwd.cache_keyword(type(decoder)): cache})
+        self.pool.load_prompt(row.slot, cache.layers)
+        return out.last_hidden_state
+
+    def _prefill_part(self, row: _Row, begin: int, end: int) -> torch.Tensor:
+        """One chunk of a long prompt, written straight into the slot (causal over the slot's past)."""
+        embeds = row.request.embeds[None, begin:end]
+        device = embeds.device
+        positions = torch.arange(begin, end, device=device)[None]
+        mask = None
+        if begin > 0:
+            keys = torch.arange(end, device=device)
+            mask = (keys[None, :] <= positions[0, :, None])[None, None]
+        view = self.pool.slot_view(row.slot)
+        hidden = fwd.forward(self.llm, embeds, positions, view, mask)
+        self.pool.sync_view(row.slot, view)
+        return hidden
+
+    # ----- decode -------------------------------------------------------------------------------------
+
+    def _decode(self, rows: list[_Row]) -> torch.Tensor:
+        """One step over slots ``[0, span)``; float32 logits ``[span, V]`` (rows of other slots: junk)."""
+        pool = self.pool
+        span = pool.span()
+        device = self._next.device
+        decoding = {row.slot for row in rows}
+        # a slot that does not decode this step writes at its own next position (a free slot's, or the next
+        # one a prompt chunk will overwrite), never over filled positions
+        lengths = [min(pool.lengths[slot], pool.capacity - 1) for slot in range(span)]
+        positions = torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
+        tokens = self._next[:span]
+        if self.runner.static_shapes or device.type == "cuda":
+            mask = lengths_mask(positions, pool.capacity)
+            key = (span, pool.capacity, pool.generation)
+            logits = self.runner.run(key, _slot_step, (tokens, positions, mask),
+                                     (self.llm, pool, pool.capacity))
+        else:
+            uniform = len(set(lengths)) == 1 and len(decoding) == span
+            width = max(lengths) + 1
+            mask = None if uniform else lengths_mask(positions, width)
+            logits = fwd.slot_step(self.llm, tokens, positions, pool, mask, width)
+        for row in rows:
+            pool.lengths[row.slot] += 1
+        return logits
+
+    def _logits_rows(self, logits: torch.Tensor | None) -> torch.Tensor:
+        """Logits of slots ``[0, span)`` (a prefilled row's last logits are put in its slot's row)."""
+        span = self.pool.span()
+        if logits is None:
+            return self._logits[:span]
+        if logits.shape[0] < span:
+            grown = self._logits[:span]
+            grown[: logits.shape[0]] = logits
+            return grown
+        return logits
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        span = logits.shape[0]
+        by_slot = {row.slot: row for row in rows}
+        params = [None] * span
+        for slot, row in by_slot.items():
+            params[slot] = (row.request.settings, row.sampled, row.generator)
+        sampler = RowSampling(params, self._seen, self._stops, logits.device)
+        tokens = sampler.choose(logits)
+        live = torch.zeros(span, dtype=torch.bool)
+        live[list(by_slot)] = True
+        live = live.to(logits.device, non_blocking=True)
+        done = self._done[:span]
+        tokens = torch.where(done, PAD_ID, tokens)  # as generate: a stopped row continues with pads
+        self._next[:span] = torch.where(live, tokens, self._next[:span])
+        hit = self._stops[:span].gather(1, tokens[:, None]).squeeze(1)
+        self._done[:span] = done | (hit & live)
+        if self._seen is not None:
+            seen = self._seen[:span]
+            seen.scatter_(1, tokens[:, None], seen.gather(1, tokens[:, None]) | live[:, None])
+        for row in rows:
+            row.sampled += 1
+            row.decoding = True
+        self._pending.append((tokens, rows))
+
+    def _must_read(self) -> bool:
+        if not self._pending:
+            return False
+        running = self.scheduler.running.values()
+        if any(row.streams for row in running) or len(self._pending) >= self.check_every:
+            return True
+        return any(row.sampled >= row.request.settings.max_new_tokens for row in running if row.decoding)
+
+    def _read_back(self) -> None:
+        """One host read of every id chosen since the last: hand them over, finish and free rows that stopped
+        or reached their limit."""
+        pending, self._pending = self._pending, []
+        values = torch.cat([tokens for tokens, _ in pending]).tolist()
+        offset = 0
+        for tokens, rows in pending:
+            chosen = values[offset:offset + tokens.shape[0]]
+            offset += tokens.shape[0]
+            for row in rows:
+                if row.handle.done or self.scheduler.running.get(row.slot) is not row:
+                    continue
+                self._hand_over(row, chosen[row.slot])
+
+    def _hand_over(self, row: _Row, token: int) -> None:
+        handle, settings = row.handle, row.request.settings
+        handle._emit(token)
+        self.stats_.generation_tokens_total += 1
+        if row.request.on_tokens is not None:
+            row.request.on_tokens([token])
+        if token in settings.stop_ids:
+            self._release(row, "stop")
+        elif len(handle.ids) >= settings.max_new_tokens:
+            self._release(row, "length")
+
+    def _release(self, row: _Row, reason: str, error: BaseException | None = None) -> None:
+        if self.scheduler.running.get(row.slot) is row:
+            del self.scheduler.running[row.slot]
+            self.pool.free(row.slot)
+        row.handle._finish(reason, error)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._pending = []
+        for row in list(self.scheduler.running.values()):
+            self._release(row, "error", exc)
+
+
+def _slot_step(tokens, positions, mask, llm, pool, span):
+    """:func:`forward.slot_step` with the runner's argument order (inputs first, then what a key pins)."""
+    return fwd.slot_step(llm, tokens, positions, pool, mask, span)
+
+
+def _close_at_exit(ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close()
+
+
+def _generator(request: Request) -> torch.Generator | None:
+    if request.generator is not None:
+        return request.generator
+    if request.seed is None:
+        return None
+    device = request.embeds.device
+    return torch.Generator(device=device).manual_seed(int(request.seed))

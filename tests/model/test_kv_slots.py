@@ -1,0 +1,194 @@
+"""The LLM engine's KV slots (generation/kv_pool.py, generation/engine.py) on the golden checkpoint: every
+request gives the ids it gives alone, whatever else shares the batch, whenever it joins, however it is
+prefilled; slots are reused without reallocating the buffers; what does not fit is refused before memory is
+taken. Equality is of ids (exact)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minicpmo_cli.generation.decode import DecodeSettings, generate_ids, split_rows
+from minicpmo_cli.generation.engine import ContextTooLong, EngineFull, LLMEngine, Request
+from minicpmo_cli.generation.kv_pool import KVPool, lengths_mask, slot_bucket
+
+MESSAGES = ["hello there, how are you?", "tell me a long story about cats and dogs", "hi",
+            "what is the capital of france? answer in one word please"]
+
+
+@pytest.fixture(scope="module")
+def model(golden_ckpt):
+    from minicpmo_cli import MiniCPMO
+
+    return MiniCPMO.from_pretrained(golden_ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def rows(model):
+    msgs = [[{"role": "user", "content": text}] for text in MESSAGES]
+    inputs = model.processor.apply_chat_template(msgs=msgs)
+    with torch.inference_mode():
+        embeds, _ = model.get_inputs_embeds(dict(inputs))
+    return split_rows(embeds, inputs["attention_mask"])
+
+
+def stops(model):
+    tokenizer = model.processor.tokenizer
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+
+
+def alone(model, prompt, settings, seed=None):
+    return generate_ids(model.llm, prompt[None], None, settings, seed=seed)[0]
+
+
+def engine(model, **kwargs):
+    return LLMEngine(model.llm, threaded=False, **kwargs)
+
+
+GREEDY = DecodeSettings(max_new_tokens=20)
+SAMPLED = DecodeSettings(sampling=True, temperature=0.7, top_p=0.8, top_k=100, repetition_penalty=1.05,
+                         max_new_tokens=20)
+
+
+def test_rows_with_their_own_settings_and_seeds_give_their_ids_alone(model, rows):
+    """Greedy, penalised, banned-stop and seeded sampled rows in one batch: each row's ids are its alone ids."""
+    stop = stops(model)
+    settings = [GREEDY.with_(stop_ids=stop), SAMPLED.with_(stop_ids=stop),
+                GREEDY.with_(repetition_penalty=1.3, min_new_tokens=5, stop_ids=stop),
+                DecodeSettings(sampling=True, top_k=5, temperature=1.3, max_new_tokens=14, stop_ids=stop)]
+    seeds = [None, 11, None, 12]
+    expected = [alone(model, row, s, seed) for row, s, seed in zip(rows, settings, seeds)]
+    llm = engine(model)
+    handles = [llm.submit(Request(row, s, seed=seed)) for row, s, seed in zip(rows, settings, seeds)]
+    assert [h.result() for h in handles] == expected
+    assert llm.pool.slots == 4 and all(not used for used in llm.pool.used)
+
+
+def test_a_row_prefilled_into_a_slot_while_others_decode_gives_its_alone_ids(model, rows):
+    settings = GREEDY.with_(stop_ids=stops(model), max_new_tokens=24)
+    expected = [alone(model, row, settings) for row in rows]
+    llm = engine(model, max_batch=4)
+    first = [llm.submit(Request(row, settings)) for row in rows[:2]]
+    for _ in range(5):  # the first two are mid-decode
+        llm.step()
+    assert all(not h.done for h in first) and llm.pool.lengths[0] > rows[0].shape[0]
+    buffers = [k.data_ptr() for k in llm.pool.keys]
+    later = [llm.submit(Request(row, settings)) for row in rows[2:]]
+    results = [h.result() for h in first + later]
+    assert results == expected
+    # the pool was made for the first two; the later two took a bigger pool once (a new bucket)
+    assert llm.pool.slots == 4 and [k.data_ptr() for k in llm.pool.keys] != buffers
+
+
+def test_a_finished_row_is_a_free_slot_reused_without_moving_the_buffers(model, rows):
+    settings = GREEDY.with_(stop_ids=stops(model), max_new_tokens=6)
+    llm = engine(model, max_batch=2)
+    expected = [alone(model, row, settings) for row in rows]
+    handles = [llm.submit(Request(row, settings)) for row in rows[:2]]
+    while not llm.pool or not any(llm.pool.used):
+        llm.step()
+    pool, buffers = llm.pool, [k.data_ptr() for k in llm.pool.keys]
+    handles += [llm.submit(Request(row, settings)) for row in rows[2:]]  # wait for a free slot
+    assert llm.stats().waiting == 2 and llm.stats().slots_total == 2
+    assert [h.result() for h in handles] == expected
+    assert llm.pool is pool and [k.data_ptr() for k in llm.pool.keys] == buffers
+    stats = llm.stats()
+    assert stats.running == stats.waiting == stats.slots_used == 0
+    assert stats.generation_tokens_total == sum(len(ids) for ids in expected)
+    assert stats.prompt_tokens_total == sum(row.shape[0] for row in rows)
+
+
+def test_a_long_prompt_prefilled_in_chunks_gives_the_same_ids(model, rows):
+    settings = GREEDY.with_(stop_ids=stops(model))
+    prompt = rows[1]
+    expected = alone(model, prompt, settings)
+    llm = engine(model, prefill_chunk=4)
+    other = llm.submit(Request(rows[2], settings))
+    while 0 not in llm.scheduler.running or not llm.scheduler.running[0].decoding:
+        llm.step()
+    handle = llm.submit(Request(prompt, settings))
+    llm.step()  # its first chunk; the other row decodes on
+    assert llm.scheduler.running[1].prefilled == 4 and not handle.done
+    assert handle.result() == expected and other.result() == alone(model, rows[2], settings)
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched_in_any_order(model, rows):
+    settings = SAMPLED.with_(stop_ids=stops(model))
+    expected = alone(model, rows[0], settings, seed=5)
+    for order in ([0, 1, 2], [2, 1, 0]):
+        llm = engine(model)
+        handles = {i: llm.submit(Request(rows[i], settings, seed=5 if i == 0 else 100 + i)) for i in order}
+        assert handles[0].result() == expected
+
+
+def test_streamed_ids_and_abort(model, rows):
+    settings = GREEDY.with_(stop_ids=stops(model), max_new_tokens=12)
+    llm = engine(model)
+    seen = []
+    handle = llm.submit(Request(rows[0], settings, on_tokens=seen.extend))
+    aborted = llm.submit(Request(rows[1], settings))
+    llm.step()
+    llm.abort(aborted)
+    assert list(handle.tokens()) == handle.result() == seen == alone(model, rows[0], settings)
+    assert aborted.finish_reason == "abort" and handle.finish_reason in ("stop", "length")
+    assert not any(llm.pool.used)
+
+
+def test_abort_mid_prefill_frees_the_slot(model, rows):
+    settings = GREEDY.with_(stop_ids=stops(model))
+    llm = engine(model, prefill_chunk=3)
+    handle = llm.submit(Request(rows[1], settings))
+    llm.step()
+    assert llm.scheduler.running and not handle.done
+    llm.abort(handle)
+    llm.step()
+    assert handle.finish_reason == "abort" and not any(llm.pool.used) and llm.idle
+
+
+def test_refused_before_memory_is_taken(model, rows):
+    llm = engine(model, max_waiting=1, context=64)
+    with pytest.raises(ContextTooLong, match="beyond the model's context of 64"):
+        llm.submit(Request(rows[0], DecodeSettings(max_new_tokens=64)))
+    assert llm.pool is None and not llm.scheduler.waiting
+    llm.submit(Request(rows[0], DecodeSettings(max_new_tokens=4)))
+    with pytest.raises(EngineFull):
+        llm.submit(Request(rows[2], DecodeSettings(max_new_tokens=4)))
+
+
+def test_a_threaded_engine_serves_concurrent_callers_as_alone(model, rows):
+    import threading
+
+    settings = GREEDY.with_(stop_ids=stops(model))
+    expected = [alone(model, row, settings) for row in rows]
+    llm = LLMEngine(model.llm, threaded=True)
+    results = [None] * len(rows)
+
+    def call(index):
+        results[index] = generate_ids(model.llm, rows[index][None], None, settings, engine=llm)[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(rows))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == expected
+
+
+def test_pool_pieces():
+    assert [slot_bucket(n) for n in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
+    mask = lengths_mask(torch.tensor([0, 2]), 4)
+    assert mask.shape == (2, 1, 1, 4)
+    assert mask[:, 0, 0].tolist() == [[True, False, False, False], [True, True, True, False]]
+
+    class Config:
+        num_key_value_heads, num_attention_heads, hidden_size, num_hidden_layers = 2, 4, 16, 3
+
+    pool = KVPool.empty(Config, 2, 256, torch.float32, "cpu")
+    assert pool.alloc() == 0 and pool.alloc() == 1 and pool.alloc() is None
+    pool.keys[1][1, :, :5] = 1.0
+    pool.lengths[1] = 5
+    pool.free(0)
+    assert pool.alloc() == 0 and pool.span() == 2
+    bigger = pool.grown(3, 300)
+    assert (bigger.slots, bigger.capacity) == (4, 512) and bigger.generation != pool.generation
+    assert torch.equal(bigger.keys[1][:2, :, :256], pool.keys[1]) and bigger.lengths[:2] == pool.lengths
