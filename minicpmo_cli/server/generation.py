@@ -153,3 +153,13 @@ def runs_alone(decode: DecodeOptions, speech: bool = False) -> bool:
     if decode.seed is None:
         return False
     return speech or not (decode.sampling is False or decode.top_k == 1)
+
+
+def finish_reason(stopped: bool, counts: Usage, conversation: Conversation, decode: DecodeOptions) -> str:
+    """OpenAI's finish_reason: "length" when the answer used its whole token budget without a stop."""
+    limit = max_new_tokens(conversation, decode)
+    return "length" if not stopped and counts.completion_tokens >= limit else "stop"
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -5,42 +5,14 @@ speech) freeing their places, /metrics, and 429 + Retry-After under a flood. Tes
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 
-from tests.server.conftest import API_KEY, MODEL, start_server, stop_server
+from tests.server.conftest import API_KEY, MODEL, metrics, post_and_hold, start_server, stop_server, wait_for
 
 CLIENTS = 16
-
-
-def metrics(server) -> dict[str, float]:
-    """/metrics parsed by prometheus_client: sample name (with labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-    return values
-
-
-def wait_for(what: str, predicate, deadline_s: float = 300.0):
-    """Poll until ``predicate()`` is truthy; the deadline only turns a hang into a failure."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"never reached: {what}")
 
 
 def ask(server, index: int, **options) -> str:
@@ -84,16 +56,6 @@ def test_a_request_joins_while_others_stream(server):
     for head, stream, expected in zip(heads, streams, long_alone):
         text = (head.choices[0].delta.content or "" if head.choices else "") + stream_text(stream)
         assert text == expected
-
-
-def post_and_hold(server, path: str, body: dict) -> socket.socket:
-    """A request sent on a raw socket whose answer is never read: closing the socket is a client leaving."""
-    data = json.dumps(body).encode()
-    host = server.url.removeprefix("http://")
-    sock = socket.create_connection(tuple(host.rsplit(":", 1)[:1]) + (int(host.rsplit(":", 1)[1]),))
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
-                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
 
 
 def test_clients_that_leave_stop_their_work(server):
