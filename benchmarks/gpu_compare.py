@@ -8,6 +8,7 @@ batched and one by one, TTS first audio and real-time factor, peak memory per co
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class Compared:
     ours: float | str | None
     baseline: float | str | None
     note: str = ""
+    relative_to: str = ""  # another row's metric: the printed note adds "N.NNx" that row's own value
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Budget:
     asr_seconds: float = 10.0
     asr_new_tokens: int = 32
     tts_frames: int = 200
-    compile: bool = True
+    step: str | None = None  # eager | graph | compile; None: the library's default for the device
     image_side: int = 1344  # chat + image and omni: a 1344 x 1344 image is 9 slices + the overview
 
 
@@ -78,11 +80,57 @@ def load_core():
     return generate_ids, DecodeSettings
 
 
-def ours_generate(core, llm, embeds, mask, count: int, compile: bool):
+_ENGINES: dict[tuple, Any] = {}  # (id(llm), step) -> LLMEngine: its captured graphs outlive one call
+
+
+def decode_kwargs(generate_ids, llm, step: str | None) -> dict:
+    """How to run ``generate_ids`` in step mode ``step`` (None: the library's default for the device): on an
+    engine of our own per mode where the core takes one (step runners), so that the graphs captured in the
+    warm-up are replayed in the timed runs; else the older core's ``compile`` flag (graph and compile both
+    meant its captured step; None: captured on CUDA, as it did by default)."""
+    import inspect
+
+    parameters = inspect.signature(generate_ids).parameters
+    device = llm.lm_head.weight.device
+    if "engine" in parameters:
+        from minicpmo_cli.generation.engine import LLMEngine
+        from minicpmo_cli.generation.step_runner import StepRunner, resolve_step
+
+        mode = resolve_step(step, device)
+        key = (id(llm), mode)
+        if key not in _ENGINES:
+            _ENGINES[key] = LLMEngine(llm, runner=StepRunner(mode), max_batch=1, threaded=False)
+        return {"engine": _ENGINES[key]}
+    if "compile" in parameters:
+        return {"compile": device.type == "cuda" if step is None else step != "eager"}
+    return {}
+
+
+def speech_kwargs(step: str | None, device: str) -> dict:
+    """The same for ``stream_speech``: a TTS step runner of our own per mode, or the older ``compile`` flag."""
+    import inspect
+
+    from minicpmo_cli.generation.speech import stream_speech
+
+    parameters = inspect.signature(stream_speech).parameters
+    if "runner" in parameters:
+        from minicpmo_cli.generation.step_runner import StepRunner, resolve_step
+
+        mode = resolve_step(step, device)
+        key = ("tts", mode)
+        if key not in _ENGINES:
+            _ENGINES[key] = StepRunner(mode, "TTS")
+        return {"runner": _ENGINES[key]}
+    if "compile" in parameters:
+        return {"compile": device.startswith("cuda") if step is None else step != "eager"}
+    return {}
+
+
+def ours_generate(core, llm, embeds, mask, count: int, step: str | None):
     generate_ids, settings_class = core
     settings = settings_class(sampling=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                               min_new_tokens=0, max_new_tokens=count, stop_ids=[])  # random weights: run N
-    return generate_ids(llm, embeds, mask, settings, compile=compile)
+    return generate_ids(llm, embeds, mask, settings, **decode_kwargs(generate_ids, llm, step))
 
 
 def transformers_generate(llm, embeds, mask, count: int):
@@ -137,11 +185,11 @@ def decode_rows(model, device: str, budget: Budget, repeats: int) -> list[Compar
     baseline = rate(lambda count: transformers_generate(model.llm, embeds, mask, count))
     ours: float | str = CORE_MISSING
     if core is not None:
-        ours = rate(lambda count: ours_generate(core, model.llm, embeds, mask, count, budget.compile))
+        ours = rate(lambda count: ours_generate(core, model.llm, embeds, mask, count, budget.step))
     bandwidth = copy_bandwidth(device, repeats) if device.startswith("cuda") else float("nan")
     bound = bandwidth / decode_bytes_per_token(model, budget.decode_prompt)
     rows = [Compared(f"decode, batch 1, {budget.decode_prompt}-token prompt", "tokens/s", ours, baseline,
-                     f"{n} new tokens; ours compiled: {budget.compile}")]
+                     f"{n} new tokens; our step: {budget.step or 'default'}")]
     if bound == bound:
         share = (lambda v: v / bound * 100 if isinstance(v, float) else v)
         rows.append(Compared("decode share of the bandwidth bound", "%", share(ours), share(baseline),
@@ -163,10 +211,59 @@ def prefill_rows(model, device: str, budget: Budget, repeats: int) -> list[Compa
                                             repeats)
             ours: float | str = CORE_MISSING
             if core is not None:
-                ours = length / median_time(lambda: ours_generate(core, model.llm, embeds, mask, 1, False), device,
-                                            repeats)
+                ours = length / median_time(lambda: ours_generate(core, model.llm, embeds, mask, 1, "eager"),
+                                            device, repeats)
         rows.append(Compared(f"prefill, {length} tokens", "tokens/s", ours, baseline, "time to the first token"))
     return rows
+
+
+def quantize_llm(model, mode: str) -> str:
+    """The LLM's decoder linears quantized in place from their float weights, as ``--quantize`` loads them;
+    returns the kernel the linears run on (and why)."""
+    from minicpmo_cli.model import quant
+
+    names = quant.decoder_linear_names(model.config.num_hidden_layers)
+    old = {name: model.get_submodule(name) for name in names}
+    swapped = quant.replace_linears(model, names, mode, old[names[0]].weight.dtype)
+    for name in names:
+        linear, new = old.pop(name), swapped[name]
+        if mode == "int8":
+            new.set_weight(*quant.quantize_int8(linear.weight.detach()))
+        else:
+            q, scales, zeros = quant.quantize_int4(linear.weight.detach(), quant.INT4_GROUP_SIZE)
+            new.set_weight(q, scales, zeros, quant.INT4_GROUP_SIZE)
+        if linear.bias is not None:
+            new.bias.data.copy_(linear.bias.detach())
+        del linear  # the float weight goes as soon as its quantized form exists
+    info = quant.summarize(model, mode, "--quantize")
+    return f"{info.kernel}: {info.kernel_reason}"
+
+
+def quant_rows(model, device: str, budget: Budget, repeats: int, mode: str) -> list[Compared]:
+    """Batch-1 decode with the LLM quantized (``mode``): tok/s as the bf16 decode row measures it, the LLM's
+    weights, and the peak GPU memory of that decode (weights + cache + activations)."""
+    import torch
+
+    core = load_core()
+    if core is None:
+        return [Compared(f"decode, {mode}", "tokens/s", CORE_MISSING, None)]
+    kernel = quantize_llm(model, mode)
+    weights = sum(t.numel() * t.element_size() for t in (*model.llm.parameters(), *model.llm.buffers()))
+    embeds, mask = _prompt(model, budget.decode_prompt, device, seed=2)
+    n = budget.new_tokens
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        first = median_time(lambda: ours_generate(core, model.llm, embeds, mask, 1, budget.step), device, repeats)
+        whole = median_time(lambda: ours_generate(core, model.llm, embeds, mask, n, budget.step), device, repeats)
+    rate = (n - 1) / (whole - first) if whole > first else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    decode = f"decode, batch 1, {budget.decode_prompt}-token prompt"
+    return [Compared(f"{decode}, LLM {mode}", "tokens/s", rate, None,
+                     f"{n} new tokens; our step: {budget.step or 'default'}; kernel {kernel}", decode),
+            Compared(f"peak GPU memory, chat decode, LLM {mode}", "GiB", peak, None,
+                     f"LLM weights {weights / 2**30:.2f} GiB (the LLM alone: a text chat's towers)")]
 
 
 # ------------------------------------------------------------------------------------------ asr
@@ -202,7 +299,7 @@ def asr_rows(engine, budget: Budget) -> list[Compared]:
 # ------------------------------------------------------------------------------------------ tts
 def tts_rows(model, vocos, tts_tokenizer, device: str, budget: Budget) -> list[Compared]:
     """Streaming speech of one sentence: time to the first audio chunk and the real-time factor. Ours: the
-    TTS step on the decoding core (captured when budget.compile) and the first chunk yielded as soon as it is
+    TTS step on the decoding core (budget.step; captured unless eager) and the first chunk yielded as soon as it is
     decoded; baseline: the same stream eager, its first audio taken where the old loop yielded it (with the
     second chunk: it held each chunk back for the cross-fade). There is no transformers generate for ChatTTS."""
     import torch
@@ -212,11 +309,11 @@ def tts_rows(model, vocos, tts_tokenizer, device: str, budget: Budget) -> list[C
     spk = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
     spk = spk.to(device, model.tts.dtype)
 
-    def speak(compile: bool) -> tuple[float, float, float, float]:
+    def speak(step: str | None) -> tuple[float, float, float, float]:
         start = time.perf_counter()
         arrivals, samples = [], 0
         for chunk in stream_speech(model.tts, vocos, tts_tokenizer, spk, TTS_SENTENCE,
-                                   max_new_tokens=budget.tts_frames, seed=0, compile=compile):
+                                   max_new_tokens=budget.tts_frames, seed=0, **speech_kwargs(step, device)):
             sync(device)
             arrivals.append(time.perf_counter() - start)
             samples += len(chunk.wav)
@@ -226,30 +323,38 @@ def tts_rows(model, vocos, tts_tokenizer, device: str, budget: Budget) -> list[C
         return first, held_back, total, samples / TTS_SAMPLE_RATE
 
     with torch.inference_mode():
-        speak(budget.compile)  # warm-up (and, compiled, the captures)
-        first, _, total, seconds = speak(budget.compile)
-        speak(False)
-        _, old_first, old_total, _ = speak(False)
+        speak(budget.step)  # warm-up (and, captured, the captures)
+        first, _, total, seconds = speak(budget.step)
+        speak("eager")
+        _, old_first, old_total, _ = speak("eager")
     rtf = total / seconds if seconds else float("nan")
     old_rtf = old_total / seconds if seconds else float("nan")
     return [Compared("TTS first audio", "ms", first * 1000, old_first * 1000,
                      f"streaming, 25-frame first chunk; baseline: eager, first chunk held back to the second "
-                     f"(the old loop); ours compiled: {budget.compile}"),
+                     f"(the old loop); our step: {budget.step or 'default'}"),
             Compared("TTS real-time factor", "RTF", rtf, old_rtf,
                      f"{seconds:.1f} s of speech in {total:.2f} s ({budget.tts_frames} frames at most); "
                      f"baseline: eager")]
 
 
 # ------------------------------------------------------------------------------------------ memory
-def make_engine(model, vocos, tiny_dir: Path, device: str, dtype):
+def make_engine(model, vocos, tiny_dir: Path, device: str, dtype, step: str | None = None):
     """An api Engine around the random model, with the tiny checkpoint's processor (tokenizer, features)."""
     from minicpmo_cli.api.engine import Engine, LoadOptions
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
 
     model.vocos = vocos
+    options = LoadOptions(model=str(tiny_dir), device=device)
+    engines = {}
+    try:  # the step runners' engines (api/engine.py make_engines), where the package has them
+        from minicpmo_cli.api.engine import make_engines
+
+        options = LoadOptions(model=str(tiny_dir), device=device, step=step)
+        engines = dict(zip(("llm_engine", "tts_runner"), make_engines(model, options, device)))
+    except ImportError:
+        pass
     return Engine(model=model, processor=MiniCPMOProcessor.from_pretrained(str(tiny_dir)), device=device,
-                  dtype=dtype, options=LoadOptions(model=str(tiny_dir), device=device),
-                  towers={"vision": True, "audio": True, "tts": True})
+                  dtype=dtype, options=options, towers={"vision": True, "audio": True, "tts": True}, **engines)
 
 
 def command_workloads(engine, vocos, tts_tokenizer, budget) -> dict[str, Callable[[], Any]]:
@@ -273,7 +378,8 @@ def command_workloads(engine, vocos, tts_tokenizer, budget) -> dict[str, Callabl
 
     def speech():
         for _ in stream_speech(model.tts, vocos, tts_tokenizer, spk.to(engine.device, model.tts.dtype),
-                               TTS_SENTENCE, max_new_tokens=budget.tts_frames, seed=0):
+                               TTS_SENTENCE, max_new_tokens=budget.tts_frames, seed=0,
+                               **speech_kwargs(budget.step, engine.device)):
             pass
 
     return {
@@ -347,3 +453,45 @@ def render(rows: list[Compared]) -> list[str]:
     lines = ["| measurement | unit | ours | transformers generate / baseline | notes |", "|---|---|---:|---:|---|"]
     lines += [f"| {r.metric} | {r.unit} | {cell(r.ours)} | {cell(r.baseline)} | {r.note} |" for r in rows]
     return lines
+
+
+class TablePrinter:
+    """Rows as markdown lines the moment they come; a table header whenever the kind of row changes."""
+
+    HEADERS = {
+        "towers": ["| section | measurement | value | unit | notes |", "|---|---|---:|---|---|"],
+        "compared": ["| measurement | unit | ours | transformers generate / baseline | notes |",
+                     "|---|---|---:|---:|---|"],
+    }
+
+    def __init__(self) -> None:
+        self.kind = None
+        self.ours: dict[str, float] = {}  # compared rows' own values, for the quantized rows' ratio
+
+    def row(self, row: dict) -> None:
+        kind = row.get("table", "compared")
+        if kind != self.kind:
+            self._print(["", *self.HEADERS[kind]])
+            self.kind = kind
+        if kind == "towers":
+            value = row["value"]
+            cell = f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+            self._print([f"| {row['section']} | {row['metric']} | {cell} | {row['unit']} | {row['detail']} |"])
+            return
+        relative = row.pop("relative_to", "")
+        ours, base = row["ours"], self.ours.get(relative)
+        if relative and isinstance(ours, (int, float)) and ours == ours and base and base == base:
+            row["note"] += f"; {ours / base:.2f}x the unquantized row"
+        if isinstance(ours, (int, float)):
+            self.ours[row["metric"]] = ours
+        self._print(render([Compared(**{k: v for k, v in row.items() if k != "table"})])[2:])
+
+    def note(self, stage: str, status: str, seconds: float) -> None:
+        print(f"[{stage}] {status} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+        if status != "done":
+            self.row({"table": "compared", "metric": f"stage {stage}", "unit": "-", "ours": status,
+                      "baseline": None, "note": "its rows are lost; the other stages ran on"})
+
+    @staticmethod
+    def _print(lines: list[str]) -> None:
+        print("\n".join(lines), flush=True)

@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """Full-size MiniCPM-o 2.6 on a CUDA GPU with random bf16 weights: speed and memory, ours next to transformers.
 
-No checkpoint is downloaded: the model is built from the official config.json with parameters on the meta
-device, then each tower is materialised on the GPU (``to_empty``) and filled with random numbers. Two tables:
-per tower (allocation + random init = the load time without a disk, vision encode of 1 and 9 slices, Whisper
-over 30 s), then ours against transformers' ``generate`` on the same weights (benchmarks/gpu_compare.py):
-batch-1 decode tok/s and its share of the memory-bandwidth bound, prefill tok/s, asr of 100 x 10 s clips
-batched and one by one, TTS first audio and real-time factor, peak memory per command.
+No checkpoint is downloaded: the model is built from the official config.json on meta, each tower filled on
+the GPU with random numbers (gpu_model.py). Rows, each printed the moment it is measured: per tower
+(allocation + random init = the load time without a disk, vision encode of 1 and 9 slices, Whisper over
+30 s), then ours against transformers' ``generate`` on the same weights (gpu_compare.py): batch-1 decode
+tok/s and its share of the memory-bandwidth bound, prefill tok/s, asr of 100 x 10 s clips batched and one
+by one, TTS first audio and real-time factor, peak memory per command, and the LLM quantized (``--quantize
+int8,int4``): decode tok/s and peak GPU memory.
 
-    bash benchmarks/gpu_run.sh                            # offline install from the wheel folder, then this
-    python benchmarks/gpu_full_size.py                    # needs a CUDA GPU (~20 GiB); ~5 min on an H200
+Every stage runs under its own time limit in a child process (stage_runner.py): a stage that outlives its
+limit or crashes is killed and reported in its row, the rows before it stay printed, and a new child runs
+the stages after it.
+
+    bash benchmarks/gpu_run.sh                            # everything the GPU session runs, one command
+    python benchmarks/gpu_full_size.py                    # needs a CUDA GPU (~20 GiB); a few minutes on an H200
+    python benchmarks/gpu_full_size.py --stage-timeout 90 --timeouts tts=60 --time-limit 300
     python benchmarks/gpu_full_size.py --dry-run          # no GPU: build on meta, print the memory plan
-    python benchmarks/gpu_full_size.py --cpu-smoke        # no GPU: every stage on the tiny config, seconds
+    python benchmarks/gpu_full_size.py --cpu-smoke        # no GPU: every stage on the tiny config, the same way
 
 Random weights make the timings those of the real model (same shapes, same kernels) but not its outputs:
 answers never stop early, so decoding and speech run for fixed lengths.
@@ -20,46 +26,19 @@ answers never stop early, so decoding and speech run for fixed lengths.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from gpu_model import materialise, towers
 
-REFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "config.json"  # beside the repo
-EXIT_ENVIRONMENT = 4  # minicpmo_cli.errors.EXIT_ENVIRONMENT: the machine lacks what the command needs
 SAMPLE_RATE = 16000  # Hz, Whisper input
-
-# The official openbmb/MiniCPM-o-2_6 config.json, minus keys no module reads (Whisper decoder-only
-# generation settings such as suppress_tokens), for machines without /work/shared.
-OFFICIAL_CONFIG: dict[str, Any] = {
-    "_name_or_path": "openbmb/MiniCPM-o-2_6", "model_type": "minicpmo", "version": 2.6,
-    "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
-    "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 32768,
-    "max_window_layers": 28, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
-    "use_sliding_window": False, "vocab_size": 151700, "batch_vision_input": True, "drop_vision_last_layer": False,
-    "image_size": 448, "audio_chunk_length": 1.0, "audio_pool_step": 2, "chunk_input": True,
-    "listen_speak_type": "asr", "patch_size": 14, "query_num": 64,
-    "slice_config": {"max_slice_nums": 9, "model_type": "minicpmv"}, "slice_mode": True,
-    "torch_dtype": "bfloat16", "use_cache": True, "use_image_id": True, "vision_batch_size": 16,
-    "audio_config": {
-        "_name_or_path": "openai/whisper-medium", "model_type": "whisper", "d_model": 1024,
-        "encoder_attention_heads": 16, "encoder_ffn_dim": 4096, "encoder_layers": 24,
-        "decoder_attention_heads": 16, "decoder_ffn_dim": 4096, "decoder_layers": 24, "num_hidden_layers": 24,
-        "max_source_positions": 1500, "num_mel_bins": 80, "torch_dtype": "float32",
-    },
-    "tts_config": {"model_type": "conditional_chattts", "llm_dim": 3584},
-    "vision_config": {
-        "hidden_size": 1152, "image_size": 980, "intermediate_size": 4304, "model_type": "siglip_vision_model",
-        "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14,
-    },
-}
+EXIT_ENVIRONMENT = 4  # minicpmo_cli.errors.EXIT_ENVIRONMENT: the machine lacks what the command needs
 
 
 @dataclass
@@ -69,71 +48,6 @@ class Row:
     value: float
     unit: str
     detail: str = ""
-
-
-# ------------------------------------------------------------------------------------------ building
-def load_config_dict(args) -> tuple[dict, str]:
-    if args.config:
-        return json.loads(Path(args.config).read_text()), args.config
-    if REFERENCE_CONFIG.exists():
-        return json.loads(REFERENCE_CONFIG.read_text()), str(REFERENCE_CONFIG)
-    return dict(OFFICIAL_CONFIG), "embedded copy of the official config.json"
-
-
-def make_config(config_dict: dict, tts_tokenizer_ids: dict[str, int], attn: str):
-    """MiniCPMOConfig with the TTS special ids of the stand-in tokenizer (the sizes stay the official ones)."""
-    from minicpmo_cli.model.config import MiniCPMOConfig
-
-    values = {k: v for k, v in config_dict.items() if k not in ("auto_map", "architectures")}
-    values["tts_config"] = {**values.get("tts_config", {}), **tts_tokenizer_ids}
-    config = MiniCPMOConfig(**values)
-    config._attn_implementation = attn
-    return config
-
-
-def build_on_meta(config, dtype):
-    """(MiniCPMO with every tower, Vocos in float32 as the reference), parameters on meta."""
-    import torch
-
-    from minicpmo_cli.generation.guide import MiniCPMO
-    from minicpmo_cli.model.loading import construction_context, parameters_on_meta
-    from minicpmo_cli.model.vocoder import Vocos
-
-    config.init_vision = config.init_audio = config.init_tts = True
-    with construction_context(dtype=dtype), parameters_on_meta():
-        model = MiniCPMO(config)
-    with construction_context(dtype=torch.float32), parameters_on_meta():
-        vocos = Vocos(config.tts_config)
-    return model.eval(), vocos.eval()
-
-
-def towers(model, vocos) -> list[tuple[str, Any]]:
-    return [(name, child) for name, child in model.named_children()] + [("vocos", vocos)]
-
-
-def random_fill(module, generator) -> None:
-    """Well-scaled random weights: N(0, 0.02) matrices, unit norm gains, zero biases, positive WN gains."""
-    import torch
-
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith(("coef", "original0", "weight_g")):
-                param.uniform_(0.5, 1.5, generator=generator)
-            elif param.ndim >= 2:
-                param.normal_(0.0, 0.02, generator=generator)
-            elif "norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            else:
-                param.zero_()
-
-
-def materialise(module, device: str, generator) -> None:
-    """``to_empty`` on ``device``, the CPU-computed buffers put back, random parameters."""
-    saved = {name: buf.detach().clone() for name, buf in module.named_buffers()}
-    module.to_empty(device=device)
-    for name, buf in module.named_buffers():
-        buf.copy_(saved[name])
-    random_fill(module, generator)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -265,33 +179,42 @@ def bench_whisper(model, meter: Meter, device: str, seconds_of_audio: float = 30
 
 
 # ------------------------------------------------------------------------------------------ main
-def render(rows: list[Row], header: list[str]) -> str:
-    lines = header + ["", "| section | measurement | value | unit | notes |", "|---|---|---:|---|---|"]
-    for row in rows:
-        value = f"{row.value:.3g}" if abs(row.value) < 100 else f"{row.value:.0f}"
-        lines.append(f"| {row.section} | {row.metric} | {value} | {row.unit} | {row.detail} |")
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------------ options
+MAIN_STAGES = ("vision", "audio", "decode", "prefill", "asr", "tts", "memory")
+QUANT_MODES = ("int8", "int4")
+STAGE_TIMEOUT = 150.0  # seconds a stage may run (--stage-timeout); the model build gets BUILD_TIMEOUT
+BUILD_TIMEOUT = 240.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="config.json to build (default: the shared reference or an embedded copy)")
-    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N; cpu only with --tiny")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--attn", default="sdpa", help="LLM attention: sdpa (default) or flash_attention_2")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median shown)")
-    parser.add_argument("--prefill", default="1024,4096", help="prefill lengths, comma-separated")
-    parser.add_argument("--decode-prompt", type=int, default=1024, help="prompt length before decoding")
-    parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens")
-    parser.add_argument("--asr-clips", type=int, default=100, help="10 s clips transcribed batched")
-    parser.add_argument("--asr-serial-clips", type=int, default=20, help="of those, transcribed one by one")
-    parser.add_argument("--no-compile", action="store_true", help="our decode core without CUDA graphs")
-    parser.add_argument("--skip", default="", help="comma-separated: vision,audio,decode,prefill,asr,tts,memory")
-    parser.add_argument("--dry-run", action="store_true", help="build on meta and print the memory plan only")
-    parser.add_argument("--tiny", action="store_true", help="use the tiny test config (a smoke test of this script)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="no GPU needed: every stage on the tiny config on the CPU at small sizes (seconds)")
+    add = parser.add_argument
+    add("--config", help="config.json to build (default: the shared reference or an embedded copy)")
+    add("--device", default="cuda", help="cuda (default), cuda:N; cpu only with --tiny")
+    add("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    add("--attn", default="sdpa", help="LLM attention: sdpa (default) or flash_attention_2")
+    add("--repeats", type=int, default=3, help="timed runs per measurement (median shown)")
+    add("--prefill", default="1024,4096", help="prefill lengths, comma-separated")
+    add("--decode-prompt", type=int, default=1024, help="prompt length before decoding")
+    add("--new-tokens", type=int, default=128, help="decoded tokens")
+    add("--asr-clips", type=int, default=100, help="10 s clips transcribed batched")
+    add("--asr-serial-clips", type=int, default=20, help="of those, transcribed one by one")
+    add("--step", choices=("eager", "graph", "compile"), default=None,
+        help="our decode step (default: the library's choice for the device); passed where the core takes it")
+    add("--no-compile", action="store_true", help="same as --step eager")
+    add("--quantize", default=",".join(QUANT_MODES), help="LLM quantizations measured after bf16 (none: skip)")
+    add("--skip", default="", help="comma-separated stages: " + ",".join(MAIN_STAGES) + ",quant")
+    add("--stage-timeout", type=float, default=STAGE_TIMEOUT, help="seconds one stage may run (default 150)")
+    add("--timeouts", default="", help="per-stage limits, e.g. build=300,tts=60 (seconds)")
+    add("--time-limit", type=float, default=None, help="seconds for the whole run; later stages are not run")
+    add("--dry-run", action="store_true", help="build on meta and print the memory plan only")
+    add("--tiny", action="store_true", help="use the tiny test config (a smoke test of this script)")
+    add("--cpu-smoke", action="store_true",
+        help="no GPU needed: every stage on the tiny config on the CPU at small sizes (seconds)")
+    add("--worker", action="store_true", help=argparse.SUPPRESS)  # a child: run --stages, report rows
+    add("--stages", default="", help=argparse.SUPPRESS)
+    add("--hang-in", default="", help="testing the time limits: make this stage hang")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.new_tokens < 2:
         parser.error("--repeats must be >= 1 and --new-tokens >= 2")
@@ -299,11 +222,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prefill = [int(v) for v in args.prefill.split(",") if v.strip()]
     except ValueError:
         parser.error("--prefill is a comma-separated list of token counts, e.g. 1024,4096")
+    try:
+        from stage_runner import parse_timeouts
+
+        args.timeouts = parse_timeouts(args.timeouts)
+    except ValueError as exc:
+        parser.error(f"--timeouts: {exc}")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.quantize = [] if args.quantize.strip() in ("", "none") else [q.strip() for q in args.quantize.split(",")]
+    if any(q not in QUANT_MODES for q in args.quantize):
+        parser.error(f"--quantize takes {', '.join(QUANT_MODES)} or none, not {','.join(args.quantize)}")
+    if args.no_compile:
+        args.step = "eager"
     if args.cpu_smoke:
         args.tiny, args.device, args.dtype, args.repeats = True, "cpu", "float32", 1
         args.prefill, args.decode_prompt, args.new_tokens = [16], 16, 4
         args.asr_clips, args.asr_serial_clips = 4, 2
+        args.step = args.step or "eager"
     return args
 
 
@@ -314,8 +249,7 @@ def budget_for(args):
     return Budget(decode_prompt=args.decode_prompt, new_tokens=args.new_tokens, prefill=args.prefill,
                   asr_clips=args.asr_clips, asr_serial_clips=min(args.asr_serial_clips, args.asr_clips),
                   asr_seconds=1.0 if smoke else 10.0, asr_new_tokens=3 if smoke else 32,
-                  tts_frames=8 if smoke else 200, compile=not (args.no_compile or smoke),
-                  image_side=448 if smoke else 1344)
+                  tts_frames=8 if smoke else 200, step=args.step, image_side=448 if smoke else 1344)
 
 
 def check_device(args) -> str | None:
@@ -336,97 +270,205 @@ def check_device(args) -> str | None:
     return None
 
 
-def header_lines(args, source: str, device: str) -> list[str]:
+def header_lines(args, source: str) -> list[str]:
     import torch
 
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
+    cuda = args.device.startswith("cuda") and torch.cuda.is_available()
+    name = torch.cuda.get_device_name(args.device) if cuda else "CPU" if args.device == "cpu" else "no GPU here"
     what = "tiny test config" if args.tiny else "full size, random weights"
+    versions = f"torch {torch.__version__}"
+    try:
+        import transformers
+
+        versions += f", transformers {transformers.__version__}"
+    except ImportError:
+        pass
     return [f"# minicpmo GPU benchmark ({what})", "",
-            f"- device: {name}; torch {torch.__version__}; dtype {args.dtype}; LLM attention {args.attn}",
+            f"- device: {name}; {versions}; dtype {args.dtype}; LLM attention {args.attn}; "
+            f"decode step: {args.step or 'the library default'}",
             f"- config: {source}; repeats {args.repeats} (median shown, after one warm-up)"]
 
 
-def compare_stages(args, model, vocos, engine, tts_tokenizer, device: str) -> list:
+# ------------------------------------------------------------------------------------------ the child
+def worker(args: argparse.Namespace) -> int:
+    """Build the model (stage "build"), then run ``--stages`` in order, each row reported as it is measured."""
+    from stage_runner import BUILD, Reporter
+
+    report = Reporter()
+    stages = [s for s in args.stages.split(",") if s]
+    report.start(BUILD)
+    with tempfile.TemporaryDirectory(prefix="minicpmo-gpu-bench-") as tmp:
+        quant = [s.removeprefix("quant-") for s in stages if s.startswith("quant-")]
+        if quant:  # a quantization child: the LLM alone, quantized in place (it cannot go back)
+            import gpu_compare
+
+            context = build_llm_only(args, Path(tmp))
+            report.done(BUILD)
+            for mode in quant:
+                run_stage(report, f"quant-{mode}", args, lambda: gpu_compare.quant_rows(
+                    context["model"], args.device, budget_for(args), args.repeats, mode))
+            return 0
+        context = build_all(args, Path(tmp), report)
+        report.done(BUILD)
+        for stage in stages:
+            run_stage(report, stage, args, lambda: stage_rows(stage, args, context))
+    return 0
+
+
+def run_stage(report, stage: str, args, measure: Callable[[], list]) -> None:
+    report.start(stage)
+    if stage == args.hang_in:
+        time.sleep(10**6)
+    try:
+        for row in measure():
+            report.row(as_dict(row))
+    except Exception as exc:  # the stage's error is its row; the child goes on with the next stage
+        report.row({"table": "compared", "metric": stage, "unit": "-", "ours": f"error: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}", "baseline": None, "note": ""})
+    report.done(stage)
+
+
+def as_dict(row) -> dict:
+    return {"table": "towers" if isinstance(row, Row) else "compared", **asdict(row)}
+
+
+def build_all(args, workdir: Path, report) -> dict:
+    """Every tower on the device; the plan and the per-tower allocation rows are the build's rows."""
     import gpu_compare
+    import gpu_model
+    import torch
+    from transformers import AutoTokenizer
 
-    budget = budget_for(args)
-    stages = [
-        ("decode", lambda: gpu_compare.decode_rows(model, device, budget, args.repeats)),
-        ("prefill", lambda: gpu_compare.prefill_rows(model, device, budget, args.repeats)),
-        ("asr", lambda: gpu_compare.asr_rows(engine, budget)),
-        ("tts", lambda: gpu_compare.tts_rows(model, vocos, tts_tokenizer, device, budget)),
-        ("memory", lambda: gpu_compare.memory_rows(
-            model, vocos, gpu_compare.command_workloads(engine, vocos, tts_tokenizer, budget), device)),
-    ]
-    rows = []
-    for name, stage in stages:
-        if name in args.skip:
-            continue
-        try:
-            rows += stage()
-        except Exception as exc:  # one broken stage must not lose the others' rows on a rented GPU
-            rows.append(gpu_compare.Compared(name, "-", f"error: {type(exc).__name__}: {exc}", None))
-        print(f"[done] {name}", file=sys.stderr, flush=True)
-    return rows
+    from minicpmo_cli.model.tiny import make_tiny_checkpoint
+
+    tiny_dir = make_tiny_checkpoint(workdir / "tiny")
+    tiny_config, ids = gpu_model.tiny_ids(tiny_dir)
+    config_dict, _ = (tiny_config, "") if args.tiny else gpu_model.load_config_dict(args)
+    dtype = getattr(torch, args.dtype)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # tiny ops gain nothing from threads and suffer on a shared machine
+    model, vocos = gpu_model.build_on_meta(gpu_model.make_config(config_dict, ids, args.attn), dtype)
+    meter = Meter(args.device, args.repeats)
+    start = time.perf_counter()
+    rows = plan_rows(model, vocos) + bench_materialise(model, vocos, args.device, meter, seed=0)
+    rows.append(Row("load", "all towers (allocate + random init, no disk)", time.perf_counter() - start, "s"))
+    for row in rows:
+        report.row(as_dict(row))
+    tts_tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "assets" / "chattts_tokenizer"))
+    engine = gpu_compare.make_engine(model, vocos, tiny_dir, args.device, dtype, args.step)
+    return {"model": model, "vocos": vocos, "meter": meter, "dtype": dtype, "engine": engine,
+            "tts_tokenizer": tts_tokenizer}
 
 
-def run(args: argparse.Namespace, workdir: Path) -> str:
-    import gpu_compare
+def build_llm_only(args, workdir: Path) -> dict:
+    import gpu_model
     import torch
 
     from minicpmo_cli.model.tiny import make_tiny_checkpoint
 
-    # The tiny checkpoint lends its tokenizers and processor (random weights need no real ones) and, with
-    # --tiny, its config; the full-size TTS keeps its sizes and only takes the stand-in tokenizer's ids.
-    tiny_dir = make_tiny_checkpoint(workdir / "tiny")
-    tiny_config = json.loads((tiny_dir / "config.json").read_text())
-    ids = {k: tiny_config["tts_config"][k] for k in ("spk_emb_token_id", "audio_bos_token_id", "text_eos_token_id")}
-    config_dict, source = (tiny_config, str(tiny_dir / "config.json")) if args.tiny else load_config_dict(args)
-    dtype = getattr(torch, args.dtype)
-    if args.tiny and args.device == "cpu":
-        torch.set_num_threads(1)  # tiny ops gain nothing from threads and suffer on a shared machine
-    model, vocos = build_on_meta(make_config(config_dict, ids, args.attn), dtype)
-    rows = plan_rows(model, vocos)
-    device = "cpu" if args.dry_run else args.device
-    header = header_lines(args, source, device)
-    if args.dry_run:
-        total = sum(r.value for r in rows)
-        rows.append(Row("plan (meta)", "all towers", total, "MiB", "weights only, no activations or KV cache"))
-        return render(rows, header)
-    meter = Meter(device, args.repeats)
-    start = time.perf_counter()
-    rows += bench_materialise(model, vocos, device, meter, seed=0)
-    rows.append(Row("load", "all towers (allocate + random init, no disk)", time.perf_counter() - start, "s"))
-    from transformers import AutoTokenizer
+    tiny_config, ids = gpu_model.tiny_ids(make_tiny_checkpoint(workdir / "tiny"))
+    config_dict, _ = (tiny_config, "") if args.tiny else gpu_model.load_config_dict(args)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    model, _ = gpu_model.build_on_meta(gpu_model.make_config(config_dict, ids, args.attn), getattr(torch, args.dtype))
+    gpu_model.materialise(model.llm, args.device, torch.Generator(device=args.device).manual_seed(0))
+    return {"model": model}
 
-    tts_tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "assets" / "chattts_tokenizer"))
-    for name, stage in (("vision", lambda: bench_vision(model, meter, dtype, 1 if args.cpu_smoke else 2)),
-                        ("audio", lambda: bench_whisper(model, meter, device))):
-        if name not in args.skip:
-            rows += stage()
-            print(f"[done] {name}", file=sys.stderr, flush=True)
-    engine = gpu_compare.make_engine(model, vocos, tiny_dir, device, dtype)
-    compared = compare_stages(args, model, vocos, engine, tts_tokenizer, device)
-    if meter.cuda:
-        meter.note_peak()
-        rows.append(Row("memory", "peak GPU memory", meter.overall_peak / 2**20, "MiB",
-                        "torch.cuda.max_memory_allocated over the towers table"))
-    return render(rows, header) + "\n\n## ours vs transformers generate (same weights, same run)\n\n" + \
-        "\n".join(gpu_compare.render(compared))
+
+def stage_rows(stage: str, args, context: dict) -> list:
+    import gpu_compare
+
+    model, vocos, engine = context["model"], context["vocos"], context["engine"]
+    device, budget = args.device, budget_for(args)
+    if stage == "vision":
+        return bench_vision(model, context["meter"], context["dtype"], 1 if args.cpu_smoke else 2)
+    if stage == "audio":
+        return bench_whisper(model, context["meter"], device)
+    if stage == "decode":
+        return gpu_compare.decode_rows(model, device, budget, args.repeats)
+    if stage == "prefill":
+        return gpu_compare.prefill_rows(model, device, budget, args.repeats)
+    if stage == "asr":
+        return gpu_compare.asr_rows(engine, budget)
+    if stage == "tts":
+        return gpu_compare.tts_rows(model, vocos, context["tts_tokenizer"], device, budget)
+    if stage == "memory":
+        rows = gpu_compare.memory_rows(model, vocos, gpu_compare.command_workloads(
+            engine, vocos, context["tts_tokenizer"], budget), device)
+        meter = context["meter"]
+        if meter.cuda:
+            meter.note_peak()
+            rows.append(Row("memory", "peak GPU memory", meter.overall_peak / 2**20, "MiB",
+                            "torch.cuda.max_memory_allocated over the towers table"))
+        return rows
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+# ------------------------------------------------------------------------------------------ the parent
+def child_command(args_list: list[str]):
+    script = str(Path(__file__).resolve())
+
+    def command(stages: list[str]) -> list[str]:
+        return [sys.executable, script, *args_list, "--worker", "--stages", ",".join(stages)]
+
+    return command
+
+
+def parent(args: argparse.Namespace, argv: list[str]) -> int:
+    import gpu_compare
+    import gpu_model
+    from stage_runner import BUILD, Limits, run_groups
+
+    source = "tiny test config" if args.tiny else gpu_model.load_config_dict(args)[1]
+    print("\n".join(header_lines(args, source)), flush=True)
+    groups = [[s for s in MAIN_STAGES if s not in args.skip]]
+    if "quant" not in args.skip:
+        groups += [[f"quant-{mode}"] for mode in args.quantize]
+    limits = Limits(stage=lambda stage: args.timeouts.get(stage, BUILD_TIMEOUT if stage == BUILD
+                                                          else args.stage_timeout), total=args.time_limit)
+    printer = gpu_compare.TablePrinter()
+    start = time.perf_counter()
+    outcome = run_groups(child_command(argv), [g for g in groups if g], limits, printer.row, printer.note)
+    lost = sorted(stage for stage, status in outcome.status.items() if status != "done")
+    print(f"\n(total {time.perf_counter() - start:.0f} s; stages lost: {', '.join(lost) or 'none'})", flush=True)
+    return 0
+
+
+def dry_run(args) -> int:
+    import gpu_compare
+    import gpu_model
+    import torch
+
+    from minicpmo_cli.model.tiny import make_tiny_checkpoint
+
+    config_dict, source = gpu_model.load_config_dict(args)
+    with tempfile.TemporaryDirectory(prefix="minicpmo-gpu-plan-") as tmp:
+        _, ids = gpu_model.tiny_ids(make_tiny_checkpoint(Path(tmp) / "tiny"))
+    model, vocos = gpu_model.build_on_meta(gpu_model.make_config(config_dict, ids, args.attn),
+                                           getattr(torch, args.dtype))
+    rows = plan_rows(model, vocos)
+    rows.append(Row("plan (meta)", "all towers", sum(r.value for r in rows), "MiB",
+                    "weights only, no activations or KV cache"))
+    print("\n".join(header_lines(args, source)))
+    printer = gpu_compare.TablePrinter()
+    for row in rows:
+        printer.row(as_dict(row))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, gpu_compare, stage_runner
     args = parse_args(argv)
     problem = check_device(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_ENVIRONMENT
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="minicpmo-gpu-bench-") as tmp:
-        table = run(args, Path(tmp))
-    print(table)
-    print(f"\n(total {time.perf_counter() - start:.0f} s)")
-    return 0
+    if args.dry_run:
+        return dry_run(args)
+    if args.worker:
+        return worker(args)
+    return parent(args, [a for a in argv if a not in ("--worker",)])
 
 
 if __name__ == "__main__":

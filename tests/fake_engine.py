@@ -220,7 +220,7 @@ class Recorder:
         self.engines: list[FakeEngine] = []
 
     def load(self, options, *, vision: bool = True, audio: bool = True, tts: bool = False,
-             warn: Callable[[str], None] | None = None) -> FakeEngine:
+             warn: Callable[[str], None] | None = None, clock=None) -> FakeEngine:
         from minicpmo_cli.api.engine import LoadOptions, resolve_device, resolve_dtype
 
         if isinstance(options, str):

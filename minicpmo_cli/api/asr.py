@@ -181,7 +181,7 @@ def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str | l
     tokenizer = engine.processor.tokenizer
     seed_call(settings.seed)
     sequences, _ = run_llm_generate(engine.model, embeds, inputs["attention_mask"], tokenizer, settings.decode,
-                                    engine=getattr(engine, "llm_engine", None))
+                                    engine=getattr(engine, "llm_engine", None), seed=settings.seed)
     stops = set(terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
     return [PieceText(text.replace(TTS_EOS, "").strip(), truncated=not stops.intersection(row.tolist()))

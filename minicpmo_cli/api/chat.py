@@ -154,7 +154,8 @@ def reply_with_speech(engine: Engine, conversation: Conversation, decode: Decode
     from minicpmo_cli.processing.limits import check_prompt_fits
 
     msgs = conversation.messages(spoken=True)
-    check_prompt_fits(engine, msgs, use_tts_template=True, **_video_settings(conversation))
+    check_prompt_fits(engine, msgs, answer_tokens=decode.max_new_tokens if decode else None,
+                      use_tts_template=True, **_video_settings(conversation))
     if not engine.has_tts:
         engine.enable_tts()
     result = engine.generate(msgs, chat_settings(conversation, decode), use_tts_template=True,
@@ -188,7 +189,8 @@ def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
 
     msgs = conversation.messages()
     tts_template = conversation.uses_audio() or conversation.has_voice_prompt()
-    check_prompt_fits(engine, msgs, use_tts_template=tts_template, **_video_settings(conversation))
+    check_prompt_fits(engine, msgs, answer_tokens=decode.max_new_tokens if decode else None,
+                      use_tts_template=tts_template, **_video_settings(conversation))
     yield from engine.text_pieces(msgs, chat_settings(conversation, decode), stream=stream, usage=usage,
                                   use_tts_template=tts_template, **_video_settings(conversation))
 

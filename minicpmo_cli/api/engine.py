@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator
 from minicpmo_cli.errors import ModelLoadError
 from minicpmo_cli.generation.presets import DecodeOptions, TaskSettings, resolve
 from minicpmo_cli.model.devices import DTYPES, check_dtype_name, resolve_device, resolve_dtype
+from minicpmo_cli.startup import StartupClock, mark
 
 __all__ = ["DEFAULT_MODEL", "DTYPES", "DecodeOptions", "Engine", "LoadOptions", "TaskSettings", "load",
            "resolve", "resolve_device", "resolve_dtype", "seed_everything"]
@@ -76,9 +77,10 @@ class Engine:
                  return_spk_embed: bool = False, usage: Any = None) -> Any:
         """Messages -> the model's answer (str), an iterator of text pieces, or a dict result with audio.
 
-        ``settings``: the call's resolved settings (generation/presets.py resolve); its seed, if any, seeds
-        the random generators right before this call. A DecodeOptions is resolved with the guide's
-        generate() defaults (the "guide" preset). ``usage``: a generation.text.Usage this call's token counts
+        ``settings``: the call's resolved settings (generation/presets.py resolve); its seed, if any, gives
+        each answer row a private generator (the same answer alone or next to other requests on the engine)
+        and seeds the global generators right before this call (what the speech draws from). A DecodeOptions
+        is resolved with the guide's generate() defaults (the "guide" preset). ``usage``: a generation.text.Usage this call's token counts
         are written to (the server's usage numbers; nothing is attached to the shared model).
         """
         import torch
@@ -95,7 +97,8 @@ class Engine:
             return generate(
                 self.model, **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
                 generate_audio=generate_audio, return_dict=generate_audio, return_spk_embed=return_spk_embed,
-                engine=self.llm_engine, tts_runner=self.tts_runner, decode=settings.decode, usage=usage,
+                engine=self.llm_engine, tts_runner=self.tts_runner, seed=settings.seed, decode=settings.decode,
+                usage=usage,
             )
 
     def text_pieces(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = True,
@@ -151,8 +154,9 @@ def seed_everything(seed: int) -> None:
 
 
 def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, audio: bool = True,
-         tts: bool = False, warn: Callable[[str], None] | None = None) -> Engine:
-    """Load the model with only the towers a task needs (asr: no vision, no TTS; text chat: no TTS)."""
+         tts: bool = False, warn: Callable[[str], None] | None = None, clock: StartupClock | None = None) -> Engine:
+    """Load the model with only the towers a task needs (asr: no vision, no TTS; text chat: no TTS).
+    ``clock``: marks the load's phases (imports, device start, weights read, ...; minicpmo_cli/startup.py)."""
     if isinstance(options, str):
         options = LoadOptions(model=options)
     check_dtype_name(options.dtype)  # a typo fails before any device warning
@@ -164,19 +168,22 @@ def load(options: LoadOptions | str = DEFAULT_MODEL, *, vision: bool = True, aud
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
 
     registration.register()
-
+    mark(clock, "imports", "torch, transformers, the model's code")
     try:
         model = MiniCPMO.from_pretrained(
             options.model, dtype=dtype, attn_implementation="sdpa", device_map=device,
             init_vision=vision, init_audio=audio, init_tts=tts, revision=options.revision,
             local_files_only=options.offline or None, load_processor=False, quantize=options.quantize,
+            clock=clock,
         )
         processor = MiniCPMOProcessor.from_pretrained(model.config._name_or_path)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load the checkpoint: {exc}", options.model) from exc
     model.processor = processor
+    mark(clock, "processor and tokenizers")
     if tts:
         model.init_tts()
+        mark(clock, "speech tools", "TTS tokenizer, vocoder")
     llm_engine, tts_runner = make_engines(model, options, device)
     return Engine(model=model, processor=processor, device=device, dtype=dtype, options=options,
                   towers={"vision": vision, "audio": audio, "tts": tts}, llm_engine=llm_engine,

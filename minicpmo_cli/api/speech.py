@@ -314,6 +314,14 @@ class _FrameBudget:
         self.capped = False
         self.cancelled = False  # ``cancel`` was set: every piece ends at once
 
+    def snapshot(self):
+        """For the frame loop's rewind past the end of speech (generation/tts_decode.py iter_frames)."""
+        return self.sampler.snapshot(), self.frames, self.capped
+
+    def restore(self, state) -> None:
+        inner, self.frames, self.capped = state
+        self.sampler.restore(inner)
+
     def sample(self, probs):
         from minicpmo_cli.model.tts import AUDIO_EOS_ID
 

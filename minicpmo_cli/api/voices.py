@@ -27,8 +27,9 @@ from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 # Letters, digits, '-', '_' and '.', not starting with '.' or '-': safe as a file name on every system.
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-# The maintainers recommend 5-15 s reference clips (spec audio-tts §6); much longer ones only cost time.
-RECOMMENDED_SECONDS = (3.0, 30.0)
+# The maintainers recommend 5-15 s reference clips (spec audio-tts §6): shorter ones give the model little of
+# the voice to copy; much longer ones only cost time (and room in the prompt).
+RECOMMENDED_SECONDS = (5.0, 15.0)
 
 VoiceSource = Union[str, os.PathLike, np.ndarray]
 
@@ -97,6 +98,18 @@ def save_voice(name: str, source: VoiceSource, *, overwrite: bool = False) -> Vo
     )
     write_text_atomic(_meta_path(name), json.dumps(profile.to_json(), ensure_ascii=False, indent=2) + "\n")
     return profile
+
+
+def length_advice(duration: float) -> str | None:
+    """A one-line warning for a reference clip outside the recommended length, None for a good one."""
+    low, high = RECOMMENDED_SECONDS
+    if duration < low:
+        return f"the clip is {duration:.1f} s: {low:g}-{high:g} s of clean speech works best, a shorter one " \
+               "gives the model little of the voice to copy"
+    if duration > high:
+        return f"the clip is {duration:.1f} s: {low:g}-{high:g} s of clean speech works best, a longer one " \
+               "only makes each answer slower"
+    return None
 
 
 def check_reference(samples: np.ndarray, name: str) -> None:

@@ -19,6 +19,7 @@ def stream_reply(engine, conversation, decode, out, pieces: list[str]) -> None:
     # closing(): Ctrl-C ends the generation thread too, not only the printing.
     with closing(reply(engine, conversation, decode, stream=True)) as stream:
         for piece in stream:
+            common.first_output("first answer text")
             pieces.append(piece)
             out.write(piece)
             out.flush()
@@ -33,6 +34,6 @@ def speak_answer(engine, conversation, decode, target: Path) -> str:
     reply_with_speech = remote.reply_with_speech if remote.is_remote(engine) else reply_with_speech
     with common.status("answering in text and speech"):
         text, wav, rate = reply_with_speech(engine, conversation, decode)
+    common.first_output("answer with speech")
     write_audio(target, wav, sample_rate=rate)
-    common.info(f"speech written to {target}")
-    return text
+    return text  # the caller says where the speech went, after the answer it belongs to

@@ -20,6 +20,7 @@ from minicpmo_cli.errors import (
     MiniCPMOError,
     describe_error,
 )
+from minicpmo_cli.startup import StartupClock
 
 app = typer.Typer(
     name="minicpmo",
@@ -77,7 +78,8 @@ def root(
         None, "--compile/--no-compile", envvar="MINICPMO_COMPILE", show_default=False,
         help="Aliases: --compile is --step compile, --no-compile is --step eager."),
     server: str = typer.Option(None, "--server", envvar="MINICPMO_SERVER", metavar="URL",
-                               help="Send asr, chat, tts and clone to a running `minicpmo serve` at URL."),
+                               help="Send asr, chat, describe-video, tts and clone to a running `minicpmo serve` "
+                                    "at URL (mimick, omni and tts --stream say so and run here)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
@@ -89,8 +91,16 @@ def root(
     ctx.obj = common.GlobalOptions(
         model=model, revision=revision, offline=offline, device=device, dtype=dtype, seed=seed,
         quiet=quiet, verbose=verbose, debug=debug, no_progress=no_progress, step=step, compile=compile,
-        quantize=quantize, server=server or None,
+        quantize=quantize, server=server or None, clock=StartupClock(),
     )
+    ctx.call_on_close(_end_of_command)
+
+
+def _end_of_command() -> None:
+    """-v: the start-up lines end with the rest of a model command (after its first output)."""
+    clock = common.startup_clock()
+    if clock is not None and clock.printing:
+        clock.mark("rest of the command")
 
 
 class _StderrLine(logging.Handler):
@@ -117,9 +127,9 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 def _register_commands() -> None:
     # Command modules import only typer at module level; torch comes in when a command runs.
-    from minicpmo_cli.cli import asr, chat, doctor, serve, speech, video
+    from minicpmo_cli.cli import asr, chat, doctor, models, serve, speech, video
 
-    for module in (asr, chat, speech, video, doctor, serve):
+    for module in (asr, chat, speech, video, doctor, models, serve):
         module.register(app)
 
 

@@ -342,6 +342,7 @@ def _emit_record(sink: Sink, item: InputItem, record) -> int:
     from minicpmo_cli.api.asr import input_name
 
     failed = record.error is not None
+    common.first_output("first transcript")
     if failed:
         common.err(f"minicpmo: error: {display_name(input_name(record.path))}: {record.error}")
     else:

@@ -184,5 +184,8 @@ def answer_once(engine, conversation, text: str, decode, speak: Path | None) -> 
         stream_reply(engine, conversation, decode, sys.stdout, pieces)
         answer = "".join(pieces)
     sys.stdout.write((answer if speak is not None else "") + "\n")
+    if speak is not None:
+        sys.stdout.flush()  # the answer first, then the line that says where its speech went
+        common.info(f"speech written to {speak}")
     conversation.answer(answer)
     return answer

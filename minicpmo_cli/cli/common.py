@@ -16,6 +16,8 @@ from typing import Optional
 
 import typer
 
+from minicpmo_cli.startup import StartupClock
+
 DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
 
 # Global options that take a value, and those that are flags. They are accepted before and after the
@@ -41,6 +43,7 @@ class GlobalOptions:
     compile: bool | None = None  # --compile / --no-compile: aliases of --step compile / --step eager
     quantize: str | None = None  # none | int8 | int4; None: as the checkpoint is
     server: str | None = None  # URL of a running `minicpmo serve`: asr, chat, tts and clone use it
+    clock: StartupClock | None = None  # this command's start-up phases (minicpmo_cli/startup.py), -v prints them
 
 
 DEFAULT_OPTIONS = GlobalOptions()
@@ -95,6 +98,18 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             rest.append(arg)
         i += 1
     return front + rest
+
+
+def startup_clock() -> StartupClock | None:
+    """This command's start-up clock (None outside a command: library use)."""
+    return options().clock
+
+
+def first_output(name: str) -> None:
+    """Mark the command's first output of a kind (first answer text, first audio, first transcript)."""
+    clock = startup_clock()
+    if clock is not None:
+        clock.once(name)
 
 
 def use_color() -> bool:
@@ -355,10 +370,17 @@ def load_engine(*, vision: bool = True, audio: bool = True, tts: bool = False):
 
             disable_progress_bars()
     started = time.perf_counter()
+    clock = startup_clock()
+    if clock is not None:  # -v: the start-up phases from here on, each as it ends (and those before, now)
+        clock.start_printing(err if options().verbose or options().debug else None)
+        clock.mark("options and inputs")
     folder = checkpoint_folder()
+    if clock is not None:
+        clock.mark("checkpoint found")
     debug(f"loading {options().model} from {folder} (vision={vision}, audio={audio}, tts={tts})")
     with status(f"loading the model from {folder}"):
-        engine = load(replace(load_options(), model=str(folder)), vision=vision, audio=audio, tts=tts, warn=warn)
+        engine = load(replace(load_options(), model=str(folder)), vision=vision, audio=audio, tts=tts, warn=warn,
+                      clock=clock)
     quantization = getattr(engine.model, "quantization", None)
     if quantization is not None:
         debug(quantization.describe())

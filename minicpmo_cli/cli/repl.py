@@ -8,6 +8,7 @@ from typing import Callable
 
 from minicpmo_cli.cli.answers import speak_answer, stream_reply
 from minicpmo_cli.errors import MiniCPMOError
+from minicpmo_cli.processing.limits import PromptTooLong
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -24,7 +25,8 @@ HELP_TEXT = """Commands:
   /help           this help
   /exit           leave (Ctrl-D works too)
 Start a message with \"\"\" to type several lines; end it with \"\"\".
-Ctrl-C stops an answer."""
+Ctrl-C stops an answer (a stopped answer is not kept). When the conversation outgrows the model's context,
+its oldest messages are forgotten (those with images, audio or video are kept); /clear starts over."""
 
 
 class Repl:
@@ -67,7 +69,15 @@ class Repl:
                 continue
             if line is None:
                 return
-            self.handle(line)
+            history = list(self.conversation.turns)
+            try:
+                self.handle(line)
+            except KeyboardInterrupt:
+                # Ctrl-C anywhere after the line was read (measuring the prompt, loading a tower, before the
+                # first piece or while the answer streams) stops this message and keeps the session; a stopped
+                # exchange is not kept in the history (the next answer must not build on half an answer).
+                self.say(" [stopped]")
+                self.conversation.turns[:] = history
 
     def read_message(self) -> str | None:
         line = self.read_line(PROMPT)
@@ -95,37 +105,56 @@ class Repl:
         if name.startswith("/") and " " not in stripped and len(name) > 1:
             self.say(f"unknown command {name}; /help lists them")
             return
-        turns = len(self.conversation.turns)
+        history = list(self.conversation.turns)
         try:
             self.answer(line)
         except (MiniCPMOError, ValueError, RuntimeError) as exc:
-            # One failed answer must not end the session: report it, forget the failed turn, carry on.
+            # One failed answer must not end the session: report it, forget the failed turn (and undo any
+            # trimming made for it), carry on.
             self.say(f"error: {exc}")
-            del self.conversation.turns[turns:]
+            self.conversation.turns[:] = history
 
     def answer(self, text: str) -> None:
+        """Answer ``text``; when the conversation has outgrown the model's context, its oldest exchanges are
+        forgotten (one line says so) until the prompt fits."""
         self.conversation.ask(text)
-        if self.speak:
-            self.answer_with_speech()
-            return
-        pieces: list[str] = []
-        try:
-            stream_reply(self.engine, self.conversation, self.decode, self.out, pieces)
-            self.say("")
-        except KeyboardInterrupt:
-            self.say(" [stopped]")
-        self.conversation.answer("".join(pieces))
+        forgotten = 0
+        while True:
+            notice = None if not forgotten else (
+                f"[the conversation no longer fits the model's context: forgot its {forgotten} oldest "
+                f"exchange{'s' if forgotten > 1 else ''} (the system prompt and attached media are kept)]")
+            try:
+                self.answer_once(notice)
+                return
+            except MiniCPMOError as exc:
+                if not prompt_too_long(exc):
+                    raise
+                if not forget_oldest_exchange(self.conversation):
+                    raise PromptTooLong(self.too_long_advice(exc)) from None
+                forgotten += 1
 
-    def answer_with_speech(self) -> None:
-        target = self.next_speech_path()
-        try:
+    def too_long_advice(self, exc: Exception) -> str:
+        if len(self.conversation.turns) == 1:  # the message alone (with its attachments) is too long
+            return str(exc)
+        return (f"{exc}; forgetting the oldest messages is not enough (the system prompt and attached media are "
+                "kept): /clear to start over")
+
+    def answer_once(self, notice: str | None) -> None:
+        """One try at the answer; ``notice`` is said just before the answer (once it is sure to come)."""
+        if self.speak:
+            target = self.next_speech_path()
             answer = speak_answer(self.engine, self.conversation, self.decode, target)
-        except KeyboardInterrupt:
-            self.say(" [stopped]")
-            answer = ""
-        else:
+            if notice:
+                self.say(notice)
             self.say(answer)
             self.say(f"[spoken into {target}]")
+        else:
+            pieces: list[str] = []
+            out = _NoticeFirst(self.out, notice)
+            stream_reply(self.engine, self.conversation, self.decode, out, pieces)
+            out.write("")
+            self.say("")
+            answer = "".join(pieces)
         self.conversation.answer(answer)
 
     def next_speech_path(self) -> Path:
@@ -243,6 +272,44 @@ class Repl:
         if must_exist and not Path(path).expanduser().exists():
             raise InputError("no such file", path)
         return str(Path(path).expanduser())
+
+
+class _NoticeFirst:
+    """A stream that writes ``notice`` (a line of its own) before the first text written to it."""
+
+    def __init__(self, out, notice: str | None) -> None:
+        self.out, self.notice = out, notice
+
+    def write(self, text: str) -> None:
+        if self.notice:
+            self.out.write(self.notice + "\n")
+            self.notice = None
+        self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def prompt_too_long(exc: Exception) -> bool:
+    """Whether ``exc`` says the prompt does not fit the context (cli.remote raises the same for a server's
+    answer that says so)."""
+    return isinstance(exc, PromptTooLong)
+
+
+def _holds_media(turns) -> bool:
+    return any(s.get("type") in ("image", "audio", "video") for turn in turns for s in turn.sources)
+
+
+def forget_oldest_exchange(conversation) -> bool:
+    """Drop the oldest exchange (a user message and the answers after it) that holds no image, audio or video,
+    never the message being answered (the last); False when there is none."""
+    turns = conversation.turns
+    starts = [i for i, turn in enumerate(turns[:-1]) if turn.role == "user"] + [len(turns) - 1]
+    for start, end in zip(starts, starts[1:]):
+        if not _holds_media(turns[start:end]):
+            del turns[start:end]
+            return True
+    return False
 
 
 def restore_turns(saved: list[tuple[str, list[dict]]]):

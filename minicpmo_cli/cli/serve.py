@@ -15,6 +15,7 @@ HELP = common.examples_help(
     "commands use it with --server URL (or MINICPMO_SERVER).",
     "minicpmo serve",
     "minicpmo serve --host 0.0.0.0 --port 9000 --api-key secret",
+    "minicpmo --model ./ckpt serve --served-model-name minicpmo,omni --strict-model-names",
     "MINICPMO_SERVER=http://127.0.0.1:8080 minicpmo asr meeting.mp3",
 )
 
@@ -23,13 +24,28 @@ def register(app: typer.Typer) -> None:
     app.command(help=HELP)(serve)
 
 
+def served_names(value: str | None) -> list[str]:
+    """`--served-model-name a,b`: the names in order, without blanks or repeats; a usage error when empty."""
+    if value is None:
+        return []
+    names = list(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not names:
+        common.fail_usage(f"--served-model-name {value!r} names no model")
+    return names
+
+
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MINICPMO_API_KEY",
                                           help="Require Authorization: Bearer KEY on /v1 routes."),
-    served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
-                                                    help="The model id clients send (default: --model)."),
+    served_model_name: Optional[str] = typer.Option(
+        None, "--served-model-name", metavar="NAME[,NAME...]",
+        help="The model names clients may send, comma-separated; the first is listed first (default: --model). "
+             "The checkpoint's hub id is accepted too."),
+    strict_model_names: bool = typer.Option(
+        False, "--strict-model-names",
+        help="404 for OpenAI's standard names (whisper-1, tts-1, gpt-4o, ...), which are accepted by default."),
     max_upload_mb: float = typer.Option(25.0, "--max-upload-mb", min=0.001, help="Largest request body."),
     max_queue: int = typer.Option(64, "--max-queue", min=1,
                                   help="Requests waiting at most; more get 429 with Retry-After."),
@@ -37,6 +53,11 @@ def serve(
                                   help="Requests running at once, decoded together (1: one at a time)."),
     no_tts: bool = typer.Option(False, "--no-tts", help="Do not load the speech tower (no speech routes)."),
     no_url_fetch: bool = typer.Option(False, "--no-url-fetch", help="Refuse http(s) image/video URLs."),
+    allow_private_urls: bool = typer.Option(
+        False, "--allow-private-urls",
+        help="Also fetch image/video URLs on loopback, private and link-local addresses (off: public only)."),
+    url_timeout: float = typer.Option(10.0, "--url-timeout", min=0.1, max=600.0,
+                                      help="Seconds a whole image/video URL fetch may take."),
 ) -> None:
     try:
         import uvicorn
@@ -53,13 +74,30 @@ def serve(
     from dataclasses import replace
 
     load = replace(common.load_options(), max_batch=max_batch)  # the LLM engine's slots: one per running request
-    settings = Settings(load=load, model_id=served_model_name or common.options().model,
+    names = served_names(served_model_name) or [common.options().model]
+    settings = Settings(load=load, model_id=names[0], served_names=tuple(names[1:]),
+                        strict_model_names=strict_model_names,
                         api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, max_batch=max_batch,
                         tts=not no_tts,
                         seed=common.options().seed,
-                        fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch))
+                        fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch, timeout=url_timeout,
+                                          allow_private=allow_private_urls))
+    if api_key is None and not _loopback(host):
+        common.err(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
+                    "model (requests must name this address or localhost as their Host; use --api-key KEY)")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     print(f"minicpmo: serving {settings.model_id} at {url} (web page: {url}/; GET /health says when it is ready)")
     print(f"export MINICPMO_SERVER={url}", flush=True)
     level = "warning" if common.options().quiet else "info"
     uvicorn.run(create_app(ServerState(settings)), host=host, port=port, log_level=level, timeout_graceful_shutdown=3)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

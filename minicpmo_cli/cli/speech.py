@@ -206,6 +206,7 @@ def clone(
         source = ref if ref is not None else speaker.reference
         profile = profiles.save_voice(save_voice, source, overwrite=overwrite)
         common.info(f"saved voice {profile.name!r} ({profile.duration:.1f} s) to {profile.path}")
+        _advise_length(profile)
 
 
 @common.decoding_options(include=SPEECH_DECODING, task="speech")
@@ -221,6 +222,9 @@ def mimick(
 
     samples = load_audio(audio)
     target = common.audio_output_target(output, overwrite)
+    from minicpmo_cli.cli.remote import runs_locally
+
+    runs_locally("mimick", "the server has no route that re-speaks a recording in its speaker's voice")
     engine = common.load_engine(vision=False, audio=True, tts=True)
     from minicpmo_cli.api.speech import mimick as run_mimick
 
@@ -259,6 +263,15 @@ def voices_add(
 
     profile = save_voice(name, clip, overwrite=overwrite)
     common.info(f"saved voice {profile.name!r} ({profile.duration:.1f} s) to {profile.path}")
+    _advise_length(profile)
+
+
+def _advise_length(profile) -> None:
+    from minicpmo_cli.api.voices import length_advice
+
+    advice = length_advice(profile.duration)
+    if advice is not None:
+        common.warn(f"voice {profile.name!r}: {advice}")
 
 
 def voices_remove(names: list[str] = typer.Argument(..., help="Voice names to delete.")) -> None:
@@ -329,6 +342,7 @@ def _emit(result, target: Path | None, max_audio_seconds: float | None) -> None:
     """Write the speech to ``target`` (atomically) or as wav bytes to stdout."""
     from minicpmo_cli.outputs import wav_bytes, write_audio
 
+    common.first_output("first audio")
     if target is None:
         sys.stdout.buffer.write(wav_bytes(result.wav, result.sample_rate))
         sys.stdout.buffer.flush()
@@ -353,8 +367,6 @@ def _check_stream(stream: bool, first_chunk_frames, chunk_frames, lines: bool, v
         raise UsageError("--stream writes one wav as it is spoken: it does not combine with --lines")
     if not verbatim:
         raise UsageError("--stream reads the text as given: it does not combine with --no-verbatim")
-    if common.options().server:
-        raise UsageError("--stream speaks with the model loaded here: it does not combine with --server")
 
 
 def _tts_stream(body: str, target: Path | None, speaker, max_audio_seconds, first_chunk_frames, chunk_frames):
@@ -362,16 +374,20 @@ def _tts_stream(body: str, target: Path | None, speaker, max_audio_seconds, firs
     import time
 
     from minicpmo_cli.api.speech import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, speak_stream
+    from minicpmo_cli.cli.remote import runs_locally
+    from minicpmo_cli.cli.stdout_wav import StdoutWav
 
+    runs_locally("tts --stream", "the server sends speech whole, not as it is made (drop --stream to use it)")
     engine = common.load_engine(vision=False, audio=speaker.reference is not None, tts=True)
     started = time.perf_counter()
     pieces = speak_stream(engine, body, speaker, max_frames=_max_frames(max_audio_seconds),
                           first_chunk_frames=first_chunk_frames or FIRST_CHUNK_FRAMES,
                           chunk_frames=chunk_frames or CHUNK_FRAMES, seed=common.options().seed)
-    writer = _StdoutWav() if target is None else _file_wav(target)
+    writer = StdoutWav() if target is None else _file_wav(target)
     with writer:
         for number, piece in enumerate(pieces):
             if number == 0:
+                common.first_output("first audio")
                 common.debug(f"first audio after {1000 * (time.perf_counter() - started):.0f} ms")
             writer.write(piece)
     if target is not None:
@@ -382,35 +398,6 @@ def _file_wav(target: Path):
     from minicpmo_cli.outputs import WavStreamWriter
 
     return WavStreamWriter(target)
-
-
-class _StdoutWav:
-    """A 24 kHz mono PCM16 wav streamed to stdout: the header cannot know the length, so its sizes say
-    'unknown' (0xFFFFFFFF), which players and sox/ffmpeg read up to the end of the stream."""
-
-    def __init__(self) -> None:
-        self.samples_written = 0
-
-    def __enter__(self):
-        import struct
-
-        rate = 24000
-        header = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + struct.pack(
-            "<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" + struct.pack("<I", 0xFFFFFFFF)
-        sys.stdout.buffer.write(header)
-        sys.stdout.buffer.flush()
-        return self
-
-    def write(self, samples) -> None:
-        import numpy as np
-
-        audio = np.nan_to_num(np.asarray(samples, dtype=np.float32).reshape(-1), nan=0.0, posinf=1.0, neginf=-1.0)
-        sys.stdout.buffer.write(np.rint(np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes())
-        sys.stdout.buffer.flush()
-        self.samples_written += len(audio)
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, max_audio_seconds, overwrite: bool,

@@ -45,15 +45,26 @@ def describe_video(
     *,
     decode: DecodeOptions,
 ) -> None:
-    from minicpmo_cli.api.video import describe_video_stream
+    from minicpmo_cli.api.video import DEFAULT_FPS, MAX_FRAMES, describe_video_stream
     from minicpmo_cli.media.video import probe_video
 
     if fps <= 0:
         raise typer.BadParameter(f"--fps must be > 0, not {fps}")
     info = probe_video(video)  # a bad file fails here, before the slow model load
-    engine = common.load_engine(vision=True, audio=info.has_audio, tts=False)
     common.debug(f"{video}: {info.duration:.1f} s at {info.fps:.2f} fps, sound: {info.has_audio}")
-    for piece in describe_video_stream(engine, video, prompt, decode, max_frames=max_frames, fps=fps):
+    if common.options().server and (fps, max_frames) == (DEFAULT_FPS, MAX_FRAMES):
+        from minicpmo_cli.cli import remote
+
+        pieces = remote.describe_video_stream(remote.connect(), video, prompt, decode)
+    else:
+        from minicpmo_cli.cli.remote import runs_locally
+
+        runs_locally("describe-video with --fps or --max-frames", "the server samples every video at 1 frame a "
+                     "second, at most 64 frames")
+        engine = common.load_engine(vision=True, audio=info.has_audio, tts=False)
+        pieces = describe_video_stream(engine, video, prompt, decode, max_frames=max_frames, fps=fps)
+    for piece in pieces:
+        common.first_output("first answer text")
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -87,6 +98,9 @@ def omni(
         raise UsageError("-o needs a wav file name (stdout carries the text answer)")
     probe_video(video)  # a bad file fails here, before the slow model load
     ref_audio = _reference_voice(ref, voice)
+    from minicpmo_cli.cli.remote import runs_locally
+
+    runs_locally("omni", "the server has no omni route (units of one frame and one second of sound)")
     engine = common.load_engine(vision=True, audio=True, tts=output is not None)
     options = dict(ref_audio=ref_audio, language=language, speak=output is not None,
                    max_audio_seconds=max_audio_seconds)
@@ -110,6 +124,7 @@ def _omni_whole(engine, video: Path, prompt, decode, output: Optional[Path], opt
     from minicpmo_cli.api.video import omni as run_omni
 
     answer = run_omni(engine, video, prompt, decode, output=output, **options)
+    common.first_output("answer")
     sys.stdout.write(answer.text + "\n")
     sys.stdout.flush()
     if answer.output is not None:
@@ -128,6 +143,7 @@ def _omni_streaming(engine, video: Path, prompt, decode, output: Optional[Path],
     try:
         with writer if writer is not None else nullcontext():
             for chunk in chunks:
+                common.first_output("first answer piece")
                 if chunk.text:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()

@@ -457,6 +457,8 @@ class LLMEngine:
         tokens = self._next[:span]
         if self.runner.static_shapes or device.type == "cuda":
             mask = lengths_mask(positions, pool.capacity)
+            if self.runner.mode == "compile" and device.type == "cuda":
+                pool.mark_static()  # CUDA graphs of reduce-overhead replay over the slots in place
             key = (span, pool.capacity, pool.generation)
             logits = self.runner.run(key, _slot_step, (tokens, positions, mask),
                                      (self.llm, pool, pool.capacity))

@@ -106,7 +106,7 @@ def generate_codes(
     text_mask = build_streaming_text_mask(num_tokens, tts.streaming_text_reserved_len, tts.num_spk_embs).to(tts.device)
     sampling = FrameSampling.for_tts(tts, temperature, sampler if sampler is not None else make_sampler())
     options = {"force_no_stop": force_no_stop, "runner": runner}
-    state = TTSState(tts, OUTPUT_CHUNK_FRAMES)
+    state = TTSState(tts, OUTPUT_CHUNK_FRAMES, runner)
     for chunk_idx in range(math.ceil(tts.condition_length / tts.streaming_text_chunk_size)):
         begin, end = _text_chunk_bounds(tts, chunk_idx)
         if end > begin:
@@ -308,7 +308,7 @@ class _Segment:
     def __init__(self, owner: _StreamingSpeech, previous) -> None:
         self.o = owner
         tts = owner.tts
-        self.state = TTSState(tts, OUTPUT_CHUNK_FRAMES)
+        self.state = TTSState(tts, OUTPUT_CHUNK_FRAMES, owner.runner)
         self.generated = False  # any frames sampled in this segment
         self.chunk_idx, self.prev_text_len = 0, 0
         self.gen_text, self.tts_text, self.num_tokens = "", "", 0

@@ -8,6 +8,7 @@ length)`` are filled; all rows share one length (batches are left padded, as tra
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -121,3 +122,31 @@ class StaticKV:
         for buffer in (*self.keys, *self.values):
             torch._dynamo.mark_static_address(buffer)
         self._marked_static = True
+
+
+class CacheRecycler:
+    """Batch-1 caches handed out again (zeroed) once their holder is gone, so the graphs a step runner captured
+    over them are replayed for the next holder instead of captured anew (a TTS utterance, then the next).
+    At most ``limit`` idle caches are kept per (capacity, dtype, device)."""
+
+    def __init__(self, limit: int = 2) -> None:
+        self.limit = limit
+        self._idle: dict[tuple, list[StaticKV]] = {}
+
+    def take(self, config, capacity: int, dtype, device, holder: object) -> StaticKV:
+        idle = self._idle.get((capacity, dtype, str(torch.device(device))))
+        if idle:
+            cache = idle.pop()
+            for buffer in (*cache.keys, *cache.values):
+                buffer.zero_()
+            cache.length = 0
+        else:
+            cache = StaticKV.empty(config, 1, capacity, dtype, device)
+        weakref.finalize(holder, self._give_back, cache)
+        return cache
+
+    def _give_back(self, cache: StaticKV) -> None:
+        key = (cache.capacity, cache.keys[0].dtype, str(cache.keys[0].device))
+        idle = self._idle.setdefault(key, [])
+        if len(idle) < self.limit:
+            idle.append(cache)

@@ -27,12 +27,14 @@ from typing import Callable
 import torch
 
 from minicpmo_cli.errors import UsageError
+from minicpmo_cli.generation.static_cache import CacheRecycler
 
 logger = logging.getLogger(__name__)
 
 STEP_MODES = ("eager", "graph", "compile")
 STEP_ENV = "MINICPMO_STEP"
 COMPILE_ENV = "MINICPMO_COMPILE"  # the older switch: 1 -> compile, 0 -> eager
+MAX_GRAPHS = 32  # captured graphs kept per runner (buffers of one-off callers, e.g. a TTS utterance, die)
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS / allocator set-up stays out of it)
 
 
@@ -91,7 +93,8 @@ class _Graph:
                 fn(*self.inputs, *fixed)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: another thread's CUDA calls (an encoder, a TTS) do not break this thread's capture
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.output = fn(*self.inputs, *fixed)
 
     def replay(self, inputs: tuple) -> torch.Tensor:
@@ -114,6 +117,8 @@ class StepRunner:
         self._compiled: dict[Callable, Callable] = {}
         self._warm: set[tuple] = set()
         self._pool = None
+        self._uncapturable: set[tuple] = set()
+        self.recycler = CacheRecycler()  # one-caller caches (TTS utterances) reused with their graphs
 
     @property
     def static_shapes(self) -> bool:
@@ -124,6 +129,8 @@ class StepRunner:
         if self.mode == "eager":
             return fn(*inputs, *fixed)
         if self.mode == "graph":
+            if key in self._uncapturable:
+                return fn(*inputs, *fixed)
             graph = self._graphs.get(key)
             if graph is None:
                 return self._first(key, lambda: self._capture(key, fn, inputs, fixed))
@@ -141,7 +148,18 @@ class StepRunner:
     def _capture(self, key: tuple, fn: Callable, inputs: tuple, fixed: tuple) -> torch.Tensor:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = self._graphs[key] = _Graph(fn, inputs, fixed, self._pool)
+        while len(self._graphs) >= MAX_GRAPHS:  # the oldest first: callers with short-lived buffers
+            oldest = next(iter(self._graphs))
+            del self._graphs[oldest]
+            self._warm.discard(oldest)
+        try:
+            graph = _Graph(fn, inputs, fixed, self._pool)
+        except RuntimeError as exc:  # a layer kind that syncs with the host (some quantized kernels)
+            logger.warning("the %s step cannot be captured as a CUDA graph (%s); it runs eagerly, with the same "
+                           "fixed shapes", self.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._uncapturable.add(key)
+            return fn(*inputs, *fixed)
+        self._graphs[key] = graph
         return graph.replay(inputs)
 
     def _first(self, key: tuple, call: Callable[[], torch.Tensor]) -> torch.Tensor:

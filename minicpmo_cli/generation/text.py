@@ -134,6 +134,7 @@ def generate(
     return_dict: bool = False,
     engine=None,
     tts_runner=None,
+    seed: int | None = None,
     decode: DecodeSettings | None = None,
     usage: Usage | None = None,
     **kwargs: Any,
@@ -143,7 +144,9 @@ def generate(
     ``stream=True`` returns an iterator of text pieces (sampling only, as the reference). With
     ``generate_audio=True`` the spoken answer is synthesised (and written to ``output_audio_path``).
     ``engine``: the LLMEngine to decode on (generation/engine.py; the api Engine's), None: a short-lived one
-    for this call; ``tts_runner``: the step runner of the TTS frame loop (None: eager).
+    for this call; ``tts_runner``: the step runner of the TTS frame loop (None: eager). ``seed``: each answer
+    row samples from a private generator seeded with it (the same answer alone or batched with other
+    requests); None: torch's global generator, as the reference.
     Decoding: the guide's keywords (``sampling`` True, ``max_new_tokens`` 2048, ``top_p``, ...), or
     ``decode``: settings resolved already (generation/presets.py), then without those keywords.
     ``usage``: a :class:`Usage` to fill with this call's prompt and completion token counts.
@@ -163,9 +166,9 @@ def generate(
         embeds, _ = model.get_inputs_embeds(data)
     mask = None if attention_mask is None else attention_mask.to(embeds.device)
     if stream:
-        return _stream_text(model, embeds, tokenizer, decode, engine, usage)
+        return _stream_text(model, embeds, tokenizer, decode, engine, usage, seed)
     sequences, prompt_hidden = run_llm_generate(model, embeds, mask, tokenizer, decode,
-                                                capture_prompt_hidden=want_speech, engine=engine)
+                                                capture_prompt_hidden=want_speech, engine=engine, seed=seed)
     usage.completion_tokens = generated_count(sequences, terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
     batched = len(texts) > 1
@@ -209,7 +212,7 @@ def _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs: dict, tts_temp
 
 def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeSettings,
                      capture_prompt_hidden: bool = False, streamer=None, stop_event: Event | None = None,
-                     engine=None):
+                     engine=None, seed: int | None = None):
     """Decode on the merged embeddings; returns (new token ids [B, T] padded with 0, prompt final hidden or None).
 
     ``settings``: resolved decoding settings; the stop ids are the tokenizer's chat terminators.
@@ -217,7 +220,8 @@ def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeS
     Greedy and sampling run on the decode core (generation/decode.py); beam search (``num_beams > 1``) on
     transformers ``generate``, the only implementation that reproduces the reference's beams. ``streamer``
     (``put``/``end``, as transformers' streamers) receives the ids as they are chosen; ``stop_event`` set from
-    another thread ends the decode at the next token. ``engine``: the LLMEngine (None: a short-lived one).
+    another thread ends the decode at the next token. ``engine``: the LLMEngine (None: a short-lived one);
+    ``seed``: a private generator per row (None: torch's global one).
     """
     from minicpmo_cli.generation.decode import generate_ids
 
@@ -234,7 +238,7 @@ def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeS
                 streamer.put(torch.tensor(ids))
             return stop_event is not None and stop_event.is_set()
 
-    rows = generate_ids(model.llm, embeds, attention_mask, decode, on_token=on_token, engine=engine,
+    rows = generate_ids(model.llm, embeds, attention_mask, decode, on_token=on_token, engine=engine, seed=seed,
                         on_prefill=captured.append if capture_prompt_hidden else None)
     if streamer is not None:
         streamer.end()
@@ -262,7 +266,7 @@ def _beam_generate(model, embeds, attention_mask, decode: DecodeSettings, captur
 
 
 def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, engine=None,
-                 usage: Usage | None = None) -> Iterator[str]:
+                 usage: Usage | None = None, seed: int | None = None) -> Iterator[str]:
     """Text pieces as they are generated, with the chat terminators removed (reference stream mode); each
     generated id counts in ``usage.completion_tokens`` as it comes.
 
@@ -281,7 +285,7 @@ def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, engine=None,
     def work() -> None:
         try:
             run_llm_generate(model, embeds, None, tokenizer, decode, streamer=counted, stop_event=stop,
-                             engine=engine)
+                             engine=engine, seed=seed)
         except BaseException as exc:  # surfaced in the consumer thread below
             failure.append(exc)
             streamer.end()
@@ -289,15 +293,19 @@ def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, engine=None,
     def pieces() -> Iterator[str]:
         # Started here, not before: an iterator dropped before its first item then never starts a thread.
         thread = Thread(target=work, daemon=True)
-        thread.start()
         try:
+            # start() inside the try: a Ctrl-C that lands while the thread starts still stops it (finally).
+            thread.start()
             for text in streamer:
                 for term in LLM_TERMINATORS:
                     text = text.replace(term, "")
                 yield text
         finally:
             stop.set()
-            thread.join()
+            try:
+                thread.join()
+            except RuntimeError:  # Ctrl-C inside start(), before the thread ran: it stops at its first token
+                pass
         if failure:
             raise failure[0]
 

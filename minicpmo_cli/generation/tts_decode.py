@@ -8,8 +8,9 @@ Sequence layout (spec audio-tts §3.4): ``[Stts] [spk_emb] <300 text slots> [Ptt
 ``[Ptts]``, all zero; text chunks are written into it in place (:func:`prefill_text`) while audio frames are
 appended after it (:func:`iter_frames`). Zero positions not yet prefilled are hidden by the streaming mask.
 
-Sampling is the reference's (``ReferenceSampler``: bit-exact draws), in the reference's order; the one host
-read per frame is the EOS check, which decides how many random draws are consumed.
+Sampling is the reference's (``ReferenceSampler``: bit-exact draws), in the reference's order. The end of
+speech is read back every few frames (:func:`iter_frames`), the frames drawn past it dropped and the sampler
+rewound, so the draws consumed are the reference's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from minicpmo_cli.model.tts_sampling import ReferenceSampler, make_logits_proces
 logger = logging.getLogger(__name__)
 
 MIN_NEW_FRAMES = 10  # the reference bans EOS for the first 10 steps of every generate call
+CHECK_FRAMES = 5  # frames between two reads of the end of speech (25-frame calls: after steps 14, 19, 24)
 
 
 @dataclass
@@ -62,10 +64,14 @@ class TTSState:
     is the next step's input). ``finished``: the last generate call drew EOS.
     """
 
-    def __init__(self, tts, frames: int = 0) -> None:
+    def __init__(self, tts, frames: int = 0, runner=None) -> None:
         self.start = tts.condition_length
         capacity = _pow2(self.start + frames)
-        self.cache = StaticKV.empty(tts.model.config, 1, capacity, tts.dtype, tts.device)
+        recycler = getattr(runner, "recycler", None) if runner is not None and runner.static_shapes else None
+        if recycler is not None:  # a cache whose graphs are captured already
+            self.cache = recycler.take(tts.model.config, capacity, tts.dtype, tts.device, self)
+        else:
+            self.cache = StaticKV.empty(tts.model.config, 1, capacity, tts.dtype, tts.device)
         self.cache.advance(self.start - 1)  # the zero condition slots, [Ptts] excluded
         self.ids = torch.zeros(1, capacity, tts.num_vq, dtype=torch.long, device=tts.device)
         self.progress = self.start
@@ -151,14 +157,32 @@ class _StepMask:
         return self.full
 
 
+@dataclass
+class _Drawn:
+    """A frame drawn but not yet known to be kept: the step, the progress before it, whether it holds EOS (a
+    device bool) and the sampler's state after its draw (to rewind to)."""
+
+    step: int
+    progress: int
+    eos: torch.Tensor
+    sampler_state: object = None
+    logits_count: int = 0
+
+
 def iter_frames(tts, state: TTSState, sampling: FrameSampling, text_mask: torch.Tensor, max_frames: int, *,
-                force_no_stop: bool = False, runner=None, logits_out: list | None = None) -> Iterator[int]:
+                force_no_stop: bool = False, runner=None, logits_out: list | None = None,
+                check_every: int = CHECK_FRAMES) -> Iterator[int]:
     """Sample up to ``max_frames`` audio frames (one reference ``generate`` call); yields the number of frames
     kept so far after each new frame (not after a final EOS). ``state.finished`` says whether EOS ended it.
 
     Per step: raw logits / temperature; processors and warpers skipped on the BOS step; EOS banned for the
     first ``min_new_frames`` steps of this call; one draw per codebook; EOS in any codebook ends the call.
     ``logits_out`` (a list) receives the raw logits of every step.
+
+    End of speech is read back every ``check_every`` frames, not per frame: frames drawn past an EOS are
+    dropped and the sampler is rewound to its state right after the EOS draw (samplers with ``snapshot`` /
+    ``restore``; others are checked every frame), so the codes and the draws consumed are the per-frame
+    loop's.
     """
     if state.progress != state.cache.length + 1:
         raise ValueError(f"audio ids length {state.progress} != KV-cache length + 1 ({state.cache.length + 1})")
@@ -167,31 +191,61 @@ def iter_frames(tts, state: TTSState, sampling: FrameSampling, text_mask: torch.
     mask = _StepMask(tts, text_mask)
     with torch.inference_mode():
         heads = [head.weight for head in tts.head_code]  # the weight norm once per call, not per frame
-    eos = sampling.eos
+    sampler = sampling.sampler
+    rewinds = hasattr(sampler, "snapshot") and hasattr(sampler, "restore")
+    every = max(int(check_every), 1) if rewinds else 1
+    drawn: list[_Drawn] = []
     for step in range(max_frames):
-        is_bos = state.progress == state.start
+        banned = step < sampling.min_new_frames or force_no_stop
         with torch.inference_mode():
-            logits = _step_logits(tts, state, mask, heads, None if is_bos else runner)
-            if logits_out is not None:
-                logits_out.append(logits.clone())
-            # the frames so far, [num_vq, n], for the repetition penalty (the warpers do not read them)
-            history = (state.ids[:, state.start : state.progress].permute(0, 2, 1).reshape(tts.num_vq, -1)
-                       if sampling.processors else None)
-            processors = () if is_bos else (*sampling.processors, *sampling.warpers)
-            banned = eos if step < sampling.min_new_frames or force_no_stop else None
-            frame = _sample_frame(logits, sampling, history, processors, banned)
-            finished = bool(frame.eq(eos).any())  # the per-frame host read: it decides the draws consumed
-            state.ids[:, state.progress] = frame
-        if finished and step == 0:
+            eos = _draw_frame(tts, state, sampling, mask, heads, runner, logits_out, banned)
+        # even a banned EOS is checked: a wrapping sampler (a frame budget) may force one
+        drawn.append(_Drawn(step, state.progress, eos, sampler.snapshot() if rewinds else None,
+                            len(logits_out) if logits_out is not None else 0))
+        state.progress += 1
+        if len(drawn) >= every or step == max_frames - 1:
+            yield from _settle(state, drawn, sampler, logits_out)
+            drawn = []
+            if state.finished:
+                return
+
+
+def _draw_frame(tts, state: TTSState, sampling: FrameSampling, mask: _StepMask, heads, runner, logits_out,
+                banned: bool) -> torch.Tensor:
+    """One step and one frame written at ``state.progress``; a device bool: the frame holds EOS."""
+    is_bos = state.progress == state.start
+    logits = _step_logits(tts, state, mask, heads, None if is_bos else runner)
+    if logits_out is not None:
+        logits_out.append(logits.clone())
+    # the frames so far, [num_vq, n], for the repetition penalty (the warpers do not read them)
+    history = (state.ids[:, state.start : state.progress].permute(0, 2, 1).reshape(tts.num_vq, -1)
+               if sampling.processors else None)
+    processors = () if is_bos else (*sampling.processors, *sampling.warpers)
+    frame = _sample_frame(logits, sampling, history, processors, sampling.eos if banned else None)
+    state.ids[:, state.progress] = frame
+    return frame.eq(sampling.eos).any()
+
+
+def _settle(state: TTSState, drawn: list[_Drawn], sampler, logits_out) -> Iterator[int]:
+    """Read the EOS flags of ``drawn`` at once (one host read); yield each kept frame's count (with
+    ``state.progress`` at that frame, as the per-frame loop had it); at the first EOS rewind to just after it."""
+    hits = torch.stack([d.eos for d in drawn]).tolist()
+    final = state.progress
+    for index, frame in enumerate(drawn):
+        if hits[index]:
             # Reference quirk, reproduced: an EOS on the first step of a call stops before the frame counts,
             # so the EOS is not kept and new_ids drops one real frame.
+            state.progress = frame.progress if frame.step == 0 else frame.progress + 1
+            state.cache.length = frame.progress  # the steps of the dropped frames are forgotten
+            if index + 1 < len(drawn):
+                sampler.restore(frame.sampler_state)
+                if logits_out is not None:
+                    del logits_out[frame.logits_count:]
             state.finished = True
             return
-        state.progress += 1
-        if finished:
-            state.finished = True
-            return
+        state.progress = frame.progress + 1
         yield state.progress - state.start
+    state.progress = final
 
 
 def generate_frames(tts, state: TTSState, sampling: FrameSampling, text_mask: torch.Tensor, max_frames: int,
@@ -224,7 +278,8 @@ def _step_logits(tts, state: TTSState, mask: _StepMask, heads: list[torch.Tensor
         if runner.mode == "compile" and last.device.type == "cuda":
             cache.mark_static()
         key = (1, cache.capacity, cache.generation)
-        logits = runner.run(key, _runner_step, (last, index[None], index, full), (tts, cache.keys, cache.values, heads))
+        # the heads are inputs (copied at each replay): they are made anew by every iter_frames call
+        logits = runner.run(key, _runner_step, (last, index[None], index, full, *heads), (tts, cache.keys, cache.values))
         cache.advance(1)
         return logits
     embeds = tts.bos_embeds() if state.progress == state.start else tts.embed_codes(last)
@@ -267,6 +322,8 @@ def static_step(tts, codes: torch.Tensor, positions: torch.Tensor, index: torch.
     return logits.float().reshape(-1, heads[0].shape[0])
 
 
-def _runner_step(codes, positions, index, mask, tts, keys, values, heads):
-    """:func:`static_step` with the step runner's argument order (inputs first, then what a key pins)."""
+def _runner_step(codes, positions, index, mask, *rest):
+    """:func:`static_step` with the step runner's argument order: the inputs (``codes``, ``positions``,
+    ``index``, ``mask``, then the code heads), then what a key pins (``tts``, ``keys``, ``values``)."""
+    heads, (tts, keys, values) = list(rest[:-3]), rest[-3:]
     return static_step(tts, codes, positions, index, mask, keys, values, heads)

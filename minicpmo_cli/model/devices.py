@@ -77,3 +77,40 @@ def resolve_dtype(dtype, device: str):
         major, _ = torch.cuda.get_device_capability(torch.device(device))
         return torch.bfloat16 if major >= 8 else torch.float16
     return torch.float32
+
+
+# torch's own switches for its SDPA backend order (sdp_utils.cpp check_prefer_cudnn_attention, by version):
+# a user who set either has chosen, and start_device leaves cuDNN attention as they said.
+CUDNN_SDPA_SWITCHES = ("TORCH_CUDNN_SDPA_DEPRIORITIZED", "TORCH_CUDNN_SDPA_PREFERRED")
+
+
+def start_device(device) -> str:
+    """Start the device now, so that its cost is a start-up phase of its own; returns what was done.
+
+    On CUDA: the context is created (the first allocation does it) and cuDNN attention is switched off for
+    ``scaled_dot_product_attention``, unless the user chose with torch's own switches. Why: on Hopper and
+    Blackwell (sm 9.x/10.x, cuDNN > 9.15) recent torch tries cuDNN attention first, and cuDNN builds an
+    execution graph for every new problem shape (its cache key holds the key length) at tens of milliseconds of
+    host time each. The eager decode loop attends over a key length that grows by one every token, so every
+    token paid a graph build (and transformers' beam search the same); flash / memory-efficient attention
+    have no per-shape build. The CPU needs nothing.
+    """
+    import os
+
+    import torch
+
+    if not str(device or "cpu").startswith("cuda"):
+        return ""
+    torch.empty(1, device=device)  # creates the CUDA context
+    chosen = user_attention_choice(os.environ)
+    if chosen is None:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        attention = "cuDNN attention off (a graph build per key length)"
+    else:
+        attention = f"cuDNN attention as {chosen}={os.environ[chosen]} says"
+    return f"{torch.cuda.get_device_name(torch.device(device))}; {attention}"
+
+
+def user_attention_choice(environ) -> str | None:
+    """The torch switch (of CUDNN_SDPA_SWITCHES) the user set for cuDNN attention, or None: then it is ours."""
+    return next((name for name in CUDNN_SDPA_SWITCHES if name in environ), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -86,7 +87,8 @@ class _Slot:
 
 def load_safetensors_into(module, files: Iterable[Path], skip_prefixes: tuple[str, ...] = (),
                           device=None, quantized: dict[str, Any] | None = None,
-                          gptq=None, only_prefixes: tuple[str, ...] | None = None) -> LoadReport:
+                          gptq=None, only_prefixes: tuple[str, ...] | None = None,
+                          timings: dict[str, float] | None = None) -> LoadReport:
     """Fill every parameter/persistent buffer of ``module`` from the checkpoint files, tensor by tensor.
 
     Parameters still on the meta device are created on ``device`` in their own dtype, straight from the
@@ -95,6 +97,7 @@ def load_safetensors_into(module, files: Iterable[Path], skip_prefixes: tuple[st
     checkpoint's GptqConfig), the GPTQ tensors are checked and repacked. Tensors under ``skip_prefixes``
     (towers not built) are ignored, as is everything outside ``only_prefixes`` when given. Every file's
     header and every name and shape is checked before any data is read; the report says what did not fit.
+    ``timings["read"]``: seconds spent reading the files (the rest of the time: converting and moving).
     """
     from minicpmo_cli.model import safetensors_reader as reader
 
@@ -118,7 +121,7 @@ def load_safetensors_into(module, files: Iterable[Path], skip_prefixes: tuple[st
     report.missing = sorted(set(targets) - planned) + _missing_quantized(quantized, gptq, planned)
     if not report.complete:
         return report
-    _read_plan(plan, quantized, gptq, device)
+    _read_plan(plan, quantized, gptq, device, timings if timings is not None else {})
     report.loaded = planned
     return report
 
@@ -179,7 +182,7 @@ def _missing_quantized(quantized: dict, gptq, planned: set[str]) -> list[str]:
     return sorted(f"{p}.{r}" for p in quantized for r in required if f"{p}.{r}" not in planned)
 
 
-def _read_plan(plan: list[_Slot], quantized: dict, gptq, device) -> None:
+def _read_plan(plan: list[_Slot], quantized: dict, gptq, device, timings: dict[str, float]) -> None:
     """Read the planned tensors, file by file in offset order, into their final place."""
     import torch
 
@@ -187,6 +190,7 @@ def _read_plan(plan: list[_Slot], quantized: dict, gptq, device) -> None:
 
     pending: dict[str, dict[str, Any]] = {}
     staging = _Staging()
+    reader = _TimedReader(reader, timings)
     expected: dict[str, set[str]] = {}
     for slot in plan:
         if slot.quantized:
@@ -208,7 +212,7 @@ def _read_plan(plan: list[_Slot], quantized: dict, gptq, device) -> None:
                         if set(pieces) == expected[prefix]:
                             _set_quantized(prefix, quantized[prefix], pending.pop(prefix), gptq, device)
                     else:
-                        _place(handle, slot, device)
+                        _place(handle, slot, device, reader)
 
 
 class _Staging:
@@ -230,12 +234,33 @@ class _Staging:
         return self.buffer[:nbytes].view(entry.dtype).view(entry.shape)
 
 
-def _place(handle, slot: _Slot, device) -> None:
+class _TimedReader:
+    """safetensors_reader's ``read_into`` / ``read_tensor``, adding the seconds they take to ``timings["read"]``
+    (the start-up clock's "weights read"; converting and moving to the device is the rest)."""
+
+    def __init__(self, reader, timings: dict[str, float]) -> None:
+        self.reader, self.timings = reader, timings
+
+    def read_into(self, handle, entry, out):
+        started = time.perf_counter()
+        try:
+            return self.reader.read_into(handle, entry, out)
+        finally:
+            self.timings["read"] = self.timings.get("read", 0.0) + time.perf_counter() - started
+
+    def read_tensor(self, handle, entry):
+        import torch
+
+        return self.read_into(handle, entry, torch.empty(entry.shape, dtype=entry.dtype))
+
+    def open_weights(self, path):
+        return self.reader.open_weights(path)
+
+
+def _place(handle, slot: _Slot, device, reader) -> None:
     """One tensor from the file into its parameter/buffer: in place when real, created when on meta."""
     import torch
     from torch import nn
-
-    from minicpmo_cli.model import safetensors_reader as reader
 
     target = getattr(slot.module, slot.leaf)
     entry = slot.entry
@@ -311,30 +336,46 @@ def construction_context(dtype=None, device=None):
             torch.set_default_dtype(previous)
 
 
-def build_and_load(cls, config, folder: Path, dtype, device, quantize: str | None = None):
+def build_and_load(cls, config, folder: Path, dtype, device, quantize: str | None = None, clock=None):
     """``cls(config)`` with parameters on meta, its decoder linears quantized as asked (or as the GPTQ
     checkpoint is), then filled from the checkpoint straight into ``device``/``dtype``: peak memory is the
     final size plus one tensor. The result's ``quantization`` says what it holds (quant.QuantizationInfo).
+    ``clock`` (minicpmo_cli/startup.py) marks the device start, the construction, the reading and the move.
     """
     from minicpmo_cli.model import quant, quant_gptq
+    from minicpmo_cli.model.devices import start_device
+    from minicpmo_cli.startup import mark
 
     gptq = quant_gptq.read_gptq_config(folder)
     mode, source = quant.quantization_mode(quantize, gptq, folder)
+    mark(clock, "device start", start_device(device))
     with construction_context(dtype=dtype, device=device), parameters_on_meta():
         model = cls(config)
+    mark(clock, "model built", "modules made, parameters not yet filled")
     quantized = {}
     if mode != "none":
         names = quant.decoder_linear_names(config.num_hidden_layers)
         quantized = quant.replace_linears(model, names, mode, dtype or _default_dtype())
+    timings: dict[str, float] = {}
     report = load_safetensors_into(model, weight_files(folder), skipped_prefixes(config), device=device,
-                                   quantized=quantized, gptq=gptq)
+                                   quantized=quantized, gptq=gptq, timings=timings)
     report.raise_if_incomplete(folder)
+    if clock is not None and str(device or "cpu").startswith("cuda"):
+        _synchronize(device)  # the conversions queued on the GPU count as moving, not as what comes next
+    mark(clock, f"moved to the device ({device or 'cpu'})", f"{mode} weights" if mode != "none" else "",
+         parts={"weights read": timings.get("read", 0.0)})
     if mode != "none":
         _return_freed_heap()
     model.quantization = quant.summarize(model, mode, source)
     if mode != "none" and "dequantize" in model.quantization.kernel and str(device or "cpu").startswith("cuda"):
         logger.warning("%s: %s", mode, model.quantization.kernel_reason + "; dequantizing in forward (slower)")
     return model
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    torch.cuda.synchronize(device)
 
 
 def _return_freed_heap() -> None:

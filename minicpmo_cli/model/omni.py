@@ -105,6 +105,7 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
         token: str | bool | None = None,
         config: MiniCPMOConfig | None = None,
         quantize: str | None = None,  # none | int8 | int4 (LLM decoder linears); None: as the checkpoint is
+        clock: Any = None,  # a minicpmo_cli.startup.StartupClock marking the load's phases
         **_ignored: Any,  # e.g. trust_remote_code from AutoModel: nothing remote is ever run
     ) -> MiniCPMOModel:
         """Load the official checkpoint (folder or hub id) strictly by the official tensor names."""
@@ -134,7 +135,7 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
                                       device or "cpu")
         try:
             # Parameters on meta, filled from the files on their device (quantized as asked): see loading.py.
-            model = loading.build_and_load(cls, config, folder, dtype, device, quantize)
+            model = loading.build_and_load(cls, config, folder, dtype, device, quantize, clock=clock)
         except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
             from minicpmo_cli.errors import EnvironmentProblem
 

@@ -90,6 +90,21 @@ class ReferenceSampler:
         uniform = ((state * self._powers[:count]) % _MCG31_M).astype(np.float64) / _MCG31_M
         return -np.log(uniform.astype(np.float32))
 
+    def snapshot(self):
+        """The state of the random stream (host-side: no device read), for :meth:`restore`."""
+        if self._mt is not None:
+            return self._mt.get_state()
+        return self._generator.get_state() if self._generator is not None else torch.get_rng_state()
+
+    def restore(self, state) -> None:
+        """Back to a :meth:`snapshot` (frames drawn past the end of speech are dropped, their draws undone)."""
+        if self._mt is not None:
+            self._mt.set_state(state)
+        elif self._generator is not None:
+            self._generator.set_state(state)
+        else:
+            torch.set_rng_state(state)
+
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
         """probs ``[rows, n]`` (float32) -> indices ``[rows, 1]``."""
         q = self._exponential(self._next_seed(), probs.numel())

@@ -51,25 +51,37 @@ def prompt_token_count(processor, msgs, omni_input: bool = False, use_tts_templa
     return longest
 
 
-def check_prompt_fits(engine, msgs, **processing: Any) -> int:
+def check_prompt_fits(engine, msgs, answer_tokens: int | None = None, **processing: Any) -> int:
     """Raise PromptTooLong unless the prompt of `msgs` leaves room for an answer; returns its size in tokens.
 
-    ``processing``: the processor options the call will use (omni_input, use_tts_template, max_slice_nums, ...).
+    ``answer_tokens``: the answer's token limit when the caller chose one (max_new_tokens): the prompt and
+    that many tokens must fit the context together (as OpenAI's API requires). ``processing``: the
+    processor options the call will use (omni_input, use_tts_template, max_slice_nums, ...).
     """
     limit = context_limit(engine.model.config)
+    answer = max(answer_tokens or 0, MIN_ANSWER_TOKENS)
+    if answer >= limit:
+        raise PromptTooLong(f"max_new_tokens is {answer}, but the model's context holds {limit} tokens, the "
+                            "prompt included: ask for fewer", parameters=("max_new_tokens",))
     # Cheap bound first: a token covers at least one byte of text, so short text needs no tokenizing.
-    if _text_bytes(msgs) > limit // 4 or _has_media(msgs):
+    room = limit - answer + MIN_ANSWER_TOKENS
+    if _text_bytes(msgs) > room // 4 or room < 1024 or _has_media(msgs):
         size = prompt_token_count(engine.processor, msgs, **_known(processing))
-        fail_if_too_long(size, limit)
+        fail_if_too_long(size, limit, answer_tokens=answer)
         return size
     return 0
 
 
-def fail_if_too_long(size: int, limit: int, what: str = "the prompt") -> None:
-    if size + MIN_ANSWER_TOKENS > limit:
-        raise PromptTooLong(f"{what} is {size} tokens, but the model reads at most {limit} "
-                            f"(its context, max_position_embeddings, less {MIN_ANSWER_TOKENS} for the answer): "
-                            "shorten the text, or give fewer or smaller images, or shorter audio or video")
+def fail_if_too_long(size: int, limit: int, what: str = "the prompt", answer_tokens: int = MIN_ANSWER_TOKENS) -> None:
+    if size + answer_tokens <= limit:
+        return
+    if answer_tokens > MIN_ANSWER_TOKENS:
+        raise PromptTooLong(f"{what} is {size} tokens and max_new_tokens asks for {answer_tokens} more, but the "
+                            f"model reads at most {limit} (its context, max_position_embeddings): ask for fewer "
+                            "new tokens, or shorten the prompt", parameters=("max_new_tokens",))
+    raise PromptTooLong(f"{what} is {size} tokens, but the model reads at most {limit} "
+                        f"(its context, max_position_embeddings, less {MIN_ANSWER_TOKENS} for the answer): "
+                        "shorten the text, or give fewer or smaller images, or shorter audio or video")
 
 
 def check_instruction(text: str | None) -> None:

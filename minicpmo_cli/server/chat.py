@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -14,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from minicpmo_cli.errors import describe_error
 from minicpmo_cli.server import generation, media
 from minicpmo_cli.server.errors import APIError, error_body
+from minicpmo_cli.server.limits import chat_limits
 from minicpmo_cli.server.schemas import ChatRequest, Message
 from minicpmo_cli.server.voices import DEFAULT_VOICE, resolve_voice
 from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
@@ -37,13 +39,13 @@ def _part(part: dict, where: str, limits: media.FetchLimits) -> tuple[list[Any],
         return [str(part.get("text", ""))], "text"
     if kind == "image_url":
         url = (part.get("image_url") or {}).get("url", "")
-        return [media.decode_image(media.url_bytes(url, where, limits), where)], "image"
+        return [media.image_from_url(url, where, limits)], "image"
     if kind == "input_audio":
         data = (part.get("input_audio") or {}).get("data", "")
-        return [media.decode_audio(media.b64decode(data, where), where)], "audio"
+        return [media.decode_audio(media.b64decode(data, where), where, limits.max_audio_seconds)], "audio"
     if kind == "video_url":
         url = (part.get("video_url") or {}).get("url", "")
-        return media.video_parts(media.url_bytes(url, where, limits), where), "video"
+        return media.video_from_url(url, where, limits), "video"
     raise APIError(400, f"{where}: unsupported content part type {kind!r} "
                         "(text, image_url, input_audio, video_url)", param=where)
 
@@ -184,9 +186,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def chat_completions(body: ChatRequest, request: Request):
     state = request.app.state.minicpmo
     timer = state.metrics.timer()
-    state.check_model(body.model)
+    state.check_model(body.model, "chat")
     _check(body)
-    conversation = conversation_for(body, state.settings.fetch)
+    media_limits = chat_limits(body, state.settings.fetch, state.engine)  # a 400 before any decoding
+    conversation = await asyncio.to_thread(conversation_for, body, media_limits)  # fetches, decoding: off the loop
     decode = generation.with_default_seed(decode_options(body), state.settings.seed)
     from minicpmo_cli.api.chat import chat_settings
 
@@ -203,7 +206,8 @@ async def chat_completions(body: ChatRequest, request: Request):
         job = generation.spoken_answer(conversation, decode, body.stops, timer)
         text, wav, rate, usage, finish = await pool.run(job, disconnected=request.is_disconnected, exclusive=alone)
         fmt = body.audio.format if body.audio else "wav"
-        return _completion(body, text, finish, usage, audio=_audio_object(wav, rate, fmt, text))
+        audio = await asyncio.to_thread(_audio_object, wav, rate, fmt, text)  # encoding: off the loop
+        return _completion(body, text, finish, usage, audio=audio)
     job = generation.text_answer(conversation, decode, body.stops, timer)
     alone = generation.runs_alone(decode)
     if body.stream:

@@ -1,30 +1,31 @@
 """The media parts of a chat request -> what the model takes (PIL images, 16 kHz samples, video parts).
 
-Images and videos come as data: URLs or http(s) URLs (fetched with a size and a time limit); audio as
-base64 ``input_audio`` data (wav, mp3, or any format the decoders read). Each failure is one 400 naming the
-part: ``messages[1].content[0]: not an image (...)``.
+Images and videos come as data: URLs or http(s) URLs (fetched by server/fetch.py: public addresses only,
+a size and a time limit); audio as base64 ``input_audio`` data (wav, mp3, or any format the decoders read),
+refused from its header's duration when longer than the request may hold. Each failure is one 400 naming
+the part: ``messages[1].content[0]: not an image (...)``; a fetched URL that fails in any way, decoding
+included, gets one text whatever the reason (a client must not map the network through our error texts).
+
+Everything here blocks (network, decoding): the routes call it off the event loop.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import tempfile
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from minicpmo_cli.errors import MiniCPMOError, describe_error
 from minicpmo_cli.server.errors import APIError
+from minicpmo_cli.server.fetch import FetchFailed, FetchLimits, fetch
 
-
-@dataclass(frozen=True)
-class FetchLimits:
-    max_bytes: int = 25 * 1024 * 1024
-    timeout: float = 10.0  # seconds for the whole download
-    allow_http: bool = True
+__all__ = ["FetchLimits", "b64decode", "url_bytes", "decode_image", "decode_audio", "video_parts",
+           "image_from_url", "video_from_url", "check_audio_length", "MAX_REFERENCE_SECONDS"]
+MAX_REFERENCE_SECONDS = 300.0  # a reference voice (speech's reference_audio): a few seconds are enough
+logger = logging.getLogger("minicpmo_cli.server")
 
 
 def b64decode(data: str, where: str) -> bytes:
@@ -34,48 +35,60 @@ def b64decode(data: str, where: str) -> bytes:
         raise APIError(400, f"{where}: not valid base64 data", param=where) from None
 
 
-def url_bytes(url: str, where: str, limits: FetchLimits) -> bytes:
-    """The bytes behind a data: or http(s) URL."""
-    if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep:
-            raise APIError(400, f"{where}: a data: URL needs a ',' before its data", param=where)
-        if header.endswith(";base64"):
-            return b64decode(payload, where)
-        from urllib.parse import unquote_to_bytes
+def _data_url_bytes(url: str, where: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise APIError(400, f"{where}: a data: URL needs a ',' before its data", param=where)
+    if header.endswith(";base64"):
+        return b64decode(payload, where)
+    from urllib.parse import unquote_to_bytes
 
-        return unquote_to_bytes(payload)
-    if url.startswith(("http://", "https://")):
+    return unquote_to_bytes(payload)
+
+
+def _check_url(url: str, where: str, limits: FetchLimits) -> None:
+    if url.startswith("data:"):
+        return
+    if url.lower().startswith(("http://", "https://")):
         if not limits.allow_http:
-            raise APIError(400, f"{where}: this server does not fetch URLs; send a data: URL", param=where)
-        return _fetch(url, where, limits)
+            raise APIError(400, f"{where}: this server does not fetch URLs (serve --no-url-fetch); send a data: URL",
+                           param=where)
+        return
     raise APIError(400, f"{where}: the URL must be a data: or http(s) URL", param=where)
 
 
-def _fetch(url: str, where: str, limits: FetchLimits) -> bytes:
-    import time
+def _fetch_failed(where: str, limits: FetchLimits, url: str, reason: str) -> APIError:
+    logger.warning("%s: fetching %s failed: %s", where, url[:200], reason)
+    return APIError(400, f"{where}: {limits.failure()}", param=where, code="url_fetch_failed")
 
-    deadline = time.monotonic() + limits.timeout
+
+def url_bytes(url: str, where: str, limits: FetchLimits) -> bytes:
+    """The bytes behind a data: or http(s) URL."""
+    _check_url(url, where, limits)
+    if url.startswith("data:"):
+        return _data_url_bytes(url, where)
     try:
-        with urllib.request.urlopen(url, timeout=limits.timeout) as response:  # noqa: S310 - http(s) only
-            chunks, size = [], 0
-            while True:
-                chunk = response.read(65536)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise APIError(413, f"{where}: {url} is larger than {limits.max_bytes} bytes", param=where)
-                if time.monotonic() > deadline:
-                    raise APIError(400, f"{where}: fetching {url} took longer than {limits.timeout:g} s",
-                                   param=where)
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except APIError:
-        raise
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise APIError(400, f"{where}: cannot fetch {url} ({reason})", param=where) from None
+        return fetch(url, limits)
+    except FetchFailed as exc:
+        raise _fetch_failed(where, limits, url, str(exc)) from None
+
+
+def _from_url(url: str, where: str, limits: FetchLimits, decode: Callable[[bytes, str], Any]) -> Any:
+    data = url_bytes(url, where, limits)
+    if url.startswith("data:"):
+        return decode(data, where)
+    try:
+        return decode(data, where)
+    except APIError as exc:  # "not an image", "looks like text": the same one text as any failed fetch
+        raise _fetch_failed(where, limits, url, exc.message) from None
+
+
+def image_from_url(url: str, where: str, limits: FetchLimits):
+    return _from_url(url, where, limits, decode_image)
+
+
+def video_from_url(url: str, where: str, limits: FetchLimits) -> list[Any]:
+    return _from_url(url, where, limits, lambda data, at: video_parts(data, at, limits.max_audio_seconds))
 
 
 def decode_image(data: bytes, where: str):
@@ -87,11 +100,14 @@ def decode_image(data: bytes, where: str):
         raise APIError(400, f"{where}: {_reason(exc)}", param=where) from None
 
 
-def decode_audio(data: bytes, where: str):
-    from minicpmo_cli.media.audio import load_audio
+def decode_audio(data: bytes, where: str, max_seconds: float | None = None):
+    """16 kHz samples; audio longer than ``max_seconds`` is a 413 naming the limit, refused before decoding."""
+    from minicpmo_cli.media.audio import AudioTooLong, load_audio
 
     try:
-        samples = load_audio(data)
+        samples = load_audio(data, max_seconds=max_seconds)
+    except AudioTooLong as exc:
+        raise APIError(413, f"{where}: {_reason(exc)}", param=where, code="audio_too_long") from None
     except (MiniCPMOError, OSError, ValueError) as exc:
         raise APIError(400, f"{where}: {_reason(exc)}", param=where) from None
     if samples.size == 0:
@@ -99,14 +115,41 @@ def decode_audio(data: bytes, where: str):
     return samples
 
 
-def video_parts(data: bytes, where: str) -> list[Any]:
-    """Frames (1 fps, at most 64) and the sound of a video, as ``chat --video`` attaches them."""
+def check_audio_length(data: bytes, where: str, max_seconds: float) -> None:
+    """413 for audio longer than ``max_seconds``: from the header when it says, else by a capped decode (whose
+    memory the cap bounds). Unreadable audio is left for the real decode to word."""
+    from minicpmo_cli.media.audio import header_seconds
+
+    try:
+        seconds = header_seconds(data)
+    except (MiniCPMOError, OSError, ValueError):
+        return
+    if seconds is None:
+        try:
+            decode_audio(data, where, max_seconds)
+        except APIError as exc:
+            if exc.status == 413:
+                raise
+    elif seconds > max_seconds:
+        raise APIError(413, f"{where}: the audio is {seconds:.0f} s long, over this server's limit of "
+                            f"{max_seconds:g} s", param=where, code="audio_too_long")
+
+
+def video_parts(data: bytes, where: str, max_audio_seconds: float | None = None) -> list[Any]:
+    """Frames (1 fps, at most 64) and the sound of a video, as ``chat --video`` attaches them. A sound track
+    longer than ``max_audio_seconds`` (by the container's header) is a 413 before anything is decoded."""
     from minicpmo_cli.api.video import video_message_parts
+    from minicpmo_cli.media.video import probe_video
 
     handle, name = tempfile.mkstemp(prefix="minicpmo-video-", suffix=".bin")
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        if max_audio_seconds is not None:
+            info = probe_video(name)
+            if info.has_audio and info.duration > max_audio_seconds:
+                raise APIError(413, f"{where}: the video's sound is {info.duration:.0f} s long, over the limit of "
+                                    f"{max_audio_seconds:g} s", param=where, code="audio_too_long")
         parts, _ = video_message_parts(name)
     except (MiniCPMOError, OSError, ValueError) as exc:
         raise APIError(400, f"{where}: {_reason(exc)}", param=where) from None

@@ -3,6 +3,7 @@ server-sent speech.audio.delta / speech.audio.done events). A client that leaves
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from contextlib import closing
@@ -25,7 +26,8 @@ def _speech_voice(body: SpeechRequest):
     from minicpmo_cli.api.speech import Voice
 
     if body.reference_audio is not None:
-        reference = media.decode_audio(media.b64decode(body.reference_audio, "reference_audio"), "reference_audio")
+        reference = media.decode_audio(media.b64decode(body.reference_audio, "reference_audio"), "reference_audio",
+                                       media.MAX_REFERENCE_SECONDS)
     else:
         reference = resolve_voice(body.voice)
     return Voice(reference=reference, mode=body.mode, instruction=body.instructions or None, language=body.language)
@@ -125,7 +127,7 @@ async def speech(body: SpeechRequest, request: Request):
 
     state = request.app.state.minicpmo
     timer = state.metrics.timer()
-    state.check_model(body.model)
+    state.check_model(body.model, "speech")
     if not state.settings.tts:
         raise APIError(400, "this server was started without the speech tower (--no-tts)")
     if not body.input.strip():
@@ -134,7 +136,7 @@ async def speech(body: SpeechRequest, request: Request):
         raise APIError(400, f"input is {len(body.input)} characters, over the limit of {MAX_INPUT_CHARS} "
                             "(as OpenAI's): split the text into several requests", param="input",
                        code="string_above_max_length")
-    voice = _speech_voice(body)
+    voice = await asyncio.to_thread(_speech_voice, body)  # decoding a reference voice: off the loop
     voice.check()
     frames = MAX_AUDIO_FRAMES if body.max_audio_seconds is None else frames_for_seconds(body.max_audio_seconds)
     decode = generation.with_default_seed(_speech_decode(body), state.settings.seed)
@@ -157,8 +159,8 @@ async def speech(body: SpeechRequest, request: Request):
     # Verbatim reading draws from a private generator; a model re-writing the text samples from the global one.
     alone = not body.verbatim and decode.seed is not None
     result, input_tokens = await pool.run(job, disconnected=request.is_disconnected, exclusive=alone)
-    wav = encode.change_speed(result.wav, body.speed)
-    audio = encode.encode(wav, result.sample_rate, body.response_format)
+    wav = await asyncio.to_thread(encode.change_speed, result.wav, body.speed)
+    audio = await asyncio.to_thread(encode.encode, wav, result.sample_rate, body.response_format)
     headers = {"X-Speech-Capped": "1"} if result.capped else {}
     if body.stream_format == "sse":
         return StreamingResponse(_whole_sse(audio, _usage(input_tokens, len(result.wav))),

@@ -11,6 +11,7 @@ from minicpmo_cli.errors import describe_error
 from minicpmo_cli.server.errors import APIError
 from minicpmo_cli.server.media import FetchLimits
 from minicpmo_cli.server.metrics import Metrics
+from minicpmo_cli.server.models import checkpoint_hub_id, openai_name, unknown_model
 from minicpmo_cli.server.worker import Pool
 
 logger = logging.getLogger("minicpmo_cli.server")
@@ -19,7 +20,9 @@ logger = logging.getLogger("minicpmo_cli.server")
 @dataclass
 class Settings:
     load: Any  # api.LoadOptions
-    model_id: str  # the name /v1/models lists and requests must use
+    model_id: str  # the name /v1/models lists first (--served-model-name's first, else --model)
+    served_names: tuple[str, ...] = ()  # more names of --served-model-name a,b,...: listed and accepted too
+    strict_model_names: bool = False  # --strict-model-names: OpenAI's standard names get a 404
     api_key: str | None = None
     max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's own limit for audio uploads
     max_queue: int = 64  # requests waiting for a thread at most; more get 429
@@ -53,6 +56,7 @@ class ServerState:
         self.settings = settings
         self.engine = engine
         self.load_error: str | None = None
+        self.hub_id = checkpoint_hub_id(str(settings.load.model))  # accepted and listed as a name too
         self.loaded = threading.Event()
         if engine is not None:
             self.loaded.set()
@@ -89,14 +93,21 @@ class ServerState:
             raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
         raise APIError(503, "the model is still loading; retry when GET /v1/models answers 200", code="loading")
 
-    def model_names(self) -> set[str]:
-        model = str(self.settings.load.model).rstrip("/\\")
-        return {self.settings.model_id, model, model.replace("\\", "/").rsplit("/", 1)[-1]}
+    def model_names(self) -> list[str]:
+        """The names /v1/models lists: the served names, then the checkpoint's hub id."""
+        names = [self.settings.model_id, *self.settings.served_names, self.hub_id]
+        return list(dict.fromkeys(n for n in names if n))
 
-    def check_model(self, name: str) -> None:
-        """404 for a model this server does not serve (as OpenAI answers); 503 while loading."""
-        if name not in self.model_names():
-            raise APIError(404, f"the model {name!r} does not exist here; this server serves "
-                                f"{self.settings.model_id!r} (GET /v1/models)", param="model",
-                           code="model_not_found")
+    def accepts_model(self, name: str, kind: str) -> bool:
+        """Whether a request to a route of ``kind`` (chat, transcription, speech, realtime) may name ``name``:
+        a listed name, the --model value (or its folder's name), or OpenAI's names of that kind unless strict."""
+        model = str(self.settings.load.model).rstrip("/\\")
+        if name in self.model_names() or name in (model, model.replace("\\", "/").rsplit("/", 1)[-1]):
+            return True
+        return not self.settings.strict_model_names and openai_name(name, kind)
+
+    def check_model(self, name: str, kind: str = "chat") -> None:
+        """404 for a model this route does not serve (as OpenAI answers); 503 while loading."""
+        if not self.accepts_model(name, kind):
+            raise unknown_model(name, self.model_names(), kind, self.settings.strict_model_names)
         self.ready_engine()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Optional
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 
-from minicpmo_cli.server import generation
+from minicpmo_cli.server import generation, limits, media
 from minicpmo_cli.server.errors import APIError
 
 router = APIRouter()
@@ -61,7 +62,8 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
     from minicpmo_cli.api.asr import transcribe
 
     state = request.app.state.minicpmo
-    state.check_model(model)
+    state.check_model(model, "transcription")
+    limits.check_answer_tokens(decode.max_new_tokens, "max_new_tokens", state.engine)
     if response_format not in RESPONSE_FORMATS:
         raise APIError(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}", param="response_format")
     data = await file.read()
@@ -71,6 +73,8 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
         raise APIError(400, f"file {file.filename or ''}: the upload is empty".replace("file : ", "file: "),
                        param="file")
     name = file.filename or "upload"
+    # The audio's length from its header, before the worker decodes it whole (off the loop: it may decode)
+    await asyncio.to_thread(media.check_audio_length, data, "file", state.settings.fetch.max_transcription_seconds)
     decode = generation.with_default_seed(decode, state.settings.seed)
 
     def job(engine, cancel):
@@ -80,10 +84,12 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
     return _record_response(record, response_format, task_name)
 
 
-def decoding_form(temperature: float = Form(0.0, ge=0.0, le=1.0), max_new_tokens: Optional[int] = Form(None, ge=1),
-                  top_p: Optional[float] = Form(None), top_k: Optional[int] = Form(None),
-                  repetition_penalty: Optional[float] = Form(None), num_beams: Optional[int] = Form(None),
-                  sampling: Optional[bool] = Form(None)):
+def decoding_form(temperature: float = Form(0.0, ge=0.0, le=1.0),
+                  max_new_tokens: Optional[int] = Form(None, ge=1, le=1_000_000),
+                  top_p: Optional[float] = Form(None, gt=0.0, le=1.0),
+                  top_k: Optional[int] = Form(None, ge=0, le=1_000_000),
+                  repetition_penalty: Optional[float] = Form(None, ge=0.01, le=100.0),
+                  num_beams: Optional[int] = Form(None, ge=1, le=16), sampling: Optional[bool] = Form(None)):
     """OpenAI's temperature, plus the CLI's decoding options (extensions)."""
     extra = {"max_new_tokens": max_new_tokens, "top_p": top_p, "top_k": top_k,
              "repetition_penalty": repetition_penalty, "num_beams": num_beams, "sampling": sampling}

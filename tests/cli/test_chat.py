@@ -90,11 +90,15 @@ def test_repl_reports_a_failed_answer_and_goes_on(cli, tiny_ckpt):
 def test_repl_ctrl_c_stops_an_answer_and_keeps_the_session(tiny_ckpt):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, ["-m", "minicpmo_cli", "--model", str(tiny_ckpt), "chat",
-                                           "--max-new-tokens", "100000", "--min-new-tokens", "100000"],
+                                           "--max-new-tokens", "4000", "--min-new-tokens", "4000"],
                           env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=120)
     child.expect(">>> ")
     child.sendline("Tell me a very long story.")
-    child.expect(r"\S")  # the answer has started streaming
+    # Wait for a state, not a clock: the line is read (its echo ends with the newline) and the answer has
+    # printed its first character. A Ctrl-C sent while the line is still being typed would cancel the line
+    # at the prompt instead (as in any shell), and no answer would start.
+    child.expect(r"story\.\r?\n")
+    child.expect(r"\S")
     child.sendintr()
     child.expect(r"\[stopped\]")
     child.expect(">>> ")
@@ -102,6 +106,31 @@ def test_repl_ctrl_c_stops_an_answer_and_keeps_the_session(tiny_ckpt):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_ctrl_c_while_the_stream_thread_starts_stops_that_thread(engine, monkeypatch):
+    """A Ctrl-C that lands inside Thread.start() (before the stream loop's try) must still stop the generation
+    thread: when the KeyboardInterrupt reaches the caller, the thread has ended."""
+    import threading
+
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start_then_interrupt(self):
+        real_start(self)
+        started.append(self)
+        raise KeyboardInterrupt
+
+    options = DecodeOptions(sampling=True, max_new_tokens=100000, min_new_tokens=100000, seed=1)
+    stream = engine.text_pieces([{"role": "user", "content": ["Tell me a story."]}], options)
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    monkeypatch.undo()
+    [thread] = started
+    assert not thread.is_alive()  # stopped and joined, not generating 100000 tokens in the background
 
 
 # ------------------------------------------------------------------------------------ the fake engine
@@ -254,6 +283,61 @@ def test_repl_session(chat, fake_engine, picture, tmp_path):
     assert data["messages"][2]["content"] == [{"type": "text", "text": "first line\nsecond line"}]
 
 
+def test_repl_ctrl_c_before_the_answer_starts_keeps_the_session(chat, fake_engine, monkeypatch, tmp_path):
+    """Ctrl-C between reading the line and the first piece of the answer (here: while the question is put in
+    the history) stops that message only; the session goes on and the stopped exchange is not kept."""
+    from minicpmo_cli.api.chat import Conversation
+
+    real_ask = Conversation.ask
+
+    def ask(self, text):
+        if text == "interrupted":
+            real_ask(self, text)
+            raise KeyboardInterrupt
+        return real_ask(self, text)
+
+    monkeypatch.setattr(Conversation, "ask", ask)
+    saved = tmp_path / "c.json"
+    code, out, err = chat("--max-new-tokens", "4", stdin=f"interrupted\nafter\n/save {saved}\n", tty=True)
+    assert code == 0, err
+    assert "[stopped]" in out and "echo: after [images: 0, audio: 0]" in out
+    texts = [m["content"][0]["text"] for m in json.loads(saved.read_text())["messages"]]
+    assert texts == ["after", "echo: after [images: 0, audio: 0]"]
+
+
+def test_repl_stopped_answers_are_not_kept(chat, fake_engine, monkeypatch, tmp_path):
+    """Ctrl-C while an answer streams: the partial answer (and its question) leave the history."""
+    from tests.fake_engine import FakeEngine
+
+    real_pieces = FakeEngine.text_pieces
+
+    def text_pieces(self, msgs, settings, **kwargs):
+        for number, piece in enumerate(real_pieces(self, msgs, settings, **kwargs)):
+            if "stop me" in str(msgs[-1]["content"]) and number == 2:
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(FakeEngine, "text_pieces", text_pieces)
+    saved = tmp_path / "c.json"
+    code, out, err = chat("--sampling", "--max-new-tokens", "9", stdin=f"first\nstop me now\nlast\n/save {saved}\n",
+                          tty=True)
+    assert code == 0, err
+    assert "echo: stop [stopped]" in out
+    texts = [m["content"][0]["text"] for m in json.loads(saved.read_text())["messages"]]
+    assert texts == ["first", "echo: first [images: 0, audio: 0]", "last", "echo: last [images: 0, audio: 0]"]
+
+
+def test_spoken_answer_comes_before_the_line_naming_its_file(chat, fake_engine, tmp_path):
+    target = tmp_path / "a.wav"
+    code, out, err = chat("--device", "cpu", "Hi.", "--speak", target)
+    assert code == 0, err
+    assert out == "echo: Hi. [images: 0, audio: 0]\n" and err.endswith(f"speech written to {target}\n")
+    code, out, err = chat("--speak", tmp_path / "b.wav", stdin="Hello.\n/exit\n", tty=True)
+    assert code == 0, err
+    assert "speech written" not in out + err  # the REPL's own line says it, after the answer
+    assert out.index("echo: Hello.") < out.index(f"[spoken into {tmp_path / 'b.wav'}]")
+
+
 def test_repl_speak_on_loads_speech_and_writes_numbered_files(chat, fake_engine, tmp_path):
     code, out, err = chat("--max-new-tokens", "4", stdin="/speak on\nHello there.\nHello again.\n/exit\n", tty=True)
     assert code == 0, err
@@ -264,3 +348,39 @@ def test_repl_speak_on_loads_speech_and_writes_numbered_files(chat, fake_engine,
         rate, channels, _, frames = read_wav_info(name)  # in the working folder
         assert (rate, channels) == (24000, 1)
         assert frames == 4 * 512 * len(f"echo: {text} [images: 0, audio: 0]")
+
+
+def test_repl_forgets_the_oldest_exchanges_when_the_context_is_full(chat, fake_engine, picture, tmp_path):
+    """The tiny model reads 4096 tokens; one long message and its echo fill most of it. The oldest text-only
+    exchange is forgotten with one line; the exchange holding the image stays (it is still talked about)."""
+    saved = tmp_path / "c.json"
+    long = {name: f"{name}:" + " word" * 900 for name in ("first", "second", "third")}
+    script = [f"/image {picture}", "What is this?", long["first"], long["second"], long["third"], f"/save {saved}"]
+    code, out, err = chat("--system", "Be brief.", "--max-new-tokens", "4", stdin="\n".join(script) + "\n", tty=True)
+    assert code == 0, err
+    notices = [line.removeprefix(">>> ") for line in out.splitlines() if "no longer fits" in line]
+    assert notices == ["[the conversation no longer fits the model's context: forgot its 1 oldest exchange (the "
+                       "system prompt and attached media are kept)]"] * 2, out
+    assert "error" not in out
+    # each notice comes just before the answer it made room for
+    assert out.index(notices[0]) < out.index("echo: second:") < out.rindex(notices[1]) < out.index("echo: third:")
+    data = json.loads(saved.read_text())
+    assert data["system"] == "Be brief."
+    texts = [" ".join(s.get("text", s["type"]) for s in m["content"]) for m in data["messages"]]
+    assert [t.split(":")[0] for t in texts] == ["image What is this?", "echo", "third", "echo"]
+    # the answer to "third" still saw the image: it was kept
+    assert fake_engine.last.answer.endswith("[images: 1, audio: 0]")
+
+
+def test_repl_says_clear_when_forgetting_is_not_enough(chat, fake_engine, picture, tmp_path):
+    saved = tmp_path / "c.json"
+    script = [f"/image {picture}", "What is this?", "short one", "huge:" + " word" * 3900, "still here?",
+              f"/save {saved}"]
+    code, out, err = chat("--max-new-tokens", "4", stdin="\n".join(script) + "\n", tty=True)
+    assert code == 0, err
+    [error] = [line for line in out.splitlines() if "error: " in line]
+    assert "/clear" in error and "tokens, but the model reads at most 4096" in error
+    assert "echo: still here? [images: 1, audio: 0]" in out  # the session goes on with its whole history
+    texts = [m["content"][-1]["text"] for m in json.loads(saved.read_text())["messages"]]
+    assert texts[:4] == ["What is this?", "echo: What is this? [images: 1, audio: 0]", "short one",
+                         "echo: short one [images: 1, audio: 0]"]

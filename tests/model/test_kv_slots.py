@@ -192,3 +192,55 @@ def test_pool_pieces():
     bigger = pool.grown(3, 300)
     assert (bigger.slots, bigger.capacity) == (4, 512) and bigger.generation != pool.generation
     assert torch.equal(bigger.keys[1][:2, :, :256], pool.keys[1]) and bigger.lengths[:2] == pool.lengths
+
+
+class ReplayOnCpu:
+    """A stand-in for a captured CUDA graph on the CPU: it keeps what the capture pinned (the model, the pool
+    of the key's generation) and replays with the static inputs, as a real graph replays over the memory it
+    was captured on. Replaying over a pool that was replaced would decode over stale slots."""
+
+    def __init__(self, fn, inputs, fixed, pool):
+        self.fn, self.fixed = fn, fixed
+        self.inputs = tuple(x.clone() for x in inputs)
+
+    def replay(self, inputs):
+        for static, value in zip(self.inputs, inputs):
+            static.copy_(value)
+        return self.fn(*self.inputs, *self.fixed).clone()
+
+
+def test_graph_runner_keys_follow_the_pool_and_growth_never_replays_old_buffers(model, rows, monkeypatch):
+    from minicpmo_cli.generation import step_runner
+
+    monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
+    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    settings = GREEDY.with_(stop_ids=stops(model), max_new_tokens=16)
+    expected = [alone(model, row, settings) for row in rows]
+    runner = step_runner.StepRunner("graph")
+    llm = LLMEngine(model.llm, runner=runner, threaded=False)
+    first = llm.submit(Request(rows[0], settings))
+    for _ in range(4):
+        llm.step()
+    old = llm.pool.generation
+    assert runner.captured == 1 and {key[-1] for key in runner._graphs} == {old}
+    late = [llm.submit(Request(row, settings)) for row in rows[1:]]  # the pool grows: new buffers
+    assert [h.result() for h in [first, *late]] == expected
+    assert llm.pool.generation != old and all(key[-1] != old for key in runner._graphs)
+    assert {key[:2] for key in runner._graphs} <= {(1, 256), (2, 256), (4, 256)}
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(model, rows, monkeypatch, caplog):
+    from minicpmo_cli.generation import step_runner
+
+    def refuse(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(step_runner, "_Graph", refuse)
+    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    settings = GREEDY.with_(stop_ids=stops(model), max_new_tokens=8)
+    runner = step_runner.StepRunner("graph")
+    llm = LLMEngine(model.llm, runner=runner, threaded=False)
+    caplog.set_level("WARNING", logger=step_runner.__name__)
+    assert llm.submit(Request(rows[0], settings)).result() == alone(model, rows[0], settings)
+    assert runner.captured == 0 and len(runner._uncapturable) == 1
+    assert caplog.text.count("cannot be captured as a CUDA graph") == 1  # said once, not per step

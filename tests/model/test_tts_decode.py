@@ -207,3 +207,81 @@ def test_compiled_step_gives_the_eager_codes(golden_tts, caplog):
     compiled = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(5), 12), runner=runner)
     assert eager.shape == (1, 12, 4) and torch.equal(compiled, eager)
     assert "compiled the TTS step for batch 1, cache 512" in caplog.text
+
+
+class RewindableEosAfter(EosAfter):
+    """:class:`EosAfter` that the frame loop can rewind (as api/speech.py's frame budget): the loop then reads
+    the end of speech every few frames and drops the frames drawn past it."""
+
+    def snapshot(self):
+        return self.sampler.snapshot(), self.frames
+
+    def restore(self, state):
+        inner, self.frames = state
+        self.sampler.restore(inner)
+
+
+@pytest.mark.parametrize(("seed", "text", "limit"), [(0, TEXTS[0], 30), (1, TEXTS[1], 25), (7, TEXTS[2], 61),
+                                                      (3, TEXTS[1], 12), (1234, TEXTS[2], 80)])
+def test_checking_eos_every_few_frames_gives_the_per_frame_codes_and_draws(golden_tts, seed, text, limit):
+    """EOS read back every 5 frames: the same codes as the old per-frame loop, and the sampler left exactly
+    where the per-frame loop leaves it (the next draw equal), whatever step of a block the EOS falls on."""
+    tts, tokenizer = golden_tts
+    spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(seed))
+    old_sampler = EosAfter(make_sampler(seed), limit)
+    old = old_generate_codes(tts, tokenizer, spk, text, old_sampler)
+    sampler = RewindableEosAfter(make_sampler(seed), limit)
+    reads = []
+    real_stack = torch.stack
+
+    def counting_stack(tensors, *args, **kwargs):
+        reads.append(len(tensors))
+        return real_stack(tensors, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tts_decode.torch, "stack", counting_stack)
+        new = generate_codes(tts, tokenizer, spk, text, sampler=sampler)
+    assert torch.equal(new, old)
+    assert sampler.frames == old_sampler.frames
+    probs = torch.full((4, 626), 1 / 626)
+    assert torch.equal(sampler.sample(probs), old_sampler.sample(probs))
+    assert reads and max(reads) == tts_decode.CHECK_FRAMES  # blocks of 5 frames, one read each
+
+
+def test_eos_every_few_frames_with_the_global_rng(golden_tts):
+    """seed None: the sampler draws from torch's global generator; the rewind restores that too."""
+    tts, tokenizer = golden_tts
+    spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(9)
+    old = old_generate_codes(tts, tokenizer, spk, TEXTS[1], EosAfter(make_sampler(None), 33))
+    after_old = torch.rand(3)
+    torch.manual_seed(9)
+    new = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=RewindableEosAfter(make_sampler(None), 33))
+    assert torch.equal(new, old) and torch.equal(torch.rand(3), after_old)
+
+
+def test_graph_runner_reuses_an_utterances_cache_and_graph_for_the_next(golden_tts, monkeypatch):
+    """A graph-mode TTS runner hands a finished utterance's cache (zeroed) to the next one, so the graph
+    captured over it is replayed, not captured again; the codes are eager's (a CPU stand-in replays)."""
+    from minicpmo_cli.generation import step_runner
+
+    class ReplayOnCpu:
+        def __init__(self, fn, inputs, fixed, pool):
+            self.fn, self.fixed = fn, fixed
+            self.inputs = tuple(x.clone() for x in inputs)
+
+        def replay(self, inputs):
+            for static, value in zip(self.inputs, inputs):
+                static.copy_(value)
+            return self.fn(*self.inputs, *self.fixed).clone()
+
+    monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
+    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    tts, tokenizer = golden_tts
+    spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(5))
+    runner = step_runner.StepRunner("graph", "TTS")
+    for seed in (5, 6):
+        eager = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(seed), 12))
+        graph = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(seed), 12), runner=runner)
+        assert torch.equal(graph, eager)
+        assert runner.captured == 1  # the second utterance replays the first one's graph

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.server.conftest import MODEL, need
+from tests.server.security_support import open_server  # noqa: F401 - a fixture
 
 
 def library_answer(engine, build, max_tokens: int) -> str:
@@ -82,7 +83,7 @@ def test_seeded_sampling_is_repeatable(server):
     assert first == again
 
 
-def test_image_data_url_and_http_url(server, engine, media_files):
+def test_image_data_url_and_http_url(server, open_server, engine, media_files):
     import http.server
     import threading
 
@@ -103,7 +104,8 @@ def test_image_data_url_and_http_url(server, engine, media_files):
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/{picture.name}"
         content[0] = {"type": "image_url", "image_url": {"url": url}}
-        assert ask(server.client(), content, max_tokens=6).choices[0].message.content == answer
+        # a server on loopback is fetched from only with --allow-private-urls (test_security_ssrf.py)
+        assert ask(open_server.client(), content, max_tokens=6).choices[0].message.content == answer
     finally:
         httpd.shutdown()
 

@@ -15,12 +15,12 @@ def cli(cli, tiny_ckpt, monkeypatch):
     monkeypatch.setenv("MINICPMO_API_KEY", API_KEY)
     local = cli.with_args("--model", tiny_ckpt, "--device", "cpu")
 
-    def run(server, *args):
+    def run(server, *args, **stdin):
         if server is None:
             monkeypatch.delenv("MINICPMO_SERVER", raising=False)
         else:
             monkeypatch.setenv("MINICPMO_SERVER", server.url)
-        return local(*args)
+        return local(*args, **stdin)
 
     return run
 
@@ -96,3 +96,61 @@ def test_unreachable_server_is_one_line(cli, tmp_path):
 
     code, _, err = cli(Nowhere, "tts", "Hi.", "-o", tmp_path / "x.wav")
     assert code == 1 and err.count("\n") == 1 and "cannot reach the server" in err
+
+
+def test_chat_voices_and_videos_through_the_server_equal_local(server, cli, media_files, tmp_path):
+    """chat --speak --voice NAME (a voice saved on this machine), --mode roleplay --voice CLIP, --video and
+    describe-video: sent to the server as the local prompt would be, with the same answers and speech."""
+    ref, video = need(media_files, "ref"), need(media_files, "video")
+    assert cli(None, "voices", "add", "alice", ref)[0] == 0
+    jobs = {"voice": ["chat", "Say hello.", "--voice", "alice"],
+            "roleplay": ["chat", "Say hello.", "--mode", "roleplay", "--voice", ref]}
+    for name, args in jobs.items():
+        outputs = [tmp_path / f"{name}-local.wav", tmp_path / f"{name}-remote.wav"]
+        runs = [cli(where, "--seed", "7", *args, "--speak", path, "--max-new-tokens", "4")
+                for where, path in zip((None, server), outputs)]
+        assert runs[0][0] == runs[1][0] == 0, runs
+        assert runs[0][1] == runs[1][1] and runs[0][1].strip(), name
+        assert outputs[0].read_bytes() == outputs[1].read_bytes(), name
+    for args in (["chat", "What happens?", "--video", video], ["describe-video", video, "What happens?"]):
+        local, remote = (cli(where, "--seed", "7", *args, "--max-new-tokens", "5") for where in (None, server))
+        assert local[0] == remote[0] == 0 and local[1] == remote[1] and local[1].strip(), (local, remote)
+        assert "runs on this machine" not in remote[2]
+
+
+def test_commands_without_a_route_say_they_run_here(server, cli, media_files, tmp_path):
+    """mimick, omni, tts --stream and describe-video --fps: one line says they run locally (and why), and
+    they give what the local command gives."""
+    speech, video = need(media_files, "speech"), need(media_files, "video")
+    jobs = {"mimick": ["mimick", speech, "--max-audio-seconds", "0.2"],
+            "omni": ["omni", video, "--max-new-tokens", "3"],
+            "tts --stream": ["tts", "Hello.", "--stream", "--max-audio-seconds", "0.2"],
+            "describe-video with --fps or --max-frames": ["describe-video", video, "--fps", "2",
+                                                          "--max-new-tokens", "3"]}
+    for name, args in jobs.items():
+        outputs = [tmp_path / f"{name.split()[0]}-{where}.wav" for where in ("local", "remote")]
+        runs = []
+        for where, path in zip((None, server), outputs):
+            extra = ["-o", path] if name.startswith(("mimick", "omni", "tts")) else []
+            runs.append(cli(where, "--seed", "3", *args, *extra))
+        assert runs[0][0] == runs[1][0] == 0, runs
+        assert runs[0][1] == runs[1][1], name
+        notes = [line for line in runs[1][2].splitlines() if "runs on this machine" in line]
+        assert len(notes) == 1 and notes[0].startswith(f"warning: {name} runs on this machine"), runs[1][2]
+        assert "runs on this machine" not in runs[0][2]
+        if extra:
+            assert outputs[0].read_bytes() == outputs[1].read_bytes(), name
+
+
+def test_repl_through_the_server_forgets_old_exchanges_when_the_context_is_full(server, cli, tmp_path):
+    """The server's "prompt is too long" answer makes the REPL forget the oldest exchange, as locally."""
+    saved = tmp_path / "c.json"
+    script = [f"{name}:" + " word" * 700 for name in ("first", "second", "third", "fourth")] + [f"/save {saved}"]
+    code, out, err = cli(server, "--seed", "7", "chat", "--max-new-tokens", "3", stdin="\n".join(script) + "\n",
+                         tty=True)
+    assert code == 0, err
+    assert "error" not in out and "forgot its 1 oldest exchange" in out, out[-2000:]
+    import json
+
+    users = [m["content"][0]["text"].split(":")[0] for m in json.loads(saved.read_text())["messages"][::2]]
+    assert users[-1] == "fourth" and "first" not in users

@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const history = [];          // the conversation, as OpenAI messages
 let pending = [];            // content parts waiting for the next message
+const previews = new WeakMap();  // content part -> {name, url}: what the user's bubble shows for it
 let modelId = null;
 let recorder = null;
 
@@ -35,12 +36,36 @@ function readAsDataURL(blob) {
   });
 }
 
+function partLabel(part) {
+  const name = previews.has(part) ? previews.get(part).name : "";
+  if (part.type === "image_url") return "image";
+  if (part.type === "video_url") return "video " + name;
+  return "audio " + (name || "(" + part.input_audio.format + ")");
+}
+
 function showAttachments() {
   $("attachments").replaceChildren(...pending.map((part) => {
     const span = document.createElement("span");
-    span.textContent = part.type === "image_url" ? "image" : "audio (" + part.input_audio.format + ")";
+    span.textContent = partLabel(part);
     return span;
   }));
+}
+
+// What the user's bubble shows of an attached part: the picture, or a labelled player for sound and video.
+function partPreview(part) {
+  if (part.type === "image_url") {
+    const img = document.createElement("img");
+    img.src = part.image_url.url;
+    return img;
+  }
+  const figure = document.createElement("figure");
+  const player = document.createElement(part.type === "video_url" ? "video" : "audio");
+  player.controls = true;
+  player.src = part.type === "video_url" ? part.video_url.url : previews.get(part).url;
+  const caption = document.createElement("figcaption");
+  caption.textContent = partLabel(part);
+  figure.append(player, caption);
+  return figure;
 }
 
 async function addImages(files) {
@@ -51,7 +76,17 @@ async function addImages(files) {
 async function addAudio(blob, name) {
   const url = await readAsDataURL(blob);
   const format = (name.split(".").pop() || "wav").toLowerCase();
-  pending.push({ type: "input_audio", input_audio: { data: url.split(",")[1], format: format } });
+  const part = { type: "input_audio", input_audio: { data: url.split(",")[1], format: format } };
+  const type = blob.type || "audio/" + format;  // a file of unknown type still gets a player
+  previews.set(part, { name: name, url: "data:" + type + ";base64," + part.input_audio.data });
+  pending.push(part);
+  showAttachments();
+}
+
+async function addVideo(file) {
+  const part = { type: "video_url", video_url: { url: await readAsDataURL(file) } };
+  previews.set(part, { name: file.name, url: part.video_url.url });
+  pending.push(part);
   showAttachments();
 }
 
@@ -128,13 +163,7 @@ async function send(event) {
   const content = [...pending];
   if (text) content.push({ type: "text", text: text });
   const shown = bubble("user", text);
-  for (const part of pending) {
-    if (part.type === "image_url") {
-      const img = document.createElement("img");
-      img.src = part.image_url.url;
-      shown.appendChild(img);
-    }
-  }
+  for (const part of pending) shown.appendChild(partPreview(part));
   pending = [];
   showAttachments();
   $("prompt").value = "";
@@ -206,6 +235,10 @@ $("image-input").addEventListener("change", (event) => addImages(event.target.fi
 $("audio-input").addEventListener("change", (event) => {
   const file = event.target.files[0];
   if (file) addAudio(file, file.name);
+});
+$("video-input").addEventListener("change", (event) => {
+  const file = event.target.files[0];
+  if (file) addVideo(file);
 });
 $("record").addEventListener("click", toggleRecording);
 $("clear").addEventListener("click", () => { history.length = 0; $("log").replaceChildren(); });
