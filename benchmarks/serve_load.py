@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per row (at least the clients)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--long-tokens", type=int, default=256, help="the long answers a short request joins")
-    parser.add_argument("--max-batch", type=int, default=32, help="of the batched server")
+    parser.add_argument("--max-batch", type=int, default=16, help="of the batched server (serve's default)")
     parser.add_argument("--cli", action="store_true", help="also time `minicpmo asr` per file (fresh vs --server)")
     parser.add_argument("--files", type=int, default=4, help="files for the CLI comparison")
     args = parser.parse_args()
