@@ -16,6 +16,7 @@ token (TorchDispatchMode; eager rows only) and the first call's seconds.
     python benchmarks/decode.py                    # CPU, eager rows only (about a minute)
     python benchmarks/decode.py --compile          # adds the compiled rows (minutes of compiling on a CPU)
     python benchmarks/decode.py --device cuda --compile
+    python benchmarks/decode.py --requests 8       # adds 8 requests at once (KV slots) vs one after another
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minicpmo_cli.generation.decode import DecodeSettings, generate_ids
-from minicpmo_cli.generation.engine import LLMEngine
+from minicpmo_cli.generation.engine import LLMEngine, Request
 from minicpmo_cli.generation.step_runner import StepRunner
 
 SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__")  # each reads a tensor's data on the host
@@ -178,6 +179,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="add the compiled rows: generate's static-cache compile and the core's captured step")
+    parser.add_argument("--requests", type=int, default=1,
+                        help="also time N requests decoded at once on one engine against one after another")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -207,6 +210,44 @@ def main() -> None:
         ops = "n/a (compiled)" if r["ops"] is None else f"{r['ops']:.0f}"
         print(f"| {name} | {r['ms']:.2f} | {base / r['ms']:.2f}x | {r['syncs']:.2f} | {ops} "
               f"| {seconds:.1f} |")
+    if args.requests > 1:
+        with torch.inference_mode():
+            concurrent_table(llm, args)
+
+
+def concurrent_table(llm, args) -> None:
+    """``--requests N``: N prompts (different lengths) decoded on one engine at once (KV slots, one step for
+    all rows) against the same N one after another on the same engine; ids must be identical."""
+    torch.manual_seed(1)
+    prompts = [0.05 * torch.randn(args.prompt + 3 * i, llm.config.hidden_size, device=args.device)
+               for i in range(args.requests)]
+    settings = DecodeSettings(max_new_tokens=args.tokens, min_new_tokens=args.tokens, stop_ids=tuple(STOPS))
+    engine = LLMEngine(llm, runner=StepRunner("eager"), threaded=False, max_batch=args.requests)
+
+    def one_by_one():
+        return [engine.submit(Request(p, settings)).result() for p in prompts]
+
+    def together():
+        handles = [engine.submit(Request(p, settings)) for p in prompts]
+        return [h.result() for h in handles]
+
+    alone_ids, batched_ids = one_by_one(), together()  # warm-up; the pool is sized once
+    assert alone_ids == batched_ids, "batched ids differ from one-by-one ids"
+    times = {"one after another": [], "at once (KV slots)": []}
+    for _ in range(args.repeats):
+        for name, fn in (("one after another", one_by_one), ("at once (KV slots)", together)):
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    total = args.requests * args.tokens
+    base = statistics.median(times["one after another"])
+    print(f"\n{args.requests} requests x {args.tokens} new tokens on one engine (eager), median of {args.repeats}; "
+          "ids identical\n")
+    print("| requests | s | tokens/s | vs one after another |")
+    print("|---|---:|---:|---:|")
+    for name, values in times.items():
+        seconds = statistics.median(values)
+        print(f"| {name} | {seconds:.2f} | {total / seconds:.0f} | {base / seconds:.2f}x |")
 
 
 if __name__ == "__main__":

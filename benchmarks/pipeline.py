@@ -8,6 +8,7 @@ chat time for one image, TTS speed for a sentence, and peak RSS. Prints a markdo
     python benchmarks/pipeline.py                       # tiny random checkpoint, made in a temp folder
     python benchmarks/pipeline.py --repeats 5 --threads 2
     python benchmarks/pipeline.py --model /path/to/MiniCPM-o-2_6 --threads 16
+    python benchmarks/pipeline.py --asr-stages [--clips 100] [--gpu --model DIR]   # asr: staged vs before
 
 Random weights rarely emit an end token, so on the tiny checkpoint every answer runs to its token budget
 (a worst case for decode time), and speech is generated for a fixed number of frames (``force_no_stop``).
@@ -423,6 +424,12 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--asr-stages" in argv:  # the staged asr pipeline against the one before it (benchmarks/asr_stages.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import asr_stages
+
+        return asr_stages.main([a for a in argv if a != "--asr-stages"])
     args = parse_args(argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="minicpmo-bench-") as tmp:

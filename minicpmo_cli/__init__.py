@@ -14,6 +14,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+import threading
 
 __version__ = "0.1.0"
 
@@ -44,7 +45,8 @@ def _inside_our_module_import(ignore: str | None = None) -> bool:
 def _module_ready(name: str) -> None:
     """Called on the last line of our modules that import transformers: register if that was pending."""
     finder = next((f for f in sys.meta_path if isinstance(f, _RegisterAfterTransformers)), None)
-    if finder is not None and finder.transformers_loaded and not _inside_our_module_import(ignore=name):
+    if (finder is not None and finder.transformers_loaded and threading.get_ident() == finder.thread
+            and not _inside_our_module_import(ignore=name)):
         finder._uninstall()
         _register()
 
@@ -59,9 +61,16 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
 
     def __init__(self, transformers_loaded: bool = False) -> None:
         self.transformers_loaded = transformers_loaded
+        # Once transformers is loaded, only the thread that imported it registers from here. Another thread's
+        # import (an audio-decoding thread importing PyAV while that one is half-way through transformers'
+        # modeling modules) must not: registering imports transformers' processing modules, which wait on the
+        # first thread's module locks while it waits on theirs, a cross-thread import deadlock.
+        self.thread = threading.get_ident()
 
     def find_spec(self, name, path=None, target=None):
         if self.transformers_loaded:
+            if threading.get_ident() != self.thread:
+                return None  # that thread registers at its next import
             if not _inside_our_module_import():
                 self._uninstall()
                 _register()
@@ -74,6 +83,7 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
         load = spec.loader.exec_module
 
         def exec_module(module):
+            self.thread = threading.get_ident()
             load(module)
             self.transformers_loaded = True
             if not _inside_our_module_import():

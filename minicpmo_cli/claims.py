@@ -56,8 +56,12 @@ def try_claim(output: str | os.PathLike[str]) -> Claim:
             os.close(descriptor)
             return Claim(path, None)
         if _same_file(descriptor, path):
-            os.ftruncate(descriptor, 0)
-            os.write(descriptor, f"{owner_tag()}\n".encode())
+            try:
+                os.ftruncate(descriptor, 0)
+                os.write(descriptor, f"{owner_tag()}\n".encode())
+            except OSError:  # a full disk: no claim file stays behind; the caller names the output
+                release(Claim(path, descriptor))
+                raise
             return Claim(path, descriptor)
         os.close(descriptor)  # we locked a file its owner had just released and removed
     raise Claimed("unknown")

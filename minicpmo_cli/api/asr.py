@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 
+from minicpmo_cli.api.asr_pipeline import Stages, staged_groups
 from minicpmo_cli.api.engine import DecodeOptions, Engine, seed_call
 from minicpmo_cli.errors import InputError, UsageError
 from minicpmo_cli.generation.presets import resolve
@@ -32,6 +33,7 @@ TRANSLATE_PROMPT = "Please listen to the audio snippet carefully and translate i
 MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split in its pauses
 DEFAULT_VAD_THRESHOLD = 0.5  # Silero's speech probability threshold
 DEFAULT_MIN_SILENCE_MS = 500  # a pause this long ends a speech region (and may take a cut)
+DEFAULT_PIECE_PAD_MS = 200  # processing/segments.py's PIECE_PAD_SECONDS
 
 # Decoding: the "asr" preset of generation/presets.py (greedy unless --sampling; 512 new tokens; why there).
 # A piece that hits the token limit is reported, never silently cut.
@@ -81,6 +83,7 @@ class AsrOptions:
     vad: bool = True  # False: fixed pieces cut at the quietest point, silence and noise sent too
     vad_threshold: float = DEFAULT_VAD_THRESHOLD
     min_silence_ms: int = DEFAULT_MIN_SILENCE_MS
+    piece_pad_ms: int = DEFAULT_PIECE_PAD_MS  # audio kept before and after the speech of a piece
 
     @property
     def instruction(self) -> str:
@@ -101,13 +104,21 @@ class AsrOptions:
                              f"not {self.vad_threshold}")
         if self.min_silence_ms < 0:
             raise UsageError(f"--min-silence-ms must be 0 or more, not {self.min_silence_ms}")
+        if not 0 <= self.piece_pad_ms < self.max_piece_seconds * 500:
+            raise UsageError(f"the padding around speech must be 0 or more and leave room for speech, "
+                             f"not {self.piece_pad_ms} ms")
 
     def segment(self, samples: np.ndarray) -> list[Piece]:
         """The pieces the model hears: speech regions grouped by the VAD, or fixed pieces with --no-vad."""
         from minicpmo_cli.processing.segments import segment_audio
 
-        return segment_audio(samples, INPUT_SAMPLE_RATE, vad=self.vad, threshold=self.vad_threshold,
-                             min_silence_ms=self.min_silence_ms, max_seconds=self.max_piece_seconds)
+        if not self.vad:
+            return segment_audio(samples, INPUT_SAMPLE_RATE, vad=False, max_seconds=self.max_piece_seconds)
+        from minicpmo_cli.media.vad import speech_regions
+        from minicpmo_cli.processing.segments import vad_pieces
+
+        regions = speech_regions(samples, self.vad_threshold, self.min_silence_ms)
+        return vad_pieces(samples, regions, INPUT_SAMPLE_RATE, self.max_piece_seconds, self.piece_pad_ms / 1000)
 
 
 @dataclass
@@ -218,6 +229,7 @@ class _Job:
     pieces: list[Piece] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)  # the pieces' samples [start, end)
     texts: list[PieceText | None] = field(default_factory=list)
+    told: int = 0  # pieces already handed to ``on_piece`` (in order)
 
     @property
     def done(self) -> bool:
@@ -225,6 +237,7 @@ class _Job:
 
 
 def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray | None]:
+    """Decode one input (on a decoding thread): its job, pieces still unknown, and its samples."""
     from minicpmo_cli.media.audio import load_audio
 
     record = TranscriptRecord(path=item.path)
@@ -237,28 +250,46 @@ def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray 
         record.error = _reason(exc)
         return _Job(record), None
     record.duration = round(len(samples) / INPUT_SAMPLE_RATE, 3)
-    pieces = options.segment(samples)
     language = None if options.language == "auto" else options.language
-    return _Job(record, options.instruction, language, pieces, [(p.start, p.end) for p in pieces],
-                [None] * len(pieces)), samples
+    return _Job(record, options.instruction, language), samples
 
 
-def _detect_language(job: _Job, samples: np.ndarray, engine: Engine, options: AsrOptions,
-                     decode: DecodeOptions) -> None:
-    """--language auto: transcribe the first speech piece with the English prompt; the script of the
-    answer (CJK or not) gives the input's language, and so the prompt of all its pieces. For English the
-    probe is already the first piece's transcript; Chinese pieces are all transcribed with the Chinese prompt.
-    """
-    start, end = job.spans[0]
-    clip = samples[start:end]
-    if not _has_audio_tokens(clip):
-        return
+def _segment_group(group: list[tuple[_Job, np.ndarray | None]], options: AsrOptions, vad) -> None:
+    """The pieces of every decoded input of ``group``, the VAD run over all of them at once (``vad()``: the
+    stage's media.vad_batch.BatchVAD)."""
+    from minicpmo_cli.processing.segments import fixed_pieces, vad_pieces
+
+    decoded = [(job, samples) for job, samples in group if samples is not None]
+    if options.vad and decoded:
+        regions = vad().regions([samples for _, samples in decoded], options.vad_threshold, options.min_silence_ms)
+        pad = options.piece_pad_ms / 1000
+        pieces = [vad_pieces(samples, spans, INPUT_SAMPLE_RATE, options.max_piece_seconds, pad)
+                  for (_, samples), spans in zip(decoded, regions)]
+    else:
+        pieces = [fixed_pieces(samples, INPUT_SAMPLE_RATE, options.max_piece_seconds) for _, samples in decoded]
+    for (job, _), found in zip(decoded, pieces):
+        job.pieces = found
+        job.spans = [(p.start, p.end) for p in found]
+        job.texts = [None] * len(found)
+
+
+def _detect_languages(probes: list[tuple[_Job, np.ndarray]], model: Callable[[], Engine], options: AsrOptions,
+                      decode: DecodeOptions, batch_size: Callable[[], int]) -> None:
+    """--language auto: the first speech piece of each input, transcribed with the English prompt, all inputs'
+    probes batched together (batching changes no answer); the script of each answer (CJK or not) gives that
+    input's language, and so the prompt of all its pieces. For English the probe is already the first piece's
+    transcript; Chinese pieces are all transcribed with the Chinese prompt."""
     english = task_prompt("transcribe", "en")
-    [first] = generate_batch(engine, [clip], english, decode)
-    job.language = detect_language(first.text) or "en"
-    job.instruction = task_prompt(options.task, job.language)
-    if job.instruction == english:
-        job.texts[0] = first
+    clips = [(job, samples[job.spans[0][0]:job.spans[0][1]]) for job, samples in probes]
+    clips = [(job, clip) for job, clip in clips if _has_audio_tokens(clip)]
+    size = batch_size() if clips else 1
+    for start in range(0, len(clips), size):
+        part = clips[start:start + size]
+        for (job, _), first in zip(part, generate_batch(model(), [clip for _, clip in part], english, decode)):
+            job.language = detect_language(first.text) or "en"
+            job.instruction = task_prompt(options.task, job.language)
+            if job.instruction == english:
+                job.texts[0] = first
 
 
 def _reason(exc: InputError) -> str:
@@ -271,6 +302,13 @@ def _reason(exc: InputError) -> str:
 def input_name(path: str) -> str:
     """How messages name an input ("-" is stdin)."""
     return "<stdin>" if path == "-" else path
+
+
+def _tell_pieces(job: _Job, on_piece: Callable[[str, str], None]) -> None:
+    """Hand on the texts of the job's pieces that are done and follow the ones already handed on."""
+    while job.told < len(job.texts) and job.texts[job.told] is not None:
+        on_piece(job.record.path, job.texts[job.told].text)
+        job.told += 1
 
 
 def _finish(job: _Job, options: AsrOptions, warn: Callable[[str], None] | None) -> TranscriptRecord:
@@ -322,25 +360,26 @@ def engine_batch_size(engine: Engine) -> int:
 
 # ------------------------------------------------------------------------------------------ entry points
 SORT_WINDOW_BATCHES = 4  # pieces of up to this many batches are sorted by length before batching
-DECODE_THREADS = 2  # files decoded ahead while the model works (PyAV and numpy release the GIL)
-MAX_DECODE_AHEAD = 64  # files decoded ahead at most (bounds the memory of decoded audio)
 
 
-def _decode_ahead(inputs: Iterable[AudioInput], options: AsrOptions, depth: int) -> Iterator[tuple[_Job, Any]]:
-    """``_start_job`` of each input, in order, with up to ``depth`` of the next inputs decoding in threads."""
-    from concurrent.futures import ThreadPoolExecutor
+def import_decoding_modules(vad: bool = True) -> None:
+    """Import, on this thread, every module the decoding and VAD threads use, before any of them starts.
 
-    pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="minicpmo-audio")
-    pending: deque = deque()
-    try:
-        for item in inputs:
-            pending.append(pool.submit(_start_job, item, options))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    A first import on another thread while this thread is importing transformers for the model load is
+    how threads deadlock on Python's module locks (issue: a folder mixing wav and mp3 hung): PyAV is first
+    imported by the first mp3, torch by the VAD.
+    """
+    import av  # noqa: F401
+    import soundfile  # noqa: F401
+    import soxr  # noqa: F401
+
+    import minicpmo_cli.media.audio  # noqa: F401
+    import minicpmo_cli.processing.segments  # noqa: F401
+
+    if vad:
+        import torch  # noqa: F401
+
+        import minicpmo_cli.media.vad_batch  # noqa: F401
 
 
 def _loaded_once(engine: Engine | Callable[[], Engine]) -> Callable[[], Engine]:
@@ -352,12 +391,6 @@ def _loaded_once(engine: Engine | Callable[[], Engine]) -> Callable[[], Engine]:
             loaded.append(engine())
         return loaded[0]
     return model
-
-
-def _decode_depth(options: AsrOptions) -> int:
-    """Files decoded ahead of the model: about one sorting window of them."""
-    ahead = MAX_DECODE_AHEAD if options.batch_size is None else options.batch_size * SORT_WINDOW_BATCHES
-    return min(MAX_DECODE_AHEAD, max(2, ahead))
 
 
 def _run_batch(batch: list[tuple[_Job, int, np.ndarray]], model: Callable[[], Engine],
@@ -377,19 +410,26 @@ def _run_batch(batch: list[tuple[_Job, int, np.ndarray]], model: Callable[[], En
 def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[AudioInput],
                     options: AsrOptions = AsrOptions(), decode: DecodeOptions = DecodeOptions(),
                     warn: Callable[[str], None] | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Iterator[TranscriptRecord]:
+                    progress: Callable[[int, int], None] | None = None,
+                    stages: Stages = Stages(),
+                    on_piece: Callable[[str, str], None] | None = None) -> Iterator[TranscriptRecord]:
     """One record per input, in input order, each yielded as soon as it (and those before it) is done.
 
-    Inputs are decoded in threads a few files ahead of the model; a bad one gives a record with ``error``
-    set and the others go on. The pieces of consecutive inputs are gathered SORT_WINDOW_BATCHES batches at a
-    time, sorted by length (less padding; equal lengths share one Whisper call) and sent
-    ``options.batch_size`` at a time (None: :func:`engine_batch_size`). ``engine`` may be a function that
-    loads it: it is then called only once some audio needs the model (a batch of unreadable files, or a
-    rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
+    Inputs are decoded in threads ahead of the model and segmented by the VAD many files at a time
+    (api/asr_pipeline.py, ``stages``); a bad one gives a record with ``error`` set and the others go on. The
+    --language auto probes of the files segmented together are batched. The pieces of consecutive inputs are
+    gathered SORT_WINDOW_BATCHES batches at a time, sorted by length (less padding; equal lengths share one
+    Whisper call) and sent ``options.batch_size`` at a time (None: :func:`engine_batch_size`). ``engine`` may
+    be a function that loads it: it is then called only once some audio needs the model (a batch of unreadable
+    files, or a rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
     found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
+    ``on_piece(path, text)`` is called with each piece's text as soon as it and the pieces before it in its
+    input are done (streamed transcriptions).
     """
     options.validate()
     resolve(ASR_TASK, decode)  # contradictory decoding options fail before any audio is decoded
+    if stages.vad_device is None and isinstance(getattr(engine, "device", None), str):
+        stages = replace(stages, vad_device=engine.device)  # a loaded engine: the VAD runs where it does
     model = _loaded_once(engine)
     open_jobs: deque[_Job] = deque()
     waiting: list[tuple[_Job, int, np.ndarray]] = []  # pieces not yet sent to the model
@@ -410,6 +450,9 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
         return batch_size() * (SORT_WINDOW_BATCHES if batch_size() > 1 else 1)
 
     def finished() -> Iterator[TranscriptRecord]:
+        if on_piece is not None:
+            for job in open_jobs:
+                _tell_pieces(job, on_piece)
         while open_jobs and open_jobs[0].done:
             yield _finish(open_jobs.popleft(), options, warn)
 
@@ -422,15 +465,19 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
             advance(done=min(size, len(pieces) - start))
             yield from finished()
 
-    for job, samples in _decode_ahead(inputs, options, _decode_depth(options)):
-        if job.spans and options.detects_language:
-            _detect_language(job, samples, model(), options, decode)
-        open_jobs.append(job)
-        waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans) if job.texts[i] is None)
-        advance(found=len(job.spans))
-        if waiting and len(waiting) >= window():
-            yield from run_waiting()
-        yield from finished()
+    for group in staged_groups(inputs, lambda item: _start_job(item, options),
+                               lambda found, vad: _segment_group(found, options, vad), stages,
+                               prepare=lambda: import_decoding_modules(options.vad)):
+        probes = [(job, samples) for job, samples in group if job.spans] if options.detects_language else []
+        if probes:
+            _detect_languages(probes, model, options, decode, batch_size)
+        for job, samples in group:  # as one input at a time: a sort window fills from the inputs in order
+            open_jobs.append(job)
+            waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans) if job.texts[i] is None)
+            advance(found=len(job.spans))
+            if waiting and len(waiting) >= window():
+                yield from run_waiting()
+            yield from finished()
     while waiting:
         yield from run_waiting()
     yield from finished()

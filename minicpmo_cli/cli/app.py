@@ -127,9 +127,9 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 def _register_commands() -> None:
     # Command modules import only typer at module level; torch comes in when a command runs.
-    from minicpmo_cli.cli import asr, chat, doctor, models, serve, speech, video
+    from minicpmo_cli.cli import asr, chat, doctor, live, models, serve, speech, video
 
-    for module in (asr, chat, speech, video, doctor, models, serve):
+    for module in (asr, chat, speech, video, doctor, models, serve, live):
         module.register(app)
 
 

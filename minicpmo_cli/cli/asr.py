@@ -161,6 +161,10 @@ class Sink:
             sweep_claims(stem.parent)
         try:
             claim = try_claim(stem)
+        except OSError as exc:  # a full disk: said of the file this input would write
+            from minicpmo_cli.errors import OutputError
+
+            raise OutputError(f"cannot write the file ({exc.strerror or exc})", self.targets(item)[0]) from None
         except Claimed as owner:
             common.debug(f"{display_name(item.path)}: skipped, another run ({owner}) is working on it")
             self.skipped += 1
@@ -312,8 +316,11 @@ def _records(items: list[InputItem], options, decode, sink: Sink, spread: scale.
         claimed = [item for item in items if sink.claim(item)]
         return (record for _, record in scale.transcribe(spread, claimed, options, decode,
                                                          ordered=sink.output_dir is None))
+    from minicpmo_cli.api.asr_pipeline import Stages
+
     return transcribe_many(lambda: common.load_engine(vision=False, audio=True, tts=False),
-                           _claimed_inputs(items, sink), options, decode, warn=common.warn, progress=progress)
+                           _claimed_inputs(items, sink), options, decode, warn=common.warn, progress=progress,
+                           stages=Stages(vad_device=common.options().device))
 
 
 def run_batch(items: list[InputItem], options, decode, sink: Sink, spread: scale.Scale = scale.Scale()) -> int:

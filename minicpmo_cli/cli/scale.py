@@ -116,16 +116,27 @@ def transcribe(scale: Scale, items: list, options, decode, ordered: bool) -> Ite
     payloads = [AudioInput("-", sys.stdin.buffer.read()) if item.path == "-" else AudioInput.from_path(item.path)
                 for item in items]
     job = AsrJob(common.load_options(), options, decode)
+    chunk = inputs_per_chunk(options.batch_size)
     if scale.ray is not None:
         from minicpmo_cli.api.ray_asr import RayRun
 
         verbose = common.options().verbose or common.options().debug
         runner = RayRun(scale.ray, scale.workers, warn=common.warn, debug=common.debug, verbose=verbose)
-        results = runner.run(job, payloads, options.batch_size, ordered=ordered)
+        results = runner.run(job, payloads, chunk, ordered=ordered)
     else:
-        results = pool(scale, options.batch_size, job).run(payloads, ordered=ordered)
+        results = pool(scale, chunk, job).run(payloads, ordered=ordered)
     for index, record in results:
         yield items[index], record
+
+
+# Inputs handed to a worker (or a Ray actor's batch) at a time when --batch-size leaves the pieces per pass to
+# each worker's device: a few CPU batches' worth, small enough that the last inputs of a run spread over workers.
+DEFAULT_INPUTS_PER_CHUNK = 8
+
+
+def inputs_per_chunk(batch_size: int | None) -> int:
+    """Inputs per chunk sent to a worker: --batch-size when given, else DEFAULT_INPUTS_PER_CHUNK."""
+    return DEFAULT_INPUTS_PER_CHUNK if batch_size is None else max(1, batch_size)
 
 
 def options_of(workers: Optional[int], devices: Optional[str], shard: Optional[str], ray: Optional[str]) -> Scale:

@@ -1,8 +1,8 @@
 """The LLM engine: many requests decoded together in KV slots (vLLM's split between scheduling and tensors).
 
-- :class:`Request`: one unpadded prompt row (embeddings ``[L, D]``), its own :class:`DecodeSettings`, seed and
-  callbacks; :meth:`LLMEngine.submit` returns a :class:`Handle` (ids as they come, the result, the reason
-  it finished, timings).
+- :class:`Request` (generation/requests.py, as :class:`Handle`): one unpadded prompt row (embeddings
+  ``[L, D]``), its own ``DecodeSettings``, seed and callbacks; :meth:`LLMEngine.submit` returns a
+  :class:`Handle` (ids as they come, the result, the reason it finished, timings).
 - A step (:meth:`LLMEngine.step`): schedule (free the slots of aborted and finished requests, admit waiting
   requests into free slots, prefill them, in chunks when a prompt is long so running rows keep decoding) ->
   run one step for all decoding rows (generation/step_runner.py) -> sample each row with its own settings
@@ -20,125 +20,30 @@ from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import threading
-import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
 from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation import forward as fwd
 from minicpmo_cli.generation.kv_pool import KVPool, lengths_mask, slot_bucket
+from minicpmo_cli.generation.requests import ContextTooLong, EngineFull, EngineStats, Handle, Request
 from minicpmo_cli.generation.sampling import RowSampling
-from minicpmo_cli.generation.settings import PAD_ID, DecodeSettings, cut_at_stop
+from minicpmo_cli.generation.settings import PAD_ID
 from minicpmo_cli.generation.static_cache import bucket_length
 from minicpmo_cli.generation.step_runner import StepRunner
+
+__all__ = ["CHECK_EVERY", "ContextTooLong", "EngineFull", "EngineStats", "Handle", "LLMEngine", "Request",
+           "Scheduler"]
 
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps between two host reads of the chosen ids (when no request streams)
 PREFILL_CHUNK = 2048  # prompt positions prefilled per step: longer prompts are prefilled over several steps
 MAX_WAITING = 1024
-
-
-class ContextTooLong(UsageError):
-    """The prompt plus ``max_new_tokens`` does not fit the model's context."""
-
-
-class EngineFull(UsageError):
-    """The waiting queue is at its limit (the server answers 429)."""
-
-
-@dataclass
-class Request:
-    embeds: torch.Tensor  # [L, D], one unpadded prompt row on the engine's device and dtype
-    settings: DecodeSettings
-    seed: int | None = None  # a private generator: the same answer alone or in any batch
-    on_prefill: Callable[[torch.Tensor], None] | None = None  # the prompt's final-norm hidden states [L, D]
-    on_tokens: Callable[[list[int]], None] | None = None  # on the engine thread, as ids are chosen
-    stream: bool = False  # read ids back every step (also implied by on_tokens)
-    generator: torch.Generator | None = None  # a caller's own generator (shared rows draw in row order)
-
-
-@dataclass
-class Timings:
-    submitted: float = 0.0
-    first_token: float | None = None
-    finished: float | None = None
-
-
-@dataclass
-class EngineStats:
-    running: int = 0
-    waiting: int = 0
-    slots_used: int = 0
-    slots_total: int = 0
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-
-
-_END = object()
-
-
-class Handle:
-    """A submitted request: :meth:`tokens` (ids as decoded), :meth:`result` (all ids, cut at the stop id),
-    ``finish_reason`` ('stop' | 'length' | 'abort' | 'error'), ``error``, ``timings``."""
-
-    def __init__(self, engine: LLMEngine, request: Request) -> None:
-        self.engine, self.request = engine, request
-        self.ids: list[int] = []
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self.timings = Timings(submitted=time.monotonic())
-        self._queue: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _wait(self, event_check: Callable[[], bool], timeout: float | None = None) -> None:
-        if self.engine.threaded:
-            return
-        while not event_check():  # a short-lived engine: the waiter steps it
-            if not self.engine.step() and not event_check():
-                raise RuntimeError("the engine went idle before the request finished")
-
-    def tokens(self) -> Iterator[int]:
-        """Ids as they are decoded (blocks); ends when the request finishes."""
-        while True:
-            if not self.engine.threaded:
-                self._wait(lambda: not self._queue.empty())
-            item = self._queue.get()
-            if item is _END:
-                self._queue.put(_END)  # a second iteration ends at once too
-                return
-            yield item
-
-    def result(self) -> list[int]:
-        self._wait(self._done.is_set)
-        self._done.wait()
-        if self.error is not None:
-            raise self.error
-        return cut_at_stop(self.ids, self.request.settings.stop_ids)
-
-    def _emit(self, token: int) -> None:
-        if self.timings.first_token is None:
-            self.timings.first_token = time.monotonic()
-        self.ids.append(token)
-        self._queue.put(token)
-
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
-        if self._done.is_set():
-            return
-        self.finish_reason, self.error = reason, error
-        self.timings.finished = time.monotonic()
-        self._queue.put(_END)
-        self._done.set()
 
 
 @dataclass

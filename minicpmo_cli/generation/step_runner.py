@@ -74,11 +74,20 @@ def compile_cache_dir() -> Path:
 
 def _use_compile_cache() -> None:
     """Point Inductor's on-disk caches (FX graph, autotuning, Triton kernels) at minicpmo's folder, unless the
-    user chose one."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    user chose one (torch itself writes its default into the variable on import: that one is replaced)."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or current == _torch_default_cache_dir():
         folder = compile_cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+
+
+def _torch_default_cache_dir() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch layout: leave the variable alone
+        return None
+    return default_cache_dir()
 
 
 class _Graph:

@@ -82,7 +82,7 @@ def speech_probabilities(samples: np.ndarray, device: str = "cpu") -> np.ndarray
     batch = torch.from_numpy(rows).to(device)
     model = load_vad_model(device)
     steps = WARMUP_WINDOWS + BLOCK_WINDOWS
-    with _LOCK, torch.inference_mode(), _one_thread(device):
+    with _LOCK, torch.inference_mode(), one_thread(device):
         model.reset_states()
         out = [model(batch[:, t * WINDOW:(t + 1) * WINDOW], INPUT_SAMPLE_RATE) for t in range(steps)]
     probs = torch.cat(out, dim=1)[:, WARMUP_WINDOWS:].float().cpu().numpy()  # [blocks, B]
@@ -90,7 +90,7 @@ def speech_probabilities(samples: np.ndarray, device: str = "cpu") -> np.ndarray
 
 
 @contextmanager
-def _one_thread(device: str):
+def one_thread(device: str):
     """One intra-op thread on the CPU while the VAD runs (the setting is restored after).
 
     Each window is a handful of tiny ops: with several threads, their barriers cost more than the work, and
@@ -108,6 +108,9 @@ def _one_thread(device: str):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+_one_thread = one_thread  # its earlier name
 
 
 def regions_from_probabilities(probs: np.ndarray, total: int, threshold: float = DEFAULT_THRESHOLD,

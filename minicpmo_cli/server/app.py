@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from minicpmo_cli import __version__
-from minicpmo_cli.server import chat, metrics, models, speech, transcriptions, voices
+from minicpmo_cli.server import chat, metrics, models, realtime, speech, transcriptions, voices
 from minicpmo_cli.server.errors import install_handlers
 from minicpmo_cli.server.guard import Guard
 from minicpmo_cli.server.state import ServerState
@@ -31,7 +31,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.minicpmo = state
     install_handlers(app)
     _guard(app, state)
-    for module in (chat, transcriptions, speech, models, voices):
+    for module in (chat, transcriptions, speech, models, voices, realtime):
         app.include_router(module.router)
     app.include_router(models.health_router)
     app.include_router(metrics.router)

@@ -102,7 +102,12 @@ class Guard:
         if scope["type"] == "http" and _cross_site_form(scope, headers):
             return error_response(403, "cross-site form posts are refused (the request's Origin is another site)",
                                   code="cross_site_request")
-        if path.startswith("/v1/") and settings.api_key is not None and not _key_matches(headers, settings.api_key):
+        if scope["type"] == "websocket" and settings.api_key is None and _foreign_origin(headers):
+            # Browsers open websockets to any site without asking (no CORS): a keyless server takes its own pages'.
+            return error_response(403, "websockets from another site's page are refused", code="cross_site_request")
+        if scope["type"] == "websocket":
+            pass  # the route checks the key itself: browsers send it as a subprotocol, not a header
+        elif path.startswith("/v1/") and settings.api_key is not None and not _key_matches(headers, settings.api_key):
             return error_response(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                                   code="invalid_api_key")
         length = headers.get("content-length", "")
@@ -155,6 +160,11 @@ def _cross_site_form(scope, headers: dict) -> bool:
     site = headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
         return True
+    return _foreign_origin(headers)
+
+
+def _foreign_origin(headers: dict) -> bool:
+    """The request comes from a page of another site (its Origin is not this server's Host)."""
     origin = headers.get("origin")
     if origin is None:
         return False  # not a browser, or a same-origin navigation of an old one

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Optional
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from minicpmo_cli.server import generation, limits, media
 from minicpmo_cli.server.errors import APIError
@@ -58,7 +59,7 @@ def _record_response(record, response_format: str, task: str):
 
 
 async def _transcribe(request: Request, file: UploadFile, model: str, options, decode, response_format: str,
-                      task_name: str):
+                      task_name: str, stream: bool = False):
     from minicpmo_cli.api.asr import transcribe
 
     state = request.app.state.minicpmo
@@ -66,6 +67,8 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
     limits.check_answer_tokens(decode.max_new_tokens, "max_new_tokens", state.engine)
     if response_format not in RESPONSE_FORMATS:
         raise APIError(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}", param="response_format")
+    if stream and response_format not in ("json", "text"):
+        raise APIError(400, "stream=true sends text events: use response_format json or text", param="stream")
     data = await file.read()
     if len(data) > state.settings.max_upload_bytes:
         raise APIError(413, f"the file is over this server's limit of {state.settings.max_upload_bytes} bytes")
@@ -76,12 +79,75 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
     # The audio's length from its header, before the worker decodes it whole (off the loop: it may decode)
     await asyncio.to_thread(media.check_audio_length, data, "file", state.settings.fetch.max_transcription_seconds)
     decode = generation.with_default_seed(decode, state.settings.seed)
+    if stream:
+        def events(engine, cancel):  # a generator function: the worker hands on what it yields
+            yield from transcription_events(engine, data, options, decode, name)
+
+        return StreamingResponse(_sse(state.worker.stream(events)), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
 
     def job(engine, cancel):
         return transcribe(engine, data, options, decode, path=name)
 
     record = await state.worker.run(job, disconnected=request.is_disconnected)
     return _record_response(record, response_format, task_name)
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def transcription_events(engine, data: bytes, options, decode, name: str):
+    """OpenAI's streamed transcription events: ``transcript.text.delta`` as each piece is done (in order), then
+    ``transcript.text.done`` with the whole text (the deltas joined). Runs on the server's worker thread; the
+    transcription itself runs on a thread of its own so that pieces can be handed on while it goes."""
+    import queue
+    import threading
+
+    from minicpmo_cli.api.asr import AudioInput, input_name, transcribe_many
+    from minicpmo_cli.errors import InputError
+    from minicpmo_cli.processing.segments import join_texts
+
+    pieces: queue.Queue = queue.Queue()
+    done = object()
+
+    def run() -> None:
+        try:
+            records = transcribe_many(engine, [AudioInput(name, data)], options, decode,
+                                      on_piece=lambda path, text: pieces.put(text))
+            pieces.put(next(records))
+        except BaseException as exc:  # noqa: BLE001 - raised on the worker thread below
+            pieces.put(exc)
+        pieces.put(done)
+
+    threading.Thread(target=run, name="minicpmo-asr-stream", daemon=True).start()
+    said: list[str] = []
+    while (item := pieces.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, str):
+            before = join_texts(said)
+            said.append(item)
+            delta = join_texts(said)[len(before):]
+            if delta:
+                yield {"type": "transcript.text.delta", "delta": delta}
+        elif item.error is not None:
+            raise InputError(item.error, input_name(item.path))
+        else:
+            yield {"type": "transcript.text.done", "text": item.text}
+
+
+async def _sse(events):
+    """The events as server-sent events; a failure after the response began is an ``error`` event (the
+    official client raises it as an APIError), not a cut connection."""
+    from minicpmo_cli.errors import MiniCPMOError
+    from minicpmo_cli.server.errors import error_body, from_library
+
+    try:
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except (APIError, MiniCPMOError) as exc:
+        error = exc if isinstance(exc, APIError) else from_library(exc)
+        yield f"data: {json.dumps(error_body(error.status, error.message, error.param, error.code))}\n\n"
 
 
 def decoding_form(temperature: float = Form(0.0, ge=0.0, le=1.0),
@@ -96,16 +162,74 @@ def decoding_form(temperature: float = Form(0.0, ge=0.0, le=1.0),
     return _asr_decode(temperature, extra)
 
 
+def chunking_form(strategy: Optional[str] = Form(None, alias="chunking_strategy"),
+                  kind: Optional[str] = Form(None, alias="chunking_strategy[type]"),
+                  threshold: Optional[float] = Form(None, alias="chunking_strategy[threshold]"),
+                  prefix_padding_ms: Optional[int] = Form(None, alias="chunking_strategy[prefix_padding_ms]"),
+                  silence_duration_ms: Optional[int] = Form(None, alias="chunking_strategy[silence_duration_ms]")):
+    """OpenAI's ``chunking_strategy``: "auto" (our VAD defaults) or a server_vad object, sent by the official
+    client as ``chunking_strategy[type]`` etc. (also accepted as one JSON string). The VAD options it maps to:
+    threshold -> the speech probability threshold, silence_duration_ms -> the pause that ends a region,
+    prefix_padding_ms -> the audio kept around the speech of a piece."""
+    if strategy is not None and strategy.strip().startswith("{"):
+        try:
+            given = json.loads(strategy)
+        except ValueError:
+            raise APIError(400, "chunking_strategy is not valid JSON", param="chunking_strategy") from None
+        if not isinstance(given, dict):
+            raise APIError(400, "chunking_strategy must be \"auto\" or an object", param="chunking_strategy")
+        kind, strategy = given.get("type"), None
+        threshold = given.get("threshold", threshold)
+        prefix_padding_ms = given.get("prefix_padding_ms", prefix_padding_ms)
+        silence_duration_ms = given.get("silence_duration_ms", silence_duration_ms)
+    if strategy not in (None, "auto"):
+        raise APIError(400, f"chunking_strategy {strategy!r}: use \"auto\" or {{\"type\": \"server_vad\", ...}}",
+                       param="chunking_strategy")
+    if kind is None:
+        return {}
+    if kind != "server_vad":
+        raise APIError(400, f"chunking_strategy type {kind!r}: only server_vad is supported",
+                       param="chunking_strategy")
+    vad: dict = {}
+    for value, field_name, option in ((threshold, "threshold", "vad_threshold"),
+                                      (silence_duration_ms, "silence_duration_ms", "min_silence_ms"),
+                                      (prefix_padding_ms, "prefix_padding_ms", "piece_pad_ms")):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise APIError(400, f"chunking_strategy.{field_name} must be a number", param="chunking_strategy")
+        vad[option] = value if option == "vad_threshold" else int(value)
+    return vad
+
+
 @router.post("/v1/audio/transcriptions")
 async def transcriptions(request: Request, file: UploadFile = File(...), model: str = Form(...),
                          language: Optional[str] = Form(None), prompt: Optional[str] = Form(None),
                          response_format: str = Form("json"), task: str = Form("transcribe"),
-                         decode=Depends(decoding_form)):
+                         stream: bool = Form(False),
+                         granularities: Optional[list[str]] = Form(None, alias="timestamp_granularities[]"),
+                         chunking=Depends(chunking_form), decode=Depends(decoding_form)):
     """OpenAI's fields, plus ``task`` (transcribe, caption, speaker, scene) and decoding extensions.
     ``prompt`` is the instruction sent with the audio (the model follows instructions; it has no
-    Whisper-style context prompt)."""
-    options = _asr_options(language, prompt, task)
-    return await _transcribe(request, file, model, options, decode, response_format, "transcribe")
+    Whisper-style context prompt). ``stream``: transcript.text.delta events as pieces are done.
+    ``timestamp_granularities[]``: segment (verbose_json has segments); the model gives no word times."""
+    from dataclasses import replace
+
+    from minicpmo_cli.errors import UsageError
+
+    for granularity in granularities or []:
+        if granularity != "segment":
+            raise APIError(400, f"timestamp_granularities {granularity!r}: only segment is supported (the model "
+                                "gives no word times)", param="timestamp_granularities")
+    if granularities and response_format != "verbose_json":
+        raise APIError(400, "timestamp_granularities needs response_format verbose_json",
+                       param="timestamp_granularities")
+    options = replace(_asr_options(language, prompt, task), **chunking)
+    try:
+        options.validate()
+    except UsageError as exc:
+        raise APIError(400, f"chunking_strategy: {exc}", param="chunking_strategy") from None
+    return await _transcribe(request, file, model, options, decode, response_format, "transcribe", stream)
 
 
 @router.post("/v1/audio/translations")

@@ -129,3 +129,18 @@ def test_graph_ids_and_logits_equal_eager_on_cuda(tiny_ckpt, dtype):
     assert graph == eager and runner.captured
     assert len(graph_logits) == len(eager_logits)
     assert all(torch.equal(a, b) for a, b in zip(eager_logits, graph_logits))
+
+
+def test_compile_caches_live_in_minicpmos_folder_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from minicpmo_cli.generation import step_runner
+
+    monkeypatch.setenv("MINICPMO_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch writes there on import
+    step_runner._use_compile_cache()
+    assert step_runner.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile")
+    assert (tmp_path / "compile").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    step_runner._use_compile_cache()
+    assert step_runner.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

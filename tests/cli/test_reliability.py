@@ -368,3 +368,46 @@ def test_corrupt_mp3_gives_exactly_our_lines_on_stderr(tiny_ckpt, clip, tmp_path
     lines = scratched.stderr.splitlines()
     assert all(line.startswith(("warning: ", "minicpmo: error: ")) for line in lines), lines  # nothing but ours
     assert sum("scratched.mp3: " in line and "damaged audio packet" in line for line in lines) == 1, lines
+
+
+# ------------------------------------------------------------------------------------ 8: a full disk
+def full_disk(monkeypatch, folder: Path, calls: tuple[str, ...] = ("write", "fsync")) -> None:
+    """Writes of file contents under ``folder`` fail with ENOSPC, as on a full disk: a file can still be
+    created (creating it needs an inode, not a block), but ``os.write`` and the ``fsync`` that flushes a
+    buffered file raise (``calls``: which of them). Other files (pytest's own) write as usual."""
+    import errno
+
+    real_write, real_fsync = os.write, os.fsync
+
+    def under(fd: int) -> bool:
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder))
+        except OSError:
+            return False
+
+    def failing(real):
+        def call(fd, *args):
+            if under(fd):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, *args)
+        return call
+
+    for name, real in (("write", real_write), ("fsync", real_fsync)):
+        if name in calls:
+            monkeypatch.setattr(os, name, failing(real))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to tell which file is written")
+@pytest.mark.parametrize("calls", [("write", "fsync"), ("fsync",)], ids=["full", "fills-while-writing"])
+def test_a_full_disk_leaves_no_empty_file_and_names_the_file(fake_cli, clip, tmp_path, monkeypatch, calls):
+    """Full from the start (the run's claim on the first input fails), or filling up after the claims (the
+    first output fails): one line naming the file, exit 1, and no empty or partial file left."""
+    inputs = folder_of(clip, tmp_path / "in", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    full_disk(monkeypatch, out, calls)
+    code, _, err = fake_cli("asr", *inputs, "-o", out, "-f", "all")
+    assert code == 1, err
+    assert "Traceback" not in err and "unexpected" not in err, err
+    assert "No space left on device" in err and str(out / "s0") in err, err
+    assert leftovers(out) == [] and list(out.iterdir()) == []  # nothing written, not even an empty file

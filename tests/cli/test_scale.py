@@ -152,6 +152,21 @@ def test_two_workers_write_the_same_files(tiny_ckpt, inbox, reference, tmp_path,
     assert "skipped 40 input(s)" in err and len(re.findall("started on", err)) == 1
 
 
+@pytest.mark.parametrize("mode", ["workers", "ray"])
+def test_scale_out_options_run_with_their_defaults(tiny_ckpt, inbox, reference, tmp_path, cli, mode):
+    """No --batch-size (nor any other option left at its default) still runs: it crashed with a TypeError.
+    Batching changes no transcript, so the files are those of the --batch-size 2 reference."""
+    if mode == "ray":
+        pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    out = tmp_path / "out"
+    extra = ["--workers", "2"] if mode == "workers" else ["--ray", "--workers", "1"]
+    code, _, err = cli("--model", tiny_ckpt, "asr", inbox, "-r", "-o", out, "-f", "all", "--max-new-tokens", "3",
+                       *extra)
+    assert code == 3, err
+    assert "Traceback" not in err and "1 of 41 inputs failed" in err
+    assert files(out) == reference
+
+
 def kill_a_worker_after_three_outputs(tmp_path, monkeypatch):
     """Workers write their pids into a folder; after the third output one of them is killed with SIGKILL
     (mid-run: both workers hold inputs). Returns (the pid folder, outputs per input path, the killed pid)."""

@@ -244,3 +244,13 @@ def test_a_step_that_cannot_be_captured_runs_eagerly_with_a_warning(model, rows,
     assert llm.submit(Request(rows[0], settings)).result() == alone(model, rows[0], settings)
     assert runner.captured == 0 and len(runner._uncapturable) == 1
     assert caplog.text.count("cannot be captured as a CUDA graph") == 1  # said once, not per step
+
+
+def test_cli_refuses_an_answer_beyond_the_context_in_one_line(tiny_ckpt):
+    from tests.conftest import run_cli_process
+
+    result = run_cli_process("--model", tiny_ckpt, "--device", "cpu", "chat", "hi", "--max-new-tokens", "40000",
+                             "--no-sampling", "--num-beams", "1")
+    lines = result.stderr.strip().splitlines()
+    assert result.code == 2 and len(lines) == 1 and "Traceback" not in result.stderr
+    assert "plus --max-new-tokens (40000) is beyond the model's context of 4096 tokens" in lines[0]

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from minicpmo_cli.server.models import checkpoint_hub_id, openai_kind
-from tests.server.conftest import MODEL, need, start_server, stop_server
+from tests.server.conftest import API_KEY, MODEL, need, start_server, stop_server
 
 HUB_ID = "openbmb/MiniCPM-o-2_6"
 SPEECH = {"input": "Hello there.", "voice": "alloy", "response_format": "wav",
@@ -115,3 +115,21 @@ def test_strict_model_names_refuse_openai_names(strict_server, media_files):
 def test_served_model_name_without_a_name_is_a_usage_error(cli):
     code, out, err = cli("serve", "--served-model-name", " , ")
     assert code == 2 and "--served-model-name" in err and len(err.strip().splitlines()) == 1
+
+
+def test_realtime_takes_its_openai_names_and_refuses_others(server):
+    """The realtime route accepts the served name and OpenAI's realtime names; a name of another kind is a 404
+    answered at the handshake."""
+    import json
+
+    import websockets.sync.client as ws_client
+    from websockets.exceptions import InvalidStatus
+
+    base = server.url.replace("http", "ws") + "/v1/realtime?model="
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for name in (MODEL, "gpt-4o-realtime-preview", "gpt-realtime"):
+        with ws_client.connect(base + name, additional_headers=headers) as conn:
+            assert json.loads(conn.recv(timeout=60))["type"] == "session.created"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_client.connect(base + "whisper-1", additional_headers=headers)
+    assert refused.value.response.status_code == 404

@@ -97,3 +97,20 @@ def test_a_server_open_to_the_network_without_a_key_warns(cli, monkeypatch, host
     assert ("without --api-key" in result.stderr) is loud
     keyed = cli("serve", "--host", host, "--api-key", "k")
     assert keyed.code == 0 and "without --api-key" not in keyed.stderr
+
+
+def test_websockets_from_another_sites_page_are_refused(open_server):
+    """A page on another site can open a websocket to a loopback server without asking (no CORS): without a key,
+    only the server's own pages (or clients that send no Origin) get the realtime route."""
+    import json
+
+    import websockets.sync.client as ws_client
+    from websockets.exceptions import InvalidStatus
+
+    url = open_server.url.replace("http", "ws") + "/v1/realtime?model=tiny"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_client.connect(url, origin="http://attacker.example")
+    assert refused.value.response.status_code == 403
+    for origin in (None, open_server.url):
+        with ws_client.connect(url, origin=origin) as conn:
+            assert json.loads(conn.recv(timeout=60))["type"] == "session.created"

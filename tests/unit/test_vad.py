@@ -107,3 +107,28 @@ def test_real_long_recording_is_cut_between_sentences():
         assert before.end <= after.start
         around_cut = audio[before.end - 800:after.start + 800]
         assert np.sqrt(np.mean(around_cut**2)) < 0.05 * loud  # in a pause between sentences
+
+
+# ------------------------------------------------------------------------------------ many files at once
+def test_vad_over_many_files_equals_vad_file_by_file(sentence):
+    """media.vad_batch: the blocks of many files in fixed-shape batches give every file bit for bit the
+    probabilities (and so the regions) it gets alone, whatever files share its batches; and what media/vad.py
+    finds for it (the same cut into blocks; the rounding may differ in the last bits only)."""
+    from minicpmo_cli.media.vad_batch import BatchVAD
+
+    rng = np.random.default_rng(3)
+    pause = np.zeros(SR, np.float32)
+    files = [sentence, np.zeros(0, np.float32), 0.01 * rng.standard_normal(SR * 3).astype(np.float32),
+             np.concatenate([sentence, pause, sentence, pause, sentence]), sentence[: SR // 3]]
+    files += [sentence * (0.5 + 0.1 * i) for i in range(12)]  # enough blocks for two batches of 16 rows
+    batch = BatchVAD("cpu")
+    together = batch.probabilities(files)
+    alone = [batch.probabilities([samples])[0] for samples in files]
+    reversed_order = batch.probabilities(files[::-1])[::-1]
+    for index, samples in enumerate(files):
+        assert np.array_equal(together[index], alone[index]), index
+        assert np.array_equal(reversed_order[index], alone[index]), index
+        assert len(together[index]) == -(-len(samples) // vad.WINDOW)
+        np.testing.assert_allclose(together[index], vad.speech_probabilities(samples), atol=1e-4)
+    assert batch.regions(files) == [vad.regions_from_probabilities(p, len(s)) for p, s in zip(alone, files)]
+    assert batch.regions(files)[0] == vad.speech_regions(sentence)
