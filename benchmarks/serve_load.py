@@ -1,14 +1,16 @@
-"""Load on `minicpmo serve`: requests/s and p50/p95 latency for chat and transcription at 1, 4 and 16
-concurrent clients (the official `openai` client, one thread each), and the CLI's `--server` time per file
-against a fresh `minicpmo asr` process per file (which loads the model every time).
+"""Load on `minicpmo serve`: this server (requests decoded together on the shared LLM engine) against the
+same server with `--max-batch 1` (one request at a time), in one run: throughput and p50/p95 time to first
+token and latency of streamed greedy chat at 1, 4, 16 and 32 concurrent clients (the official `openai`
+client, one thread each), whether every answer equals the same request alone, and the time of a 1-token
+request sent while 15 long answers stream, against its time alone.
 
     python benchmarks/serve_load.py                       # tiny random checkpoint made in a temp folder
-    python benchmarks/serve_load.py --model DIR --requests 32 --files 8
+    python benchmarks/serve_load.py --model DIR --requests 32 --new-tokens 64
+    python benchmarks/serve_load.py --cli                 # also: `minicpmo asr` per file, fresh vs --server
 
-The server runs one request at a time on its one model (correctness first: never two requests in one
-cache), so requests/s stays flat with more clients while latency grows with the queue; what clients gain is
-that the model is loaded once. Needs the serve extra and the openai client; espeak-ng makes the speech
-(else a synthetic tone).
+CPU goals (tiny checkpoint): 16 clients >= 6x the throughput of one-at-a-time with identical answers; the
+1-token request behind 15 long ones <= 2x its time alone. Needs the serve extra and the openai client;
+espeak-ng makes the speech of the CLI comparison (else a synthetic tone).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,12 +37,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: str, device: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, device: str, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     command = [sys.executable, "-m", "minicpmo_cli", "-q", "--model", model, "--device", device, "serve",
-               "--port", str(port), "--served-model-name", MODEL_ID]
+               "--port", str(port), "--served-model-name", MODEL_ID, "--no-tts", "--max-queue", "256", *extra]
     with open(log, "wb") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -48,13 +51,23 @@ def start_server(model: str, device: str, log: Path) -> tuple[subprocess.Popen, 
         if process.poll() is not None:
             raise SystemExit(f"the server exited:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            health = httpx.get(f"{url}/health", timeout=2)
+            if health.status_code == 200 and health.json().get("status") == "ok":
                 return process, url
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     process.kill()
     raise SystemExit("the server did not become ready")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def make_speech(folder: Path, count: int) -> list[Path]:
@@ -77,37 +90,95 @@ def make_speech(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def load_rows(url: str, clip: bytes, clients: list[int], requests: int, new_tokens: int) -> list[list[str]]:
+def streamed_chat(client, index: int, new_tokens: int) -> tuple[str, float, float, int]:
+    """(answer, time to first token, latency, completion tokens) of one streamed greedy chat request."""
+    start = time.perf_counter()
+    first, pieces, tokens = None, [], 0
+    stream = client.chat.completions.create(
+        model=MODEL_ID, max_tokens=new_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": f"Tell me about {index}."}])
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first if first is not None else time.perf_counter() - start
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return "".join(pieces), first if first is not None else time.perf_counter() - start, \
+        time.perf_counter() - start, tokens
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def load_rows(url: str, label: str, clients: list[int], requests: int, new_tokens: int,
+              alone: dict[int, str]) -> tuple[list[list[str]], dict[int, float], bool]:
+    """Rows of the table, requests/s per client count, and whether every answer equalled the alone one."""
     from openai import OpenAI
 
-    def chat(client, index):
-        return client.chat.completions.create(model=MODEL_ID, max_tokens=new_tokens, temperature=0,
-                                              messages=[{"role": "user", "content": f"Tell me about {index}."}])
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    streamed_chat(client, -1, new_tokens)  # warm-up
+    rows, rates, identical = [], {}, True
+    for count in clients:
+        total = max(requests, count)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            results = list(pool.map(lambda index: streamed_chat(client, index, new_tokens), range(total)))
+        wall = time.perf_counter() - start
+        for index, (answer, _, _, _) in enumerate(results):
+            expected = alone.setdefault(index, answer)
+            identical &= answer == expected
+        ttft, latency = [r[1] for r in results], [r[2] for r in results]
+        tokens = sum(r[3] for r in results)
+        rates[count] = total / wall
+        rows.append([label, str(count), str(total), f"{total / wall:.2f}", f"{tokens / wall:.1f}",
+                     f"{statistics.median(ttft):.3f}", f"{percentile(ttft, 0.95):.3f}",
+                     f"{statistics.median(latency):.3f}", f"{percentile(latency, 0.95):.3f}"])
+    return rows, rates, identical
 
-    def transcribe(client, index):
-        return client.audio.transcriptions.create(model=MODEL_ID, file=("clip.wav", clip),
-                                                  extra_body={"max_new_tokens": new_tokens})
 
-    rows = []
-    for task, call in (("chat", chat), ("transcription", transcribe)):
-        for count in clients:
-            client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-            call(client, -1)  # warm-up
+def live_requests(url: str) -> float:
+    """Requests running plus waiting, from the server's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-            def one(index):
-                start = time.perf_counter()
-                call(client, index)
-                return time.perf_counter() - start
+    values = {sample.name: sample.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+              for sample in family.samples}
+    return values["minicpmo:num_requests_running"] + values["minicpmo:num_requests_waiting"]
 
-            total = max(requests, count)
-            start = time.perf_counter()
-            with ThreadPoolExecutor(count) as pool:
-                latencies = sorted(pool.map(one, range(total)))
-            wall = time.perf_counter() - start
-            p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
-            rows.append([task, str(count), str(total), f"{total / wall:.2f}", f"{statistics.median(latencies):.3f}",
-                         f"{p95:.3f}"])
-    return rows
+
+def short_behind_long(url: str, long_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(median time of a 1-token request alone, its median time while 15 long answers stream)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+
+    def one_token() -> float:
+        start = time.perf_counter()
+        client.chat.completions.create(model=MODEL_ID, max_tokens=1, temperature=0,
+                                       messages=[{"role": "user", "content": "Hi."}])
+        return time.perf_counter() - start
+
+    one_token()
+    alone = statistics.median(one_token() for _ in range(repeats))
+    behind = []
+    for _ in range(repeats):
+        def long_answer(n: int) -> None:
+            for _ in client.chat.completions.create(model=MODEL_ID, max_tokens=long_tokens, temperature=0,
+                                                    stream=True,
+                                                    messages=[{"role": "user", "content": f"A long story {n}."}]):
+                pass
+
+        readers = [threading.Thread(target=long_answer, args=(n,)) for n in range(15)]
+        for reader in readers:
+            reader.start()
+        while live_requests(url) < 15 and any(reader.is_alive() for reader in readers):
+            time.sleep(0.01)  # all 15 long answers are decoding (or, one at a time, running and queued)
+        behind.append(one_token())
+        for reader in readers:
+            reader.join()
+    return alone, statistics.median(behind)
 
 
 def cli_rows(url: str, model: str, device: str, files: list[Path], new_tokens: int) -> list[list[str]]:
@@ -140,11 +211,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint folder (default: a tiny random one in a temp folder)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--clients", default="1,4,16")
-    parser.add_argument("--requests", type=int, default=16, help="requests per row (at least the clients)")
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--clients", default="1,4,16,32")
+    parser.add_argument("--requests", type=int, default=32, help="requests per row (at least the clients)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--long-tokens", type=int, default=256, help="the long answers a short request joins")
+    parser.add_argument("--max-batch", type=int, default=16, help="of the batched server (serve's default)")
+    parser.add_argument("--cli", action="store_true", help="also time `minicpmo asr` per file (fresh vs --server)")
     parser.add_argument("--files", type=int, default=4, help="files for the CLI comparison")
     args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    servers = {f"batched (--max-batch {args.max_batch})": ["--max-batch", str(args.max_batch)],
+               "one at a time (--max-batch 1)": ["--max-batch", "1"]}
+    rows, rates, identical, joins, cli = [], {}, {}, {}, []
+    alone: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="minicpmo-serve-bench-") as temp:
         folder = Path(temp)
         model = args.model
@@ -153,20 +232,33 @@ def main() -> None:
 
             model = str(folder / "tiny")
             make_tiny_checkpoint(model)
-        files = make_speech(folder, max(1, args.files))
-        process, url = start_server(model, args.device, folder / "server.log")
-        try:
-            clients = [int(c) for c in args.clients.split(",")]
-            load = load_rows(url, files[0].read_bytes(), clients, args.requests, args.new_tokens)
-            cli = cli_rows(url, model, args.device, files, args.new_tokens)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-    print(f"model: {args.model or 'tiny random checkpoint'}, device {args.device}, {args.new_tokens} new tokens "
-          f"per answer, {os.cpu_count()} CPUs\n")
-    print(table(["task", "clients", "requests", "requests/s", "p50 latency s", "p95 latency s"], load))
+        for label, extra in servers.items():
+            process, url = start_server(model, args.device, folder / "server.log", *extra)
+            try:
+                found, rates[label], identical[label] = load_rows(url, label, clients, args.requests,
+                                                                  args.new_tokens, alone)
+                rows += found
+                joins[label] = short_behind_long(url, args.long_tokens)
+                if args.cli and not cli:
+                    cli = cli_rows(url, model, args.device, make_speech(folder, max(1, args.files)), 16)
+            finally:
+                stop(process)
+    print(f"model: {args.model or 'tiny random checkpoint'}, device {args.device}, greedy streamed chat, "
+          f"{args.new_tokens} new tokens per answer, {os.cpu_count()} CPUs\n")
+    print(table(["server", "clients", "requests", "requests/s", "tokens/s", "p50 TTFT s", "p95 TTFT s",
+                 "p50 latency s", "p95 latency s"], rows))
+    batched, single = servers
     print()
-    print(table(["minicpmo asr, one file per command", "files", "median s per file", "total s"], cli))
+    for count in clients:
+        print(f"{count} clients: batched / one-at-a-time throughput = {rates[batched][count] / rates[single][count]:.2f}x")
+    print(f"answers identical to the same request alone (every row, both servers): "
+          f"{all(identical.values())}")
+    for label, (alone_s, behind_s) in joins.items():
+        print(f"{label}: a 1-token request alone {alone_s:.3f} s, behind 15 long answers {behind_s:.3f} s "
+              f"({behind_s / alone_s:.2f}x)")
+    if cli:
+        print()
+        print(table(["minicpmo asr, one file per command", "files", "median s per file", "total s"], cli))
 
 
 if __name__ == "__main__":

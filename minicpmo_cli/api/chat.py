@@ -163,6 +163,21 @@ def reply_with_speech(engine: Engine, conversation: Conversation, decode: Decode
     return result.text, result.audio_wav, result.sampling_rate
 
 
+def reply_with_speaker(engine: Engine, conversation: Conversation, decode: DecodeOptions, usage: Any = None):
+    """The written half of a spoken answer: (answer text, the prompt's speaker state ``[n, D]``), the same text
+    :func:`reply_with_speech` speaks; api.speech ``speak_answer`` / ``stream_answer_speech`` then speak it
+    (whole, or as it is synthesised)."""
+    from minicpmo_cli.processing.limits import check_prompt_fits
+
+    msgs = conversation.messages(spoken=True)
+    check_prompt_fits(engine, msgs, use_tts_template=True, **_video_settings(conversation))
+    if not engine.has_tts:
+        engine.enable_tts()
+    result = engine.generate(msgs, chat_settings(conversation, decode), use_tts_template=True,
+                             return_spk_embed=True, usage=usage, **_video_settings(conversation))
+    return str(result.text or ""), result.spk_embeds
+
+
 def reply(engine: Engine, conversation: Conversation, decode: DecodeOptions,
           stream: bool = True, usage: Any = None) -> Iterator[str]:
     """Answer the conversation's last user message, yielding text pieces (one piece when not streaming).

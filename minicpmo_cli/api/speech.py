@@ -111,10 +111,11 @@ def read_messages(text: str, voice: Voice) -> list[dict]:
 
 def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: DecodeOptions | None = None,
           verbatim: bool = True, max_frames: int = MAX_AUDIO_FRAMES, group_tokens: int = GROUP_TOKENS,
-          progress: Callable[[int, int], None] | None = None) -> SpeechResult:
+          progress: Callable[[int, int], None] | None = None, cancel: Any = None) -> SpeechResult:
     """Read ``text`` aloud in ``voice`` -> 24 kHz float32 speech, every sentence of it.
 
     ``progress(done, total)`` is called as each sentence group is spoken (long text takes minutes).
+    ``cancel``: a threading.Event; once set, synthesis ends at the next audio frame (what was made is returned).
     """
     voice = voice or Voice()
     voice.check()
@@ -126,7 +127,9 @@ def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: Deco
     resolve(SPEECH_TASK, decode)  # contradictory options fail here, whether the LLM writes the text or not
     if verbatim:
         _, spk = _speaker(engine, read_messages(groups[0], voice), decode, seed_only=True)
-        return _synthesize_groups(engine, spk, groups, max_frames, progress)
+        # The speaker state came from one greedy token (no draws), so a private generator seeded with the
+        # seed draws what the seeded global one would, whatever other threads draw meanwhile.
+        return _synthesize_groups(engine, spk, groups, max_frames, progress, cancel=cancel, seed=decode.seed)
     spoken, spk = [], None
     for group in groups:
         answer, group_spk = _speaker(engine, read_messages(group, voice), decode,
@@ -135,7 +138,7 @@ def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: Deco
         spoken += [piece for piece in text_groups(engine, answer, group_tokens) if piece.strip()]
     if not spoken:
         raise InputError("the model wrote no text to speak (--verbatim reads the text as given)")
-    return _synthesize_groups(engine, spk, spoken, max_frames, progress)
+    return _synthesize_groups(engine, spk, spoken, max_frames, progress, cancel=cancel)
 
 
 def mimick(engine: Engine, audio: np.ndarray, *, decode: DecodeOptions | None = None,
@@ -200,19 +203,59 @@ def speak_stream(engine: Engine, text: str, voice: Voice | None = None, *,
     _need_tts(engine)
     _, spk = _speaker(engine, read_messages(text_groups(engine, text.strip())[0], voice), DecodeOptions(seed=seed),
                       seed_only=True)
-    return _stream_pieces(engine, spk, text.strip(), (first_chunk_frames, chunk_frames), max_frames)
+    # One greedy token made the speaker state (no draws): a private generator seeded with ``seed`` draws what
+    # the seeded global one would, and other threads cannot disturb it.
+    return _stream_pieces(engine, spk, text.strip(), (first_chunk_frames, chunk_frames), max_frames, seed)
 
 
-def _stream_pieces(engine: Engine, spk, text: str, chunks: tuple[int, int], max_frames: int) -> Iterator[np.ndarray]:
+def stream_answer_speech(engine: Engine, spk, text: str, *, seed: int | None = None,
+                         first_chunk_frames: int = FIRST_CHUNK_FRAMES, chunk_frames: int = CHUNK_FRAMES,
+                         max_frames: int = MAX_AUDIO_FRAMES) -> Iterator[np.ndarray]:
+    """A written answer spoken with the speaker state ``spk`` of its prompt, as it is synthesised: 24 kHz
+    float32 pieces on the streaming schedule of :func:`speak_stream`. ``seed``: a private generator (None:
+    torch's global one, continuing the draws of the answer's own sampling). Closing the iterator stops it."""
+    from minicpmo_cli.generation.speech import check_chunk_frames
+
+    check_chunk_frames(first_chunk_frames, chunk_frames)
+    if not text.strip():
+        return iter(())
+    return _stream_pieces(engine, spk, text.strip(), (first_chunk_frames, chunk_frames), max_frames, seed)
+
+
+def _stream_pieces(engine: Engine, spk, text: str, chunks: tuple[int, int], max_frames: int,
+                   seed: int | None = None) -> Iterator[np.ndarray]:
     from minicpmo_cli.generation.speech import stream_speech
     from minicpmo_cli.processing.tts_text import extract_tts_text
 
     model = engine.model
-    # seed=None: the engine's seeded global RNG, as speak() (reference-exact draws)
     for chunk in stream_speech(model.tts, model.vocos, model.tts_processor, spk.to(model.tts.device),
                                extract_tts_text(text), max_new_tokens=max_frames, first_chunk_frames=chunks[0],
-                               chunk_frames=chunks[1], runner=getattr(engine, "tts_runner", None)):
+                               chunk_frames=chunks[1], runner=getattr(engine, "tts_runner", None), seed=seed):
         yield chunk.wav
+
+
+def speak_answer(engine: Engine, spk, text: str, *, cancel: Any = None) -> np.ndarray:
+    """A written answer spoken with its prompt's speaker state ``spk``, whole: the synthesis of a chat answer
+    (generation/text.py ``synthesize``, draws from torch's global generator), but ``cancel`` (a
+    threading.Event) ends it at the next audio frame."""
+    import torch
+
+    from minicpmo_cli.generation.speech import codes_to_wav, generate_codes, make_sampler
+    from minicpmo_cli.processing.tts_text import extract_tts_text, split_tts_text
+
+    _need_tts(engine)
+    model = engine.model
+    tts, spk = model.tts, spk.to(model.tts.device)
+    sampler = _FrameBudget(make_sampler(None), 1 << 40, cancel)  # no cap here (generate_codes has its own)
+    wavs = []
+    for piece in split_tts_text(model.tts_processor, extract_tts_text(text), tts.streaming_text_reserved_len - 1):
+        if sampler.cancelled:
+            break
+        with torch.inference_mode():
+            codes = generate_codes(tts, model.tts_processor, spk, piece, sampler=sampler,
+                                   runner=getattr(engine, "tts_runner", None))
+            wavs.append(codes_to_wav(tts, model.vocos, codes))
+    return _join(wavs)
 
 
 def text_groups(engine: Engine, text: str, group_tokens: int = GROUP_TOKENS) -> list[str]:
@@ -265,10 +308,11 @@ class _FrameBudget:
     act here; with the default 2048 frames it never fires before the reference's own cap would.
     """
 
-    def __init__(self, sampler, limit: int) -> None:
-        self.sampler, self.limit = sampler, int(limit)
+    def __init__(self, sampler, limit: int, cancel: Any = None) -> None:
+        self.sampler, self.limit, self.cancel = sampler, int(limit), cancel
         self.frames = 0
         self.capped = False
+        self.cancelled = False  # ``cancel`` was set: every piece ends at once
 
     def snapshot(self):
         """For the frame loop's rewind past the end of speech (generation/tts_decode.py iter_frames)."""
@@ -281,16 +325,21 @@ class _FrameBudget:
     def sample(self, probs):
         from minicpmo_cli.model.tts import AUDIO_EOS_ID
 
+        if self.cancel is not None and self.cancel.is_set():
+            self.cancelled = True
         drawn = self.sampler.sample(probs)
         self.frames += 1
-        if self.frames > self.limit:
+        if self.frames > self.limit or self.cancelled:
             drawn[0, 0] = AUDIO_EOS_ID
-            self.capped = True
+            self.capped = not self.cancelled
         return drawn
 
 
 def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
-                       progress: Callable[[int, int], None] | None = None) -> SpeechResult:
+                       progress: Callable[[int, int], None] | None = None, *, cancel: Any = None,
+                       seed: int | None = None) -> SpeechResult:
+    """Each group spoken with ``spk``; ``seed``: one private generator for all groups (None: the global one);
+    ``cancel`` set: the current piece ends at its next frame and no further group starts."""
     import torch
 
     from minicpmo_cli.api.protocol import own_steps
@@ -306,12 +355,14 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
     model = engine.model
     spk = spk.to(model.tts.device)
     wavs, pieces = [], []
+    draws = ReferenceSampler(seed=seed)  # reference-exact draws: the same seed gives the same audio
     for number, group in enumerate(groups):
+        if cancel is not None and cancel.is_set():
+            break
         if progress is not None:
             progress(number, len(groups))
         group = extract_tts_text(group)
-        # Seeded through the engine: the same --seed gives the same audio (reference-exact draws).
-        budget = _FrameBudget(ReferenceSampler(), max_frames)
+        budget = _FrameBudget(draws, max_frames, cancel)
         with torch.inference_mode():
             codes = generate_codes(model.tts, model.tts_processor, spk, group, max_new_tokens=max_frames,
                                    sampler=budget, runner=getattr(engine, "tts_runner", None))

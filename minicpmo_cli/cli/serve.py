@@ -10,8 +10,9 @@ from minicpmo_cli.cli import common
 
 HELP = common.examples_help(
     "Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/audio/transcriptions, "
-    "/v1/audio/translations, /v1/audio/speech, /v1/models) and a chat page at /. The model loads once; "
-    "requests run one at a time on it. Other commands use it with --server URL (or MINICPMO_SERVER).",
+    "/v1/audio/translations, /v1/audio/speech, /v1/models), Prometheus /metrics and a chat page at /. The "
+    "model loads once; up to --max-batch requests run at once, their decoding batched together on it. Other "
+    "commands use it with --server URL (or MINICPMO_SERVER).",
     "minicpmo serve",
     "minicpmo serve --host 0.0.0.0 --port 9000 --api-key secret",
     "minicpmo --model ./ckpt serve --served-model-name minicpmo,omni --strict-model-names",
@@ -46,7 +47,10 @@ def serve(
         False, "--strict-model-names",
         help="404 for OpenAI's standard names (whisper-1, tts-1, gpt-4o, ...), which are accepted by default."),
     max_upload_mb: float = typer.Option(25.0, "--max-upload-mb", min=0.001, help="Largest request body."),
-    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests waiting at most; more get 503."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1,
+                                  help="Requests waiting at most; more get 429 with Retry-After."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1,
+                                  help="Requests running at once, decoded together (1: one at a time)."),
     no_tts: bool = typer.Option(False, "--no-tts", help="Do not load the speech tower (no speech routes)."),
     no_url_fetch: bool = typer.Option(False, "--no-url-fetch", help="Refuse http(s) image/video URLs."),
     allow_private_urls: bool = typer.Option(
@@ -67,10 +71,14 @@ def serve(
         raise EnvironmentProblem(f"serve needs the serve extra ({exc.name} is missing): "
                                  "pip install -e \".[serve]\"") from None
     limit = int(max_upload_mb * 1024 * 1024)
+    from dataclasses import replace
+
+    load = replace(common.load_options(), max_batch=max_batch)  # the LLM engine's slots: one per running request
     names = served_names(served_model_name) or [common.options().model]
-    settings = Settings(load=common.load_options(), model_id=names[0], served_names=tuple(names[1:]),
+    settings = Settings(load=load, model_id=names[0], served_names=tuple(names[1:]),
                         strict_model_names=strict_model_names,
-                        api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, tts=not no_tts,
+                        api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, max_batch=max_batch,
+                        tts=not no_tts,
                         seed=common.options().seed,
                         fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch, timeout=url_timeout,
                                           allow_private=allow_private_urls))

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from minicpmo_cli import __version__
-from minicpmo_cli.server import chat, models, realtime, speech, transcriptions, voices
+from minicpmo_cli.server import chat, metrics, models, realtime, speech, transcriptions, voices
 from minicpmo_cli.server.errors import install_handlers
 from minicpmo_cli.server.guard import Guard
 from minicpmo_cli.server.state import ServerState
@@ -34,6 +34,7 @@ def create_app(state: ServerState) -> FastAPI:
     for module in (chat, transcriptions, speech, models, voices, realtime):
         app.include_router(module.router)
     app.include_router(models.health_router)
+    app.include_router(metrics.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)

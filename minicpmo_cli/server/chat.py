@@ -128,18 +128,17 @@ def _audio_object(wav, rate: int, fmt: str, transcript: str) -> dict:
 
 
 async def _sse(first: list, rest: AsyncIterator, body: ChatRequest) -> AsyncIterator[str]:
-    ident, model = f"chatcmpl-{uuid.uuid4().hex}", body.model
-    yield _chunk(ident, model, {"role": "assistant", "content": ""})
+    """The job's items as OpenAI streams them: text pieces as content deltas, or for a spoken answer the
+    transcript, then base64 pcm16 24 kHz audio deltas as the speech is synthesised; then the finish."""
+    ident, model, audio_id = f"chatcmpl-{uuid.uuid4().hex}", body.model, f"audio_{uuid.uuid4().hex}"
+    spoken = body.wants_audio
+    yield _chunk(ident, model, {"role": "assistant", "content": None if spoken else ""})
     try:
         items = first
         while True:
             for item in items:
-                if item[0] == "text":
-                    yield _chunk(ident, model, {"content": item[1]})
-                else:
-                    yield _chunk(ident, model, {}, finish=item[2])
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _chunk(ident, model, {}, usage=item[1])
+                for chunk in _item_chunks(item, ident, model, audio_id, body):
+                    yield chunk
             try:
                 items = [await rest.__anext__()]
             except StopAsyncIteration:
@@ -154,24 +153,23 @@ async def _sse(first: list, rest: AsyncIterator, body: ChatRequest) -> AsyncIter
     yield "data: [DONE]\n\n"
 
 
-async def _sse_spoken(result: tuple, body: ChatRequest) -> AsyncIterator[str]:
-    """A spoken answer as OpenAI streams it: transcript pieces, then base64 pcm16 24 kHz chunks."""
+def _item_chunks(item: tuple, ident: str, model: str, audio_id: str, body: ChatRequest) -> list[str]:
     from minicpmo_cli.server.encode import pcm16_bytes
 
-    text, wav, rate, usage, finish = result
-    ident, model, audio_id = f"chatcmpl-{uuid.uuid4().hex}", body.model, f"audio_{uuid.uuid4().hex}"
-    yield _chunk(ident, model, {"role": "assistant", "content": None})
-    for word in _words(text):
-        yield _chunk(ident, model, {"audio": {"id": audio_id, "transcript": word}})
-    pcm = pcm16_bytes(wav)
-    for start in range(0, len(pcm), PCM_CHUNK):
-        data = base64.b64encode(pcm[start:start + PCM_CHUNK]).decode("ascii")
-        yield _chunk(ident, model, {"audio": {"id": audio_id, "data": data}})
-    yield _chunk(ident, model, {"audio": {"id": audio_id, "expires_at": int(time.time()) + AUDIO_LIFETIME}},
-                 finish=finish)
+    kind = item[0]
+    if kind == "text" and not body.wants_audio:
+        return [_chunk(ident, model, {"content": item[1]})]
+    if kind == "text":
+        return [_chunk(ident, model, {"audio": {"id": audio_id, "transcript": word}}) for word in _words(item[1])]
+    if kind == "audio":
+        pcm = pcm16_bytes(item[1])
+        return [_chunk(ident, model, {"audio": {"id": audio_id, "data": base64.b64encode(
+            pcm[start:start + PCM_CHUNK]).decode("ascii")}}) for start in range(0, len(pcm), PCM_CHUNK)]
+    delta = {"audio": {"id": audio_id, "expires_at": int(time.time()) + AUDIO_LIFETIME}} if body.wants_audio else {}
+    chunks = [_chunk(ident, model, delta, finish=item[2])]
     if body.stream_options and body.stream_options.include_usage:
-        yield _chunk(ident, model, {}, usage=usage)
-    yield "data: [DONE]\n\n"
+        chunks.append(_chunk(ident, model, {}, usage=item[1]))
+    return chunks
 
 
 def _words(text: str) -> list[str]:
@@ -187,6 +185,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     state = request.app.state.minicpmo
+    timer = state.metrics.timer()
     state.check_model(body.model, "chat")
     _check(body)
     media_limits = chat_limits(body, state.settings.fetch, state.engine)  # a 400 before any decoding
@@ -195,26 +194,33 @@ async def chat_completions(body: ChatRequest, request: Request):
     from minicpmo_cli.api.chat import chat_settings
 
     chat_settings(conversation, decode)  # options that contradict each other are a 400 before any work
-    worker = state.worker
+    pool = state.worker
     if body.wants_audio:
         if not state.settings.tts:
             raise APIError(400, "this server was started without the speech tower (--no-tts)", param="modalities")
         conversation.voice = resolve_voice(body.audio.voice if body.audio else DEFAULT_VOICE)
-        job = generation.spoken_answer(conversation, decode, body.stops)
-        result = await worker.run(job, disconnected=request.is_disconnected)
+        alone = generation.runs_alone(decode, speech=True)
         if body.stream:
-            return StreamingResponse(_sse_spoken(result, body), media_type="text/event-stream", headers=SSE_HEADERS)
-        text, wav, rate, usage, finish = result
+            return await _streamed(pool.stream(generation.spoken_stream(conversation, decode, body.stops, timer),
+                                               exclusive=alone), body, request)
+        job = generation.spoken_answer(conversation, decode, body.stops, timer)
+        text, wav, rate, usage, finish = await pool.run(job, disconnected=request.is_disconnected, exclusive=alone)
         fmt = body.audio.format if body.audio else "wav"
         audio = await asyncio.to_thread(_audio_object, wav, rate, fmt, text)  # encoding: off the loop
         return _completion(body, text, finish, usage, audio=audio)
-    job = generation.text_answer(conversation, decode, body.stops)
+    job = generation.text_answer(conversation, decode, body.stops, timer)
+    alone = generation.runs_alone(decode)
     if body.stream:
-        items = worker.stream(job)
-        first = [await items.__anext__()]  # errors before the first piece still get their HTTP status
-        return StreamingResponse(_sse(first, items, body), media_type="text/event-stream", headers=SSE_HEADERS)
-    collected = await worker.run(lambda engine, cancel: list(job(engine, cancel)),
-                                 disconnected=request.is_disconnected)
+        return await _streamed(pool.stream(job, exclusive=alone), body, request)
+    collected = await pool.run(lambda engine, cancel: list(job(engine, cancel)),
+                               disconnected=request.is_disconnected, exclusive=alone)
     text = "".join(item[1] for item in collected if item[0] == "text")
     _, usage, finish = collected[-1]
     return _completion(body, text, finish, usage)
+
+
+async def _streamed(items: AsyncIterator, body: ChatRequest, request: Request) -> StreamingResponse:
+    from minicpmo_cli.server.worker import Pool
+
+    first = [await Pool.first(items, request.is_disconnected)]
+    return StreamingResponse(_sse(first, items, body), media_type="text/event-stream", headers=SSE_HEADERS)

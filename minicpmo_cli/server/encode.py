@@ -19,6 +19,16 @@ def pcm16_bytes(samples: np.ndarray) -> bytes:
     return _to_pcm16(samples).tobytes()
 
 
+def streaming_wav_header(rate: int = 24000) -> bytes:
+    """The 44-byte header of a mono PCM16 wav whose length is not known yet (streamed): the RIFF and data sizes
+    say 0xFFFFFFFF, as streamed wav from OpenAI's speech route; readers take the data to the end."""
+    import struct
+
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate,
+            rate * 2, 2, 16) + b"data" + struct.pack("<I", unknown))
+
+
 def encode(samples: np.ndarray, rate: int, fmt: str) -> bytes:
     if fmt == "wav":
         return wav_bytes(samples, rate)

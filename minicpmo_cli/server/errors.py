@@ -16,15 +16,17 @@ logger = logging.getLogger("minicpmo_cli.server")
 # Status -> OpenAI's error type for it.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
-               500: "server_error", 503: "server_error"}
+               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):
     """An error a route raises on purpose: its status and one-line message go to the client as they are."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers  # e.g. Retry-After on a 429
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -49,7 +51,7 @@ def from_library(exc: MiniCPMOError) -> APIError:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, headers=exc.headers)
 
     @app.exception_handler(MiniCPMOError)
     async def _library_error(request: Request, exc: MiniCPMOError):

@@ -1,4 +1,8 @@
-"""Jobs the worker runs for the routes: a chat answer (text pieces, or text + speech), with usage counts.
+"""Jobs the pool runs for the routes: a chat answer (text pieces, or text + speech), with usage counts.
+
+Every job takes ``(engine, cancel)``: ``cancel`` is set when the client leaves, and the job stops at its next
+token or speech frame. Each job reports its request's times to a metrics RequestTimer (first token, first
+audio, the end with its token counts).
 
 A request's ``seed`` travels in its DecodeOptions, so it gives the same answer as ``minicpmo --seed N chat``
 would. Token counts come from the generation itself (a ``Usage`` the job owns and generate fills): nothing
@@ -11,7 +15,7 @@ import dataclasses
 from contextlib import closing
 from typing import Any, Iterator
 
-from minicpmo_cli.api.chat import Conversation, chat_settings, reply, reply_with_speech
+from minicpmo_cli.api.chat import Conversation, chat_settings, reply, reply_with_speaker
 from minicpmo_cli.api.engine import DecodeOptions
 from minicpmo_cli.generation.usage import Usage
 
@@ -57,44 +61,98 @@ class StopFilter:
         return out
 
 
-def text_answer(conversation: Conversation, decode: DecodeOptions, stops: list[str]):
+def text_answer(conversation: Conversation, decode: DecodeOptions, stops: list[str], timer: Any):
     """A job yielding ("text", piece) items, then ("end", usage dict, finish_reason)."""
 
     def run(engine: Any, cancel) -> Iterator[tuple]:
-        counts = Usage()
-        stop_filter, stopped, answer = StopFilter(stops), False, []
+        counts, finish = Usage(), "abort"
+        stop_filter, stopped = StopFilter(stops), False
         stream = reply(engine, conversation, decode, stream=True, usage=counts)
-        with closing(stream) as pieces:
-            for piece in pieces:
-                text, stopped = stop_filter.feed(piece)
-                if text:
-                    answer.append(text)
-                    yield ("text", text)
-                if stopped or cancel.is_set():
-                    break
-        tail = "" if stopped else stop_filter.flush()
-        if tail:
-            answer.append(tail)
-            yield ("text", tail)
-        finish = finish_reason(stopped, counts, conversation, decode)
-        yield ("end", usage(counts.prompt_tokens, counts.completion_tokens), finish)
+        try:
+            with closing(stream) as pieces:
+                for piece in pieces:
+                    timer.first_token()
+                    text, stopped = stop_filter.feed(piece)
+                    if text:
+                        yield ("text", text)
+                    if stopped or cancel.is_set():
+                        break
+            if cancel.is_set():
+                return
+            tail = "" if stopped else stop_filter.flush()
+            if tail:
+                yield ("text", tail)
+            finish = finish_reason(stopped, counts, conversation, decode)
+            yield ("end", usage(counts.prompt_tokens, counts.completion_tokens), finish)
+        finally:  # also when the pool closes this job because its client left
+            timer.finish(finish, counts.prompt_tokens, counts.completion_tokens)
 
     return run
 
 
-def spoken_answer(conversation: Conversation, decode: DecodeOptions, stops: list[str]):
+def _written_half(engine: Any, conversation: Conversation, decode: DecodeOptions, stops: list[str], timer: Any):
+    """(text cut at the stops, speaker state, usage dict, finish_reason, Usage) of a spoken answer."""
+    counts = Usage()
+    text, spk = reply_with_speaker(engine, conversation, decode, usage=counts)
+    if counts.completion_tokens:
+        timer.first_token()  # the text is known only whole (its speaker state comes from the same pass)
+    stop_filter = StopFilter(stops)
+    kept, stopped = stop_filter.feed(text)
+    kept += "" if stopped else stop_filter.flush()
+    finish = finish_reason(stopped, counts, conversation, decode)
+    return kept, spk, usage(counts.prompt_tokens, counts.completion_tokens), finish, counts
+
+
+def spoken_answer(conversation: Conversation, decode: DecodeOptions, stops: list[str], timer: Any):
     """A job returning (text, 24 kHz float32 wav, sample rate, usage, finish_reason)."""
+    from minicpmo_cli.api.speech import speak_answer
+    from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
 
     def run(engine: Any, cancel) -> tuple:
-        counts = Usage()
-        text, wav, rate = reply_with_speech(engine, conversation, decode, usage=counts)
-        stop_filter = StopFilter(stops)
-        kept, stopped = stop_filter.feed(text)
-        kept += "" if stopped else stop_filter.flush()
-        finish = finish_reason(stopped, counts, conversation, decode)
-        return kept, wav, rate, usage(counts.prompt_tokens, counts.completion_tokens), finish
+        counts, finish = Usage(), "abort"
+        try:
+            text, spk, used, finish, counts = _written_half(engine, conversation, decode, stops, timer)
+            wav = speak_answer(engine, spk, text, cancel=cancel)
+            timer.first_audio()
+            return text, wav, OUTPUT_SAMPLE_RATE, used, finish
+        finally:
+            timer.finish(finish if not cancel.is_set() else "abort", counts.prompt_tokens, counts.completion_tokens)
 
     return run
+
+
+def spoken_stream(conversation: Conversation, decode: DecodeOptions, stops: list[str], timer: Any):
+    """A job yielding ("text", whole text), then ("audio", float32 24 kHz piece) as the speech is synthesised,
+    then ("end", usage dict, finish_reason)."""
+    from minicpmo_cli.api.speech import stream_answer_speech
+
+    def run(engine: Any, cancel) -> Iterator[tuple]:
+        counts, finish = Usage(), "abort"
+        try:
+            text, spk, used, finish_then, counts = _written_half(engine, conversation, decode, stops, timer)
+            yield ("text", text)
+            with closing(stream_answer_speech(engine, spk, text)) as pieces:
+                for piece in pieces:
+                    timer.first_audio()
+                    yield ("audio", piece)
+                    if cancel.is_set():
+                        return
+            finish = finish_then
+            yield ("end", used, finish)
+        finally:
+            timer.finish(finish, counts.prompt_tokens, counts.completion_tokens)
+
+    return run
+
+
+def runs_alone(decode: DecodeOptions, speech: bool = False) -> bool:
+    """Whether a request must run alone so that its seed holds (the pool's exclusive turn): a seeded request
+    that draws from torch's global generator, which other requests would draw from meanwhile. Greedy and beam
+    decoding draw nothing; sampled decoding and the speech of a spoken answer (``speech``) draw from the
+    global generator (the api seeds it per call; the LLM engine's per-request generators are not used by it)."""
+    if decode.seed is None:
+        return False
+    return speech or not (decode.sampling is False or decode.top_k == 1)
 
 
 def finish_reason(stopped: bool, counts: Usage, conversation: Conversation, decode: DecodeOptions) -> str:

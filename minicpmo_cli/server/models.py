@@ -1,5 +1,6 @@
-"""GET /v1/models and GET /health (200 once the model is loaded, 503 while it loads or when it failed), and the
-model names requests may send.
+"""GET /v1/models (ready: 503 until the model is loaded) and GET /health (alive: 200 while the server runs,
+with ``status`` "loading" or "ok"; 503 only when the model failed to load), and the model names requests may
+send.
 
 A request's `model` is accepted when it is one of this server's names (the served names, the checkpoint's hub
 id, the --model value), or, unless the server runs with --strict-model-names, one of OpenAI's standard names
@@ -84,7 +85,9 @@ def _model_card(model_id: str) -> dict:
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [_model_card(name) for name in request.app.state.minicpmo.model_names()]}
+    state = request.app.state.minicpmo
+    state.ready_engine()  # readiness: 503 while loading (or after a failed load)
+    return {"object": "list", "data": [_model_card(name) for name in state.model_names()]}
 
 
 @router.get("/v1/models/{model:path}")
@@ -103,4 +106,4 @@ async def health(request: Request):
         return {"status": "ok", "model": state.settings.model_id}
     if state.load_error is not None:
         return error_response(503, f"the model failed to load: {state.load_error}", code="model_load_failed")
-    return error_response(503, "the model is still loading", code="loading")
+    return {"status": "loading", "model": state.settings.model_id}

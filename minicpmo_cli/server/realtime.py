@@ -81,8 +81,10 @@ async def _converse(websocket: WebSocket, state) -> None:
             await websocket.send_text(json.dumps(event, ensure_ascii=False))
 
     model = websocket.query_params.get("model") or state.settings.model_id
-    session = LiveSession(lambda fn: state.worker.run(fn), send, model=model, resolve_voice=_voice_resolver,
-                          seed=state.settings.seed)
+    # Exclusive turns: a live session decodes on its own token loop and seeds torch's global generator, so its
+    # jobs run alone on the pool (as on the one worker thread before), and a seed gives the same answer.
+    session = LiveSession(lambda fn: state.worker.run(fn, exclusive=True), send, model=model,
+                          resolve_voice=_voice_resolver, seed=state.settings.seed)
     try:
         await session.start()
         while True:

@@ -1,4 +1,4 @@
-"""What the server holds: its settings, the model (loaded in the background), the worker queue."""
+"""What the server holds: its settings, the model (loaded in the background), the request pool, the metrics."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 from minicpmo_cli.errors import describe_error
 from minicpmo_cli.server.errors import APIError
 from minicpmo_cli.server.media import FetchLimits
+from minicpmo_cli.server.metrics import Metrics
 from minicpmo_cli.server.models import checkpoint_hub_id, openai_name, unknown_model
-from minicpmo_cli.server.worker import Worker
+from minicpmo_cli.server.worker import Pool
 
 logger = logging.getLogger("minicpmo_cli.server")
 
@@ -24,7 +25,8 @@ class Settings:
     strict_model_names: bool = False  # --strict-model-names: OpenAI's standard names get a 404
     api_key: str | None = None
     max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's own limit for audio uploads
-    max_queue: int = 64
+    max_queue: int = 64  # requests waiting for a thread at most; more get 429
+    max_batch: int = 16  # requests running at once (pool threads; rows the LLM engine decodes together)
     fetch: FetchLimits = field(default_factory=FetchLimits)
     tts: bool = True  # load the speech tower (speech routes and spoken chat answers)
     seed: int | None = None  # `minicpmo --seed N serve`: the seed of requests that give none
@@ -58,7 +60,13 @@ class ServerState:
         self.loaded = threading.Event()
         if engine is not None:
             self.loaded.set()
-        self.worker = Worker(self.ready_engine, settings.max_queue)
+        self.worker = Pool(self.ready_engine, settings.max_batch, settings.max_queue)
+        self.metrics = Metrics(lambda: self.worker, self.llm_engine)
+        self.worker.observer = self.metrics
+
+    def llm_engine(self) -> Any:
+        """The loaded model's shared LLM engine (continuous batching), or None (none yet, or a fake engine)."""
+        return getattr(self.engine, "llm_engine", None)
 
     def start_loading(self) -> None:
         if self.engine is None:
@@ -83,7 +91,7 @@ class ServerState:
             return self.engine
         if self.load_error is not None:
             raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
-        raise APIError(503, "the model is still loading; retry when GET /health says ok", code="loading")
+        raise APIError(503, "the model is still loading; retry when GET /v1/models answers 200", code="loading")
 
     def model_names(self) -> list[str]:
         """The names /v1/models lists: the served names, then the checkpoint's hub id."""

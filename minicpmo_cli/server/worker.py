@@ -1,9 +1,17 @@
-"""One worker thread runs every model request, one at a time: never two requests in one cache.
+"""A bounded pool of threads runs the model requests, many at once (the api task functions block).
 
-Routes hand the worker a function of ``(engine, cancel)``; plain functions return a result, generator
-functions yield items that reach the route as they come (streaming). ``cancel`` is set when the client goes
-away: a job still waiting is dropped, a running one stops at its next piece (closing a text stream stops the
-generation thread too). A full queue is refused at once (503) rather than piling up latency.
+Routes hand the pool a function of ``(engine, cancel)``; plain functions return a result, generator functions
+yield items that reach the route as they come (streaming). Requests run concurrently: their LLM decoding meets
+in the model's shared LLM engine (generation/engine.py), which batches the rows of every running request into
+one step, so the pool size is the number of requests decoding together (``--max-batch``).
+
+``cancel`` is a per-request event, set when the client goes away: a job still waiting is dropped before it
+starts, a running one stops at its next token or speech frame (the api functions take the event), and a
+generator job is closed. A full pool with a full waiting line answers 429 with ``Retry-After`` (never 5xx).
+
+Seeds: a request that gives a seed and draws from torch's global random generator (speech synthesis, and all
+sampling while no per-request generators exist) runs alone (an exclusive turn on a readers-writer gate), so
+the same seed gives the same answer whatever else is running.
 """
 
 from __future__ import annotations
@@ -11,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -20,10 +30,22 @@ from minicpmo_cli.server.errors import APIError
 
 logger = logging.getLogger("minicpmo_cli.server")
 _DONE = object()  # end of a stream
+POLL_S = 0.25  # how often a waiting non-streamed request checks whether its client is still there
 
 
-class Cancelled(Exception):
-    """The client went away before its job finished."""
+class Cancelled(APIError):
+    """The client went away before its job finished (499, nginx's "client closed request": no one reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the request", code="client_closed_request")
+
+
+class Busy(APIError):
+    """Every thread is busy and the waiting line is full: 429 with a Retry-After estimate."""
+
+    def __init__(self, waiting: int, retry_after: int) -> None:
+        super().__init__(429, f"the server is busy ({waiting} requests waiting); retry after {retry_after} s",
+                         code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
 
 
 @dataclass
@@ -31,37 +53,82 @@ class Job:
     fn: Callable[..., Any]
     loop: asyncio.AbstractEventLoop
     outbox: asyncio.Queue  # items, then _DONE or an exception
+    exclusive: bool = False  # runs alone (see the module docstring)
+    state: str = "waiting"  # waiting -> running, or waiting -> dropped (its client left first)
     cancel: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
-class Worker:
-    def __init__(self, get_engine: Callable[[], Any], max_queue: int = 64) -> None:
-        self.get_engine = get_engine
-        self.max_queue = max_queue
+class Gate:
+    """Readers-writer gate: shared turns run together; an exclusive turn waits for them and runs alone.
+    Writers are preferred (a waiting exclusive job stops new shared ones), so a seeded request is not starved."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._writers_waiting = 0
+
+    def enter(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._writers_waiting += 1
+                self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                self._writers_waiting -= 1
+                self._exclusive = True
+            else:
+                self._cond.wait_for(lambda: not self._exclusive and self._writers_waiting == 0)
+                self._shared += 1
+
+    def leave(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._exclusive = False
+            else:
+                self._shared -= 1
+            self._cond.notify_all()
+
+
+class Pool:
+    """``size`` threads taking jobs from one line of at most ``max_waiting`` waiting jobs."""
+
+    def __init__(self, get_engine: Callable[[], Any], size: int = 8, max_waiting: int = 64,
+                 observer: Any = None) -> None:
+        self.get_engine, self.size, self.max_waiting = get_engine, int(size), int(max_waiting)
+        self.observer = observer  # metrics.Metrics (job_started/job_finished), or None
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self._waiting = 0
+        self.waiting = 0
+        self.running = 0
+        self.gate = Gate()
+        self._mean_s = 1.0  # running mean of job times: the Retry-After estimate
         self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self._loop, name="minicpmo-worker", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._loop, name=f"minicpmo-pool-{n}", daemon=True)
+                        for n in range(self.size)]
+        for thread in self.threads:
+            thread.start()
 
     # --- route side -------------------------------------------------------------------------------------
-    def _submit(self, fn: Callable[..., Any]) -> Job:
+    def _submit(self, fn: Callable[..., Any], exclusive: bool) -> Job:
         with self._lock:
-            if self._waiting >= self.max_queue:
-                raise APIError(503, f"the server is busy ({self.max_queue} requests waiting); retry later",
-                               code="queue_full")
-            self._waiting += 1
-        job = Job(fn, asyncio.get_running_loop(), asyncio.Queue())
+            if self.waiting >= self.max_waiting and self.running >= self.size:
+                raise Busy(self.waiting, self.retry_after())
+            self.waiting += 1
+        job = Job(fn, asyncio.get_running_loop(), asyncio.Queue(), exclusive)
         self.jobs.put(job)
         return job
 
-    async def run(self, fn: Callable[..., Any], disconnected: Callable[[], Any] | None = None) -> Any:
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the waiting line drained at the mean job time."""
+        return max(1, math.ceil(self._mean_s * (self.waiting + 1) / self.size))
+
+    async def run(self, fn: Callable[..., Any], disconnected: Callable[[], Any] | None = None,
+                  exclusive: bool = False) -> Any:
         """The result of ``fn(engine, cancel)``; polls ``disconnected()`` meanwhile and cancels on True."""
-        job = self._submit(fn)
+        job = self._submit(fn, exclusive)
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(job.outbox.get(), timeout=0.25)
+                    item = await asyncio.wait_for(job.outbox.get(), timeout=POLL_S)
                     break
                 except asyncio.TimeoutError:
                     if disconnected is not None and await disconnected():
@@ -69,14 +136,14 @@ class Worker:
                         logger.info("client went away: its request was cancelled")
                         raise Cancelled() from None
         finally:
-            job.cancel.set()  # a no-op once done; stops the job if this coroutine is cancelled
+            self._leave(job)  # a no-op once done; stops the job if this coroutine is cancelled
         if isinstance(item, BaseException):
             raise item
         return item
 
-    async def stream(self, fn: Callable[..., Any]) -> AsyncIterator[Any]:
+    async def stream(self, fn: Callable[..., Any], exclusive: bool = False) -> AsyncIterator[Any]:
         """The items ``fn(engine, cancel)`` yields, as they come; leaving early cancels the job."""
-        job = self._submit(fn)
+        job = self._submit(fn, exclusive)
         try:
             while True:
                 item = await job.outbox.get()
@@ -86,7 +153,33 @@ class Worker:
                     raise item
                 yield item
         finally:
-            job.cancel.set()
+            self._leave(job)
+
+    def _leave(self, job: Job) -> None:
+        """The route is done with ``job``: a running job is told to stop, a waiting one leaves the line."""
+        job.cancel.set()
+        with self._lock:
+            if job.state == "waiting":
+                job.state = "dropped"
+                self.waiting -= 1
+
+    @staticmethod
+    async def first(items: AsyncIterator[Any], disconnected: Callable[[], Any] | None = None) -> Any:
+        """The first item of a ``stream`` (its errors still get their HTTP status); a client that leaves before
+        it comes (a long prefill, the written half of a spoken answer) cancels the job."""
+        task = asyncio.ensure_future(items.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=POLL_S)
+                if done:
+                    return task.result()
+                if disconnected is not None and await disconnected():
+                    logger.info("client went away before the first piece: its request was cancelled")
+                    raise Cancelled()
+        except BaseException:
+            task.cancel()
+            await items.aclose()
+            raise
 
     # --- worker side ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -95,15 +188,39 @@ class Worker:
             if job is None:
                 return
             with self._lock:
-                self._waiting -= 1
-            if job.cancel.is_set():
-                continue
+                if job.state == "dropped":  # its client left while it waited
+                    continue
+                job.state = "running"
+                self.waiting -= 1
+                self.running += 1
+            started = time.monotonic()
+            if self.observer is not None:
+                self.observer.job_started(started - job.queued_at)
             try:
-                self._execute(job)
+                self.gate.enter(job.exclusive)
+                try:
+                    self._execute(job)
+                finally:
+                    self.gate.leave(job.exclusive)
             except BaseException as exc:  # noqa: BLE001 - every failure goes back to its request
-                self._send(job, exc)
+                self._send(job, self._busy_if_full(exc))
+            finally:
+                elapsed = time.monotonic() - started
+                with self._lock:
+                    self.running -= 1
+                    self._mean_s = 0.8 * self._mean_s + 0.2 * elapsed
+                if self.observer is not None:
+                    self.observer.job_finished(elapsed, job.cancel.is_set())
+
+    def _busy_if_full(self, exc: BaseException) -> BaseException:
+        """The LLM engine's full queue is the server being busy: 429 + Retry-After, not a client mistake."""
+        if type(exc).__name__ == "EngineFull":
+            return Busy(self.waiting, self.retry_after())
+        return exc
 
     def _execute(self, job: Job) -> None:
+        if job.cancel.is_set():
+            return
         engine = self.get_engine()
         if not inspect.isgeneratorfunction(job.fn):
             self._send(job, job.fn(engine, job.cancel))
@@ -112,11 +229,12 @@ class Worker:
         try:
             for item in stream:
                 if job.cancel.is_set():
-                    logger.info("client went away: generation stopped")
                     break
                 self._send(job, item)
         finally:
-            stream.close()  # closes the text stream inside, which stops its generation thread
+            stream.close()  # closes the text/speech streams inside, which stops their generation
+            if job.cancel.is_set():
+                logger.info("client went away: generation stopped")
         self._send(job, _DONE)
 
     def _send(self, job: Job, item: Any) -> None:
@@ -126,4 +244,8 @@ class Worker:
             pass
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        for _ in self.threads:
+            self.jobs.put(None)
+
+
+Worker = Pool  # the name routes and tests used for the one-thread worker this pool replaces

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -51,7 +52,8 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 
         if process.poll() is not None:
             raise RuntimeError(f"the server exited ({process.returncode}):\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            health = httpx.get(f"{url}/health", timeout=2)
+            if health.status_code == 200 and health.json().get("status") == "ok":  # loaded, not only alive
                 return
         except httpx.HTTPError:
             pass
@@ -86,6 +88,42 @@ def stop_server(server: Server) -> None:
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+
+
+def metrics(server) -> dict[str, float]:
+    """/metrics parsed by prometheus_client: sample name (with labels) -> value."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return values
+
+
+def wait_for(what: str, predicate, deadline_s: float = 300.0):
+    """Poll until ``predicate()`` is truthy; the deadline only turns a hang into a failure."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"never reached: {what}")
+
+
+def post_and_hold(server, path: str, body: dict) -> socket.socket:
+    """A request sent on a raw socket whose answer is never read: closing the socket is a client leaving."""
+    data = json.dumps(body).encode()
+    host = server.url.removeprefix("http://")
+    name, port = host.rsplit(":", 1)
+    sock = socket.create_connection((name, int(port)))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
 
 
 @pytest.fixture(scope="session")

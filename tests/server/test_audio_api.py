@@ -113,16 +113,47 @@ def test_speech_formats_speed_and_pcm(server):
     assert fast.shape[-1] == pytest.approx(reference.shape[-1] / 2, rel=0.05)
 
 
-def test_speech_sse_events(server):
-    wav = speech(server, response_format="wav", **SHORT).content
-    body = {"model": MODEL, "input": "Hello there.", "voice": "alloy", "response_format": "wav",
-            "stream_format": "sse", **SHORT}
+def _streamed_speech(server, **fields) -> tuple[httpx.Headers, list[bytes]]:
+    body = {"model": MODEL, "input": "Hello there.", "voice": "alloy", **SHORT, **fields}
     with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body, timeout=120,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+        assert response.status_code == 200
+        return response.headers, list(response.iter_bytes())
+
+
+def test_speech_streamed_as_made_equals_the_library_stream(server, engine):
+    """SSE and an explicit stream_format "audio" send the speech as it is synthesised, on the streaming
+    schedule of `tts --stream`: the same samples as api.speech.speak_stream with the same seed."""
+    from minicpmo_cli.api.speech import Voice, frames_for_seconds, speak_stream
+    from minicpmo_cli.server.encode import pcm16_bytes
+
+    local = speak_stream(engine, "Hello there.", Voice(), max_frames=frames_for_seconds(CAP), seed=3)
+    expected = pcm16_bytes(np.concatenate(list(local)))
+    headers, chunks = _streamed_speech(server, response_format="pcm", stream_format="sse")
+    assert headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in b"".join(chunks).decode().splitlines() if line.startswith("data: ")]
     assert [e["type"] for e in events][-1] == "speech.audio.done" and events[-1]["usage"]["input_tokens"] > 0
-    assert b"".join(base64.b64decode(e["audio"]) for e in events[:-1]) == wav
+    assert len(events) > 2  # more than one piece: it was streamed, not sent whole
+    assert b"".join(base64.b64decode(e["audio"]) for e in events[:-1]) == expected
+    _, raw = _streamed_speech(server, response_format="pcm", stream_format="audio")
+    assert b"".join(raw) == expected
+    headers, wav = _streamed_speech(server, response_format="wav", stream_format="audio")
+    wav = b"".join(wav)
+    assert headers["content-type"] == "audio/wav" and wav[44:] == expected
+    samples, rate, _ = decode_audio(wav)
+    assert rate == 24000 and samples.shape[-1] == len(expected) // 2
+    # Formats that cannot be cut while being made arrive whole, in the SSE events all the same.
+    _, mp3 = _streamed_speech(server, response_format="mp3", stream_format="sse")
+    events = [json.loads(line[6:]) for line in b"".join(mp3).decode().splitlines() if line.startswith("data: ")]
+    assert decode_audio(b"".join(base64.b64decode(e["audio"]) for e in events[:-1]))[1] == 24000
+
+
+def test_speech_input_over_4096_characters_is_400(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        speech(server, input="word " * 1000)  # 5000 characters
+    assert caught.value.status_code == 400 and "4096" in caught.value.message
 
 
 def library_wav(engine, voice):

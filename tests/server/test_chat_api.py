@@ -193,5 +193,13 @@ def test_spoken_answer_is_a_wav_with_its_transcript(server, engine):
              if c.choices and c.choices[0].delta.audio is not None]
     assert "".join(a.get("transcript", "") for a in audio) == text
     pcm = b"".join(base64.b64decode(a["data"]) for a in audio if "data" in a)
-    assert np.array_equal(np.frombuffer(pcm, "<i2"), expected)
+    # Streamed speech is made on the streaming schedule (as `tts --stream`): the library's streamed twin.
+    from minicpmo_cli.api.chat import reply_with_speaker
+    from minicpmo_cli.api.speech import stream_answer_speech
+
+    spoken, spk = reply_with_speaker(engine, conversation, DecodeOptions(sampling=True, top_k=1, temperature=1.0,
+                                                                         max_new_tokens=4, seed=7))
+    streamed = np.concatenate(list(stream_answer_speech(engine, spk, spoken)))
+    assert spoken == text and len(streamed) == len(expected)
+    assert np.array_equal(np.frombuffer(pcm, "<i2"), np.rint(np.clip(streamed, -1, 1) * 32767).astype(np.int16))
     assert len({a["id"] for a in audio}) == 1 and "expires_at" in audio[-1]

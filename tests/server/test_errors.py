@@ -79,7 +79,8 @@ def test_upload_over_the_limit_is_413(server):
 
 
 def test_503_while_the_model_loads(tiny_ckpt):
-    """The app before its model is ready: /health and every model route say 503 (in process, no lifespan)."""
+    """The app before its model is ready: /health says alive but loading; /v1/models (readiness) and every
+    model route say 503 (in process, no lifespan)."""
     from fastapi.testclient import TestClient
 
     from minicpmo_cli.api.engine import LoadOptions
@@ -89,7 +90,9 @@ def test_503_while_the_model_loads(tiny_ckpt):
     state = ServerState(Settings(load=LoadOptions(model=str(tiny_ckpt)), model_id=MODEL))
     client = TestClient(create_app(state), base_url="http://localhost")  # not entered: the lifespan (which loads) does not run
     health = client.get("/health")
-    assert health.status_code == 503 and body_error(health)["code"] == "loading"
+    assert health.status_code == 200 and health.json()["status"] == "loading"
+    models = client.get("/v1/models")
+    assert models.status_code == 503 and body_error(models)["code"] == "loading"
     chat = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert chat.status_code == 503 and body_error(chat)["code"] == "loading"
     state.load_error = "no such checkpoint"
@@ -97,28 +100,33 @@ def test_503_while_the_model_loads(tiny_ckpt):
     state.worker.stop()
 
 
-def test_full_queue_is_503():
-    """The worker refuses work beyond --max-queue at once instead of letting latency pile up."""
+def test_full_pool_is_429_with_retry_after():
+    """The pool refuses work beyond its threads plus --max-queue at once (429 + Retry-After), instead of
+    letting latency pile up; the refused request costs nothing and the others finish."""
     import asyncio
 
     from minicpmo_cli.server.errors import APIError
-    from minicpmo_cli.server.worker import Worker
+    from minicpmo_cli.server.worker import Pool
 
     release = threading.Event()
-    worker = Worker(lambda: "engine", max_queue=1)
+    pool = Pool(lambda: "engine", size=1, max_waiting=1)
 
     async def scenario():
-        first = asyncio.ensure_future(worker.run(lambda engine, cancel: release.wait(5) and engine))
-        await asyncio.sleep(0.2)  # the first job is running: the queue is empty again
-        second = asyncio.ensure_future(worker.run(lambda engine, cancel: engine))
-        await asyncio.sleep(0.05)
+        first = asyncio.ensure_future(pool.run(lambda engine, cancel: release.wait(5) and engine))
+        while pool.running < 1:  # the first job is running: the waiting line is empty again
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(pool.run(lambda engine, cancel: engine))
+        while pool.waiting < 1:
+            await asyncio.sleep(0.01)
         with pytest.raises(APIError) as caught:
-            await worker.run(lambda engine, cancel: engine)
+            await pool.run(lambda engine, cancel: engine)
         release.set()
-        return caught.value.status, await first, await second
+        return caught.value, await first, await second
 
-    assert asyncio.run(scenario()) == (503, "engine", "engine")
-    worker.stop()
+    refusal, first, second = asyncio.run(scenario())
+    assert (refusal.status, first, second) == (429, "engine", "engine")
+    assert int(refusal.headers["Retry-After"]) >= 1
+    pool.stop()
 
 
 def test_client_disconnect_cancels_generation(server):
@@ -140,9 +148,12 @@ def test_client_disconnect_cancels_generation(server):
         time.sleep(0.1)
     assert "client went away: generation stopped" in server.log_text()
 
-    with pytest.raises(openai.APITimeoutError):  # a non-streamed request whose client gives up
-        server.client(timeout=1.5).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Go on."}], max_tokens=4000, temperature=0)
+    from tests.server.conftest import metrics, post_and_hold, wait_for
+
+    held = post_and_hold(server, "/v1/chat/completions", {  # a non-streamed request whose client gives up
+        "model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 4000, "temperature": 0})
+    wait_for("it runs", lambda: metrics(server)["minicpmo:num_requests_running"] == 1)
+    held.close()
     deadline = time.monotonic() + 15
     while server.log_text().count("client went away") < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
