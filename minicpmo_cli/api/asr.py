@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 
-from minicpmo_cli.api.asr_pipeline import Stages, staged_groups
+from minicpmo_cli.api.asr_pipeline import Stages, import_decoding_modules, staged_groups
 from minicpmo_cli.api.engine import DecodeOptions, Engine, seed_call
 from minicpmo_cli.errors import InputError, UsageError
 from minicpmo_cli.generation.presets import resolve
@@ -362,25 +362,6 @@ def engine_batch_size(engine: Engine) -> int:
 SORT_WINDOW_BATCHES = 4  # pieces of up to this many batches are sorted by length before batching
 
 
-def import_decoding_modules(vad: bool = True) -> None:
-    """Import, on this thread, every module the decoding and VAD threads use, before any of them starts.
-
-    A first import on another thread while this thread is importing transformers for the model load is
-    how threads deadlock on Python's module locks (issue: a folder mixing wav and mp3 hung): PyAV is first
-    imported by the first mp3, torch by the VAD.
-    """
-    import av  # noqa: F401
-    import soundfile  # noqa: F401
-    import soxr  # noqa: F401
-
-    import minicpmo_cli.media.audio  # noqa: F401
-    import minicpmo_cli.processing.segments  # noqa: F401
-
-    if vad:
-        import torch  # noqa: F401
-
-        import minicpmo_cli.media.vad_batch  # noqa: F401
-
 
 def _loaded_once(engine: Engine | Callable[[], Engine]) -> Callable[[], Engine]:
     """``engine``, or a function that loads it the first time it is called and returns it after."""
@@ -431,56 +412,69 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     if stages.vad_device is None and isinstance(getattr(engine, "device", None), str):
         stages = replace(stages, vad_device=engine.device)  # a loaded engine: the VAD runs where it does
     model = _loaded_once(engine)
-    open_jobs: deque[_Job] = deque()
-    waiting: list[tuple[_Job, int, np.ndarray]] = []  # pieces not yet sent to the model
-    sizes: list[int] = [] if options.batch_size is None else [options.batch_size]
-    counts = [0, 0]  # pieces done, pieces known: for ``progress``
-
-    def advance(done: int = 0, found: int = 0) -> None:
-        counts[:] = counts[0] + done, counts[1] + found
-        if progress is not None:
-            progress(*counts)
-
-    def batch_size() -> int:
-        if not sizes:
-            sizes.append(engine_batch_size(model()))
-        return sizes[0]
-
-    def window() -> int:  # one batch at a time when batches are single pieces: sorting would gain nothing
-        return batch_size() * (SORT_WINDOW_BATCHES if batch_size() > 1 else 1)
-
-    def finished() -> Iterator[TranscriptRecord]:
-        if on_piece is not None:
-            for job in open_jobs:
-                _tell_pieces(job, on_piece)
-        while open_jobs and open_jobs[0].done:
-            yield _finish(open_jobs.popleft(), options, warn)
-
-    def run_waiting() -> Iterator[TranscriptRecord]:
-        pieces = sorted(waiting, key=lambda piece: len(piece[2]))  # stable: equal lengths keep input order
-        waiting.clear()
-        size = batch_size()
-        for start in range(0, len(pieces), size):
-            _run_batch(pieces[start:start + size], model, decode)
-            advance(done=min(size, len(pieces) - start))
-            yield from finished()
-
+    run = _PieceRun(model, options, decode, warn, progress, on_piece)
     for group in staged_groups(inputs, lambda item: _start_job(item, options),
                                lambda found, vad: _segment_group(found, options, vad), stages,
                                prepare=lambda: import_decoding_modules(options.vad)):
         probes = [(job, samples) for job, samples in group if job.spans] if options.detects_language else []
         if probes:
-            _detect_languages(probes, model, options, decode, batch_size)
+            _detect_languages(probes, model, options, decode, run.batch_size)
         for job, samples in group:  # as one input at a time: a sort window fills from the inputs in order
-            open_jobs.append(job)
-            waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans) if job.texts[i] is None)
-            advance(found=len(job.spans))
-            if waiting and len(waiting) >= window():
-                yield from run_waiting()
-            yield from finished()
-    while waiting:
-        yield from run_waiting()
-    yield from finished()
+            run.open_jobs.append(job)
+            run.waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans)
+                               if job.texts[i] is None)
+            run.advance(found=len(job.spans))
+            if run.waiting and len(run.waiting) >= run.window():
+                yield from run.run_waiting()
+            yield from run.finished()
+    while run.waiting:
+        yield from run.run_waiting()
+    yield from run.finished()
+
+
+class _PieceRun:
+    """The pieces of a transcribe_many run between the VAD and the records: the inputs still open (in input
+    order), the pieces not yet sent to the model, the batch size (found once the model is loaded) and the
+    progress counts."""
+
+    def __init__(self, model: Callable[[], Engine], options: AsrOptions, decode: DecodeOptions,
+                 warn: Callable[[str], None] | None, progress: Callable[[int, int], None] | None,
+                 on_piece: Callable[[str, str], None] | None) -> None:
+        self.model, self.options, self.decode = model, options, decode
+        self.warn, self.progress, self.on_piece = warn, progress, on_piece
+        self.open_jobs: deque[_Job] = deque()
+        self.waiting: list[tuple[_Job, int, np.ndarray]] = []  # pieces not yet sent to the model
+        self.sizes: list[int] = [] if options.batch_size is None else [options.batch_size]
+        self.counts = [0, 0]  # pieces done, pieces known: for ``progress``
+
+    def advance(self, done: int = 0, found: int = 0) -> None:
+        self.counts[:] = self.counts[0] + done, self.counts[1] + found
+        if self.progress is not None:
+            self.progress(*self.counts)
+
+    def batch_size(self) -> int:
+        if not self.sizes:
+            self.sizes.append(engine_batch_size(self.model()))
+        return self.sizes[0]
+
+    def window(self) -> int:  # one batch at a time when batches are single pieces: sorting would gain nothing
+        return self.batch_size() * (SORT_WINDOW_BATCHES if self.batch_size() > 1 else 1)
+
+    def finished(self) -> Iterator[TranscriptRecord]:
+        if self.on_piece is not None:
+            for job in self.open_jobs:
+                _tell_pieces(job, self.on_piece)
+        while self.open_jobs and self.open_jobs[0].done:
+            yield _finish(self.open_jobs.popleft(), self.options, self.warn)
+
+    def run_waiting(self) -> Iterator[TranscriptRecord]:
+        pieces = sorted(self.waiting, key=lambda piece: len(piece[2]))  # stable: equal lengths keep input order
+        self.waiting.clear()
+        size = self.batch_size()
+        for start in range(0, len(pieces), size):
+            _run_batch(pieces[start:start + size], self.model, self.decode)
+            self.advance(done=min(size, len(pieces) - start))
+            yield from self.finished()
 
 
 def transcribe(engine: Engine, audio: AudioSource, options: AsrOptions = AsrOptions(),

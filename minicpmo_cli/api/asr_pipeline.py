@@ -156,3 +156,22 @@ def _make_vad(stages: Stages):
     from minicpmo_cli.media.vad_batch import BatchVAD
 
     return BatchVAD(vad_device(stages.vad_device))
+
+def import_decoding_modules(vad: bool = True) -> None:
+    """Import, on this thread, every module the decoding and VAD threads use, before any of them starts.
+
+    A first import on another thread while this thread is importing transformers for the model load is
+    how threads deadlock on Python's module locks (issue: a folder mixing wav and mp3 hung): PyAV is first
+    imported by the first mp3, torch by the VAD.
+    """
+    import av  # noqa: F401
+    import soundfile  # noqa: F401
+    import soxr  # noqa: F401
+
+    import minicpmo_cli.media.audio  # noqa: F401
+    import minicpmo_cli.processing.segments  # noqa: F401
+
+    if vad:
+        import torch  # noqa: F401
+
+        import minicpmo_cli.media.vad_batch  # noqa: F401

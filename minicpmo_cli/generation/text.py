@@ -171,14 +171,21 @@ def generate(
                                                 capture_prompt_hidden=want_speech, engine=engine, seed=seed)
     usage.completion_tokens = generated_count(sequences, terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
+    spk_embeds = spk_embeds_from_hidden(prompt_hidden, data.get("spk_bounds")) if want_speech else None
+    speech = (model, output_audio_path, tts_runner) if generate_audio else None
+    return _answer(texts, spk_embeds, speech, as_dict=return_dict or return_spk_embed)
+
+
+def _answer(texts: list[str], spk_embeds, speech: tuple | None, as_dict: bool):
+    """generate()'s result: the text (a list for a batch), spoken when ``speech`` = (model, output path, TTS
+    runner) is given and there is one row; an OmniOutput when ``as_dict``."""
     batched = len(texts) > 1
-    answer, spk_embeds, wav, rate = texts if batched else texts[0], None, None, None
-    if want_speech:
-        spk_embeds = spk_embeds_from_hidden(prompt_hidden, data.get("spk_bounds"))
-    if generate_audio and not batched:
+    answer, wav, rate = texts if batched else texts[0], None, None
+    if speech is not None and not batched:
+        model, output_audio_path, tts_runner = speech
         wav, rate = synthesize(model, spk_embeds, answer, output_audio_path, runner=tts_runner)
     answer = [t.replace(TTS_EOS, "") for t in answer] if batched else answer.replace(TTS_EOS, "")
-    if return_dict or return_spk_embed:
+    if as_dict:
         return OmniOutput(text=answer, spk_embeds=spk_embeds, audio_wav=wav, sampling_rate=rate)
     return answer
 
