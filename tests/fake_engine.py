@@ -150,7 +150,7 @@ class FakeEngine:
 
     def generate(self, msgs, settings, *, stream=False, use_tts_template=False, generate_audio=False,
                  omni_input=False, max_slice_nums=None, use_image_id=None, return_spk_embed=False,
-                 usage=None) -> Any:
+                 usage=None, cancel=None) -> Any:
         from minicpmo_cli.api.engine import as_settings
 
         settings = as_settings(settings)  # as the real engine: a plain DecodeOptions gets the guide's defaults

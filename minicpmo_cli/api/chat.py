@@ -163,10 +163,11 @@ def reply_with_speech(engine: Engine, conversation: Conversation, decode: Decode
     return result.text, result.audio_wav, result.sampling_rate
 
 
-def reply_with_speaker(engine: Engine, conversation: Conversation, decode: DecodeOptions, usage: Any = None):
+def reply_with_speaker(engine: Engine, conversation: Conversation, decode: DecodeOptions, usage: Any = None,
+                       cancel: Any = None):
     """The written half of a spoken answer: (answer text, the prompt's speaker state ``[n, D]``), the same text
     :func:`reply_with_speech` speaks; api.speech ``speak_answer`` / ``stream_answer_speech`` then speak it
-    (whole, or as it is synthesised)."""
+    (whole, or as it is synthesised). ``cancel``: an Event that stops the decode when set."""
     from minicpmo_cli.processing.limits import check_prompt_fits
 
     msgs = conversation.messages(spoken=True)
@@ -174,7 +175,7 @@ def reply_with_speaker(engine: Engine, conversation: Conversation, decode: Decod
     if not engine.has_tts:
         engine.enable_tts()
     result = engine.generate(msgs, chat_settings(conversation, decode), use_tts_template=True,
-                             return_spk_embed=True, usage=usage, **_video_settings(conversation))
+                             return_spk_embed=True, usage=usage, cancel=cancel, **_video_settings(conversation))
     return str(result.text or ""), result.spk_embeds
 
 

@@ -74,14 +74,15 @@ class Engine:
     def generate(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = False,
                  use_tts_template: bool = False, generate_audio: bool = False, omni_input: bool = False,
                  max_slice_nums: int | None = None, use_image_id: bool | None = None,
-                 return_spk_embed: bool = False, usage: Any = None) -> Any:
+                 return_spk_embed: bool = False, usage: Any = None, cancel: Any = None) -> Any:
         """Messages -> the model's answer (str), an iterator of text pieces, or a dict result with audio.
 
         ``settings``: the call's resolved settings (generation/presets.py resolve); its seed, if any, gives
         each answer row a private generator (the same answer alone or next to other requests on the engine)
         and seeds the global generators right before this call (what the speech draws from). A DecodeOptions
         is resolved with the guide's generate() defaults (the "guide" preset). ``usage``: a generation.text.Usage this call's token counts
-        are written to (the server's usage numbers; nothing is attached to the shared model).
+        are written to (the server's usage numbers; nothing is attached to the shared model). ``cancel``: a
+        threading.Event whose setting stops the decode (a server request whose client left).
         """
         import torch
 
@@ -98,7 +99,7 @@ class Engine:
                 self.model, **inputs, processor=self.processor, stream=stream, use_tts_template=use_tts_template,
                 generate_audio=generate_audio, return_dict=generate_audio, return_spk_embed=return_spk_embed,
                 engine=self.llm_engine, tts_runner=self.tts_runner, seed=settings.seed, decode=settings.decode,
-                usage=usage,
+                usage=usage, cancel=cancel,
             )
 
     def text_pieces(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = True,

@@ -36,11 +36,13 @@ class Engine(Protocol):
 
     def generate(self, msgs: list[dict], settings: Any, *, stream: bool = False, use_tts_template: bool = False,
                  generate_audio: bool = False, omni_input: bool = False, max_slice_nums: int | None = None,
-                 use_image_id: bool | None = None, return_spk_embed: bool = False, usage: Any = None) -> Any:
+                 use_image_id: bool | None = None, return_spk_embed: bool = False, usage: Any = None,
+                 cancel: Any = None) -> Any:
         """Messages -> the answer: a str, an iterator of text pieces (``stream``), or a result with ``text``
         and ``audio_wav`` / ``sampling_rate`` (``generate_audio``) or ``spk_embeds`` (``return_spk_embed``).
         ``settings``: the call's resolved TaskSettings (generation/presets.py), seed included; ``usage``: a
-        generation.text.Usage to fill with the call's token counts."""
+        generation.text.Usage to fill with the call's token counts; ``cancel``: an Event that stops the
+        decode when set (None: runs to the end)."""
 
     def text_pieces(self, msgs: list[dict], settings: Any, *, stream: bool = True, **kwargs: Any) -> Iterator[str]:
         """The answer as text pieces (streamed when sampling, one piece with beam search)."""

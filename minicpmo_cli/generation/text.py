@@ -137,6 +137,7 @@ def generate(
     seed: int | None = None,
     decode: DecodeSettings | None = None,
     usage: Usage | None = None,
+    cancel: Event | None = None,
     **kwargs: Any,
 ):
     """``MiniCPMO.generate(**processor_outputs, processor=..., ...)``: answer text (list for a batch).
@@ -149,7 +150,8 @@ def generate(
     requests); None: torch's global generator, as the reference.
     Decoding: the guide's keywords (``sampling`` True, ``max_new_tokens`` 2048, ``top_p``, ...), or
     ``decode``: settings resolved already (generation/presets.py), then without those keywords.
-    ``usage``: a :class:`Usage` to fill with this call's prompt and completion token counts.
+    ``usage``: a :class:`Usage` to fill with this call's prompt and completion token counts. ``cancel``: set
+    from another thread (a server request whose client left), the decode stops with what it has.
     """
     if input_ids is None:
         raise UsageError("generate() needs the processor outputs (input_ids, ...)")
@@ -168,10 +170,14 @@ def generate(
     if stream:
         return _stream_text(model, embeds, tokenizer, decode, engine, usage, seed)
     sequences, prompt_hidden = run_llm_generate(model, embeds, mask, tokenizer, decode,
-                                                capture_prompt_hidden=want_speech, engine=engine, seed=seed)
+                                                capture_prompt_hidden=want_speech, engine=engine, seed=seed,
+                                                cancel=cancel)
     usage.completion_tokens = generated_count(sequences, terminator_ids(tokenizer))
     texts = decode_text(sequences, tokenizer)
-    spk_embeds = spk_embeds_from_hidden(prompt_hidden, data.get("spk_bounds")) if want_speech else None
+    # No prompt pass to read the speaker from when a cancel came before the prompt was prefilled.
+    cancelled_early = prompt_hidden is None and cancel is not None and cancel.is_set()
+    spk_embeds = (spk_embeds_from_hidden(prompt_hidden, data.get("spk_bounds"))
+                  if want_speech and not cancelled_early else None)
     speech = (model, output_audio_path, tts_runner) if generate_audio else None
     return _answer(texts, spk_embeds, speech, as_dict=return_dict or return_spk_embed)
 
@@ -219,7 +225,7 @@ def _prepare_inputs(input_ids, attention_mask, tokenizer, kwargs: dict, tts_temp
 
 def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeSettings,
                      capture_prompt_hidden: bool = False, streamer=None, stop_event: Event | None = None,
-                     engine=None, seed: int | None = None):
+                     engine=None, seed: int | None = None, cancel: Event | None = None):
     """Decode on the merged embeddings; returns (new token ids [B, T] padded with 0, prompt final hidden or None).
 
     ``settings``: resolved decoding settings; the stop ids are the tokenizer's chat terminators.
@@ -246,7 +252,7 @@ def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeS
             return stop_event is not None and stop_event.is_set()
 
     rows = generate_ids(model.llm, embeds, attention_mask, decode, on_token=on_token, engine=engine, seed=seed,
-                        on_prefill=captured.append if capture_prompt_hidden else None)
+                        on_prefill=captured.append if capture_prompt_hidden else None, cancel=cancel)
     if streamer is not None:
         streamer.end()
     width = max((len(row) for row in rows), default=0)

@@ -90,10 +90,12 @@ def text_answer(conversation: Conversation, decode: DecodeOptions, stops: list[s
     return run
 
 
-def _written_half(engine: Any, conversation: Conversation, decode: DecodeOptions, stops: list[str], timer: Any):
-    """(text cut at the stops, speaker state, usage dict, finish_reason, Usage) of a spoken answer."""
+def _written_half(engine: Any, conversation: Conversation, decode: DecodeOptions, stops: list[str], timer: Any,
+                  cancel=None):
+    """(text cut at the stops, speaker state, usage dict, finish_reason, Usage) of a spoken answer; its decode
+    stops when ``cancel`` is set (the client left)."""
     counts = Usage()
-    text, spk = reply_with_speaker(engine, conversation, decode, usage=counts)
+    text, spk = reply_with_speaker(engine, conversation, decode, usage=counts, cancel=cancel)
     if counts.completion_tokens:
         timer.first_token()  # the text is known only whole (its speaker state comes from the same pass)
     stop_filter = StopFilter(stops)
@@ -111,7 +113,9 @@ def spoken_answer(conversation: Conversation, decode: DecodeOptions, stops: list
     def run(engine: Any, cancel) -> tuple:
         counts, finish = Usage(), "abort"
         try:
-            text, spk, used, finish, counts = _written_half(engine, conversation, decode, stops, timer)
+            text, spk, used, finish, counts = _written_half(engine, conversation, decode, stops, timer, cancel)
+            if cancel.is_set():
+                return "", None, OUTPUT_SAMPLE_RATE, used, "abort"
             wav = speak_answer(engine, spk, text, cancel=cancel)
             timer.first_audio()
             return text, wav, OUTPUT_SAMPLE_RATE, used, finish
@@ -129,7 +133,10 @@ def spoken_stream(conversation: Conversation, decode: DecodeOptions, stops: list
     def run(engine: Any, cancel) -> Iterator[tuple]:
         counts, finish = Usage(), "abort"
         try:
-            text, spk, used, finish_then, counts = _written_half(engine, conversation, decode, stops, timer)
+            text, spk, used, finish_then, counts = _written_half(engine, conversation, decode, stops, timer,
+                                                                 cancel)
+            if cancel.is_set():
+                return
             yield ("text", text)
             with closing(stream_answer_speech(engine, spk, text)) as pieces:
                 for piece in pieces:

@@ -61,7 +61,7 @@ def test_a_request_joins_while_others_stream(server):
 def test_clients_that_leave_stop_their_work(server):
     """Text streams, a spoken answer streamed as it is synthesised and a whole-file speech request (minutes
     of work: 40 sentences of up to 30 s each) all stop when their clients leave: the running count falls
-    to zero long before the answers could be done, and each is counted as aborted."""
+    to zero long before the answers could be done, and each that was still running is counted as aborted."""
     before = metrics(server)
     streams = [open_stream(server, index, max_tokens=4000) for index in range(3)]
     for stream in streams:
@@ -76,7 +76,10 @@ def test_clients_that_leave_stop_their_work(server):
     while not any(c.choices and c.choices[0].delta.audio and c.choices[0].delta.audio.data for c in [
             next(spoken_chunks)]):
         pass  # up to the first piece of speech
-    wait_for("five requests running", lambda: metrics(server)["minicpmo:num_requests_running"] == 5)
+    # The spoken answer's job may already have made all its (short) speech into the outbox by now: it is not
+    # waited for; the text streams and the whole-file speech are minutes of work and must all be running.
+    wait_for("the four long requests running",
+             lambda: metrics(server)["minicpmo:num_requests_running"] >= 4)
     for stream in streams:
         stream.close()
     speech.close()
@@ -84,8 +87,8 @@ def test_clients_that_leave_stop_their_work(server):
     wait_for("every request stopped", lambda: metrics(server)["minicpmo:num_requests_running"] == 0)
     after = metrics(server)
     name = "minicpmo:request_success_total{finished_reason=abort}"
-    assert after.get(name, 0) - before.get(name, 0) == 5
-    assert server.log_text().count("client went away") >= 5
+    assert after.get(name, 0) - before.get(name, 0) >= 4
+    assert server.log_text().count("client went away") >= 4
 
 
 def test_metrics_after_real_requests(server):
