@@ -393,7 +393,8 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
                     warn: Callable[[str], None] | None = None,
                     progress: Callable[[int, int], None] | None = None,
                     stages: Stages = Stages(),
-                    on_piece: Callable[[str, str], None] | None = None) -> Iterator[TranscriptRecord]:
+                    on_piece: Callable[[str, str], None] | None = None,
+                    cancel: Any = None) -> Iterator[TranscriptRecord]:
     """One record per input, in input order, each yielded as soon as it (and those before it) is done.
 
     Inputs are decoded in threads ahead of the model and segmented by the VAD many files at a time
@@ -405,14 +406,15 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     files, or a rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
     found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
     ``on_piece(path, text)`` is called with each piece's text as soon as it and the pieces before it in its
-    input are done (streamed transcriptions).
+    input are done (streamed transcriptions). ``cancel``: an Event; once it is set (a server request whose
+    client left) no further batch goes to the model and :class:`TranscriptionCancelled` is raised.
     """
     options.validate()
     resolve(ASR_TASK, decode)  # contradictory decoding options fail before any audio is decoded
     if stages.vad_device is None and isinstance(getattr(engine, "device", None), str):
         stages = replace(stages, vad_device=engine.device)  # a loaded engine: the VAD runs where it does
     model = _loaded_once(engine)
-    run = _PieceRun(model, options, decode, warn, progress, on_piece)
+    run = _PieceRun(model, options, decode, warn, progress, on_piece, cancel)
     for group in staged_groups(inputs, lambda item: _start_job(item, options),
                                lambda found, vad: _segment_group(found, options, vad), stages,
                                prepare=lambda: import_decoding_modules(options.vad)):
@@ -439,9 +441,9 @@ class _PieceRun:
 
     def __init__(self, model: Callable[[], Engine], options: AsrOptions, decode: DecodeOptions,
                  warn: Callable[[str], None] | None, progress: Callable[[int, int], None] | None,
-                 on_piece: Callable[[str, str], None] | None) -> None:
+                 on_piece: Callable[[str, str], None] | None, cancel: Any = None) -> None:
         self.model, self.options, self.decode = model, options, decode
-        self.warn, self.progress, self.on_piece = warn, progress, on_piece
+        self.warn, self.progress, self.on_piece, self.cancel = warn, progress, on_piece, cancel
         self.open_jobs: deque[_Job] = deque()
         self.waiting: list[tuple[_Job, int, np.ndarray]] = []  # pieces not yet sent to the model
         self.sizes: list[int] = [] if options.batch_size is None else [options.batch_size]
@@ -472,19 +474,26 @@ class _PieceRun:
         self.waiting.clear()
         size = self.batch_size()
         for start in range(0, len(pieces), size):
+            if self.cancel is not None and self.cancel.is_set():
+                raise TranscriptionCancelled("the transcription was cancelled")
             _run_batch(pieces[start:start + size], self.model, self.decode)
             self.advance(done=min(size, len(pieces) - start))
             yield from self.finished()
 
 
+class TranscriptionCancelled(Exception):
+    """The caller set the transcription's cancel event: what was left of it was not sent to the model."""
+
+
 def transcribe(engine: Engine, audio: AudioSource, options: AsrOptions = AsrOptions(),
-               decode: DecodeOptions = DecodeOptions(), path: str | None = None) -> TranscriptRecord:
+               decode: DecodeOptions = DecodeOptions(), path: str | None = None,
+               cancel: Any = None) -> TranscriptRecord:
     """One audio (a file path, the bytes of a file, or 16 kHz mono samples) -> its record.
 
     Raises InputError when the audio cannot be read (``transcribe_many`` reports it in the record instead).
     """
     name = path or (audio if isinstance(audio, str) else "-")
-    record = next(transcribe_many(engine, [AudioInput(name, audio)], options, decode))
+    record = next(transcribe_many(engine, [AudioInput(name, audio)], options, decode, cancel=cancel))
     if record.error is not None:
         raise InputError(record.error, input_name(name))
     return record

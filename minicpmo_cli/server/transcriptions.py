@@ -81,13 +81,13 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
     decode = generation.with_default_seed(decode, state.settings.seed)
     if stream:
         def events(engine, cancel):  # a generator function: the worker hands on what it yields
-            yield from transcription_events(engine, data, options, decode, name)
+            yield from transcription_events(engine, data, options, decode, name, cancel)
 
         return StreamingResponse(_sse(state.worker.stream(events)), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
     def job(engine, cancel):
-        return transcribe(engine, data, options, decode, path=name)
+        return transcribe(engine, data, options, decode, path=name, cancel=cancel)
 
     record = await state.worker.run(job, disconnected=request.is_disconnected)
     return _record_response(record, response_format, task_name)
@@ -96,7 +96,7 @@ async def _transcribe(request: Request, file: UploadFile, model: str, options, d
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def transcription_events(engine, data: bytes, options, decode, name: str):
+def transcription_events(engine, data: bytes, options, decode, name: str, cancel=None):
     """OpenAI's streamed transcription events: ``transcript.text.delta`` as each piece is done (in order), then
     ``transcript.text.done`` with the whole text (the deltas joined). Runs on the server's worker thread; the
     transcription itself runs on a thread of its own so that pieces can be handed on while it goes."""
@@ -113,7 +113,7 @@ def transcription_events(engine, data: bytes, options, decode, name: str):
     def run() -> None:
         try:
             records = transcribe_many(engine, [AudioInput(name, data)], options, decode,
-                                      on_piece=lambda path, text: pieces.put(text))
+                                      on_piece=lambda path, text: pieces.put(text), cancel=cancel)
             pieces.put(next(records))
         except BaseException as exc:  # noqa: BLE001 - raised on the worker thread below
             pieces.put(exc)

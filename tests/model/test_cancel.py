@@ -13,7 +13,7 @@ import pytest
 def engine(tiny_ckpt):
     from minicpmo_cli.api.engine import LoadOptions, load
 
-    return load(LoadOptions(model=str(tiny_ckpt), device="cpu"), vision=False, audio=False, tts=True)
+    return load(LoadOptions(model=str(tiny_ckpt), device="cpu"), vision=False, audio=True, tts=True)
 
 
 def _long_answer_options():
@@ -43,3 +43,18 @@ def test_the_written_half_of_a_spoken_answer_stops_when_cancelled(engine):
     text, speaker = reply_with_speaker(engine, _question(), _long_answer_options(), usage=cut, cancel=cancel)
     assert cut.completion_tokens < 96 and len(text) < 96
     assert speaker is None  # cancelled before its prompt was prefilled: no speaker state to read
+
+
+def test_a_cancelled_transcription_sends_nothing_more_to_the_model(engine):
+    import numpy as np
+
+    from minicpmo_cli.api.asr import AsrOptions, TranscriptionCancelled, transcribe
+    from minicpmo_cli.api.engine import DecodeOptions
+
+    audio = (0.1 * np.random.default_rng(3).standard_normal(16000 * 3)).astype(np.float32)
+    options, decode = AsrOptions(vad=False, language="en"), DecodeOptions(max_new_tokens=4)
+    assert transcribe(engine, audio, options, decode).error is None
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(TranscriptionCancelled):
+        transcribe(engine, audio, options, decode, cancel=cancel)
