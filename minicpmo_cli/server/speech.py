@@ -53,39 +53,40 @@ async def _whole_sse(audio: bytes, usage: dict):
     yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n"
 
 
-async def _streamed_sse(first: list, rest):
-    """speech.audio.delta events as the pieces are made, then speech.audio.done with the usage."""
+async def _items(first: list, rest):
+    """The items already taken (``first``), then the rest of the job's stream; closing it stops the job."""
     try:
-        items = first
-        while True:
-            for kind, value in items:
-                if kind == "bytes":
-                    data = base64.b64encode(value).decode("ascii")
-                    yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': data})}\n\n"
-                else:
-                    yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': value})}\n\n"
-            try:
-                items = [await rest.__anext__()]
-            except StopAsyncIteration:
-                return
+        for item in first:
+            yield item
+        async for item in rest:
+            yield item
     finally:
         await rest.aclose()
+
+
+async def _streamed_sse(first: list, rest):
+    """speech.audio.delta events as the pieces are made, then speech.audio.done with the usage."""
+    items = _items(first, rest)
+    try:
+        async for kind, value in items:
+            if kind == "bytes":
+                data = base64.b64encode(value).decode("ascii")
+                yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': data})}\n\n"
+            else:
+                yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': value})}\n\n"
+    finally:
+        await items.aclose()  # at once, not when the event loop finalizes it: the job stops with its client
 
 
 async def _streamed_audio(first: list, rest):
     """The audio bytes as the pieces are made."""
+    items = _items(first, rest)
     try:
-        items = first
-        while True:
-            for kind, value in items:
-                if kind == "bytes":
-                    yield value
-            try:
-                items = [await rest.__anext__()]
-            except StopAsyncIteration:
-                return
+        async for kind, value in items:
+            if kind == "bytes":
+                yield value
     finally:
-        await rest.aclose()
+        await items.aclose()
 
 
 def _streamed_job(body: SpeechRequest, voice, frames: int, seed, timer):
