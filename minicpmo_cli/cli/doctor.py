@@ -106,9 +106,10 @@ def model_cache_status(model: str, revision: str | None) -> tuple[str, str | Non
         weights = list(snapshot.glob("*.safetensors"))
         state = "complete" if weights else "config only, weights not downloaded"
         return f"{model} in the cache at revision {commit[:12]} ({state})", (
-            None if weights else f"run any model command online to download {model}")
+            None if weights else f"minicpmo models pull {model} downloads the rest (it resumes)")
     return f"{model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})", (
-        f"it is downloaded on first use (about 16 GB), or beforehand: hf download {model}")
+        f"it is downloaded on first use (about 16 GB), or beforehand: minicpmo models pull {model} "
+        f"(or hf download {model})")
 
 
 def quantization_status(opts) -> str:

@@ -41,6 +41,7 @@ def test_doctor_recommends_hf_not_huggingface_cli(tmp_path):
     _, out, _ = probe("doctor", env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     assert "huggingface-cli" not in out
     assert "hf download openbmb/MiniCPM-o-2_6" in out
+    assert "minicpmo models pull openbmb/MiniCPM-o-2_6" in out
 
 
 def test_a_missing_local_model_path_is_not_a_hub_id(tmp_path):
