@@ -144,14 +144,11 @@ def generate(
 
     ``stream=True`` returns an iterator of text pieces (sampling only, as the reference). With
     ``generate_audio=True`` the spoken answer is synthesised (and written to ``output_audio_path``).
-    ``engine``: the LLMEngine to decode on (generation/engine.py; the api Engine's), None: a short-lived one
-    for this call; ``tts_runner``: the step runner of the TTS frame loop (None: eager). ``seed``: each answer
-    row samples from a private generator seeded with it (the same answer alone or batched with other
-    requests); None: torch's global generator, as the reference.
-    Decoding: the guide's keywords (``sampling`` True, ``max_new_tokens`` 2048, ``top_p``, ...), or
-    ``decode``: settings resolved already (generation/presets.py), then without those keywords.
-    ``usage``: a :class:`Usage` to fill with this call's prompt and completion token counts. ``cancel``: set
-    from another thread (a server request whose client left), the decode stops with what it has.
+    ``engine``: the LLMEngine to decode on (None: a short-lived one); ``tts_runner``: the TTS frame loop's
+    step runner (None: eager). ``seed``: each row samples from a private generator seeded with it (None:
+    torch's global generator, as the reference). Decoding: the guide's keywords (``sampling`` True,
+    ``max_new_tokens`` 2048, ...), or ``decode``: settings resolved already (generation/presets.py).
+    ``usage``: a :class:`Usage` for this call's token counts. ``cancel``: an Event that stops the decode.
     """
     if input_ids is None:
         raise UsageError("generate() needs the processor outputs (input_ids, ...)")
