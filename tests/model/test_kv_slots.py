@@ -11,6 +11,7 @@ import torch
 from minicpmo_cli.generation.decode import DecodeSettings, generate_ids, split_rows
 from minicpmo_cli.generation.engine import ContextTooLong, EngineFull, LLMEngine, Request
 from minicpmo_cli.generation.kv_pool import KVPool, lengths_mask, slot_bucket
+from tests.model.graph_stand_in import ReplayOnCpu
 
 MESSAGES = ["hello there, how are you?", "tell me a long story about cats and dogs", "hi",
             "what is the capital of france? answer in one word please"]
@@ -192,21 +193,6 @@ def test_pool_pieces():
     bigger = pool.grown(3, 300)
     assert (bigger.slots, bigger.capacity) == (4, 512) and bigger.generation != pool.generation
     assert torch.equal(bigger.keys[1][:2, :, :256], pool.keys[1]) and bigger.lengths[:2] == pool.lengths
-
-
-class ReplayOnCpu:
-    """A stand-in for a captured CUDA graph on the CPU: it keeps what the capture pinned (the model, the pool
-    of the key's generation) and replays with the static inputs, as a real graph replays over the memory it
-    was captured on. Replaying over a pool that was replaced would decode over stale slots."""
-
-    def __init__(self, fn, inputs, fixed, pool):
-        self.fn, self.fixed = fn, fixed
-        self.inputs = tuple(x.clone() for x in inputs)
-
-    def replay(self, inputs):
-        for static, value in zip(self.inputs, inputs):
-            static.copy_(value)
-        return self.fn(*self.inputs, *self.fixed).clone()
 
 
 def test_graph_runner_keys_follow_the_pool_and_growth_never_replays_old_buffers(model, rows, monkeypatch):

@@ -265,15 +265,7 @@ def test_graph_runner_reuses_an_utterances_cache_and_graph_for_the_next(golden_t
     captured over it is replayed, not captured again; the codes are eager's (a CPU stand-in replays)."""
     from minicpmo_cli.generation import step_runner
 
-    class ReplayOnCpu:
-        def __init__(self, fn, inputs, fixed, pool):
-            self.fn, self.fixed = fn, fixed
-            self.inputs = tuple(x.clone() for x in inputs)
-
-        def replay(self, inputs):
-            for static, value in zip(self.inputs, inputs):
-                static.copy_(value)
-            return self.fn(*self.inputs, *self.fixed).clone()
+    from tests.model.graph_stand_in import ReplayOnCpu
 
     monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
     monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)

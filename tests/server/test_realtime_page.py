@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 
 import numpy as np
 import pytest
 
 from tests.server.conftest import API_KEY, MODEL
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
+from tests.server.browser_support import chromium
+from tests.server.browser_support import wait_for as page_wait_for
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +34,13 @@ def question_wav(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live_browser(question_wav):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if CHROMIUM is None or DRIVER is None:
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="minicpmo-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
-                 "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={question_wav}%noloop",
-                 f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    with chromium("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                  f"--use-file-for-fake-audio-capture={question_wav}%noloop") as driver:
+        yield driver
 
 
 def wait_for(driver, script: str, timeout: float = 300):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: d.execute_script(script))
+    return page_wait_for(driver, script, timeout, poll=0.2)
 
 
 def test_live_mode_answers_a_spoken_question(server, live_browser):
