@@ -150,6 +150,9 @@ def _wait_all(handles, cancel: Event | None) -> list[list[int]]:
                 handle._done.wait(0.05)
             else:
                 handle.engine.step()
+    failed = next((handle.error for handle in handles if handle.error is not None), None)
+    if failed is not None:
+        raise failed  # as handle.result() raises it: a cancellable call must not hide an engine failure
     return [list(handle.ids) for handle in handles]
 
 

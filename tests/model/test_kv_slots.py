@@ -241,3 +241,23 @@ def test_cli_refuses_an_answer_beyond_the_context_in_one_line(tiny_ckpt):
     assert result.code == 2 and len(lines) == 1 and "Traceback" not in result.stderr
     # The prompt-size check (processing/limits.py) says it before the engine's own refusal would
     assert "--max-new-tokens is 40000" in lines[0] and "context holds 4096 tokens" in lines[0]
+
+
+def test_a_cancellable_call_raises_an_engine_failure(model, rows):
+    """generate_ids with a cancel event (the server's calls) reports a failed step as result() does, instead of
+    returning the ids decoded so far as if the answer had ended."""
+    import threading
+
+    llm = engine(model)
+    step, calls = llm._step, []
+
+    def failing_after_prefill():
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("the step failed")
+        return step()
+
+    llm._step = failing_after_prefill
+    settings = GREEDY.with_(stop_ids=stops(model))
+    with pytest.raises(RuntimeError, match="the step failed"):
+        generate_ids(model.llm, rows[0][None], None, settings, engine=llm, cancel=threading.Event())
