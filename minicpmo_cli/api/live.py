@@ -27,7 +27,7 @@ import numpy as np
 from minicpmo_cli.api.live_buffer import AudioBuffer
 from minicpmo_cli.api.live_items import b64_field as _b64
 from minicpmo_cli.api.live_model import UNIT_SAMPLES, LiveModel, InputResampler, pcm16_bytes, pcm16_samples
-from minicpmo_cli.api.live_respond import Response, latency_summary
+from minicpmo_cli.api.live_respond import Response, answer_tokens, latency_summary
 from minicpmo_cli.api.live_session_config import LiveError, SessionConfig
 from minicpmo_cli.units import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 
@@ -71,7 +71,7 @@ class LiveSession:
         self.run_model, self._send, self.resolve_voice = run_model, send, resolve_voice
         self.id = new_id("sess")
         self.config = SessionConfig(model=model, seed=seed)
-        self.model = LiveModel()
+        self.model = LiveModel(answer_tokens=answer_tokens(self.config))
         self.buffer = AudioBuffer()
         self.resampler = InputResampler()
         self._make_vad = make_vad
@@ -126,7 +126,9 @@ class LiveSession:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed job is reported to the client, the session goes on
                 logger.warning("live job failed: %s", exc, exc_info=not hasattr(exc, "message"))
-                await self.error(getattr(exc, "message", None) or str(exc), code="model_error", kind="server_error")
+                await self.error(getattr(exc, "message", None) or str(exc),
+                                 code=getattr(exc, "event_code", "model_error"),
+                                 kind=getattr(exc, "event_kind", "server_error"))
                 if not future.done():
                     future.set_exception(exc)
                 continue
@@ -173,6 +175,8 @@ class LiveSession:
             self.model.ref_audio = self.resolve_voice(updated.voice)
             self.model.instructions = updated.instructions
         self.config = updated
+        self.model.truncation = updated.truncation
+        self.model.answer_tokens = answer_tokens(updated)
         await self._configure_vad()
         await self.send({"type": "session.updated", "session": self.config.to_json(self.id)})
 
@@ -232,12 +236,13 @@ class LiveSession:
         end = self.buffer.end if until is None else until
         while end - turn.next_unit >= UNIT_SAMPLES or (until is not None and end > turn.next_unit):
             stop = min(end, turn.next_unit + UNIT_SAMPLES)
-            self._prefill_unit(self.buffer.slice(turn.next_unit, stop), turn.prefill_ms)
+            self._prefill_unit(self.buffer.slice(turn.next_unit, stop), turn.prefill_ms, turn.item_id)
             turn.next_unit = stop
 
-    def _prefill_unit(self, audio: np.ndarray, costs: list[float]) -> asyncio.Future:
+    def _prefill_unit(self, audio: np.ndarray, costs: list[float], item_id: str) -> asyncio.Future:
         frame, self.frame = self.frame, None
-        return self.enqueue(lambda engine, cancel: costs.append(self.model.prefill_unit(engine, audio, frame)))
+        return self.enqueue(lambda engine, cancel: costs.append(self.model.prefill_unit(engine, audio, frame,
+                                                                                        item_id=item_id)))
 
     async def _speech_stopped(self, sample: int) -> None:
         turn = self.turn
@@ -307,7 +312,7 @@ class LiveSession:
         if frame_only:
             self.frame = parts[-1]  # the camera: the next unit carries it
         else:
-            self._prefill_parts(parts)
+            self._prefill_parts(parts, item_id)
         content = [_echo_part(part) for part in item.get("content", [])]
         stored = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user",
                   "status": "completed", "content": content}
@@ -315,7 +320,7 @@ class LiveSession:
         await self.send({"type": "conversation.item.added", "item": stored, "previous_item_id": previous})
         await self.send({"type": "conversation.item.done", "item": stored, "previous_item_id": previous})
 
-    def _prefill_parts(self, parts: list[Any]) -> None:
+    def _prefill_parts(self, parts: list[Any], item_id: str) -> None:
         """Text and images in one prefill; audio in 1 s units (the first carries the item's image)."""
         images = [p for p in parts if not isinstance(p, (str, np.ndarray))]
         audios = [p for p in parts if isinstance(p, np.ndarray)]
@@ -324,11 +329,11 @@ class LiveSession:
             self.frame = images[-1]
         for audio in audios:
             for start in range(0, len(audio), UNIT_SAMPLES):
-                self._prefill_unit(audio[start:start + UNIT_SAMPLES], [])
+                self._prefill_unit(audio[start:start + UNIT_SAMPLES], [], item_id)
         if texts or self.frame is not None:
             frame, self.frame = self.frame, None
             content = ([frame] if frame is not None else []) + ["\n".join(texts)] if texts else [frame]
-            self.enqueue(lambda engine, cancel: self.model.prefill(engine, content))
+            self.enqueue(lambda engine, cancel: self.model.prefill(engine, content, item_id))
 
     async def _truncate(self, event: dict) -> None:
         item_id = event.get("item_id")

@@ -3,7 +3,12 @@
 Events, in OpenAI's order: ``response.created``, ``response.output_item.added``, ``conversation.item.added``,
 ``response.content_part.added``, then per generated item ``response.output_audio.delta`` (pcm16 24 kHz,
 base64) and ``response.output_audio_transcript.delta``, then the ``.done`` events and ``response.done`` with
-``usage`` and this turn's ``latency`` (an extension: see :func:`latency_summary`).
+``usage``, this turn's ``latency`` (an extension: see :func:`latency_summary`) and ``context`` (an
+extension: ``tokens`` in the model's cache after the answer, its ``max_tokens``, and ``dropped_item_ids``,
+the items the conversation forgot since the last answer because it outgrew the context). OpenAI sends no
+event when truncation drops items (they leave the model's context, not the conversation), and neither does
+this server; the dropped items are no longer kept here either (``conversation.item.truncate`` on one of them
+answers ``item_not_found``), so a session's memory stays bounded.
 """
 
 from __future__ import annotations
@@ -98,13 +103,14 @@ async def run_response(session: LiveSession, response: Response) -> None:
 
     def job(engine, cancel):
         return session.model.answer(engine, EitherEvent(cancel, response.stop), emit, decode=settings.decode,
-                                    seed=seed, speak=speak)
+                                    seed=seed, speak=speak, item_id=response.item_id)
 
     future = session.enqueue(job)
     future.add_done_callback(lambda _: response.queue.put_nowait(_DONE))
     await _stream_items(session, response, where, speak)
-    stats = None if future.cancelled() or future.exception() is not None else future.result()
-    await _finish(session, response, item, part, where, stats, failed=stats is None)
+    error = None if future.cancelled() else future.exception()
+    stats = None if future.cancelled() or error is not None else future.result()
+    await _finish(session, response, item, part, where, stats, failed=stats is None, error=error)
 
 
 async def _stream_items(session: LiveSession, response: Response, where: dict, speak: bool) -> None:
@@ -126,7 +132,7 @@ async def _stream_items(session: LiveSession, response: Response, where: dict, s
 
 
 async def _finish(session: LiveSession, response: Response, item: dict, part: dict, where: dict, stats,
-                  failed: bool) -> None:
+                  failed: bool, error: BaseException | None = None) -> None:
     speak = session.config.speak
     stopped = stats is not None and stats.cancelled
     if speak:
@@ -151,11 +157,17 @@ async def _finish(session: LiveSession, response: Response, item: dict, part: di
     if stopped:
         body["status_details"] = {"type": "cancelled", "reason": response.reason or "client_cancelled"}
     elif failed:
-        body["status_details"] = {"type": "failed", "error": {"type": "server_error", "code": "model_error"}}
+        body["status_details"] = {"type": "failed", "error": {"type": getattr(error, "event_kind", "server_error"),
+                                                              "code": getattr(error, "event_code", "model_error")}}
     if stats is not None:
         body["usage"] = {"total_tokens": stats.input_tokens + stats.output_tokens,
                          "input_tokens": stats.input_tokens, "output_tokens": stats.output_tokens,
                          "input_token_details": {"cached_tokens": 0}, "output_token_details": {}}
+        body["context"] = {"tokens": stats.context_tokens, "max_tokens": stats.context_limit,
+                           "dropped_item_ids": list(stats.dropped_item_ids)}
+        for dropped in stats.dropped_item_ids:
+            session.items.pop(dropped, None)
+            session.audio_ms.pop(dropped, None)
     vad = session.config.turn_detection
     body["latency"] = latency_summary(response, None if vad is None else vad.silence_duration_ms)
     if stats is not None:
@@ -169,6 +181,15 @@ async def _finish(session: LiveSession, response: Response, item: dict, part: di
 
 
 def _settings(session: LiveSession):
+    return _resolve(session.config)
+
+
+def _resolve(config):
     from minicpmo_cli.generation.presets import DecodeOptions, resolve
 
-    return resolve("omni-stream", DecodeOptions(max_new_tokens=session.config.max_output_tokens))
+    return resolve("omni-stream", DecodeOptions(max_new_tokens=config.max_output_tokens))
+
+
+def answer_tokens(config) -> int:
+    """The longest answer a session's config allows (the room its conversation keeps free for it)."""
+    return _resolve(config).decode.max_new_tokens

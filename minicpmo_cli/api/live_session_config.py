@@ -4,7 +4,9 @@ in ``session.created`` / ``session.updated``.
 Supported: ``instructions``, ``audio.output.voice``, ``audio.input.format`` / ``audio.output.format``
 (``audio/pcm`` at 24 kHz only), ``audio.input.turn_detection`` (``server_vad`` with ``threshold``,
 ``prefix_padding_ms``, ``silence_duration_ms``, ``interrupt_response``, ``create_response``; or null for
-manual turns), ``output_modalities`` (``["audio"]`` or ``["text"]``), ``max_output_tokens``. The beta
+manual turns), ``output_modalities`` (``["audio"]`` or ``["text"]``), ``max_output_tokens``, ``truncation``
+(``"auto"``, the default, ``"disabled"``, or ``{"type": "retention_ratio", "retention_ratio": 0.0-1.0,
+"token_limits": {"post_instructions": N}}``; see api/live_model.py for what it does). The beta
 names (top-level ``voice``, ``turn_detection``, ``input_audio_format: "pcm16"``) are read too. One
 extension: ``seed`` (an integer) makes the session's answers reproducible.
 """
@@ -19,6 +21,10 @@ from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
 
 PCM_FORMAT = {"type": "audio/pcm", "rate": OUTPUT_SAMPLE_RATE}
 MAX_OUTPUT_TOKENS = 4096
+# "auto" forgets the oldest turns until the conversation (after the system prompt) uses at most this share
+# of the positions it may use: a truncation then buys several turns before the next one (each replays the
+# kept turns through the LLM), as OpenAI's retention_ratio advises.
+AUTO_RETENTION_RATIO = 0.75
 
 
 class LiveError(Exception):
@@ -44,6 +50,21 @@ class TurnDetection:
 
 
 @dataclass(frozen=True)
+class Truncation:
+    """What happens when the conversation would outgrow the model's context (OpenAI's RealtimeTruncation)."""
+
+    kind: str = "auto"  # auto | disabled | retention_ratio
+    retention_ratio: float = AUTO_RETENTION_RATIO
+    post_instructions: int | None = None  # token_limits.post_instructions: a lower limit after the system prompt
+
+    def to_json(self) -> str | dict:
+        if self.kind != "retention_ratio":
+            return self.kind
+        limits = None if self.post_instructions is None else {"post_instructions": self.post_instructions}
+        return {"type": "retention_ratio", "retention_ratio": self.retention_ratio, "token_limits": limits}
+
+
+@dataclass(frozen=True)
 class SessionConfig:
     model: str
     instructions: str | None = None
@@ -52,6 +73,7 @@ class SessionConfig:
     speak: bool = True  # output_modalities ["audio"] (False: ["text"])
     max_output_tokens: int | None = None
     seed: int | None = None
+    truncation: Truncation = Truncation()
 
     def to_json(self, session_id: str) -> dict:
         return {
@@ -63,7 +85,7 @@ class SessionConfig:
                 "output": {"format": PCM_FORMAT, "voice": self.voice, "speed": 1.0},
             },
             "max_output_tokens": "inf" if self.max_output_tokens is None else self.max_output_tokens,
-            "tools": [], "tool_choice": "auto", "tracing": None, "truncation": "disabled",
+            "tools": [], "tool_choice": "auto", "tracing": None, "truncation": self.truncation.to_json(),
             "seed": self.seed,
         }
 
@@ -104,6 +126,8 @@ class SessionConfig:
             if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
                 raise LiveError("session.seed must be an integer or null", "invalid_value", "session.seed")
             changes["seed"] = seed
+        if "truncation" in session:
+            changes["truncation"] = _truncation(session["truncation"])
         return replace(self, **changes)
 
 
@@ -176,3 +200,22 @@ def _max_tokens(value: Any) -> int | None:
         raise LiveError(f"max_output_tokens must be 'inf' or an integer from 1 to {MAX_OUTPUT_TOKENS}",
                         "invalid_value", "session.max_output_tokens")
     return value
+
+
+def _truncation(value: Any) -> Truncation:
+    where = "session.truncation"
+    if value in ("auto", "disabled"):
+        return Truncation(kind=value)
+    if not isinstance(value, dict) or value.get("type") != "retention_ratio":
+        raise LiveError(f"{where} must be 'auto', 'disabled' or {{'type': 'retention_ratio', "
+                        f"'retention_ratio': 0.0-1.0}}, got {value!r}", "invalid_value", where)
+    ratio = value.get("retention_ratio")
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio <= 1.0:
+        raise LiveError(f"{where}.retention_ratio must be a number from 0.0 to 1.0, got {ratio!r}",
+                        "invalid_value", f"{where}.retention_ratio")
+    limits = _object(value.get("token_limits"), f"{where}.token_limits")
+    post = limits.get("post_instructions")
+    if post is not None and (not isinstance(post, int) or isinstance(post, bool) or post < 1):
+        raise LiveError(f"{where}.token_limits.post_instructions must be a positive integer, got {post!r}",
+                        "invalid_value", f"{where}.token_limits.post_instructions")
+    return Truncation(kind="retention_ratio", retention_ratio=float(ratio), post_instructions=post)

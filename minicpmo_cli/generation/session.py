@@ -54,10 +54,11 @@ import torch
 
 from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation.decode import decode_one_token
-from minicpmo_cli.generation.forward import forward
 from minicpmo_cli.generation.sampling import next_tokens
+from minicpmo_cli.generation.session_log import SessionLog, closer_rows
+from minicpmo_cli.generation.session_log import llm_step as _llm_step
 from minicpmo_cli.generation.settings import DecodeSettings
-from minicpmo_cli.generation.static_cache import StaticKV, bucket_length
+from minicpmo_cli.generation.static_cache import StaticKV
 from minicpmo_cli.processing.tts_text import TTS_EOS
 from minicpmo_cli.units import INPUT_SAMPLE_RATE, MAX_AUDIO_FRAMES, OUTPUT_SAMPLE_RATE, STREAM_TTS_CHUNK_FRAMES
 
@@ -94,8 +95,12 @@ class StreamingOutput:
 class OmniSession:
     """One streaming conversation on ``model``: turn state and caches, nothing stored on the model."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, keep_log: bool = False) -> None:
         self.model = model
+        # A live conversation keeps each call's input to forget old turns (generation/session_log.py's
+        # forget()); before_append(count, turn_start), called before a prefill, may forget or raise.
+        self.keep_log = keep_log
+        self.before_append = None
         self.reset()
 
     def reset(self) -> None:
@@ -106,6 +111,7 @@ class OmniSession:
         self.llm_generate_completed = False
         self.llm_cache: StaticKV | None = None
         self.audio_cache = None
+        self.log: SessionLog | None = SessionLog() if self.keep_log else None
 
     def prefill(self, session_id, msgs, processor=None, tokenizer=None, **kwargs: Any) -> None:
         """Append one message (see :func:`streaming_prefill`)."""
@@ -176,26 +182,6 @@ def _split_content(content) -> tuple[list[str], list, list]:
     return parts, images, audios
 
 
-# ---------------------------------------------------------------------------------------------- LLM steps
-def _llm_step(model, embeds: torch.Tensor, cache: StaticKV | None):
-    """Run the LLM over new positions appended to ``cache``; returns (final-norm hidden, cache).
-
-    Positions continue after the cache, the mask is causal over cache + new (the reference passes an
-    all-ones mask and ``position_ids=None``, which means the same for batch 1).
-    """
-    count = embeds.shape[1]
-    if cache is None:
-        cache = StaticKV.empty(model.llm.config, 1, bucket_length(count), embeds.dtype, embeds.device)
-    start = cache.length
-    cache.ensure_capacity(start + count)
-    positions = torch.arange(start, start + count, device=embeds.device).unsqueeze(0)
-    mask = None
-    if start and count > 1:  # as transformers: a bool causal mask over cache + new positions
-        keys = torch.arange(start + count, device=embeds.device)
-        mask = (keys[None, :] <= positions[0, :, None])[None, None]
-    return forward(model.llm, embeds, positions, cache, mask), cache
-
-
 # ---------------------------------------------------------------------------------------------- prefill
 def streaming_prefill(model, session_id, msgs, processor=None, tokenizer=None, **kwargs: Any) -> None:
     """Append one message to the model's default session (see :func:`_prefill`)."""
@@ -204,14 +190,16 @@ def streaming_prefill(model, session_id, msgs, processor=None, tokenizer=None, *
 
 @torch.inference_mode()
 def _prefill(model, state: OmniSession, session_id, msgs, processor=None, tokenizer=None, omni_input: bool = True,
-             max_slice_nums: int | None = None, ls_temperature: float = 1.0, **kwargs: Any) -> None:
+             max_slice_nums: int | None = None, ls_temperature: float = 1.0, log_tag: Any = None,
+             **kwargs: Any) -> None:
     """Append one message (``msgs`` holds exactly one) to the session ``session_id``.
 
     A new ``session_id`` starts a new session (the caches are reset). The first message is rendered as a
     whole turn (``<|im_start|>{role}\\n...<|im_end|>\\n``); later user messages are appended raw, the first
     of each user turn after the prefix of :func:`turn_prefix`. Images use one slice unless
     ``max_slice_nums`` says otherwise and no image ids; audio goes through the streaming encoder.
-    ``ls_temperature`` is accepted for compatibility and unused (as in the reference). Returns None.
+    ``ls_temperature`` is accepted for compatibility and unused (as in the reference). ``log_tag`` labels
+    the call in the session's log (when it keeps one). Returns None.
     """
     if session_id is None:
         raise UsageError("streaming_prefill needs a session_id")
@@ -225,8 +213,16 @@ def _prefill(model, state: OmniSession, session_id, msgs, processor=None, tokeni
     is_first = state.session_id is None or session_id != state.session_id
     parts, images, audios = _split_content(msgs[0].get("content", []))
     contents = ("" if omni_input else "\n").join(parts)
-    if not is_first and state.new_user_msg and role == "user":
-        contents = turn_prefix(state.llm_generated, state.llm_generate_completed) + contents
+    turn_start = not is_first and state.new_user_msg and role == "user"
+    prompt, closer = _render(state, tokenizer, role, contents, is_first, turn_start)
+    inputs = processor(
+        [prompt], [images], [audios], max_slice_nums=1 if max_slice_nums is None else max_slice_nums,
+        use_image_id=False, chunk_input=True, return_tensors="pt", max_length=None,
+        sampling_rate=INPUT_SAMPLE_RATE, add_special_tokens=is_first,
+    ).to(model.device)
+    if not is_first and state.before_append is not None:
+        state.before_append(int(inputs["input_ids"].shape[1]), turn_start)  # may forget old turns, or refuse
+    if turn_start:
         state.new_user_msg = False
     if role in ("system", "assistant"):
         state.new_user_msg = True
@@ -234,25 +230,45 @@ def _prefill(model, state: OmniSession, session_id, msgs, processor=None, tokeni
     if is_first:
         state.reset()
         state.session_id = session_id
-        from minicpmo_cli.processing.processor import TTS_CHAT_TEMPLATE
-
-        prompt = tokenizer.apply_chat_template([{"role": role, "content": contents}], tokenize=False,
-                                               add_generation_prompt=False, chat_template=TTS_CHAT_TEMPLATE)
-    else:
-        prompt = contents
-    inputs = processor(
-        [prompt], [images], [audios], max_slice_nums=1 if max_slice_nums is None else max_slice_nums,
-        use_image_id=False, chunk_input=True, return_tensors="pt", max_length=None,
-        sampling_rate=INPUT_SAMPLE_RATE, add_special_tokens=is_first,
-    ).to(model.device)
     embeds, _ = model.get_vllm_embedding(inputs)
     audio_embeds, state.audio_cache = model.streaming_audio_embedding(inputs, state.audio_cache)
     embeds = model.insert_audio_embeddings(inputs, embeds, audio_embeds)
     if is_first:
         # The first message's audio (a reference voice) must not become context for the user's audio.
         state.audio_cache = None
-    _, state.llm_cache = _llm_step(model, embeds, state.llm_cache)
+    _append_prefill(model, state, embeds, is_first, log_tag, closer, turn_start)
     return None
+
+
+def _render(state: OmniSession, tokenizer, role: str, contents: str, is_first: bool,
+            turn_start: bool) -> tuple[str, int]:
+    """(the prompt text of one message, its rows that close the previous answer)."""
+    if is_first:
+        from minicpmo_cli.processing.processor import TTS_CHAT_TEMPLATE
+
+        return tokenizer.apply_chat_template([{"role": role, "content": contents}], tokenize=False,
+                                             add_generation_prompt=False, chat_template=TTS_CHAT_TEMPLATE), 0
+    if not turn_start:
+        return contents, 0
+    prefix = turn_prefix(state.llm_generated, state.llm_generate_completed)
+    return prefix + contents, closer_rows(prefix, tokenizer)
+
+
+def _append_prefill(model, state: OmniSession, embeds: torch.Tensor, is_first: bool, tag: Any, closer: int,
+                    turn_start: bool) -> None:
+    """Run the LLM over a prefill's rows and log them (right after the system prompt without the closing rows
+    of a forgotten answer)."""
+    log = state.log
+    if log is not None and closer and not log.entries and state.llm_cache.length == log.system_end:
+        embeds, closer = embeds[:, closer:], 0
+    start = 0 if state.llm_cache is None else state.llm_cache.length
+    _, state.llm_cache = _llm_step(model, embeds, state.llm_cache)
+    if log is None:
+        return
+    if is_first:
+        log.system_end = state.llm_cache.length
+    else:
+        log.record_prefill(start, embeds, tag, closer, turn_start)
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -288,6 +304,7 @@ def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new
 
         runner = StepRunner("compile")
     seed = kwargs.pop("seed", None)
+    log_tag = kwargs.pop("log_tag", None)
     decode = _stream_settings(decode, sampling, max_new_tokens, min_new_tokens, kwargs)
     _, tokenizer = _resolve_processor(model, processor, tokenizer)
     if state.llm_cache is None:
@@ -305,6 +322,8 @@ def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new
     state.llm_generated = True
     state.llm_generate_completed = False
     state.audio_cache = None
+    if state.log is not None:
+        state.log.start_answer(state.llm_cache.length, log_tag)
     prompt_ids = tokenizer(GENERATION_PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     spk_bound = _speaker_bound(prompt_ids[0], tokenizer)
     rounds = _llm_rounds(state, tokenizer, prompt_ids.to(model.device), decode, runner=runner)
@@ -379,6 +398,8 @@ def _next_logits(state: OmniSession, feed: torch.Tensor, runner):
     ``[1, n]`` to the session's cache: the prompt pass, or one decode step of the core."""
     llm = state.model.llm
     cache = state.llm_cache
+    if state.log is not None:
+        state.log.extend_answer(feed[0].tolist())
     if feed.shape[1] == 1:
         cache.ensure_capacity(cache.length + 1)
         positions = torch.full((1,), cache.length, dtype=torch.long, device=feed.device)

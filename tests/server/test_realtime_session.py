@@ -39,11 +39,11 @@ class StandInModel:
         self.units, self.started, self.generation_start = 0, False, None
         self.release = threading.Semaphore(0)
 
-    def prefill_unit(self, engine, audio, frame=None) -> float:
+    def prefill_unit(self, engine, audio, frame=None, item_id=None) -> float:
         self.units += 1
         return 1.0
 
-    def answer(self, engine, cancel, emit, *, decode, seed, speak) -> AnswerStats:
+    def answer(self, engine, cancel, emit, *, decode, seed, speak, item_id=None) -> AnswerStats:
         stats = AnswerStats(input_tokens=5)
         for index in range(3):
             self.release.acquire()
