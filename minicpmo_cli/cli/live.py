@@ -5,6 +5,9 @@ speed (--input, or the sound of --video), or the microphone (sounddevice, the `l
 played on the speaker (microphone mode) and/or written to -o; both sides' transcripts go to stdout, one line
 each (the user's line comes once the model has answered and transcribed the turn). Ctrl-C ends cleanly
 (exit 130): what was answered so far stays in the -o file.
+
+A conversation longer than the model's context goes on: the oldest turns are forgotten (--truncation, as
+the Realtime session's ``truncation``), with a one-line note on stderr each time (not with -q).
 """
 
 from __future__ import annotations
@@ -46,11 +49,18 @@ def live(
                                    help="Silence that ends a turn (ms)."),
     threshold: float = typer.Option(0.5, "--vad-threshold", min=0.01, max=0.99, help="Speech probability."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing -o file."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, max=4096,
+                                                 help="Longest answer, in tokens."),
+    truncation: str = typer.Option("auto", "--truncation",
+                                   help="When the conversation outgrows the model's context: auto (forget the "
+                                        "oldest turns, keeping 75% of the room), a share to keep from 0 to 1, "
+                                        "or disabled (the turn that does not fit fails)."),
 ) -> None:
     from minicpmo_cli.errors import UsageError
 
     if speed < 0:
         raise typer.BadParameter(f"--speed must be 0 or more, not {speed}")
+    truncation_setting = _truncation(truncation)
     if output is not None and common.wav_output_target(str(output), overwrite) is None:
         raise UsageError("-o needs a wav file name (stdout carries the transcripts)")
     audio, frames = _recorded_input(input, video)
@@ -62,6 +72,9 @@ def live(
                          "output": {"voice": voice or "alloy"}}}
     if common.options().seed is None:
         session.pop("seed")
+    session["truncation"] = truncation_setting
+    if max_new_tokens is not None:
+        session["max_output_tokens"] = max_new_tokens
     transport = _transport(voice)
     try:
         asyncio.run(_run(transport, session, audio, frames, speed, output))
@@ -69,6 +82,19 @@ def live(
         sys.stdout.write("\n")
         sys.stdout.flush()
         raise  # exit 130; the -o file keeps what was answered (WavStreamWriter)
+
+
+def _truncation(value: str):
+    """--truncation -> the session's ``truncation``."""
+    if value in ("auto", "disabled"):
+        return value
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise typer.BadParameter(f"--truncation must be auto, disabled or a share from 0 to 1, not {value!r}")
+    return {"type": "retention_ratio", "retention_ratio": ratio}
 
 
 def _recorded_input(input: Optional[Path], video: Optional[Path]):
@@ -169,6 +195,11 @@ class _Printer:
             sys.stdout.flush()
         elif kind == "response.done":
             self.end_line()
+            context = event["response"].get("context") or {}
+            if context.get("dropped_item_ids"):
+                common.info(f"note: the conversation outgrew the model's context ({context.get('max_tokens')} "
+                            f"tokens): it forgot its {len(context['dropped_item_ids'])} oldest items (user turns "
+                            "and answers)")
         elif kind == "conversation.item.input_audio_transcription.completed":
             self.end_line()
             sys.stdout.write(f"user: {event.get('transcript', '')}\n")

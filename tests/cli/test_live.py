@@ -113,3 +113,30 @@ def test_live_without_input_needs_the_microphone_library(cli, tiny_ckpt, monkeyp
     result = cli("--model", tiny_ckpt, "--device", "cpu", "live")
     assert result.code == 4, result
     assert "sounddevice" in result.stderr and "--input" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_long_local_conversation_forgets_its_oldest_turns(cli, tiny_ckpt, tmp_path):
+    """Five spoken turns on an LLM of 320 positions (two turns fill it): the conversation goes on to the end,
+    forgetting its oldest turns, with a note on stderr."""
+    import numpy as np
+    import soundfile
+
+    from minicpmo_cli.media.audio import load_audio
+    from tests.server.small_context import small_context_checkpoint
+
+    ckpt = small_context_checkpoint(tiny_ckpt, tmp_path)
+    pieces = []
+    for index, text in enumerate(["What is the weather like today?", "Tell me about the river.",
+                                  "How tall is the old tower?", "Where does the train stop?",
+                                  "What did I ask you first?"]):
+        path = tmp_path / f"q{index}.wav"
+        subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+        pieces += [load_audio(str(path)), np.zeros(24000, np.float32)]  # 1.5 s of silence ends the turn
+    spoken = tmp_path / "conversation.wav"
+    soundfile.write(spoken, np.concatenate(pieces), 16000)
+    result = cli("--model", ckpt, "--device", "cpu", "--seed", "5", "live", "--speed", "0", "--max-new-tokens",
+                 "20", "--input", spoken)
+    assert result.code == 0, result
+    assert "forgot its" in result.stderr and "outgrew the model's context (320 tokens)" in result.stderr, result
+    assert "warning" not in result.stderr, result  # no turn failed
+    assert sum(line.startswith("user: ") for line in result.stdout.splitlines()) >= 5, result
