@@ -335,6 +335,29 @@ class LiveSession:
             content = ([frame] if frame is not None else []) + ["\n".join(texts)] if texts else [frame]
             self.enqueue(lambda engine, cancel: self.model.prefill(engine, content, item_id))
 
+    async def _item_delete(self, event: dict) -> None:
+        """Take an item out of the conversation and the model's context (its cache is rebuilt from there)."""
+        item_id = event.get("item_id")
+        if not isinstance(item_id, str) or item_id not in self.items:
+            raise LiveError(f"no item {item_id!r} in the conversation", "item_not_found", "item_id")
+        if (self.response is not None and self.response.item_id == item_id) or \
+                (self.turn is not None and self.turn.item_id == item_id):
+            raise LiveError(f"item {item_id!r} is still in progress (an answer being made or a turn being "
+                            "spoken): wait for it to be done", "item_in_progress", "item_id")
+        del self.items[item_id]
+        self.audio_ms.pop(item_id, None)
+        if self._last_answer_item == item_id:
+            self._last_answer_item = None
+        future = self.enqueue(lambda engine, cancel: self.model.delete_item(engine, item_id))
+        self._spawn(self._deleted(future, item_id))
+
+    async def _deleted(self, future: asyncio.Future, item_id: str) -> None:
+        try:
+            await future
+        except Exception:  # noqa: BLE001 - the job runner has sent the error event
+            return
+        await self.send({"type": "conversation.item.deleted", "item_id": item_id})
+
     async def _truncate(self, event: dict) -> None:
         item_id = event.get("item_id")
         item = self.items.get(item_id) if isinstance(item_id, str) else None
@@ -428,6 +451,7 @@ _HANDLERS: dict[str, Callable[[LiveSession, dict], Awaitable[None]]] = {
     "input_audio_buffer.clear": LiveSession._clear,
     "conversation.item.create": LiveSession._item_create,
     "conversation.item.truncate": LiveSession._truncate,
+    "conversation.item.delete": LiveSession._item_delete,
     "response.create": LiveSession._response_create,
     "response.cancel": LiveSession._response_cancel,
 }

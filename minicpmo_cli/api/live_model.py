@@ -220,8 +220,27 @@ class LiveModel:
         from minicpmo_cli.generation.session_log import crop
 
         crop(self.session, self.generation_start + self.generation_prompt + tokens)
-        self.session.llm_generate_completed = False  # the next turn closes the answer with <|tts_eos|>
         return self.length()
+
+    def prefill_answer(self, engine, ids: list[int], completed: bool, item_id: str | None = None) -> None:
+        """Put an answer's cached ids (the generation prompt and its tokens, as the log holds them) into the
+        conversation without generating it."""
+        from minicpmo_cli.generation.session import GENERATION_PROMPT
+        from minicpmo_cli.generation.session_log import append_answer, closer_rows
+
+        self._ensure_started(engine)
+        self._make_room(len(ids), False)
+        append_answer(self.session, ids, completed, item_id, closer_rows(GENERATION_PROMPT, engine.processor.tokenizer))
+        self.generation_start = None
+
+    def delete_item(self, engine, item_id: str) -> bool:
+        """Take an item out of the model's context (its cache is rebuilt from there on); whether it was in."""
+        from minicpmo_cli.generation.session_log import delete
+
+        if self.session is None or self.session.llm_cache is None:
+            return False
+        self.generation_start = None
+        return delete(self.session, item_id)
 
     # ------------------------------------------------------------------------------------------ transcript
     @staticmethod

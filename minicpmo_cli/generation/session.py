@@ -323,7 +323,7 @@ def _generate(model, state: OmniSession, processor=None, tokenizer=None, max_new
     state.llm_generate_completed = False
     state.audio_cache = None
     if state.log is not None:
-        state.log.start_answer(state.llm_cache.length, log_tag)
+        state.log.start_answer(state.llm_cache.length, log_tag, closer_rows(GENERATION_PROMPT, tokenizer))
     prompt_ids = tokenizer(GENERATION_PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     spk_bound = _speaker_bound(prompt_ids[0], tokenizer)
     rounds = _llm_rounds(state, tokenizer, prompt_ids.to(model.device), decode, runner=runner)
@@ -449,6 +449,8 @@ def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSett
         yield _Round(text, prompt_hidden if first_round else None, round_ids)
         if finished:
             state.llm_generate_completed = True
+            if state.log is not None:
+                state.log.entries[-1].completed = True
             return
         if produced >= max_new_tokens:
             logger.debug("streaming answer reached max_new_tokens=%d", max_new_tokens)

@@ -8,9 +8,11 @@ to the turn being spoken, which is always kept), an answer's token ids (the gene
 that entered the cache). A replay puts the same rows at new positions, so the cache equals that of a
 session that had prefilled the kept calls right after its system prompt.
 
-A cut is made only where a user turn begins: the conversation then starts with a whole user turn. That
-turn's first rows which closed the previous answer (``<|im_end|>\\n`` or ``<|tts_eos|><|im_end|>\\n``) are
-left out when it follows the system prompt, as a session that never had the previous answer writes it.
+Forgetting cuts only where a user turn begins: the conversation then starts with a whole user turn. Deleting
+one item (every call tagged with it) rebuilds from its first call on. A call's first rows that close what came
+before it (a user turn's ``<|im_end|>\\n`` or ``<|tts_eos|><|im_end|>\\n`` after an answer, an answer's
+``<|im_end|>\\n`` after the user's turn) are left out when it comes to follow the system prompt, whose turn is
+closed already: as a session that never had the forgotten calls writes it.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class Entry:
     tag: Any = None  # the caller's label for what the call holds (a live conversation's item id)
     embeds: torch.Tensor | None = None  # a prefill: the input rows ``[1, n, hidden]``
     ids: list[int] = field(default_factory=list)  # an answer: ids that entered the cache, in order
-    closer: int = 0  # leading rows that close the previous answer (0: none)
+    closer: int = 0  # leading rows that close what came before (0: none)
     turn_start: bool = False  # the first call of a user turn: a place to cut
+    completed: bool = False  # an answer that ended itself (not cut short)
 
     @property
     def size(self) -> int:
@@ -52,8 +55,8 @@ class SessionLog:
         self.entries.append(Entry(start, start + int(embeds.shape[1]), tag, embeds.detach(), [], closer,
                                   turn_start))
 
-    def start_answer(self, start: int, tag: Any) -> None:
-        self.entries.append(Entry(start, start, tag))
+    def start_answer(self, start: int, tag: Any, closer: int) -> None:
+        self.entries.append(Entry(start, start, tag, closer=closer))
 
     def extend_answer(self, ids: list[int]) -> None:
         entry = self.entries[-1]
@@ -110,36 +113,36 @@ def llm_step(model, embeds: torch.Tensor, cache: StaticKV | None):
 
 
 @torch.inference_mode()
-def append_ids(model, cache: StaticKV, ids: list[int], log: SessionLog | None, tag: Any) -> StaticKV:
+def append_ids(model, cache: StaticKV, ids: list[int], log: SessionLog | None, tag: Any, closer: int,
+               completed: bool) -> StaticKV:
     """An answer's ids appended in one LLM call (logged as an answer)."""
     start = cache.length
     feed = torch.tensor([ids], dtype=torch.long, device=model.device)
     _, cache = llm_step(model, model.llm.model.embed_tokens(feed), cache)
     if log is not None:
-        log.start_answer(start, tag)
+        log.start_answer(start, tag, closer)
         log.extend_answer(ids)
+        log.entries[-1].completed = completed
     return cache
 
 
 @torch.inference_mode()
-def replay(model, log: SessionLog, cache: StaticKV, first_kept: int) -> tuple[list, StaticKV]:
-    """Forget ``log``'s entries before ``first_kept`` and rebuild ``cache`` from the system prompt's end
-    with the rest, one LLM call per entry as they were first made; returns (forgotten tags, cache)."""
-    dropped, kept = log.entries[:first_kept], log.entries[first_kept:]
-    if kept and not kept[0].turn_start:
-        raise ValueError("a session's log is cut only where a user turn begins")
-    cache.length = log.system_end
-    log.entries = []
-    for index, entry in enumerate(kept):
-        if entry.embeds is None:
-            cache = append_ids(model, cache, entry.ids, log, entry.tag)
-            continue
-        closer = entry.closer if index == 0 else 0  # the turn now follows the system prompt
-        rows = entry.embeds[:, closer:]
+def rebuild(model, log: SessionLog, cache: StaticKV, head: int, tail: list[Entry]) -> StaticKV:
+    """Keep the cache of ``log.entries[:head]``; write ``tail``'s calls after it, one LLM call each as they
+    were first made (a call that comes to follow the system prompt without its closing rows)."""
+    cache.length = log.entries[head - 1].end if head else log.system_end
+    log.entries = log.entries[:head]
+    for entry in tail:
+        closer = entry.closer if cache.length == log.system_end else 0
         start = cache.length
+        if entry.embeds is None:
+            cache = append_ids(model, cache, entry.ids[closer:], log, entry.tag, entry.closer - closer,
+                               entry.completed)
+            continue
+        rows = entry.embeds[:, closer:]
         _, cache = llm_step(model, rows, cache)
         log.record_prefill(start, rows, entry.tag, entry.closer - closer, entry.turn_start)
-    return [entry.tag for entry in dropped], cache
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------- on a session
@@ -148,24 +151,62 @@ def forget(session, first_kept: int) -> list:
     ``first_kept`` (a user turn's start, or len(entries): all of them) and rebuild its cache from the rest;
     returns the forgotten entries' tags. The streaming audio state is untouched: it belongs to the turn
     being spoken, which is always kept."""
-    if session.log is None or session.llm_cache is None:
-        raise ValueError("forget() needs a prefilled session that keeps its log (keep_log=True)")
-    dropped, session.llm_cache = replay(session.model, session.log, session.llm_cache, first_kept)
-    return dropped
+    log = _log_of(session)
+    dropped, kept = log.entries[:first_kept], log.entries[first_kept:]
+    if kept and not kept[0].turn_start:
+        raise ValueError("a session's log is cut only where a user turn begins")
+    session.llm_cache = rebuild(session.model, log, session.llm_cache, 0, kept)
+    if not kept:
+        session.new_user_msg = True
+    return [entry.tag for entry in dropped]
 
 
-def append_answer(session, ids: list[int], completed: bool = True, tag: Any = None) -> None:
+def delete(session, tag: Any) -> bool:
+    """Take every call tagged ``tag`` out of ``session``'s cache (rebuilt from the first of them on); the
+    turn state then follows what is last. Returns whether there was any."""
+    log = _log_of(session)
+    first = next((i for i, entry in enumerate(log.entries) if entry.tag == tag), None)
+    if first is None:
+        return False
+    was_last = log.entries[-1].tag == tag
+    tail = [entry for entry in log.entries[first:] if entry.tag != tag]
+    session.llm_cache = rebuild(session.model, log, session.llm_cache, first, tail)
+    last = log.entries[-1] if log.entries else None
+    session.new_user_msg = last is None or last.embeds is None
+    if last is None:
+        session.llm_generated = False
+    elif last.embeds is None:
+        session.llm_generated, session.llm_generate_completed = True, last.completed
+    if was_last:
+        session.audio_cache = None  # the streaming audio state was the deleted turn's
+    return True
+
+
+def append_answer(session, ids: list[int], completed: bool, tag: Any, closer: int) -> None:
     """Append an answer's cached ids (generation prompt + tokens) to ``session`` in one LLM call, as a
-    replay writes it; the next user turn closes it as after ``generate`` (``completed``: it ended itself)."""
-    if session.llm_cache is None:
-        raise ValueError("append_answer() needs a prefilled session")
-    session.llm_cache = append_ids(session.model, session.llm_cache, list(ids), session.log, tag)
+    replay writes it (``closer``: its leading ids that close the user turn); the next user turn closes it
+    as after ``generate`` (``completed``: it ended itself)."""
+    log = _log_of(session)
+    if closer and not log.entries and session.llm_cache.length == log.system_end:
+        ids, closer = ids[closer:], 0  # right after the system prompt, whose turn is closed already
+    session.llm_cache = append_ids(session.model, session.llm_cache, list(ids), session.log, tag, closer,
+                                   completed)
     session.new_user_msg, session.llm_generated, session.llm_generate_completed = True, True, bool(completed)
     session.audio_cache = None
 
 
 def crop(session, length: int) -> None:
-    """Cut ``session``'s cache back to ``length`` positions (an answer stopped early: its unheard tail)."""
+    """Cut ``session``'s cache back to ``length`` positions (an answer stopped early: its unheard tail);
+    the next user turn closes the answer as one cut short (``<|tts_eos|>`` first)."""
     session.llm_cache.length = min(session.llm_cache.length, int(length))
+    session.llm_generate_completed = False
     if session.log is not None:
         session.log.crop(session.llm_cache.length)
+        if session.log.entries and session.log.entries[-1].embeds is None:
+            session.log.entries[-1].completed = False
+
+
+def _log_of(session) -> SessionLog:
+    if session.log is None or session.llm_cache is None:
+        raise ValueError("a prefilled session that keeps its log (keep_log=True) is needed")
+    return session.log

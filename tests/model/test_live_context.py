@@ -13,7 +13,6 @@ import torch
 
 from minicpmo_cli.api.live_model import ContextFull, LiveModel
 from minicpmo_cli.api.live_session_config import Truncation
-from minicpmo_cli.generation.session_log import append_answer
 from tests.server.small_context import CONTEXT, small_context_checkpoint
 
 ANSWER_TOKENS = 20
@@ -79,7 +78,7 @@ def test_forgetting_rebuilds_the_cache_of_a_fresh_session_fed_the_kept_turns(eng
     fresh = LiveModel(answer_tokens=ANSWER_TOKENS)  # the kept turns fed right after the system prompt
     for unit in turns["u1"]:
         fresh.prefill_unit(engine, unit, item_id="u1")
-    append_answer(fresh.session, *answers["a1"], tag="a1")
+    fresh.prefill_answer(engine, *answers["a1"], item_id="a1")
     for unit in turns["u2"]:
         fresh.prefill_unit(engine, unit, item_id="u2")
     before = model.session.llm_cache.length
@@ -133,3 +132,31 @@ def test_a_turn_longer_than_the_context_is_refused_even_with_auto(engine, decode
         for unit in units(40, 12):
             model.prefill_unit(engine, unit, item_id="u0")
     assert model.length() <= CONTEXT
+
+
+def test_deleting_items_rebuilds_the_cache_without_them(engine, decode):
+    model = LiveModel(answer_tokens=ANSWER_TOKENS, truncation=Truncation(kind="disabled"))
+    answers = {}
+    for index in range(2):
+        for unit in units(50 + index, 2):
+            model.prefill_unit(engine, unit, item_id=f"u{index}")
+        answer(model, engine, decode, f"a{index}")
+        answers[f"a{index}"] = (list(model.session.log.entries[-1].ids), model.session.llm_generate_completed)
+    for unit in units(52, 1):
+        model.prefill_unit(engine, unit, item_id="u2")  # a turn in progress: its audio state stays
+    assert model.delete_item(engine, "u0") and model.delete_item(engine, "a0")
+    assert not model.delete_item(engine, "a0")
+    assert [entry.tag for entry in model.session.log.entries] == ["u1"] * 2 + ["a1", "u2"]
+
+    fresh = LiveModel(answer_tokens=ANSWER_TOKENS)
+    for unit in units(51, 2):
+        fresh.prefill_unit(engine, unit, item_id="u1")
+    fresh.prefill_answer(engine, *answers["a1"], item_id="a1")
+    for unit in units(52, 1):
+        fresh.prefill_unit(engine, unit, item_id="u2")
+    assert same_cache(model.session.llm_cache, fresh.session.llm_cache)
+    second = units(52, 2)[1]  # the turn goes on: the same audio context in both
+    model.prefill_unit(engine, second, item_id="u2")
+    fresh.prefill_unit(engine, second, item_id="u2")
+    assert answer(model, engine, decode, "a2").text == answer(fresh, engine, decode, "a2").text
+    assert same_cache(model.session.llm_cache, fresh.session.llm_cache)

@@ -2,7 +2,7 @@
 a real server on a tiny checkpoint whose LLM has 320 positions (two turns of 3 s fill it): with
 ``truncation`` "auto" the conversation goes on, forgetting its oldest turns, and the cache never passes the
 context; with "disabled" the turn that does not fit fails with ``context_length_exceeded``, and the session
-goes on once truncation is turned back on."""
+goes on once the client deletes old items."""
 
 from __future__ import annotations
 
@@ -94,9 +94,10 @@ def test_disabled_truncation_fails_the_turn_that_does_not_fit(small_server):
     with connect(small_server) as conn:
         updated = configure(conn, "disabled")
         assert updated.session.truncation == "disabled"
-        statuses = []
+        statuses, items = [], []
         for index in range(3):
             conn.conversation.item.create(item=spoken_item(3.0, index))
+            items.append(next_of(conn, "conversation.item.added").item.id)
             conn.response.create()
             while True:  # the input, then the answer, may be refused: each with an error event
                 event = conn.recv()
@@ -106,14 +107,19 @@ def test_disabled_truncation_fails_the_turn_that_does_not_fit(small_server):
                 elif event.type == "response.done":
                     break
             statuses.append(event.response.status)
+            items.append(event.response.output[0].id)
             if event.response.status == "failed":
                 assert event.response.status_details.error.code == "context_length_exceeded"
                 break
-        assert statuses[:2] == ["completed", "completed"] and statuses[-1] == "failed", statuses
-        conn.session.update(session={"truncation": "auto"})  # the session goes on once truncation is on
-        next_of(conn, "session.updated")
+        assert statuses == ["completed", "completed", "failed"], statuses
+        for item_id in items[:2]:  # the first turn deleted by the client: room again, truncation still off
+            conn.conversation.item.delete(item_id=item_id)
+            assert next_of(conn, "conversation.item.deleted").item_id == item_id
         done = turn(conn, 50)
-        assert done.response.status == "completed" and done.response.model_extra["context"]["dropped_item_ids"]
+        assert done.response.status == "completed"
+        assert done.response.model_extra["context"]["dropped_item_ids"] == []
+        conn.conversation.item.delete(item_id=items[0])  # gone already
+        assert next_of(conn, "error", "conversation.item.deleted").error.code == "item_not_found"
 
 
 def test_bad_truncation_values_are_errors_naming_the_field(small_server):
