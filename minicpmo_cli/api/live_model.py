@@ -14,7 +14,10 @@ generation prompt and ``max_output_tokens``) fits. When it would not, with ``tru
 until the conversation after the system prompt uses at most the retained share of what it may use (0.75
 for "auto"), and rebuilds its cache from the system prompt and the kept turns (generation/session_log.py);
 the turn being spoken is always kept. With "disabled" the input is refused with a ``context_length_exceeded``
-error instead, and so is the answer. A turn that does not fit even alone is refused either way.
+error instead, and so is the answer, until the client deletes old items (``conversation.item.delete``
+takes an item out of the cache the same way) or turns truncation on. A turn that does not fit even alone is
+refused either way. Kept for the rebuild: each kept call's input rows (about 7 KB a position for the 7B LLM
+in bf16), bounded like the cache itself.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from minicpmo_cli.units import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 
 UNIT_SAMPLES = INPUT_SAMPLE_RATE  # the model's omni unit: 1 s of 16 kHz audio
 MIN_PIECE_SAMPLES = INPUT_SAMPLE_RATE // 10  # a final piece shorter than 0.1 s is padded with silence
-DEFAULT_ANSWER_TOKENS = 512  # the room kept for an answer until the session says its max_output_tokens
 
 
 class ContextFull(Exception):
@@ -62,6 +64,12 @@ class AnswerStats:
     dropped_item_ids: list[str] = field(default_factory=list)  # items forgotten since the last answer
 
 
+def _preset_answer_tokens() -> int:
+    from minicpmo_cli.generation.presets import PRESETS
+
+    return PRESETS["omni-stream"].max_new_tokens
+
+
 @dataclass
 class LiveModel:
     """One connection's conversation with the model (its own OmniSession, system prompt, decoding)."""
@@ -73,7 +81,7 @@ class LiveModel:
     generation_start: int | None = None  # cache length when the last answer began (for truncation)
     generation_prompt: int = 0  # tokens of the generation prompt at that point
     truncation: Truncation = Truncation()
-    answer_tokens: int = DEFAULT_ANSWER_TOKENS  # the answers' max_output_tokens: room kept for the next one
+    answer_tokens: int = field(default_factory=_preset_answer_tokens)  # room kept for the next answer
     context: int = 0  # the LLM's positions (known once started)
     input_tokens: int = 0  # positions prefilled since the last answer
     dropped: list[str] = field(default_factory=list)  # items forgotten since the last answer
@@ -99,7 +107,8 @@ class LiveModel:
         self.session.prefill(self._session_id, [system], processor=engine.processor)
         self.started = True
         self.context = int(engine.model.llm.config.max_position_embeddings)
-        self.generation_prompt = len(engine.processor.tokenizer(GENERATION_PROMPT, add_special_tokens=False)["input_ids"])
+        prompt_ids = engine.processor.tokenizer(GENERATION_PROMPT, add_special_tokens=False)["input_ids"]
+        self.generation_prompt = len(prompt_ids)
         self.input_tokens += self.length()
         return self.length()
 
@@ -142,7 +151,7 @@ class LiveModel:
         needed = f"{length + count} positions and {self.generation_prompt + self.answer_tokens} for the answer"
         if self.truncation.kind == "disabled":
             raise ContextFull(f"the conversation needs {needed}, over the model's context of {self.context} "
-                              "(session.truncation is 'disabled': enable it, or start a new session)")
+                              "(session.truncation is 'disabled': enable it, delete old items, or start a new session)")
         cuts = log.cut_points() + ([len(log.entries)] if turn_start else [])
         fits = [i for i in cuts if log.system_end + log.kept_size(i) + count <= limit]
         if not fits:
@@ -230,7 +239,8 @@ class LiveModel:
 
         self._ensure_started(engine)
         self._make_room(len(ids), False)
-        append_answer(self.session, ids, completed, item_id, closer_rows(GENERATION_PROMPT, engine.processor.tokenizer))
+        closer = closer_rows(GENERATION_PROMPT, engine.processor.tokenizer)
+        append_answer(self.session, ids, completed, item_id, closer)
         self.generation_start = None
 
     def delete_item(self, engine, item_id: str) -> bool:
