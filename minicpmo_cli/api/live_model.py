@@ -12,8 +12,9 @@ before an answer, the session checks that the cache plus the new input plus room
 generation prompt and ``max_output_tokens``) fits. When it would not, with ``truncation`` "auto" or
 ``retention_ratio`` the session forgets its oldest whole turns (user input with the answer that followed)
 until the conversation after the system prompt uses at most the retained share of what it may use (0.75
-for "auto"), and rebuilds its cache from the system prompt and the kept turns (generation/session_log.py);
-the turn being spoken is always kept. With "disabled" the input is refused with a ``context_length_exceeded``
+for "auto"; ``token_limits.post_instructions`` lowers what it may use, never past the context), and
+rebuilds its cache from the system prompt and the kept turns (generation/session_log.py); the turn being
+spoken is always kept. With "disabled" the input is refused with a ``context_length_exceeded``
 error instead, and so is the answer, until the client deletes old items (``conversation.item.delete``
 takes an item out of the cache the same way) or turns truncation on. A turn that does not fit even alone is
 refused either way. Kept for the rebuild: each kept call's input rows (about 7 KB a position for the 7B LLM

@@ -160,3 +160,16 @@ def test_deleting_items_rebuilds_the_cache_without_them(engine, decode):
     fresh.prefill_unit(engine, second, item_id="u2")
     assert answer(model, engine, decode, "a2").text == answer(fresh, engine, decode, "a2").text
     assert same_cache(model.session.llm_cache, fresh.session.llm_cache)
+
+
+def test_token_limits_lower_the_limit_and_a_ratio_of_one_forgets_only_what_it_must(engine, decode):
+    truncation = Truncation(kind="retention_ratio", retention_ratio=1.0, post_instructions=150)
+    model = LiveModel(answer_tokens=ANSWER_TOKENS, truncation=truncation)
+    dropped, after_system = [], []
+    for index in range(3):
+        for unit in units(60 + index):
+            model.prefill_unit(engine, unit, item_id=f"u{index}")
+            after_system.append(model.length() - model.session.log.system_end)
+        dropped.append(answer(model, engine, decode, f"a{index}").dropped_item_ids)
+    assert dropped == [[], ["u0", "a0"], ["u1", "a1"]]  # each turn alone is 91 + 28: two never fit in 150
+    assert max(after_system) <= 150
