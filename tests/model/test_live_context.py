@@ -59,6 +59,20 @@ def same_cache_prefix(a, b, length: int) -> bool:
 
 
 def test_forgetting_rebuilds_the_cache_of_a_fresh_session_fed_the_kept_turns(engine, decode):
+    forgetting_scenario(engine, decode)
+
+
+def test_forgetting_on_cuda_rebuilds_the_cache_of_a_fresh_session(tiny_ckpt, tmp_path, decode):
+    """The same on the GPU (bf16 on CUDA, in the GPU run's tests): the rebuild repeats the calls exactly."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from minicpmo_cli import api
+
+    ckpt = small_context_checkpoint(tiny_ckpt, tmp_path)
+    forgetting_scenario(api.load(api.LoadOptions(model=str(ckpt), device="cuda")), decode)
+
+
+def forgetting_scenario(engine, decode) -> None:
     model = LiveModel(answer_tokens=ANSWER_TOKENS)
     turns = {f"u{index}": units(index) for index in range(4)}
     answers, lengths, dropped = {}, [], []
@@ -72,6 +86,8 @@ def test_forgetting_rebuilds_the_cache_of_a_fresh_session_fed_the_kept_turns(eng
         answers[f"a{index}"] = (list(model.session.log.entries[-1].ids), model.session.llm_generate_completed)
     assert dropped == ["u0", "a0"]  # the third turn did not fit: the first one (its input and answer) went
     assert max(lengths) <= CONTEXT and stats.context_limit == CONTEXT
+    log = model.session.log  # what is kept for a rebuild is what the cache holds, no more
+    assert sum(entry.size for entry in log.entries) == model.length() - log.system_end
     kept = list(dict.fromkeys(entry.tag for entry in model.session.log.entries))
     assert kept == ["u1", "a1", "u2", "a2"]
 
