@@ -393,13 +393,14 @@ class _Round(NamedTuple):
     ids: list[int]  # the ids sampled in this round (a terminator included)
 
 
-def _next_logits(state: OmniSession, feed: torch.Tensor, runner):
+def _next_logits(state: OmniSession, feed: torch.Tensor, runner, feed_ids: list[int]):
     """(float32 logits of the next token, final-norm hidden of ``feed`` or None) after appending ``feed``
-    ``[1, n]`` to the session's cache: the prompt pass, or one decode step of the core."""
+    ``[1, n]`` (``feed_ids`` on the host, for the log) to the session's cache: the prompt pass, or one decode
+    step of the core."""
     llm = state.model.llm
     cache = state.llm_cache
     if state.log is not None:
-        state.log.extend_answer(feed[0].tolist())
+        state.log.extend_answer(feed_ids)
     if feed.shape[1] == 1:
         cache.ensure_capacity(cache.length + 1)
         positions = torch.full((1,), cache.length, dtype=torch.long, device=feed.device)
@@ -431,7 +432,7 @@ def _llm_rounds(owner, tokenizer, prompt_ids: torch.Tensor, settings: DecodeSett
     while True:
         round_ids, finished, first_round = [], False, prompt_hidden is None
         for _ in range(ROUND_TOKENS):
-            logits, hidden = _next_logits(state, feed, runner)
+            logits, hidden = _next_logits(state, feed, runner, window[-feed.shape[1]:])
             if prompt_hidden is None:
                 prompt_hidden = hidden  # the pass over the generation prompt: holds the <|spk|> state
             token = _pick_token(logits, window, decode, ban if produced < min_new_tokens else None)
