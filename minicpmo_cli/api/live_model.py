@@ -87,6 +87,7 @@ class LiveModel:
     input_tokens: int = 0  # positions prefilled since the last answer
     dropped: list[str] = field(default_factory=list)  # items forgotten since the last answer
     refused: bool = False  # an input was refused (truncation disabled): the turn's answer is refused too
+    refused_item: str | None = None  # whose input: the rest of that item is skipped
     _pending: int = 0  # positions of the prefill being made
     _session_id: str = field(default_factory=lambda: f"live-{uuid.uuid4().hex}")
 
@@ -120,17 +121,18 @@ class LiveModel:
 
     def prefill(self, engine, parts: list[Any], item_id: str | None = None) -> float:
         """Append user content (text, 16 kHz audio, PIL images) to the conversation; returns the ms it took.
-        After a refused input (truncation disabled) the rest of that turn is skipped until its answer."""
+        After a refused input (truncation disabled) the rest of that item is skipped."""
         started = time.perf_counter()
         self._ensure_started(engine)
-        if self.refused:
+        if self.refused and item_id == self.refused_item:
             return 0.0
         try:
             self.session.prefill(self._session_id, [{"role": "user", "content": parts}], processor=engine.processor,
                                  log_tag=item_id)
         except ContextFull:
-            self.refused = True
+            self.refused, self.refused_item = True, item_id
             raise
+        self.refused = False  # a later item was read: the refusal was told (an error event) and is over
         self.input_tokens += self._pending
         self.generation_start = None  # something follows the last answer: it can no longer be cropped
         return (time.perf_counter() - started) * 1000.0
