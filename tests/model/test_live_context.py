@@ -102,6 +102,7 @@ def forgetting_scenario(engine, decode) -> None:
     assert same_cache_prefix(model.session.llm_cache, fresh.session.llm_cache, crop_to)
     fresh_answer = answer(fresh, engine, decode, "a2")
     assert fresh_answer.context_tokens == before
+    assert fresh.session.log.entries[-1].ids == answers["a2"][0]  # the same answer ids
     assert same_cache(model.session.llm_cache, fresh.session.llm_cache)
 
     # the next turn goes on in both the same way (the forgetting one forgets again when it must)
