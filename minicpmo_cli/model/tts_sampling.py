@@ -66,6 +66,12 @@ class ReferenceSampler:
         self._generator = generator
         self._powers = np.ones(1, dtype=np.int64)
 
+    @property
+    def private(self) -> bool:
+        """Whether the draws come from a stream of this sampler's own (a seed or a generator), not torch's
+        global one: only then may its draws be rewound while other callers draw (the TTS engine's rows)."""
+        return self._mt is not None or self._generator is not None
+
     def _next_seed(self) -> int:
         if self._mt is not None:
             return int(self._mt.randint(0, 2**32, dtype=np.uint32))
