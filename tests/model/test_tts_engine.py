@@ -112,7 +112,8 @@ def test_pieces_of_one_request_share_their_stream_as_in_order(golden_tts):
     engine = TTSEngine(tts, tokenizer, threaded=False)
     draws = make_sampler(3)
     other = engine.submit(request(tts, *CASES[3]))
-    handle = engine.submit(TTSRequest(spk, [TTSPiece(TEXTS[1], Budget(draws, 12)), TTSPiece(TEXTS[0], Budget(draws, 31))]))
+    pieces = [TTSPiece(TEXTS[1], Budget(draws, 12)), TTSPiece(TEXTS[0], Budget(draws, 31))]
+    handle = engine.submit(TTSRequest(spk, pieces))
     got = list(handle.pieces())
     assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, expected))
     assert torch.equal(other.result()[0], alone(tts, tokenizer, *CASES[3]))
