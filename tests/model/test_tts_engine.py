@@ -185,3 +185,19 @@ def test_a_fixed_shape_runner_gives_the_eager_codes(golden_tts, monkeypatch):
     for handle, case in zip(handles, CASES[:3]):
         assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
     assert runner.captured >= 1
+
+
+def test_a_row_outgrowing_the_pool_moves_every_row_to_a_longer_one(golden_tts):
+    """A long row needs more positions than the first pool holds: the pool is replaced by a longer one (the
+    slots' positions copied) and every row still gets its codes alone."""
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=2)
+    cases = [(21, TEXTS[1], 210), (22, TEXTS[3], 120)]
+    handles = [engine.submit(request(tts, *case)) for case in cases]
+    first_capacity = None
+    while not all(handle.done for handle in handles):
+        engine.step()
+        first_capacity = first_capacity or engine.pool.capacity
+    assert engine.pool.capacity > first_capacity
+    for handle, case in zip(handles, cases):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
