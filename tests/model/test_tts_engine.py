@@ -201,3 +201,30 @@ def test_a_row_outgrowing_the_pool_moves_every_row_to_a_longer_one(golden_tts):
     assert engine.pool.capacity > first_capacity
     for handle, case in zip(handles, cases):
         assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reference_draws_on_cuda_equal_the_cpu_draws():
+    """The sampler's numbers reach the GPU through pinned memory, asynchronously: the same draws."""
+    from minicpmo_cli.model.tts_sampling import ReferenceSampler
+
+    probs = torch.softmax(torch.randn(4, 626, generator=torch.Generator().manual_seed(0)), dim=-1)
+    on_cpu, on_cuda = ReferenceSampler(seed=4), ReferenceSampler(seed=4)
+    for _ in range(20):
+        assert torch.equal(on_cpu.sample(probs), on_cuda.sample(probs.cuda()).cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rows_batched_on_cuda_give_their_codes_alone(golden_tts):
+    """float32 on the GPU: the batched step's rows against the one-at-a-time loop on the same device."""
+    tts, tokenizer = golden_tts
+    tts = tts.cuda()
+    try:
+        engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=8)
+        handles = [engine.submit(request(tts, *case)) for case in CASES]
+        for handle, (seed, text, limit) in zip(handles, CASES):
+            expected = generate_codes(tts, tokenizer, speaker(tts, seed).cuda(), text,
+                                      sampler=Budget(make_sampler(seed), limit))
+            assert torch.equal(handle.result()[0], expected), seed
+    finally:
+        tts.cpu()
