@@ -105,7 +105,9 @@ def tts(
     output: str = OUTPUT,
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="Read the text from this file (- for stdin)."),
     lines: bool = typer.Option(False, "--lines", help="One wav per non-empty line, named 0001.wav, 0002.wav, ... "
-                                                      "in the folder -o names (existing ones are skipped)."),
+                                                      "in the folder -o names (existing ones are skipped); the "
+                                                      "lines' speech is made together, each wav written as its "
+                                                      "line is done."),
     voice: Optional[str] = VOICE,
     ref: Optional[str] = typer.Option(None, "--ref", help="A reference clip whose voice to clone."),
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Describe the voice to create, e.g. "

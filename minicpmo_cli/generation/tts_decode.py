@@ -300,7 +300,8 @@ def _step_logits(tts, state: TTSState, mask: StepMask, heads: list[torch.Tensor]
             cache.mark_static()
         key = (1, cache.capacity, cache.generation)
         # the heads are inputs (copied at each replay): they are made anew by every iter_frames call
-        logits = runner.run(key, _runner_step, (last, index[None], index, full, *heads), (tts, cache.keys, cache.values))
+        logits = runner.run(key, _runner_step, (last, index[None], index, full, *heads),
+                            (tts, cache.keys, cache.values))
         cache.advance(1)
         return logits
     embeds = tts.bos_embeds() if state.progress == state.start else tts.embed_codes(last)
