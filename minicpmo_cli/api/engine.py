@@ -43,7 +43,7 @@ class Engine:
     llm_engine: Any = None  # generation/engine.py LLMEngine: every greedy/sampled answer decodes on it
     tts_runner: Any = None  # generation/step_runner.py StepRunner of the TTS frame loop
     tts_frames: Any = None  # generation/tts_engine.py TTSEngine, made by frame_engine() on first use
-    _tts_frames_lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+    _tts_frames_lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def frame_engine(self):
         """The TTS engine (generation/tts_engine.py): the audio frames of every caller's utterances decode
