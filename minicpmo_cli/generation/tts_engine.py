@@ -9,9 +9,10 @@ first text chunk prefilled while the other rows keep their state. A step (:meth:
 - one forward for every row (:func:`slot_step`: each row one new position in its own slot, at its own
   length, under its own streaming mask) through the per-layer pieces of generation/forward.py, eager or
   through a step runner (fixed shapes: the pool's slot bucket and capacity, for CUDA graphs / compile);
-- each row draws its frame with its own sampling state (generation/tts_rows.py ``Row``); the end of speech
-  of every row that is due is read back in one host read; rows whose call ended prefill their next text
-  chunk, start their next piece, or finish.
+- each row draws its frame with its own sampling state and sampler (generation/tts_rows.py ``Row``; the
+  temperature, warpers, EOS ban and softmax of rows with the same settings run once for all of them,
+  row-wise, ``draw_rows``); the end of speech of every row that is due is read back in one host read;
+  rows whose call ended prefill their next text chunk, start their next piece, or finish.
 
 A row draws exactly what the one-at-a-time loop draws for it (generation/tts_decode.py ``iter_frames``:
 same schedule, same draws, same rewinds); its logits are those of a batched step (see tests/model/
@@ -37,7 +38,7 @@ from minicpmo_cli.generation.static_cache import bucket_length
 from minicpmo_cli.generation.step_runner import StepRunner
 from minicpmo_cli.generation.tts_decode import CHECK_FRAMES, dtype_probe
 from minicpmo_cli.generation.tts_requests import TTSHandle, TTSPiece, TTSRequest, TTSStats
-from minicpmo_cli.generation.tts_rows import CALL_FRAMES, Row
+from minicpmo_cli.generation.tts_rows import CALL_FRAMES, Row, draw_rows
 
 __all__ = ["TTSEngine", "TTSHandle", "TTSPiece", "TTSRequest", "TTSStats", "slot_step"]
 
@@ -144,7 +145,7 @@ class TTSEngine:
         if not rows:
             return False
         logits = self._forward(rows)
-        due = [row for row in rows if row.draw(logits[row.slot])]
+        due = draw_rows(rows, logits, self.stats)
         self.stats.steps += 1
         self.stats.frames += len(rows)
         self.stats.peak_rows = max(self.stats.peak_rows, len(rows))

@@ -47,10 +47,12 @@ class TTSRequest:
 
 @dataclass
 class TTSStats:
-    """Counters of one engine: steps run, frames drawn (kept or not), the most rows decoded in one step."""
+    """Counters of one engine: steps run, frames drawn (kept or not), those whose probabilities were made
+    together with other rows', the most rows decoded in one step, requests finished."""
 
     steps: int = 0
     frames: int = 0
+    frames_together: int = 0
     peak_rows: int = 0
     finished: int = 0
 

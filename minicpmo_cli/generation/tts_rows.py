@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from minicpmo_cli.generation.tts_decode import (
     CHECK_FRAMES,
@@ -126,16 +127,26 @@ class Row:
         self.mask = StepMask(tts, self.handle.prompts[self.piece][1])
         self.step, self.drawn = 0, []
 
-    def draw(self, logits: torch.Tensor) -> bool:
-        """Draw this step's frame from the row's raw logits ``[num_vq, V]``; True when the end of speech is
-        due to be read (every few frames, and at the end of the call)."""
-        state, sampling = self.state, self.sampling
-        banned = self.step < sampling.min_new_frames
-        eos = pick_frame(self.tts, state, sampling, logits, banned)
-        snapshot = sampling.sampler.snapshot() if self.rewinds else None
-        self.drawn.append(DrawnFrame(self.step, state.progress, eos, snapshot))
-        state.progress += 1
+    def draw(self, logits: torch.Tensor) -> None:
+        """Draw this step's frame from the row's raw logits ``[num_vq, V]`` (the frame loop's own draw)."""
+        banned = self.step < self.sampling.min_new_frames
+        self._record(pick_frame(self.tts, self.state, self.sampling, logits, banned))
+
+    def take(self, frame: torch.Tensor) -> None:
+        """This step's frame ``[1, num_vq]``, drawn from probabilities made with other rows (:func:`draw_rows`)."""
+        state = self.state
+        state.ids[:, state.progress] = frame
+        self._record(frame.eq(self.sampling.eos).any())
+
+    def _record(self, eos: torch.Tensor) -> None:
+        snapshot = self.sampling.sampler.snapshot() if self.rewinds else None
+        self.drawn.append(DrawnFrame(self.step, self.state.progress, eos, snapshot))
+        self.state.progress += 1
         self.step += 1
+
+    @property
+    def due(self) -> bool:
+        """Whether the end of speech is due to be read: every few frames, and at the end of the call."""
         return len(self.drawn) >= self.every or self.step == CALL_FRAMES
 
     def settle(self, hits: list) -> None:
@@ -174,6 +185,57 @@ class Row:
             self.settle(torch.stack([d.eos for d in self.drawn]).tolist())
         if self.state.new_ids.shape[1]:
             self.handle._piece(self.state.new_ids.clone())
+
+
+def draw_rows(rows: list[Row], logits: torch.Tensor, stats=None) -> list[Row]:
+    """Every row's frame of this step from the step's raw logits ``[slots, num_vq, V]``; the rows whose end
+    of speech is due to be read. ``stats`` (a ``TTSStats``) counts the frames drawn together.
+
+    Rows past their BOS step whose sampling reads no frame history (no repetition penalty: the official
+    setting) and whose warpers have the same settings are scaled, warped, banned and softmaxed together: the
+    same row-wise operations over ``[rows * num_vq, V]`` instead of one set of kernels per row (each row's
+    probabilities are the ones it gets alone). Every row then draws with its own sampler; other rows draw
+    one by one through the frame loop's own ``pick_frame``."""
+    together = _batchable(rows)
+    if len(together) > 1:
+        for row, probs in zip(together, _probabilities(together, logits)):
+            row.take(row.sampling.sampler.sample(probs).view(1, -1))
+        if stats is not None:
+            stats.frames_together += len(together)
+    else:
+        together = []
+    done = {id(row) for row in together}
+    for row in rows:
+        if id(row) not in done:
+            row.draw(logits[row.slot])
+    return [row for row in rows if row.due]
+
+
+def _batchable(rows: list[Row]) -> list[Row]:
+    plain = [row for row in rows if not row.sampling.processors and row.state.progress != row.state.start]
+    if not plain:
+        return []
+    key = _warper_key(plain[0].sampling)
+    return [row for row in plain if _warper_key(row.sampling) == key]
+
+
+def _warper_key(sampling) -> tuple:
+    return tuple((type(w).__name__, tuple(sorted(vars(w).items()))) for w in sampling.warpers)
+
+
+def _probabilities(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+    """``[rows, num_vq, V]``: per row its logits / temperature, the warpers, the EOS ban of its first frames
+    of a call, softmax (in the frame loop's order)."""
+    temperatures = torch.stack([row.sampling.temperature for row in rows])  # [rows, num_vq, 1]
+    scaled = torch.stack([logits[row.slot] for row in rows]) / temperatures
+    flat = scaled.reshape(-1, scaled.shape[-1])
+    for warper in rows[0].sampling.warpers:
+        flat = warper(None, flat)
+    scaled = flat.view_as(scaled)
+    for index, row in enumerate(rows):
+        if row.step < row.sampling.min_new_frames:
+            scaled[index, :, row.sampling.eos] = -torch.inf
+    return F.softmax(scaled, dim=-1)
 
 
 class _NoRewind:

@@ -86,6 +86,7 @@ def test_rows_batched_give_their_codes_alone(golden_tts):
         assert handle.reason == "stop"
         assert torch.equal(codes, alone(tts, tokenizer, *case)), case
     assert engine.stats.peak_rows == len(CASES)  # they really shared the steps
+    assert engine.stats.frames_together > engine.stats.frames // 2  # and most draws' probabilities
     assert engine.pool.free_slots == engine.pool.slots
 
 
