@@ -344,11 +344,10 @@ class _FrameBudget:
     act here; with the default 2048 frames it never fires before the reference's own cap would.
     """
 
-    def __init__(self, sampler, limit: int, cancel: Any = None) -> None:
-        self.sampler, self.limit, self.cancel = sampler, int(limit), cancel
+    def __init__(self, sampler, limit: int) -> None:
+        self.sampler, self.limit = sampler, int(limit)
         self.frames = 0
         self.capped = False
-        self.cancelled = False  # ``cancel`` was set: every piece ends at once
 
     @property
     def private(self) -> bool:
@@ -366,13 +365,11 @@ class _FrameBudget:
     def sample(self, probs):
         from minicpmo_cli.model.tts import AUDIO_EOS_ID
 
-        if self.cancel is not None and self.cancel.is_set():
-            self.cancelled = True
         drawn = self.sampler.sample(probs)
         self.frames += 1
-        if self.frames > self.limit or self.cancelled:
+        if self.frames > self.limit:
             drawn[0, 0] = AUDIO_EOS_ID
-            self.capped = not self.cancelled
+            self.capped = True
         return drawn
 
 
@@ -380,7 +377,8 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
                        progress: Callable[[int, int], None] | None = None, *, cancel: Any = None,
                        seed: int | None = None) -> SpeechResult:
     """Each group spoken with ``spk``; ``seed``: one private generator for all groups (None: the global one);
-    ``cancel`` set: the current piece ends at its next frame and no further group starts."""
+    ``cancel`` set: the request is aborted at the TTS engine's next step (the current piece keeps the frames
+    made so far, no further group starts)."""
     if max_frames < 1:
         raise UsageError("the audio length cap must be at least one frame")
     from minicpmo_cli.api.protocol import own_steps
@@ -401,7 +399,8 @@ class _Synthesis:
         from minicpmo_cli.model.tts_sampling import ReferenceSampler
         from minicpmo_cli.processing.tts_text import extract_tts_text
 
-        self.engine, self.groups = engine, [extract_tts_text(group) for group in groups]
+        self.engine, self.text = engine, " ".join(groups).strip()
+        self.groups = [extract_tts_text(group) for group in groups]
         draws = ReferenceSampler(seed=seed)  # reference-exact draws: the same seed gives the same audio
         self.budgets = [_FrameBudget(draws, max_frames) for _ in self.groups]
         pieces = [TTSPiece(group, budget) for group, budget in zip(self.groups, self.budgets)]
@@ -421,7 +420,7 @@ class _Synthesis:
                 progress(number + 1, len(self.groups))
         if progress is not None and len(pieces) < len(self.groups):
             progress(len(self.groups), len(self.groups))
-        return SpeechResult(text=" ".join(self.groups).strip(), wav=_join(wavs), pieces=pieces)
+        return SpeechResult(text=self.text, wav=_join(wavs), pieces=pieces)
 
 
 def _vocode(engine: Engine, codes) -> np.ndarray:

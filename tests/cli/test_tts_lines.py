@@ -91,3 +91,23 @@ def test_speak_lines_shares_steps_and_gives_each_texts_speech(tiny_ckpt):
         assert np.array_equal(got[index].wav, alone.wav), index
         assert [p.samples for p in got[index].pieces] == [p.samples for p in alone.pieces]
         assert got[index].capped == alone.capped
+
+
+def test_cancel_aborts_the_row_and_frees_its_slot(tiny_ckpt):
+    """speak(cancel=...) set as the speech starts (the progress call made right after the submit): the request
+    is aborted at the TTS engine's next step, far before its 400-frame budget, and no slot stays taken."""
+    import threading
+
+    from minicpmo_cli import api
+    from minicpmo_cli.api.speech import DecodeOptions, speak
+
+    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu"), vision=False, tts=True)
+    cancel = threading.Event()
+    result = speak(engine, LINES[3], decode=DecodeOptions(seed=2), max_frames=400, cancel=cancel,
+                   progress=lambda done, total: cancel.set())
+    assert len(result.pieces) <= 1 and len(result.wav) < 400 * 512
+    frames = engine.frame_engine()
+    # aborted in the queue or in its slot (the engine's tests stop a row mid-decode): nothing holds a slot
+    assert not frames.running and (frames.pool is None or frames.pool.free_slots == frames.pool.slots)
+    again = speak(engine, LINES[0], decode=DecodeOptions(seed=2), max_frames=20)  # the engine goes on
+    assert len(again.wav) == 20 * 512 or 0 < len(again.wav) < 20 * 512
