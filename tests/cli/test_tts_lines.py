@@ -110,4 +110,4 @@ def test_cancel_aborts_the_row_and_frees_its_slot(tiny_ckpt):
     # aborted in the queue or in its slot (the engine's tests stop a row mid-decode): nothing holds a slot
     assert not frames.running and (frames.pool is None or frames.pool.free_slots == frames.pool.slots)
     again = speak(engine, LINES[0], decode=DecodeOptions(seed=2), max_frames=20)  # the engine goes on
-    assert len(again.wav) == 20 * 512 or 0 < len(again.wav) < 20 * 512
+    assert 0 < len(again.wav) <= 20 * 512
