@@ -91,6 +91,11 @@ def test_speak_lines_shares_steps_and_gives_each_texts_speech(tiny_ckpt):
         assert np.array_equal(got[index].wav, alone.wav), index
         assert [p.samples for p in got[index].pieces] == [p.samples for p in alone.pieces]
         assert got[index].capped == alone.capped
+    frames = engine.frame_engine()
+    frames.stats.peak_rows = 0
+    bounded = dict(speak_lines(engine, LINES, decode=decode, max_frames=20, in_flight=2))
+    assert frames.stats.peak_rows <= 2  # never more than in_flight lines submitted at once
+    assert all(np.array_equal(bounded[index].wav, got[index].wav) for index in got)
 
 
 def test_cancel_aborts_the_row_and_frees_its_slot(tiny_ckpt):
