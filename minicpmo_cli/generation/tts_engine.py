@@ -248,7 +248,7 @@ class TTSEngine:
         embeds = tts.embed_codes(codes)[:, 0]
         if bos.any():
             embeds = torch.where(bos.to(device)[:, None], tts.bos_embeds()[0], embeds)
-        positions = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
+        positions = _positions_on(positions, device)
         mask = torch.cat(masks)
         heads = [head.weight for head in tts.head_code]  # the weight norm once per step
         if static:
@@ -302,6 +302,15 @@ def _runner_step(embeds, positions, mask, *rest):
     ``mask``, the code heads), then what a key pins (``tts``, ``pool``)."""
     heads, (tts, pool) = list(rest[:-2]), rest[-2:]
     return slot_step(tts, embeds, positions, pool, mask, heads)
+
+
+def _positions_on(positions: list[int], device: torch.device) -> torch.Tensor:
+    """The step's positions on ``device``; to a GPU through pinned memory, so that the host does not wait for
+    the kernels queued before the copy (a copy from pageable memory would, at every step)."""
+    if device.type != "cuda":
+        return torch.tensor(positions, dtype=torch.long, device=device)
+    staged = torch.tensor(positions, dtype=torch.long).pin_memory()
+    return staged.to(device, non_blocking=True)
 
 
 def _cancelled(handle: TTSHandle) -> bool:
