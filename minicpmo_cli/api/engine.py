@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -41,6 +42,21 @@ class Engine:
     towers: dict[str, bool] = field(default_factory=dict)
     llm_engine: Any = None  # generation/engine.py LLMEngine: every greedy/sampled answer decodes on it
     tts_runner: Any = None  # generation/step_runner.py StepRunner of the TTS frame loop
+    tts_frames: Any = None  # generation/tts_engine.py TTSEngine, made by frame_engine() on first use
+    _tts_frames_lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def frame_engine(self):
+        """The TTS engine (generation/tts_engine.py): the audio frames of every caller's utterances decode
+        batched in it. Made on first use, with as many slots as the LLM engine and the TTS's step mode."""
+        with self._tts_frames_lock:
+            if self.tts_frames is None:
+                from minicpmo_cli.generation.step_runner import StepRunner
+                from minicpmo_cli.generation.tts_engine import TTSEngine
+
+                mode = self.tts_runner.mode if self.tts_runner is not None else self.step_mode
+                self.tts_frames = TTSEngine(self.model.tts, self.model.tts_processor,
+                                            max_batch=self.options.max_batch, runner=StepRunner(mode, "TTS batch"))
+            return self.tts_frames
 
     @property
     def has_tts(self) -> bool:

@@ -117,6 +117,49 @@ def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: Deco
     ``progress(done, total)`` is called as each sentence group is spoken (long text takes minutes).
     ``cancel``: a threading.Event; once set, synthesis ends at the next audio frame (what was made is returned).
     """
+    spk, groups, seed = _plan(engine, text, voice, decode, verbatim, group_tokens)
+    return _synthesize_groups(engine, spk, groups, max_frames, progress, cancel=cancel, seed=seed)
+
+
+def speak_lines(engine: Engine, texts: list[str], voice: Voice | None = None, *,
+                decode: DecodeOptions | None = None, verbatim: bool = True, max_frames: int = MAX_AUDIO_FRAMES,
+                in_flight: int | None = None) -> Iterator[tuple[int, SpeechResult]]:
+    """Each text read as :func:`speak` reads it, the TTS frames of several texts decoded together on the
+    engine's TTS engine: yields ``(index, result)`` as each text is done (in the order they finish, a finished
+    text's slot refilled at once). At most ``in_flight`` texts (default: twice the TTS engine's slots) are
+    submitted at a time; the next text's speaker state is made while the others decode. With a seed
+    (``decode.seed``) every text's audio is what :func:`speak` makes of it alone; without one the texts draw
+    from torch's global stream, in the order their frames are drawn."""
+    import queue
+
+    from minicpmo_cli.api.protocol import own_steps
+
+    if own_steps(engine) is not None:  # an engine not backed by a model speaks each text itself
+        for index, text in enumerate(texts):
+            yield index, speak(engine, text, voice, decode=decode, verbatim=verbatim, max_frames=max_frames)
+        return
+    if max_frames < 1:
+        raise UsageError("the audio length cap must be at least one frame")
+    _need_tts(engine)
+    limit = max(int(in_flight or 2 * engine.frame_engine().max_batch), 1)
+    finished: queue.Queue[int] = queue.Queue()
+    running: dict[int, _Synthesis] = {}
+    upcoming = iter(enumerate(texts))
+    while True:
+        while len(running) < limit and (item := next(upcoming, None)) is not None:
+            index, text = item
+            spk, groups, seed = _plan(engine, text, voice, decode, verbatim, GROUP_TOKENS)
+            running[index] = _Synthesis(engine, spk, groups, max_frames, seed,
+                                        on_finish=lambda _, index=index: finished.put(index))
+        if not running:
+            return
+        index = finished.get()
+        yield index, running.pop(index).result()
+
+
+def _plan(engine: Engine, text: str, voice: Voice | None, decode: DecodeOptions | None, verbatim: bool,
+          group_tokens: int) -> tuple[Any, list[str], int | None]:
+    """What :func:`speak` synthesises: (the speaker state, the text groups to speak, the seed of the draws)."""
     voice = voice or Voice()
     voice.check()
     if not text.strip():
@@ -129,7 +172,7 @@ def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: Deco
         _, spk = _speaker(engine, read_messages(groups[0], voice), decode, seed_only=True)
         # The speaker state came from one greedy token (no draws), so a private generator seeded with the
         # seed draws what the seeded global one would, whatever other threads draw meanwhile.
-        return _synthesize_groups(engine, spk, groups, max_frames, progress, cancel=cancel, seed=decode.seed)
+        return spk, groups, decode.seed
     spoken, spk = [], None
     for group in groups:
         answer, group_spk = _speaker(engine, read_messages(group, voice), decode,
@@ -138,7 +181,7 @@ def speak(engine: Engine, text: str, voice: Voice | None = None, *, decode: Deco
         spoken += [piece for piece in text_groups(engine, answer, group_tokens) if piece.strip()]
     if not spoken:
         raise InputError("the model wrote no text to speak (--verbatim reads the text as given)")
-    return _synthesize_groups(engine, spk, spoken, max_frames, progress, cancel=cancel)
+    return spk, spoken, None
 
 
 def mimick(engine: Engine, audio: np.ndarray, *, decode: DecodeOptions | None = None,
@@ -236,26 +279,19 @@ def _stream_pieces(engine: Engine, spk, text: str, chunks: tuple[int, int], max_
 
 def speak_answer(engine: Engine, spk, text: str, *, cancel: Any = None) -> np.ndarray:
     """A written answer spoken with its prompt's speaker state ``spk``, whole: the synthesis of a chat answer
-    (generation/text.py ``synthesize``, draws from torch's global generator), but ``cancel`` (a
-    threading.Event) ends it at the next audio frame."""
-    import torch
-
-    from minicpmo_cli.generation.speech import codes_to_wav, generate_codes, make_sampler
+    (generation/text.py ``synthesize``, draws from torch's global generator) on the engine's TTS engine (its
+    frames batched with other callers'); ``cancel`` (a threading.Event) aborts it at the next audio frame."""
+    from minicpmo_cli.generation.speech import make_sampler
+    from minicpmo_cli.generation.tts_engine import TTSPiece, TTSRequest
     from minicpmo_cli.processing.tts_text import extract_tts_text, split_tts_text
 
     _need_tts(engine)
     model = engine.model
     tts, spk = model.tts, spk.to(model.tts.device)
-    sampler = _FrameBudget(make_sampler(None), 1 << 40, cancel)  # no cap here (generate_codes has its own)
-    wavs = []
-    for piece in split_tts_text(model.tts_processor, extract_tts_text(text), tts.streaming_text_reserved_len - 1):
-        if sampler.cancelled:
-            break
-        with torch.inference_mode():
-            codes = generate_codes(tts, model.tts_processor, spk, piece, sampler=sampler,
-                                   runner=getattr(engine, "tts_runner", None))
-            wavs.append(codes_to_wav(tts, model.vocos, codes))
-    return _join(wavs)
+    texts = split_tts_text(model.tts_processor, extract_tts_text(text), tts.streaming_text_reserved_len - 1)
+    sampler = make_sampler(None)
+    request = TTSRequest(spk, [TTSPiece(piece, sampler) for piece in texts], cancel=cancel)
+    return _join([_vocode(engine, codes) for codes in engine.frame_engine().submit(request).pieces()])
 
 
 def text_groups(engine: Engine, text: str, group_tokens: int = GROUP_TOKENS) -> list[str]:
@@ -308,11 +344,15 @@ class _FrameBudget:
     act here; with the default 2048 frames it never fires before the reference's own cap would.
     """
 
-    def __init__(self, sampler, limit: int, cancel: Any = None) -> None:
-        self.sampler, self.limit, self.cancel = sampler, int(limit), cancel
+    def __init__(self, sampler, limit: int) -> None:
+        self.sampler, self.limit = sampler, int(limit)
         self.frames = 0
         self.capped = False
-        self.cancelled = False  # ``cancel`` was set: every piece ends at once
+
+    @property
+    def private(self) -> bool:
+        """Whether the draws are the wrapped sampler's own stream (generation/tts_engine.py rewinds only those)."""
+        return bool(getattr(self.sampler, "private", True))
 
     def snapshot(self):
         """For the frame loop's rewind past the end of speech (generation/tts_decode.py iter_frames)."""
@@ -325,13 +365,11 @@ class _FrameBudget:
     def sample(self, probs):
         from minicpmo_cli.model.tts import AUDIO_EOS_ID
 
-        if self.cancel is not None and self.cancel.is_set():
-            self.cancelled = True
         drawn = self.sampler.sample(probs)
         self.frames += 1
-        if self.frames > self.limit or self.cancelled:
+        if self.frames > self.limit:
             drawn[0, 0] = AUDIO_EOS_ID
-            self.capped = not self.cancelled
+            self.capped = True
         return drawn
 
 
@@ -339,39 +377,59 @@ def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
                        progress: Callable[[int, int], None] | None = None, *, cancel: Any = None,
                        seed: int | None = None) -> SpeechResult:
     """Each group spoken with ``spk``; ``seed``: one private generator for all groups (None: the global one);
-    ``cancel`` set: the current piece ends at its next frame and no further group starts."""
-    import torch
-
-    from minicpmo_cli.api.protocol import own_steps
-    from minicpmo_cli.generation.speech import codes_to_wav, generate_codes
-    from minicpmo_cli.model.tts_sampling import ReferenceSampler
-    from minicpmo_cli.processing.tts_text import extract_tts_text
-
+    ``cancel`` set: the request is aborted at the TTS engine's next step (the current piece keeps the frames
+    made so far, no further group starts)."""
     if max_frames < 1:
         raise UsageError("the audio length cap must be at least one frame")
+    from minicpmo_cli.api.protocol import own_steps
+
     steps = own_steps(engine)
     if steps is not None:  # an engine not backed by a model speaks itself (api/protocol.py)
         return steps.synthesize(spk, groups, max_frames, progress)
-    model = engine.model
-    spk = spk.to(model.tts.device)
-    wavs, pieces = [], []
-    draws = ReferenceSampler(seed=seed)  # reference-exact draws: the same seed gives the same audio
-    for number, group in enumerate(groups):
-        if cancel is not None and cancel.is_set():
-            break
+    return _Synthesis(engine, spk, groups, max_frames, seed, cancel).result(progress)
+
+
+class _Synthesis:
+    """The groups of one text submitted to the engine's TTS engine as one request (one slot; the groups in
+    order, drawing from one stream), then vocoded group by group as their codes come."""
+
+    def __init__(self, engine: Engine, spk, groups: list[str], max_frames: int, seed: int | None,
+                 cancel: Any = None, on_finish: Callable | None = None) -> None:
+        from minicpmo_cli.generation.tts_engine import TTSPiece, TTSRequest
+        from minicpmo_cli.model.tts_sampling import ReferenceSampler
+        from minicpmo_cli.processing.tts_text import extract_tts_text
+
+        self.engine, self.text = engine, " ".join(groups).strip()
+        self.groups = [extract_tts_text(group) for group in groups]
+        draws = ReferenceSampler(seed=seed)  # reference-exact draws: the same seed gives the same audio
+        self.budgets = [_FrameBudget(draws, max_frames) for _ in self.groups]
+        pieces = [TTSPiece(group, budget) for group, budget in zip(self.groups, self.budgets)]
+        request = TTSRequest(spk.to(engine.model.tts.device), pieces, max_new_tokens=max_frames, cancel=cancel,
+                             on_finish=on_finish)
+        self.handle = engine.frame_engine().submit(request)
+
+    def result(self, progress: Callable[[int, int], None] | None = None) -> SpeechResult:
+        wavs, pieces = [], []
         if progress is not None:
-            progress(number, len(groups))
-        group = extract_tts_text(group)
-        budget = _FrameBudget(draws, max_frames, cancel)
-        with torch.inference_mode():
-            codes = generate_codes(model.tts, model.tts_processor, spk, group, max_new_tokens=max_frames,
-                                   sampler=budget, runner=getattr(engine, "tts_runner", None))
-            wav = codes_to_wav(model.tts, model.vocos, codes)
-        wavs.append(wav)
-        pieces.append(Piece(text=group, samples=len(wav), capped=budget.capped))
-    if progress is not None:
-        progress(len(groups), len(groups))
-    return SpeechResult(text=" ".join(groups).strip(), wav=_join(wavs), pieces=pieces)
+            progress(0, len(self.groups))
+        for number, codes in enumerate(self.handle.pieces()):
+            wav = _vocode(self.engine, codes)
+            wavs.append(wav)
+            pieces.append(Piece(text=self.groups[number], samples=len(wav), capped=self.budgets[number].capped))
+            if progress is not None:
+                progress(number + 1, len(self.groups))
+        if progress is not None and len(pieces) < len(self.groups):
+            progress(len(self.groups), len(self.groups))
+        return SpeechResult(text=self.text, wav=_join(wavs), pieces=pieces)
+
+
+def _vocode(engine: Engine, codes) -> np.ndarray:
+    import torch
+
+    from minicpmo_cli.generation.speech import codes_to_wav
+
+    with torch.inference_mode():
+        return codes_to_wav(engine.model.tts, engine.model.vocos, codes)
 
 
 def _join(wavs: list[np.ndarray]) -> np.ndarray:

@@ -105,7 +105,9 @@ def tts(
     output: str = OUTPUT,
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="Read the text from this file (- for stdin)."),
     lines: bool = typer.Option(False, "--lines", help="One wav per non-empty line, named 0001.wav, 0002.wav, ... "
-                                                      "in the folder -o names (existing ones are skipped)."),
+                                                      "in the folder -o names (existing ones are skipped); the "
+                                                      "lines' speech is made together, each wav written as its "
+                                                      "line is done."),
     voice: Optional[str] = VOICE,
     ref: Optional[str] = typer.Option(None, "--ref", help="A reference clip whose voice to clone."),
     instruction: Optional[str] = typer.Option(None, "--instruction", help="Describe the voice to create, e.g. "
@@ -422,13 +424,16 @@ def _tts_lines(items: list[str], output: str, speaker, decode, verbatim: bool, m
     from minicpmo_cli.cli import remote
 
     engine = remote.engine_or_load(vision=False, audio=speaker.reference is not None, tts=True)
-    speak = remote.speak_function(engine)
+    options = {"decode": decode, "verbatim": verbatim, "max_frames": _max_frames(max_audio_seconds)}
+    if remote.is_remote(engine):  # the server batches its requests itself: one line at a time from here
+        results = ((index, remote.speak(engine, item, speaker, **options)) for index, (item, _) in enumerate(todo))
+    else:  # every line submitted to the TTS engine: a line that finishes is written and its slot refilled
+        from minicpmo_cli.api.speech import speak_lines
 
+        results = speak_lines(engine, [item for item, _ in todo], speaker, **options)
     with common.progress("speaking lines", total=len(todo)) as row:
-        for item, path in todo:
-            result = speak(engine, item, speaker, decode=decode, verbatim=verbatim,
-                           max_frames=_max_frames(max_audio_seconds))
-            _emit(result, path, max_audio_seconds)
+        for index, result in results:
+            _emit(result, todo[index][1], max_audio_seconds)
             row.advance()
 
 

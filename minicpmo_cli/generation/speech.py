@@ -31,6 +31,7 @@ from minicpmo_cli.generation.tts_decode import (
     iter_frames,
     prefill_audio,
     prefill_text,
+    text_chunk_bounds,
 )
 from minicpmo_cli.model.tts import DEFAULT_TEMPERATURES
 from minicpmo_cli.model.tts_sampling import ReferenceSampler
@@ -78,14 +79,6 @@ def make_sampler(seed: int | None = None):
     return ReferenceSampler(seed=None if seed is None else int(seed))
 
 
-def _text_chunk_bounds(tts, chunk_idx: int) -> tuple[int, int]:
-    """Positions of text chunk ``chunk_idx``: ``[0, 12)`` then ``[10k + 2, min(10k + 12, 302))``."""
-    size, prefix = tts.streaming_text_chunk_size, 1 + tts.num_spk_embs
-    if chunk_idx == 0:
-        return 0, size + prefix
-    return chunk_idx * size + prefix, min((chunk_idx + 1) * size + prefix, tts.condition_length - 1)
-
-
 def generate_codes(
     tts,
     tts_tokenizer,
@@ -108,7 +101,7 @@ def generate_codes(
     options = {"force_no_stop": force_no_stop, "runner": runner}
     state = TTSState(tts, OUTPUT_CHUNK_FRAMES, runner)
     for chunk_idx in range(math.ceil(tts.condition_length / tts.streaming_text_chunk_size)):
-        begin, end = _text_chunk_bounds(tts, chunk_idx)
+        begin, end = text_chunk_bounds(tts, chunk_idx)
         if end > begin:
             prefill_text(tts, state, input_ids[:, begin:end], begin, spk_embeds if begin == 0 else None)
         if generate_frames(tts, state, sampling, text_mask, OUTPUT_CHUNK_FRAMES, **options):
@@ -389,7 +382,7 @@ class _Segment:
                 self._prompt()
                 break
             if self.num_tokens >= (self.chunk_idx + 1) * chunk:
-                self._prefill(*_text_chunk_bounds(tts, self.chunk_idx))
+                self._prefill(*text_chunk_bounds(tts, self.chunk_idx))
                 yield from self._generate_and_emit()
                 if self.state.finished:
                     finished = True

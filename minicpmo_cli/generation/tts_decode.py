@@ -64,11 +64,13 @@ class TTSState:
     is the next step's input). ``finished``: the last generate call drew EOS.
     """
 
-    def __init__(self, tts, frames: int = 0, runner=None) -> None:
+    def __init__(self, tts, frames: int = 0, runner=None, cache=None) -> None:
         self.start = tts.condition_length
         capacity = _pow2(self.start + frames)
         recycler = getattr(runner, "recycler", None) if runner is not None and runner.static_shapes else None
-        if recycler is not None:  # a cache whose graphs are captured already
+        if cache is not None:  # a slot of the TTS engine's pool (generation/tts_engine.py), zeroed, length 0
+            self.cache = cache
+        elif recycler is not None:  # a cache whose graphs are captured already
             self.cache = recycler.take(tts.model.config, capacity, tts.dtype, tts.device, self)
         else:
             self.cache = StaticKV.empty(tts.model.config, 1, capacity, tts.dtype, tts.device)
@@ -100,6 +102,14 @@ class TTSState:
         self.reserve(codes.shape[1])
         self.ids[:, self.progress : self.progress + codes.shape[1]] = codes.to(self.ids.device)
         self.progress += codes.shape[1]
+
+
+def text_chunk_bounds(tts, chunk_idx: int) -> tuple[int, int]:
+    """Positions of text chunk ``chunk_idx``: ``[0, 12)`` then ``[10k + 2, min(10k + 12, 302))``."""
+    size, prefix = tts.streaming_text_chunk_size, 1 + tts.num_spk_embs
+    if chunk_idx == 0:
+        return 0, size + prefix
+    return chunk_idx * size + prefix, min((chunk_idx + 1) * size + prefix, tts.condition_length - 1)
 
 
 def _pow2(needed: int) -> int:
@@ -135,7 +145,7 @@ def prefill_audio(tts, state: TTSState, codes: torch.Tensor, text_mask: torch.Te
     fwd.forward(tts, embeds, positions, state.cache, mask)
 
 
-class _StepMask:
+class StepMask:
     """The streaming mask of audio steps over the whole cache ``[1, 1, 1, capacity]``: rebuilt only when the
     visible text grows (every 50 frames) or the cache does; otherwise one slot is opened per step."""
 
@@ -158,7 +168,7 @@ class _StepMask:
 
 
 @dataclass
-class _Drawn:
+class DrawnFrame:
     """A frame drawn but not yet known to be kept: the step, the progress before it, whether it holds EOS (a
     device bool) and the sampler's state after its draw (to rewind to)."""
 
@@ -188,35 +198,43 @@ def iter_frames(tts, state: TTSState, sampling: FrameSampling, text_mask: torch.
         raise ValueError(f"audio ids length {state.progress} != KV-cache length + 1 ({state.cache.length + 1})")
     state.reserve(max_frames)
     state.finished = False
-    mask = _StepMask(tts, text_mask)
+    mask = StepMask(tts, text_mask)
     with torch.inference_mode():
         heads = [head.weight for head in tts.head_code]  # the weight norm once per call, not per frame
     sampler = sampling.sampler
     rewinds = hasattr(sampler, "snapshot") and hasattr(sampler, "restore")
     every = max(int(check_every), 1) if rewinds else 1
-    drawn: list[_Drawn] = []
+    drawn: list[DrawnFrame] = []
     for step in range(max_frames):
         banned = step < sampling.min_new_frames or force_no_stop
         with torch.inference_mode():
             eos = _draw_frame(tts, state, sampling, mask, heads, runner, logits_out, banned)
         # even a banned EOS is checked: a wrapping sampler (a frame budget) may force one
-        drawn.append(_Drawn(step, state.progress, eos, sampler.snapshot() if rewinds else None,
+        drawn.append(DrawnFrame(step, state.progress, eos, sampler.snapshot() if rewinds else None,
                             len(logits_out) if logits_out is not None else 0))
         state.progress += 1
         if len(drawn) >= every or step == max_frames - 1:
-            yield from _settle(state, drawn, sampler, logits_out)
+            yield from settle_frames(state, drawn, sampler, logits_out)
             drawn = []
             if state.finished:
                 return
 
 
-def _draw_frame(tts, state: TTSState, sampling: FrameSampling, mask: _StepMask, heads, runner, logits_out,
+def _draw_frame(tts, state: TTSState, sampling: FrameSampling, mask: StepMask, heads, runner, logits_out,
                 banned: bool) -> torch.Tensor:
     """One step and one frame written at ``state.progress``; a device bool: the frame holds EOS."""
     is_bos = state.progress == state.start
     logits = _step_logits(tts, state, mask, heads, None if is_bos else runner)
     if logits_out is not None:
         logits_out.append(logits.clone())
+    return pick_frame(tts, state, sampling, logits, banned)
+
+
+def pick_frame(tts, state: TTSState, sampling: FrameSampling, logits: torch.Tensor, banned: bool) -> torch.Tensor:
+    """Draw the frame of one step from its raw logits ``[num_vq, num_audio_tokens]`` and write it at
+    ``state.progress``; a device bool: the frame holds EOS. (The frame loop's draw; the TTS engine's rows draw
+    through it too, so a row batched draws what it draws alone.)"""
+    is_bos = state.progress == state.start
     # the frames so far, [num_vq, n], for the repetition penalty (the warpers do not read them)
     history = (state.ids[:, state.start : state.progress].permute(0, 2, 1).reshape(tts.num_vq, -1)
                if sampling.processors else None)
@@ -226,10 +244,13 @@ def _draw_frame(tts, state: TTSState, sampling: FrameSampling, mask: _StepMask, 
     return frame.eq(sampling.eos).any()
 
 
-def _settle(state: TTSState, drawn: list[_Drawn], sampler, logits_out) -> Iterator[int]:
-    """Read the EOS flags of ``drawn`` at once (one host read); yield each kept frame's count (with
-    ``state.progress`` at that frame, as the per-frame loop had it); at the first EOS rewind to just after it."""
-    hits = torch.stack([d.eos for d in drawn]).tolist()
+def settle_frames(state: TTSState, drawn: list[DrawnFrame], sampler, logits_out,
+                  hits: list | None = None) -> Iterator[int]:
+    """Read the EOS flags of ``drawn`` at once (one host read; ``hits``: read already, by a caller that reads
+    several rows at once); yield each kept frame's count (with ``state.progress`` at that frame, as the
+    per-frame loop had it); at the first EOS rewind to just after it."""
+    if hits is None:
+        hits = torch.stack([d.eos for d in drawn]).tolist()
     final = state.progress
     for index, frame in enumerate(drawn):
         if hits[index]:
@@ -266,7 +287,7 @@ def _sample_frame(logits, sampling: FrameSampling, history, processors, banned: 
     return sampling.sampler.sample(probs).view(1, -1)
 
 
-def _step_logits(tts, state: TTSState, mask: _StepMask, heads: list[torch.Tensor], runner) -> torch.Tensor:
+def _step_logits(tts, state: TTSState, mask: StepMask, heads: list[torch.Tensor], runner) -> torch.Tensor:
     """One step: input ``[Ptts]`` at the BOS step, else the previous frame's code sum; raw float32 logits
     ``[num_vq, num_audio_tokens]``. ``runner``: a graph/compile step runner runs the fixed-shape step."""
     cache = state.cache
@@ -274,12 +295,13 @@ def _step_logits(tts, state: TTSState, mask: _StepMask, heads: list[torch.Tensor
     last = state.ids[:, state.progress - 1 : state.progress]
     if runner is not None and runner.static_shapes:
         index = torch.full((1,), past, dtype=torch.long, device=last.device)
-        full = mask.at(past, cache.capacity, _dtype_probe(tts))
+        full = mask.at(past, cache.capacity, dtype_probe(tts))
         if runner.mode == "compile" and last.device.type == "cuda":
             cache.mark_static()
         key = (1, cache.capacity, cache.generation)
         # the heads are inputs (copied at each replay): they are made anew by every iter_frames call
-        logits = runner.run(key, _runner_step, (last, index[None], index, full, *heads), (tts, cache.keys, cache.values))
+        logits = runner.run(key, _runner_step, (last, index[None], index, full, *heads),
+                            (tts, cache.keys, cache.values))
         cache.advance(1)
         return logits
     embeds = tts.bos_embeds() if state.progress == state.start else tts.embed_codes(last)
@@ -288,7 +310,7 @@ def _step_logits(tts, state: TTSState, mask: _StepMask, heads: list[torch.Tensor
     return tts.code_logits(hidden[:, -1], heads)
 
 
-def _dtype_probe(tts) -> torch.Tensor:
+def dtype_probe(tts) -> torch.Tensor:
     return tts.emb_text.weight[:1, None]  # [1, 1, hidden]: the streaming mask only reads its dtype and device
 
 

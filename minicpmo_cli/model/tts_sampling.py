@@ -66,6 +66,12 @@ class ReferenceSampler:
         self._generator = generator
         self._powers = np.ones(1, dtype=np.int64)
 
+    @property
+    def private(self) -> bool:
+        """Whether the draws come from a stream of this sampler's own (a seed or a generator), not torch's
+        global one: only then may its draws be rewound while other callers draw (the TTS engine's rows)."""
+        return self._mt is not None or self._generator is not None
+
     def _next_seed(self) -> int:
         if self._mt is not None:
             return int(self._mt.randint(0, 2**32, dtype=np.uint32))
@@ -107,9 +113,21 @@ class ReferenceSampler:
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
         """probs ``[rows, n]`` (float32) -> indices ``[rows, 1]``."""
-        q = self._exponential(self._next_seed(), probs.numel())
-        q = torch.from_numpy(q).to(device=probs.device, dtype=probs.dtype).view_as(probs)
+        q = _to_device(self._exponential(self._next_seed(), probs.numel()), probs.device)
+        q = q.to(dtype=probs.dtype).view_as(probs)
         return torch.argmax(probs / q, dim=-1, keepdim=True)
+
+
+def _to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host numbers onto ``device`` without waiting for the device: a copy from pageable memory to a GPU makes
+    the host wait for every kernel queued before it (for each row's frame: the rows of a batched step would
+    take turns), so they are staged in pinned memory (the caching host allocator keeps the block until the
+    copy is done) and copied asynchronously."""
+    if device.type != "cuda":
+        return torch.from_numpy(values).to(device)
+    staged = torch.empty(values.shape, dtype=torch.float32, pin_memory=True)
+    staged.numpy()[...] = values
+    return staged.to(device, non_blocking=True)
 
 
 class TorchSampler:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from minicpmo_cli.generation import tts_decode
-from minicpmo_cli.generation.speech import OUTPUT_CHUNK_FRAMES, _text_chunk_bounds, generate_codes, make_sampler
+from minicpmo_cli.generation.speech import OUTPUT_CHUNK_FRAMES, generate_codes, make_sampler, text_chunk_bounds
 from minicpmo_cli.model.tts import AUDIO_EOS_ID
 from minicpmo_cli.processing.tts_text import (
     build_streaming_text_mask,
@@ -113,7 +113,7 @@ def old_generate_codes(tts, tokenizer, spk, text, sampler, max_new_tokens=2048):
     args = (sampling.temperature, text_mask, OUTPUT_CHUNK_FRAMES, sampling.warpers, sampling.processors, sampler)
     kv, audio_ids = old_new_kv(tts), tts.new_audio_input_ids()
     for chunk_idx in range(math.ceil(tts.condition_length / tts.streaming_text_chunk_size)):
-        begin, end = _text_chunk_bounds(tts, chunk_idx)
+        begin, end = text_chunk_bounds(tts, chunk_idx)
         if end > begin:
             kv = old_prefill_text(tts, input_ids[:, begin:end], begin, kv, spk if begin == 0 else None)
         new_ids, audio_ids, kv, finished = old_generate(tts, audio_ids, kv, *args)

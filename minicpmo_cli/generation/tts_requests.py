@@ -1,0 +1,120 @@
+"""What the TTS engine (generation/tts_engine.py) is asked for and what its callers wait on.
+
+A :class:`TTSRequest` is one utterance: a speaker state and its text pieces (each one that fits the 300
+reserved text slots), spoken one after the other in one engine slot, each drawing from its own sampler (the
+pieces of one utterance may wrap one random stream: they run in order, so its draws follow each other as in
+the one-at-a-time loop). :meth:`TTSEngine.submit` returns a :class:`TTSHandle`: the codes of each piece as
+it is done, then the reason the request finished.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from minicpmo_cli.model.tts import DEFAULT_TEMPERATURES
+from minicpmo_cli.units import MAX_AUDIO_FRAMES
+
+
+@dataclass
+class TTSPiece:
+    """One text that fits the TTS's reserved slots, and the sampler its frames are drawn with
+    (``sample(probs [rows, n]) -> [rows, 1]``; with ``snapshot`` / ``restore`` the end of speech is read
+    every few frames instead of every frame)."""
+
+    text: str
+    sampler: Any
+
+
+@dataclass
+class TTSRequest:
+    """One utterance: ``pieces`` spoken in order with the speaker state ``spk_embeds`` (``[1, llm_dim]``).
+    ``max_new_tokens``: the frame cap of each piece (checked after the text is all in, as the one-at-a-time
+    loop does). ``cancel``: an object with ``is_set()`` (a threading.Event): once set, the engine aborts the
+    request at its next step. ``on_finish(handle)``: called once it finished (on the engine's thread)."""
+
+    spk_embeds: torch.Tensor
+    pieces: list[TTSPiece]
+    temperature: float | Sequence[float] = DEFAULT_TEMPERATURES
+    max_new_tokens: int = MAX_AUDIO_FRAMES
+    cancel: Any = None
+    on_finish: Callable[[TTSHandle], None] | None = None
+
+
+@dataclass
+class TTSStats:
+    """Counters of one engine: steps run, frames drawn (kept or not), those whose probabilities were made
+    together with other rows', the most rows decoded in one step, requests finished."""
+
+    steps: int = 0
+    frames: int = 0
+    frames_together: int = 0
+    peak_rows: int = 0
+    finished: int = 0
+
+
+class TTSHandle:
+    """A submitted request: ``codes`` (one ``[1, T, num_vq]`` tensor per piece done so far), ``reason``
+    (``stop``: every piece ended; ``abort``; ``error``) once finished, ``error`` when a step failed."""
+
+    def __init__(self, engine, request: TTSRequest, prompts: list) -> None:
+        self.engine, self.request = engine, request
+        self.prompts = prompts  # per piece: (input ids [1, L], text mask) on the TTS's device
+        self.codes: list[torch.Tensor] = []
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+        self.submitted = time.perf_counter()
+        self._changed = threading.Condition()
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def abort(self) -> None:
+        """Stop this request (its slot is freed at the engine's next step); the codes made so far stay."""
+        self.engine.abort(self)
+
+    def pieces(self) -> Iterator[torch.Tensor]:
+        """Each piece's codes as soon as it is done (an aborted piece: the frames kept so far); raises the
+        engine's error if a step failed. Without an engine thread the caller steps the engine."""
+        index = 0
+        while True:
+            with self._changed:
+                if self.engine.threaded:
+                    self._changed.wait_for(lambda: len(self.codes) > index or self.done)
+                ready = self.codes[index] if len(self.codes) > index else None
+                finished = self.done
+            if ready is not None:
+                index += 1
+                yield ready
+            elif finished:
+                if self.error is not None:
+                    raise self.error
+                return
+            else:
+                self.engine.step()
+
+    def result(self) -> list[torch.Tensor]:
+        """Every piece's codes once the request finished."""
+        return list(self.pieces())
+
+    # ----- the engine's side --------------------------------------------------------------------------
+
+    def _piece(self, codes: torch.Tensor) -> None:
+        with self._changed:
+            self.codes.append(codes)
+            self._changed.notify_all()
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        with self._changed:
+            if self.done:
+                return
+            self.reason, self.error = reason, error
+            self._changed.notify_all()
+        if self.request.on_finish is not None:
+            self.request.on_finish(self)
+

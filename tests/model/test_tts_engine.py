@@ -1,0 +1,231 @@
+"""The TTS engine (generation/tts_engine.py) against the one-at-a-time loop (generation/speech.py
+``generate_codes``): several utterances in one batched step, each with its own seed, text length and frame
+budget, must give each the codes it gets alone; so must a request admitted while others are mid-decode, a
+request of several pieces sharing one random stream, and rows on torch's global stream. Abort and cancel
+free the slot for the next request; a step runner with fixed shapes (the form CUDA graphs capture) gives the
+eager codes."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from minicpmo_cli.generation.speech import generate_codes, make_sampler
+from minicpmo_cli.generation.tts_engine import TTSEngine, TTSPiece, TTSRequest
+from minicpmo_cli.model.tts import AUDIO_EOS_ID
+from minicpmo_cli.processing.tts_text import load_tts_tokenizer
+
+
+@pytest.fixture(scope="module")
+def golden_tts(golden_ckpt):
+    from safetensors.torch import load_file
+
+    from minicpmo_cli.model.config import MiniCPMOConfig
+    from minicpmo_cli.model.tts import ConditionalChatTTS
+
+    config = MiniCPMOConfig(**json.loads((golden_ckpt / "config.json").read_text())).tts_config
+    tts = ConditionalChatTTS(config)
+    state = {k[4:]: v for k, v in load_file(golden_ckpt / "model.safetensors").items() if k.startswith("tts.")}
+    tts.load_state_dict(state, strict=True)
+    return tts.float().eval(), load_tts_tokenizer(golden_ckpt / "assets" / "chattts_tokenizer")
+
+
+class Budget:
+    """The frame budget of api/speech.py: EOS drawn after ``limit`` frames (a random TTS rarely stops by
+    itself), with the sampler's snapshot / restore so the end of speech is read every few frames."""
+
+    def __init__(self, sampler, limit):
+        self.sampler, self.limit, self.frames = sampler, limit, 0
+
+    @property
+    def private(self):
+        return self.sampler.private
+
+    def snapshot(self):
+        return self.sampler.snapshot(), self.frames
+
+    def restore(self, state):
+        inner, self.frames = state
+        self.sampler.restore(inner)
+
+    def sample(self, probs):
+        drawn = self.sampler.sample(probs)
+        self.frames += 1
+        if self.frames > self.limit:
+            drawn[0, 0] = AUDIO_EOS_ID
+        return drawn
+
+
+TEXTS = ("hi.", "hello world, the voice.", "hello world, the voice of the helpful assistant. " * 3,
+         "a longer piece of text, read in one go by the model, with commas, and more words than the others.")
+CASES = [(0, TEXTS[0], 30), (1, TEXTS[1], 25), (7, TEXTS[2], 61), (1234, TEXTS[3], 80), (5, TEXTS[1], 7),
+         (9, TEXTS[3], 44)]
+
+
+def speaker(tts, seed):
+    return torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def alone(tts, tokenizer, seed, text, limit):
+    return generate_codes(tts, tokenizer, speaker(tts, seed), text, sampler=Budget(make_sampler(seed), limit))
+
+
+def request(tts, seed, text, limit, **extra):
+    return TTSRequest(speaker(tts, seed), [TTSPiece(text, Budget(make_sampler(seed), limit))], **extra)
+
+
+def test_rows_batched_give_their_codes_alone(golden_tts):
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=8)
+    handles = [engine.submit(request(tts, *case)) for case in CASES]
+    for handle, case in zip(handles, CASES):
+        [codes] = handle.result()
+        assert handle.reason == "stop"
+        assert torch.equal(codes, alone(tts, tokenizer, *case)), case
+    assert engine.stats.peak_rows == len(CASES)  # they really shared the steps
+    assert engine.stats.frames_together > engine.stats.frames // 2  # and most draws' probabilities
+    assert engine.pool.free_slots == engine.pool.slots
+
+
+def test_a_request_joining_mid_decode_and_refilled_slots(golden_tts):
+    """Two slots for five requests: each finished row is refilled while the other is mid-call."""
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=2)
+    first = engine.submit(request(tts, *CASES[2]))
+    for _ in range(13):  # the first row is inside its first call when the others arrive
+        engine.step()
+    later = [engine.submit(request(tts, *case)) for case in (CASES[0], CASES[3], CASES[4], CASES[5])]
+    assert torch.equal(first.result()[0], alone(tts, tokenizer, *CASES[2]))
+    for handle, case in zip(later, (CASES[0], CASES[3], CASES[4], CASES[5])):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+    assert engine.pool.slots == 2 and engine.stats.peak_rows == 2
+
+
+def test_pieces_of_one_request_share_their_stream_as_in_order(golden_tts):
+    tts, tokenizer = golden_tts
+    spk = speaker(tts, 3)
+    draws = make_sampler(3)
+    expected = [generate_codes(tts, tokenizer, spk, text, sampler=Budget(draws, limit))
+                for text, limit in ((TEXTS[1], 12), (TEXTS[0], 31))]
+    engine = TTSEngine(tts, tokenizer, threaded=False)
+    draws = make_sampler(3)
+    other = engine.submit(request(tts, *CASES[3]))
+    pieces = [TTSPiece(TEXTS[1], Budget(draws, 12)), TTSPiece(TEXTS[0], Budget(draws, 31))]
+    handle = engine.submit(TTSRequest(spk, pieces))
+    got = list(handle.pieces())
+    assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(other.result()[0], alone(tts, tokenizer, *CASES[3]))
+
+
+def test_rows_on_the_global_stream_are_checked_every_frame(golden_tts):
+    """Unseeded rows draw from torch's global RNG: alone, one such row draws what the loop draws."""
+    tts, tokenizer = golden_tts
+    torch.manual_seed(11)
+    expected = generate_codes(tts, tokenizer, speaker(tts, 2), TEXTS[1], sampler=Budget(make_sampler(None), 33))
+    engine = TTSEngine(tts, tokenizer, threaded=False)
+    torch.manual_seed(11)
+    handle = engine.submit(TTSRequest(speaker(tts, 2), [TTSPiece(TEXTS[1], Budget(make_sampler(None), 33))]))
+    assert torch.equal(handle.result()[0], expected)
+
+
+def test_abort_and_cancel_free_the_slot_for_the_next(golden_tts):
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=1)
+    cancel = threading.Event()
+    aborted = engine.submit(request(tts, 0, TEXTS[2], 200))
+    cancelled = engine.submit(request(tts, 1, TEXTS[2], 200, cancel=cancel))
+    waiting = engine.submit(request(tts, *CASES[1]))
+    for _ in range(8):
+        engine.step()
+    assert aborted.reason is None and engine.pool.free_slots == 0
+    aborted.abort()
+    engine.step()  # the abort frees the slot; the next request is admitted into it
+    assert aborted.reason == "abort" and 1 <= aborted.codes[0].shape[1] <= 8
+    assert engine.running and next(iter(engine.running.values())).handle is cancelled
+    cancel.set()
+    assert torch.equal(waiting.result()[0], alone(tts, tokenizer, *CASES[1]))
+    # admitted and one frame drawn in the step that freed the slot, then cancelled at the next step
+    assert cancelled.reason == "abort" and [c.shape[1] for c in cancelled.codes] == [1]
+    assert engine.pool.free_slots == engine.pool.slots
+
+
+def test_a_threaded_engine_serves_concurrent_callers_as_alone(golden_tts):
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, max_batch=4)
+    results = {}
+
+    def caller(case):
+        results[case] = engine.submit(request(tts, *case)).result()[0]
+
+    threads = [threading.Thread(target=caller, args=(case,)) for case in CASES[:4]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for case in CASES[:4]:
+        assert torch.equal(results[case], alone(tts, tokenizer, *case)), case
+    engine.close()
+
+
+def test_a_fixed_shape_runner_gives_the_eager_codes(golden_tts, monkeypatch):
+    """The step over the whole capacity with a mask (what a graph captures), replayed by the CPU stand-in."""
+    from graph_stand_in import ReplayOnCpu
+
+    from minicpmo_cli.generation import step_runner
+
+    tts, tokenizer = golden_tts
+    runner = step_runner.StepRunner("eager", "TTS batch")
+    monkeypatch.setattr(runner, "mode", "graph")
+    monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
+    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    engine = TTSEngine(tts, tokenizer, threaded=False, runner=runner, max_batch=4)
+    handles = [engine.submit(request(tts, *case)) for case in CASES[:3]]
+    for handle, case in zip(handles, CASES[:3]):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+    assert runner.captured >= 1
+
+
+def test_a_row_outgrowing_the_pool_moves_every_row_to_a_longer_one(golden_tts):
+    """A long row needs more positions than the first pool holds: the pool is replaced by a longer one (the
+    slots' positions copied) and every row still gets its codes alone."""
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=2)
+    cases = [(21, TEXTS[1], 210), (22, TEXTS[3], 120)]
+    handles = [engine.submit(request(tts, *case)) for case in cases]
+    first_capacity = None
+    while not all(handle.done for handle in handles):
+        engine.step()
+        first_capacity = first_capacity or engine.pool.capacity
+    assert engine.pool.capacity > first_capacity
+    for handle, case in zip(handles, cases):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_reference_draws_on_cuda_equal_the_cpu_draws():
+    """The sampler's numbers reach the GPU through pinned memory, asynchronously: the same draws."""
+    from minicpmo_cli.model.tts_sampling import ReferenceSampler
+
+    probs = torch.softmax(torch.randn(4, 626, generator=torch.Generator().manual_seed(0)), dim=-1)
+    on_cpu, on_cuda = ReferenceSampler(seed=4), ReferenceSampler(seed=4)
+    for _ in range(20):
+        assert torch.equal(on_cpu.sample(probs), on_cuda.sample(probs.cuda()).cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rows_batched_on_cuda_give_their_codes_alone(golden_tts):
+    """float32 on the GPU: the batched step's rows against the one-at-a-time loop on the same device."""
+    tts, tokenizer = golden_tts
+    tts = tts.cuda()
+    try:
+        engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=8)
+        handles = [engine.submit(request(tts, *case)) for case in CASES]
+        for handle, (seed, text, limit) in zip(handles, CASES):
+            expected = generate_codes(tts, tokenizer, speaker(tts, seed).cuda(), text,
+                                      sampler=Budget(make_sampler(seed), limit))
+            assert torch.equal(handle.result()[0], expected), seed
+    finally:
+        tts.cpu()
