@@ -270,9 +270,9 @@ def test_inputs_that_would_share_an_output_are_refused(asr, speech, tmp_path):
 
 def test_ctrl_c_keeps_finished_outputs(asr, speech, tmp_path, monkeypatch):
     """Interrupted during the second input: the first one's file is complete, nothing half-written remains."""
-    from minicpmo_cli.api import asr as asr_api
+    from minicpmo_cli.api import asr_model
 
-    real = asr_api.generate_batch
+    real = asr_model.generate_batch
     calls = []
 
     def interrupt_on_second(*args, **kwargs):
@@ -281,7 +281,7 @@ def test_ctrl_c_keeps_finished_outputs(asr, speech, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(asr_api, "generate_batch", interrupt_on_second)
+    monkeypatch.setattr(asr_model, "generate_batch", interrupt_on_second)
     out = tmp_path / "out"
     # --language en: with auto, the language probes of inputs segmented together run first, batched, so the
     # second call would be the second input's probe, before the first input is finished.
