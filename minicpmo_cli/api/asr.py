@@ -199,19 +199,30 @@ def _segment_group(group: list[tuple[_Job, np.ndarray | None]], options: AsrOpti
         job.texts = [None] * len(found)
 
 
-def _detect_languages(probes: list[tuple[_Job, np.ndarray]], run: PieceRun, options: AsrOptions) -> None:
-    """--language auto: the first speech piece of each input, transcribed with the English prompt, all inputs'
-    probes batched together (batching changes no answer); the script of each answer (CJK or not) gives that
-    input's language, and so the prompt of all its pieces. For English the probe is already the first piece's
-    transcript; Chinese pieces are all transcribed with the Chinese prompt."""
+def _queue_pieces(group: list[tuple[_Job, np.ndarray | None]], run: PieceRun, options: AsrOptions) -> None:
+    """Hand the pieces of a segmented group to the model stage. --language auto: the first speech piece of
+    each input goes first, with the English prompt (:func:`_decide_language`), and holds back the input's
+    other pieces until its answer has chosen their prompt."""
     english = task_prompt("transcribe", "en")
-    clips = [(job, samples[job.spans[0][0]:job.spans[0][1]]) for job, samples in probes]
-    clips = [(job, clip) for job, clip in clips if has_audio_tokens(clip)]
-    for (job, _), first in zip(clips, run.answer([clip for _, clip in clips], english)):
-        job.language = detect_language(first.text) or "en"
-        job.instruction = task_prompt(options.task, job.language)
-        if job.instruction == english:
-            job.texts[0] = first
+    for job, samples in group:
+        run.open_jobs.append(job)
+        pieces = [(index, samples[start:end]) for index, (start, end) in enumerate(job.spans)]
+        run.advance(found=len(pieces))
+        if options.detects_language and pieces and has_audio_tokens(pieces[0][1]):
+            run.probe(job, pieces[0][1], english, lambda job_, first: _decide_language(job_, first, options),
+                      pieces)
+        else:
+            run.add(job, [(index, clip) for index, clip in pieces if job.texts[index] is None])
+
+
+def _decide_language(job: _Job, first: PieceText, options: AsrOptions) -> None:
+    """The script of the probe's answer (CJK or not) gives the input's language, and so the prompt of all its
+    pieces. For English the probe is already the first piece's transcript; Chinese pieces are all transcribed
+    with the Chinese prompt."""
+    job.language = detect_language(first.text) or "en"
+    job.instruction = task_prompt(options.task, job.language)
+    if job.instruction == task_prompt("transcribe", "en"):
+        job.texts[0] = first
 
 
 def _reason(exc: InputError) -> str:
@@ -262,15 +273,17 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
 
     Inputs are decoded in threads ahead of the model and segmented by the VAD many files at a time
     (api/asr_pipeline.py, ``stages``); a bad one gives a record with ``error`` set and the others go on. The
-    --language auto probes of the files segmented together are batched. The pieces of consecutive inputs are
-    gathered SORT_WINDOW_BATCHES batches at a time, sorted by length (less padding; equal lengths share one
-    Whisper call) and sent ``options.batch_size`` at a time (None: :func:`engine_batch_size`). ``engine`` may
+    model stage (api/asr_model.py :class:`PieceRun`) sends the --language auto probes first, then the pieces
+    gathered SORT_WINDOW_BATCHES batches at a time, sorted by length (equal lengths share one Whisper call),
+    ``options.batch_size`` a pass (None: :func:`engine_batch_size`), each piece its own request on the LLM
+    engine, which refills a finished row at once; answers do not depend on the batching. ``engine`` may
     be a function that loads it: it is then called only once some audio needs the model (a batch of unreadable
     files, or a rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
     found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
     ``on_piece(path, text)`` is called with each piece's text as soon as it and the pieces before it in its
     input are done (streamed transcriptions). ``cancel``: an Event; once it is set (a server request whose
-    client left) no further batch goes to the model and :class:`TranscriptionCancelled` is raised.
+    client left) no further batch goes to the model, what is on it is aborted and
+    :class:`TranscriptionCancelled` is raised.
     """
     options.validate()
     resolve(ASR_TASK, decode)  # contradictory decoding options fail before any audio is decoded
@@ -280,23 +293,15 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     tell = None if on_piece is None else (lambda job: _tell_pieces(job, on_piece))
     run = PieceRun(model, options.batch_size, decode, lambda job: _finish(job, options, warn), tell, progress,
                    cancel)
-    for group in staged_groups(inputs, lambda item: _start_job(item, options),
-                               lambda found, vad: _segment_group(found, options, vad), stages,
-                               prepare=lambda: import_decoding_modules(options.vad)):
-        probes = [(job, samples) for job, samples in group if job.spans] if options.detects_language else []
-        if probes:
-            _detect_languages(probes, run, options)
-        for job, samples in group:  # as one input at a time: a sort window fills from the inputs in order
-            run.open_jobs.append(job)
-            run.waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans)
-                               if job.texts[i] is None)
-            run.advance(found=len(job.spans))
-            if run.waiting and len(run.waiting) >= run.window():
-                yield from run.run_waiting()
-            yield from run.finished()
-    while run.waiting:
-        yield from run.run_waiting()
-    yield from run.finished()
+    try:
+        for group in staged_groups(inputs, lambda item: _start_job(item, options),
+                                   lambda found, vad: _segment_group(found, options, vad), stages,
+                                   prepare=lambda: import_decoding_modules(options.vad)):
+            _queue_pieces(group, run, options)
+            yield from run.pump()
+        yield from run.pump(final=True)
+    finally:
+        run.close()
 
 
 def transcribe(engine: Engine, audio: AudioSource, options: AsrOptions = AsrOptions(),

@@ -1,7 +1,10 @@
-"""The model stage of `asr`: pieces (16 kHz clips with their instruction) -> answers (:class:`PieceText`).
+"""The model stage of `asr`: the pieces found by the front stages -> their answers, in a bounded stream.
 
-api/asr.py runs the front stages (decode, VAD: api/asr_pipeline.py) and the records; this module turns the
-pieces they find into answers: log-mel and Whisper per batch, the prompt embeddings, the LLM.
+api/asr.py runs the front stages (decode, VAD: api/asr_pipeline.py) and makes the records; :class:`PieceRun`
+takes the pieces as inputs are segmented, sends them to the model ``batch_size`` at a time (sorted by length
+within a window: equal lengths share one Whisper call) and keeps up to :meth:`PieceRun.in_flight` pieces on
+the LLM engine, so that a row that finishes is replaced by the next piece at once (api/asr_model_calls.py).
+The language probes of --language auto ride the same stream, ahead of the pieces they hold back.
 """
 
 from __future__ import annotations
@@ -12,88 +15,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from minicpmo_cli.api.engine import DecodeOptions, Engine, seed_call
-from minicpmo_cli.generation.presets import resolve
+from minicpmo_cli.api import asr_model_calls as calls
+from minicpmo_cli.api.asr_model_calls import (  # noqa: F401 - re-exported
+    ASR_TASK, PieceModel, PieceText, TranscriptionCancelled, embed_prompts, generate_batch, has_audio_tokens)
+from minicpmo_cli.api.engine import DecodeOptions, Engine
 
-# Decoding: the "asr" preset of generation/presets.py (greedy unless --sampling; 512 new tokens; why there).
-# A piece that hits the token limit is reported, never silently cut.
-ASR_TASK = "asr"
 SORT_WINDOW_BATCHES = 4  # pieces of up to this many batches are sorted by length before batching
 
-
-@dataclass
-class PieceText:
-    text: str
-    truncated: bool = False  # the answer hit max_new_tokens without an end token
-
-
-
-def embed_prompts(model, inputs) -> Any:
-    """LLM input embeddings of a batch, with the audio of each group of identical-length samples encoded together.
-
-    Why not ``model.generate`` on the batch: the reference's Whisper mask compares encoder frame indices
-    with *mel* lengths, so in a batch a clip whose last 1 s chunk is partial lets that chunk attend to
-    padding frames and its embeddings change with the longest clip beside it. Samples whose pieces have the
-    same lengths share one Whisper call (no padding between them); every other sample is encoded on its own
-    (trimmed to its own frames). Either way each sample gets exactly its single-clip embeddings, so batching
-    changes no transcript.
-    """
-    import torch
-
-    from minicpmo_cli.model.audio import identical_length_groups
-
-    data = dict(inputs)
-    chunk_length = model.config.audio_chunk_length
-    with torch.inference_mode():
-        embeds, _ = model.get_vllm_embedding(data)
-        for samples, rows, frames in identical_length_groups(data.get("audio_feature_lens") or []):
-            group = {
-                "audio_features": data["audio_features"][rows, :, :frames],
-                "audio_feature_lens": [data["audio_feature_lens"][i] for i in samples],
-                "audio_bounds": [data["audio_bounds"][i] for i in samples],
-            }
-            index = torch.tensor(samples, device=embeds.device)
-            part = embeds.index_select(0, index)
-            model.get_omni_embedding(group, part, chunk_length=chunk_length)  # writes the audio rows into part
-            embeds.index_copy_(0, index, part)
-    return embeds
-
-
-def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str | list[str],
-                   decode: DecodeOptions) -> list[PieceText]:
-    """One forward pass over several clips (left-padded); the answer to ``[instruction, clip]`` for each
-    (``instruction``: one for all, or one per clip)."""
-    from minicpmo_cli.api.protocol import own_steps
-
-    steps = own_steps(engine)
-    if steps is not None:  # an engine not backed by a model answers itself (api/protocol.py)
-        return steps.transcribe_clips(clips, instruction, decode)
-    from minicpmo_cli.generation.text import TTS_EOS, run_llm_generate
-    from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
-
-    settings = resolve(ASR_TASK, decode)
-    instructions = [instruction] * len(clips) if isinstance(instruction, str) else list(instruction)
-    msgs = [[{"role": "user", "content": [text, clip]}] for text, clip in zip(instructions, clips)]
-    inputs = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True,
-                                                  audio_device=engine.device).to(engine.device)
-    embeds = embed_prompts(engine.model, inputs)
-    tokenizer = engine.processor.tokenizer
-    seed_call(settings.seed)
-    sequences, _ = run_llm_generate(engine.model, embeds, inputs["attention_mask"], tokenizer, settings.decode,
-                                    engine=getattr(engine, "llm_engine", None), seed=settings.seed)
-    stops = set(terminator_ids(tokenizer))
-    texts = decode_text(sequences, tokenizer)
-    return [PieceText(text.replace(TTS_EOS, "").strip(), truncated=not stops.intersection(row.tolist()))
-            for text, row in zip(texts, sequences)]
-
-
-def has_audio_tokens(clip: np.ndarray) -> bool:
-    """False for a sliver too short to give the LLM a single audio embedding (answered with "")."""
-    from minicpmo_cli.processing.audio import audio_token_count
-
-    return len(clip) > 0 and audio_token_count(len(clip)) > 0
-
-
+# ------------------------------------------------------------------------------------------ batch sizes
 CPU_BATCH_SIZE = 4  # pieces per pass on the CPU: more only adds padding work
 MAX_AUTO_BATCH_SIZE = 128
 # GPU memory one 30 s piece may need, with margin: its KV cache (~800 prompt + 512 new positions x 28 layers
@@ -134,39 +63,60 @@ def loaded_once(engine: Engine | Callable[[], Engine]) -> Callable[[], Engine]:
     return model
 
 
-def run_batch(batch: list[tuple[Any, int, np.ndarray]], model: Callable[[], Engine],
-               decode: DecodeOptions) -> None:
-    """Answer each piece of ``batch`` into its job (slivers without audio tokens get "" without the model)."""
-    for job, index, clip in batch:
-        if not has_audio_tokens(clip):
-            job.texts[index] = PieceText("")
-    todo = [(job, index, clip) for job, index, clip in batch if job.texts[index] is None]
-    if todo:
-        results = generate_batch(model(), [clip for _, _, clip in todo], [job.instruction for job, _, _ in todo],
-                                 decode)
-        for (job, index, _), result in zip(todo, results):
-            job.texts[index] = result
+@dataclass
+class _Piece:
+    """A piece on its way: its job (api/asr.py _Job), index and samples; ``instruction`` None: the job's
+    (read when the piece is sent); ``on_answer`` None: the answer is the piece's text."""
+
+    job: Any
+    index: int
+    clip: np.ndarray
+    instruction: str | None = None
+    on_answer: Callable[[Any, PieceText], None] | None = None
 
 
 class PieceRun:
     """The pieces of a transcribe_many run between the VAD and the records: the inputs still open (in input
-    order), the pieces not yet sent to the model, the batch size (found once the model is loaded) and the
-    progress counts."""
+    order), the probes and pieces not yet sent, those on the model, the batch size (found once the model is
+    loaded) and the progress counts."""
 
     def __init__(self, model: Callable[[], Engine], batch_size: int | None, decode: DecodeOptions,
                  finish: Callable[[Any], Any], tell: Callable[[Any], None] | None,
                  progress: Callable[[int, int], None] | None, cancel: Any = None) -> None:
         self.model, self.decode, self.finish, self.tell = model, decode, finish, tell
         self.progress, self.cancel = progress, cancel
-        self.open_jobs: deque = deque()  # api/asr.py _Job: .done, .texts
-        self.waiting: list[tuple[Any, int, np.ndarray]] = []  # pieces not yet sent to the model
+        self.open_jobs: deque = deque()  # api/asr.py _Job: .done, .texts, .instruction
+        self.probes: list[_Piece] = []  # sent before any waiting piece
+        self.waiting: list[_Piece] = []  # pieces not yet sent to the model
+        self.flying: deque[tuple[_Piece, calls.Pending]] = deque()  # on the model, oldest first
         self.sizes: list[int] = [] if batch_size is None else [batch_size]
         self.counts = [0, 0]  # pieces done, pieces known: for ``progress``
+        self._model: PieceModel | None = None
+
+    # ----- what the run is given
+    def add(self, job, pieces: list[tuple[int, np.ndarray]]) -> None:
+        """Pieces to answer with the job's instruction (as it is when they are sent)."""
+        self.waiting.extend(_Piece(job, index, clip) for index, clip in pieces)
+
+    def probe(self, job, clip: np.ndarray, instruction: str, decide: Callable[[Any, PieceText], None],
+              rest: list[tuple[int, np.ndarray]]) -> None:
+        """Send ``clip`` with ``instruction`` first; its answer goes to ``decide(job, answer)``, and only then
+        are the pieces of ``rest`` still unanswered added (with the instruction ``decide`` chose)."""
+        def answered(job_, answer: PieceText) -> None:
+            decide(job_, answer)
+            self.add(job_, [(index, clip_) for index, clip_ in rest if job_.texts[index] is None])
+        self.probes.append(_Piece(job, 0, clip, instruction, answered))
 
     def advance(self, done: int = 0, found: int = 0) -> None:
         self.counts[:] = self.counts[0] + done, self.counts[1] + found
         if self.progress is not None:
             self.progress(*self.counts)
+
+    # ----- sizes
+    def piece_model(self) -> PieceModel:
+        if self._model is None:
+            self._model = PieceModel(self.model(), self.decode)
+        return self._model
 
     def batch_size(self) -> int:
         if not self.sizes:
@@ -176,13 +126,78 @@ class PieceRun:
     def window(self) -> int:  # one batch at a time when batches are single pieces: sorting would gain nothing
         return self.batch_size() * (SORT_WINDOW_BATCHES if self.batch_size() > 1 else 1)
 
-    def answer(self, clips: list[np.ndarray], instruction: str) -> list[PieceText]:
-        """The answers to ``[instruction, clip]`` for each clip, ``batch_size`` clips a pass."""
-        size = self.batch_size() if clips else 1
-        answers: list[PieceText] = []
-        for start in range(0, len(clips), size):
-            answers += generate_batch(self.model(), clips[start:start + size], instruction, self.decode)
-        return answers
+    def in_flight(self) -> int:
+        """Pieces on the model at most: every slot of the LLM engine busy, and the next batch queued so that a
+        slot that frees is refilled at once."""
+        model = self._model  # (not loaded for this: a run of slivers alone never loads it)
+        slots = getattr(getattr(model.engine, "llm_engine", None), "max_batch", 0) if model is not None else 0
+        return self.batch_size() + max(self.batch_size(), slots or 0)
+
+    # ----- the stream
+    def pump(self, final: bool = False) -> Iterator[Any]:
+        """Send what is ready (probes first; other pieces once a sort window is full, or at the end), take in
+        the answers that came, yield the records that are complete. Blocks only
+        while the model is full and a window's worth waits (bounding memory), and when ``final``, until all
+        is answered."""
+        while True:
+            yield from self._take_answers()
+            if self._ready(final) and len(self.flying) < self.in_flight():
+                self._send_batch()
+                continue
+            if not self.flying or not (final or self._backlog()):
+                return
+            self._record(*self.flying.popleft(), wait=True)
+
+    def _backlog(self) -> bool:
+        """More waits than a window and a batch: the caller waits for the model before taking more inputs."""
+        waiting = len(self.waiting) + len(self.probes)
+        return waiting > 0 and waiting >= self.window() + self.batch_size()
+
+    def _ready(self, final: bool) -> bool:
+        if self.probes:
+            return True
+        if not self.waiting:
+            return False
+        return final or len(self.waiting) >= self.window()
+
+    def _send_batch(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise TranscriptionCancelled("the transcription was cancelled")
+        queue = self.probes if self.probes else self.waiting
+        queue.sort(key=lambda piece: len(piece.clip))  # stable: equal lengths keep input order
+        batch, queue[:] = queue[:self.batch_size()], queue[self.batch_size():]
+        for piece in batch:
+            if not has_audio_tokens(piece.clip):  # a sliver without a single audio embedding: ""
+                self._answer(piece, PieceText(""))
+        todo = [piece for piece in batch if piece.on_answer is not None or piece.job.texts[piece.index] is None]
+        todo = [piece for piece in todo if has_audio_tokens(piece.clip)]
+        if todo:
+            instructions = [piece.instruction or piece.job.instruction for piece in todo]
+            pending = calls.start_batch(self.piece_model(), [piece.clip for piece in todo], instructions)
+            self.flying.extend(zip(todo, pending))
+
+    def _take_answers(self) -> Iterator[Any]:
+        """Every answer that came, in any order (a long piece does not hold back the rows after it; answers do
+        not depend on which pieces share the engine's steps), each record yielded as soon as it is complete."""
+        done = [entry for entry in self.flying if entry[1].done]
+        for entry in done:
+            self.flying.remove(entry)
+            self._record(*entry, wait=False)
+            yield from self.finished()
+        if not done:
+            yield from self.finished()
+
+    def _record(self, piece: _Piece, pending: calls.Pending, wait: bool) -> None:
+        self._answer(piece, pending.wait(self.cancel) if wait else pending.wait())
+
+    def _answer(self, piece: _Piece, answer: PieceText) -> None:
+        if piece.on_answer is not None:
+            piece.on_answer(piece.job, answer)
+            if piece.job.texts[piece.index] is not None:
+                self.advance(done=1)
+        else:
+            piece.job.texts[piece.index] = answer
+            self.advance(done=1)
 
     def finished(self) -> Iterator[Any]:
         if self.tell is not None:
@@ -191,17 +206,7 @@ class PieceRun:
         while self.open_jobs and self.open_jobs[0].done:
             yield self.finish(self.open_jobs.popleft())
 
-    def run_waiting(self) -> Iterator[Any]:
-        pieces = sorted(self.waiting, key=lambda piece: len(piece[2]))  # stable: equal lengths keep input order
-        self.waiting.clear()
-        size = self.batch_size()
-        for start in range(0, len(pieces), size):
-            if self.cancel is not None and self.cancel.is_set():
-                raise TranscriptionCancelled("the transcription was cancelled")
-            run_batch(pieces[start:start + size], self.model, self.decode)
-            self.advance(done=min(size, len(pieces) - start))
-            yield from self.finished()
-
-
-class TranscriptionCancelled(Exception):
-    """The caller set the transcription's cancel event: what was left of it was not sent to the model."""
+    def close(self) -> None:
+        """Abort what is still on the model (the caller stopped reading, failed or cancelled)."""
+        while self.flying:
+            self.flying.popleft()[1].abort()

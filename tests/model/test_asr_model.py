@@ -226,22 +226,22 @@ def test_identical_lengths_share_one_whisper_call(engine, monkeypatch):
 def test_pieces_are_sorted_by_length_and_audio_decoded_ahead_in_threads(engine, monkeypatch):
     import threading
 
-    from minicpmo_cli.api import asr, asr_model
+    from minicpmo_cli.api import asr, asr_model_calls
     from minicpmo_cli.api.engine import DecodeOptions
 
     decoded_in, batches = [], []
-    real_start, real_generate = asr._start_job, asr_model.generate_batch
+    real_start, real_generate = asr._start_job, asr_model_calls.start_batch
 
     def start(item, options):
         decoded_in.append(threading.current_thread().name)
         return real_start(item, options)
 
-    def generate(engine_, clips, instruction, decode):
+    def generate(model, clips, instructions):
         batches.append([len(c) for c in clips])
-        return real_generate(engine_, clips, instruction, decode)
+        return real_generate(model, clips, instructions)
 
     monkeypatch.setattr(asr, "_start_job", start)
-    monkeypatch.setattr(asr_model, "generate_batch", generate)
+    monkeypatch.setattr(asr_model_calls, "start_batch", generate)
     seconds = (3.0, 1.0, 2.0, 1.5, 2.5)
     inputs = [asr.AudioInput(f"clip{i}", noise(s, i)) for i, s in enumerate(seconds)]
     # noise: the VAD would send nothing; a given language: no per-input language probe
@@ -255,12 +255,12 @@ def test_pieces_are_sorted_by_length_and_audio_decoded_ahead_in_threads(engine, 
 def test_noise_sends_nothing_to_the_model(monkeypatch):
     """With the VAD, noise and silence give an empty record and the model is never even loaded."""
     from minicpmo_cli.api import asr as asr_api
-    from minicpmo_cli.api import asr_model
+    from minicpmo_cli.api import asr_model_calls
 
     def no_model():
         raise AssertionError("the model was loaded for audio without speech")
 
-    monkeypatch.setattr(asr_model, "generate_batch", lambda *a, **k: pytest.fail("a piece was sent to the model"))
+    monkeypatch.setattr(asr_model_calls, "start_batch", lambda *a, **k: pytest.fail("a piece was sent to the model"))
     inputs = [asr_api.AudioInput("noise", noise(12.0, 4)), asr_api.AudioInput("silence", np.zeros(16000 * 5))]
     records = list(asr_api.transcribe_many(no_model, inputs, asr_api.AsrOptions(batch_size=2)))
     assert [(r.text, r.segments, r.error) for r in records] == [("", [], None), ("", [], None)]
@@ -278,18 +278,16 @@ def test_segmentation_options_are_checked():
 
 
 def fake_model(monkeypatch, answer: str) -> list[tuple[str, int]]:
-    """generate_batch replaced by one answering ``answer`` to everything; returns the (prompt, clip length) sent."""
-    from minicpmo_cli.api import asr as asr_api
-    from minicpmo_cli.api import asr_model
+    """The model calls replaced by one answering ``answer`` to everything; returns the (prompt, clip length) sent."""
+    from minicpmo_cli.api import asr_model_calls as calls
 
     sent: list[tuple[str, int]] = []
 
-    def fake(engine, clips, instruction, decode):
-        instructions = [instruction] * len(clips) if isinstance(instruction, str) else instruction
+    def fake(model, clips, instructions):
         sent.extend((text, len(clip)) for text, clip in zip(instructions, clips))
-        return [asr_api.PieceText(answer) for _ in clips]
+        return [calls.Pending(answer=calls.PieceText(answer)) for _ in clips]
 
-    monkeypatch.setattr(asr_model, "generate_batch", fake)
+    monkeypatch.setattr(calls, "start_batch", fake)
     return sent
 
 
