@@ -87,7 +87,8 @@ class PieceRun:
         self.progress, self.cancel = progress, cancel
         self.open_jobs: deque = deque()  # api/asr.py _Job: .done, .texts, .instruction
         self.probes: list[_Piece] = []  # sent before any waiting piece
-        self.waiting: list[_Piece] = []  # pieces not yet sent to the model
+        self.waiting: list[_Piece] = []  # pieces gathering into a sort window
+        self.ready: list[_Piece] = []  # sorted windows, sent as the model has room
         self.flying: deque[tuple[_Piece, calls.Pending]] = deque()  # on the model, oldest first
         self.sizes: list[int] = [] if batch_size is None else [batch_size]
         self.counts = [0, 0]  # pieces done, pieces known: for ``progress``
@@ -150,21 +151,22 @@ class PieceRun:
 
     def _backlog(self) -> bool:
         """More waits than a window and a batch: the caller waits for the model before taking more inputs."""
-        waiting = len(self.waiting) + len(self.probes)
+        waiting = len(self.waiting) + len(self.ready) + len(self.probes)
         return waiting > 0 and waiting >= self.window() + self.batch_size()
 
     def _ready(self, final: bool) -> bool:
-        if self.probes:
-            return True
-        if not self.waiting:
-            return False
-        return final or len(self.waiting) >= self.window()
+        if self.waiting and (final or len(self.waiting) >= self.window()):
+            self.waiting.sort(key=lambda piece: len(piece.clip))  # stable: equal lengths keep input order
+            self.ready += self.waiting
+            self.waiting = []
+        return bool(self.probes or self.ready)
 
     def _send_batch(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise TranscriptionCancelled("the transcription was cancelled")
-        queue = self.probes if self.probes else self.waiting
-        queue.sort(key=lambda piece: len(piece.clip))  # stable: equal lengths keep input order
+        if self.probes:
+            self.probes.sort(key=lambda piece: len(piece.clip))
+        queue = self.probes if self.probes else self.ready
         batch, queue[:] = queue[:self.batch_size()], queue[self.batch_size():]
         for piece in batch:
             if not has_audio_tokens(piece.clip):  # a sliver without a single audio embedding: ""

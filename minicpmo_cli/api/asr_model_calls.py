@@ -133,10 +133,10 @@ class PromptCache:
 
     def inputs(self, clips: list[np.ndarray], instructions: list[str], device) -> dict:
         """What ``processor.apply_chat_template`` gives for ``[[instruction, clip]]`` messages (left-padded
-        ids, mask, bounds, log-mel features on ``device``)."""
+        ids, mask, bounds, log-mel features), the features of all clips in one STFT on ``device``."""
         import torch
 
-        from minicpmo_cli.processing.audio import extract_audio_features
+        from minicpmo_cli.processing.audio import WINDOW_SAMPLES, extract_audio_features, log_mel_batch
         from minicpmo_cli.processing.processor import bool_dtype, left_pad
 
         rows = [self.row(text, len(clip)) for text, clip in zip(instructions, clips)]
@@ -144,7 +144,12 @@ class PromptCache:
         mask = ids.new_ones(ids.shape, dtype=bool_dtype())
         for index, pad in enumerate(pads):
             mask[index, :pad] = False
-        features, lens = extract_audio_features([[clip] for clip in clips], device=device)
+        clips = [np.asarray(clip, np.float32).reshape(-1) for clip in clips]
+        if max(clip.size for clip in clips) > WINDOW_SAMPLES:  # pieces over 30 s: several windows each
+            features, lens = extract_audio_features([[clip] for clip in clips], device=device)
+        else:
+            features, valid = log_mel_batch(clips, device)
+            lens = [torch.tensor([frames], dtype=torch.int64) for frames in valid]
         empty = [torch.zeros((0, 2), dtype=torch.long) for _ in clips]
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "image_bound": empty,
                 "pixel_values": [[] for _ in clips], "tgt_sizes": empty,
