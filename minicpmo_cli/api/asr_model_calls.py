@@ -37,24 +37,40 @@ class TranscriptionCancelled(Exception):
 
 
 def embed_prompts(model, inputs) -> Any:
-    """LLM input embeddings of a batch, with the audio of each group of identical-length samples encoded together.
+    """LLM input embeddings of a batch, the audio of every sample exactly as it is encoded alone.
 
     Why not ``model.generate`` on the batch: the reference's Whisper mask compares encoder frame indices
-    with *mel* lengths, so in a batch a clip whose last 1 s chunk is partial lets that chunk attend to
-    padding frames and its embeddings change with the longest clip beside it. Samples whose pieces have the
-    same lengths share one Whisper call (no padding between them); every other sample is encoded on its own
-    (trimmed to its own frames). Either way each sample gets exactly its single-clip embeddings, so batching
-    changes no transcript.
+    with *mel* lengths, so in a padded batch a clip whose last 1 s chunk is partial lets that chunk attend to
+    padding frames and its embeddings change with the longest clip beside it. Samples of one window (a piece
+    of <= 30 s, all of asr's) are encoded together by ``model/audio.py`` :func:`get_audio_embedding_rows`,
+    which shares the per-position work and runs what looks across positions on each row's own frames; a
+    sample of several windows is encoded on its own with its windows together (as alone: trimmed to its
+    longest window), grouped with the samples of identical window lengths. Either way each sample gets
+    exactly its single-clip embeddings, so batching changes no transcript.
     """
     import torch
 
-    from minicpmo_cli.model.audio import identical_length_groups
+    from minicpmo_cli.model.audio import get_audio_embedding_rows, identical_length_groups
 
     data = dict(inputs)
     chunk_length = model.config.audio_chunk_length
+    lens = [[int(v) for v in item.reshape(-1).tolist()] for item in (data.get("audio_feature_lens") or [])]
     with torch.inference_mode():
         embeds, _ = model.get_vllm_embedding(data)
-        for samples, rows, frames in identical_length_groups(data.get("audio_feature_lens") or []):
+        first_rows = np.cumsum([0] + [len(item) for item in lens])[:-1]
+        single = [index for index, item in enumerate(lens) if len(item) == 1]
+        if single:
+            rows = [int(first_rows[index]) for index in single]
+            found = get_audio_embedding_rows(model.apm, model.audio_projection_layer, model.audio_avg_pooler,
+                                             data["audio_features"][rows], [lens[index][0] for index in single],
+                                             chunk_length, dtype=model.llm.model.embed_tokens.weight.dtype)
+            audio = [[] for _ in lens]
+            for index, piece in zip(single, found):
+                audio[index] = [piece]
+            model.insert_audio_embeddings(data, embeds, audio)
+        for samples, rows, frames in identical_length_groups(lens):
+            if len(lens[samples[0]]) == 1:
+                continue  # encoded above
             group = {
                 "audio_features": data["audio_features"][rows, :, :frames],
                 "audio_feature_lens": [data["audio_feature_lens"][i] for i in samples],

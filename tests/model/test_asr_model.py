@@ -196,25 +196,28 @@ def test_identical_length_groups():
     assert identical_length_groups([]) == []
 
 
-def test_identical_lengths_share_one_whisper_call(engine, monkeypatch):
-    """Equal-length clips are encoded in one call and get exactly their single-clip embeddings."""
+def test_pieces_of_any_lengths_share_one_whisper_pass(engine, monkeypatch):
+    """Clips of different lengths share the per-position work of one Whisper pass (one MLP call over all the
+    one-window clips) and get exactly their single-clip embeddings; a clip over 30 s (two windows) is encoded
+    with its windows together, as alone."""
     import torch
 
     from minicpmo_cli.api.asr import embed_prompts, task_prompt
 
-    clips = [noise(2.5, 0), noise(3.05, 1), noise(2.5, 2), noise(2.5, 3), noise(3.05, 4)]
+    clips = [noise(2.5, 0), noise(3.05, 1), noise(2.5, 2), noise(31.0, 5), noise(7.3, 3), noise(0.07, 4)]
     msgs = [[{"role": "user", "content": [task_prompt(), clip]}] for clip in clips]
     batch = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True)
     rows = []
-    real = engine.model.apm.forward
+    fc1 = engine.model.apm.layers[0].fc1
+    real = fc1.forward
 
-    def spy(features, *args, **kwargs):
-        rows.append(features.shape[0])
-        return real(features, *args, **kwargs)
+    def spy(hidden):
+        rows.append(hidden.shape[0])
+        return real(hidden)
 
-    monkeypatch.setattr(engine.model.apm, "forward", spy)
+    monkeypatch.setattr(fc1, "forward", spy)
     batched = embed_prompts(engine.model, batch)
-    assert rows == [3, 2]  # the three 2.5 s clips, then the two 3.05 s ones
+    assert rows == [5, 2]  # the five one-window clips together, then the two windows of the 31 s clip
     monkeypatch.undo()
     for index, sample in enumerate(msgs):
         single = engine.processor.apply_chat_template(msgs=sample, use_tts_template=True)
