@@ -137,9 +137,9 @@ class PieceRun:
     # ----- the stream
     def pump(self, final: bool = False) -> Iterator[Any]:
         """Send what is ready (probes first; other pieces once a sort window is full, or at the end), take in
-        the answers that came, yield the records that are complete. Blocks only
-        while the model is full and a window's worth waits (bounding memory), and when ``final``, until all
-        is answered."""
+        the answers that came, yield the records that are complete. Blocks only while the model is full and
+        more than a window waits (bounding memory), and when ``final``, until all is answered; a block ends at
+        the first answer, whichever piece it is, so the next batch goes out at once."""
         while True:
             yield from self._take_answers()
             if self._ready(final) and len(self.flying) < self.in_flight():
@@ -147,7 +147,14 @@ class PieceRun:
                 continue
             if not self.flying or not (final or self._backlog()):
                 return
-            self._record(*self.flying.popleft(), wait=True)
+            self._wait_any()
+
+    def _wait_any(self) -> None:
+        oldest = self.flying[0][1]
+        while not any(pending.done for _, pending in self.flying):
+            if self.cancel is not None and self.cancel.is_set():
+                raise TranscriptionCancelled("the transcription was cancelled")
+            oldest.wait_briefly()
 
     def _backlog(self) -> bool:
         """More waits than a window and a batch: the caller waits for the model before taking more inputs."""
@@ -184,13 +191,10 @@ class PieceRun:
         done = [entry for entry in self.flying if entry[1].done]
         for entry in done:
             self.flying.remove(entry)
-            self._record(*entry, wait=False)
+            self._answer(entry[0], entry[1].wait())
             yield from self.finished()
         if not done:
             yield from self.finished()
-
-    def _record(self, piece: _Piece, pending: calls.Pending, wait: bool) -> None:
-        self._answer(piece, pending.wait(self.cancel) if wait else pending.wait())
 
     def _answer(self, piece: _Piece, answer: PieceText) -> None:
         if piece.on_answer is not None:

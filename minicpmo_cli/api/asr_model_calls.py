@@ -24,6 +24,7 @@ from minicpmo_cli.generation.presets import resolve
 # A piece that hits the token limit is reported, never silently cut.
 ASR_TASK = "asr"
 CANCEL_POLL_SECONDS = 0.05  # how often a wait for the engine looks at the cancel event
+ANY_POLL_SECONDS = 0.002  # how often a wait for any of several requests looks at the others
 
 
 @dataclass
@@ -200,6 +201,15 @@ class Pending:
                     handle.engine.step()
             self.answer = piece_text(handle.result(), self.tokenizer, self.stops)
         return self.answer
+
+    def wait_briefly(self, seconds: float = ANY_POLL_SECONDS) -> None:
+        """Wait a moment for this answer (a short-lived engine is stepped once instead)."""
+        if self.answer is not None or self.handle.done:
+            return
+        if self.handle.engine.threaded:
+            self.handle._done.wait(seconds)
+        else:
+            self.handle.engine.step()
 
     def abort(self) -> None:
         if self.answer is None and not self.handle.done:

@@ -131,7 +131,7 @@ def test_a_finished_piece_is_replaced_at_once_not_after_its_batch(monkeypatch):
     assert not sent[1][1].done  # while the first batch's other row still runs
     for _, pending in sent:
         pending.handle.finish([6])
-    records = list(run.pump(final=True))  # the last batch, answered as it is waited for
+    records = list(run.pump(final=True))  # the last batch, answered once the run waits for the engine
     assert records == ["a", "b"] and len(sent) == 8
     assert [text.text for job in jobs for text in job.texts] == ["[5]", "[6]", "[6]", "[7]", "[6]", "[6]", "[6]", "[7]"]
     late = _Job("c", 1)
@@ -146,23 +146,55 @@ def _pending_type():
     from minicpmo_cli.api import asr_model_calls as calls
 
     class Pending(calls.Pending):
-        """Answered with its ids as text; a wait for one not yet answered answers it ([7])."""
+        """Answered with its ids as text."""
 
         def wait(self, cancel=None):
-            if not self.handle.done:
-                self.handle.finish([7])
+            assert self.handle.done
             return calls.PieceText(str(self.handle.ids))
     return Pending
+
+
+class _Engine:
+    """Stepped by a wait that finds nothing answered: answers every request still open ([7])."""
+
+    threaded = False
+    handles: list = []
+
+    def step(self) -> bool:
+        for handle in self.handles:
+            if not handle.done:
+                handle.finish([7])
+        return True
 
 
 class _Handle:
     """An engine request whose answer the test hands in."""
 
     def __init__(self) -> None:
-        self.done, self.ids, self.engine = False, [], None
+        self.done, self.ids, self.engine = False, [], _Engine()
+        _Engine.handles.append(self)
 
     def finish(self, ids: list[int]) -> None:
         self.done, self.ids = True, ids
 
     def result(self) -> list[int]:
         return self.ids
+
+
+def test_whole_batch_log_mel_matches_the_golden_features(golden_case, golden_ckpt):
+    """Cases c and d in one batch: each row within the golden README's feature tolerance (1e-5)."""
+    import soundfile
+
+    from minicpmo_cli.processing.audio import log_mel_batch
+
+    audios, expected = [], []
+    for name in ("c_asr", "d_forward"):
+        meta, arrays = golden_case(name)
+        item = next(c for m in meta["messages"] for c in m["content"] if c["type"] == "audio")
+        audio, _ = soundfile.read(golden_ckpt.parent / "cases" / item["file"], dtype="float32")
+        audios.append(audio)
+        expected.append(arrays["audio_features"][0])
+    features, valid = log_mel_batch(audios)
+    for row, frames, golden in zip(features, valid, expected):
+        assert frames == golden.shape[-1]
+        assert np.abs(row[:, :frames].numpy() - golden).max() <= 1e-5
