@@ -266,9 +266,14 @@ def start_batch(model: PieceModel, clips: list[np.ndarray], instructions: list[s
     decode = settings.decode.with_(stop_ids=model.stops)
     seed_call(settings.seed)
     tokenizer = engine.processor.tokenizer
-    pending = []
-    with torch.inference_mode():
-        for row in split_rows(embeds, inputs["attention_mask"]):
-            handle = model.llm_engine.submit(Request(row.contiguous(), decode, seed=settings.seed))
-            pending.append(Pending(handle, tokenizer=tokenizer, stops=model.stops))
+    pending: list[Pending] = []
+    try:
+        with torch.inference_mode():
+            for row in split_rows(embeds, inputs["attention_mask"]):
+                handle = model.llm_engine.submit(Request(row.contiguous(), decode, seed=settings.seed))
+                pending.append(Pending(handle, tokenizer=tokenizer, stops=model.stops))
+    except BaseException:  # a refused submit (the engine's queue is full): none of this batch stays on it
+        for submitted in pending:
+            submitted.abort()
+        raise
     return pending
