@@ -353,8 +353,11 @@ def get_audio_embedding_rows(
     hidden = features.new_zeros(len(mel_lens), max(enc), apm.conv1.weight.shape[0])
     for row, (frames, length) in enumerate(zip(mel_lens, enc)):
         hidden[row, :length] = apm.embed(features[row:row + 1, :, :frames])[0]
-    masks = [build_audio_attention_mask(torch.tensor([frames]), frames, chunk_length, dtype, device)
-             for frames in mel_lens]
+    # Each row's mask alone (chunk mask over its own encoder frames, no padding to hide) is the top-left
+    # corner of the longest row's: built once, sliced per row.
+    longest = max(mel_lens)
+    whole = build_audio_attention_mask(torch.tensor([longest]), longest, chunk_length, dtype, device)
+    masks = [whole[:, :, :length, :length] for length in enc]
     for layer in apm.layers:
         hidden = _layer_over_rows(layer, hidden, masks, enc)
     hidden = apm.layer_norm(hidden)
