@@ -3,8 +3,9 @@
 Every input is decoded to 16 kHz mono and segmented by the Silero VAD (``processing/segments.py``): speech
 regions grouped into pieces of at most 30 s (the Whisper window), cut only inside pauses, non-speech never
 sent; each piece is sent as the guide's message ``[task prompt + "\\n", audio]``
-under the TTS chat template (audio switches it on, as the reference). Pieces of several inputs share one
-forward pass (``batch_size``); the answers are the same as one piece at a time (see ``embed_prompts``).
+under the TTS chat template (audio switches it on, as the reference). The model stage (api/asr_model.py)
+embeds the pieces of several inputs a batch at a time (``batch_size``) and decodes each as its own request on
+the LLM engine; the answers are the same as one piece at a time (see ``embed_prompts``).
 """
 
 from __future__ import annotations
