@@ -13,7 +13,7 @@ that long), so the timings are those of the real model's shapes, not of its outp
 
     bash benchmarks/gpu_run.sh                    # runs this as its "asr" part
     python benchmarks/asr_gpu.py                  # needs a CUDA GPU (~20 GiB)
-    python benchmarks/asr_gpu.py --cpu-smoke      # the same plumbing on the CPU with the tiny checkpoint
+    python benchmarks/asr_gpu.py --cpu-smoke      # the same plumbing on the CPU at the tiny checkpoint's sizes
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=64, help="the LLM engine's KV slots (serve's --max-batch)")
     parser.add_argument("--step", default=None, help="eager | graph | compile (default: the device's)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny checkpoint on the CPU, few clips")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, few clips")
     parser.add_argument("--skip", default="", help="comma-separated stages to leave out: clips,long")
     parser.add_argument("--stage-timeout", type=float, default=240)
     parser.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
@@ -84,30 +84,28 @@ def long_files(count: int, minutes: float) -> list[np.ndarray]:
 
 # ------------------------------------------------------------------------------------------ the child
 def build_engine(args, workdir: Path):
-    """The api Engine: full-size random weights on CUDA (LLM, Whisper, projection), or the tiny checkpoint."""
-    from minicpmo_cli.api.engine import LoadOptions, load
-    from minicpmo_cli.model.tiny import make_tiny_checkpoint
-
-    tiny = make_tiny_checkpoint(workdir / "tiny")
-    options = LoadOptions(model=str(tiny), device=args.device, max_batch=args.slots, step=args.step)
-    if args.cpu_smoke:
-        return load(options, vision=False, audio=True, tts=False)
+    """The api Engine over random weights (LLM, Whisper, projection) on the device: the official sizes in
+    bf16, or with --cpu-smoke the tiny checkpoint's sizes in float32 (the same code path, here)."""
     import gpu_model
     import torch
 
-    from minicpmo_cli.api.engine import Engine, make_engines
+    from minicpmo_cli.api.engine import Engine, LoadOptions, make_engines
+    from minicpmo_cli.model.tiny import make_tiny_checkpoint
     from minicpmo_cli.processing.processor import MiniCPMOProcessor
 
-    _, ids = gpu_model.tiny_ids(tiny)
-    config_dict, _ = gpu_model.load_config_dict(argparse.Namespace(config=None))
-    model, _ = gpu_model.build_on_meta(gpu_model.make_config(config_dict, ids, "sdpa"), torch.bfloat16)
+    tiny = make_tiny_checkpoint(workdir / "tiny")
+    tiny_config, ids = gpu_model.tiny_ids(tiny)
+    config_dict = tiny_config if args.cpu_smoke else gpu_model.load_config_dict(argparse.Namespace(config=None))[0]
+    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    model, _ = gpu_model.build_on_meta(gpu_model.make_config(config_dict, ids, "sdpa"), dtype)
     generator = torch.Generator(device=args.device).manual_seed(0)
     for tower in (model.llm, model.apm, model.audio_projection_layer):
         gpu_model.materialise(tower, args.device, generator)
     del model.vpm, model.resampler, model.tts  # asr loads neither vision nor speech
+    options = LoadOptions(model=str(tiny), device=args.device, max_batch=args.slots, step=args.step)
     llm_engine, tts_runner = make_engines(model, options, args.device)
     return Engine(model=model, processor=MiniCPMOProcessor.from_pretrained(str(tiny)), device=args.device,
-                  dtype=torch.bfloat16, options=options, towers={"vision": False, "audio": True, "tts": False},
+                  dtype=dtype, options=options, towers={"vision": False, "audio": True, "tts": False},
                   llm_engine=llm_engine, tts_runner=tts_runner)
 
 
@@ -201,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from stage_runner import BUILD, Limits, run_groups
 
     stages = [s for s in STAGES if s not in args.skip.split(",")]
-    print(f"asr at GPU speed ({'tiny checkpoint, CPU smoke' if args.cpu_smoke else 'full size, random bf16'}"
+    print(f"asr at GPU speed ({'tiny sizes, CPU smoke' if args.cpu_smoke else 'full size'}, random weights"
           f", {args.device}; startup excluded)", flush=True)
     limits = Limits(stage=lambda stage: 300 if stage == BUILD else args.stage_timeout, total=args.time_limit)
     printer = gpu_compare.TablePrinter()
