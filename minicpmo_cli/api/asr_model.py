@@ -23,7 +23,9 @@ from minicpmo_cli.api.engine import DecodeOptions, Engine
 SORT_WINDOW_BATCHES = 4  # pieces of up to this many batches are sorted by length before batching
 
 # ------------------------------------------------------------------------------------------ batch sizes
-CPU_BATCH_SIZE = 4  # pieces per pass on the CPU: more only adds padding work
+# Pieces embedded per pass on the CPU: Whisper's per-position work is padded to the longest row, so more only
+# adds padding there; the LLM rows decoded together are the engine's slots, whatever the batch.
+CPU_BATCH_SIZE = 4
 MAX_AUTO_BATCH_SIZE = 128
 # GPU memory one 30 s piece may need, with margin: its KV cache (~800 prompt + 512 new positions x 28 layers
 # x 4 KV heads x 128 x (key, value) x 2 bytes = 56 KiB a position, ~75 MiB), the prefill activations of
