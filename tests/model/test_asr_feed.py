@@ -134,12 +134,18 @@ def test_a_finished_piece_is_replaced_at_once_not_after_its_batch(monkeypatch):
     records = list(run.pump(final=True))  # the last batch, answered once the run waits for the engine
     assert records == ["a", "b"] and len(sent) == 8
     assert [text.text for job in jobs for text in job.texts] == ["[5]", "[6]", "[6]", "[7]", "[6]", "[6]", "[6]", "[7]"]
-    late = _Job("c", 1)
+    late = _Job("c", 2)
     run.open_jobs.append(late)
-    run.add(late, [(0, np.ones(16000, np.float32))])
+    run.add(late, [(0, np.ones(16000, np.float32)), (1, np.ones(16000, np.float32))])
+    assert list(run.pump()) == [] and len(sent) == 8  # under a window: gathering
+    run.probe(late, np.ones(8000, np.float32), "probe\n", lambda job, answer: None, [])
+    assert list(run.pump()) == [] and len(sent) == 9  # a probe goes at once
     run.cancel.set()
-    with pytest.raises(TranscriptionCancelled):
+    with pytest.raises(TranscriptionCancelled):  # nothing more is sent
         list(run.pump(final=True))
+    assert len(sent) == 9
+    run.close()  # what was in flight is aborted on the engine
+    assert sent[-1][1].handle.aborted and not run.flying
 
 
 def _pending_type():
@@ -160,6 +166,9 @@ class _Engine:
     threaded = False
     handles: list = []
 
+    def abort(self, handle) -> None:
+        handle.aborted = True
+
     def step(self) -> bool:
         for handle in self.handles:
             if not handle.done:
@@ -171,7 +180,7 @@ class _Handle:
     """An engine request whose answer the test hands in."""
 
     def __init__(self) -> None:
-        self.done, self.ids, self.engine = False, [], _Engine()
+        self.done, self.ids, self.engine, self.aborted = False, [], _Engine(), False
         _Engine.handles.append(self)
 
     def finish(self, ids: list[int]) -> None:
