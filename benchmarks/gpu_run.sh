@@ -14,7 +14,9 @@
 #   3. cuda_tests.txt the tests that need CUDA (pytest -k "cuda or graph"; the others skip or are deselected)
 #   4. profile.md     one decode step of the full-size LLM under torch.profiler (benchmarks/gpu_profile.py)
 #   5. tts_batch.md   TTS lines batched on the TTS engine vs one by one (benchmarks/tts_batch.py)
-#   6. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
+#   6. asr.md         asr at GPU speed (benchmarks/asr_gpu.py): 100 x 10 s real speech clips through the staged
+#                     pipeline on the full-size model vs the one-by-one loop, 10 files of 10 minutes
+#   7. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
 #                     under their own limits, with whatever time is left
 # Results go to $OUT when it is set (a folder the caller collects), else benchmarks/results/gpu-<time>/; run.log
 # has every part's stderr. GPU_RUN_SMOKE=1: the same plumbing on the CPU at tiny sizes (no GPU needed).
@@ -81,6 +83,7 @@ if [ -n "$SMOKE" ]; then
   part cli cli.md 300 python3 benchmarks/gpu_cli_checks.py --device cpu
   part profile profile.md 120 python3 benchmarks/gpu_profile.py --cpu-smoke
   part tts_batch tts_batch.md 60 python3 benchmarks/tts_batch.py --lines 4 --slots 4 --frames 20
+  part asr asr.md 120 python3 benchmarks/asr_gpu.py --cpu-smoke
   part full_size full_size.md "$(left)" python3 benchmarks/gpu_full_size.py --cpu-smoke --skip asr,memory \
     --quantize int4 --time-limit $(( $(left) - 15 ))
 else
@@ -92,6 +95,7 @@ else
   # TTS lines batched on the TTS engine vs one by one, the official TTS shape, captured steps for both
   part tts_batch tts_batch.md 60 python3 benchmarks/tts_batch.py --device cuda --full-size --step graph \
     --lines 12 --slots 8 --frames 80
+  part asr asr.md 150 python3 benchmarks/asr_gpu.py --stage-timeout 90 --time-limit 140
   part full_size full_size.md "$(left)" python3 benchmarks/gpu_full_size.py --repeats 2 \
     --timeouts build=90,vision=30,audio=30,decode=60,prefill=30,asr=60,tts=60,memory=60,quant-int8=90,quant-int4=90 \
     --time-limit $(( $(left) - 15 ))

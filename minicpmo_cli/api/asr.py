@@ -3,21 +3,25 @@
 Every input is decoded to 16 kHz mono and segmented by the Silero VAD (``processing/segments.py``): speech
 regions grouped into pieces of at most 30 s (the Whisper window), cut only inside pauses, non-speech never
 sent; each piece is sent as the guide's message ``[task prompt + "\\n", audio]``
-under the TTS chat template (audio switches it on, as the reference). Pieces of several inputs share one
-forward pass (``batch_size``); the answers are the same as one piece at a time (see ``embed_prompts``).
+under the TTS chat template (audio switches it on, as the reference). The model stage (api/asr_model.py)
+embeds the pieces of several inputs a batch at a time (``batch_size``) and decodes each as its own request on
+the LLM engine; the answers are the same as one piece at a time (see ``embed_prompts``).
 """
 
 from __future__ import annotations
 
 import re
-from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 
+from minicpmo_cli.api.asr_model import (  # noqa: F401 - the model stage, re-exported for callers and tests
+    ASR_TASK, CPU_BATCH_SIZE, FREE_MEMORY_SHARE, MAX_AUTO_BATCH_SIZE, PIECE_BYTES, SORT_WINDOW_BATCHES, PieceRun,
+    PieceText, TranscriptionCancelled, default_batch_size, embed_prompts, engine_batch_size, generate_batch,
+    has_audio_tokens, loaded_once)
 from minicpmo_cli.api.asr_pipeline import Stages, import_decoding_modules, staged_groups
-from minicpmo_cli.api.engine import DecodeOptions, Engine, seed_call
+from minicpmo_cli.api.engine import DecodeOptions, Engine
 from minicpmo_cli.errors import InputError, UsageError
 from minicpmo_cli.generation.presets import resolve
 from minicpmo_cli.outputs import TranscriptRecord
@@ -34,10 +38,6 @@ MAX_PIECE_SECONDS = 30.0  # s: one Whisper window; longer audio is split in its 
 DEFAULT_VAD_THRESHOLD = 0.5  # Silero's speech probability threshold
 DEFAULT_MIN_SILENCE_MS = 500  # a pause this long ends a speech region (and may take a cut)
 DEFAULT_PIECE_PAD_MS = 200  # processing/segments.py's PIECE_PAD_SECONDS
-
-# Decoding: the "asr" preset of generation/presets.py (greedy unless --sampling; 512 new tokens; why there).
-# A piece that hits the token limit is reported, never silently cut.
-ASR_TASK = "asr"
 
 # The guide's message puts a newline after the task prompt ("...transcribe the content.\n"), which the
 # chat join turns into a blank line before the audio; golden case c_asr confirms the prompt text.
@@ -133,79 +133,6 @@ class AudioInput:
         return cls(str(path), str(path))
 
 
-@dataclass
-class PieceText:
-    text: str
-    truncated: bool = False  # the answer hit max_new_tokens without an end token
-
-
-# ------------------------------------------------------------------------------------------ model calls
-def embed_prompts(model, inputs) -> Any:
-    """LLM input embeddings of a batch, with the audio of each group of identical-length samples encoded together.
-
-    Why not ``model.generate`` on the batch: the reference's Whisper mask compares encoder frame indices
-    with *mel* lengths, so in a batch a clip whose last 1 s chunk is partial lets that chunk attend to
-    padding frames and its embeddings change with the longest clip beside it. Samples whose pieces have the
-    same lengths share one Whisper call (no padding between them); every other sample is encoded on its own
-    (trimmed to its own frames). Either way each sample gets exactly its single-clip embeddings, so batching
-    changes no transcript.
-    """
-    import torch
-
-    from minicpmo_cli.model.audio import identical_length_groups
-
-    data = dict(inputs)
-    chunk_length = model.config.audio_chunk_length
-    with torch.inference_mode():
-        embeds, _ = model.get_vllm_embedding(data)
-        for samples, rows, frames in identical_length_groups(data.get("audio_feature_lens") or []):
-            group = {
-                "audio_features": data["audio_features"][rows, :, :frames],
-                "audio_feature_lens": [data["audio_feature_lens"][i] for i in samples],
-                "audio_bounds": [data["audio_bounds"][i] for i in samples],
-            }
-            index = torch.tensor(samples, device=embeds.device)
-            part = embeds.index_select(0, index)
-            model.get_omni_embedding(group, part, chunk_length=chunk_length)  # writes the audio rows into part
-            embeds.index_copy_(0, index, part)
-    return embeds
-
-
-def generate_batch(engine: Engine, clips: list[np.ndarray], instruction: str | list[str],
-                   decode: DecodeOptions) -> list[PieceText]:
-    """One forward pass over several clips (left-padded); the answer to ``[instruction, clip]`` for each
-    (``instruction``: one for all, or one per clip)."""
-    from minicpmo_cli.api.protocol import own_steps
-
-    steps = own_steps(engine)
-    if steps is not None:  # an engine not backed by a model answers itself (api/protocol.py)
-        return steps.transcribe_clips(clips, instruction, decode)
-    from minicpmo_cli.generation.text import TTS_EOS, run_llm_generate
-    from minicpmo_cli.processing.answer_text import decode_text, terminator_ids
-
-    settings = resolve(ASR_TASK, decode)
-    instructions = [instruction] * len(clips) if isinstance(instruction, str) else list(instruction)
-    msgs = [[{"role": "user", "content": [text, clip]}] for text, clip in zip(instructions, clips)]
-    inputs = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True,
-                                                  audio_device=engine.device).to(engine.device)
-    embeds = embed_prompts(engine.model, inputs)
-    tokenizer = engine.processor.tokenizer
-    seed_call(settings.seed)
-    sequences, _ = run_llm_generate(engine.model, embeds, inputs["attention_mask"], tokenizer, settings.decode,
-                                    engine=getattr(engine, "llm_engine", None), seed=settings.seed)
-    stops = set(terminator_ids(tokenizer))
-    texts = decode_text(sequences, tokenizer)
-    return [PieceText(text.replace(TTS_EOS, "").strip(), truncated=not stops.intersection(row.tolist()))
-            for text, row in zip(texts, sequences)]
-
-
-def _has_audio_tokens(clip: np.ndarray) -> bool:
-    """False for a sliver too short to give the LLM a single audio embedding (answered with "")."""
-    from minicpmo_cli.processing.audio import audio_token_count
-
-    return len(clip) > 0 and audio_token_count(len(clip)) > 0
-
-
 # ------------------------------------------------------------------------------------------ results
 def join_pieces(texts: Iterable[str]) -> str:
     """Piece texts joined with a space, or with nothing where both sides are CJK (no spaces in Chinese)."""
@@ -273,23 +200,30 @@ def _segment_group(group: list[tuple[_Job, np.ndarray | None]], options: AsrOpti
         job.texts = [None] * len(found)
 
 
-def _detect_languages(probes: list[tuple[_Job, np.ndarray]], model: Callable[[], Engine], options: AsrOptions,
-                      decode: DecodeOptions, batch_size: Callable[[], int]) -> None:
-    """--language auto: the first speech piece of each input, transcribed with the English prompt, all inputs'
-    probes batched together (batching changes no answer); the script of each answer (CJK or not) gives that
-    input's language, and so the prompt of all its pieces. For English the probe is already the first piece's
-    transcript; Chinese pieces are all transcribed with the Chinese prompt."""
+def _queue_pieces(group: list[tuple[_Job, np.ndarray | None]], run: PieceRun, options: AsrOptions) -> None:
+    """Hand the pieces of a segmented group to the model stage. --language auto: the first speech piece of
+    each input goes first, with the English prompt (:func:`_decide_language`), and holds back the input's
+    other pieces until its answer has chosen their prompt."""
     english = task_prompt("transcribe", "en")
-    clips = [(job, samples[job.spans[0][0]:job.spans[0][1]]) for job, samples in probes]
-    clips = [(job, clip) for job, clip in clips if _has_audio_tokens(clip)]
-    size = batch_size() if clips else 1
-    for start in range(0, len(clips), size):
-        part = clips[start:start + size]
-        for (job, _), first in zip(part, generate_batch(model(), [clip for _, clip in part], english, decode)):
-            job.language = detect_language(first.text) or "en"
-            job.instruction = task_prompt(options.task, job.language)
-            if job.instruction == english:
-                job.texts[0] = first
+    for job, samples in group:
+        run.open_jobs.append(job)
+        pieces = [(index, samples[start:end]) for index, (start, end) in enumerate(job.spans)]
+        run.advance(found=len(pieces))
+        if options.detects_language and pieces and has_audio_tokens(pieces[0][1]):
+            run.probe(job, pieces[0][1], english, lambda job_, first: _decide_language(job_, first, options),
+                      pieces)
+        else:
+            run.add(job, [(index, clip) for index, clip in pieces if job.texts[index] is None])
+
+
+def _decide_language(job: _Job, first: PieceText, options: AsrOptions) -> None:
+    """The script of the probe's answer (CJK or not) gives the input's language, and so the prompt of all its
+    pieces. For English the probe is already the first piece's transcript; Chinese pieces are all transcribed
+    with the Chinese prompt."""
+    job.language = detect_language(first.text) or "en"
+    job.instruction = task_prompt(options.task, job.language)
+    if job.instruction == task_prompt("transcribe", "en"):
+        job.texts[0] = first
 
 
 def _reason(exc: InputError) -> str:
@@ -328,66 +262,7 @@ def _finish(job: _Job, options: AsrOptions, warn: Callable[[str], None] | None) 
     return record
 
 
-# ------------------------------------------------------------------------------------------ batch sizes
-CPU_BATCH_SIZE = 4  # pieces per pass on the CPU: more only adds padding work
-MAX_AUTO_BATCH_SIZE = 128
-# GPU memory one 30 s piece may need, with margin: its KV cache (~800 prompt + 512 new positions x 28 layers
-# x 4 KV heads x 128 x (key, value) x 2 bytes = 56 KiB a position, ~75 MiB), the prefill activations of
-# ~800 positions (~60 MiB in the 18,944-wide MLP) and its Whisper pass (16 heads x 1500^2 attention scores).
-PIECE_BYTES = 256 * 2**20
-FREE_MEMORY_SHARE = 0.8  # leave the rest to the allocator's fragmentation and other processes
-
-
-def default_batch_size(device_type: str, free_bytes: int | None) -> int:
-    """Pieces per pass when --batch-size is not given: CPU_BATCH_SIZE on the CPU, else from free GPU memory.
-
-    ``free_bytes`` is what the GPU has free with the model loaded; the batch takes FREE_MEMORY_SHARE of it
-    at PIECE_BYTES a piece, between 1 and MAX_AUTO_BATCH_SIZE.
-    """
-    if device_type != "cuda" or free_bytes is None:
-        return CPU_BATCH_SIZE
-    return max(1, min(MAX_AUTO_BATCH_SIZE, int(free_bytes * FREE_MEMORY_SHARE) // PIECE_BYTES))
-
-
-def engine_batch_size(engine: Engine) -> int:
-    """:func:`default_batch_size` for the engine's device (asks CUDA how much memory is free)."""
-    import torch
-
-    device = torch.device(engine.device)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    return default_batch_size(device.type, free)
-
-
 # ------------------------------------------------------------------------------------------ entry points
-SORT_WINDOW_BATCHES = 4  # pieces of up to this many batches are sorted by length before batching
-
-
-
-def _loaded_once(engine: Engine | Callable[[], Engine]) -> Callable[[], Engine]:
-    """``engine``, or a function that loads it the first time it is called and returns it after."""
-    loaded: list[Engine] = [] if callable(engine) else [engine]  # an Engine, or any api.protocol.Engine
-
-    def model() -> Engine:
-        if not loaded:
-            loaded.append(engine())
-        return loaded[0]
-    return model
-
-
-def _run_batch(batch: list[tuple[_Job, int, np.ndarray]], model: Callable[[], Engine],
-               decode: DecodeOptions) -> None:
-    """Answer each piece of ``batch`` into its job (slivers without audio tokens get "" without the model)."""
-    for job, index, clip in batch:
-        if not _has_audio_tokens(clip):
-            job.texts[index] = PieceText("")
-    todo = [(job, index, clip) for job, index, clip in batch if job.texts[index] is None]
-    if todo:
-        results = generate_batch(model(), [clip for _, _, clip in todo], [job.instruction for job, _, _ in todo],
-                                 decode)
-        for (job, index, _), result in zip(todo, results):
-            job.texts[index] = result
-
-
 def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[AudioInput],
                     options: AsrOptions = AsrOptions(), decode: DecodeOptions = DecodeOptions(),
                     warn: Callable[[str], None] | None = None,
@@ -399,90 +274,35 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
 
     Inputs are decoded in threads ahead of the model and segmented by the VAD many files at a time
     (api/asr_pipeline.py, ``stages``); a bad one gives a record with ``error`` set and the others go on. The
-    --language auto probes of the files segmented together are batched. The pieces of consecutive inputs are
-    gathered SORT_WINDOW_BATCHES batches at a time, sorted by length (less padding; equal lengths share one
-    Whisper call) and sent ``options.batch_size`` at a time (None: :func:`engine_batch_size`). ``engine`` may
+    model stage (api/asr_model.py :class:`PieceRun`) sends the --language auto probes first, then the pieces
+    gathered SORT_WINDOW_BATCHES batches at a time, sorted by length (equal lengths share one Whisper call),
+    ``options.batch_size`` a pass (None: :func:`engine_batch_size`), each piece its own request on the LLM
+    engine, which refills a finished row at once; answers do not depend on the batching. ``engine`` may
     be a function that loads it: it is then called only once some audio needs the model (a batch of unreadable
     files, or a rerun that finds nothing left to do, loads nothing). ``progress(done, known)`` is called as pieces are
     found and finished (known grows as inputs are decoded): a long single file shows its pieces go by.
     ``on_piece(path, text)`` is called with each piece's text as soon as it and the pieces before it in its
     input are done (streamed transcriptions). ``cancel``: an Event; once it is set (a server request whose
-    client left) no further batch goes to the model and :class:`TranscriptionCancelled` is raised.
+    client left) no further batch goes to the model, what is on it is aborted and
+    :class:`TranscriptionCancelled` is raised.
     """
     options.validate()
     resolve(ASR_TASK, decode)  # contradictory decoding options fail before any audio is decoded
     if stages.vad_device is None and isinstance(getattr(engine, "device", None), str):
         stages = replace(stages, vad_device=engine.device)  # a loaded engine: the VAD runs where it does
-    model = _loaded_once(engine)
-    run = _PieceRun(model, options, decode, warn, progress, on_piece, cancel)
-    for group in staged_groups(inputs, lambda item: _start_job(item, options),
-                               lambda found, vad: _segment_group(found, options, vad), stages,
-                               prepare=lambda: import_decoding_modules(options.vad)):
-        probes = [(job, samples) for job, samples in group if job.spans] if options.detects_language else []
-        if probes:
-            _detect_languages(probes, model, options, decode, run.batch_size)
-        for job, samples in group:  # as one input at a time: a sort window fills from the inputs in order
-            run.open_jobs.append(job)
-            run.waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans)
-                               if job.texts[i] is None)
-            run.advance(found=len(job.spans))
-            if run.waiting and len(run.waiting) >= run.window():
-                yield from run.run_waiting()
-            yield from run.finished()
-    while run.waiting:
-        yield from run.run_waiting()
-    yield from run.finished()
-
-
-class _PieceRun:
-    """The pieces of a transcribe_many run between the VAD and the records: the inputs still open (in input
-    order), the pieces not yet sent to the model, the batch size (found once the model is loaded) and the
-    progress counts."""
-
-    def __init__(self, model: Callable[[], Engine], options: AsrOptions, decode: DecodeOptions,
-                 warn: Callable[[str], None] | None, progress: Callable[[int, int], None] | None,
-                 on_piece: Callable[[str, str], None] | None, cancel: Any = None) -> None:
-        self.model, self.options, self.decode = model, options, decode
-        self.warn, self.progress, self.on_piece, self.cancel = warn, progress, on_piece, cancel
-        self.open_jobs: deque[_Job] = deque()
-        self.waiting: list[tuple[_Job, int, np.ndarray]] = []  # pieces not yet sent to the model
-        self.sizes: list[int] = [] if options.batch_size is None else [options.batch_size]
-        self.counts = [0, 0]  # pieces done, pieces known: for ``progress``
-
-    def advance(self, done: int = 0, found: int = 0) -> None:
-        self.counts[:] = self.counts[0] + done, self.counts[1] + found
-        if self.progress is not None:
-            self.progress(*self.counts)
-
-    def batch_size(self) -> int:
-        if not self.sizes:
-            self.sizes.append(engine_batch_size(self.model()))
-        return self.sizes[0]
-
-    def window(self) -> int:  # one batch at a time when batches are single pieces: sorting would gain nothing
-        return self.batch_size() * (SORT_WINDOW_BATCHES if self.batch_size() > 1 else 1)
-
-    def finished(self) -> Iterator[TranscriptRecord]:
-        if self.on_piece is not None:
-            for job in self.open_jobs:
-                _tell_pieces(job, self.on_piece)
-        while self.open_jobs and self.open_jobs[0].done:
-            yield _finish(self.open_jobs.popleft(), self.options, self.warn)
-
-    def run_waiting(self) -> Iterator[TranscriptRecord]:
-        pieces = sorted(self.waiting, key=lambda piece: len(piece[2]))  # stable: equal lengths keep input order
-        self.waiting.clear()
-        size = self.batch_size()
-        for start in range(0, len(pieces), size):
-            if self.cancel is not None and self.cancel.is_set():
-                raise TranscriptionCancelled("the transcription was cancelled")
-            _run_batch(pieces[start:start + size], self.model, self.decode)
-            self.advance(done=min(size, len(pieces) - start))
-            yield from self.finished()
-
-
-class TranscriptionCancelled(Exception):
-    """The caller set the transcription's cancel event: what was left of it was not sent to the model."""
+    model = loaded_once(engine)
+    tell = None if on_piece is None else (lambda job: _tell_pieces(job, on_piece))
+    run = PieceRun(model, options.batch_size, decode, lambda job: _finish(job, options, warn), tell, progress,
+                   cancel)
+    try:
+        for group in staged_groups(inputs, lambda item: _start_job(item, options),
+                                   lambda found, vad: _segment_group(found, options, vad), stages,
+                                   prepare=lambda: import_decoding_modules(options.vad)):
+            _queue_pieces(group, run, options)
+            yield from run.pump()
+        yield from run.pump(final=True)
+    finally:
+        run.close()
 
 
 def transcribe(engine: Engine, audio: AudioSource, options: AsrOptions = AsrOptions(),

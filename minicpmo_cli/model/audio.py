@@ -326,3 +326,69 @@ def get_audio_embedding_streaming(
     mel_lens, counts = _flatten_lens(audio_feature_lens)
     grouped = _project_pool_and_split(out.last_hidden_state, audio_projection_layer, audio_avg_pooler, mel_lens, counts)
     return grouped, out.past_key_values
+
+
+def get_audio_embedding_rows(
+    apm: MiniCPMWhisperEncoder,
+    audio_projection_layer: nn.Module,
+    audio_avg_pooler: nn.Module,
+    audio_features: torch.Tensor,
+    mel_lens: list[int],
+    chunk_length: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """The non-streaming embeddings ``[tokens, hidden]`` of each row of ``audio_features [N, 80, T]`` (a
+    piece of ``mel_lens[i]`` frames each), every row exactly as :func:`get_audio_embedding` gives it alone.
+
+    Pieces of any lengths share the work that is per position (the projections, MLPs, norms, pooling: one
+    call over the padded rows); what looks across positions runs per row on the row's own frames (conv1 ->
+    conv2, as :meth:`MiniCPMWhisperEncoder.embed` does anyway, and the attention under the row's own chunk
+    mask), so no row sees another's padding and none depends on what it is batched with (the reference's
+    padded batch would: see :func:`build_audio_attention_mask`).
+    """
+    dtype = dtype or apm.conv1.weight.dtype
+    device = apm.conv1.weight.device
+    features = audio_features.to(device=device, dtype=dtype)
+    enc = [encoder_frame_count_of(n) for n in mel_lens]
+    hidden = features.new_zeros(len(mel_lens), max(enc), apm.conv1.weight.shape[0])
+    for row, (frames, length) in enumerate(zip(mel_lens, enc)):
+        hidden[row, :length] = apm.embed(features[row:row + 1, :, :frames])[0]
+    # Each row's mask alone (chunk mask over its own encoder frames, no padding to hide) is the top-left
+    # corner of the longest row's: built once, sliced per row.
+    longest = max(mel_lens)
+    whole = build_audio_attention_mask(torch.tensor([longest]), longest, chunk_length, dtype, device)
+    masks = [whole[:, :, :length, :length] for length in enc]
+    for layer in apm.layers:
+        hidden = _layer_over_rows(layer, hidden, masks, enc)
+    hidden = apm.layer_norm(hidden)
+    embeds = audio_projection_layer(hidden)
+    embeds = audio_avg_pooler(embeds.transpose(1, 2)).transpose(1, 2)
+    kernel = audio_avg_pooler.kernel_size
+    tokens = _pooled_lengths(torch.tensor(mel_lens), kernel[0] if isinstance(kernel, tuple) else kernel).tolist()
+    return [embeds[row, :count] for row, count in enumerate(tokens)]
+
+
+def encoder_frame_count_of(mel_frames: int) -> int:
+    return (mel_frames - 1) // 2 + 1
+
+
+def _layer_over_rows(layer: MiniCPMWhisperEncoderLayer, hidden: torch.Tensor, masks: list[torch.Tensor],
+                     lengths: list[int]) -> torch.Tensor:
+    """:meth:`MiniCPMWhisperEncoderLayer.forward` over padded rows, the attention of each row on its own
+    ``lengths[i]`` positions under ``masks[i]`` (padding positions: zeros, never read by a real position)."""
+    attn = layer.self_attn
+    normed = layer.self_attn_layer_norm(hidden)
+    query, key, value = (attn._heads(proj(normed)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    mixed = torch.zeros_like(query)
+    for row, length in enumerate(lengths):
+        part = slice(row, row + 1), slice(None), slice(0, length)
+        mixed[part] = F.scaled_dot_product_attention(query[part], key[part], value[part], attn_mask=masks[row])
+    batch, _, positions, _ = mixed.shape
+    hidden = hidden + attn.out_proj(mixed.transpose(1, 2).reshape(batch, positions, -1))
+    residual = hidden
+    hidden = layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+    hidden = residual + hidden
+    if hidden.dtype == torch.float16:  # the reference's overflow guard, as the layer's forward
+        limit = torch.finfo(torch.float16).max - 1000
+        hidden = hidden.clamp(min=-limit, max=limit)
+    return hidden

@@ -141,6 +141,41 @@ def log_mel_window(audio: np.ndarray, device=None):
     return log_spec[:, :valid].contiguous(), valid
 
 
+def log_mel_batch(clips: Sequence[np.ndarray], device=None):
+    """:func:`log_mel_window` of many <= 30 s pieces in one STFT: (features ``[B, 80, longest]`` float32 on
+    ``device``, right-padded with 0.0 as :func:`extract_audio_features` pads, valid frames per piece).
+
+    Each row is zero-padded to the batch's longest :func:`stft_length`: a row's frames then see exactly the
+    zeros they see alone (a row within n_fft/2 of 30 s gets the 30 s window, as alone), and its frames past
+    its own STFT length hold only zeros, -10 after the log, which cannot move its max; the max - 8 clamp is
+    taken per row. So every row equals its single-piece features (on the CPU bit for bit: tests).
+    """
+    import torch
+
+    if not clips:
+        raise ValueError("no audio pieces")
+    for clip in clips:
+        if clip.ndim != 1 or clip.size == 0 or clip.size > WINDOW_SAMPLES:
+            raise ValueError(f"audio pieces must be 1-D with 1 to {WINDOW_SAMPLES} samples, got {clip.shape}")
+    device = torch.device(device if device is not None else "cpu")
+    window, bank = _stft_constants(str(device))
+    host = np.zeros((len(clips), max(stft_length(clip.size) for clip in clips)), np.float32)
+    for row, clip in zip(host, clips):
+        row[:clip.size] = clip
+    wave = torch.from_numpy(host).to(device, non_blocking=True)
+    spectrum = torch.stft(wave, N_FFT, MEL_HOP_SAMPLES, window=window, center=True, pad_mode="reflect",
+                          return_complex=True)
+    power = (spectrum.abs() ** 2)[:, :, :WINDOW_FRAMES]
+    log_spec = torch.clamp(bank @ power, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
+    log_spec = (log_spec + 4.0) / 4.0
+    valid = [mel_frame_count(clip.size) for clip in clips]
+    frames = torch.arange(log_spec.shape[-1], device=device)
+    keep = frames[None, :] < torch.tensor(valid, device=device)[:, None]
+    features = torch.where(keep[:, None, :], log_spec, 0.0)[:, :, :max(valid)]
+    return features.contiguous(), valid
+
+
 # ---------------------------------------------------------------------------------------- batching helpers
 def _normalise_audios(audios) -> list[list[np.ndarray]]:
     """Accept one array, a list of arrays (one sample) or a list of lists (a batch), as the reference."""

@@ -183,6 +183,21 @@ class MiniCPMOProcessor:
             **kwargs,
         )
 
+    def prompt_inputs(self, msgs, chunk_input: bool = True, use_tts_template: bool = False,
+                      max_length: int | None = 32768) -> dict:
+        """:meth:`apply_chat_template` without the media tensors, for audio-only messages: ``input_ids``,
+        ``attention_mask`` and the bounds, each audio's placeholder sized from its length alone (no log-mel:
+        a caller that computes the features of many pieces at once, api/asr_model.py)."""
+        from minicpmo_cli.processing.audio import get_audio_placeholder
+
+        prompts, images, audios, _ = self.render_prompts(msgs, False, use_tts_template)
+        if any(images):
+            raise ValueError("prompt_inputs takes audio-only messages")
+        placeholders = [[get_audio_placeholder(len(a), chunk_input=chunk_input, chunk_length=self.audio_chunk_length)
+                         for a in sample] for sample in audios]
+        return self._convert_to_inputs(prompts, self._process_images(images, None), placeholders, max_length,
+                                       None, None)
+
     # ------------------------------------------------------------------ tensors
     def __call__(
         self,

@@ -270,19 +270,28 @@ def test_inputs_that_would_share_an_output_are_refused(asr, speech, tmp_path):
 
 def test_ctrl_c_keeps_finished_outputs(asr, speech, tmp_path, monkeypatch):
     """Interrupted during the second input: the first one's file is complete, nothing half-written remains."""
-    from minicpmo_cli.api import asr as asr_api
+    from minicpmo_cli.api import asr_model_calls
 
-    real = asr_api.generate_batch
-    calls = []
-
-    def interrupt_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(asr_api, "generate_batch", interrupt_on_second)
+    real = asr_model_calls.start_batch
     out = tmp_path / "out"
+
+    class Interrupted(asr_model_calls.Pending):
+        """The second input's answer: it comes once the first input's file is written, as a Ctrl-C."""
+
+        @property
+        def done(self) -> bool:
+            return (out / "one.txt").exists()
+
+        def wait(self, cancel=None):
+            raise KeyboardInterrupt
+
+    def interrupt_on_second(model, clips, instructions):
+        if getattr(interrupt_on_second, "called", False):
+            return [Interrupted() for _ in clips]
+        interrupt_on_second.called = True
+        return real(model, clips, instructions)
+
+    monkeypatch.setattr(asr_model_calls, "start_batch", interrupt_on_second)
     # --language en: with auto, the language probes of inputs segmented together run first, batched, so the
     # second call would be the second input's probe, before the first input is finished.
     code, _, err = asr("asr", speech["one"], speech["two"], "-o", out, "--batch-size", "1", "--language", "en",

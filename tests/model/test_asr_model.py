@@ -196,25 +196,28 @@ def test_identical_length_groups():
     assert identical_length_groups([]) == []
 
 
-def test_identical_lengths_share_one_whisper_call(engine, monkeypatch):
-    """Equal-length clips are encoded in one call and get exactly their single-clip embeddings."""
+def test_pieces_of_any_lengths_share_one_whisper_pass(engine, monkeypatch):
+    """Clips of different lengths share the per-position work of one Whisper pass (one MLP call over all the
+    one-window clips) and get exactly their single-clip embeddings; a clip over 30 s (two windows) is encoded
+    with its windows together, as alone."""
     import torch
 
     from minicpmo_cli.api.asr import embed_prompts, task_prompt
 
-    clips = [noise(2.5, 0), noise(3.05, 1), noise(2.5, 2), noise(2.5, 3), noise(3.05, 4)]
+    clips = [noise(2.5, 0), noise(3.05, 1), noise(2.5, 2), noise(31.0, 5), noise(7.3, 3), noise(0.07, 4)]
     msgs = [[{"role": "user", "content": [task_prompt(), clip]}] for clip in clips]
     batch = engine.processor.apply_chat_template(msgs=msgs, use_tts_template=True)
     rows = []
-    real = engine.model.apm.forward
+    fc1 = engine.model.apm.layers[0].fc1
+    real = fc1.forward
 
-    def spy(features, *args, **kwargs):
-        rows.append(features.shape[0])
-        return real(features, *args, **kwargs)
+    def spy(hidden):
+        rows.append(hidden.shape[0])
+        return real(hidden)
 
-    monkeypatch.setattr(engine.model.apm, "forward", spy)
+    monkeypatch.setattr(fc1, "forward", spy)
     batched = embed_prompts(engine.model, batch)
-    assert rows == [3, 2]  # the three 2.5 s clips, then the two 3.05 s ones
+    assert rows == [5, 2]  # the five one-window clips together, then the two windows of the 31 s clip
     monkeypatch.undo()
     for index, sample in enumerate(msgs):
         single = engine.processor.apply_chat_template(msgs=sample, use_tts_template=True)
@@ -226,22 +229,22 @@ def test_identical_lengths_share_one_whisper_call(engine, monkeypatch):
 def test_pieces_are_sorted_by_length_and_audio_decoded_ahead_in_threads(engine, monkeypatch):
     import threading
 
-    from minicpmo_cli.api import asr
+    from minicpmo_cli.api import asr, asr_model_calls
     from minicpmo_cli.api.engine import DecodeOptions
 
     decoded_in, batches = [], []
-    real_start, real_generate = asr._start_job, asr.generate_batch
+    real_start, real_generate = asr._start_job, asr_model_calls.start_batch
 
     def start(item, options):
         decoded_in.append(threading.current_thread().name)
         return real_start(item, options)
 
-    def generate(engine_, clips, instruction, decode):
+    def generate(model, clips, instructions):
         batches.append([len(c) for c in clips])
-        return real_generate(engine_, clips, instruction, decode)
+        return real_generate(model, clips, instructions)
 
     monkeypatch.setattr(asr, "_start_job", start)
-    monkeypatch.setattr(asr, "generate_batch", generate)
+    monkeypatch.setattr(asr_model_calls, "start_batch", generate)
     seconds = (3.0, 1.0, 2.0, 1.5, 2.5)
     inputs = [asr.AudioInput(f"clip{i}", noise(s, i)) for i, s in enumerate(seconds)]
     # noise: the VAD would send nothing; a given language: no per-input language probe
@@ -255,11 +258,12 @@ def test_pieces_are_sorted_by_length_and_audio_decoded_ahead_in_threads(engine, 
 def test_noise_sends_nothing_to_the_model(monkeypatch):
     """With the VAD, noise and silence give an empty record and the model is never even loaded."""
     from minicpmo_cli.api import asr as asr_api
+    from minicpmo_cli.api import asr_model_calls
 
     def no_model():
         raise AssertionError("the model was loaded for audio without speech")
 
-    monkeypatch.setattr(asr_api, "generate_batch", lambda *a, **k: pytest.fail("a piece was sent to the model"))
+    monkeypatch.setattr(asr_model_calls, "start_batch", lambda *a, **k: pytest.fail("a piece was sent to the model"))
     inputs = [asr_api.AudioInput("noise", noise(12.0, 4)), asr_api.AudioInput("silence", np.zeros(16000 * 5))]
     records = list(asr_api.transcribe_many(no_model, inputs, asr_api.AsrOptions(batch_size=2)))
     assert [(r.text, r.segments, r.error) for r in records] == [("", [], None), ("", [], None)]
@@ -277,17 +281,16 @@ def test_segmentation_options_are_checked():
 
 
 def fake_model(monkeypatch, answer: str) -> list[tuple[str, int]]:
-    """generate_batch replaced by one answering ``answer`` to everything; returns the (prompt, clip length) sent."""
-    from minicpmo_cli.api import asr as asr_api
+    """The model calls replaced by one answering ``answer`` to everything; returns the (prompt, clip length) sent."""
+    from minicpmo_cli.api import asr_model_calls as calls
 
     sent: list[tuple[str, int]] = []
 
-    def fake(engine, clips, instruction, decode):
-        instructions = [instruction] * len(clips) if isinstance(instruction, str) else instruction
+    def fake(model, clips, instructions):
         sent.extend((text, len(clip)) for text, clip in zip(instructions, clips))
-        return [asr_api.PieceText(answer) for _ in clips]
+        return [calls.Pending(answer=calls.PieceText(answer)) for _ in clips]
 
-    monkeypatch.setattr(asr_api, "generate_batch", fake)
+    monkeypatch.setattr(calls, "start_batch", fake)
     return sent
 
 

@@ -35,7 +35,7 @@ def speech(tmp_path_factory) -> list[np.ndarray]:
 
 
 def test_staged_pipeline_equals_one_by_one(engine, speech, monkeypatch):
-    from minicpmo_cli.api import asr
+    from minicpmo_cli.api import asr, asr_model_calls
     from minicpmo_cli.api.asr_pipeline import Stages
     from minicpmo_cli.api.engine import DecodeOptions
 
@@ -46,13 +46,13 @@ def test_staged_pipeline_equals_one_by_one(engine, speech, monkeypatch):
     inputs = [asr.AudioInput(f"in{i}", source) for i, source in enumerate(sources)]
     decode = DecodeOptions(max_new_tokens=4, sampling=False, num_beams=1, repetition_penalty=1.0)
     calls: list[int] = []
-    real = asr.generate_batch
+    real = asr_model_calls.start_batch
 
-    def counted(engine_, clips, instruction, decode_):
+    def counted(model, clips, instructions):
         calls.append(len(clips))
-        return real(engine_, clips, instruction, decode_)
+        return real(model, clips, instructions)
 
-    monkeypatch.setattr(asr, "generate_batch", counted)
+    monkeypatch.setattr(asr_model_calls, "start_batch", counted)
     one_by_one = list(asr.transcribe_many(engine, inputs, asr.AsrOptions(batch_size=1), decode,
                                           stages=Stages(decode_threads=1, vad_files=1)))
     alone_calls, calls[:] = list(calls), []
