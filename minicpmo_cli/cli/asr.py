@@ -63,8 +63,8 @@ def asr(
                                              help="Read input paths from a file (one a line), - for stdin."),
     # Default: 4 on the CPU, from free memory on a GPU (api/asr.py); batching changes no transcript.
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N",
-                                             help="Audio pieces per forward pass [default: 4 on the CPU, "
-                                                  "from free memory on a GPU]."),
+                                             help="Audio pieces encoded per pass (the LLM then decodes each as "
+                                                  "its own request) [default: 4 on the CPU, from free memory on a GPU]."),
     skip_existing: bool = typer.Option(True, "--skip-existing/--overwrite",
                                        help="Skip inputs whose output files exist (resume), or redo them."),
     vad: bool = typer.Option(True, "--vad/--no-vad",
