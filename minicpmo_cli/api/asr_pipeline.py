@@ -150,6 +150,8 @@ def _front(taken: queue.Queue, decode, segment, stages: Stages, out: queue.Queue
         out.put(exc)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        for made in vad:
+            made.close()
 
 
 def _make_vad(stages: Stages):

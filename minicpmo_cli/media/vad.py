@@ -89,6 +89,11 @@ def speech_probabilities(samples: np.ndarray, device: str = "cpu") -> np.ndarray
     return probs.reshape(-1)[:windows]
 
 
+def model_lock() -> threading.Lock:
+    """The lock around the shared model's forward (its LSTM state lives on the module)."""
+    return _LOCK
+
+
 @contextmanager
 def one_thread(device: str):
     """One intra-op thread on the CPU while the VAD runs (the setting is restored after).

@@ -16,13 +16,15 @@ batch of 3 rows and of 40 rows gets probabilities that differ in the last bits (
 can move a region edge that sits on the threshold. Every call here has a fixed shape (ENCODE_WINDOWS windows
 through the encoder, ``rows`` rows through the LSTM; zeros fill the rest), so a file gets bit for bit the same
 probabilities alone, among any other files, or fed block by block as a stream (media/vad_blocks.py): VAD over
-many files == VAD file by file. Each BatchVAD has its own model instance (the TorchScript module keeps its
-state on itself): no lock shared with other callers; one thread uses an instance at a time.
+many files == VAD file by file, with any number of worker threads (each call runs whole on one). The model is
+the one media/vad.py loads: only its stateless parts run here, so no lock is shared with other callers; one
+thread uses a BatchVAD at a time.
 """
 
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +34,9 @@ from minicpmo_cli.units import INPUT_SAMPLE_RATE
 
 CPU_ROWS = 32  # blocks per LSTM batch on the CPU
 CUDA_ROWS = 512  # on a GPU: wide batches are almost free
-ENCODE_WINDOWS = 2304  # windows through the stateless encoder in one call on the CPU (a fixed shape too)
+ENCODE_WINDOWS = 1024  # windows through the stateless encoder in one call on the CPU (a fixed shape too)
 CUDA_ENCODE_WINDOWS = 32768
+CPU_WORKERS = 2  # threads of the CPU VAD (its calls are independent: any number gives the same bits)
 STEPS = silero.WARMUP_WINDOWS + silero.BLOCK_WINDOWS  # LSTM steps of one block (its warm-up first)
 
 
@@ -68,15 +71,42 @@ def file_blocks(samples: np.ndarray) -> tuple[list[Block], int]:
 class BatchVAD:
     """Speech probabilities and regions of many 16 kHz files per call (see the module docstring)."""
 
-    def __init__(self, device: str = "cpu", rows: int | None = None) -> None:
-        import torch
-
+    def __init__(self, device: str = "cpu", rows: int | None = None, workers: int | None = None) -> None:
         self.device = str(device)
         self.rows = rows or rows_for(self.device)
-        self.encode_windows = ENCODE_WINDOWS if self.device.startswith("cpu") else CUDA_ENCODE_WINDOWS
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 flags torch.jit.load
-            self.model = torch.jit.load(str(silero.model_path()), map_location=self.device).eval()
+        on_cpu = self.device.startswith("cpu")
+        self.encode_windows = ENCODE_WINDOWS if on_cpu else CUDA_ENCODE_WINDOWS
+        self.workers = max(1, workers or (CPU_WORKERS if on_cpu else 1))
+        # Shared with media/vad.py (loaded once per process and device): only its stateless parts run here.
+        self.model = silero.load_vad_model(self.device)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """End the worker threads (a later call starts them again)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> BatchVAD:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _map(self, function, items: list) -> list:
+        """``function`` over ``items`` on the workers, each call on one intra-op thread (media/vad.py says why;
+        the calls are large, and independent of each other: which thread runs one changes none of its bits)."""
+        import torch
+
+        def run(item):
+            with torch.inference_mode(), silero.one_thread(self.device):
+                return function(item)
+
+        if self.workers == 1 or len(items) <= 1:
+            return [run(item) for item in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="minicpmo-vad")
+        return list(self._pool.map(run, items))
 
     def probabilities(self, files: list[np.ndarray]) -> list[np.ndarray]:
         """One probability per 512-sample window of each file (what media/vad.py's cut gives, bit-stable)."""
@@ -103,56 +133,53 @@ class BatchVAD:
             return out
         if not _has_parts(self.model):
             return self._window_steps(blocks)
-        # One intra-op thread on the CPU (media/vad.py says why); the calls are large enough now that
-        # parallel files (the decoding threads, the model) use the other cores better than op threads would.
-        with torch.inference_mode(), silero.one_thread(self.device):
-            features, entry = self._encode(blocks)
-            order = sorted(range(len(blocks)), key=lambda index: -blocks[index].steps)  # stable
-            for first in range(0, len(order), self.rows):
-                part = order[first:first + self.rows]
-                index = np.zeros((self.rows, STEPS), np.int64)  # 0: the encoded zero window
-                index[:len(part)] = entry[part]
-                probs = self._lstm(features[torch.from_numpy(index).to(self.device)],
-                                   max(blocks[i].steps for i in part))
-                out[part] = probs[:len(part), silero.WARMUP_WINDOWS:].float().cpu().numpy()
+        chunks, entry = self._chunks(blocks)
+        features = torch.cat(self._map(self._encode_chunk, chunks))
+        order = sorted(range(len(blocks)), key=lambda index: -blocks[index].steps)  # stable
+        batches = [order[first:first + self.rows] for first in range(0, len(order), self.rows)]
+
+        def run(part: list[int]) -> np.ndarray:
+            index = np.zeros((self.rows, STEPS), np.int64)  # 0: the encoded zero window
+            index[:len(part)] = entry[part]
+            probs = self._lstm(features[torch.from_numpy(index).to(self.device)], max(blocks[i].steps for i in part))
+            return probs[:len(part), silero.WARMUP_WINDOWS:].float().cpu().numpy()
+
+        for part, probs in zip(batches, self._map(run, batches)):
+            out[part] = probs
         return out
 
-    def _encode(self, blocks: list[Block]):
-        """The encoder's features [n, F] of every window that counts (entry 0: a zero window, which stands for
-        the silence before a file and for the steps past its end), and the entry of each step [blocks, STEPS]."""
-        import torch
-
-        inner = self.model._model
-        context = int(inner.context_size_samples)
+    def _chunks(self, blocks: list[Block]) -> tuple[list[tuple[np.ndarray, int]], np.ndarray]:
+        """Every window that counts, as (chunk [encode_windows, context + WINDOW], windows used) for the
+        encoder (entry 0: a zero window, which stands for the silence before a file and for the steps past its
+        end), and the entry of each step [blocks, STEPS]."""
+        context = int(self.model._model.context_size_samples)
         entry = np.zeros((len(blocks), STEPS), np.int64)
-        views, count = [], 1
+        chunks: list[tuple[np.ndarray, int]] = []
+        chunk = np.zeros((self.encode_windows, context + silero.WINDOW), np.float32)
+        filled, count = 1, 1  # the first chunk's row 0: the zero window
         for row, block in enumerate(blocks):
             entry[row, block.first:block.steps] = np.arange(count, count + block.steps - block.first)
             count += block.steps - block.first
             padded = np.concatenate([np.zeros(context, np.float32), block.samples])
             windows = np.lib.stride_tricks.sliding_window_view(padded, context + silero.WINDOW)[::silero.WINDOW]
-            views.append(windows[block.first:block.steps])  # each window with the samples before it as context
-        chunk = np.zeros((self.encode_windows, context + silero.WINDOW), np.float32)
-        parts, filled = [], 1  # chunk row 0 of the first chunk: the zero window
-        for view in views:
-            done = 0
+            view, done = windows[block.first:block.steps], 0  # each window with the samples before it
             while done < len(view):
                 take = min(len(view) - done, len(chunk) - filled)
                 chunk[filled:filled + take] = view[done:done + take]
                 filled, done = filled + take, done + take
                 if filled == len(chunk):
-                    parts.append(self._encode_chunk(chunk, filled))
-                    filled = 0
+                    chunks.append((chunk, filled))
+                    chunk, filled = np.zeros_like(chunk), 0
         if filled:
-            parts.append(self._encode_chunk(chunk, filled))
-        return torch.cat(parts), entry
+            chunks.append((chunk, filled))
+        return chunks, entry
 
-    def _encode_chunk(self, chunk: np.ndarray, used: int):
-        """The features of the first ``used`` windows of ``chunk`` (always encoded whole: a fixed shape)."""
+    def _encode_chunk(self, chunk_used: tuple[np.ndarray, int]):
+        """The features of the windows used in a chunk (always encoded whole: a fixed shape; zeros after)."""
         import torch
 
         inner = self.model._model
-        chunk[used:] = 0.0
+        chunk, used = chunk_used
         windows = torch.from_numpy(chunk).to(self.device)
         return inner.encoder(inner.run_extractors(windows)).reshape(len(chunk), -1)[:used]
 
@@ -180,7 +207,7 @@ class BatchVAD:
         import torch
 
         out = []
-        with torch.inference_mode(), silero.one_thread(self.device):
+        with silero.model_lock(), torch.inference_mode(), silero.one_thread(self.device):  # its state is shared
             for first in range(0, len(blocks), self.rows):
                 part = blocks[first:first + self.rows]
                 batch = np.zeros((self.rows, STEPS * silero.WINDOW), np.float32)
