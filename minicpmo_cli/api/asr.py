@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 
+from minicpmo_cli.api.asr_front import (  # noqa: F401 - the front, named here for callers and tests
+    _Job, _reason, _segment_group, _start_job, _stream_job, input_name)
 from minicpmo_cli.api.asr_pipeline import Stages, import_decoding_modules, staged_groups
+from minicpmo_cli.api.asr_stream import hand_on
 from minicpmo_cli.api.engine import DecodeOptions, Engine, seed_call
 from minicpmo_cli.errors import InputError, UsageError
 from minicpmo_cli.generation.presets import resolve
@@ -219,60 +222,6 @@ def detect_language(text: str) -> str | None:
     return "zh" if _CJK.search(text) else "en"
 
 
-@dataclass
-class _Job:
-    """An input on its way through: its record and the texts of its pieces as they arrive."""
-
-    record: TranscriptRecord
-    instruction: str = ""  # the prompt of its pieces (it depends on the input's language with auto)
-    language: str | None = None  # spoken language, when given or detected
-    pieces: list[Piece] = field(default_factory=list)
-    spans: list[tuple[int, int]] = field(default_factory=list)  # the pieces' samples [start, end)
-    texts: list[PieceText | None] = field(default_factory=list)
-    told: int = 0  # pieces already handed to ``on_piece`` (in order)
-
-    @property
-    def done(self) -> bool:
-        return all(t is not None for t in self.texts)
-
-
-def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray | None]:
-    """Decode one input (on a decoding thread): its job, pieces still unknown, and its samples."""
-    from minicpmo_cli.media.audio import load_audio
-
-    record = TranscriptRecord(path=item.path)
-    try:
-        samples = item.source if isinstance(item.source, np.ndarray) else load_audio(item.source, INPUT_SAMPLE_RATE)
-        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-        if samples.size == 0:
-            raise InputError("no audio samples", input_name(item.path))
-    except InputError as exc:
-        record.error = _reason(exc)
-        return _Job(record), None
-    record.duration = round(len(samples) / INPUT_SAMPLE_RATE, 3)
-    language = None if options.language == "auto" else options.language
-    return _Job(record, options.instruction, language), samples
-
-
-def _segment_group(group: list[tuple[_Job, np.ndarray | None]], options: AsrOptions, vad) -> None:
-    """The pieces of every decoded input of ``group``, the VAD run over all of them at once (``vad()``: the
-    stage's media.vad_batch.BatchVAD)."""
-    from minicpmo_cli.processing.segments import fixed_pieces, vad_pieces
-
-    decoded = [(job, samples) for job, samples in group if samples is not None]
-    if options.vad and decoded:
-        regions = vad().regions([samples for _, samples in decoded], options.vad_threshold, options.min_silence_ms)
-        pad = options.piece_pad_ms / 1000
-        pieces = [vad_pieces(samples, spans, INPUT_SAMPLE_RATE, options.max_piece_seconds, pad)
-                  for (_, samples), spans in zip(decoded, regions)]
-    else:
-        pieces = [fixed_pieces(samples, INPUT_SAMPLE_RATE, options.max_piece_seconds) for _, samples in decoded]
-    for (job, _), found in zip(decoded, pieces):
-        job.pieces = found
-        job.spans = [(p.start, p.end) for p in found]
-        job.texts = [None] * len(found)
-
-
 def _detect_languages(probes: list[tuple[_Job, np.ndarray]], model: Callable[[], Engine], options: AsrOptions,
                       decode: DecodeOptions, batch_size: Callable[[], int]) -> None:
     """--language auto: the first speech piece of each input, transcribed with the English prompt, all inputs'
@@ -290,18 +239,6 @@ def _detect_languages(probes: list[tuple[_Job, np.ndarray]], model: Callable[[],
             job.instruction = task_prompt(options.task, job.language)
             if job.instruction == english:
                 job.texts[0] = first
-
-
-def _reason(exc: InputError) -> str:
-    """The error without the path it starts with: records carry the path in their own field."""
-    message = str(exc)
-    prefix = f"{exc.path}: " if exc.path else ""
-    return message[len(prefix):] if prefix and message.startswith(prefix) else message
-
-
-def input_name(path: str) -> str:
-    """How messages name an input ("-" is stdin)."""
-    return "<stdin>" if path == "-" else path
 
 
 def _tell_pieces(job: _Job, on_piece: Callable[[str, str], None]) -> None:
@@ -417,15 +354,17 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     run = _PieceRun(model, options, decode, warn, progress, on_piece, cancel)
     for group in staged_groups(inputs, lambda item: _start_job(item, options),
                                lambda found, vad: _segment_group(found, options, vad), stages,
-                               prepare=lambda: import_decoding_modules(options.vad)):
-        probes = [(job, samples) for job, samples in group if job.spans] if options.detects_language else []
+                               prepare=lambda: import_decoding_modules(options.vad),
+                               stream=lambda item, seconds: _stream_job(item, options, seconds)):
+        handed = [(job, samples, hand_on(job, samples)) for job, samples in group]  # streamed parts join here
+        probes = [(job, samples) for job, samples, new in handed if new.probe] if options.detects_language else []
         if probes:
             _detect_languages(probes, model, options, decode, run.batch_size)
-        for job, samples in group:  # as one input at a time: a sort window fills from the inputs in order
-            run.open_jobs.append(job)
-            run.waiting.extend((job, i, samples[s:e]) for i, (s, e) in enumerate(job.spans)
-                               if job.texts[i] is None)
-            run.advance(found=len(job.spans))
+        for job, samples, new in handed:  # as one input at a time: a sort window fills from the inputs in order
+            if new.first:
+                run.open_jobs.append(job)
+            run.waiting.extend((job, i, samples[s:e]) for i, (s, e) in new.spans if job.texts[i] is None)
+            run.advance(found=len(new.spans))
             if run.waiting and len(run.waiting) >= run.window():
                 yield from run.run_waiting()
             yield from run.finished()

@@ -104,9 +104,7 @@ def _av_blocks(file, name: str, head: bytes) -> tuple[int, Iterator[np.ndarray]]
     if not container.streams.audio:
         container.close()
         raise InputError(_no_audio_message(container, head), name)
-    stream = container.streams.audio[0]
-    rate = stream.codec_context.sample_rate or stream.rate
-    blocks = _av_decode(container, stream, name)
+    blocks = _av_decode(container, container.streams.audio[0], name)
     first = next(blocks, None)  # the rate of the frames, as load_audio takes it
     if first is None:
         raise InputError("no audio samples could be decoded (corrupt or truncated file?)", name)

@@ -23,7 +23,6 @@ thread uses a BatchVAD at a time.
 
 from __future__ import annotations
 
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
