@@ -60,10 +60,10 @@ class VadStream:
     """Speech regions of a stream, each handed out once final (see the module docstring)."""
 
     def __init__(self, vad: BatchVAD, threshold: float = silero.DEFAULT_THRESHOLD,
-                 min_silence_ms: int = silero.DEFAULT_MIN_SILENCE_MS, blocks_per_call: int = BLOCKS_PER_CALL) -> None:
+                 min_silence_ms: int = silero.DEFAULT_MIN_SILENCE_MS, blocks_per_call: int | None = None) -> None:
         self.vad = vad
         self.tracker = silero.RegionTracker(threshold, min_silence_ms)
-        self.blocks_per_call = blocks_per_call
+        self.blocks_per_call = blocks_per_call or BLOCKS_PER_CALL
         self.block = 0  # the next block to run
 
     def needed_from(self) -> int:
