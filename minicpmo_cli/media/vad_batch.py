@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
+from typing import Iterator
 
 import numpy as np
 
@@ -132,8 +134,10 @@ class BatchVAD:
             return out
         if not _has_parts(self.model):
             return self._window_steps(blocks)
-        chunks, entry = self._chunks(blocks)
-        features = torch.cat(self._map(self._encode_chunk, chunks))
+        entry, chunks, parts = self._entries(blocks), self._chunks(blocks), []
+        while wave := list(islice(chunks, 2 * self.workers)):  # a few chunks in memory at a time
+            parts += self._map(self._encode_chunk, wave)
+        features = torch.cat(parts)
         order = sorted(range(len(blocks)), key=lambda index: -blocks[index].steps)  # stable
         batches = [order[first:first + self.rows] for first in range(0, len(order), self.rows)]
 
@@ -147,31 +151,36 @@ class BatchVAD:
             out[part] = probs
         return out
 
-    def _chunks(self, blocks: list[Block]) -> tuple[list[tuple[np.ndarray, int]], np.ndarray]:
-        """Every window that counts, as (chunk [encode_windows, context + WINDOW], windows used) for the
-        encoder (entry 0: a zero window, which stands for the silence before a file and for the steps past its
-        end), and the entry of each step [blocks, STEPS]."""
-        context = int(self.model._model.context_size_samples)
+    def _entries(self, blocks: list[Block]) -> np.ndarray:
+        """The encoded window each step of each block reads [blocks, STEPS]: entry 0 is a zero window, which
+        stands for the silence before a file and for the steps past its end; the others are numbered in
+        the order :meth:`_chunks` gives them."""
         entry = np.zeros((len(blocks), STEPS), np.int64)
-        chunks: list[tuple[np.ndarray, int]] = []
-        chunk = np.zeros((self.encode_windows, context + silero.WINDOW), np.float32)
-        filled, count = 1, 1  # the first chunk's row 0: the zero window
+        count = 1
         for row, block in enumerate(blocks):
             entry[row, block.first:block.steps] = np.arange(count, count + block.steps - block.first)
             count += block.steps - block.first
+        return entry
+
+    def _chunks(self, blocks: list[Block]) -> Iterator[tuple[np.ndarray, int]]:
+        """Every window that counts, as (chunk [encode_windows, context + WINDOW], windows used), each window
+        with the samples before it as its context (made as they are encoded: a few chunks at a time)."""
+        context = int(self.model._model.context_size_samples)
+        chunk = np.zeros((self.encode_windows, context + silero.WINDOW), np.float32)
+        filled = 1  # the first chunk's row 0: the zero window
+        for block in blocks:
             padded = np.concatenate([np.zeros(context, np.float32), block.samples])
             windows = np.lib.stride_tricks.sliding_window_view(padded, context + silero.WINDOW)[::silero.WINDOW]
-            view, done = windows[block.first:block.steps], 0  # each window with the samples before it
+            view, done = windows[block.first:block.steps], 0
             while done < len(view):
                 take = min(len(view) - done, len(chunk) - filled)
                 chunk[filled:filled + take] = view[done:done + take]
                 filled, done = filled + take, done + take
                 if filled == len(chunk):
-                    chunks.append((chunk, filled))
+                    yield chunk, filled
                     chunk, filled = np.zeros_like(chunk), 0
         if filled:
-            chunks.append((chunk, filled))
-        return chunks, entry
+            yield chunk, filled
 
     def _encode_chunk(self, chunk_used: tuple[np.ndarray, int]):
         """The features of the windows used in a chunk (always encoded whole: a fixed shape; zeros after)."""
