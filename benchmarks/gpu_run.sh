@@ -13,6 +13,7 @@
 #                     captured ids, seeded sampling twice, --quantize int8/int4, image, asr, tts
 #   3. cuda_tests.txt the tests that need CUDA (pytest -k "cuda or graph"; the others skip or are deselected)
 #   4. profile.md     one decode step of the full-size LLM under torch.profiler (benchmarks/gpu_profile.py)
+#      vad.md         the batched VAD on cuda, 10 files of 10 min (benchmarks/gpu_vad.py): vs the CPU, together == alone
 #   5. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
 #                     under their own limits, with whatever time is left
 # Results go to $OUT when it is set (a folder the caller collects), else benchmarks/results/gpu-<time>/; run.log
@@ -87,6 +88,7 @@ else
   part cuda_tests cuda_tests.txt 60 python3 -m pytest -q -rs -n 4 -p no:cacheprovider --continue-on-collection-errors \
     -k "cuda or graph" tests/model tests/unit
   part profile profile.md 80 python3 benchmarks/gpu_profile.py --steps 16
+  part vad vad.md 45 python3 benchmarks/gpu_vad.py --files 10 --minutes 10
   part full_size full_size.md "$(left)" python3 benchmarks/gpu_full_size.py --repeats 2 \
     --timeouts build=90,vision=30,audio=30,decode=60,prefill=30,asr=60,tts=60,memory=60,quant-int8=90,quant-int4=90 \
     --time-limit $(( $(left) - 15 ))
