@@ -49,11 +49,21 @@ def rows_for(device: str) -> int:
 class Block:
     """One block as media/vad.py cuts a file: ``samples`` [(WARMUP + BLOCK) * WINDOW] (its warm-up audio
     first), the first step that is not silence before the file (WARMUP for a file's first block, else 0),
-    and the steps that hold file audio (warm-up included)."""
+    and the steps that hold file audio (warm-up included). ``follows``: the block before it in the same
+    call is its file's previous block, whose last windows are its warm-up (encoded once for both)."""
 
     samples: np.ndarray
     first: int
     steps: int
+    follows: bool = False
+
+
+def own_steps(block: Block) -> list[tuple[int, int]]:
+    """The step ranges whose windows are encoded for ``block``: a block that follows another shares that
+    one's windows for its warm-up but its first step (whose context is silence in its own row)."""
+    if block.follows:
+        return [(0, 1), (silero.WARMUP_WINDOWS, block.steps)]
+    return [(block.first, block.steps)]
 
 
 def file_blocks(samples: np.ndarray) -> tuple[list[Block], int]:
@@ -66,7 +76,7 @@ def file_blocks(samples: np.ndarray) -> tuple[list[Block], int]:
     padded = np.zeros(warmup * window + count * block * window, np.float32)
     padded[warmup * window:warmup * window + len(samples)] = samples
     return [Block(padded[b * block * window:b * block * window + span], warmup if b == 0 else 0,
-                  warmup + min(block, windows - b * block)) for b in range(count)], windows
+                  warmup + min(block, windows - b * block), follows=b > 0) for b in range(count)], windows
 
 
 class BatchVAD:
@@ -158,8 +168,13 @@ class BatchVAD:
         entry = np.zeros((len(blocks), STEPS), np.int64)
         count = 1
         for row, block in enumerate(blocks):
-            entry[row, block.first:block.steps] = np.arange(count, count + block.steps - block.first)
-            count += block.steps - block.first
+            for low, high in own_steps(block):
+                entry[row, low:high] = np.arange(count, count + high - low)
+                count += high - low
+            if block.follows:
+                if row == 0 or blocks[row - 1].steps != STEPS:
+                    raise ValueError("a block that follows another comes right after a whole block")
+                entry[row, 1:silero.WARMUP_WINDOWS] = entry[row - 1, silero.BLOCK_WINDOWS + 1:]
         return entry
 
     def _chunks(self, blocks: list[Block]) -> Iterator[tuple[np.ndarray, int]]:
@@ -171,7 +186,7 @@ class BatchVAD:
         for block in blocks:
             padded = np.concatenate([np.zeros(context, np.float32), block.samples])
             windows = np.lib.stride_tricks.sliding_window_view(padded, context + silero.WINDOW)[::silero.WINDOW]
-            view, done = windows[block.first:block.steps], 0
+            view, done = np.concatenate([windows[low:high] for low, high in own_steps(block)]), 0
             while done < len(view):
                 take = min(len(view) - done, len(chunk) - filled)
                 chunk[filled:filled + take] = view[done:done + take]

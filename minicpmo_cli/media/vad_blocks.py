@@ -110,4 +110,5 @@ class VadStream:
         samples[max(0, start) - start:max(0, start) - start + len(part)] = part
         own = silero.BLOCK_WINDOWS if windows is None else min(silero.BLOCK_WINDOWS,
                                                                 windows - index * silero.BLOCK_WINDOWS)
-        return Block(samples, silero.WARMUP_WINDOWS if index == 0 else 0, silero.WARMUP_WINDOWS + own)
+        return Block(samples, silero.WARMUP_WINDOWS if index == 0 else 0, silero.WARMUP_WINDOWS + own,
+                     follows=index > self.block)  # its predecessor is in the same call
