@@ -28,9 +28,11 @@ _END = object()
 
 
 class Part:
-    """A piece of a streamed input's work handed on as the entry of a group (``last``: its input's last)."""
+    """A piece of a streamed input's work handed on as the entry of a group (``last``: its input's last;
+    ``empty``: nothing to hand on, given only so that the front thread can look whether to stop)."""
 
     last: bool = False
+    empty: bool = False
 
 
 class Streamed:
@@ -202,7 +204,11 @@ def _hand_on(group: list, segment, get_vad, out: queue.Queue, stop: threading.Ev
             plain = []
         if isinstance(decoded, Streamed):
             for part in decoded.parts(get_vad):
-                while not room.acquire(timeout=0.5):  # the consumer may have left: look again
+                if stop.is_set():
+                    return  # the consumer left: the rest of the input is not decoded
+                if part.empty:
+                    continue
+                while not room.acquire(timeout=0.5):  # the consumer may leave while this waits: look again
                     if stop.is_set():
                         return
                 out.put(_PartGroup([(job, part)]))

@@ -53,6 +53,10 @@ class StreamPart(Part):
     total: int = 0
     error: str | None = None
 
+    @property
+    def empty(self) -> bool:
+        return not self.pieces and not self.last
+
     def __getitem__(self, span: slice) -> np.ndarray:
         for piece, clip in self.pieces:
             if (piece.start, piece.end) == (span.start, span.stop):
@@ -72,9 +76,7 @@ def stream_parts(source: Any, name: str, options: Any, vad: Callable[[], Any],
         detector = VadStream(vad(), options.vad_threshold, options.min_silence_ms) if options.vad else None
         pieces = PieceStream(detector, options.max_piece_seconds, options.piece_pad_ms / 1000)
         for chunk in stream_audio(source, INPUT_SAMPLE_RATE):
-            found = pieces.feed(chunk)
-            if found:
-                yield StreamPart(found)
+            yield StreamPart(pieces.feed(chunk))  # empty ones too: the front thread looks whether to stop
         found = pieces.finish()
         if pieces.total == 0:
             raise InputError("no audio samples", name)
