@@ -36,7 +36,7 @@ from minicpmo_cli.units import INPUT_SAMPLE_RATE
 CPU_ROWS = 32  # blocks per LSTM batch on the CPU
 CUDA_ROWS = 512  # on a GPU: wide batches are almost free
 ENCODE_WINDOWS = 1024  # windows through the stateless encoder in one call on the CPU (a fixed shape too)
-CUDA_ENCODE_WINDOWS = 32768
+CUDA_ENCODE_WINDOWS = 8192  # 19 MB of windows a call: large for the GPU, small for the host
 CPU_WORKERS = 2  # threads of the CPU VAD (its calls are independent: any number gives the same bits)
 STEPS = silero.WARMUP_WINDOWS + silero.BLOCK_WINDOWS  # LSTM steps of one block (its warm-up first)
 
