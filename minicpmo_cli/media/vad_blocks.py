@@ -79,6 +79,20 @@ class VadStream:
         first = tracker.index if tracker.start is None else tracker.start
         return max(0, first * silero.WINDOW - tracker.pad)
 
+    def open_region(self) -> tuple[int, int] | None:
+        """(start, least end) of the region of the speech in progress, once it is certain to be kept: it will
+        start there (padded, or merged into the last region when the padding reaches it) and end no sooner."""
+        tracker = self.tracker
+        if tracker.start is None:
+            return None
+        least = (tracker.quiet_since if tracker.quiet_since is not None else tracker.index) * silero.WINDOW
+        if least - tracker.start * silero.WINDOW < tracker.shortest:
+            return None  # it may still be dropped as too short
+        begin = max(0, tracker.start * silero.WINDOW - tracker.pad)
+        if tracker.pending is not None and begin <= tracker.pending[1]:
+            begin = tracker.pending[0]
+        return begin, least
+
     def feed(self, window: SampleWindow) -> list[tuple[int, int]]:
         """The regions made final by the samples now in ``window`` (blocks run once enough are complete)."""
         ready = len(window) // BLOCK_SAMPLES - self.block

@@ -5,9 +5,11 @@ Why they are the same: a speech region is split and its cues are found from its 
 side (the energy windows of ``quietest_point``); a piece's margins depend on its neighbours' edges; pieces are
 grouped greedily from the first region. So a region is split once the samples 0.2 s past its end have come,
 and a piece is closed once the region that does not fit in it, and that region's right neighbour, are known.
-With --no-vad, each fixed cut needs the samples up to 0.2 s past the piece limit. The window keeps the samples
-from the earliest one any of this (or the VAD's next blocks) can still read; memory is bounded by the longest
-speech region (regions longer than a piece are split, but only once they end), not by the file.
+A region longer than a piece is cut from its start, each cut from the samples up to the piece limit after the
+previous one, so its first parts are cut while it is still in progress (speech without a pause, or music taken
+for speech, is never kept whole). With --no-vad, each fixed cut needs the samples up to 0.2 s past the piece
+limit. The window keeps the samples from the earliest one any of this (or the VAD's next blocks) can still
+read: a few pieces and a VAD call of audio, whatever the length of the file.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class PieceStream:
         self.parts: list[Span] = []  # split parts not yet in a handed-out piece
         self.last_end: int | None = None  # the end of the last part handed out
         self.fixed_start = 0  # --no-vad: where the next fixed piece starts
+        self.open_start: int | None = None  # a long region still in progress: where it starts ...
+        self.open_cut = 0  # ... and where its part not yet cut starts
         self.ended = False
 
     @property
@@ -72,7 +76,7 @@ class PieceStream:
         """The first sample anything still to come may read."""
         if self.vad is None:
             return self.fixed_start
-        floors = [self.vad.needed_from(), self.vad.region_floor()]
+        floors = [self.vad.needed_from(), self.open_cut if self.open_start is not None else self.vad.region_floor()]
         floors += [self.regions[0][0]] if self.regions else []
         floors += [self.parts[0][0]] if self.parts else []
         return max(0, min(floors) - max(self.pad, READ_MARGIN))
@@ -97,8 +101,12 @@ class PieceStream:
         then close every piece whose end is certain."""
         while self.regions and (final or self.regions[0][1] + READ_MARGIN < self.total):
             region = self.regions.popleft()
+            if self.open_start is not None and region[0] == self.open_start:  # its first parts are cut already
+                region, self.open_start = (self.open_cut, region[1]), None
             self.parts += split_at_quiet_points(self.window, region, self.limit - 2 * self.pad, self.search,
                                                 self.sr)
+        if not final and not self.regions:
+            self._cut_open_region()
         pieces: list[Piece] = []
         while self.parts:
             known = len(self.parts) if final and not self.regions else len(self.parts) - 1
@@ -113,6 +121,23 @@ class PieceStream:
             self.last_end = group[-1][1]
             del self.parts[:close]
         return pieces
+
+    def _cut_open_region(self) -> None:
+        """The parts of a region still in progress that no later sample can change: split_at_quiet_points cuts
+        from the region's start, each cut from the samples up to the piece limit after the previous one, so
+        a region longer than a piece (speech without a pause, music taken for speech) is not kept whole."""
+        region = self.vad.open_region()
+        if region is None:
+            return
+        if self.open_start != region[0]:
+            self.open_start, self.open_cut = region[0], region[0]
+        longest = self.limit - 2 * self.pad
+        window, hop = max(1, _samples(RMS_WINDOW_SECONDS, self.sr)), max(1, _samples(RMS_HOP_SECONDS, self.sr))
+        while region[1] - self.open_cut > longest and self.open_cut + longest + READ_MARGIN < self.total:
+            start, high = self.open_cut, self.open_cut + longest
+            cut = quietest_point(self.window, max(start + 1, high - self.search), high, window, hop)
+            self.parts.append((start, cut))
+            self.open_cut = cut
 
     def _bound(self, index: int) -> Span:
         """segments._padded_bounds of open part ``index`` (its right neighbour known, or the stream ended)."""

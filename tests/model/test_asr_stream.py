@@ -109,27 +109,32 @@ def test_streamed_long_input_equals_whole_decode(fake, files, small_chunks, monk
     assert len(set(known)) > 4  # the long input's pieces reached the model stage in several parts
 
 
-def test_piece_stream_equals_whole_file_pieces(talk):
+@pytest.mark.parametrize("min_silence_ms", [500, 3000])
+def test_piece_stream_equals_whole_file_pieces(talk, min_silence_ms):
     """processing/segments_stream.py against segments.vad_pieces / fixed_pieces, chunk by chunk, the window
-    of samples kept well under the input."""
+    of samples kept well under the input; with 3 s of silence to end a region the whole talk is one region of
+    minutes, cut into pieces while it is still in progress."""
     from minicpmo_cli.media.vad_batch import BatchVAD
     from minicpmo_cli.media.vad_blocks import VadStream
     from minicpmo_cli.processing.segments import fixed_pieces, vad_pieces
     from minicpmo_cli.processing.segments_stream import PieceStream
 
     vad = BatchVAD("cpu")
-    regions = vad.regions([talk], 0.5, 500)[0]
-    for vad_on, expected in ((True, vad_pieces(talk, regions, SR, 30.0, 0.2)), (False, fixed_pieces(talk, SR))):
+    regions = vad.regions([talk], 0.5, min_silence_ms)[0]
+    assert (len(regions) == 1) == (min_silence_ms == 3000)
+    expected = {True: vad_pieces(talk, regions, SR, 30.0, 0.2), False: fixed_pieces(talk, SR)}
+    for vad_on in (True, False):
         for chunk in (4099, 48007):
-            stream = PieceStream(VadStream(vad, 0.5, 500, blocks_per_call=2) if vad_on else None, 30.0, 0.2)
+            stream = PieceStream(VadStream(vad, 0.5, min_silence_ms, blocks_per_call=2) if vad_on else None,
+                                 30.0, 0.2)
             found, widest = [], 0
             for start in range(0, len(talk), chunk):
                 found += stream.feed(talk[start:start + chunk])
                 widest = max(widest, len(stream.window) - stream.window.offset)
             found += stream.finish()
-            assert [piece for piece, _ in found] == expected
+            assert [piece for piece, _ in found] == expected[vad_on]
             assert all(np.array_equal(clip, talk[p.start:p.end]) for p, clip in found)
-            assert widest < len(talk) / 2
+            assert widest < len(talk) * 2 / 3
 
 
 def test_stream_decode_equals_whole_decode(files, monkeypatch):
