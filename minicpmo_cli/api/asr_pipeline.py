@@ -8,7 +8,10 @@ The stages overlap: files are decoded while the VAD runs on the ones before them
 transcribes earlier pieces. Memory stays bounded on any number of files: at most ``ahead_files`` inputs are
 taken and not yet handed on. The inputs are iterated on the caller's thread (the CLI claims each input's outputs
 there, with its own options). Groups handed on are lists of (job, samples) in input order; how files fall into
-groups depends on timing, never the result (the VAD of a file is the same in any group).
+groups depends on timing, never the result (the VAD of a file is the same in any group). An input longer than
+``stream_seconds`` is streamed instead (api/asr_stream.py): the front thread decodes and segments it chunk by
+chunk and hands on its parts, each a group of one (job, Part), at most ``ahead_parts`` of them waiting, so
+memory stays bounded on a file of any length too.
 """
 
 from __future__ import annotations
