@@ -16,7 +16,8 @@
 #   5. tts_batch.md   TTS lines batched on the TTS engine vs one by one (benchmarks/tts_batch.py)
 #   6. asr.md         asr at GPU speed (benchmarks/asr_gpu.py): 100 x 10 s real speech clips through the staged
 #                     pipeline on the full-size model vs the one-by-one loop, 10 files of 10 minutes
-#   7. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
+#   7. vad.md         the batched VAD on cuda, 10 files of 10 min (benchmarks/gpu_vad.py): vs the CPU, together == alone
+#   8. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
 #                     under their own limits, with whatever time is left
 # Results go to $OUT when it is set (a folder the caller collects), else benchmarks/results/gpu-<time>/; run.log
 # has every part's stderr. GPU_RUN_SMOKE=1: the same plumbing on the CPU at tiny sizes (no GPU needed).
@@ -96,6 +97,7 @@ else
   part tts_batch tts_batch.md 60 python3 benchmarks/tts_batch.py --device cuda --full-size --step graph \
     --lines 12 --slots 8 --frames 80
   part asr asr.md 150 python3 benchmarks/asr_gpu.py --stage-timeout 90 --time-limit 140
+  part vad vad.md 45 python3 benchmarks/gpu_vad.py --files 10 --minutes 10
   part full_size full_size.md "$(left)" python3 benchmarks/gpu_full_size.py --repeats 2 \
     --timeouts build=90,vision=30,audio=30,decode=60,prefill=30,asr=60,tts=60,memory=60,quant-int8=90,quant-int4=90 \
     --time-limit $(( $(left) - 15 ))

@@ -11,7 +11,7 @@ the LLM engine; the answers are the same as one piece at a time (see ``embed_pro
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
@@ -20,7 +20,10 @@ from minicpmo_cli.api.asr_model import (  # noqa: F401 - the model stage, re-exp
     ASR_TASK, CPU_BATCH_SIZE, FREE_MEMORY_SHARE, MAX_AUTO_BATCH_SIZE, PIECE_BYTES, SORT_WINDOW_BATCHES, PieceRun,
     PieceText, TranscriptionCancelled, default_batch_size, embed_prompts, engine_batch_size, generate_batch,
     has_audio_tokens, loaded_once)
+from minicpmo_cli.api.asr_front import (  # noqa: F401 - the front, named here for callers and tests
+    _Job, _reason, _segment_group, _start_job, _stream_job, input_name)
 from minicpmo_cli.api.asr_pipeline import Stages, import_decoding_modules, staged_groups
+from minicpmo_cli.api.asr_stream import hand_on
 from minicpmo_cli.api.engine import DecodeOptions, Engine
 from minicpmo_cli.errors import InputError, UsageError
 from minicpmo_cli.generation.presets import resolve
@@ -146,72 +149,24 @@ def detect_language(text: str) -> str | None:
     return "zh" if _CJK.search(text) else "en"
 
 
-@dataclass
-class _Job:
-    """An input on its way through: its record and the texts of its pieces as they arrive."""
-
-    record: TranscriptRecord
-    instruction: str = ""  # the prompt of its pieces (it depends on the input's language with auto)
-    language: str | None = None  # spoken language, when given or detected
-    pieces: list[Piece] = field(default_factory=list)
-    spans: list[tuple[int, int]] = field(default_factory=list)  # the pieces' samples [start, end)
-    texts: list[PieceText | None] = field(default_factory=list)
-    told: int = 0  # pieces already handed to ``on_piece`` (in order)
-
-    @property
-    def done(self) -> bool:
-        return all(t is not None for t in self.texts)
-
-
-def _start_job(item: AudioInput, options: AsrOptions) -> tuple[_Job, np.ndarray | None]:
-    """Decode one input (on a decoding thread): its job, pieces still unknown, and its samples."""
-    from minicpmo_cli.media.audio import load_audio
-
-    record = TranscriptRecord(path=item.path)
-    try:
-        samples = item.source if isinstance(item.source, np.ndarray) else load_audio(item.source, INPUT_SAMPLE_RATE)
-        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-        if samples.size == 0:
-            raise InputError("no audio samples", input_name(item.path))
-    except InputError as exc:
-        record.error = _reason(exc)
-        return _Job(record), None
-    record.duration = round(len(samples) / INPUT_SAMPLE_RATE, 3)
-    language = None if options.language == "auto" else options.language
-    return _Job(record, options.instruction, language), samples
-
-
-def _segment_group(group: list[tuple[_Job, np.ndarray | None]], options: AsrOptions, vad) -> None:
-    """The pieces of every decoded input of ``group``, the VAD run over all of them at once (``vad()``: the
-    stage's media.vad_batch.BatchVAD)."""
-    from minicpmo_cli.processing.segments import fixed_pieces, vad_pieces
-
-    decoded = [(job, samples) for job, samples in group if samples is not None]
-    if options.vad and decoded:
-        regions = vad().regions([samples for _, samples in decoded], options.vad_threshold, options.min_silence_ms)
-        pad = options.piece_pad_ms / 1000
-        pieces = [vad_pieces(samples, spans, INPUT_SAMPLE_RATE, options.max_piece_seconds, pad)
-                  for (_, samples), spans in zip(decoded, regions)]
-    else:
-        pieces = [fixed_pieces(samples, INPUT_SAMPLE_RATE, options.max_piece_seconds) for _, samples in decoded]
-    for (job, _), found in zip(decoded, pieces):
-        job.pieces = found
-        job.spans = [(p.start, p.end) for p in found]
-        job.texts = [None] * len(found)
-
-
-def _queue_pieces(group: list[tuple[_Job, np.ndarray | None]], run: PieceRun, options: AsrOptions) -> None:
-    """Hand the pieces of a segmented group to the model stage. --language auto: the first speech piece of
-    each input goes first, with the English prompt (:func:`_decide_language`), and holds back the input's
-    other pieces until its answer has chosen their prompt."""
+def _queue_pieces(group: list[tuple[_Job, Any]], run: PieceRun, options: AsrOptions) -> None:
+    """Hand the new pieces of a segmented group to the model stage (a streamed input brings its pieces over
+    several groups: api/asr_stream.py ``hand_on``). --language auto: the first speech piece of each input goes
+    first, with the English prompt (:func:`_decide_language`), and the input's other pieces, those of later
+    parts too, are held back until its answer has chosen their prompt."""
     english = task_prompt("transcribe", "en")
     for job, samples in group:
-        run.open_jobs.append(job)
-        pieces = [(index, samples[start:end]) for index, (start, end) in enumerate(job.spans)]
+        new = hand_on(job, samples)
+        if new.first:
+            run.open_jobs.append(job)
+        pieces = [(index, samples[start:end]) for index, (start, end) in new.spans]
         run.advance(found=len(pieces))
-        if options.detects_language and pieces and has_audio_tokens(pieces[0][1]):
+        if options.detects_language and new.probe and pieces and has_audio_tokens(pieces[0][1]):
+            job.held = pieces  # the probe's answer releases them, with what arrives meanwhile
             run.probe(job, pieces[0][1], english, lambda job_, first: _decide_language(job_, first, options),
-                      pieces)
+                      job.held)
+        elif job.held is not None:
+            job.held.extend(pieces)
         else:
             run.add(job, [(index, clip) for index, clip in pieces if job.texts[index] is None])
 
@@ -220,22 +175,11 @@ def _decide_language(job: _Job, first: PieceText, options: AsrOptions) -> None:
     """The script of the probe's answer (CJK or not) gives the input's language, and so the prompt of all its
     pieces. For English the probe is already the first piece's transcript; Chinese pieces are all transcribed
     with the Chinese prompt."""
+    job.held = None  # pieces found from now on go straight to the model
     job.language = detect_language(first.text) or "en"
     job.instruction = task_prompt(options.task, job.language)
     if job.instruction == task_prompt("transcribe", "en"):
         job.texts[0] = first
-
-
-def _reason(exc: InputError) -> str:
-    """The error without the path it starts with: records carry the path in their own field."""
-    message = str(exc)
-    prefix = f"{exc.path}: " if exc.path else ""
-    return message[len(prefix):] if prefix and message.startswith(prefix) else message
-
-
-def input_name(path: str) -> str:
-    """How messages name an input ("-" is stdin)."""
-    return "<stdin>" if path == "-" else path
 
 
 def _tell_pieces(job: _Job, on_piece: Callable[[str, str], None]) -> None:
@@ -297,7 +241,8 @@ def transcribe_many(engine: Engine | Callable[[], Engine], inputs: Iterable[Audi
     try:
         for group in staged_groups(inputs, lambda item: _start_job(item, options),
                                    lambda found, vad: _segment_group(found, options, vad), stages,
-                                   prepare=lambda: import_decoding_modules(options.vad)):
+                                   prepare=lambda: import_decoding_modules(options.vad),
+                                   stream=lambda item, seconds: _stream_job(item, options, seconds)):
             _queue_pieces(group, run, options)
             yield from run.pump()
         yield from run.pump(final=True)

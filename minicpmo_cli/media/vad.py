@@ -89,6 +89,11 @@ def speech_probabilities(samples: np.ndarray, device: str = "cpu") -> np.ndarray
     return probs.reshape(-1)[:windows]
 
 
+def model_lock() -> threading.Lock:
+    """The lock around the shared model's forward (its LSTM state lives on the module)."""
+    return _LOCK
+
+
 @contextmanager
 def one_thread(device: str):
     """One intra-op thread on the CPU while the VAD runs (the setting is restored after).
@@ -122,41 +127,73 @@ def regions_from_probabilities(probs: np.ndarray, total: int, threshold: float =
     ``threshold - 0.15`` for ``min_silence_ms``; regions shorter than ``min_speech_ms`` are dropped; the rest
     are widened by ``pad_ms`` and merged where the padding makes them touch.
     """
-    low = max(threshold - THRESHOLD_DROP, 0.01)
-    silence_windows = max(1, int(round(min_silence_ms * sr / 1000 / WINDOW)))
-    raw: list[tuple[int, int]] = []
-    start: int | None = None
-    quiet_since: int | None = None
-    for index, prob in enumerate(np.asarray(probs, dtype=np.float32).tolist()):
-        if prob >= threshold:
-            quiet_since = None
-            if start is None:
-                start = index
-        elif start is not None and prob < low:
-            quiet_since = index if quiet_since is None else quiet_since
-            if index + 1 - quiet_since >= silence_windows:
-                raw.append((start, quiet_since))
-                start, quiet_since = None, None
-    if start is not None:
-        raw.append((start, quiet_since if quiet_since is not None else len(probs)))
-    return _pad_and_merge(raw, total, min_speech_ms, pad_ms, sr)
+    tracker = RegionTracker(threshold, min_silence_ms, min_speech_ms, pad_ms, sr)
+    return tracker.feed(probs) + tracker.finish(total)
 
 
-def _pad_and_merge(raw: list[tuple[int, int]], total: int, min_speech_ms: int, pad_ms: int,
-                   sr: int) -> list[tuple[int, int]]:
-    pad = int(round(pad_ms * sr / 1000))
-    shortest = int(round(min_speech_ms * sr / 1000))
-    regions: list[tuple[int, int]] = []
-    for first, last in raw:
-        begin, end = first * WINDOW, min(last * WINDOW, total)
-        if end - begin < shortest:
-            continue
-        begin, end = max(0, begin - pad), min(total, end + pad)
-        if regions and begin <= regions[-1][1]:
-            regions[-1] = (regions[-1][0], end)
-        else:
-            regions.append((begin, end))
-    return regions
+class RegionTracker:
+    """:func:`regions_from_probabilities` fed a stream of probabilities: each region is handed out as soon as
+    no later probability can change it (it ended, and no later region can reach it with its padding)."""
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, min_silence_ms: int = DEFAULT_MIN_SILENCE_MS,
+                 min_speech_ms: int = MIN_SPEECH_MS, pad_ms: int = SPEECH_PAD_MS,
+                 sr: int = INPUT_SAMPLE_RATE) -> None:
+        self.threshold = threshold
+        self.low = max(threshold - THRESHOLD_DROP, 0.01)
+        self.silence_windows = max(1, int(round(min_silence_ms * sr / 1000 / WINDOW)))
+        self.pad = int(round(pad_ms * sr / 1000))
+        self.shortest = int(round(min_speech_ms * sr / 1000))
+        self.index = 0  # windows seen
+        self.start: int | None = None  # the window where the speech in progress started
+        self.quiet_since: int | None = None
+        self.pending: tuple[int, int] | None = None  # the last padded region (its end not yet clamped)
+
+    def feed(self, probs: np.ndarray) -> list[tuple[int, int]]:
+        """The regions these probabilities make final."""
+        out: list[tuple[int, int]] = []
+        for prob in np.asarray(probs, dtype=np.float32).tolist():
+            index = self.index
+            self.index += 1
+            if prob >= self.threshold:
+                self.quiet_since = None
+                if self.start is None:
+                    self.start = index
+            elif self.start is not None and prob < self.low:
+                self.quiet_since = index if self.quiet_since is None else self.quiet_since
+                if index + 1 - self.quiet_since >= self.silence_windows:
+                    self._close(self.start, self.quiet_since * WINDOW, out)
+                    self.start, self.quiet_since = None, None
+        # A later region starts at the speech in progress, or later: padded, can it still reach the last one?
+        later = (self.index if self.start is None else self.start) * WINDOW - self.pad
+        if self.pending is not None and later > self.pending[1] and self.pending[1] <= (self.index - 1) * WINDOW:
+            out.append(self.pending)
+            self.pending = None
+        return out
+
+    def finish(self, total: int) -> list[tuple[int, int]]:
+        """The regions left once the stream of ``total`` samples has ended."""
+        out: list[tuple[int, int]] = []
+        if self.start is not None:
+            last = self.quiet_since if self.quiet_since is not None else self.index
+            self._close(self.start, min(last * WINDOW, total), out)
+            self.start, self.quiet_since = None, None
+        if self.pending is not None:
+            out.append((self.pending[0], min(total, self.pending[1])))
+            self.pending = None
+        return out
+
+    def _close(self, first: int, end: int, out: list[tuple[int, int]]) -> None:
+        """A raw region ended: dropped when short, else padded and merged into the last one it reaches."""
+        begin = first * WINDOW
+        if end - begin < self.shortest:
+            return
+        begin, end = max(0, begin - self.pad), end + self.pad
+        if self.pending is not None and begin <= self.pending[1]:
+            self.pending = (self.pending[0], end)
+            return
+        if self.pending is not None:
+            out.append(self.pending)
+        self.pending = (begin, end)
 
 
 def speech_regions(samples: np.ndarray, threshold: float = DEFAULT_THRESHOLD,

@@ -70,3 +70,44 @@ def test_stopping_early_ends_the_front_thread_and_no_inputs():
 def test_no_inputs_is_no_groups():
     groups, decoded = run([])
     assert list(groups) == [] and decoded == []
+
+
+class _Part:
+    def __init__(self, index: int, last: bool) -> None:
+        self.index, self.last, self.empty = index, last, index % 3 == 1
+
+
+def _streamed_run(made: list[int], count: int, ahead_parts: int):
+    from minicpmo_cli.api.asr_pipeline import Part, Streamed
+
+    part_type = type("StreamedPart", (_Part, Part), {})
+
+    def parts(vad):
+        for index in range(count):
+            made.append(index)
+            yield part_type(index, index == count - 1)
+
+    def decode(item):
+        return (item, Streamed(parts)) if item == "long" else (item, None)
+
+    return staged_groups(["a", "long", "b"], decode, lambda group, vad: None,
+                         Stages(vad_files=4, ahead_files=6, ahead_parts=ahead_parts))
+
+
+def test_a_streamed_input_is_handed_on_in_parts_in_order():
+    made: list[int] = []
+    entries = [(item, getattr(part, "index", None)) for group in _streamed_run(made, 30, 2) for item, part in group]
+    parts = [index for item, index in entries if item == "long"]
+    assert [item for item, _ in entries] == ["a"] + ["long"] * len(parts) + ["b"]
+    assert parts == [index for index in range(30) if index % 3 != 1]  # the empty ones are not handed on
+    assert made == list(range(30))
+
+
+def test_a_streamed_input_stops_being_decoded_when_the_consumer_leaves():
+    made: list[int] = []
+    groups = _streamed_run(made, 100_000, 1)
+    next(groups)
+    next(groups)
+    groups.close()
+    assert not any(t.name == "minicpmo-asr-front" and t.is_alive() for t in threading.enumerate())
+    assert len(made) < 100_000

@@ -132,3 +132,48 @@ def test_vad_over_many_files_equals_vad_file_by_file(sentence):
         np.testing.assert_allclose(together[index], vad.speech_probabilities(samples), atol=1e-4)
     assert batch.regions(files) == [vad.regions_from_probabilities(p, len(s)) for p, s in zip(alone, files)]
     assert batch.regions(files)[0] == vad.speech_regions(sentence)
+
+
+def test_region_tracker_fed_in_pieces_gives_the_regions_of_all_at_once():
+    """media.vad.RegionTracker (streams) against regions_from_probabilities, with hysteresis, short regions,
+    padding that merges and a region still open at the end, fed in random slices."""
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        count = int(rng.integers(0, 300))
+        steady = np.repeat(rng.choice([0.05, 0.4, 0.9], size=count // 4 + 1), rng.integers(1, 25, count // 4 + 1))
+        probs = (rng.random(count) if trial % 2 else steady[:count]).astype(np.float32)
+        total = max(0, count * vad.WINDOW - int(rng.integers(0, vad.WINDOW)))
+        settings = {"min_silence_ms": int(rng.choice([0, 100, 500])), "pad_ms": int(rng.choice([0, 30, 400])),
+                    "min_speech_ms": int(rng.choice([0, 250]))}
+        tracker, found, start = vad.RegionTracker(**settings), [], 0
+        while start < count:
+            step = int(rng.integers(1, 40))
+            found += tracker.feed(probs[start:start + step])
+            start += step
+        found += tracker.finish(total)
+        assert found == vad.regions_from_probabilities(probs, total, **settings), (trial, settings)
+
+
+def test_vad_stream_and_worker_threads_give_the_batched_probabilities(sentence):
+    """media.vad_blocks.VadStream (blocks cut from a stream, a few per call) finds the regions of the whole
+    file; BatchVAD with one worker thread or two gives the same bits."""
+    from minicpmo_cli.media.vad_batch import BatchVAD
+    from minicpmo_cli.media.vad_blocks import SampleWindow, VadStream
+
+    rng = np.random.default_rng(4)
+    audio = np.concatenate([part for _ in range(14) for part in
+                            (sentence, np.zeros(int(rng.integers(1000, 40000)), np.float32))])
+    one, two = BatchVAD("cpu", workers=1), BatchVAD("cpu", workers=2)
+    together = two.probabilities([audio, sentence])
+    assert all(np.array_equal(a, b) for a, b in zip(together, one.probabilities([audio, sentence])))
+    whole = two.regions([audio])[0]
+    assert len(whole) >= 10
+    for chunk in (3001, 50000):
+        window, stream, found = SampleWindow(), VadStream(two, blocks_per_call=2), []
+        for start in range(0, len(audio), chunk):
+            window.append(audio[start:start + chunk])
+            found += stream.feed(window)
+            window.drop_before(min(stream.needed_from(), stream.region_floor()))
+        assert found + stream.finish(window) == whole
+        assert window.offset > len(audio) // 2  # the samples read are dropped as the stream goes
+    two.close()
