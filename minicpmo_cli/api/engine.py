@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterator
 
 from minicpmo_cli.errors import ModelLoadError
@@ -41,6 +42,13 @@ class Engine:
     towers: dict[str, bool] = field(default_factory=dict)
     llm_engine: Any = None  # generation/engine.py LLMEngine: every greedy/sampled answer decodes on it
     tts_runner: Any = None  # generation/step_runner.py StepRunner of the TTS frame loop
+
+    @cached_property
+    def context(self) -> int:
+        """The LLM's context in positions (read from the config once: its attribute reads are slow)."""
+        from minicpmo_cli.processing.limits import context_limit
+
+        return context_limit(self.model.config)
 
     @property
     def has_tts(self) -> bool:

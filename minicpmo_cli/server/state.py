@@ -12,6 +12,7 @@ from minicpmo_cli.server.errors import APIError
 from minicpmo_cli.server.media import FetchLimits
 from minicpmo_cli.server.metrics import Metrics
 from minicpmo_cli.server.models import checkpoint_hub_id, openai_name, unknown_model
+from minicpmo_cli.server.outbox import STALL_S
 from minicpmo_cli.server.worker import Pool
 
 logger = logging.getLogger("minicpmo_cli.server")
@@ -30,6 +31,7 @@ class Settings:
     fetch: FetchLimits = field(default_factory=FetchLimits)
     tts: bool = True  # load the speech tower (speech routes and spoken chat answers)
     seed: int | None = None  # `minicpmo --seed N serve`: the seed of requests that give none
+    stall_s: float = STALL_S  # a streamed answer whose client reads nothing this long is cancelled
 
 
 # Every module a request may import, imported before the loading thread starts: two threads importing
@@ -60,7 +62,7 @@ class ServerState:
         self.loaded = threading.Event()
         if engine is not None:
             self.loaded.set()
-        self.worker = Pool(self.ready_engine, settings.max_batch, settings.max_queue)
+        self.worker = Pool(self.ready_engine, settings.max_batch, settings.max_queue, stall_s=settings.stall_s)
         self.metrics = Metrics(lambda: self.worker, self.llm_engine)
         self.worker.observer = self.metrics
 
