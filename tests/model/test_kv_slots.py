@@ -261,3 +261,22 @@ def test_a_cancellable_call_raises_an_engine_failure(model, rows):
     settings = GREEDY.with_(stop_ids=stops(model))
     with pytest.raises(RuntimeError, match="the step failed"):
         generate_ids(model.llm, rows[0][None], None, settings, engine=llm, cancel=threading.Event())
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 + 5])
+def test_a_seeded_request_draws_what_the_seeded_global_generator_would(model, rows, seed):
+    """A request's own generator seeded with s draws what torch.manual_seed(s) makes the global one draw, so a
+    seed gives the ids it gave when the api seeded the global generator (and transformers generate's ids,
+    tests/model/test_decode_core.py), now without touching the global state other requests draw from."""
+    probs = torch.softmax(torch.randn(4, 50), dim=-1)
+    torch.manual_seed(seed)
+    expected = torch.multinomial(probs, 3), torch.multinomial(probs, 1)
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.multinomial(probs, 3, generator=generator), torch.multinomial(probs, 1, generator=generator)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    settings = SAMPLED.with_(stop_ids=stops(model))
+    torch.manual_seed(seed)
+    global_ids = generate_ids(model.llm, rows[1][None], None, settings)[0]
+    torch.manual_seed(seed + 1)  # the global state no longer matters
+    assert alone(model, rows[1], settings, seed=seed) == global_ids
+
