@@ -49,8 +49,14 @@ def serve(
     max_upload_mb: float = typer.Option(25.0, "--max-upload-mb", min=0.001, help="Largest request body."),
     max_queue: int = typer.Option(64, "--max-queue", min=1,
                                   help="Requests waiting at most; more get 429 with Retry-After."),
-    max_batch: int = typer.Option(16, "--max-batch", min=1,
-                                  help="Requests running at once, decoded together (1: one at a time)."),
+    max_batch: Optional[int] = typer.Option(
+        None, "--max-batch", min=1,
+        help="Requests running at once, decoded together (1: one at a time). Default: on CUDA what the KV cache "
+             "budget holds at 8192 positions per request (at most 256), else 16."),
+    kv_cache_gb: Optional[float] = typer.Option(
+        None, "--kv-cache-gb", min=0.0001, metavar="GB",
+        help="Memory the KV cache of running requests may take, in GiB; a request that cannot fit is refused "
+             "before memory is taken. Default: on CUDA 80% of the memory free after loading, else no limit."),
     stall_timeout: float = typer.Option(
         60.0, "--stall-timeout", min=0.1, metavar="SECONDS",
         help="A streamed answer whose client stays connected but reads nothing this long is cancelled (its "
@@ -78,7 +84,8 @@ def serve(
     limit = int(max_upload_mb * 1024 * 1024)
     from dataclasses import replace
 
-    load = replace(common.load_options(), max_batch=max_batch)  # the LLM engine's slots: one per running request
+    # the LLM engine's slots (one per running request) and their memory; None: from the free GPU memory
+    load = replace(common.load_options(), max_batch=max_batch, kv_cache_gb=kv_cache_gb)
     names = served_names(served_model_name) or [common.options().model]
     settings = Settings(load=load, model_id=names[0], served_names=tuple(names[1:]),
                         strict_model_names=strict_model_names,

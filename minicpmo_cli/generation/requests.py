@@ -54,6 +54,8 @@ class EngineStats:
     slots_total: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    kv_bytes: int = 0  # what the KV slots take now
+    kv_budget_bytes: int | None = None  # what they may take (None: no budget)
 
 
 _END = object()

@@ -109,10 +109,25 @@ class Pool:
         self.gate = Gate()
         self._mean_s = 1.0  # running mean of job times: the Retry-After estimate
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, name=f"minicpmo-pool-{n}", daemon=True)
-                        for n in range(self.size)]
-        for thread in self.threads:
+        self.threads: list[threading.Thread] = []
+        self._start_threads(self.size)
+
+    def _start_threads(self, count: int) -> None:
+        for _ in range(count):
+            thread = threading.Thread(target=self._loop, name=f"minicpmo-pool-{len(self.threads)}", daemon=True)
+            self.threads.append(thread)
             thread.start()
+
+    def resize(self, size: int) -> None:
+        """``size`` threads from now on (the batch the loaded model's KV budget holds): more are started, or
+        as many end when they next look for a job."""
+        size = max(1, int(size))
+        with self._lock:
+            change, self.size = size - self.size, size
+        if change > 0:
+            self._start_threads(change)
+        for _ in range(-change):
+            self.jobs.put(None)
 
     # --- route side -------------------------------------------------------------------------------------
     def _submit(self, fn: Callable[..., Any], exclusive: bool, streamed: bool = False) -> Job:

@@ -280,3 +280,44 @@ def test_a_seeded_request_draws_what_the_seeded_global_generator_would(model, ro
     torch.manual_seed(seed + 1)  # the global state no longer matters
     assert alone(model, rows[1], settings, seed=seed) == global_ids
 
+
+
+def test_the_pool_stays_within_its_kv_budget_and_requests_wait_for_room(model, rows):
+    """A budget of two 256-position slots: four requests decode two at a time, each as alone; one whose
+    positions alone are over the budget is refused before any memory is taken."""
+    from minicpmo_cli.generation.kv_budget import position_bytes
+
+    per_position = position_bytes(model.llm.config, 4)
+    budget = 2 * 256 * per_position
+    settings = GREEDY.with_(stop_ids=stops(model), max_new_tokens=12)
+    expected = [alone(model, row, settings) for row in rows]
+    llm = engine(model, max_batch=16, kv_budget=budget)
+    with pytest.raises(ContextTooLong, match="of KV cache, more than its budget"):
+        llm.submit(Request(rows[0], settings.with_(max_new_tokens=600)))
+    assert llm.pool is None  # refused before any memory was taken
+    handles = [llm.submit(Request(row, settings)) for row in rows]
+    most = 0
+    while not all(h.done for h in handles):
+        llm.step()
+        most = max(most, llm.stats().kv_bytes)
+        assert llm.stats().running <= 2
+    assert [h.result() for h in handles] == expected
+    assert most <= budget and llm.stats().kv_budget_bytes == budget
+
+
+def test_an_idle_pool_is_made_anew_for_a_request_the_budget_cannot_grow_it_for(model, rows):
+    """Four 256-position slots fill the budget; a request needing 512 positions cannot grow that pool beside
+    the old one, so it is made anew (the old buffers freed first) once the pool is idle."""
+    from minicpmo_cli.generation.kv_budget import position_bytes
+
+    budget = 4 * 256 * position_bytes(model.llm.config, 4)
+    short = GREEDY.with_(stop_ids=stops(model), max_new_tokens=4)
+    llm = engine(model, max_batch=4, kv_budget=budget)
+    assert [llm.submit(Request(row, short)).result() for row in rows[:1]]
+    llm.submit(Request(rows[1], short))
+    llm.step()
+    assert llm.pool.slots == 1 and llm.pool.capacity == 256
+    long = short.with_(max_new_tokens=300)
+    handle = llm.submit(Request(rows[2], long))
+    assert handle.result() == alone(model, rows[2], long)
+    assert llm.pool.capacity == 512 and llm.stats().kv_bytes <= budget
