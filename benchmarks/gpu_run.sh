@@ -14,7 +14,8 @@
 #   3. cuda_tests.txt the tests that need CUDA (pytest -k "cuda or graph"; the others skip or are deselected)
 #   4. profile.md     one decode step of the full-size LLM under torch.profiler (benchmarks/gpu_profile.py)
 #   5. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
-#                     under their own limits, with whatever time is left
+#                     under their own limits, with whatever time is left; its "concurrent" stage is issue 21's
+#                     GPU rows (aggregate decode of 32 requests at once, time-to-first-token p95 at 16 clients)
 # Results go to $OUT when it is set (a folder the caller collects), else benchmarks/results/gpu-<time>/; run.log
 # has every part's stderr. GPU_RUN_SMOKE=1: the same plumbing on the CPU at tiny sizes (no GPU needed).
 set -uo pipefail
