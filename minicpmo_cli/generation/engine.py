@@ -42,6 +42,7 @@ __all__ = ["CHECK_EVERY", "ContextTooLong", "EngineFull", "EngineStats", "Handle
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps between two host reads of the chosen ids (when no request streams)
+LINGER_S = 2.0  # an idle engine thread waits this long for the next request before it ends
 PREFILL_CHUNK = 2048  # prompt positions prefilled per step: longer prompts are prefilled over several steps
 
 
@@ -121,10 +122,13 @@ class LLMEngine:
         return not self.scheduler.waiting and not self.scheduler.running and not self._aborts
 
     def _loop(self) -> None:
-        """Step while there is work; the thread ends when the engine goes idle (a later submit starts
+        """Step while there is work; once idle the thread waits ``LINGER_S`` for more (a thread start costs
+        milliseconds, and torch's intra-op threads are per calling thread) and then ends (a later submit starts
         another), so none is left running at interpreter exit (see :meth:`close`)."""
         while True:
             with self._work:
+                if self.idle and not self._closed:
+                    self._work.wait(LINGER_S)
                 if self.idle:
                     self._thread = None
                     self._work.notify_all()
@@ -135,6 +139,7 @@ class LLMEngine:
         """Wait for the engine thread to end (requests in flight are finished first); called at exit."""
         with self._work:
             self._closed = True
+            self._work.notify_all()  # a lingering thread ends now
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)

@@ -3,8 +3,8 @@
 The plain path (generation/text.py ``_stream_text``) runs the decode on a thread of its own that hands each id
 to a transformers ``TextIteratorStreamer``, whose queue the caller reads: two thread handoffs per token.
 With a threaded engine the caller can read the request's :class:`Handle` itself, so here each wakeup takes
-every id chosen since the last one (:meth:`Handle.batches`) and turns them into text at once, with the same
-text rules as ``TextStreamer`` (:class:`PieceStreamer` is one): the pieces join up to the same text.
+every id chosen since the last one (:meth:`Handle.batches`) and turns them into text at once
+(:class:`IncrementalText`): the pieces join up to the same text.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from transformers import TextStreamer
-
 from minicpmo_cli.generation.decode import split_rows
 from minicpmo_cli.generation.requests import Request
 from minicpmo_cli.generation.settings import DecodeSettings
@@ -22,20 +20,35 @@ from minicpmo_cli.processing.answer_text import terminator_ids
 from minicpmo_cli.processing.tts_text import LLM_TERMINATORS
 
 
-class PieceStreamer(TextStreamer):
-    """transformers' ``TextStreamer`` whose printable text is collected (:meth:`take`), not printed."""
+class IncrementalText:
+    """Ids -> text as they come, decoding only a few ids per batch (vLLM's incremental detokenizer): the text
+    of ``ids[prefix:]`` minus that of ``ids[prefix:read]`` is what the new ids add; held back while it ends in
+    an incomplete character. The pieces join up to ``decode(all ids)`` (a streamer that decodes everything
+    since the last newline at every id costs O(n) per id on a long line)."""
 
     def __init__(self, tokenizer) -> None:
-        super().__init__(tokenizer)
-        self.pieces: list[str] = []
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.pieces.append(text)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def take(self) -> str:
-        text, self.pieces = "".join(self.pieces), []
-        return text
+    def add(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):]
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the very end)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
 
 
 def strip_terminators(text: str) -> str:
@@ -51,20 +64,18 @@ def stream_on_engine(llm_engine, embeds: torch.Tensor, tokenizer, decode: Decode
     freed at the engine's next step). Nothing is submitted before the first piece is asked for."""
     settings = decode.with_(stop_ids=tuple(terminator_ids(tokenizer)))
     handle = llm_engine.submit(Request(split_rows(embeds, None)[0], settings, seed=seed, stream=True))
-    streamer = PieceStreamer(tokenizer)
+    text = IncrementalText(tokenizer)
     try:
         for ids in handle.batches():
             usage.completion_tokens += len(ids)
-            streamer.put(torch.tensor(ids, dtype=torch.long))
-            text = strip_terminators(streamer.take())
-            if text:
-                yield text
+            piece = strip_terminators(text.add(ids))
+            if piece:
+                yield piece
         if handle.error is not None:
             raise handle.error
-        streamer.end()
-        text = strip_terminators(streamer.take())
-        if text:
-            yield text
+        piece = strip_terminators(text.flush())
+        if piece:
+            yield piece
     finally:
         if not handle.done:
             llm_engine.abort(handle)
