@@ -8,7 +8,8 @@
   run one step for all decoding rows (generation/step_runner.py) -> sample each row with its own settings
   and generator (generation/sampling.py ``RowSampling``) -> hand the ids over.
 - Ids are read back to the host every ``CHECK_EVERY`` steps (the only host reads of a non-streaming decode),
-  or every step while a streaming request runs. A row that stopped in between keeps decoding pads until the
+  or while requests stream every step for a few of them, every few steps for many (``stream_interval``; a
+  stream's first id at once). A row that stopped in between keeps decoding pads until the
   read: its ids after the stop are dropped, as ``generate`` pads a finished row.
 
 A background thread steps while there is work (``threaded=True``, started on the first submit); a
@@ -42,6 +43,7 @@ __all__ = ["CHECK_EVERY", "ContextTooLong", "EngineFull", "EngineStats", "Handle
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps between two host reads of the chosen ids (when no request streams)
+STREAMS_PER_READ = 4  # streaming rows per step between two hand-overs of their ids (stream_interval)
 LINGER_S = 2.0  # an idle engine thread waits this long for the next request before it ends
 PREFILL_CHUNK = 2048  # prompt positions prefilled per step: longer prompts are prefilled over several steps
 
@@ -397,12 +399,20 @@ class LLMEngine:
         self._pending.append((tokens, rows))
 
     def _must_read(self) -> bool:
+        """Whether to read the chosen ids back now: every ``check_every`` steps, when a row reached its
+        token limit, when a streamed row waits for its first id, and, while rows stream, every
+        :func:`stream_interval` steps (one step with a few streams)."""
         if not self._pending:
             return False
         running = self.scheduler.running.values()
-        if any(row.streams for row in running) or len(self._pending) >= self.check_every:
+        if len(self._pending) >= self.check_every:
             return True
-        return any(row.sampled >= row.request.settings.max_new_tokens for row in running if row.decoding)
+        if any(row.sampled >= row.request.settings.max_new_tokens for row in running if row.decoding):
+            return True
+        streams = [row for row in running if row.streams]
+        if any(not row.handle.ids for row in streams):
+            return True
+        return bool(streams) and len(self._pending) >= stream_interval(len(streams), self.check_every)
 
     def _read_back(self) -> None:
         """One host read of every id chosen since the last: hand them over, finish and free rows that stopped
@@ -439,6 +449,15 @@ class LLMEngine:
         self._pending = []
         for row in list(self.scheduler.running.values()):
             self._release(row, "error", exc)
+
+
+def stream_interval(streams: int, most: int = CHECK_EVERY) -> int:
+    """Steps between two hand-overs of streamed ids while ``streams`` rows stream: 1 for up to
+    ``STREAMS_PER_READ`` of them, then one more step per as many (at most ``most``). Every hand-over wakes each
+    stream's reader and sends each client a chunk; with many streams those per-step costs (and on a GPU, a
+    device sync every step) take the time the steps need, while a reader of one of many streams gets its text
+    a few steps at a time. A stream's first id is handed over at once."""
+    return max(1, min(most, streams // STREAMS_PER_READ))
 
 
 def _slot_step(tokens, positions, mask, llm, pool, span):
