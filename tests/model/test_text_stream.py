@@ -5,6 +5,7 @@ split across ids included), and a streamed answer equals the same answer made by
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -52,3 +53,29 @@ def test_a_streamed_answer_equals_the_plain_streaming_path(tiny_ckpt):
         finally:
             engine.llm_engine = threaded
         assert "".join(streamed) == plain and len(streamed) > 1
+
+
+def test_a_reader_interrupted_mid_stream_aborts_its_request(tiny_ckpt, monkeypatch):
+    """Ctrl-C while a streamed answer is read off the threaded engine: the request is aborted (its slot freed),
+    nothing goes on decoding in the background."""
+    from minicpmo_cli import api
+    from minicpmo_cli.api.engine import DecodeOptions
+    from minicpmo_cli.generation.requests import Handle
+
+    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu"), tts=False)
+    real = Handle.batches
+
+    def interrupted(self):
+        yield next(real(self))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Handle, "batches", interrupted)
+    options = DecodeOptions(sampling=True, max_new_tokens=3000, min_new_tokens=3000, seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in engine.text_pieces([{"role": "user", "content": ["Tell me a story."]}], options):
+            pass
+    llm = engine.llm_engine
+    deadline = time.monotonic() + 120  # only turns a hang into a failure
+    while llm.stats().running and time.monotonic() < deadline:  # the abort lands at the engine's next step
+        time.sleep(0.01)
+    assert llm.stats().running == 0 and llm.stats().generation_tokens_total < 3000
