@@ -182,6 +182,7 @@ def bench_whisper(model, meter: Meter, device: str, seconds_of_audio: float = 30
 # ------------------------------------------------------------------------------------------ options
 MAIN_STAGES = ("vision", "audio", "decode", "prefill", "asr", "tts", "memory")
 QUANT_MODES = ("int8", "int4")
+CONCURRENT = "concurrent"  # many requests at once on the LLM engine: its own child (the LLM alone)
 STAGE_TIMEOUT = 150.0  # seconds a stage may run (--stage-timeout); the model build gets BUILD_TIMEOUT
 BUILD_TIMEOUT = 240.0
 
@@ -204,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="our decode step (default: the library's choice for the device); passed where the core takes it")
     add("--no-compile", action="store_true", help="same as --step eager")
     add("--quantize", default=",".join(QUANT_MODES), help="LLM quantizations measured after bf16 (none: skip)")
-    add("--skip", default="", help="comma-separated stages: " + ",".join(MAIN_STAGES) + ",quant")
+    add("--skip", default="", help="comma-separated stages: " + ",".join(MAIN_STAGES) + ",concurrent,quant")
     add("--stage-timeout", type=float, default=STAGE_TIMEOUT, help="seconds one stage may run (default 150)")
     add("--timeouts", default="", help="per-stage limits, e.g. build=300,tts=60 (seconds)")
     add("--time-limit", type=float, default=None, help="seconds for the whole run; later stages are not run")
@@ -298,6 +299,8 @@ def worker(args: argparse.Namespace) -> int:
     stages = [s for s in args.stages.split(",") if s]
     report.start(BUILD)
     with tempfile.TemporaryDirectory(prefix="minicpmo-gpu-bench-") as tmp:
+        if stages == [CONCURRENT]:  # many users at once: the LLM alone (benchmarks/gpu_concurrency.py)
+            return concurrency_worker(args, Path(tmp), report)
         quant = [s.removeprefix("quant-") for s in stages if s.startswith("quant-")]
         if quant:  # a quantization child: the LLM alone, quantized in place (it cannot go back)
             import gpu_compare
@@ -312,6 +315,18 @@ def worker(args: argparse.Namespace) -> int:
         report.done(BUILD)
         for stage in stages:
             run_stage(report, stage, args, lambda: stage_rows(stage, args, context))
+    return 0
+
+
+def concurrency_worker(args, workdir: Path, report) -> int:
+    import gpu_concurrency
+
+    context = build_llm_only(args, workdir)
+    report.done("build")
+    load = gpu_concurrency.Load(requests=4, clients=2, rounds=1, prompt=16, new_tokens=4) if args.cpu_smoke \
+        else gpu_concurrency.Load(prompt=args.decode_prompt // 2, new_tokens=args.new_tokens)
+    run_stage(report, CONCURRENT, args, lambda: gpu_concurrency.concurrency_rows(
+        context["model"].llm, args.device, args.step, load, args.repeats))
     return 0
 
 
@@ -422,6 +437,8 @@ def parent(args: argparse.Namespace, argv: list[str]) -> int:
     source = "tiny test config" if args.tiny else gpu_model.load_config_dict(args)[1]
     print("\n".join(header_lines(args, source)), flush=True)
     groups = [[s for s in MAIN_STAGES if s not in args.skip]]
+    if CONCURRENT not in args.skip:
+        groups.append([CONCURRENT])
     if "quant" not in args.skip:
         groups += [[f"quant-{mode}"] for mode in args.quantize]
     limits = Limits(stage=lambda stage: args.timeouts.get(stage, BUILD_TIMEOUT if stage == BUILD

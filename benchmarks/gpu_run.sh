@@ -18,7 +18,8 @@
 #                     pipeline on the full-size model vs the one-by-one loop, 10 files of 10 minutes
 #   7. vad.md         the batched VAD on cuda, 10 files of 10 min (benchmarks/gpu_vad.py): vs the CPU, together == alone
 #   8. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
-#                     under their own limits, with whatever time is left
+#                     under their own limits, with whatever time is left; its "concurrent" stage is issue 21's
+#                     GPU rows (aggregate decode of 32 requests at once, time-to-first-token p95 at 16 clients)
 # Results go to $OUT when it is set (a folder the caller collects), else benchmarks/results/gpu-<time>/; run.log
 # has every part's stderr. GPU_RUN_SMOKE=1: the same plumbing on the CPU at tiny sizes (no GPU needed).
 set -uo pipefail

@@ -150,6 +150,7 @@ def live_requests(url: str) -> float:
 
 def short_behind_long(url: str, long_tokens: int, repeats: int = 3) -> tuple[float, float]:
     """(median time of a 1-token request alone, its median time while 15 long answers stream)."""
+    import httpx  # noqa: F401 - imported here, not first inside the readers' threads (a partial-import race)
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)

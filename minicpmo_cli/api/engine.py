@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterator
 
 from minicpmo_cli.errors import ModelLoadError
@@ -15,6 +16,7 @@ __all__ = ["DEFAULT_MODEL", "DTYPES", "DecodeOptions", "Engine", "LoadOptions", 
            "resolve", "resolve_device", "resolve_dtype", "seed_everything"]
 
 DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
+DEFAULT_MAX_BATCH = 16  # requests decoded together when neither max_batch nor a KV budget says
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,8 @@ class LoadOptions:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     step: str | None = None  # eager | graph | compile; None: MINICPMO_STEP, else graph with CUDA, eager elsewhere
     compile: bool | None = None  # the older switch, an alias: True -> step "compile", False -> "eager"
-    max_batch: int = 16  # KV slots of the LLM engine (requests decoded together)
+    max_batch: int | None = 16  # KV slots of the LLM engine (requests decoded together); None: from the budget
+    kv_cache_gb: float | None = None  # the KV slots' memory budget; None: on CUDA a share of the free memory
     quantize: str | None = None  # none | int8 | int4 (LLM decoder linears); None: as the checkpoint is
 
 
@@ -57,6 +60,13 @@ class Engine:
                 self.tts_frames = TTSEngine(self.model.tts, self.model.tts_processor,
                                             max_batch=self.options.max_batch, runner=StepRunner(mode, "TTS batch"))
             return self.tts_frames
+
+    @cached_property
+    def context(self) -> int:
+        """The LLM's context in positions (read from the config once: its attribute reads are slow)."""
+        from minicpmo_cli.processing.limits import context_limit
+
+        return context_limit(self.model.config)
 
     @property
     def has_tts(self) -> bool:
@@ -140,13 +150,34 @@ def step_mode(options: LoadOptions, device) -> str:
 
 
 def make_engines(model, options: LoadOptions, device):
-    """(LLMEngine, TTS StepRunner) of a loaded model, in the step mode resolved once here."""
+    """(LLMEngine, TTS StepRunner) of a loaded model, in the step mode resolved once here; the LLM engine's
+    KV budget and batch from :func:`kv_plan`."""
     from minicpmo_cli.generation.engine import LLMEngine
     from minicpmo_cli.generation.step_runner import StepRunner
 
     mode = step_mode(options, device)
-    llm_engine = LLMEngine(model.llm, runner=StepRunner(mode, "decode"), max_batch=options.max_batch)
+    budget, max_batch = kv_plan(model.llm, options, device)
+    llm_engine = LLMEngine(model.llm, runner=StepRunner(mode, "decode"), max_batch=max_batch, kv_budget=budget)
     return llm_engine, StepRunner(mode, "TTS")
+
+
+def kv_plan(llm, options: LoadOptions, device) -> tuple[int | None, int]:
+    """(KV budget in bytes or None, requests decoded together) of a loaded LLM: ``kv_cache_gb`` if given, else
+    on CUDA a share of the memory free now (generation/kv_budget.py); ``max_batch`` if given, else what the
+    budget holds at the default slot capacity (16 without a budget)."""
+    from minicpmo_cli.generation import kv_budget
+
+    budget = None if options.kv_cache_gb is None else int(options.kv_cache_gb * kv_budget.GIB)
+    if budget is None and str(device).startswith("cuda"):
+        import torch
+
+        budget = kv_budget.budget_from_free(torch.cuda.mem_get_info(torch.device(device))[0])
+    if options.max_batch is not None:
+        return budget, options.max_batch
+    if budget is None:
+        return None, DEFAULT_MAX_BATCH
+    context = getattr(llm.config, "max_position_embeddings", None)
+    return budget, kv_budget.plan(llm.config, llm.lm_head.weight.element_size(), budget, context).max_batch
 
 
 def as_settings(settings: TaskSettings | DecodeOptions | None) -> TaskSettings:

@@ -49,8 +49,18 @@ def serve(
     max_upload_mb: float = typer.Option(25.0, "--max-upload-mb", min=0.001, help="Largest request body."),
     max_queue: int = typer.Option(64, "--max-queue", min=1,
                                   help="Requests waiting at most; more get 429 with Retry-After."),
-    max_batch: int = typer.Option(16, "--max-batch", min=1,
-                                  help="Requests running at once, decoded together (1: one at a time)."),
+    max_batch: Optional[int] = typer.Option(
+        None, "--max-batch", min=1,
+        help="Requests running at once, decoded together (1: one at a time). Default: on CUDA what the KV cache "
+             "budget holds at 8192 positions per request (at most 256), else 16."),
+    kv_cache_gb: Optional[float] = typer.Option(
+        None, "--kv-cache-gb", min=0.0001, metavar="GB",
+        help="Memory the KV cache of running requests may take, in GiB; a request that cannot fit is refused "
+             "before memory is taken. Default: on CUDA 80% of the memory free after loading, else no limit."),
+    stall_timeout: float = typer.Option(
+        60.0, "--stall-timeout", min=0.1, metavar="SECONDS",
+        help="A streamed answer whose client stays connected but reads nothing this long is cancelled (its "
+             "place freed)."),
     no_tts: bool = typer.Option(False, "--no-tts", help="Do not load the speech tower (no speech routes)."),
     no_url_fetch: bool = typer.Option(False, "--no-url-fetch", help="Refuse http(s) image/video URLs."),
     allow_private_urls: bool = typer.Option(
@@ -59,8 +69,9 @@ def serve(
     url_timeout: float = typer.Option(10.0, "--url-timeout", min=0.1, max=600.0,
                                       help="Seconds a whole image/video URL fetch may take."),
 ) -> None:
+    quiet_idle_threads()
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - the serve extra is there
 
         from minicpmo_cli.server.app import create_app
         from minicpmo_cli.server.media import FetchLimits
@@ -73,23 +84,42 @@ def serve(
     limit = int(max_upload_mb * 1024 * 1024)
     from dataclasses import replace
 
-    load = replace(common.load_options(), max_batch=max_batch)  # the LLM engine's slots: one per running request
+    # the LLM engine's slots (one per running request) and their memory; None: from the free GPU memory
+    load = replace(common.load_options(), max_batch=max_batch, kv_cache_gb=kv_cache_gb)
     names = served_names(served_model_name) or [common.options().model]
     settings = Settings(load=load, model_id=names[0], served_names=tuple(names[1:]),
-                        strict_model_names=strict_model_names,
-                        api_key=api_key, max_upload_bytes=limit, max_queue=max_queue, max_batch=max_batch,
-                        tts=not no_tts,
-                        seed=common.options().seed,
+                        strict_model_names=strict_model_names, api_key=api_key, max_upload_bytes=limit,
+                        max_queue=max_queue, max_batch=max_batch, tts=not no_tts, seed=common.options().seed,
+                        stall_s=stall_timeout,
                         fetch=FetchLimits(max_bytes=limit, allow_http=not no_url_fetch, timeout=url_timeout,
                                           allow_private=allow_private_urls))
+    _run(create_app(ServerState(settings)), host, port, api_key)
+
+
+def _run(app, host: str, port: int, api_key: str | None) -> None:
+    import uvicorn
+
     if api_key is None and not _loopback(host):
         common.err(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
                     "model (requests must name this address or localhost as their Host; use --api-key KEY)")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    print(f"minicpmo: serving {settings.model_id} at {url} (web page: {url}/; GET /health says when it is ready)")
+    print(f"minicpmo: serving {app.state.minicpmo.settings.model_id} at {url} (web page: {url}/; GET /health says "
+          "when it is ready)")
     print(f"export MINICPMO_SERVER={url}", flush=True)
     level = "warning" if common.options().quiet else "info"
-    uvicorn.run(create_app(ServerState(settings)), host=host, port=port, log_level=level, timeout_graceful_shutdown=3)
+    uvicorn.run(app, host=host, port=port, log_level=level, timeout_graceful_shutdown=3)
+
+
+def quiet_idle_threads() -> None:
+    """OpenMP worker threads sleep as soon as they are idle instead of spinning (libgomp spins by default): a
+    server runs the engine, the request threads and the event loop beside torch's intra-op threads, and spinning
+    workers take the cores those need (measured on 2 busy CPU cores: a 1-token answer took 200 ms instead of 8).
+    Read when torch loads, so only before that; an OMP_WAIT_POLICY already set is kept."""
+    import os
+    import sys
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _loopback(host: str) -> bool:

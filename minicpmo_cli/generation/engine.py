@@ -8,7 +8,8 @@
   run one step for all decoding rows (generation/step_runner.py) -> sample each row with its own settings
   and generator (generation/sampling.py ``RowSampling``) -> hand the ids over.
 - Ids are read back to the host every ``CHECK_EVERY`` steps (the only host reads of a non-streaming decode),
-  or every step while a streaming request runs. A row that stopped in between keeps decoding pads until the
+  or while requests stream every step for a few of them, every few steps for many (``stream_interval``; a
+  stream's first id at once). A row that stopped in between keeps decoding pads until the
   read: its ids after the stop are dropped, as ``generate`` pads a finished row.
 
 A background thread steps while there is work (``threaded=True``, started on the first submit); a
@@ -22,15 +23,15 @@ import atexit
 import logging
 import threading
 import weakref
-from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
 from minicpmo_cli.errors import UsageError
 from minicpmo_cli.generation import forward as fwd
+from minicpmo_cli.generation.kv_budget import check_fits, position_bytes, slots_within
 from minicpmo_cli.generation.kv_pool import KVPool, lengths_mask, slot_bucket
 from minicpmo_cli.generation.requests import ContextTooLong, EngineFull, EngineStats, Handle, Request
+from minicpmo_cli.generation.scheduler import MAX_WAITING, Row, Scheduler
 from minicpmo_cli.generation.sampling import RowSampling
 from minicpmo_cli.generation.settings import PAD_ID
 from minicpmo_cli.generation.static_cache import bucket_length
@@ -42,53 +43,9 @@ __all__ = ["CHECK_EVERY", "ContextTooLong", "EngineFull", "EngineStats", "Handle
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps between two host reads of the chosen ids (when no request streams)
+STREAMS_PER_READ = 4  # streaming rows per step between two hand-overs of their ids (stream_interval)
+LINGER_S = 2.0  # an idle engine thread waits this long for the next request before it ends
 PREFILL_CHUNK = 2048  # prompt positions prefilled per step: longer prompts are prefilled over several steps
-MAX_WAITING = 1024
-
-
-@dataclass
-class _Row:
-    """A running request: its slot, how far its prompt is prefilled, tokens chosen (read back or not)."""
-
-    handle: Handle
-    slot: int
-    prefilled: int = 0
-    sampled: int = 0  # ids chosen on the device so far (read back or not)
-    hidden: list = field(default_factory=list)
-    generator: torch.Generator | None = None
-    decoding: bool = False  # has a chosen id to feed at the next step
-
-    @property
-    def request(self) -> Request:
-        return self.handle.request
-
-    @property
-    def prompt_length(self) -> int:
-        return self.request.embeds.shape[0]
-
-    @property
-    def streams(self) -> bool:
-        return self.request.stream or self.request.on_tokens is not None
-
-
-class Scheduler:
-    """Waiting -> running -> finished: admits waiting requests into free slots (first come, first served)."""
-
-    def __init__(self, max_waiting: int = MAX_WAITING) -> None:
-        self.waiting: deque[Handle] = deque()
-        self.running: dict[int, _Row] = {}
-        self.max_waiting = max_waiting
-
-    def add(self, handle: Handle) -> None:
-        if len(self.waiting) >= self.max_waiting:
-            raise EngineFull(f"the engine's queue is full ({self.max_waiting} requests waiting); retry later")
-        self.waiting.append(handle)
-
-    def prefilling(self) -> list[_Row]:
-        return [row for row in self.running.values() if row.prefilled < row.prompt_length]
-
-    def decoding(self) -> list[_Row]:
-        return [row for row in self.running.values() if row.decoding]
 
 
 class LLMEngine:
@@ -96,8 +53,10 @@ class LLMEngine:
 
     def __init__(self, llm, *, runner: StepRunner | None = None, max_batch: int = 16, threaded: bool = True,
                  max_waiting: int = MAX_WAITING, prefill_chunk: int = PREFILL_CHUNK,
-                 check_every: int = CHECK_EVERY, context: int | None = None) -> None:
+                 check_every: int = CHECK_EVERY, context: int | None = None, kv_budget: int | None = None) -> None:
         self.llm = llm
+        self.kv_budget = None if kv_budget is None else int(kv_budget)  # bytes the KV slots may take (None: any)
+        self.position_bytes = position_bytes(llm.config, llm.lm_head.weight.element_size())
         self.runner = runner if runner is not None else StepRunner("eager")
         self.max_batch, self.threaded = slot_bucket(max_batch), threaded
         self.prefill_chunk, self.check_every = int(prefill_chunk), int(check_every)
@@ -112,7 +71,7 @@ class LLMEngine:
         self._closed = False
         if threaded:
             atexit.register(_close_at_exit, weakref.ref(self))
-        self._pending: list[tuple[torch.Tensor, list[_Row]]] = []  # chosen ids not yet read back
+        self._pending: list[tuple[torch.Tensor, list[Row]]] = []  # chosen ids not yet read back
         self._seen: torch.Tensor | None = None
         self._stops: torch.Tensor | None = None
         self._logits: torch.Tensor | None = None
@@ -132,6 +91,7 @@ class LLMEngine:
             raise ContextTooLong(f"the prompt ({length} tokens) plus max_new_tokens ({settings.max_new_tokens}) "
                                  f"is beyond the model's context of {self.context} tokens",
                                  parameters=("max_new_tokens",))
+        check_fits(self.kv_budget, self.position_bytes, length, settings.max_new_tokens)
         handle = Handle(self, request)
         with self._work:
             self.scheduler.add(handle)
@@ -155,6 +115,8 @@ class LLMEngine:
             stats.waiting = len(self.scheduler.waiting)
             stats.slots_used = len(self.scheduler.running)
             stats.slots_total = self.pool.slots if self.pool is not None else 0
+            stats.kv_bytes = self.pool_bytes(self.pool.slots, self.pool.capacity) if self.pool is not None else 0
+            stats.kv_budget_bytes = self.kv_budget
         return stats
 
     @property
@@ -162,10 +124,13 @@ class LLMEngine:
         return not self.scheduler.waiting and not self.scheduler.running and not self._aborts
 
     def _loop(self) -> None:
-        """Step while there is work; the thread ends when the engine goes idle (a later submit starts
+        """Step while there is work; once idle the thread waits ``LINGER_S`` for more (a thread start costs
+        milliseconds, and torch's intra-op threads are per calling thread) and then ends (a later submit starts
         another), so none is left running at interpreter exit (see :meth:`close`)."""
         while True:
             with self._work:
+                if self.idle and not self._closed:
+                    self._work.wait(LINGER_S)
                 if self.idle:
                     self._thread = None
                     self._work.notify_all()
@@ -176,6 +141,7 @@ class LLMEngine:
         """Wait for the engine thread to end (requests in flight are finished first); called at exit."""
         with self._work:
             self._closed = True
+            self._work.notify_all()  # a lingering thread ends now
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
@@ -197,7 +163,7 @@ class LLMEngine:
         self._admit()
         if not self.scheduler.running:
             return False
-        choose: list[_Row] = []
+        choose: list[Row] = []
         logits = None
         decoding = self.scheduler.decoding()
         if decoding:
@@ -239,20 +205,22 @@ class LLMEngine:
             with self._lock:
                 self.scheduler.waiting.popleft()
             slot = self.pool.alloc()
-            row = _Row(handle, slot, generator=_generator(handle.request))
+            row = Row(handle, slot, generator=_generator(handle.request))
             self.scheduler.running[slot] = row
             self._reset_slot(row)
             self.stats_.prompt_tokens_total += row.prompt_length
 
     def _make_room(self, needed: int) -> bool:
         """A free slot with room for ``needed`` positions: a new pool (the next bucket) when this one has no
-        free slot below ``max_batch`` or is too short; False when the batch is full."""
+        free slot below ``max_batch`` or is too short; False when the batch is full, or when growing would
+        pass the KV budget (the request waits for running ones to end; an idle pool is made anew)."""
         pool = self.pool
         if pool is None:
+            capacity = bucket_length(needed)
+            slots = slots_within(self.kv_budget, self.position_bytes, slot_bucket(min(self.max_batch, len(self.scheduler.waiting))), capacity)
             llm = self.llm
             weight = llm.lm_head.weight
-            slots = slot_bucket(min(self.max_batch, len(self.scheduler.waiting)))
-            self.pool = KVPool.empty(llm.config, slots, bucket_length(needed), weight.dtype, weight.device)
+            self.pool = KVPool.empty(llm.config, slots, capacity, weight.dtype, weight.device)
             self._buffers()
             return True
         if pool.free_slots and pool.fits(needed):
@@ -261,12 +229,31 @@ class LLMEngine:
         if used + 1 > self.max_batch:
             return False
         slots = min(self.max_batch, used + len(self.scheduler.waiting))  # room for the queue at once
+        if self.kv_budget is not None:
+            if used == 0:  # nothing to keep: the old buffers go before the new ones are made
+                self._drop_pool()
+                return self._make_room(needed)
+            capacity = max(pool.capacity, bucket_length(needed))
+            reserve = self.pool_bytes(pool.slots, pool.capacity)  # old and new exist while rows are copied
+            slots = slots_within(self.kv_budget, self.position_bytes, max(pool.slots, slot_bucket(slots)), capacity, reserve)
+            if slots < pool.slots or slots <= used:
+                return False
         if self._pending:
             self._read_back()  # the ids chosen so far go with the old buffers' rows
         self.pool = pool.grown(slots, needed)
         self.runner.forget(pool.generation)
         self._buffers(previous=pool.slots)
         return True
+
+    def pool_bytes(self, slots: int, capacity: int) -> int:
+        return slots * capacity * self.position_bytes
+
+    def _drop_pool(self) -> None:
+        if self._pending:
+            self._read_back()
+        self.runner.forget(self.pool.generation)
+        self.pool = None
+        self._next = self._done = self._stops = self._logits = self._seen = None
 
     def _buffers(self, previous: int = 0) -> None:
         """Per-slot device state sized to the pool (kept for the slots that exist already)."""
@@ -285,7 +272,7 @@ class LLMEngine:
         if self._seen is not None:
             self._seen = grow(self._seen, torch.zeros(slots, vocab, dtype=torch.bool, device=device))
 
-    def _reset_slot(self, row: _Row) -> None:
+    def _reset_slot(self, row: Row) -> None:
         settings, slot = row.request.settings, row.slot
         self._done[slot] = False
         self._stops[slot] = False
@@ -299,7 +286,7 @@ class LLMEngine:
 
     # ----- prefill ------------------------------------------------------------------------------------
 
-    def _prefill_chunk(self, row: _Row) -> torch.Tensor | None:
+    def _prefill_chunk(self, row: Row) -> torch.Tensor | None:
         """Prefill the next chunk of ``row``'s prompt into its slot; the float32 logits ``[1, V]`` of the
         prompt's last position once it is all in, else None."""
         embeds = row.request.embeds
@@ -319,7 +306,7 @@ class LLMEngine:
             row.hidden = []
         return self.llm.lm_head(hidden[:, -1:]).float()[:, -1]
 
-    def _prefill_whole(self, row: _Row) -> torch.Tensor:
+    def _prefill_whole(self, row: Row) -> torch.Tensor:
         """The prompt pass exactly as transformers ``generate`` makes it (``Qwen2Model.forward``, same
         positions, no mask), its key/values copied into the slot."""
         from transformers import DynamicCache
@@ -333,7 +320,7 @@ class LLMEngine:
         self.pool.load_prompt(row.slot, cache.layers)
         return out.last_hidden_state
 
-    def _prefill_part(self, row: _Row, begin: int, end: int) -> torch.Tensor:
+    def _prefill_part(self, row: Row, begin: int, end: int) -> torch.Tensor:
         """One chunk of a long prompt, written straight into the slot (causal over the slot's past)."""
         embeds = row.request.embeds[None, begin:end]
         device = embeds.device
@@ -349,7 +336,7 @@ class LLMEngine:
 
     # ----- decode -------------------------------------------------------------------------------------
 
-    def _decode(self, rows: list[_Row]) -> torch.Tensor:
+    def _decode(self, rows: list[Row]) -> torch.Tensor:
         """One step over slots ``[0, span)``; float32 logits ``[span, V]`` (rows of other slots: junk)."""
         pool = self.pool
         span = pool.span()
@@ -387,7 +374,7 @@ class LLMEngine:
             return grown
         return logits
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+    def _choose(self, logits: torch.Tensor, rows: list[Row]) -> None:
         span = logits.shape[0]
         by_slot = {row.slot: row for row in rows}
         params = [None] * span
@@ -412,12 +399,20 @@ class LLMEngine:
         self._pending.append((tokens, rows))
 
     def _must_read(self) -> bool:
+        """Whether to read the chosen ids back now: every ``check_every`` steps, when a row reached its
+        token limit, when a streamed row waits for its first id, and, while rows stream, every
+        :func:`stream_interval` steps (one step with a few streams)."""
         if not self._pending:
             return False
         running = self.scheduler.running.values()
-        if any(row.streams for row in running) or len(self._pending) >= self.check_every:
+        if len(self._pending) >= self.check_every:
             return True
-        return any(row.sampled >= row.request.settings.max_new_tokens for row in running if row.decoding)
+        if any(row.sampled >= row.request.settings.max_new_tokens for row in running if row.decoding):
+            return True
+        streams = [row for row in running if row.streams]
+        if any(not row.handle.ids for row in streams):
+            return True
+        return bool(streams) and len(self._pending) >= stream_interval(len(streams), self.check_every)
 
     def _read_back(self) -> None:
         """One host read of every id chosen since the last: hand them over, finish and free rows that stopped
@@ -433,7 +428,7 @@ class LLMEngine:
                     continue
                 self._hand_over(row, chosen[row.slot])
 
-    def _hand_over(self, row: _Row, token: int) -> None:
+    def _hand_over(self, row: Row, token: int) -> None:
         handle, settings = row.handle, row.request.settings
         handle._emit(token)
         self.stats_.generation_tokens_total += 1
@@ -444,7 +439,7 @@ class LLMEngine:
         elif len(handle.ids) >= settings.max_new_tokens:
             self._release(row, "length")
 
-    def _release(self, row: _Row, reason: str, error: BaseException | None = None) -> None:
+    def _release(self, row: Row, reason: str, error: BaseException | None = None) -> None:
         if self.scheduler.running.get(row.slot) is row:
             del self.scheduler.running[row.slot]
             self.pool.free(row.slot)
@@ -454,6 +449,15 @@ class LLMEngine:
         self._pending = []
         for row in list(self.scheduler.running.values()):
             self._release(row, "error", exc)
+
+
+def stream_interval(streams: int, most: int = CHECK_EVERY) -> int:
+    """Steps between two hand-overs of streamed ids while ``streams`` rows stream: 1 for up to
+    ``STREAMS_PER_READ`` of them, then one more step per as many (at most ``most``). Every hand-over wakes each
+    stream's reader and sends each client a chunk; with many streams those per-step costs (and on a GPU, a
+    device sync every step) take the time the steps need, while a reader of one of many streams gets its text
+    a few steps at a time. A stream's first id is handed over at once."""
+    return max(1, min(most, streams // STREAMS_PER_READ))
 
 
 def _slot_step(tokens, positions, mask, llm, pool, span):

@@ -54,6 +54,8 @@ class EngineStats:
     slots_total: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    kv_bytes: int = 0  # what the KV slots take now
+    kv_budget_bytes: int | None = None  # what they may take (None: no budget)
 
 
 _END = object()
@@ -93,6 +95,26 @@ class Handle:
                 self._queue.put(_END)  # a second iteration ends at once too
                 return
             yield item
+
+    def batches(self) -> Iterator[list[int]]:
+        """Ids as they are decoded, each time every id chosen since the last (blocks for the first): one
+        wakeup of the reader per batch, not per id. Ends when the request finishes."""
+        while True:
+            if not self.engine.threaded:
+                self._wait(lambda: not self._queue.empty())
+            items = [self._queue.get()]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            ended = _END in items
+            ids = items[:items.index(_END)] if ended else items
+            if ids:
+                yield ids
+            if ended:
+                self._queue.put(_END)  # a second iteration ends at once too
+                return
 
     def result(self) -> list[int]:
         self._wait(self._done.is_set)

@@ -287,6 +287,11 @@ def _stream_text(model, embeds, tokenizer, decode: DecodeSettings, engine=None,
 
     if embeds.shape[0] != 1:
         raise UsageError("stream=True supports one conversation at a time")
+    if engine is not None and engine.threaded:
+        from minicpmo_cli.generation.text_stream import stream_on_engine
+
+        # read straight off the engine's request in the caller's thread (no decode thread, no per-id handoff)
+        return stream_on_engine(engine, embeds, tokenizer, decode, usage if usage is not None else Usage(), seed)
     streamer = TextIteratorStreamer(tokenizer)
     counted = _CountedStreamer(streamer, usage if usage is not None else Usage())
     failure: list[BaseException] = []

@@ -81,6 +81,13 @@ def conversation_for(body: ChatRequest, limits: media.FetchLimits):
     return conversation
 
 
+def text_only(body: ChatRequest) -> bool:
+    """Whether every message holds text only (plain strings, or parts of type "text")."""
+    return all(message.content is None or isinstance(message.content, str)
+               or all(isinstance(part, dict) and part.get("type") == "text" for part in message.content)
+               for message in body.messages)
+
+
 def decode_options(body: ChatRequest):
     """OpenAI's sampling fields -> DecodeOptions. temperature 0 means deterministic: greedy, still streamed."""
     from minicpmo_cli.api.engine import DecodeOptions
@@ -111,13 +118,26 @@ def _completion(body: ChatRequest, text: str, finish: str, usage: dict, audio: d
                                               "logprobs": None}], "usage": usage}
 
 
-def _chunk(ident: str, model: str, delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-    choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-    data = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": choices}
-    if usage is not None:
-        data["usage"] = usage
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+class Chunks:
+    """The chat.completion.chunk events of one stream (one id, one created time, as OpenAI's). A text delta,
+    the event sent most, is its text's JSON between two strings made once per stream."""
+
+    def __init__(self, ident: str, model: str) -> None:
+        self.ident, self.model, self.created = ident, model, int(time.time())
+        head, tail = self.chunk({"content": "\0"}).rsplit(json.dumps("\0"), 1)  # content comes last
+        self._text_head, self._text_tail = head, tail
+
+    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                 "logprobs": None}]
+        data = {"id": self.ident, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": choices}
+        if usage is not None:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def text(self, content: str) -> str:
+        return self._text_head + json.dumps(content, ensure_ascii=False) + self._text_tail
 
 
 def _audio_object(wav, rate: int, fmt: str, transcript: str) -> dict:
@@ -129,18 +149,19 @@ def _audio_object(wav, rate: int, fmt: str, transcript: str) -> dict:
 
 async def _sse(first: list, rest: AsyncIterator, body: ChatRequest) -> AsyncIterator[str]:
     """The job's items as OpenAI streams them: text pieces as content deltas, or for a spoken answer the
-    transcript, then base64 pcm16 24 kHz audio deltas as the speech is synthesised; then the finish."""
-    ident, model, audio_id = f"chatcmpl-{uuid.uuid4().hex}", body.model, f"audio_{uuid.uuid4().hex}"
+    transcript, then base64 pcm16 24 kHz audio deltas as the speech is synthesised; then the finish.
+    ``first``, then each of ``rest``, is a batch of items (what came since the last was sent): its text pieces
+    become one delta, and all its chunks one write."""
+    chunks = Chunks(f"chatcmpl-{uuid.uuid4().hex}", body.model)
     spoken = body.wants_audio
-    yield _chunk(ident, model, {"role": "assistant", "content": None if spoken else ""})
+    audio_id = f"audio_{uuid.uuid4().hex}" if spoken else ""
+    yield chunks.chunk({"role": "assistant", "content": None if spoken else ""})
     try:
-        items = first
+        batch = first
         while True:
-            for item in items:
-                for chunk in _item_chunks(item, ident, model, audio_id, body):
-                    yield chunk
+            yield "".join(chunk for item in merge_text(batch) for chunk in _item_chunks(item, chunks, audio_id, body))
             try:
-                items = [await rest.__anext__()]
+                batch = await rest.__anext__()
             except StopAsyncIteration:
                 break
     except Exception as exc:  # noqa: BLE001 - mid-stream failures become an error event, never a traceback
@@ -153,23 +174,34 @@ async def _sse(first: list, rest: AsyncIterator, body: ChatRequest) -> AsyncIter
     yield "data: [DONE]\n\n"
 
 
-def _item_chunks(item: tuple, ident: str, model: str, audio_id: str, body: ChatRequest) -> list[str]:
+def merge_text(items: list[tuple]) -> list[tuple]:
+    """Consecutive ("text", piece) items as one (the text of one delta)."""
+    merged: list[tuple] = []
+    for item in items:
+        if item[0] == "text" and merged and merged[-1][0] == "text":
+            merged[-1] = ("text", merged[-1][1] + item[1])
+        else:
+            merged.append(item)
+    return merged
+
+
+def _item_chunks(item: tuple, chunks: Chunks, audio_id: str, body: ChatRequest) -> list[str]:
     from minicpmo_cli.server.encode import pcm16_bytes
 
     kind = item[0]
     if kind == "text" and not body.wants_audio:
-        return [_chunk(ident, model, {"content": item[1]})]
+        return [chunks.text(item[1])]
     if kind == "text":
-        return [_chunk(ident, model, {"audio": {"id": audio_id, "transcript": word}}) for word in _words(item[1])]
+        return [chunks.chunk({"audio": {"id": audio_id, "transcript": word}}) for word in _words(item[1])]
     if kind == "audio":
         pcm = pcm16_bytes(item[1])
-        return [_chunk(ident, model, {"audio": {"id": audio_id, "data": base64.b64encode(
+        return [chunks.chunk({"audio": {"id": audio_id, "data": base64.b64encode(
             pcm[start:start + PCM_CHUNK]).decode("ascii")}}) for start in range(0, len(pcm), PCM_CHUNK)]
     delta = {"audio": {"id": audio_id, "expires_at": int(time.time()) + AUDIO_LIFETIME}} if body.wants_audio else {}
-    chunks = [_chunk(ident, model, delta, finish=item[2])]
+    found = [chunks.chunk(delta, finish=item[2])]
     if body.stream_options and body.stream_options.include_usage:
-        chunks.append(_chunk(ident, model, {}, usage=item[1]))
-    return chunks
+        found.append(chunks.chunk({}, usage=item[1]))
+    return found
 
 
 def _words(text: str) -> list[str]:
@@ -189,7 +221,10 @@ async def chat_completions(body: ChatRequest, request: Request):
     state.check_model(body.model, "chat")
     _check(body)
     media_limits = chat_limits(body, state.settings.fetch, state.engine)  # a 400 before any decoding
-    conversation = await asyncio.to_thread(conversation_for, body, media_limits)  # fetches, decoding: off the loop
+    if text_only(body):  # nothing to fetch or decode: not worth a thread hop
+        conversation = conversation_for(body, media_limits)
+    else:
+        conversation = await asyncio.to_thread(conversation_for, body, media_limits)  # fetches, decoding: off the loop
     decode = generation.with_default_seed(decode_options(body), state.settings.seed)
     from minicpmo_cli.api.chat import chat_settings
 
@@ -199,28 +234,26 @@ async def chat_completions(body: ChatRequest, request: Request):
         if not state.settings.tts:
             raise APIError(400, "this server was started without the speech tower (--no-tts)", param="modalities")
         conversation.voice = resolve_voice(body.audio.voice if body.audio else DEFAULT_VOICE)
-        alone = generation.runs_alone(decode, speech=True)
         if body.stream:
-            return await _streamed(pool.stream(generation.spoken_stream(conversation, decode, body.stops, timer),
-                                               exclusive=alone), body, request)
+            return await _streamed(pool.batches(generation.spoken_stream(conversation, decode, body.stops, timer)),
+                                   body, request)
+        alone = generation.runs_alone(decode, whole_speech=True)
         job = generation.spoken_answer(conversation, decode, body.stops, timer)
         text, wav, rate, usage, finish = await pool.run(job, disconnected=request.is_disconnected, exclusive=alone)
         fmt = body.audio.format if body.audio else "wav"
         audio = await asyncio.to_thread(_audio_object, wav, rate, fmt, text)  # encoding: off the loop
         return _completion(body, text, finish, usage, audio=audio)
     job = generation.text_answer(conversation, decode, body.stops, timer)
-    alone = generation.runs_alone(decode)
     if body.stream:
-        return await _streamed(pool.stream(job, exclusive=alone), body, request)
-    collected = await pool.run(lambda engine, cancel: list(job(engine, cancel)),
-                               disconnected=request.is_disconnected, exclusive=alone)
+        return await _streamed(pool.batches(job), body, request)
+    collected = await pool.run(lambda engine, cancel: list(job(engine, cancel)), disconnected=request.is_disconnected)
     text = "".join(item[1] for item in collected if item[0] == "text")
     _, usage, finish = collected[-1]
     return _completion(body, text, finish, usage)
 
 
-async def _streamed(items: AsyncIterator, body: ChatRequest, request: Request) -> StreamingResponse:
+async def _streamed(batches: AsyncIterator, body: ChatRequest, request: Request) -> StreamingResponse:
     from minicpmo_cli.server.worker import Pool
 
-    first = [await Pool.first(items, request.is_disconnected)]
-    return StreamingResponse(_sse(first, items, body), media_type="text/event-stream", headers=SSE_HEADERS)
+    first = await Pool.first(batches, request.is_disconnected)
+    return StreamingResponse(_sse(first, batches, body), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -138,7 +138,8 @@ def spoken_stream(conversation: Conversation, decode: DecodeOptions, stops: list
             if cancel.is_set():
                 return
             yield ("text", text)
-            with closing(stream_answer_speech(engine, spk, text)) as pieces:
+            # the seed's own generator: what the global one, seeded by the written half, would draw
+            with closing(stream_answer_speech(engine, spk, text, seed=decode.seed)) as pieces:
                 for piece in pieces:
                     timer.first_audio()
                     yield ("audio", piece)
@@ -152,14 +153,13 @@ def spoken_stream(conversation: Conversation, decode: DecodeOptions, stops: list
     return run
 
 
-def runs_alone(decode: DecodeOptions, speech: bool = False) -> bool:
+def runs_alone(decode: DecodeOptions, whole_speech: bool = False) -> bool:
     """Whether a request must run alone so that its seed holds (the pool's exclusive turn): a seeded request
-    that draws from torch's global generator, which other requests would draw from meanwhile. Greedy and beam
-    decoding draw nothing; sampled decoding and the speech of a spoken answer (``speech``) draw from the
-    global generator (the api seeds it per call; the LLM engine's per-request generators are not used by it)."""
-    if decode.seed is None:
-        return False
-    return speech or not (decode.sampling is False or decode.top_k == 1)
+    whose answer draws from torch's global generator, which other requests would draw from meanwhile. The
+    written answer never does (the LLM engine samples a seeded row from a generator of its own), nor does
+    streamed speech (given the seed: a private generator seeded alike); the speech of a whole spoken answer
+    (api.speech ``speak_answer``) draws from the global generator the call seeded."""
+    return decode.seed is not None and whole_speech
 
 
 def finish_reason(stopped: bool, counts: Usage, conversation: Conversation, decode: DecodeOptions) -> str:

@@ -19,6 +19,9 @@ CHARS_PER_TOKEN = 16  # an upper bound for real text; the cheap bound allows thi
 def context_of(engine: Any) -> int:
     from minicpmo_cli.processing.limits import DEFAULT_CONTEXT, context_limit
 
+    known = getattr(engine, "context", None)  # api.Engine reads it from the config once
+    if isinstance(known, int):
+        return known
     config = getattr(getattr(engine, "model", None), "config", None)
     return context_limit(config) if config is not None else DEFAULT_CONTEXT
 
@@ -30,9 +33,9 @@ def audio_seconds_for(context: int) -> float:
     return context * 60.0 / audio_tokens(60.0)
 
 
-def check_answer_tokens(tokens: int | None, param: str, engine: Any) -> None:
+def check_answer_tokens(tokens: int | None, param: str, engine: Any, context: int | None = None) -> None:
     """400 for an answer budget the context cannot hold even with an empty prompt."""
-    context = context_of(engine)
+    context = context_of(engine) if context is None else context
     if tokens is not None and tokens >= context:
         raise APIError(400, f"{param} is {tokens}, but this model's context is {context} tokens, the prompt "
                             "included: ask for fewer", param=param, code="context_length_exceeded")
@@ -42,7 +45,7 @@ def chat_limits(body: Any, fetch: FetchLimits, engine: Any) -> FetchLimits:
     """400 for a request that cannot fit the context; else its media limits (audio: what the context holds)."""
     context = context_of(engine)
     check_answer_tokens(body.answer_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens",
-                        engine)
+                        engine, context)
     chars = body.text_chars()
     if chars > context * CHARS_PER_TOKEN:
         raise APIError(400, f"the messages hold {chars} characters of text, more than this model's context of "

@@ -134,6 +134,11 @@ class _Live:
             yield GaugeMetricFamily(PREFIX + "kv_slots_used", "KV cache slots holding a request.",
                                     value=stats.slots_used)
             yield GaugeMetricFamily(PREFIX + "kv_slots_total", "KV cache slots.", value=stats.slots_total)
+            yield GaugeMetricFamily(PREFIX + "kv_cache_bytes", "Memory the KV cache slots take.",
+                                    value=stats.kv_bytes)
+            if stats.kv_budget_bytes is not None:
+                yield GaugeMetricFamily(PREFIX + "kv_cache_budget_bytes", "Memory the KV cache slots may take "
+                                        "(--kv-cache-gb).", value=stats.kv_budget_bytes)
             prompt, generated = stats.prompt_tokens_total, stats.generation_tokens_total
         else:
             yield GaugeMetricFamily(PREFIX + "kv_slots_used", "KV cache slots holding a request.", value=running)

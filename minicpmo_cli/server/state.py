@@ -12,6 +12,9 @@ from minicpmo_cli.server.errors import APIError
 from minicpmo_cli.server.media import FetchLimits
 from minicpmo_cli.server.metrics import Metrics
 from minicpmo_cli.server.models import checkpoint_hub_id, openai_name, unknown_model
+from minicpmo_cli.server.outbox import STALL_S
+
+DEFAULT_MAX_BATCH = 16  # request threads while the model loads (api.engine's default batch)
 from minicpmo_cli.server.worker import Pool
 
 logger = logging.getLogger("minicpmo_cli.server")
@@ -26,10 +29,12 @@ class Settings:
     api_key: str | None = None
     max_upload_bytes: int = 25 * 1024 * 1024  # OpenAI's own limit for audio uploads
     max_queue: int = 64  # requests waiting for a thread at most; more get 429
-    max_batch: int = 16  # requests running at once (pool threads; rows the LLM engine decodes together)
+    max_batch: int | None = 16  # requests running at once (pool threads; rows the LLM engine decodes together);
+    # None: the loaded LLM engine's (from its KV budget)
     fetch: FetchLimits = field(default_factory=FetchLimits)
     tts: bool = True  # load the speech tower (speech routes and spoken chat answers)
     seed: int | None = None  # `minicpmo --seed N serve`: the seed of requests that give none
+    stall_s: float = STALL_S  # a streamed answer whose client reads nothing this long is cancelled
 
 
 # Every module a request may import, imported before the loading thread starts: two threads importing
@@ -60,7 +65,10 @@ class ServerState:
         self.loaded = threading.Event()
         if engine is not None:
             self.loaded.set()
-        self.worker = Pool(self.ready_engine, settings.max_batch, settings.max_queue)
+        self.worker = Pool(self.ready_engine, settings.max_batch or DEFAULT_MAX_BATCH, settings.max_queue,
+                           stall_s=settings.stall_s)
+        if engine is not None:
+            self._size_pool()
         self.metrics = Metrics(lambda: self.worker, self.llm_engine)
         self.worker.observer = self.metrics
 
@@ -80,11 +88,22 @@ class ServerState:
             self.engine = api.load(self.settings.load, vision=True, audio=True, tts=self.settings.tts,
                                    warn=logger.warning)
             logger.info("model %s loaded", self.settings.model_id)
+            self._size_pool()
         except Exception as exc:  # noqa: BLE001 - /health reports it; requests get a 503
             self.load_error = describe_error(exc)
             logger.error("cannot load the model: %s", self.load_error)
         finally:
             self.loaded.set()
+
+    def _size_pool(self) -> None:
+        """Without --max-batch, as many request threads as the LLM engine decodes together."""
+        from minicpmo_cli.generation.kv_budget import describe
+
+        llm_engine = self.llm_engine()
+        if self.settings.max_batch is None and llm_engine is not None:
+            self.worker.resize(llm_engine.max_batch)
+            logger.info("%d requests at once (KV cache budget %s)", llm_engine.max_batch,
+                        describe(llm_engine.kv_budget))
 
     def ready_engine(self) -> Any:
         if self.engine is not None:

@@ -9,9 +9,14 @@ one step, so the pool size is the number of requests decoding together (``--max-
 starts, a running one stops at its next token or speech frame (the api functions take the event), and a
 generator job is closed. A full pool with a full waiting line answers 429 with ``Retry-After`` (never 5xx).
 
-Seeds: a request that gives a seed and draws from torch's global random generator (speech synthesis, and all
-sampling while no per-request generators exist) runs alone (an exclusive turn on a readers-writer gate), so
-the same seed gives the same answer whatever else is running.
+Seeds: a seeded request whose answer draws from torch's global random generator (the speech of a whole
+spoken answer, the speech of text the model re-writes) runs alone (an exclusive turn on a readers-writer
+gate), so the same seed gives the same answer whatever else is running. Seeded sampled text and streamed
+speech draw from generators of their own and run with the others (server/generation.py ``runs_alone``).
+
+Streamed jobs hand their items over through a bounded :class:`~minicpmo_cli.server.outbox.Outbox`: a job
+waits while its client is ``STREAM_LIMIT`` items behind, and is cancelled (its KV slot freed) when the client
+reads nothing for ``stall_s`` seconds.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from minicpmo_cli.server.errors import APIError
+from minicpmo_cli.server.outbox import STALL_S, STREAM_LIMIT, Outbox
 
 logger = logging.getLogger("minicpmo_cli.server")
 _DONE = object()  # end of a stream
@@ -52,7 +58,7 @@ class Busy(APIError):
 class Job:
     fn: Callable[..., Any]
     loop: asyncio.AbstractEventLoop
-    outbox: asyncio.Queue  # items, then _DONE or an exception
+    outbox: Outbox  # items, then _DONE or an exception
     exclusive: bool = False  # runs alone (see the module docstring)
     state: str = "waiting"  # waiting -> running, or waiting -> dropped (its client left first)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -93,8 +99,9 @@ class Pool:
     """``size`` threads taking jobs from one line of at most ``max_waiting`` waiting jobs."""
 
     def __init__(self, get_engine: Callable[[], Any], size: int = 8, max_waiting: int = 64,
-                 observer: Any = None) -> None:
+                 observer: Any = None, stall_s: float = STALL_S) -> None:
         self.get_engine, self.size, self.max_waiting = get_engine, int(size), int(max_waiting)
+        self.stall_s = float(stall_s)  # a streamed job whose client reads nothing this long is cancelled
         self.observer = observer  # metrics.Metrics (job_started/job_finished), or None
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0
@@ -102,18 +109,35 @@ class Pool:
         self.gate = Gate()
         self._mean_s = 1.0  # running mean of job times: the Retry-After estimate
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, name=f"minicpmo-pool-{n}", daemon=True)
-                        for n in range(self.size)]
-        for thread in self.threads:
+        self.threads: list[threading.Thread] = []
+        self._start_threads(self.size)
+
+    def _start_threads(self, count: int) -> None:
+        for _ in range(count):
+            thread = threading.Thread(target=self._loop, name=f"minicpmo-pool-{len(self.threads)}", daemon=True)
+            self.threads.append(thread)
             thread.start()
 
+    def resize(self, size: int) -> None:
+        """``size`` threads from now on (the batch the loaded model's KV budget holds): more are started, or
+        as many end when they next look for a job."""
+        size = max(1, int(size))
+        with self._lock:
+            change, self.size = size - self.size, size
+        if change > 0:
+            self._start_threads(change)
+        for _ in range(-change):
+            self.jobs.put(None)
+
     # --- route side -------------------------------------------------------------------------------------
-    def _submit(self, fn: Callable[..., Any], exclusive: bool) -> Job:
+    def _submit(self, fn: Callable[..., Any], exclusive: bool, streamed: bool = False) -> Job:
         with self._lock:
             if self.waiting >= self.max_waiting and self.running >= self.size:
                 raise Busy(self.waiting, self.retry_after())
             self.waiting += 1
-        job = Job(fn, asyncio.get_running_loop(), asyncio.Queue(), exclusive)
+        loop = asyncio.get_running_loop()
+        outbox = Outbox(loop, STREAM_LIMIT if streamed else None, self.stall_s)
+        job = Job(fn, loop, outbox, exclusive)
         self.jobs.put(job)
         return job
 
@@ -128,7 +152,7 @@ class Pool:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(job.outbox.get(), timeout=POLL_S)
+                    item = (await asyncio.wait_for(job.outbox.take(), timeout=POLL_S))[0]
                     break
                 except asyncio.TimeoutError:
                     if disconnected is not None and await disconnected():
@@ -143,15 +167,32 @@ class Pool:
 
     async def stream(self, fn: Callable[..., Any], exclusive: bool = False) -> AsyncIterator[Any]:
         """The items ``fn(engine, cancel)`` yields, as they come; leaving early cancels the job."""
-        job = self._submit(fn, exclusive)
+        batches = self.batches(fn, exclusive)
+        try:
+            async for batch in batches:
+                for item in batch:
+                    yield item
+        finally:
+            await batches.aclose()  # now, not when collected: the job is cancelled when its reader leaves
+
+    async def batches(self, fn: Callable[..., Any], exclusive: bool = False) -> AsyncIterator[list]:
+        """The items ``fn(engine, cancel)`` yields, in lists of those that came since the route last took
+        (one item each while the route keeps up); leaving early cancels the job."""
+        job = self._submit(fn, exclusive, streamed=True)
         try:
             while True:
-                item = await job.outbox.get()
-                if item is _DONE:
+                items, end = [], None
+                for item in await job.outbox.take():
+                    if item is _DONE or isinstance(item, BaseException):
+                        end = item
+                        break
+                    items.append(item)
+                if items:
+                    yield items
+                if isinstance(end, BaseException):
+                    raise end
+                if end is _DONE:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
         finally:
             self._leave(job)
 
@@ -230,18 +271,19 @@ class Pool:
             for item in stream:
                 if job.cancel.is_set():
                     break
-                self._send(job, item)
+                if not job.outbox.put(item, job.cancel):  # the client stopped reading (or left)
+                    job.cancel.set()
+                    break
         finally:
             stream.close()  # closes the text/speech streams inside, which stops their generation
-            if job.cancel.is_set():
+            if job.outbox.stalled:
+                logger.info("client read nothing for %.0f s: its request was cancelled", self.stall_s)
+            elif job.cancel.is_set():
                 logger.info("client went away: generation stopped")
         self._send(job, _DONE)
 
     def _send(self, job: Job, item: Any) -> None:
-        try:
-            job.loop.call_soon_threadsafe(job.outbox.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
+        job.outbox.put(item, final=True)
 
     def stop(self) -> None:
         for _ in self.threads:

@@ -261,3 +261,82 @@ def test_a_cancellable_call_raises_an_engine_failure(model, rows):
     settings = GREEDY.with_(stop_ids=stops(model))
     with pytest.raises(RuntimeError, match="the step failed"):
         generate_ids(model.llm, rows[0][None], None, settings, engine=llm, cancel=threading.Event())
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 + 5])
+def test_a_seeded_request_draws_what_the_seeded_global_generator_would(model, rows, seed):
+    """A request's own generator seeded with s draws what torch.manual_seed(s) makes the global one draw, so a
+    seed gives the ids it gave when the api seeded the global generator (and transformers generate's ids,
+    tests/model/test_decode_core.py), now without touching the global state other requests draw from."""
+    probs = torch.softmax(torch.randn(4, 50), dim=-1)
+    torch.manual_seed(seed)
+    expected = torch.multinomial(probs, 3), torch.multinomial(probs, 1)
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.multinomial(probs, 3, generator=generator), torch.multinomial(probs, 1, generator=generator)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    settings = SAMPLED.with_(stop_ids=stops(model))
+    torch.manual_seed(seed)
+    global_ids = generate_ids(model.llm, rows[1][None], None, settings)[0]
+    torch.manual_seed(seed + 1)  # the global state no longer matters
+    assert alone(model, rows[1], settings, seed=seed) == global_ids
+
+
+
+def test_the_pool_stays_within_its_kv_budget_and_requests_wait_for_room(model, rows):
+    """A budget of two 256-position slots: four requests decode two at a time, each as alone; one whose
+    positions alone are over the budget is refused before any memory is taken."""
+    from minicpmo_cli.generation.kv_budget import position_bytes
+
+    per_position = position_bytes(model.llm.config, 4)
+    budget = 2 * 256 * per_position
+    settings = GREEDY.with_(stop_ids=stops(model), max_new_tokens=12)
+    expected = [alone(model, row, settings) for row in rows]
+    llm = engine(model, max_batch=16, kv_budget=budget)
+    with pytest.raises(ContextTooLong, match="of KV cache, more than its budget"):
+        llm.submit(Request(rows[0], settings.with_(max_new_tokens=600)))
+    assert llm.pool is None  # refused before any memory was taken
+    handles = [llm.submit(Request(row, settings)) for row in rows]
+    most = 0
+    while not all(h.done for h in handles):
+        llm.step()
+        most = max(most, llm.stats().kv_bytes)
+        assert llm.stats().running <= 2
+    assert [h.result() for h in handles] == expected
+    assert most <= budget and llm.stats().kv_budget_bytes == budget
+
+
+def test_an_idle_pool_is_made_anew_for_a_request_the_budget_cannot_grow_it_for(model, rows):
+    """Four 256-position slots fill the budget; a request needing 512 positions cannot grow that pool beside
+    the old one, so it is made anew (the old buffers freed first) once the pool is idle."""
+    from minicpmo_cli.generation.kv_budget import position_bytes
+
+    budget = 4 * 256 * position_bytes(model.llm.config, 4)
+    short = GREEDY.with_(stop_ids=stops(model), max_new_tokens=4)
+    llm = engine(model, max_batch=4, kv_budget=budget)
+    assert [llm.submit(Request(row, short)).result() for row in rows[:1]]
+    llm.submit(Request(rows[1], short))
+    llm.step()
+    assert llm.pool.slots == 1 and llm.pool.capacity == 256
+    long = short.with_(max_new_tokens=300)
+    handle = llm.submit(Request(rows[2], long))
+    assert handle.result() == alone(model, rows[2], long)
+    assert llm.pool.capacity == 512 and llm.stats().kv_bytes <= budget
+
+
+def test_many_streams_get_their_first_id_at_once_then_a_few_steps_at_a_time(model, rows):
+    """Eight streaming rows: each first id is handed over the step it is chosen, later ones every
+    stream_interval(8) = 2 steps (one read-back and one wakeup per stream per two steps); the ids are the same."""
+    from minicpmo_cli.generation.engine import stream_interval
+
+    assert [stream_interval(n) for n in (1, 4, 7, 8, 16, 1000)] == [1, 1, 1, 2, 4, 8]
+    settings = GREEDY.with_(max_new_tokens=10)
+    expected = [alone(model, rows[i % 4], settings) for i in range(8)]
+    llm = engine(model, max_batch=8)
+    handles = [llm.submit(Request(rows[i % 4], settings, stream=True)) for i in range(8)]
+    llm.step()  # all eight prefilled, their first ids chosen and handed over
+    assert [len(h.ids) for h in handles] == [1] * 8
+    llm.step()
+    assert [len(h.ids) for h in handles] == [1] * 8
+    llm.step()
+    assert [len(h.ids) for h in handles] == [3] * 8
+    assert [h.result() for h in handles] == expected

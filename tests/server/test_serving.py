@@ -33,10 +33,67 @@ def test_sixteen_at_once_equal_alone_greedy_and_seeded(server):
         assert together == alone, name
 
 
-def open_stream(server, index: int, max_tokens: int = 300):
+def mixed_request(server, index: int) -> str | None:
+    """Request ``index`` of a mix: greedy, seeded sampled (every other one streamed) or unseeded sampled (whose
+    answer is not comparable: None)."""
+    kind = index % 3
+    if kind == 2:
+        ask(server, index, temperature=1.0, max_tokens=12)
+        return None
+    if kind == 0:
+        return ask(server, index, temperature=0, max_tokens=12)
+    options = {"temperature": 0.9, "top_p": 0.95, "seed": 100 + index, "max_tokens": 12}
+    if index % 2:
+        return stream_text(open_stream(server, index, **options))
+    return ask(server, index, **options)
+
+
+def test_seeded_answers_sent_with_unseeded_and_greedy_ones_equal_alone(server):
+    """Seeded sampled requests (each its own generator) run together with greedy and unseeded sampled ones
+    (which draw from torch's global generator) and give the answers they give alone."""
+    alone = {index: mixed_request(server, index) for index in range(18) if index % 3 != 2}
+    assert len({alone[i] for i in alone if i % 3 == 1}) > 1  # the seeds really differ
+    with ThreadPoolExecutor(18) as pool:
+        together = dict(zip(range(18), pool.map(lambda index: mixed_request(server, index), range(18))))
+    assert {index: together[index] for index in alone} == alone
+
+
+def spoken_stream(server, seed: int | None) -> tuple[str, bytes]:
+    """(transcript, pcm16 bytes) of a streamed spoken answer."""
+    import base64
+
+    extra = {} if seed is None else {"seed": seed}
+    chunks = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say something."}], max_tokens=8, temperature=0.9,
+        stream=True, modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"}, **extra)
+    transcript, pcm = [], b""
+    for chunk in chunks:
+        audio = chunk.choices[0].delta.audio if chunk.choices else None
+        if audio:
+            transcript.append(getattr(audio, "transcript", None) or "")
+            pcm += base64.b64decode(getattr(audio, "data", None) or "")
+    return "".join(transcript), pcm
+
+
+def test_a_seeded_spoken_stream_with_others_running_equals_alone(server):
+    """Streamed speech draws from the seed's own generator: the same text and audio alone and while greedy
+    text streams and an unseeded spoken answer run beside it (no exclusive turn any more)."""
+    expected = spoken_stream(server, 5)
+    assert expected[1]  # some speech
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(lambda i=i: stream_text(open_stream(server, i, max_tokens=40))) for i in range(2)]
+        unseeded = pool.submit(spoken_stream, server, None)
+        seeded = pool.submit(spoken_stream, server, 5)
+        assert seeded.result() == expected
+        unseeded.result()
+        [other.result() for other in others]
+
+
+def open_stream(server, index: int, max_tokens: int = 300, **options):
     messages = [{"role": "user", "content": f"Tell a long story number {index}."}]
+    options = {"temperature": 0, **options}
     return server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                                   temperature=0, stream=True)
+                                                   stream=True, **options)
 
 
 def stream_text(stream) -> str:
@@ -150,3 +207,25 @@ def test_flood_gets_429_with_retry_after_never_5xx(small_server):
         thread.join()
     assert sorted(statuses) == [200] + [429] * 7
     assert all(seconds >= 1 for seconds in retry_after)
+
+
+def test_streamed_speech_given_the_seed_is_what_the_seeded_global_generator_gave(engine):
+    """What a seeded streamed spoken answer sounded like when it ran alone drawing from the global generator
+    (seeded by its written half, whose sampling draws from a generator of its own) is what it sounds like now
+    from the seed's own generator, whatever the global generator's state."""
+    import numpy as np
+    import torch
+
+    from minicpmo_cli.api.chat import Conversation, reply_with_speaker
+    from minicpmo_cli.api.engine import DecodeOptions
+    from minicpmo_cli.api.speech import stream_answer_speech
+
+    conversation = Conversation()
+    conversation.ask("Say something.")
+    decode = DecodeOptions(seed=5, max_new_tokens=8, temperature=0.9)
+    text, spk = reply_with_speaker(engine, conversation, decode)  # seeds the global generator with 5
+    before = np.concatenate(list(stream_answer_speech(engine, spk, text)))
+    again, spk = reply_with_speaker(engine, conversation, decode)
+    torch.manual_seed(1234)  # another request's draws meanwhile
+    now = np.concatenate(list(stream_answer_speech(engine, spk, again, seed=5)))
+    assert again == text and np.array_equal(now, before) and before.size

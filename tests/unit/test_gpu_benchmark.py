@@ -39,16 +39,17 @@ def test_cpu_smoke_prints_every_row():
                 "| prefill, 16 tokens", "| asr, 4 x 1 s clips", "| TTS first audio", "| TTS real-time factor",
                 "| peak memory, asr", "| peak memory, chat + image", "| peak memory, omni",
                 "| decode, batch 1, 16-token prompt, LLM int8 |", "| decode, batch 1, 16-token prompt, LLM int4 |",
-                "| peak GPU memory, chat decode, LLM int4 |"):
+                "| peak GPU memory, chat decode, LLM int4 |", "| aggregate decode, 4 requests at once | tokens/s |",
+                "| time to first token p95, 2 clients | s |"):
         assert row in table, row
     assert "transcripts identical: yes" in table  # batched asr == one by one, inside the benchmark too
     assert "error:" not in table and "stages lost: none" in table
-    for stage in ("build", "vision", "audio", "decode", "prefill", "asr", "tts", "memory", "quant-int8"):
+    for stage in ("build", "vision", "audio", "decode", "prefill", "asr", "tts", "memory", "concurrent", "quant-int8"):
         assert f"[{stage}] done" in result.stderr, stage
 
 
 def test_a_stage_that_hangs_loses_only_itself():
-    result = run("--cpu-smoke", "--skip", "tts,memory", "--quantize", "none", "--hang-in", "prefill",
+    result = run("--cpu-smoke", "--skip", "tts,memory,concurrent", "--quantize", "none", "--hang-in", "prefill",
                  "--timeouts", "prefill=5")
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout

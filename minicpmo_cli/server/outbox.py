@@ -1,0 +1,88 @@
+"""A job's outbox: what a pool thread hands the event loop (items of a stream, or one result).
+
+Two costs of the plain ``asyncio.Queue`` + ``call_soon_threadsafe`` per item are removed here:
+
+- Wakeups: one ``call_soon_threadsafe`` (a write to the loop's self-pipe) per batch, not per item: while the
+  route has not yet taken what is there, further items join it without waking the loop again, and the route
+  takes every item there at once (:meth:`take`). Under load a stream's pieces go out in fewer, larger writes
+  (vLLM's output collector merges deltas the same way); alone, every piece still goes out as it comes.
+- Memory: a streamed job may be at most ``limit`` items ahead of its client (backpressure: the pool thread
+  waits in :meth:`put`, so a spoken answer stops synthesising). A client that stays connected but stops
+  reading for ``stall_s`` seconds is given up on: :meth:`put` answers False and the job is cancelled, which
+  frees its KV slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import Any
+
+STREAM_LIMIT = 64  # items a streamed job may be ahead of its client
+STALL_S = 60.0  # seconds a streamed job waits for a client that stopped reading before it is cancelled
+_WAIT_STEP_S = 0.25  # how often a waiting pool thread checks whether its job was cancelled
+
+
+class Outbox:
+    """Items from one producer thread to one consumer coroutine, taken in batches; see the module docstring.
+
+    ``limit``: items held at most before :meth:`put` waits (None: unbounded, for a job's one result)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int | None = None, stall_s: float = STALL_S) -> None:
+        self.loop, self.limit, self.stall_s = loop, limit, float(stall_s)
+        self._items: deque = deque()
+        self._cond = threading.Condition()
+        self._ready = asyncio.Event()  # created on the loop (the route calls the constructor there)
+        self._woken = False  # a wakeup is on its way to the loop (or the route is not waiting yet)
+        self.stalled = False
+
+    # --- the pool thread ------------------------------------------------------------------------------------
+    def put(self, item: Any, cancel: threading.Event | None = None, final: bool = False) -> bool:
+        """Hand ``item`` over; waits while ``limit`` items are held. False (the item is dropped) when the
+        client read nothing for ``stall_s`` seconds or ``cancel`` was set meanwhile. ``final`` items (the end,
+        an error) are never held back."""
+        with self._cond:
+            if not final and self.limit is not None and not self._wait_for_room(cancel):
+                return False
+            self._items.append(item)
+            wake, self._woken = not self._woken, True
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
+        return True
+
+    def _wait_for_room(self, cancel: threading.Event | None) -> bool:
+        started = time.monotonic()
+        while len(self._items) >= self.limit:
+            if cancel is not None and cancel.is_set():
+                return False
+            waited = time.monotonic() - started
+            if waited >= self.stall_s:
+                self.stalled = True
+                return False
+            self._cond.wait(min(_WAIT_STEP_S, self.stall_s - waited))
+        return True
+
+    # --- the route (event loop) -----------------------------------------------------------------------------
+    async def take(self) -> list:
+        """Every item there (at least one; waits for the first)."""
+        while True:
+            with self._cond:
+                if self._items:
+                    batch = list(self._items)
+                    self._items.clear()
+                    self._woken = False
+                    self._ready.clear()
+                    self._cond.notify_all()
+                    return batch
+                self._woken = False
+                self._ready.clear()
+            await self._ready.wait()
+
+    def held(self) -> int:
+        with self._cond:
+            return len(self._items)
