@@ -20,6 +20,8 @@
 #   8. full_size.md   the full-size benchmark (benchmarks/gpu_full_size.py), its stages in child processes
 #                     under their own limits, with whatever time is left; its "concurrent" stage is issue 21's
 #                     GPU rows (aggregate decode of 32 requests at once, time-to-first-token p95 at 16 clients)
+# GPU_RUN_PARTS=asr,full_size (names as in the [name] lines): only those parts (env always runs), so one session
+# can spend its minutes on the open issues' rows, e.g. GPU_RUN_PARTS=asr,tts_batch,vad,full_size.
 # Results go to $OUT when it is set (a folder the caller collects), else benchmarks/results/gpu-<time>/; run.log
 # has every part's stderr. GPU_RUN_SMOKE=1: the same plumbing on the CPU at tiny sizes (no GPU needed).
 set -uo pipefail
@@ -56,6 +58,10 @@ part() {  # part NAME FILE SECONDS COMMAND...: run under a time limit, stdout to
   local name="$1" file="$2" limit="$3"
   shift 3
   local remaining
+  if [ -n "${GPU_RUN_PARTS:-}" ] && [ "$name" != env ] && [[ ",$GPU_RUN_PARTS," != *",$name,"* ]]; then
+    echo "[$name] not run: not in GPU_RUN_PARTS" | tee -a "$LOG" >&2
+    return
+  fi
   remaining=$(left)
   if [ "$remaining" -lt 20 ]; then
     echo "[$name] not run: the run's $BUDGET s are spent" | tee -a "$LOG" >&2
