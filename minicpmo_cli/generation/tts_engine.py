@@ -37,10 +37,11 @@ from minicpmo_cli.generation.kv_pool import KVPool, slot_bucket
 from minicpmo_cli.generation.static_cache import bucket_length
 from minicpmo_cli.generation.step_runner import StepRunner
 from minicpmo_cli.generation.tts_decode import CHECK_FRAMES, dtype_probe
-from minicpmo_cli.generation.tts_requests import TTSHandle, TTSPiece, TTSRequest, TTSStats
+from minicpmo_cli.generation.tts_requests import TTSHandle, TTSPiece, TTSRequest, TTSStats, TTSStreamRequest
 from minicpmo_cli.generation.tts_rows import CALL_FRAMES, Row, draw_rows
+from minicpmo_cli.generation.tts_stream import StreamRow
 
-__all__ = ["TTSEngine", "TTSHandle", "TTSPiece", "TTSRequest", "TTSStats", "slot_step"]
+__all__ = ["TTSEngine", "TTSHandle", "TTSPiece", "TTSRequest", "TTSStats", "TTSStreamRequest", "slot_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,11 @@ class TTSEngine:
     # ----- any thread ---------------------------------------------------------------------------------
 
     def submit(self, request: TTSRequest) -> TTSHandle:
-        """Queue ``request``; its text is tokenized here (a text that does not fit fails in the caller)."""
-        handle = TTSHandle(self, request, [self._prompt(piece.text) for piece in request.pieces])
-        if not request.pieces:
+        """Queue ``request``; its text is tokenized here (a text that does not fit fails in the caller); a
+        streamed request's (:class:`TTSStreamRequest`) as its schedule reads it, on the engine's thread."""
+        streamed = isinstance(request, TTSStreamRequest)
+        handle = TTSHandle(self, request, [] if streamed else [self._prompt(piece.text) for piece in request.pieces])
+        if not streamed and not request.pieces:
             handle._finish("stop")
             return handle
         with self._work:
@@ -184,10 +187,11 @@ class TTSEngine:
             with self._lock:
                 handle = self._waiting.popleft()
             slot = self.pool.alloc()
-            row = Row(self, handle, slot)
+            row = (StreamRow if isinstance(handle.request, TTSStreamRequest) else Row)(self, handle, slot)
             self.running[slot] = row
             try:
-                row.start_piece()
+                if row.start_piece() is False:  # a streamed text that asks for no frames
+                    self._release(row, "stop")
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 self._release(row, "error", exc)
 

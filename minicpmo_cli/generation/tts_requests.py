@@ -46,6 +46,49 @@ class TTSRequest:
 
 
 @dataclass
+class TTSStreamRequest:
+    """One utterance on the streaming schedule (generation/speech.py ``StreamSegment``): ``text_pieces``
+    consumed in order as the schedule asks for them, segments re-primed at sentence ends, all frames drawn
+    with ``sampler``. Its handle yields :class:`SegmentStart`, :class:`FramesKept` and :class:`SegmentEnd`
+    events as the frames settle (the caller decodes the audio: generation/speech.py ``StreamDecoder``).
+    ``max_new_tokens``, ``cancel``, ``on_finish``: as :class:`TTSRequest`."""
+
+    spk_embeds: torch.Tensor
+    text_pieces: list[str]
+    sampler: Any
+    temperature: float | Sequence[float] = DEFAULT_TEMPERATURES
+    max_new_tokens: int = MAX_AUDIO_FRAMES
+    cancel: Any = None
+    on_finish: Callable[[TTSHandle], None] | None = None
+
+
+@dataclass
+class SegmentStart:
+    """A streamed segment begins: ``primer_frames`` of its ids were spoken by the segment before;
+    ``text_offset``: where its chunks' text starts in its text."""
+
+    primer_frames: int
+    text_offset: int
+
+
+@dataclass
+class FramesKept:
+    """The segment's frames kept so far (``[1, n, num_vq]``, primer included) and its text while they were
+    drawn."""
+
+    new_ids: torch.Tensor
+    text: str
+
+
+@dataclass
+class SegmentEnd:
+    """The segment is over: its final frames (an end of speech may drop one, as the reference does)."""
+
+    new_ids: torch.Tensor
+    text: str
+
+
+@dataclass
 class TTSStats:
     """Counters of one engine: steps run, frames drawn (kept or not), those whose probabilities were made
     together with other rows', the most rows decoded in one step, requests finished."""
@@ -58,7 +101,8 @@ class TTSStats:
 
 
 class TTSHandle:
-    """A submitted request: ``codes`` (one ``[1, T, num_vq]`` tensor per piece done so far), ``reason``
+    """A submitted request: ``codes`` (one ``[1, T, num_vq]`` tensor per piece done so far; a streamed
+    request's events instead, see :class:`TTSStreamRequest`), ``reason``
     (``stop``: every piece ended; ``abort``; ``error``) once finished, ``error`` when a step failed."""
 
     def __init__(self, engine, request: TTSRequest, prompts: list) -> None:
