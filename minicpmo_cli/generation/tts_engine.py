@@ -46,19 +46,29 @@ __all__ = ["TTSEngine", "TTSHandle", "TTSPiece", "TTSRequest", "TTSStats", "TTSS
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 16  # slots of a TTS engine (utterances decoded together)
+# The pool's size in positions (slots x capacity; ~61 KB each for the released TTS in bf16): a pool never
+# grows past MAX_POOL_POSITIONS by admitting requests (16 rows of 2048 positions, 2 GB), and an idle pool
+# larger than IDLE_POOL_POSITIONS is given back for a small one (4 slots of the first capacity).
+MAX_POOL_POSITIONS = 16 * 2048
+IDLE_POOL_POSITIONS = 4 * 512
 
 
 class TTSEngine:
     """Continuous batching of TTS utterances over a :class:`KVPool`; see the module docstring.
 
     ``tts``: the ``ConditionalChatTTS``; ``tokenizer``: its ChatTTS tokenizer; ``runner``: a step runner
-    (None: eager); ``check_every``: frames between two reads of a row's end of speech."""
+    (None: eager); ``check_every``: frames between two reads of a row's end of speech. ``max_positions``:
+    the pool's slots x capacity that admitting a request never passes (requests wait for a slot instead; a
+    row in flight that needs a longer capacity always gets it, so the rows already admitted may take the pool
+    past it until they end); ``idle_positions``: an idle pool larger than this is replaced by a small one."""
 
     def __init__(self, tts, tokenizer, *, runner: StepRunner | None = None, max_batch: int = MAX_BATCH,
-                 threaded: bool = True, check_every: int = CHECK_FRAMES) -> None:
+                 threaded: bool = True, check_every: int = CHECK_FRAMES, max_positions: int = MAX_POOL_POSITIONS,
+                 idle_positions: int = IDLE_POOL_POSITIONS) -> None:
         self.tts, self.tokenizer = tts, tokenizer
         self.runner = runner if runner is not None else StepRunner("eager", "TTS batch")
         self.max_batch, self.threaded, self.check_every = slot_bucket(max_batch), threaded, int(check_every)
+        self.max_positions, self.idle_positions = int(max_positions), int(idle_positions)
         self.pool: KVPool | None = None
         self.running: dict[int, Row] = {}
         self.stats = TTSStats()
@@ -146,6 +156,7 @@ class TTSEngine:
         self._admit()
         rows = list(self.running.values())
         if not rows:
+            self._shrink_if_idle()
             return False
         logits = self._forward(rows)
         due = draw_rows(rows, logits, self.stats)
@@ -162,6 +173,7 @@ class TTSEngine:
             for row in due:
                 if row.call_over and not row.end_call():
                     self._release(row, "stop")
+            self._shrink_if_idle()
         return True
 
     def _take_aborts(self) -> None:
@@ -196,20 +208,53 @@ class TTSEngine:
                 self._release(row, "error", exc)
 
     def _free_slot(self) -> bool:
-        """A free slot: a first pool, or a grown one (more slots, up to ``max_batch``); False when full."""
+        """A free slot: a first pool, or a grown one (more slots, up to ``max_batch`` and as many as
+        ``max_positions`` allows at the pool's capacity); False when full."""
         needed = self.tts.condition_length + CALL_FRAMES + 1
         if self.pool is None:
             weight = self.tts.emb_text.weight
-            slots = slot_bucket(min(self.max_batch, len(self._waiting)))
-            self.pool = KVPool.empty(self.tts.model.config, slots, bucket_length(needed), weight.dtype, weight.device)
+            capacity = bucket_length(needed)
+            slots = self._slots_within(min(self.max_batch, len(self._waiting)), capacity, 1)
+            self.pool = KVPool.empty(self.tts.model.config, slots, capacity, weight.dtype, weight.device)
             return True
         if self.pool.free_slots:
             return True
         used = self.pool.slots - self.pool.free_slots
-        if used + 1 > self.max_batch:
+        wanted = self._slots_within(min(self.max_batch, used + len(self._waiting)), self.pool.capacity, 0)
+        if wanted <= self.pool.slots:
             return False
-        self._replace_pool(self.pool.grown(min(self.max_batch, used + len(self._waiting)), needed))
+        self._replace_pool(self.pool.grown(wanted, needed))
         return True
+
+    def _slots_within(self, count: int, capacity: int, least: int) -> int:
+        """A power of two of slots for ``count`` requests, as many as ``max_positions`` holds at ``capacity``
+        (at least ``least``)."""
+        slots = slot_bucket(count)
+        while slots > 1 and slots * capacity > self.max_positions:
+            slots //= 2
+        return slots if slots * capacity <= self.max_positions else least
+
+    def _shrink_if_idle(self) -> None:
+        """An idle pool larger than ``idle_positions`` is given back for a small one (the first capacity)."""
+        pool = self.pool
+        if pool is None or self.running or pool.slots * pool.capacity <= self.idle_positions:
+            return
+        with self._lock:
+            if self._waiting:
+                return
+        capacity = bucket_length(self.tts.condition_length + CALL_FRAMES + 1)
+        slots = slot_bucket(max(self.idle_positions // capacity, 1))
+        while slots > 1 and slots * capacity > self.idle_positions:
+            slots //= 2
+        slots = min(slots, pool.slots)
+        self._replace_pool(KVPool.empty(self.tts.model.config, slots, capacity, pool.keys[0].dtype, pool.keys[0].device))
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes held by the pool's key/value buffers (0 without a pool)."""
+        if self.pool is None:
+            return 0
+        return sum(buffer.numel() * buffer.element_size() for buffer in (*self.pool.keys, *self.pool.values))
 
     def make_room(self, needed: int) -> None:
         """Room for ``needed`` positions in every slot (a row's next call): a longer pool when it lacks it."""

@@ -195,12 +195,48 @@ def test_a_row_outgrowing_the_pool_moves_every_row_to_a_longer_one(golden_tts):
     engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=2)
     cases = [(21, TEXTS[1], 210), (22, TEXTS[3], 120)]
     handles = [engine.submit(request(tts, *case)) for case in cases]
-    first_capacity = None
+    first_capacity, capacities = None, []
     while not all(handle.done for handle in handles):
         engine.step()
         first_capacity = first_capacity or engine.pool.capacity
-    assert engine.pool.capacity > first_capacity
+        capacities.append(engine.pool.capacity)
+    assert max(capacities) > first_capacity
     for handle, case in zip(handles, cases):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+
+
+def run_counting_bytes(engine, handles):
+    """Step ``engine`` until ``handles`` are done; the most bytes its pool held meanwhile."""
+    peak = engine.pool_bytes
+    while not all(handle.done for handle in handles):
+        engine.step()
+        peak = max(peak, engine.pool_bytes)
+    return peak
+
+
+def test_the_pool_never_grows_past_its_cap_and_rows_wait_instead(golden_tts):
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=8, max_positions=2 * 512)
+    cases = [CASES[0], CASES[1], CASES[4], CASES[5]]
+    handles = [engine.submit(request(tts, *case)) for case in cases]
+    engine.step()
+    per_position = engine.pool_bytes // (engine.pool.slots * engine.pool.capacity)
+    peak = run_counting_bytes(engine, handles)
+    assert 0 < peak <= 2 * 512 * per_position and engine.stats.peak_rows == 2  # the others waited
+    for handle, case in zip(handles, cases):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+
+
+def test_an_idle_pool_shrinks_back_and_the_codes_stay(golden_tts):
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=4, idle_positions=512)
+    handles = [engine.submit(request(tts, *case)) for case in CASES[:4]]
+    peak = run_counting_bytes(engine, handles)
+    assert engine.stats.peak_rows == 4 and engine.pool.slots * engine.pool.capacity == 512
+    assert engine.pool_bytes * 4 <= peak  # a quarter at most: one slot of the first capacity
+    again = [engine.submit(request(tts, *case)) for case in CASES[:4]]  # the pool grows again from there
+    run_counting_bytes(engine, again)
+    for handle, case in zip(handles + again, CASES[:4] * 2):
         assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
 
 
