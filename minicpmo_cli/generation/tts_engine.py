@@ -108,6 +108,15 @@ class TTSEngine:
             self._aborts.append(handle)
             self._work.notify()
 
+    def snapshot(self) -> TTSStats:
+        """The counters with the rows running and waiting and the pool's size now (for a metrics reader)."""
+        with self._lock:
+            stats = TTSStats(**vars(self.stats))
+            stats.running, stats.waiting = len(self.running), len(self._waiting)
+            stats.slots_total = self.pool.slots if self.pool is not None else 0
+            stats.pool_bytes = self.pool_bytes
+        return stats
+
     @property
     def idle(self) -> bool:
         return not self._waiting and not self.running and not self._aborts

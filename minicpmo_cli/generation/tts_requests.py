@@ -91,13 +91,18 @@ class SegmentEnd:
 @dataclass
 class TTSStats:
     """Counters of one engine: steps run, frames drawn (kept or not), those whose probabilities were made
-    together with other rows', the most rows decoded in one step, requests finished."""
+    together with other rows', the most rows decoded in one step, requests finished; in a snapshot
+    (``TTSEngine.snapshot``) also the rows running and waiting, the pool's slots and its bytes."""
 
     steps: int = 0
     frames: int = 0
     frames_together: int = 0
     peak_rows: int = 0
     finished: int = 0
+    running: int = 0
+    waiting: int = 0
+    slots_total: int = 0
+    pool_bytes: int = 0
 
 
 class TTSHandle:

@@ -223,6 +223,9 @@ def test_the_pool_never_grows_past_its_cap_and_rows_wait_instead(golden_tts):
     per_position = engine.pool_bytes // (engine.pool.slots * engine.pool.capacity)
     peak = run_counting_bytes(engine, handles)
     assert 0 < peak <= 2 * 512 * per_position and engine.stats.peak_rows == 2  # the others waited
+    now = engine.snapshot()
+    assert (now.running, now.waiting, now.slots_total, now.pool_bytes) == (0, 0, 2, engine.pool_bytes)
+    assert now.frames == engine.stats.frames > 0 and now.finished == len(cases)
     for handle, case in zip(handles, cases):
         assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
 
