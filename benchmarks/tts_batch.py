@@ -146,8 +146,9 @@ def stream_alone(tts, tokenizer, items, runner) -> list[list[torch.Tensor]]:
 
 
 def stream_batched(engine: TTSEngine, tts, items) -> list[list[torch.Tensor]]:
-    handles = [engine.submit(TTSStreamRequest(speaker(tts, seed), as_text_rounds(text), Budget(make_sampler(seed), limit),
-                                              max_new_tokens=2 * limit + 100)) for text, seed, limit in items]
+    handles = [engine.submit(TTSStreamRequest(speaker(tts, seed), as_text_rounds(text),
+                                              Budget(make_sampler(seed), limit), max_new_tokens=2 * limit + 100))
+               for text, seed, limit in items]
     return [[event.new_ids.cpu() for event in handle.pieces() if type(event).__name__ == "SegmentEnd"]
             for handle in handles]
 
@@ -193,7 +194,8 @@ def main() -> None:
     same = same and all(torch.equal(a, b) for a, b in zip(alone_codes, batch_codes))
     shape = "official shape (768 wide, 20 layers)" if args.full_size else "deep-narrow (20 layers, hidden 64)"
     kind = "streamed " if args.stream else ""
-    print(f"{kind}TTS {shape}, {args.device} {str(dtype).removeprefix('torch.')}, step {args.step}: {args.lines} lines, "
+    precision = str(dtype).removeprefix("torch.")
+    print(f"{kind}TTS {shape}, {args.device} {precision}, step {args.step}: {args.lines} lines, "
           f"{frames} frames in all, {args.slots} slots (peak rows per step {engine.stats.peak_rows})")
     print("| path | wall s | frames / s | vs one by one | codes identical |")
     print("|---|---:|---:|---:|---|")

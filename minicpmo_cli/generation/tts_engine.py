@@ -256,7 +256,8 @@ class TTSEngine:
         while slots > 1 and slots * capacity > self.idle_positions:
             slots //= 2
         slots = min(slots, pool.slots)
-        self._replace_pool(KVPool.empty(self.tts.model.config, slots, capacity, pool.keys[0].dtype, pool.keys[0].device))
+        buffer = pool.keys[0]
+        self._replace_pool(KVPool.empty(self.tts.model.config, slots, capacity, buffer.dtype, buffer.device))
 
     @property
     def pool_bytes(self) -> int:

@@ -67,7 +67,8 @@ class SlotCache:
         """As ``StaticKV.write``: new positions at ``slots`` of ``layer`` (a streamed segment's primer frames,
         generation/tts_decode.py ``prefill_audio``); that layer's filled part including them."""
         pool, end = self.engine.pool, self.length + keys.shape[2]
-        key_rows, value_rows = pool.keys[layer][self.slot : self.slot + 1], pool.values[layer][self.slot : self.slot + 1]
+        key_rows = pool.keys[layer][self.slot : self.slot + 1]
+        value_rows = pool.values[layer][self.slot : self.slot + 1]
         key_rows.index_copy_(2, slots, keys)
         value_rows.index_copy_(2, slots, values)
         return key_rows.narrow(2, 0, end), value_rows.narrow(2, 0, end)
