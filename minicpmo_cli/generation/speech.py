@@ -52,6 +52,7 @@ OUTPUT_CHUNK_FRAMES = 25  # audio frames per generate call (reference output_chu
 CONTEXT_FRAMES = 4  # frames of left context re-decoded with each streamed chunk
 OVERLAP_SAMPLES = 512 * CONTEXT_FRAMES  # their samples: cross-faded with the end of the audio before
 MIN_CHUNK_FRAMES = CONTEXT_FRAMES + 1  # a chunk must add audio beyond the cross-faded part
+TEXT_PENDING = "text pending"  # what a segment's schedule yields while its text source has no piece yet
 
 
 @dataclass
@@ -325,7 +326,9 @@ class StreamingSpeech:
         while True:
             segment = StreamSegment(self, previous)
             wav = self.chunked_wav(segment.primer_frames)
-            for _ in segment.schedule(pieces):
+            for step in segment.schedule(pieces):
+                if step is TEXT_PENDING:  # a source that is polled: ask it again
+                    continue
                 for frames in iter_frames(self.tts, segment.state, self.sampling, segment.text_mask(),
                                           OUTPUT_CHUNK_FRAMES, runner=self.runner):
                     if wav.due(frames):
@@ -340,7 +343,9 @@ class StreamSegment:
     """One segment of the streaming schedule: its decode state and text. :meth:`schedule` consumes text pieces
     and prefills; it yields where a 25-frame call is to run on :attr:`state` (under :meth:`text_mask`): the
     one-at-a-time loop runs it with ``iter_frames`` (:meth:`StreamingSpeech.run`), the TTS engine as a row's
-    call (generation/tts_stream.py). ``cache``: the segment's KV cache is this one (an engine slot, zeroed)."""
+    call (generation/tts_stream.py). A text source may give None (no piece yet): the schedule then yields
+    ``TEXT_PENDING`` and asks again when resumed. ``cache``: the segment's KV cache is this one (an engine
+    slot, zeroed)."""
 
     def __init__(self, owner: StreamingSpeech, previous, cache=None) -> None:
         self.o = owner
@@ -412,7 +417,12 @@ class StreamSegment:
         tts = self.o.tts
         prefix, chunk = 1 + tts.num_spk_embs, tts.streaming_text_chunk_size
         language, finished, text_left = None, False, None
-        for count, piece in enumerate(pieces, start=1):
+        count = 0
+        for piece in pieces:
+            if piece is None:  # a text feed with nothing yet (generation/tts_requests.py TextFeed)
+                yield TEXT_PENDING
+                continue
+            count += 1
             text = piece.split(TTS_EOS)[0]
             self.gen_text_raw += text
             if count <= 2:  # as the reference: decided on the first two pieces of a segment

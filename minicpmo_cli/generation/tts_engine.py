@@ -37,11 +37,19 @@ from minicpmo_cli.generation.kv_pool import KVPool, slot_bucket
 from minicpmo_cli.generation.static_cache import bucket_length
 from minicpmo_cli.generation.step_runner import StepRunner
 from minicpmo_cli.generation.tts_decode import CHECK_FRAMES, dtype_probe
-from minicpmo_cli.generation.tts_requests import TTSHandle, TTSPiece, TTSRequest, TTSStats, TTSStreamRequest
+from minicpmo_cli.generation.tts_requests import (
+    TextFeed,
+    TTSHandle,
+    TTSPiece,
+    TTSRequest,
+    TTSStats,
+    TTSStreamRequest,
+)
 from minicpmo_cli.generation.tts_rows import CALL_FRAMES, Row, draw_rows
 from minicpmo_cli.generation.tts_stream import StreamRow
 
-__all__ = ["TTSEngine", "TTSHandle", "TTSPiece", "TTSRequest", "TTSStats", "TTSStreamRequest", "slot_step"]
+__all__ = ["TTSEngine", "TTSHandle", "TTSPiece", "TTSRequest", "TTSStats", "TTSStreamRequest", "TextFeed",
+           "slot_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,7 @@ class TTSEngine:
         self._stepping = threading.Lock()  # one step at a time (callers step an engine without a thread)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._poked = False  # something happened since the loop last looked (a submit, an abort, new text)
         self._free_masks: dict[tuple, torch.Tensor] = {}
         if threaded:
             atexit.register(_close_at_exit, weakref.ref(self))
@@ -89,6 +98,8 @@ class TTSEngine:
         """Queue ``request``; its text is tokenized here (a text that does not fit fails in the caller); a
         streamed request's (:class:`TTSStreamRequest`) as its schedule reads it, on the engine's thread."""
         streamed = isinstance(request, TTSStreamRequest)
+        if streamed and hasattr(request.text_pieces, "bind"):
+            request.text_pieces.bind(self._wake)
         handle = TTSHandle(self, request, [] if streamed else [self._prompt(piece.text) for piece in request.pieces])
         if not streamed and not request.pieces:
             handle._finish("stop")
@@ -97,6 +108,7 @@ class TTSEngine:
             if self._closed:
                 raise UsageError("the TTS engine is closed")
             self._waiting.append(handle)
+            self._poked = True
             self._work.notify()
             if self.threaded and self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="minicpmo-tts-engine", daemon=True)
@@ -106,6 +118,7 @@ class TTSEngine:
     def abort(self, handle: TTSHandle) -> None:
         with self._work:
             self._aborts.append(handle)
+            self._poked = True
             self._work.notify()
 
     def snapshot(self) -> TTSStats:
@@ -138,6 +151,12 @@ class TTSEngine:
         mask = build_streaming_text_mask(count, tts.streaming_text_reserved_len, tts.num_spk_embs).to(tts.device)
         return input_ids, mask
 
+    def _wake(self) -> None:
+        """New text for a waiting row (generation/tts_requests.py TextFeed)."""
+        with self._work:
+            self._poked = True
+            self._work.notify()
+
     def _loop(self) -> None:
         while True:
             with self._work:
@@ -145,7 +164,11 @@ class TTSEngine:
                     self._thread = None
                     self._work.notify_all()
                     return
-            self.step()
+                self._poked = False
+            if not self.step():  # every row waits for text: sleep until a feed, a submit or an abort wakes us
+                with self._work:
+                    # the timeout: a waiting row's cancel event (set by its owner, who wakes nobody) is seen
+                    self._work.wait_for(lambda: self._poked or self.idle, timeout=0.1)
 
     # ----- the stepping thread ------------------------------------------------------------------------
 
@@ -163,7 +186,8 @@ class TTSEngine:
     def _step(self) -> bool:
         self._take_aborts()
         self._admit()
-        rows = list(self.running.values())
+        self._resume_waiting()
+        rows = [row for row in self.running.values() if not row.waiting]
         if not rows:
             self._shrink_if_idle()
             return False
@@ -197,6 +221,15 @@ class TTSEngine:
             if row.handle in aborts or _cancelled(row.handle):
                 row.stop()
                 self._release(row, "abort")
+
+    def _resume_waiting(self) -> None:
+        """Streamed rows waiting for text whose text came go on (their schedule prefills, opens a call)."""
+        for row in [row for row in self.running.values() if row.waiting and row.text_ready]:
+            try:
+                if not row.resume():
+                    self._release(row, "stop")
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                self._release(row, "error", exc)
 
     def _admit(self) -> None:
         while True:
@@ -296,6 +329,9 @@ class TTSEngine:
         positions = [0] * span  # a free slot writes at its position 0 (zeroed when the slot is taken)
         masks = [self._free_mask(width)] * span
         probe = dtype_probe(tts)
+        for row in self.running.values():
+            if row.waiting:  # its step is junk, written where its next frame will be written over it
+                positions[row.slot] = pool.lengths[row.slot]
         for row in rows:
             state, past = row.state, pool.lengths[row.slot]
             positions[row.slot] = past

@@ -85,6 +85,8 @@ class SlotCache:
 class Row:
     """A request in its slot: which piece, which generate call, the frames drawn since the last settle."""
 
+    waiting = False  # a streamed row waiting for text (generation/tts_stream.py); skipped by the steps
+
     def __init__(self, engine, handle: TTSHandle, slot: int) -> None:
         self.engine, self.handle, self.slot = engine, handle, slot
         self.cache = SlotCache(engine, slot)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from minicpmo_cli.generation.speech import StreamSegment, StreamingSpeech
+from minicpmo_cli.generation.speech import TEXT_PENDING, StreamSegment, StreamingSpeech
 from minicpmo_cli.generation.tts_decode import FrameSampling, StepMask
 from minicpmo_cli.generation.tts_requests import FramesKept, SegmentEnd, SegmentStart
 from minicpmo_cli.generation.tts_rows import CALL_FRAMES, Row
@@ -23,7 +23,10 @@ _END = object()
 
 class StreamRow(Row):
     """A :class:`~minicpmo_cli.generation.tts_requests.TTSStreamRequest` in its slot: the current segment,
-    its suspended schedule, and the row's frame call (the parent's draws and end-of-speech reads)."""
+    its suspended schedule, and the row's frame call (the parent's draws and end-of-speech reads).
+    ``waiting``: its text feed had no piece when the schedule asked; the steps skip the row until it has."""
+
+    waiting = False
 
     def start_piece(self) -> bool:
         """The first segment and its first call; False when the text asks for no frames at all."""
@@ -35,7 +38,8 @@ class StreamRow(Row):
         self.every = max(int(engine.check_every), 1) if self.rewinds else 1
         self.speech = StreamingSpeech(self.tts, None, engine.tokenizer, request.spk_embeds, self.sampling,
                                        request.max_new_tokens)
-        self.texts = iter(request.text_pieces)
+        self.feed = request.text_pieces
+        self.texts = iter(self.feed)
         self._open_segment(None)
         return self._next_call()
 
@@ -47,9 +51,14 @@ class StreamRow(Row):
         self.handle._piece(SegmentStart(self.segment.primer_frames, self.segment.prev_text_len))
 
     def _next_call(self) -> bool:
-        """Run the schedule up to its next frame call (True), across segments; False once it is over."""
+        """Run the schedule up to its next frame call or a wait for text (True), across segments; False once
+        it is over."""
         while True:
-            if next(self.plan, _END) is not _END:
+            step = next(self.plan, _END)
+            if step is TEXT_PENDING:
+                self.waiting = True
+                return True
+            if step is not _END:
                 self._open_call()
                 return True
             segment = self.segment
@@ -72,6 +81,16 @@ class StreamRow(Row):
         self.handle._piece(FramesKept(self.state.new_ids.clone(), self.segment.gen_text_raw))
 
     def end_call(self) -> bool:
+        return self._next_call()
+
+    @property
+    def text_ready(self) -> bool:
+        """Whether a waiting row's text feed has a piece or is complete (a list always is)."""
+        return bool(getattr(self.feed, "ready", True))
+
+    def resume(self) -> bool:
+        """A waiting row whose text came: its schedule goes on (False: it is over)."""
+        self.waiting = False
         return self._next_call()
 
     def stop(self) -> None:

@@ -1,7 +1,8 @@
 """Streamed speech on the TTS engine (generation/tts_stream.py) against the one-at-a-time streaming loop
 (generation/speech.py ``stream_speech``): several streams decoded in shared steps, each chunk (text and
 samples) equal to the loop's for the same seed and text; a stream joining others mid-decode; a stream
-continued in a second segment; whole-text rows next to streamed ones; abort and cancel free the slot."""
+continued in a second segment; whole-text rows next to streamed ones; abort and cancel free the slot; text
+handed over while the row runs (it waits in its slot, skipped by the steps)."""
 
 from __future__ import annotations
 
@@ -167,4 +168,67 @@ def test_an_empty_stream_finishes_without_a_slot_held(golden):
     engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=1)
     handle = engine.submit(stream_request(tts, 0, "", (), 60))
     assert engine_chunks(tts, vocos, handle) == [] and handle.reason == "stop"
+    assert engine.pool.free_slots == engine.pool.slots
+
+
+def waits(engine, handle) -> bool:
+    """Whether ``handle``'s row is in its slot waiting for text."""
+    return any(row.handle is handle and row.waiting for row in engine.running.values())
+
+
+def test_a_stream_fed_text_while_it_runs_waits_in_its_slot(golden, expected):
+    """Text handed over piece by piece (TextFeed): the row waits in its slot while it has none, skipped by
+    the steps (the other row goes on alone), and its chunks are the loop's for the same pieces."""
+    from minicpmo_cli.generation.tts_engine import TextFeed
+
+    tts, vocos, tokenizer = golden
+    seed, text, ends, cap = STREAMS[0]
+    rounds = as_text_rounds(text)
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=4)
+    feed = TextFeed(rounds[:1])
+    fed = engine.submit(TTSStreamRequest(speaker(tts, seed), feed, EndsAt(seed, ends), max_new_tokens=cap))
+    other = engine.submit(stream_request(tts, *STREAMS[2]))
+    skipped = 0
+    for piece in rounds[1:]:
+        for _ in range(100):  # until it has used its text (a bounded wait for that state, not for time)
+            if waits(engine, fed):
+                break
+            engine.step()
+        assert waits(engine, fed)
+        frames = engine.stats.frames
+        engine.step()
+        skipped += engine.stats.frames - frames == 1  # only the other row drew
+        feed.put(piece)
+    feed.close()
+    assert skipped > 0
+    assert_same(engine_chunks(tts, vocos, fed), expected[0], STREAMS[0])
+    assert_same(engine_chunks(tts, vocos, other), expected[2], STREAMS[2])
+    assert engine.pool.free_slots == engine.pool.slots
+
+
+def test_a_threaded_engine_sleeps_while_its_rows_wait_for_text(golden, expected):
+    """A feeder thread hands the pieces over as it likes: the same chunks, whatever the timing."""
+    from minicpmo_cli.generation.tts_engine import TextFeed
+
+    tts, vocos, tokenizer = golden
+    seed, text, ends, cap = STREAMS[1]
+    engine = TTSEngine(tts, tokenizer, max_batch=2)
+    feed = TextFeed()
+    handle = engine.submit(TTSStreamRequest(speaker(tts, seed), feed, EndsAt(seed, ends), max_new_tokens=cap))
+
+    def feeder():
+        for piece in as_text_rounds(text):
+            feed.put(piece)
+        feed.close()
+
+    thread = threading.Thread(target=feeder)
+    thread.start()
+    got = engine_chunks(tts, vocos, handle)
+    thread.join()
+    assert_same(got, expected[1], STREAMS[1])
+    aborted = engine.submit(TTSStreamRequest(speaker(tts, 3), TextFeed(["a few words"]), EndsAt(3), max_new_tokens=60))
+    aborted.abort()  # a row waiting for text that never comes: the abort wakes the engine and frees the slot
+    events = [type(event).__name__ for event in aborted.pieces()]
+    assert events in ([], ["SegmentStart"]) and aborted.reason == "abort"  # admitted or not by then
+    engine.close()
     assert engine.pool.free_slots == engine.pool.slots
