@@ -14,6 +14,12 @@ first text chunk prefilled while the other rows keep their state. A step (:meth:
   row-wise, ``draw_rows``); the end of speech of every row that is due is read back in one host read;
   rows whose call ended prefill their next text chunk, start their next piece, or finish.
 
+Streamed speech (:class:`TTSStreamRequest`) runs as rows too (generation/tts_stream.py ``StreamRow``): the
+streaming schedule of generation/speech.py in the row's slot, its frame calls drawn in the same steps, its
+frames handed to the caller as they settle (the caller vocodes them); a row whose text feed has nothing yet
+waits in its slot, skipped by the steps. The pool's size is bounded (``max_positions``: admission waits
+rather than grow past it) and an idle pool shrinks back to a small one.
+
 A row draws exactly what the one-at-a-time loop draws for it (generation/tts_decode.py ``iter_frames``:
 same schedule, same draws, same rewinds); its logits are those of a batched step (see tests/model/
 test_tts_engine.py for the check against the loop). A background thread steps while there is work
