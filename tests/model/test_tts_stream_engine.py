@@ -250,3 +250,41 @@ def test_streams_on_a_fixed_shape_runner_give_the_loop_chunks(golden, expected, 
     for handle, case, chunks in zip(handles, STREAMS[:2], expected[:2]):
         assert_same(engine_chunks(tts, vocos, handle), chunks, case)
     assert runner.captured >= 1
+
+
+def loop_codes(tts, tokenizer, seed, text, ends, cap, device):
+    """Each segment's codes from the streaming schedule run by the frame loop on ``device`` (no vocoder)."""
+    from minicpmo_cli.generation.speech import OUTPUT_CHUNK_FRAMES, StreamingSpeech, StreamSegment
+    from minicpmo_cli.generation.tts_decode import FrameSampling, iter_frames
+
+    sampling = FrameSampling.for_tts(tts, sampler=EndsAt(seed, ends))
+    speech_ = StreamingSpeech(tts, None, tokenizer, speaker(tts, seed).to(device), sampling, cap)
+    pieces, previous, codes = iter(as_text_rounds(text)), None, []
+    while True:
+        segment = StreamSegment(speech_, previous)
+        for _ in segment.schedule(pieces):
+            for _ in iter_frames(tts, segment.state, sampling, segment.text_mask(), OUTPUT_CHUNK_FRAMES):
+                pass
+        codes.append(segment.state.new_ids.cpu())
+        if segment.next_segment is None:
+            return codes
+        previous = segment.next_segment
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_streams_batched_give_the_loop_codes_on_each_device(golden, device):
+    """float32 on ``device``: each segment's codes of streamed rows against the frame loop on that device."""
+    tts, _, tokenizer = golden
+    tts = tts.to(device)
+    try:
+        engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=4)
+        handles = [engine.submit(TTSStreamRequest(speaker(tts, seed).to(device), as_text_rounds(text),
+                                                  EndsAt(seed, ends), max_new_tokens=cap))
+                   for seed, text, ends, cap in STREAMS[:2]]
+        for handle, case in zip(handles, STREAMS[:2]):
+            got = [event.new_ids.cpu() for event in handle.pieces() if type(event).__name__ == "SegmentEnd"]
+            want = loop_codes(tts, tokenizer, *case, device)
+            assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), case
+    finally:
+        tts.cpu()
