@@ -306,9 +306,21 @@ class TTSEngine:
         return sum(buffer.numel() * buffer.element_size() for buffer in (*self.pool.keys, *self.pool.values))
 
     def make_room(self, needed: int) -> None:
-        """Room for ``needed`` positions in every slot (a row's next call): a longer pool when it lacks it."""
-        if not self.pool.fits(needed):
-            self._replace_pool(self.pool.grown(self.pool.slots, needed))
+        """Room for ``needed`` positions in every slot (a row's next call): a longer pool when it lacks it,
+        with as many slots as ``max_positions`` holds at the new capacity, but never fewer than the slots up
+        to the highest one in use (those rows keep their slot; only free slots at the top are dropped)."""
+        old = self.pool
+        if old.fits(needed):
+            return
+        capacity = max(old.capacity, bucket_length(needed))
+        top = max((slot for slot, used in enumerate(old.used) if used), default=0) + 1
+        slots = min(max(slot_bucket(top), self._slots_within(old.slots, capacity, 1)), old.slots)
+        buffer = old.keys[0]
+        pool = KVPool.empty(self.tts.model.config, slots, capacity, buffer.dtype, buffer.device)
+        for new, previous in zip((*pool.keys, *pool.values), (*old.keys, *old.values)):
+            new[:, :, : old.capacity] = previous[:slots]
+        pool.lengths, pool.used = old.lengths[:slots], old.used[:slots]
+        self._replace_pool(pool)
 
     def _replace_pool(self, pool: KVPool) -> None:
         old, self.pool = self.pool, pool

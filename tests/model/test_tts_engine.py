@@ -230,6 +230,23 @@ def test_the_pool_never_grows_past_its_cap_and_rows_wait_instead(golden_tts):
         assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
 
 
+def test_a_longer_pool_keeps_only_the_slots_the_cap_holds(golden_tts):
+    """One long row outlives three short ones, then needs a longer capacity: the longer pool drops the free
+    slots at the top that would take it past the cap (without that: 4 x 768 positions, over 4 x 512)."""
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=4, max_positions=4 * 512)
+    cases = [(21, TEXTS[1], 210), CASES[0], CASES[1], CASES[4]]
+    handles = [engine.submit(request(tts, *case)) for case in cases]
+    engine.step()
+    per_position = engine.pool_bytes // (engine.pool.slots * engine.pool.capacity)
+    assert engine.pool.slots == 4 and engine.stats.peak_rows == 4
+    peak = run_counting_bytes(engine, handles)
+    assert engine.pool.capacity > 512 and engine.pool.slots < 4  # it grew longer, with fewer slots
+    assert peak <= 4 * 512 * per_position
+    for handle, case in zip(handles, cases):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+
+
 def test_an_idle_pool_shrinks_back_and_the_codes_stay(golden_tts):
     tts, tokenizer = golden_tts
     engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=4, idle_positions=512)
