@@ -76,11 +76,14 @@ class TTSEngine:
     row in flight that needs a longer capacity always gets it, so the rows already admitted may take the pool
     past it until they end); ``idle_positions``: an idle pool larger than this is replaced by a small one."""
 
-    def __init__(self, tts, tokenizer, *, runner: StepRunner | None = None, max_batch: int = MAX_BATCH,
+    def __init__(self, tts, tokenizer, *, runner: StepRunner | None = None, max_batch: int | None = MAX_BATCH,
                  threaded: bool = True, check_every: int = CHECK_FRAMES, max_positions: int = MAX_POOL_POSITIONS,
                  idle_positions: int = IDLE_POOL_POSITIONS) -> None:
         self.tts, self.tokenizer = tts, tokenizer
         self.runner = runner if runner is not None else StepRunner("eager", "TTS batch")
+        # None: the LLM engine's slots come from a memory budget (a server without --max-batch); the TTS's own
+        # bound is max_positions, so it takes the default
+        max_batch = MAX_BATCH if max_batch is None else max_batch
         self.max_batch, self.threaded, self.check_every = slot_bucket(max_batch), threaded, int(check_every)
         self.max_positions, self.idle_positions = int(max_positions), int(idle_positions)
         self.pool: KVPool | None = None

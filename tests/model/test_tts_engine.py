@@ -247,6 +247,16 @@ def test_a_longer_pool_keeps_only_the_slots_the_cap_holds(golden_tts):
         assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
 
 
+def test_no_slot_count_given_means_the_default(golden_tts):
+    """A server whose LLM slots come from a memory budget passes no count (None): the TTS's default."""
+    from minicpmo_cli.generation.tts_engine import MAX_BATCH
+
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=None)
+    handle = engine.submit(request(tts, *CASES[4]))
+    assert engine.max_batch == MAX_BATCH and torch.equal(handle.result()[0], alone(tts, tokenizer, *CASES[4]))
+
+
 def test_an_idle_pool_shrinks_back_and_the_codes_stay(golden_tts):
     tts, tokenizer = golden_tts
     engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=4, idle_positions=512)
