@@ -267,14 +267,30 @@ def stream_answer_speech(engine: Engine, spk, text: str, *, seed: int | None = N
 
 def _stream_pieces(engine: Engine, spk, text: str, chunks: tuple[int, int], max_frames: int,
                    seed: int | None = None) -> Iterator[np.ndarray]:
-    from minicpmo_cli.generation.speech import stream_speech
+    """The streaming schedule of ``text`` as a streamed request of the engine's TTS engine (its frames decoded
+    batched with every other caller's), the chunks vocoded here as its frames come: the samples of the
+    one-at-a-time loop (generation/speech.py ``stream_speech``) for the same seed. Closing the iterator
+    aborts the request (its slot is freed at the engine's next step)."""
+    import torch
+
+    from minicpmo_cli.generation.speech import StreamDecoder, as_text_rounds, decode_codes, make_sampler
+    from minicpmo_cli.generation.tts_engine import TTSStreamRequest
     from minicpmo_cli.processing.tts_text import extract_tts_text
 
     model = engine.model
-    for chunk in stream_speech(model.tts, model.vocos, model.tts_processor, spk.to(model.tts.device),
-                               extract_tts_text(text), max_new_tokens=max_frames, first_chunk_frames=chunks[0],
-                               chunk_frames=chunks[1], runner=getattr(engine, "tts_runner", None), seed=seed):
-        yield chunk.wav
+    request = TTSStreamRequest(spk.to(model.tts.device), as_text_rounds(extract_tts_text(text)), make_sampler(seed),
+                               max_new_tokens=max_frames)
+    handle = engine.frame_engine().submit(request)
+    decoder = StreamDecoder(lambda codes: decode_codes(model.tts, model.vocos, codes), *chunks)
+    try:
+        for event in handle.pieces():
+            with torch.inference_mode():
+                chunks_due = list(decoder.feed(event))
+            for chunk in chunks_due:
+                yield chunk.wav
+    finally:
+        if not handle.done:
+            handle.abort()
 
 
 def speak_answer(engine: Engine, spk, text: str, *, cancel: Any = None) -> np.ndarray:

@@ -52,6 +52,7 @@ OUTPUT_CHUNK_FRAMES = 25  # audio frames per generate call (reference output_chu
 CONTEXT_FRAMES = 4  # frames of left context re-decoded with each streamed chunk
 OVERLAP_SAMPLES = 512 * CONTEXT_FRAMES  # their samples: cross-faded with the end of the audio before
 MIN_CHUNK_FRAMES = CONTEXT_FRAMES + 1  # a chunk must add audio beyond the cross-faded part
+TEXT_PENDING = "text pending"  # what a segment's schedule yields while its text source has no piece yet
 
 
 @dataclass
@@ -178,11 +179,11 @@ def stream_speech(
     arrives (e.g. LLM rounds) and yields :class:`SpeechChunk` s as soon as they are decoded: the first once
     ``first_chunk_frames`` frames exist, then one per ``chunk_frames`` frames (``chunk_frames * 512`` samples;
     25 frames = 0.533 s). The chunk sizes change only when audio is decoded, not which codes are drawn.
-    See :class:`_StreamingSpeech` for the schedule. ``runner``: the TTS step runner (None: eager)."""
+    See :class:`StreamingSpeech` for the schedule. ``runner``: the TTS step runner (None: eager)."""
     check_chunk_frames(first_chunk_frames, chunk_frames)
     pieces = iter(as_text_rounds(text_pieces) if isinstance(text_pieces, str) else text_pieces)
     sampling = FrameSampling.for_tts(tts, temperature, make_sampler(seed))
-    speech = _StreamingSpeech(tts, vocos, tts_tokenizer, spk_embeds, sampling, max_new_tokens, runner,
+    speech = StreamingSpeech(tts, vocos, tts_tokenizer, spk_embeds, sampling, max_new_tokens, runner,
                               (int(first_chunk_frames), int(chunk_frames)))
     yield from speech.run(pieces)
 
@@ -244,6 +245,38 @@ class _ChunkedWav:
 
 
 
+class StreamDecoder:
+    """The audio of a streamed request of the TTS engine (generation/tts_stream.py), decoded by its caller:
+    from the row's events, the chunks the one-at-a-time loop (:meth:`StreamingSpeech.run`) yields for the
+    same frames, at the same frame counts. ``decode``: codes ``[1, T, num_vq]`` -> float32 wav."""
+
+    def __init__(self, decode, first_frames: int = OUTPUT_CHUNK_FRAMES, frames: int = OUTPUT_CHUNK_FRAMES) -> None:
+        self.decode, self.chunks = decode, (int(first_frames), int(frames))
+        self.wav: _ChunkedWav | None = None
+        self.counted, self.text_offset = 0, 0
+
+    def feed(self, event) -> Iterator[SpeechChunk]:
+        """The chunks due after ``event`` (a SegmentStart, FramesKept or SegmentEnd of tts_requests.py)."""
+        kind = type(event).__name__
+        if kind == "SegmentStart":
+            self.wav = _ChunkedWav(self.decode, *self.chunks, event.primer_frames)
+            self.counted, self.text_offset = event.primer_frames, event.text_offset
+        elif kind == "FramesKept":
+            # the loop checks every kept frame's count in order; a read that drops frames adds none
+            for count in range(self.counted + 1, event.new_ids.shape[1] + 1):
+                if self.wav.due(count):
+                    yield from self._chunk(self.wav.push(event.new_ids[:, :count]), event.text)
+            self.counted = max(self.counted, event.new_ids.shape[1])
+        elif kind == "SegmentEnd":
+            yield from self._chunk(self.wav.finish(event.new_ids), event.text)
+
+    def _chunk(self, wav: torch.Tensor, text: str) -> Iterator[SpeechChunk]:
+        if wav.shape[0] == 0:
+            return
+        chunk_text, self.text_offset = text[self.text_offset :], len(text)
+        yield SpeechChunk(text=chunk_text, wav=wav.numpy().astype(np.float32))
+
+
 def _overlap_add_pair(prev: torch.Tensor, cur: torch.Tensor, overlap: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference ``_linear_overlap_add2_wav``: triangular cross-fade of ``cur`` onto the last ``overlap``
     samples of ``prev``; returns (the first ``len(prev)`` samples, the rest)."""
@@ -262,7 +295,7 @@ def _overlap_add_pair(prev: torch.Tensor, cur: torch.Tensor, overlap: int) -> tu
     return out[:len0], out[len0:]
 
 
-class _StreamingSpeech:
+class StreamingSpeech:
     """The reference streaming schedule, segment by segment.
 
     Per text piece: digits are spelled out and ``*`` removed; whenever the TTS text reaches the next multiple
@@ -288,24 +321,40 @@ class _StreamingSpeech:
         return _ChunkedWav(lambda codes: decode_codes(self.tts, self.vocos, codes), *self.chunks, decoded)
 
     def run(self, pieces: Iterator[str]) -> Iterator[SpeechChunk]:
+        """The schedule driven here: each of its frame calls runs the frame loop, chunks decoded as frames come."""
         previous = None  # (text ids [1, 5], text left over, audio ids [1, 50, 4]) of a closed segment
         while True:
-            segment = _Segment(self, previous)
-            yield from segment.run(pieces)
+            segment = StreamSegment(self, previous)
+            wav = self.chunked_wav(segment.primer_frames)
+            for step in segment.schedule(pieces):
+                if step is TEXT_PENDING:  # a source that is polled: ask it again
+                    continue
+                for frames in iter_frames(self.tts, segment.state, self.sampling, segment.text_mask(),
+                                          OUTPUT_CHUNK_FRAMES, runner=self.runner):
+                    if wav.due(frames):
+                        yield from segment.chunk(wav.push(segment.state.new_ids))
+            yield from segment.chunk(wav.finish(segment.state.new_ids))  # the rest, without cross-fade
             if segment.next_segment is None:
                 return
             previous = segment.next_segment
 
 
-class _Segment:
-    def __init__(self, owner: _StreamingSpeech, previous) -> None:
+class StreamSegment:
+    """One segment of the streaming schedule: its decode state and text. :meth:`schedule` consumes text pieces
+    and prefills; it yields where a 25-frame call is to run on :attr:`state` (under :meth:`text_mask`): the
+    one-at-a-time loop runs it with ``iter_frames`` (:meth:`StreamingSpeech.run`), the TTS engine as a row's
+    call (generation/tts_stream.py). A text source may give None (no piece yet): the schedule then yields
+    ``TEXT_PENDING`` and asks again when resumed. ``cache``: the segment's KV cache is this one (an engine
+    slot, zeroed)."""
+
+    def __init__(self, owner: StreamingSpeech, previous, cache=None) -> None:
         self.o = owner
         tts = owner.tts
-        self.state = TTSState(tts, OUTPUT_CHUNK_FRAMES, owner.runner)
+        self.state = TTSState(tts, OUTPUT_CHUNK_FRAMES, owner.runner, cache=cache)
         self.generated = False  # any frames sampled in this segment
         self.chunk_idx, self.prev_text_len = 0, 0
         self.gen_text, self.tts_text, self.num_tokens = "", "", 0
-        self.wav = owner.chunked_wav()
+        self.primer_frames = 0  # frames of a continued segment spoken by the segment before
         self.next_segment = None
         self.is_continuation = previous is not None
         if previous is not None:
@@ -319,7 +368,7 @@ class _Segment:
         )
         return self.tts_text
 
-    def _text_mask(self):
+    def text_mask(self):
         tts = self.o.tts
         return build_streaming_text_mask(self.num_tokens, tts.streaming_text_reserved_len,
                                          tts.num_spk_embs).to(tts.device)
@@ -332,12 +381,12 @@ class _Segment:
         start_ids = encode_tts_prompt(self.o.tokenizer, "[Stts]" + "[spk_emb]" * tts.num_spk_embs).to(tts.device)
         ids = torch.cat([start_ids, text_ids.to(tts.device)], dim=1)
         prefill_text(tts, self.state, ids, 0, self.o.spk_embeds)
-        prefill_audio(tts, self.state, audio_ids[:, :-1], self._text_mask())
+        prefill_audio(tts, self.state, audio_ids[:, :-1], self.text_mask())
         self.chunk_idx = int(self.num_tokens / tts.streaming_text_chunk_size)
         self.state.append_ids(audio_ids)
         self.gen_text = self.o.tokenizer.decode(text_ids[0].tolist(), add_special_tokens=False) + text_left
         self.prev_text_len = len(self.gen_text)
-        self.wav = self.o.chunked_wav(decoded=audio_ids.shape[1])  # the primer frames were spoken before
+        self.primer_frames = audio_ids.shape[1]  # the primer frames were spoken before
         # Deviation: the reference leaves the prompt empty until the next LLM piece arrives, so leftover text is
         # dropped when the text ends exactly at a segment cut; preparing it here lets the tail be spoken.
         self._prompt()
@@ -348,28 +397,32 @@ class _Segment:
         spk = self.o.spk_embeds if self.chunk_idx == 0 else None
         prefill_text(tts, self.state, self._input_ids[:, begin:end], begin, spk)
 
-    def _generate_and_emit(self) -> Iterator[SpeechChunk]:
-        """One generate call (25 frames); each chunk is yielded as soon as its frames exist."""
-        tts = self.o.tts
-        for frames in iter_frames(tts, self.state, self.o.sampling, self._text_mask(), OUTPUT_CHUNK_FRAMES,
-                                  runner=self.o.runner):
-            if self.wav.due(frames):
-                yield from self._chunk(self.wav.push(self.state.new_ids))
+    def _generate(self) -> Iterator[None]:
+        """One generate call (25 frames), run by whoever drives the schedule while it is suspended here."""
+        yield
         self.chunk_idx += 1
         self.generated = True
 
-    def _chunk(self, wav: torch.Tensor) -> Iterator[SpeechChunk]:
+    def chunk(self, wav: torch.Tensor, text: str | None = None) -> Iterator[SpeechChunk]:
+        """A chunk of ``wav`` with the text that came since the last chunk (``text``: the segment's text as
+        it was when these frames were drawn; by default as it is now)."""
         if wav.shape[0] == 0:
             return
-        text = self.gen_text_raw[self.prev_text_len :]
-        self.prev_text_len = len(self.gen_text_raw)
-        yield SpeechChunk(text=text, wav=wav.numpy().astype(np.float32))
+        text = self.gen_text_raw if text is None else text
+        chunk_text = text[self.prev_text_len :]
+        self.prev_text_len = len(text)
+        yield SpeechChunk(text=chunk_text, wav=wav.numpy().astype(np.float32))
 
-    def run(self, pieces: Iterator[str]) -> Iterator[SpeechChunk]:
+    def schedule(self, pieces: Iterator[str]) -> Iterator[None]:
         tts = self.o.tts
         prefix, chunk = 1 + tts.num_spk_embs, tts.streaming_text_chunk_size
         language, finished, text_left = None, False, None
-        for count, piece in enumerate(pieces, start=1):
+        count = 0
+        for piece in pieces:
+            if piece is None:  # a text feed with nothing yet (generation/tts_requests.py TextFeed)
+                yield TEXT_PENDING
+                continue
+            count += 1
             text = piece.split(TTS_EOS)[0]
             self.gen_text_raw += text
             if count <= 2:  # as the reference: decided on the first two pieces of a segment
@@ -383,7 +436,7 @@ class _Segment:
                 break
             if self.num_tokens >= (self.chunk_idx + 1) * chunk:
                 self._prefill(*text_chunk_bounds(tts, self.chunk_idx))
-                yield from self._generate_and_emit()
+                yield from self._generate()
                 if self.state.finished:
                     finished = True
                     break
@@ -395,13 +448,12 @@ class _Segment:
             if end > begin:
                 self._prefill(begin, end)
             while True:
-                yield from self._generate_and_emit()
+                yield from self._generate()
                 if self.state.finished:
                     break
                 if self.state.new_ids.shape[1] > self.o.max_new_tokens:
                     stopped = True
                     break
-        yield from self._chunk(self.wav.finish(self.state.new_ids))  # the rest, without cross-fade
         if text_left is not None and not stopped and self.generated:
             ids = encode_tts_prompt(self.o.tokenizer, self.tts_text)
             last = self.num_tokens + prefix  # index of [Etts]

@@ -14,6 +14,12 @@ first text chunk prefilled while the other rows keep their state. A step (:meth:
   row-wise, ``draw_rows``); the end of speech of every row that is due is read back in one host read;
   rows whose call ended prefill their next text chunk, start their next piece, or finish.
 
+Streamed speech (:class:`TTSStreamRequest`) runs as rows too (generation/tts_stream.py ``StreamRow``): the
+streaming schedule of generation/speech.py in the row's slot, its frame calls drawn in the same steps, its
+frames handed to the caller as they settle (the caller vocodes them); a row whose text feed has nothing yet
+waits in its slot, skipped by the steps. The pool's size is bounded (``max_positions``: admission waits
+rather than grow past it) and an idle pool shrinks back to a small one.
+
 A row draws exactly what the one-at-a-time loop draws for it (generation/tts_decode.py ``iter_frames``:
 same schedule, same draws, same rewinds); its logits are those of a batched step (see tests/model/
 test_tts_engine.py for the check against the loop). A background thread steps while there is work
@@ -37,27 +43,49 @@ from minicpmo_cli.generation.kv_pool import KVPool, slot_bucket
 from minicpmo_cli.generation.static_cache import bucket_length
 from minicpmo_cli.generation.step_runner import StepRunner
 from minicpmo_cli.generation.tts_decode import CHECK_FRAMES, dtype_probe
-from minicpmo_cli.generation.tts_requests import TTSHandle, TTSPiece, TTSRequest, TTSStats
+from minicpmo_cli.generation.tts_requests import (
+    TextFeed,
+    TTSHandle,
+    TTSPiece,
+    TTSRequest,
+    TTSStats,
+    TTSStreamRequest,
+)
 from minicpmo_cli.generation.tts_rows import CALL_FRAMES, Row, draw_rows
+from minicpmo_cli.generation.tts_stream import StreamRow
 
-__all__ = ["TTSEngine", "TTSHandle", "TTSPiece", "TTSRequest", "TTSStats", "slot_step"]
+__all__ = ["TTSEngine", "TTSHandle", "TTSPiece", "TTSRequest", "TTSStats", "TTSStreamRequest", "TextFeed",
+           "slot_step"]
 
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 16  # slots of a TTS engine (utterances decoded together)
+# The pool's size in positions (slots x capacity; ~61 KB each for the released TTS in bf16): a pool never
+# grows past MAX_POOL_POSITIONS by admitting requests (16 rows of 2048 positions, 2 GB), and an idle pool
+# larger than IDLE_POOL_POSITIONS is given back for a small one (4 slots of the first capacity).
+MAX_POOL_POSITIONS = 16 * 2048
+IDLE_POOL_POSITIONS = 4 * 512
 
 
 class TTSEngine:
     """Continuous batching of TTS utterances over a :class:`KVPool`; see the module docstring.
 
     ``tts``: the ``ConditionalChatTTS``; ``tokenizer``: its ChatTTS tokenizer; ``runner``: a step runner
-    (None: eager); ``check_every``: frames between two reads of a row's end of speech."""
+    (None: eager); ``check_every``: frames between two reads of a row's end of speech. ``max_positions``:
+    the pool's slots x capacity that admitting a request never passes (requests wait for a slot instead; a
+    row in flight that needs a longer capacity always gets it, so the rows already admitted may take the pool
+    past it until they end); ``idle_positions``: an idle pool larger than this is replaced by a small one."""
 
-    def __init__(self, tts, tokenizer, *, runner: StepRunner | None = None, max_batch: int = MAX_BATCH,
-                 threaded: bool = True, check_every: int = CHECK_FRAMES) -> None:
+    def __init__(self, tts, tokenizer, *, runner: StepRunner | None = None, max_batch: int | None = MAX_BATCH,
+                 threaded: bool = True, check_every: int = CHECK_FRAMES, max_positions: int = MAX_POOL_POSITIONS,
+                 idle_positions: int = IDLE_POOL_POSITIONS) -> None:
         self.tts, self.tokenizer = tts, tokenizer
         self.runner = runner if runner is not None else StepRunner("eager", "TTS batch")
+        # None: the LLM engine's slots come from a memory budget (a server without --max-batch); the TTS's own
+        # bound is max_positions, so it takes the default
+        max_batch = MAX_BATCH if max_batch is None else max_batch
         self.max_batch, self.threaded, self.check_every = slot_bucket(max_batch), threaded, int(check_every)
+        self.max_positions, self.idle_positions = int(max_positions), int(idle_positions)
         self.pool: KVPool | None = None
         self.running: dict[int, Row] = {}
         self.stats = TTSStats()
@@ -68,6 +96,7 @@ class TTSEngine:
         self._stepping = threading.Lock()  # one step at a time (callers step an engine without a thread)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._poked = False  # something happened since the loop last looked (a submit, an abort, new text)
         self._free_masks: dict[tuple, torch.Tensor] = {}
         if threaded:
             atexit.register(_close_at_exit, weakref.ref(self))
@@ -75,15 +104,20 @@ class TTSEngine:
     # ----- any thread ---------------------------------------------------------------------------------
 
     def submit(self, request: TTSRequest) -> TTSHandle:
-        """Queue ``request``; its text is tokenized here (a text that does not fit fails in the caller)."""
-        handle = TTSHandle(self, request, [self._prompt(piece.text) for piece in request.pieces])
-        if not request.pieces:
+        """Queue ``request``; its text is tokenized here (a text that does not fit fails in the caller); a
+        streamed request's (:class:`TTSStreamRequest`) as its schedule reads it, on the engine's thread."""
+        streamed = isinstance(request, TTSStreamRequest)
+        if streamed and hasattr(request.text_pieces, "bind"):
+            request.text_pieces.bind(self._wake)
+        handle = TTSHandle(self, request, [] if streamed else [self._prompt(piece.text) for piece in request.pieces])
+        if not streamed and not request.pieces:
             handle._finish("stop")
             return handle
         with self._work:
             if self._closed:
                 raise UsageError("the TTS engine is closed")
             self._waiting.append(handle)
+            self._poked = True
             self._work.notify()
             if self.threaded and self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="minicpmo-tts-engine", daemon=True)
@@ -93,7 +127,17 @@ class TTSEngine:
     def abort(self, handle: TTSHandle) -> None:
         with self._work:
             self._aborts.append(handle)
+            self._poked = True
             self._work.notify()
+
+    def snapshot(self) -> TTSStats:
+        """The counters with the rows running and waiting and the pool's size now (for a metrics reader)."""
+        with self._lock:
+            stats = TTSStats(**vars(self.stats))
+            stats.running, stats.waiting = len(self.running), len(self._waiting)
+            stats.slots_total = self.pool.slots if self.pool is not None else 0
+            stats.pool_bytes = self.pool_bytes
+        return stats
 
     @property
     def idle(self) -> bool:
@@ -116,6 +160,12 @@ class TTSEngine:
         mask = build_streaming_text_mask(count, tts.streaming_text_reserved_len, tts.num_spk_embs).to(tts.device)
         return input_ids, mask
 
+    def _wake(self) -> None:
+        """New text for a waiting row (generation/tts_requests.py TextFeed)."""
+        with self._work:
+            self._poked = True
+            self._work.notify()
+
     def _loop(self) -> None:
         while True:
             with self._work:
@@ -123,7 +173,11 @@ class TTSEngine:
                     self._thread = None
                     self._work.notify_all()
                     return
-            self.step()
+                self._poked = False
+            if not self.step():  # every row waits for text: sleep until a feed, a submit or an abort wakes us
+                with self._work:
+                    # the timeout: a waiting row's cancel event (set by its owner, who wakes nobody) is seen
+                    self._work.wait_for(lambda: self._poked or self.idle, timeout=0.1)
 
     # ----- the stepping thread ------------------------------------------------------------------------
 
@@ -141,8 +195,10 @@ class TTSEngine:
     def _step(self) -> bool:
         self._take_aborts()
         self._admit()
-        rows = list(self.running.values())
+        self._resume_waiting()
+        rows = [row for row in self.running.values() if not row.waiting]
         if not rows:
+            self._shrink_if_idle()
             return False
         logits = self._forward(rows)
         due = draw_rows(rows, logits, self.stats)
@@ -159,6 +215,7 @@ class TTSEngine:
             for row in due:
                 if row.call_over and not row.end_call():
                     self._release(row, "stop")
+            self._shrink_if_idle()
         return True
 
     def _take_aborts(self) -> None:
@@ -174,6 +231,15 @@ class TTSEngine:
                 row.stop()
                 self._release(row, "abort")
 
+    def _resume_waiting(self) -> None:
+        """Streamed rows waiting for text whose text came go on (their schedule prefills, opens a call)."""
+        for row in [row for row in self.running.values() if row.waiting and row.text_ready]:
+            try:
+                if not row.resume():
+                    self._release(row, "stop")
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                self._release(row, "error", exc)
+
     def _admit(self) -> None:
         while True:
             with self._lock:
@@ -184,33 +250,80 @@ class TTSEngine:
             with self._lock:
                 handle = self._waiting.popleft()
             slot = self.pool.alloc()
-            row = Row(self, handle, slot)
+            row = (StreamRow if isinstance(handle.request, TTSStreamRequest) else Row)(self, handle, slot)
             self.running[slot] = row
             try:
-                row.start_piece()
+                if row.start_piece() is False:  # a streamed text that asks for no frames
+                    self._release(row, "stop")
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 self._release(row, "error", exc)
 
     def _free_slot(self) -> bool:
-        """A free slot: a first pool, or a grown one (more slots, up to ``max_batch``); False when full."""
+        """A free slot: a first pool, or a grown one (more slots, up to ``max_batch`` and as many as
+        ``max_positions`` allows at the pool's capacity); False when full."""
         needed = self.tts.condition_length + CALL_FRAMES + 1
         if self.pool is None:
             weight = self.tts.emb_text.weight
-            slots = slot_bucket(min(self.max_batch, len(self._waiting)))
-            self.pool = KVPool.empty(self.tts.model.config, slots, bucket_length(needed), weight.dtype, weight.device)
+            capacity = bucket_length(needed)
+            slots = self._slots_within(min(self.max_batch, len(self._waiting)), capacity, 1)
+            self.pool = KVPool.empty(self.tts.model.config, slots, capacity, weight.dtype, weight.device)
             return True
         if self.pool.free_slots:
             return True
         used = self.pool.slots - self.pool.free_slots
-        if used + 1 > self.max_batch:
+        wanted = self._slots_within(min(self.max_batch, used + len(self._waiting)), self.pool.capacity, 0)
+        if wanted <= self.pool.slots:
             return False
-        self._replace_pool(self.pool.grown(min(self.max_batch, used + len(self._waiting)), needed))
+        self._replace_pool(self.pool.grown(wanted, needed))
         return True
 
+    def _slots_within(self, count: int, capacity: int, least: int) -> int:
+        """A power of two of slots for ``count`` requests, as many as ``max_positions`` holds at ``capacity``
+        (at least ``least``)."""
+        slots = slot_bucket(count)
+        while slots > 1 and slots * capacity > self.max_positions:
+            slots //= 2
+        return slots if slots * capacity <= self.max_positions else least
+
+    def _shrink_if_idle(self) -> None:
+        """An idle pool larger than ``idle_positions`` is given back for a small one (the first capacity)."""
+        pool = self.pool
+        if pool is None or self.running or pool.slots * pool.capacity <= self.idle_positions:
+            return
+        with self._lock:
+            if self._waiting:
+                return
+        capacity = bucket_length(self.tts.condition_length + CALL_FRAMES + 1)
+        slots = slot_bucket(max(self.idle_positions // capacity, 1))
+        while slots > 1 and slots * capacity > self.idle_positions:
+            slots //= 2
+        slots = min(slots, pool.slots)
+        buffer = pool.keys[0]
+        self._replace_pool(KVPool.empty(self.tts.model.config, slots, capacity, buffer.dtype, buffer.device))
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes held by the pool's key/value buffers (0 without a pool)."""
+        if self.pool is None:
+            return 0
+        return sum(buffer.numel() * buffer.element_size() for buffer in (*self.pool.keys, *self.pool.values))
+
     def make_room(self, needed: int) -> None:
-        """Room for ``needed`` positions in every slot (a row's next call): a longer pool when it lacks it."""
-        if not self.pool.fits(needed):
-            self._replace_pool(self.pool.grown(self.pool.slots, needed))
+        """Room for ``needed`` positions in every slot (a row's next call): a longer pool when it lacks it,
+        with as many slots as ``max_positions`` holds at the new capacity, but never fewer than the slots up
+        to the highest one in use (those rows keep their slot; only free slots at the top are dropped)."""
+        old = self.pool
+        if old.fits(needed):
+            return
+        capacity = max(old.capacity, bucket_length(needed))
+        top = max((slot for slot, used in enumerate(old.used) if used), default=0) + 1
+        slots = min(max(slot_bucket(top), self._slots_within(old.slots, capacity, 1)), old.slots)
+        buffer = old.keys[0]
+        pool = KVPool.empty(self.tts.model.config, slots, capacity, buffer.dtype, buffer.device)
+        for new, previous in zip((*pool.keys, *pool.values), (*old.keys, *old.values)):
+            new[:, :, : old.capacity] = previous[:slots]
+        pool.lengths, pool.used = old.lengths[:slots], old.used[:slots]
+        self._replace_pool(pool)
 
     def _replace_pool(self, pool: KVPool) -> None:
         old, self.pool = self.pool, pool
@@ -237,6 +350,9 @@ class TTSEngine:
         positions = [0] * span  # a free slot writes at its position 0 (zeroed when the slot is taken)
         masks = [self._free_mask(width)] * span
         probe = dtype_probe(tts)
+        for row in self.running.values():
+            if row.waiting:  # its step is junk, written where its next frame will be written over it
+                positions[row.slot] = pool.lengths[row.slot]
         for row in rows:
             state, past = row.state, pool.lengths[row.slot]
             positions[row.slot] = past

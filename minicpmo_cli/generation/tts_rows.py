@@ -62,6 +62,17 @@ class SlotCache:
     def advance(self, count: int) -> None:
         self.engine.pool.lengths[self.slot] += int(count)
 
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+              slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``StaticKV.write``: new positions at ``slots`` of ``layer`` (a streamed segment's primer frames,
+        generation/tts_decode.py ``prefill_audio``); that layer's filled part including them."""
+        pool, end = self.engine.pool, self.length + keys.shape[2]
+        key_rows = pool.keys[layer][self.slot : self.slot + 1]
+        value_rows = pool.values[layer][self.slot : self.slot + 1]
+        key_rows.index_copy_(2, slots, keys)
+        value_rows.index_copy_(2, slots, values)
+        return key_rows.narrow(2, 0, end), value_rows.narrow(2, 0, end)
+
     def ensure_capacity(self, needed: int) -> None:
         self.engine.make_room(needed)
 
@@ -73,6 +84,8 @@ class SlotCache:
 
 class Row:
     """A request in its slot: which piece, which generate call, the frames drawn since the last settle."""
+
+    waiting = False  # a streamed row waiting for text (generation/tts_stream.py); skipped by the steps
 
     def __init__(self, engine, handle: TTSHandle, slot: int) -> None:
         self.engine, self.handle, self.slot = engine, handle, slot
@@ -95,7 +108,7 @@ class Row:
     def chunks(self) -> int:
         return math.ceil(self.tts.condition_length / self.tts.streaming_text_chunk_size)
 
-    def start_piece(self) -> None:
+    def start_piece(self) -> bool:
         """A fresh state for the current piece in the zeroed slot, and its first call (first text chunk)."""
         tts, request = self.tts, self.handle.request
         self.cache.zero()
@@ -110,6 +123,7 @@ class Row:
             self.rewinds = False
         self.call = 0
         self.begin_call()
+        return True
 
     def begin_call(self) -> None:
         """Prefill this call's text chunk (calls past the 31 chunks have none) and open a 25-frame call."""

@@ -195,12 +195,78 @@ def test_a_row_outgrowing_the_pool_moves_every_row_to_a_longer_one(golden_tts):
     engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=2)
     cases = [(21, TEXTS[1], 210), (22, TEXTS[3], 120)]
     handles = [engine.submit(request(tts, *case)) for case in cases]
-    first_capacity = None
+    first_capacity, capacities = None, []
     while not all(handle.done for handle in handles):
         engine.step()
         first_capacity = first_capacity or engine.pool.capacity
-    assert engine.pool.capacity > first_capacity
+        capacities.append(engine.pool.capacity)
+    assert max(capacities) > first_capacity
     for handle, case in zip(handles, cases):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+
+
+def run_counting_bytes(engine, handles):
+    """Step ``engine`` until ``handles`` are done; the most bytes its pool held meanwhile."""
+    peak = engine.pool_bytes
+    while not all(handle.done for handle in handles):
+        engine.step()
+        peak = max(peak, engine.pool_bytes)
+    return peak
+
+
+def test_the_pool_never_grows_past_its_cap_and_rows_wait_instead(golden_tts):
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=8, max_positions=2 * 512)
+    cases = [CASES[0], CASES[1], CASES[4], CASES[5]]
+    handles = [engine.submit(request(tts, *case)) for case in cases]
+    engine.step()
+    per_position = engine.pool_bytes // (engine.pool.slots * engine.pool.capacity)
+    peak = run_counting_bytes(engine, handles)
+    assert 0 < peak <= 2 * 512 * per_position and engine.stats.peak_rows == 2  # the others waited
+    now = engine.snapshot()
+    assert (now.running, now.waiting, now.slots_total, now.pool_bytes) == (0, 0, 2, engine.pool_bytes)
+    assert now.frames == engine.stats.frames > 0 and now.finished == len(cases)
+    for handle, case in zip(handles, cases):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+
+
+def test_a_longer_pool_keeps_only_the_slots_the_cap_holds(golden_tts):
+    """One long row outlives three short ones, then needs a longer capacity: the longer pool drops the free
+    slots at the top that would take it past the cap (without that: 4 x 768 positions, over 4 x 512)."""
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=4, max_positions=4 * 512)
+    cases = [(21, TEXTS[1], 210), CASES[0], CASES[1], CASES[4]]
+    handles = [engine.submit(request(tts, *case)) for case in cases]
+    engine.step()
+    per_position = engine.pool_bytes // (engine.pool.slots * engine.pool.capacity)
+    assert engine.pool.slots == 4 and engine.stats.peak_rows == 4
+    peak = run_counting_bytes(engine, handles)
+    assert engine.pool.capacity > 512 and engine.pool.slots < 4  # it grew longer, with fewer slots
+    assert peak <= 4 * 512 * per_position
+    for handle, case in zip(handles, cases):
+        assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
+
+
+def test_no_slot_count_given_means_the_default(golden_tts):
+    """A server whose LLM slots come from a memory budget passes no count (None): the TTS's default."""
+    from minicpmo_cli.generation.tts_engine import MAX_BATCH
+
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=None)
+    handle = engine.submit(request(tts, *CASES[4]))
+    assert engine.max_batch == MAX_BATCH and torch.equal(handle.result()[0], alone(tts, tokenizer, *CASES[4]))
+
+
+def test_an_idle_pool_shrinks_back_and_the_codes_stay(golden_tts):
+    tts, tokenizer = golden_tts
+    engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=4, idle_positions=512)
+    handles = [engine.submit(request(tts, *case)) for case in CASES[:4]]
+    peak = run_counting_bytes(engine, handles)
+    assert engine.stats.peak_rows == 4 and engine.pool.slots * engine.pool.capacity == 512
+    assert engine.pool_bytes * 4 <= peak  # a quarter at most: one slot of the first capacity
+    again = [engine.submit(request(tts, *case)) for case in CASES[:4]]  # the pool grows again from there
+    run_counting_bytes(engine, again)
+    for handle, case in zip(handles + again, CASES[:4] * 2):
         assert torch.equal(handle.result()[0], alone(tts, tokenizer, *case)), case
 
 
