@@ -13,7 +13,8 @@
 #                     captured ids, seeded sampling twice, --quantize int8/int4, image, asr, tts
 #   3. cuda_tests.txt the tests that need CUDA (pytest -k "cuda or graph"; the others skip or are deselected)
 #   4. profile.md     one decode step of the full-size LLM under torch.profiler (benchmarks/gpu_profile.py)
-#   5. tts_batch.md   TTS lines batched on the TTS engine vs one by one (benchmarks/tts_batch.py)
+#   5. tts_batch.md   TTS lines batched on the TTS engine vs one by one (benchmarks/tts_batch.py);
+#      tts_stream.md  the same for streamed speech (--stream)
 #   6. asr.md         asr at GPU speed (benchmarks/asr_gpu.py): 100 x 10 s real speech clips through the staged
 #                     pipeline on the full-size model vs the one-by-one loop, 10 files of 10 minutes
 #   7. vad.md         the batched VAD on cuda, 10 files of 10 min (benchmarks/gpu_vad.py): vs the CPU, together == alone
@@ -102,6 +103,8 @@ else
   part profile profile.md 80 python3 benchmarks/gpu_profile.py --steps 16
   # TTS lines batched on the TTS engine vs one by one, the official TTS shape, captured steps for both
   part tts_batch tts_batch.md 60 python3 benchmarks/tts_batch.py --device cuda --full-size --step graph \
+    --lines 12 --slots 8 --frames 80
+  part tts_stream tts_stream.md 60 python3 benchmarks/tts_batch.py --stream --device cuda --full-size --step graph \
     --lines 12 --slots 8 --frames 80
   part asr asr.md 150 python3 benchmarks/asr_gpu.py --stage-timeout 90 --time-limit 140
   part vad vad.md 45 python3 benchmarks/gpu_vad.py --files 10 --minutes 10
