@@ -270,36 +270,42 @@ def test_inputs_that_would_share_an_output_are_refused(asr, speech, tmp_path):
 
 def test_ctrl_c_keeps_finished_outputs(asr, speech, tmp_path, monkeypatch):
     """Interrupted during the second input: the first one's file is complete, nothing half-written remains."""
+    import threading
+
     from minicpmo_cli.api import asr_model_calls
+    from minicpmo_cli.media.audio import load_audio
 
     real = asr_model_calls.start_batch
     out = tmp_path / "out"
+    second = load_audio(str(speech["two"]), 16000).astype("float32").tobytes()
+    first_written = threading.Event()
 
     class Interrupted(asr_model_calls.Pending):
-        """The second input's answer: it comes once the first input's file is written, as a Ctrl-C."""
+        """A piece of the second input: its answer "comes" once the first input's file is written, as a
+        Ctrl-C (pieces are sent sorted by length, so it may be sent before the first input's pieces)."""
 
         @property
         def done(self) -> bool:
-            return (out / "one.txt").exists()
+            if (out / "one.txt").exists():
+                first_written.set()
+            return first_written.is_set()
 
         def wait(self, cancel=None):
             raise KeyboardInterrupt
 
-        def wait_briefly(self, seconds=0.0):  # no engine request behind it: its answer is the file's state
-            pass
+        def wait_briefly(self, seconds=0.01):  # the first input's pieces decode on the engine's own thread
+            first_written.wait(seconds)
 
         def abort(self):
             pass
 
-    def interrupt_on_second(model, clips, instructions):
-        if getattr(interrupt_on_second, "called", False):
-            return [Interrupted() for _ in clips]
-        interrupt_on_second.called = True
-        return real(model, clips, instructions)
+    def interrupt_the_second_input(model, clips, instructions):
+        answers = real(model, clips, instructions)
+        return [Interrupted() if second.find(clip.astype("float32").tobytes()) >= 0 else answer
+                for clip, answer in zip(clips, answers)]
 
-    monkeypatch.setattr(asr_model_calls, "start_batch", interrupt_on_second)
-    # --language en: with auto, the language probes of inputs segmented together run first, batched, so the
-    # second call would be the second input's probe, before the first input is finished.
+    monkeypatch.setattr(asr_model_calls, "start_batch", interrupt_the_second_input)
+    # --language en: with auto, the probes of inputs segmented together go first, before any input is finished.
     code, _, err = asr("asr", speech["one"], speech["two"], "-o", out, "--batch-size", "1", "--language", "en",
                        *FAST)
     assert code == 130, err  # (click handles Ctrl-C itself: exit 130)
