@@ -293,10 +293,12 @@ def _stream_pieces(engine: Engine, spk, text: str, chunks: tuple[int, int], max_
             handle.abort()
 
 
-def speak_answer(engine: Engine, spk, text: str, *, cancel: Any = None) -> np.ndarray:
+def speak_answer(engine: Engine, spk, text: str, *, cancel: Any = None, seed: int | None = None) -> np.ndarray:
     """A written answer spoken with its prompt's speaker state ``spk``, whole: the synthesis of a chat answer
-    (generation/text.py ``synthesize``, draws from torch's global generator) on the engine's TTS engine (its
-    frames batched with other callers'); ``cancel`` (a threading.Event) aborts it at the next audio frame."""
+    (generation/text.py ``synthesize``) on the engine's TTS engine (its frames batched with other callers');
+    ``cancel`` (a threading.Event) aborts it at the next audio frame. ``seed``: the draws come from a private
+    generator seeded alike, which draws what the global one seeded for the call would (the written half drew
+    from a generator of its own), whatever other threads draw meanwhile; None: torch's global generator."""
     from minicpmo_cli.generation.speech import make_sampler
     from minicpmo_cli.generation.tts_engine import TTSPiece, TTSRequest
     from minicpmo_cli.processing.tts_text import extract_tts_text, split_tts_text
@@ -305,7 +307,7 @@ def speak_answer(engine: Engine, spk, text: str, *, cancel: Any = None) -> np.nd
     model = engine.model
     tts, spk = model.tts, spk.to(model.tts.device)
     texts = split_tts_text(model.tts_processor, extract_tts_text(text), tts.streaming_text_reserved_len - 1)
-    sampler = make_sampler(None)
+    sampler = make_sampler(seed)
     request = TTSRequest(spk, [TTSPiece(piece, sampler) for piece in texts], cancel=cancel)
     return _join([_vocode(engine, codes) for codes in engine.frame_engine().submit(request).pieces()])
 

@@ -237,9 +237,8 @@ async def chat_completions(body: ChatRequest, request: Request):
         if body.stream:
             return await _streamed(pool.batches(generation.spoken_stream(conversation, decode, body.stops, timer)),
                                    body, request)
-        alone = generation.runs_alone(decode, whole_speech=True)
         job = generation.spoken_answer(conversation, decode, body.stops, timer)
-        text, wav, rate, usage, finish = await pool.run(job, disconnected=request.is_disconnected, exclusive=alone)
+        text, wav, rate, usage, finish = await pool.run(job, disconnected=request.is_disconnected)
         fmt = body.audio.format if body.audio else "wav"
         audio = await asyncio.to_thread(_audio_object, wav, rate, fmt, text)  # encoding: off the loop
         return _completion(body, text, finish, usage, audio=audio)

@@ -116,7 +116,7 @@ def spoken_answer(conversation: Conversation, decode: DecodeOptions, stops: list
             text, spk, used, finish, counts = _written_half(engine, conversation, decode, stops, timer, cancel)
             if cancel.is_set():
                 return "", None, OUTPUT_SAMPLE_RATE, used, "abort"
-            wav = speak_answer(engine, spk, text, cancel=cancel)
+            wav = speak_answer(engine, spk, text, cancel=cancel, seed=decode.seed)
             timer.first_audio()
             return text, wav, OUTPUT_SAMPLE_RATE, used, finish
         finally:
@@ -151,15 +151,6 @@ def spoken_stream(conversation: Conversation, decode: DecodeOptions, stops: list
             timer.finish(finish, counts.prompt_tokens, counts.completion_tokens)
 
     return run
-
-
-def runs_alone(decode: DecodeOptions, whole_speech: bool = False) -> bool:
-    """Whether a request must run alone so that its seed holds (the pool's exclusive turn): a seeded request
-    whose answer draws from torch's global generator, which other requests would draw from meanwhile. The
-    written answer never does (the LLM engine samples a seeded row from a generator of its own), nor does
-    streamed speech (given the seed: a private generator seeded alike); the speech of a whole spoken answer
-    (api.speech ``speak_answer``) draws from the global generator the call seeded."""
-    return decode.seed is not None and whole_speech
 
 
 def finish_reason(stopped: bool, counts: Usage, conversation: Conversation, decode: DecodeOptions) -> str:

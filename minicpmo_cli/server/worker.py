@@ -9,10 +9,10 @@ one step, so the pool size is the number of requests decoding together (``--max-
 starts, a running one stops at its next token or speech frame (the api functions take the event), and a
 generator job is closed. A full pool with a full waiting line answers 429 with ``Retry-After`` (never 5xx).
 
-Seeds: a seeded request whose answer draws from torch's global random generator (the speech of a whole
-spoken answer, the speech of text the model re-writes) runs alone (an exclusive turn on a readers-writer
-gate), so the same seed gives the same answer whatever else is running. Seeded sampled text and streamed
-speech draw from generators of their own and run with the others (server/generation.py ``runs_alone``).
+Seeds: a seeded request whose answer draws from torch's global random generator (the speech of text the
+model re-writes, server/speech.py) runs alone (an exclusive turn on a readers-writer gate), so the same seed
+gives the same answer whatever else is running. Seeded sampled text and spoken answers (whole or streamed)
+draw from generators of their own and run with the others.
 
 Streamed jobs hand their items over through a bounded :class:`~minicpmo_cli.server.outbox.Outbox`: a job
 waits while its client is ``STREAM_LIMIT`` items behind, and is cancelled (its KV slot freed) when the client

@@ -89,6 +89,32 @@ def test_a_seeded_spoken_stream_with_others_running_equals_alone(server):
         [other.result() for other in others]
 
 
+def spoken_whole(server, seed: int | None) -> tuple[str, bytes]:
+    """(transcript, wav bytes) of a whole (not streamed) spoken answer."""
+    import base64
+
+    extra = {} if seed is None else {"seed": seed}
+    answer = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say something."}], max_tokens=8, temperature=0.9,
+        modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}, **extra)
+    audio = answer.choices[0].message.audio
+    return audio.transcript, base64.b64decode(audio.data)
+
+
+def test_a_seeded_whole_spoken_answer_with_others_running_equals_alone(server):
+    """The speech of a whole spoken answer draws from the seed's own generator too: the same text and wav
+    alone and while an unseeded spoken answer (the global generator) and text streams run beside it."""
+    expected = spoken_whole(server, 6)
+    assert len(expected[1]) > 44  # a wav header and some speech
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(lambda i=i: stream_text(open_stream(server, i, max_tokens=40))) for i in range(2)]
+        unseeded = pool.submit(spoken_whole, server, None)
+        seeded = pool.submit(spoken_whole, server, 6)
+        assert seeded.result() == expected
+        unseeded.result()
+        [other.result() for other in others]
+
+
 def open_stream(server, index: int, max_tokens: int = 300, **options):
     messages = [{"role": "user", "content": f"Tell a long story number {index}."}]
     options = {"temperature": 0, **options}
