@@ -209,15 +209,17 @@ def _parts(parts: list[Any]) -> list[dict]:
     return out
 
 
-def video_part(path: str) -> dict:
+def video_part(path: str, fps: float | None = None, max_frames: int | None = None) -> dict:
     """A video file as a video_url part: the server samples it as `chat --video` does (1 fps, at most 64
-    frames, its sound)."""
+    frames, its sound), or at ``fps`` / up to ``max_frames`` (the part's extension fields) when given."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as exc:
         raise InputError(f"cannot read it ({exc.strerror or exc})", path) from None
-    return {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}}
+    video = {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}
+    video.update({key: value for key, value in (("fps", fps), ("max_frames", max_frames)) if value is not None})
+    return {"type": "video_url", "video_url": video}
 
 
 def _turn_parts(turn) -> list[dict]:
@@ -266,11 +268,13 @@ def reply(engine: RemoteEngine, conversation, decode, stream: bool = True) -> It
     return stream_answer(engine, chat_body(engine, conversation, decode, stream=True))
 
 
-def describe_video_stream(engine: RemoteEngine, path, prompt: str | None, decode) -> Iterator[str]:
-    """api.video.describe_video_stream's remote twin (1 frame a second, at most 64: the server's sampling)."""
+def describe_video_stream(engine: RemoteEngine, path, prompt: str | None, decode, fps: float | None = None,
+                          max_frames: int | None = None) -> Iterator[str]:
+    """api.video.describe_video_stream's remote twin: the server samples the video (1 frame a second, at most
+    64, unless ``fps`` / ``max_frames`` are given)."""
     from minicpmo_cli.api.video import DEFAULT_VIDEO_PROMPT
 
-    content = [video_part(str(path)), {"type": "text", "text": prompt or DEFAULT_VIDEO_PROMPT}]
+    content = [video_part(str(path), fps, max_frames), {"type": "text", "text": prompt or DEFAULT_VIDEO_PROMPT}]
     return stream_answer(engine, request_body(engine, [{"role": "user", "content": content}], "en", decode,
                                               stream=True))
 

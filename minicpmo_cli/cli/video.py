@@ -52,15 +52,12 @@ def describe_video(
         raise typer.BadParameter(f"--fps must be > 0, not {fps}")
     info = probe_video(video)  # a bad file fails here, before the slow model load
     common.debug(f"{video}: {info.duration:.1f} s at {info.fps:.2f} fps, sound: {info.has_audio}")
-    if common.options().server and (fps, max_frames) == (DEFAULT_FPS, MAX_FRAMES):
+    if common.options().server:
         from minicpmo_cli.cli import remote
 
-        pieces = remote.describe_video_stream(remote.connect(), video, prompt, decode)
+        sampling = (None if fps == DEFAULT_FPS else fps, None if max_frames == MAX_FRAMES else max_frames)
+        pieces = remote.describe_video_stream(remote.connect(), video, prompt, decode, *sampling)
     else:
-        from minicpmo_cli.cli.remote import runs_locally
-
-        runs_locally("describe-video with --fps or --max-frames", "the server samples every video at 1 frame a "
-                     "second, at most 64 frames")
         engine = common.load_engine(vision=True, audio=info.has_audio, tts=False)
         pieces = describe_video_stream(engine, video, prompt, decode, max_frames=max_frames, fps=fps)
     for piece in pieces:

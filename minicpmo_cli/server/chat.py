@@ -44,8 +44,9 @@ def _part(part: dict, where: str, limits: media.FetchLimits) -> tuple[list[Any],
         data = (part.get("input_audio") or {}).get("data", "")
         return [media.decode_audio(media.b64decode(data, where), where, limits.max_audio_seconds)], "audio"
     if kind == "video_url":
-        url = (part.get("video_url") or {}).get("url", "")
-        return media.video_from_url(url, where, limits), "video"
+        video = part.get("video_url") or {}
+        sampling = {key: video[key] for key in ("fps", "max_frames") if key in video}
+        return media.video_from_url(video.get("url", ""), where, limits, **sampling), "video"
     raise APIError(400, f"{where}: unsupported content part type {kind!r} "
                         "(text, image_url, input_audio, video_url)", param=where)
 

@@ -87,8 +87,10 @@ def image_from_url(url: str, where: str, limits: FetchLimits):
     return _from_url(url, where, limits, decode_image)
 
 
-def video_from_url(url: str, where: str, limits: FetchLimits) -> list[Any]:
-    return _from_url(url, where, limits, lambda data, at: video_parts(data, at, limits.max_audio_seconds))
+def video_from_url(url: str, where: str, limits: FetchLimits, **sampling: Any) -> list[Any]:
+    """``sampling``: ``fps`` and ``max_frames`` when the part asks for other than 1 fps and 64 frames."""
+    return _from_url(url, where, limits,
+                     lambda data, at: video_parts(data, at, limits.max_audio_seconds, **sampling))
 
 
 def decode_image(data: bytes, where: str):
@@ -135,10 +137,12 @@ def check_audio_length(data: bytes, where: str, max_seconds: float) -> None:
                             f"{max_seconds:g} s", param=where, code="audio_too_long")
 
 
-def video_parts(data: bytes, where: str, max_audio_seconds: float | None = None) -> list[Any]:
-    """Frames (1 fps, at most 64) and the sound of a video, as ``chat --video`` attaches them. A sound track
-    longer than ``max_audio_seconds`` (by the container's header) is a 413 before anything is decoded."""
-    from minicpmo_cli.api.video import video_message_parts
+def video_parts(data: bytes, where: str, max_audio_seconds: float | None = None, fps: float | None = None,
+                max_frames: int | None = None) -> list[Any]:
+    """Frames (1 fps, at most 64, unless ``fps`` / ``max_frames`` say otherwise) and the sound of a video, as
+    ``chat --video`` attaches them. A sound track longer than ``max_audio_seconds`` (by the container's header)
+    is a 413 before anything is decoded."""
+    from minicpmo_cli.api.video import DEFAULT_FPS, MAX_FRAMES, video_message_parts
     from minicpmo_cli.media.video import probe_video
 
     handle, name = tempfile.mkstemp(prefix="minicpmo-video-", suffix=".bin")
@@ -150,7 +154,7 @@ def video_parts(data: bytes, where: str, max_audio_seconds: float | None = None)
             if info.has_audio and info.duration > max_audio_seconds:
                 raise APIError(413, f"{where}: the video's sound is {info.duration:.0f} s long, over the limit of "
                                     f"{max_audio_seconds:g} s", param=where, code="audio_too_long")
-        parts, _ = video_message_parts(name)
+        parts, _ = video_message_parts(name, max_frames=max_frames or MAX_FRAMES, fps=fps or DEFAULT_FPS)
     except (MiniCPMOError, OSError, ValueError) as exc:
         raise APIError(400, f"{where}: {_reason(exc)}", param=where) from None
     finally:

@@ -25,6 +25,8 @@ MAX_STOPS = 4  # as OpenAI
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what the random generators take
 MAX_URL = 64 * 1024 * 1024  # characters of a data: URL (the body limit is the real bound)
 MAX_NAME = 256  # model and voice names
+MAX_VIDEO_FRAMES = 64  # frames sampled from one video at most (api/video.py MAX_FRAMES)
+MAX_VIDEO_FPS = 30.0  # frames a second a video_url may ask to be sampled at
 
 
 class _Body(BaseModel):
@@ -95,6 +97,10 @@ class AudioPart(_Body):
 
 class VideoURL(_Body):
     url: str = Field(max_length=MAX_URL)
+    # Extensions (describe-video --fps / --max-frames): how the frames are sampled; at most the guide's 64
+    # frames, so one video's memory stays what the default asks.
+    fps: Optional[float] = Field(None, gt=0, le=MAX_VIDEO_FPS)
+    max_frames: Optional[int] = Field(None, ge=1, le=MAX_VIDEO_FRAMES)
 
 
 class VideoPart(_Body):
