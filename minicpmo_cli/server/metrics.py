@@ -24,11 +24,12 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
 
 
 class Metrics:
-    def __init__(self, pool: Callable[[], Any], llm_engine: Callable[[], Any]) -> None:
+    def __init__(self, pool: Callable[[], Any], llm_engine: Callable[[], Any],
+                 tts_engine: Callable[[], Any] = lambda: None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
-        self._pool, self._llm_engine = pool, llm_engine
+        self._pool, self._llm_engine, self._tts_engine = pool, llm_engine, tts_engine
         self._lock = threading.Lock()
         self.served_prompt_tokens = 0  # from answers' usage: the counters while there is no LLM engine
         self.served_generation_tokens = 0
@@ -70,6 +71,10 @@ class Metrics:
 
     def pool(self) -> Any:
         return self._pool()
+
+    def tts_stats(self) -> Any:
+        engine = self._tts_engine()
+        return None if engine is None else engine.snapshot()
 
 
 class RequestTimer:
@@ -145,6 +150,21 @@ class _Live:
             prompt, generated = self.metrics.served_prompt_tokens, self.metrics.served_generation_tokens
         yield CounterMetricFamily(PREFIX + "prompt_tokens", "Prompt tokens prefilled.", value=prompt)
         yield CounterMetricFamily(PREFIX + "generation_tokens", "Tokens generated.", value=generated)
+        yield from _tts_families(self.metrics.tts_stats())
+
+
+def _tts_families(stats: Any):
+    """The TTS engine's rows, slots and frames (none until a speech request has made the engine)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if stats is None:
+        return
+    yield GaugeMetricFamily(PREFIX + "num_tts_rows_running", "Utterances the TTS engine decodes.", value=stats.running)
+    yield GaugeMetricFamily(PREFIX + "num_tts_rows_waiting", "Utterances waiting for a TTS slot.", value=stats.waiting)
+    yield GaugeMetricFamily(PREFIX + "tts_slots_total", "Slots of the TTS key/value pool.", value=stats.slots_total)
+    yield GaugeMetricFamily(PREFIX + "tts_cache_bytes", "Memory the TTS key/value pool takes.", value=stats.pool_bytes)
+    yield CounterMetricFamily(PREFIX + "tts_steps", "Batched audio-frame steps run.", value=stats.steps)
+    yield CounterMetricFamily(PREFIX + "tts_frames", "Audio frames drawn (4 codes each).", value=stats.frames)
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -69,12 +69,16 @@ class ServerState:
                            stall_s=settings.stall_s)
         if engine is not None:
             self._size_pool()
-        self.metrics = Metrics(lambda: self.worker, self.llm_engine)
+        self.metrics = Metrics(lambda: self.worker, self.llm_engine, self.tts_engine)
         self.worker.observer = self.metrics
 
     def llm_engine(self) -> Any:
         """The loaded model's shared LLM engine (continuous batching), or None (none yet, or a fake engine)."""
         return getattr(self.engine, "llm_engine", None)
+
+    def tts_engine(self) -> Any:
+        """The TTS engine the speech requests share, once one has made it (reading never makes it), or None."""
+        return getattr(self.engine, "tts_frames", None)
 
     def start_loading(self) -> None:
         if self.engine is None:

@@ -190,6 +190,9 @@ def test_metrics_after_real_requests(server):
     assert after["minicpmo:num_requests_waiting"] == 0 and after["minicpmo:num_pool_threads"] >= 1
     assert "minicpmo:kv_slots_used" in after
     assert after["minicpmo:e2e_request_latency_seconds_sum"] > 0
+    assert grew("minicpmo:tts_frames_total") > 0 and grew("minicpmo:tts_steps_total") > 0
+    assert after["minicpmo:num_tts_rows_running"] == 0 and after["minicpmo:tts_slots_total"] >= 1
+    assert after["minicpmo:tts_cache_bytes"] > 0
 
 
 @pytest.fixture(scope="module")
