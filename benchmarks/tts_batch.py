@@ -41,35 +41,11 @@ from minicpmo_cli.generation.step_runner import StepRunner
 from minicpmo_cli.generation.tts_decode import FrameSampling, iter_frames
 from minicpmo_cli.generation.tts_engine import TTSEngine, TTSPiece, TTSRequest, TTSStreamRequest
 from minicpmo_cli.model.config import ConditionalChatTTSConfig
-from minicpmo_cli.model.tts import AUDIO_EOS_ID, ConditionalChatTTS
+from minicpmo_cli.model.tts import ConditionalChatTTS
+from minicpmo_cli.model.tts_sampling import FrameBudget
 from minicpmo_cli.processing.tts_text import load_tts_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog while we read these lines aloud one after another".split()
-
-
-class Budget:
-    """EOS drawn after ``limit`` frames (api/speech.py's frame budget), rewindable like the sampler."""
-
-    def __init__(self, sampler, limit: int) -> None:
-        self.sampler, self.limit, self.frames = sampler, limit, 0
-
-    @property
-    def private(self) -> bool:
-        return self.sampler.private
-
-    def snapshot(self):
-        return self.sampler.snapshot(), self.frames
-
-    def restore(self, state) -> None:
-        inner, self.frames = state
-        self.sampler.restore(inner)
-
-    def sample(self, probs):
-        drawn = self.sampler.sample(probs)
-        self.frames += 1
-        if self.frames > self.limit:
-            drawn[0, 0] = AUDIO_EOS_ID
-        return drawn
 
 
 def make_tts(full_size: bool, device: str, dtype) -> tuple[ConditionalChatTTS, object]:
@@ -113,12 +89,12 @@ def sync(device: str) -> None:
 
 def one_by_one(tts, tokenizer, items, runner) -> list[torch.Tensor]:
     with torch.inference_mode():
-        return [generate_codes(tts, tokenizer, speaker(tts, seed), text, sampler=Budget(make_sampler(seed), limit),
+        return [generate_codes(tts, tokenizer, speaker(tts, seed), text, sampler=FrameBudget(make_sampler(seed), limit),
                                runner=runner).cpu() for text, seed, limit in items]
 
 
 def batched(engine: TTSEngine, tts, items) -> list[torch.Tensor]:
-    handles = [engine.submit(TTSRequest(speaker(tts, seed), [TTSPiece(text, Budget(make_sampler(seed), limit))]))
+    handles = [engine.submit(TTSRequest(speaker(tts, seed), [TTSPiece(text, FrameBudget(make_sampler(seed), limit))]))
                for text, seed, limit in items]
     return [handle.result()[0].cpu() for handle in handles]
 
@@ -128,7 +104,7 @@ def stream_alone(tts, tokenizer, items, runner) -> list[list[torch.Tensor]]:
     out = []
     with torch.inference_mode():
         for text, seed, limit in items:
-            sampling = FrameSampling.for_tts(tts, sampler=Budget(make_sampler(seed), limit))
+            sampling = FrameSampling.for_tts(tts, sampler=FrameBudget(make_sampler(seed), limit))
             speech = StreamingSpeech(tts, None, tokenizer, speaker(tts, seed), sampling, 2 * limit + 100, runner)
             pieces, previous, codes = iter(as_text_rounds(text)), None, []
             while True:
@@ -147,7 +123,7 @@ def stream_alone(tts, tokenizer, items, runner) -> list[list[torch.Tensor]]:
 
 def stream_batched(engine: TTSEngine, tts, items) -> list[list[torch.Tensor]]:
     handles = [engine.submit(TTSStreamRequest(speaker(tts, seed), as_text_rounds(text),
-                                              Budget(make_sampler(seed), limit), max_new_tokens=2 * limit + 100))
+                                              FrameBudget(make_sampler(seed), limit), max_new_tokens=2 * limit + 100))
                for text, seed, limit in items]
     return [[event.new_ids.cpu() for event in handle.pieces() if type(event).__name__ == "SegmentEnd"]
             for handle in handles]

@@ -355,42 +355,6 @@ def _speaker(engine: Engine, msgs: list[dict], decode: DecodeOptions | None = No
     return str(result.text or ""), result.spk_embeds
 
 
-class _FrameBudget:
-    """Wraps the TTS sampler: after ``limit`` frames it draws the audio EOS, which ends the piece.
-
-    ``generate_codes`` checks its own cap only after the 31 text chunks (775 frames), so a short cap has to
-    act here; with the default 2048 frames it never fires before the reference's own cap would.
-    """
-
-    def __init__(self, sampler, limit: int) -> None:
-        self.sampler, self.limit = sampler, int(limit)
-        self.frames = 0
-        self.capped = False
-
-    @property
-    def private(self) -> bool:
-        """Whether the draws are the wrapped sampler's own stream (generation/tts_engine.py rewinds only those)."""
-        return bool(getattr(self.sampler, "private", True))
-
-    def snapshot(self):
-        """For the frame loop's rewind past the end of speech (generation/tts_decode.py iter_frames)."""
-        return self.sampler.snapshot(), self.frames, self.capped
-
-    def restore(self, state) -> None:
-        inner, self.frames, self.capped = state
-        self.sampler.restore(inner)
-
-    def sample(self, probs):
-        from minicpmo_cli.model.tts import AUDIO_EOS_ID
-
-        drawn = self.sampler.sample(probs)
-        self.frames += 1
-        if self.frames > self.limit:
-            drawn[0, 0] = AUDIO_EOS_ID
-            self.capped = True
-        return drawn
-
-
 def _synthesize_groups(engine: Engine, spk, groups: list[str], max_frames: int,
                        progress: Callable[[int, int], None] | None = None, *, cancel: Any = None,
                        seed: int | None = None) -> SpeechResult:
@@ -414,13 +378,13 @@ class _Synthesis:
     def __init__(self, engine: Engine, spk, groups: list[str], max_frames: int, seed: int | None,
                  cancel: Any = None, on_finish: Callable | None = None) -> None:
         from minicpmo_cli.generation.tts_engine import TTSPiece, TTSRequest
-        from minicpmo_cli.model.tts_sampling import ReferenceSampler
+        from minicpmo_cli.model.tts_sampling import FrameBudget, ReferenceSampler
         from minicpmo_cli.processing.tts_text import extract_tts_text
 
         self.engine, self.text = engine, " ".join(groups).strip()
         self.groups = [extract_tts_text(group) for group in groups]
         draws = ReferenceSampler(seed=seed)  # reference-exact draws: the same seed gives the same audio
-        self.budgets = [_FrameBudget(draws, max_frames) for _ in self.groups]
+        self.budgets = [FrameBudget(draws, max_frames) for _ in self.groups]
         pieces = [TTSPiece(group, budget) for group, budget in zip(self.groups, self.budgets)]
         request = TTSRequest(spk.to(engine.model.tts.device), pieces, max_new_tokens=max_frames, cancel=cancel,
                              on_finish=on_finish)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from minicpmo_cli.model.tts import AUDIO_EOS_ID
+
 
 class RepetitionPenaltyWindow:
     """ChatTTS-style repetition penalty over the last ``past_window`` frames: logits are multiplied
@@ -138,3 +140,37 @@ class TorchSampler:
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
         return torch.multinomial(probs, num_samples=1, generator=self.generator)
+
+
+class FrameBudget:
+    """Wraps the TTS sampler: after ``limit`` frames it draws the audio EOS, which ends the piece.
+
+    ``generate_codes`` checks its own cap only after the 31 text chunks (775 frames), so a short cap has to
+    act here; with the default 2048 frames it never fires before the reference's own cap would.
+    """
+
+    def __init__(self, sampler, limit: int) -> None:
+        self.sampler, self.limit = sampler, int(limit)
+        self.frames = 0
+        self.capped = False
+
+    @property
+    def private(self) -> bool:
+        """Whether the draws are the wrapped sampler's own stream (generation/tts_engine.py rewinds only those)."""
+        return bool(getattr(self.sampler, "private", True))
+
+    def snapshot(self):
+        """For the frame loop's rewind past the end of speech (generation/tts_decode.py iter_frames)."""
+        return self.sampler.snapshot(), self.frames, self.capped
+
+    def restore(self, state) -> None:
+        inner, self.frames, self.capped = state
+        self.sampler.restore(inner)
+
+    def sample(self, probs):
+        drawn = self.sampler.sample(probs)
+        self.frames += 1
+        if self.frames > self.limit:
+            drawn[0, 0] = AUDIO_EOS_ID
+            self.capped = True
+        return drawn

@@ -15,7 +15,7 @@ import torch
 
 from minicpmo_cli.generation.speech import generate_codes, make_sampler
 from minicpmo_cli.generation.tts_engine import TTSEngine, TTSPiece, TTSRequest
-from minicpmo_cli.model.tts import AUDIO_EOS_ID
+from minicpmo_cli.model.tts_sampling import FrameBudget
 from minicpmo_cli.processing.tts_text import load_tts_tokenizer
 
 
@@ -33,32 +33,6 @@ def golden_tts(golden_ckpt):
     return tts.float().eval(), load_tts_tokenizer(golden_ckpt / "assets" / "chattts_tokenizer")
 
 
-class Budget:
-    """The frame budget of api/speech.py: EOS drawn after ``limit`` frames (a random TTS rarely stops by
-    itself), with the sampler's snapshot / restore so the end of speech is read every few frames."""
-
-    def __init__(self, sampler, limit):
-        self.sampler, self.limit, self.frames = sampler, limit, 0
-
-    @property
-    def private(self):
-        return self.sampler.private
-
-    def snapshot(self):
-        return self.sampler.snapshot(), self.frames
-
-    def restore(self, state):
-        inner, self.frames = state
-        self.sampler.restore(inner)
-
-    def sample(self, probs):
-        drawn = self.sampler.sample(probs)
-        self.frames += 1
-        if self.frames > self.limit:
-            drawn[0, 0] = AUDIO_EOS_ID
-        return drawn
-
-
 TEXTS = ("hi.", "hello world, the voice.", "hello world, the voice of the helpful assistant. " * 3,
          "a longer piece of text, read in one go by the model, with commas, and more words than the others.")
 CASES = [(0, TEXTS[0], 30), (1, TEXTS[1], 25), (7, TEXTS[2], 61), (1234, TEXTS[3], 80), (5, TEXTS[1], 7),
@@ -70,11 +44,11 @@ def speaker(tts, seed):
 
 
 def alone(tts, tokenizer, seed, text, limit):
-    return generate_codes(tts, tokenizer, speaker(tts, seed), text, sampler=Budget(make_sampler(seed), limit))
+    return generate_codes(tts, tokenizer, speaker(tts, seed), text, sampler=FrameBudget(make_sampler(seed), limit))
 
 
 def request(tts, seed, text, limit, **extra):
-    return TTSRequest(speaker(tts, seed), [TTSPiece(text, Budget(make_sampler(seed), limit))], **extra)
+    return TTSRequest(speaker(tts, seed), [TTSPiece(text, FrameBudget(make_sampler(seed), limit))], **extra)
 
 
 def test_rows_batched_give_their_codes_alone(golden_tts):
@@ -108,12 +82,12 @@ def test_pieces_of_one_request_share_their_stream_as_in_order(golden_tts):
     tts, tokenizer = golden_tts
     spk = speaker(tts, 3)
     draws = make_sampler(3)
-    expected = [generate_codes(tts, tokenizer, spk, text, sampler=Budget(draws, limit))
+    expected = [generate_codes(tts, tokenizer, spk, text, sampler=FrameBudget(draws, limit))
                 for text, limit in ((TEXTS[1], 12), (TEXTS[0], 31))]
     engine = TTSEngine(tts, tokenizer, threaded=False)
     draws = make_sampler(3)
     other = engine.submit(request(tts, *CASES[3]))
-    pieces = [TTSPiece(TEXTS[1], Budget(draws, 12)), TTSPiece(TEXTS[0], Budget(draws, 31))]
+    pieces = [TTSPiece(TEXTS[1], FrameBudget(draws, 12)), TTSPiece(TEXTS[0], FrameBudget(draws, 31))]
     handle = engine.submit(TTSRequest(spk, pieces))
     got = list(handle.pieces())
     assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, expected))
@@ -124,10 +98,10 @@ def test_rows_on_the_global_stream_are_checked_every_frame(golden_tts):
     """Unseeded rows draw from torch's global RNG: alone, one such row draws what the loop draws."""
     tts, tokenizer = golden_tts
     torch.manual_seed(11)
-    expected = generate_codes(tts, tokenizer, speaker(tts, 2), TEXTS[1], sampler=Budget(make_sampler(None), 33))
+    expected = generate_codes(tts, tokenizer, speaker(tts, 2), TEXTS[1], sampler=FrameBudget(make_sampler(None), 33))
     engine = TTSEngine(tts, tokenizer, threaded=False)
     torch.manual_seed(11)
-    handle = engine.submit(TTSRequest(speaker(tts, 2), [TTSPiece(TEXTS[1], Budget(make_sampler(None), 33))]))
+    handle = engine.submit(TTSRequest(speaker(tts, 2), [TTSPiece(TEXTS[1], FrameBudget(make_sampler(None), 33))]))
     assert torch.equal(handle.result()[0], expected)
 
 
@@ -291,7 +265,7 @@ def test_rows_batched_on_cuda_give_their_codes_alone(golden_tts):
         handles = [engine.submit(request(tts, *case)) for case in CASES]
         for handle, (seed, text, limit) in zip(handles, CASES):
             expected = generate_codes(tts, tokenizer, speaker(tts, seed).cuda(), text,
-                                      sampler=Budget(make_sampler(seed), limit))
+                                      sampler=FrameBudget(make_sampler(seed), limit))
             assert torch.equal(handle.result()[0], expected), seed
     finally:
         tts.cpu()
