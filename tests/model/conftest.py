@@ -1,6 +1,7 @@
 """Setup shared by the model tests.
 
 - ``audio_tower``: the golden checkpoint's audio tower (test_audio_golden.py, test_audio_streaming.py).
+- ``golden_tts``: the golden checkpoint's TTS and its tokenizer (test_tts_decode.py, the TTS engine tests).
 - The usage guide's snippets (test_guide_snippets_vision.py, test_guide_snippets_speech.py,
   test_session_guide.py) on the tiny random checkpoint (tests/conftest.py ``tiny_ckpt``): the guide's model
   initialisation (``init_guide_model``, ``guide``), its input files (``assets``), its video helper
@@ -33,6 +34,23 @@ from PIL import Image, ImageDraw
 # API.md: the BatchFeature of processor.apply_chat_template carries these keys.
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "tgt_sizes", "image_bound", "audio_features",
               "audio_feature_lens", "audio_bounds", "spk_bounds")
+
+
+# ---------------------------------------------------------------------------------------------- golden TTS
+@pytest.fixture(scope="module")
+def golden_tts(golden_ckpt):
+    """(ConditionalChatTTS in float32, its ChatTTS tokenizer) loaded from the golden checkpoint's ``tts.*``."""
+    from safetensors.torch import load_file
+
+    from minicpmo_cli.model.config import MiniCPMOConfig
+    from minicpmo_cli.model.tts import ConditionalChatTTS
+    from minicpmo_cli.processing.tts_text import load_tts_tokenizer
+
+    config = MiniCPMOConfig(**json.loads((golden_ckpt / "config.json").read_text())).tts_config
+    tts = ConditionalChatTTS(config)
+    state = {k[4:]: v for k, v in load_file(golden_ckpt / "model.safetensors").items() if k.startswith("tts.")}
+    tts.load_state_dict(state, strict=True)
+    return tts.float().eval(), load_tts_tokenizer(golden_ckpt / "assets" / "chattts_tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------- golden audio tower

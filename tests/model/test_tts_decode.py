@@ -6,7 +6,6 @@ continuation), and ``--compile`` must give the same codes as eager."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -20,7 +19,6 @@ from minicpmo_cli.model.tts import AUDIO_EOS_ID
 from minicpmo_cli.processing.tts_text import (
     build_streaming_text_mask,
     encode_tts_prompt,
-    load_tts_tokenizer,
     prepare_tts_text,
 )
 
@@ -126,20 +124,6 @@ def old_generate_codes(tts, tokenizer, spk, text, sampler, max_new_tokens=2048):
 
 
 # ----- fixtures ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def golden_tts(golden_ckpt):
-    from safetensors.torch import load_file
-
-    from minicpmo_cli.model.config import MiniCPMOConfig
-    from minicpmo_cli.model.tts import ConditionalChatTTS
-
-    config = MiniCPMOConfig(**json.loads((golden_ckpt / "config.json").read_text())).tts_config
-    tts = ConditionalChatTTS(config)
-    state = {k[4:]: v for k, v in load_file(golden_ckpt / "model.safetensors").items() if k.startswith("tts.")}
-    tts.load_state_dict(state, strict=True)
-    return tts.float().eval(), load_tts_tokenizer(golden_ckpt / "assets" / "chattts_tokenizer")
 
 
 class EosAfter:

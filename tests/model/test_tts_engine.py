@@ -7,7 +7,6 @@ eager codes."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
@@ -16,21 +15,6 @@ import torch
 from minicpmo_cli.generation.speech import generate_codes, make_sampler
 from minicpmo_cli.generation.tts_engine import TTSEngine, TTSPiece, TTSRequest
 from minicpmo_cli.model.tts_sampling import FrameBudget
-from minicpmo_cli.processing.tts_text import load_tts_tokenizer
-
-
-@pytest.fixture(scope="module")
-def golden_tts(golden_ckpt):
-    from safetensors.torch import load_file
-
-    from minicpmo_cli.model.config import MiniCPMOConfig
-    from minicpmo_cli.model.tts import ConditionalChatTTS
-
-    config = MiniCPMOConfig(**json.loads((golden_ckpt / "config.json").read_text())).tts_config
-    tts = ConditionalChatTTS(config)
-    state = {k[4:]: v for k, v in load_file(golden_ckpt / "model.safetensors").items() if k.startswith("tts.")}
-    tts.load_state_dict(state, strict=True)
-    return tts.float().eval(), load_tts_tokenizer(golden_ckpt / "assets" / "chattts_tokenizer")
 
 
 TEXTS = ("hi.", "hello world, the voice.", "hello world, the voice of the helpful assistant. " * 3,

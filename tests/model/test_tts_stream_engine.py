@@ -6,7 +6,6 @@ handed over while the row runs (it waits in its slot, skipped by the steps)."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import numpy as np
@@ -17,24 +16,16 @@ from minicpmo_cli.generation import speech
 from minicpmo_cli.generation.speech import StreamDecoder, as_text_rounds, decode_codes, make_sampler, stream_speech
 from minicpmo_cli.generation.tts_engine import TTSEngine, TTSPiece, TTSRequest, TTSStreamRequest
 from minicpmo_cli.model.tts import AUDIO_EOS_ID
-from minicpmo_cli.processing.tts_text import load_tts_tokenizer
-from tests.model.test_tts_engine import Budget, alone, speaker
+from minicpmo_cli.model.tts_sampling import FrameBudget
+from tests.model.test_tts_engine import alone, speaker
 
 
 @pytest.fixture(scope="module")
-def golden(golden_ckpt):
-    from safetensors.torch import load_file
-
-    from minicpmo_cli.model.config import MiniCPMOConfig
-    from minicpmo_cli.model.tts import ConditionalChatTTS
+def golden(golden_ckpt, golden_tts):
     from minicpmo_cli.model.vocoder import load_vocos
 
-    config = MiniCPMOConfig(**json.loads((golden_ckpt / "config.json").read_text())).tts_config
-    tts = ConditionalChatTTS(config)
-    state = {k[4:]: v for k, v in load_file(golden_ckpt / "model.safetensors").items() if k.startswith("tts.")}
-    tts.load_state_dict(state, strict=True)
-    tokenizer = load_tts_tokenizer(golden_ckpt / "assets" / "chattts_tokenizer")
-    return tts.float().eval(), load_vocos(golden_ckpt / "assets" / "Vocos.pt", config), tokenizer
+    tts, tokenizer = golden_tts
+    return tts, load_vocos(golden_ckpt / "assets" / "Vocos.pt", tts.config), tokenizer
 
 
 class EndsAt:
@@ -102,7 +93,7 @@ def expected(golden):
 def test_streams_batched_give_the_loop_chunks(golden, expected):
     tts, vocos, tokenizer = golden
     engine = TTSEngine(tts, tokenizer, threaded=False, max_batch=4)
-    whole = engine.submit(TTSRequest(speaker(tts, 2), [TTSPiece("hello world.", Budget(make_sampler(2), 70))]))
+    whole = engine.submit(TTSRequest(speaker(tts, 2), [TTSPiece("hello world.", FrameBudget(make_sampler(2), 70))]))
     handles = [engine.submit(stream_request(tts, *case)) for case in STREAMS]
     for handle, case, chunks in zip(handles, STREAMS, expected):
         assert_same(engine_chunks(tts, vocos, handle), chunks, case)
