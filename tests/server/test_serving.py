@@ -75,20 +75,6 @@ def spoken_stream(server, seed: int | None) -> tuple[str, bytes]:
     return "".join(transcript), pcm
 
 
-def test_a_seeded_spoken_stream_with_others_running_equals_alone(server):
-    """Streamed speech draws from the seed's own generator: the same text and audio alone and while greedy
-    text streams and an unseeded spoken answer run beside it (no exclusive turn any more)."""
-    expected = spoken_stream(server, 5)
-    assert expected[1]  # some speech
-    with ThreadPoolExecutor(4) as pool:
-        others = [pool.submit(lambda i=i: stream_text(open_stream(server, i, max_tokens=40))) for i in range(2)]
-        unseeded = pool.submit(spoken_stream, server, None)
-        seeded = pool.submit(spoken_stream, server, 5)
-        assert seeded.result() == expected
-        unseeded.result()
-        [other.result() for other in others]
-
-
 def spoken_whole(server, seed: int | None) -> tuple[str, bytes]:
     """(transcript, wav bytes) of a whole (not streamed) spoken answer."""
     import base64
@@ -101,15 +87,17 @@ def spoken_whole(server, seed: int | None) -> tuple[str, bytes]:
     return audio.transcript, base64.b64decode(audio.data)
 
 
-def test_a_seeded_whole_spoken_answer_with_others_running_equals_alone(server):
-    """The speech of a whole spoken answer draws from the seed's own generator too: the same text and wav
-    alone and while an unseeded spoken answer (the global generator) and text streams run beside it."""
-    expected = spoken_whole(server, 6)
-    assert len(expected[1]) > 44  # a wav header and some speech
+@pytest.mark.parametrize("spoken", [spoken_stream, spoken_whole], ids=["streamed", "whole"])
+def test_a_seeded_spoken_answer_with_others_running_equals_alone(server, spoken):
+    """The speech of a spoken answer, streamed or whole, draws from the seed's own generator: the same text and
+    audio alone and while greedy text streams and an unseeded spoken answer (the global generator) run beside
+    it (no exclusive turn any more)."""
+    expected = spoken(server, 5)
+    assert len(expected[1]) > 44  # some speech (more than a wav header)
     with ThreadPoolExecutor(4) as pool:
         others = [pool.submit(lambda i=i: stream_text(open_stream(server, i, max_tokens=40))) for i in range(2)]
-        unseeded = pool.submit(spoken_whole, server, None)
-        seeded = pool.submit(spoken_whole, server, 6)
+        unseeded = pool.submit(spoken, server, None)
+        seeded = pool.submit(spoken, server, 5)
         assert seeded.result() == expected
         unseeded.result()
         [other.result() for other in others]
