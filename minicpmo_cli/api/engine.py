@@ -130,9 +130,10 @@ class Engine:
 
     def text_pieces(self, msgs: list[dict], settings: TaskSettings | DecodeOptions, *, stream: bool = True,
                     **kwargs: Any) -> Iterator[str]:
-        """The answer as text pieces: streamed when sampling, one piece with beam search (which cannot stream)."""
+        """The answer as text pieces: streamed when sampling or greedy, one piece with beam search (which cannot
+        stream)."""
         settings = as_settings(settings)
-        result = self.generate(msgs, settings, stream=stream and settings.sampling, **kwargs)
+        result = self.generate(msgs, settings, stream=stream and not settings.decode.beam_search, **kwargs)
         if isinstance(result, str):
             yield result
         else:

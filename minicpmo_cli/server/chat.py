@@ -90,7 +90,8 @@ def text_only(body: ChatRequest) -> bool:
 
 
 def decode_options(body: ChatRequest):
-    """OpenAI's sampling fields -> DecodeOptions. temperature 0 means deterministic: greedy, still streamed."""
+    """OpenAI's sampling fields -> DecodeOptions. temperature 0 means deterministic: greedy (the argmax, no
+    random draw), still streamed."""
     from minicpmo_cli.api.engine import DecodeOptions
 
     common = {"max_new_tokens": body.max_completion_tokens or body.max_tokens, "seed": body.seed,
@@ -98,7 +99,7 @@ def decode_options(body: ChatRequest):
     if body.sampling is False:
         return DecodeOptions(sampling=False, num_beams=body.num_beams, **common)
     if body.temperature == 0:
-        return DecodeOptions(sampling=True, top_k=1, temperature=1.0, **common)
+        return DecodeOptions(sampling=False, num_beams=1, **common)
     return DecodeOptions(sampling=True, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, **common)
 
 

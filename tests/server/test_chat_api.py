@@ -22,7 +22,7 @@ def library_answer(engine, build, max_tokens: int) -> str:
 
     conversation = Conversation()
     build(conversation)
-    decode = DecodeOptions(sampling=True, top_k=1, temperature=1.0, max_new_tokens=max_tokens)
+    decode = DecodeOptions(sampling=False, num_beams=1, max_new_tokens=max_tokens)
     return "".join(reply(engine, conversation, decode))
 
 
@@ -178,7 +178,7 @@ def test_spoken_answer_is_a_wav_with_its_transcript(server, engine):
     conversation = Conversation()
     conversation.ask("Say hello.")
     counts = Usage()
-    text, wav, _ = reply_with_speech(engine, conversation, DecodeOptions(sampling=True, top_k=1, temperature=1.0,
+    text, wav, _ = reply_with_speech(engine, conversation, DecodeOptions(sampling=False, num_beams=1,
                                                                           max_new_tokens=4, seed=7), usage=counts)
     assert message.audio.transcript == text
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (counts.prompt_tokens,
@@ -197,7 +197,7 @@ def test_spoken_answer_is_a_wav_with_its_transcript(server, engine):
     from minicpmo_cli.api.chat import reply_with_speaker
     from minicpmo_cli.api.speech import stream_answer_speech
 
-    spoken, spk = reply_with_speaker(engine, conversation, DecodeOptions(sampling=True, top_k=1, temperature=1.0,
+    spoken, spk = reply_with_speaker(engine, conversation, DecodeOptions(sampling=False, num_beams=1,
                                                                          max_new_tokens=4, seed=7))
     streamed = np.concatenate(list(stream_answer_speech(engine, spk, spoken)))
     assert spoken == text and len(streamed) == len(expected)
