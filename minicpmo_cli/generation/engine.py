@@ -292,10 +292,7 @@ class LLMEngine:
         embeds = row.request.embeds
         length, begin = embeds.shape[0], row.prefilled
         end = min(length, begin + self.prefill_chunk)
-        if begin == 0 and end == length:
-            hidden = self._prefill_whole(row)
-        else:
-            hidden = self._prefill_part(row, begin, end)
+        hidden = self._prefill_part(row, begin, end)
         row.prefilled = end
         if row.request.on_prefill is not None:
             row.hidden.append(hidden[0])
@@ -306,22 +303,10 @@ class LLMEngine:
             row.hidden = []
         return self.llm.lm_head(hidden[:, -1:]).float()[:, -1]
 
-    def _prefill_whole(self, row: Row) -> torch.Tensor:
-        """The prompt pass exactly as transformers ``generate`` makes it (``Qwen2Model.forward``, same
-        positions, no mask), its key/values copied into the slot."""
-        from transformers import DynamicCache
-
-        decoder = self.llm.model
-        embeds = row.request.embeds[None]
-        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
-        cache = DynamicCache(config=self.llm.config)
-        out = decoder(inputs_embeds=embeds, position_ids=positions, use_cache=True,
-                      **{fwd.cache_keyword(type(decoder)): cache})
-        self.pool.load_prompt(row.slot, cache.layers)
-        return out.last_hidden_state
-
     def _prefill_part(self, row: Row, begin: int, end: int) -> torch.Tensor:
-        """One chunk of a long prompt, written straight into the slot (causal over the slot's past)."""
+        """Positions ``[begin, end)`` of the prompt written straight into the slot: causal over the slot's
+        past (a whole prompt: ``Qwen2Model.forward``'s arithmetic, no mask, as ``generate`` makes it;
+        generation/forward.py)."""
         embeds = row.request.embeds[None, begin:end]
         device = embeds.device
         positions = torch.arange(begin, end, device=device)[None]

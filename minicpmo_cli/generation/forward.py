@@ -71,16 +71,18 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _project(attn, x: torch.Tensor, cos, sin):
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    q = _linear(attn.q_proj, x).view(shape).transpose(1, 2)
+    k = _linear(attn.k_proj, x).view(shape).transpose(1, 2)
+    v = _linear(attn.v_proj, x).view(shape).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
 
 
 def forward(llm, embeds: torch.Tensor, positions: torch.Tensor, cache: StaticKV,
             mask: torch.Tensor | None) -> torch.Tensor:
-    """Final-norm hidden states ``[B, n, D]`` of ``n`` new positions appended to ``cache`` (eager).
+    """Final-norm hidden states ``[B, n, D]`` of ``n`` new positions appended to ``cache`` (eager). The
+    submodules run through :func:`_linear` / :func:`_rms_norm` / :func:`_mlp` (their own arithmetic without
+    ``nn.Module.__call__``): a prompt pass costs host time per op, not per position.
 
     ``mask``: None (no padding; causal when ``n > 1`` and the cache was empty) or bool ``[B, 1, n, past + n]``.
     """
@@ -91,12 +93,12 @@ def forward(llm, embeds: torch.Tensor, positions: torch.Tensor, cache: StaticKV,
     for index, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         residual = hidden
-        q, k, v = _project(attn, layer.input_layernorm(hidden), cos, sin)
+        q, k, v = _project(attn, _rms_norm(layer.input_layernorm, hidden), cos, sin)
         keys, values = cache.write(index, k, v, slots)
-        hidden = residual + attn.o_proj(attend(attn, q, keys, values, mask))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = residual + _linear(attn.o_proj, attend(attn, q, keys, values, mask))
+        hidden = hidden + _mlp(layer, hidden)
     cache.advance(embeds.shape[1])
-    return decoder.norm(hidden)
+    return _rms_norm(decoder.norm, hidden)
 
 
 def _hooked(module) -> bool:

@@ -82,16 +82,6 @@ class KVPool:
 
     # ----- prompts ------------------------------------------------------------------------------------
 
-    def load_prompt(self, slot: int, layers) -> None:
-        """Copy a transformers cache's ``.layers`` (batch 1, ``[1, H, L, D]`` each) into ``slot`` at
-        ``[0, L)``: the prompt pass of one request."""
-        length = 0
-        for number, layer in enumerate(layers):
-            length = layer.keys.shape[2]
-            self.keys[number][slot, :, :length] = layer.keys[0]
-            self.values[number][slot, :, :length] = layer.values[0]
-        self.lengths[slot] = length
-
     def slot_view(self, slot: int) -> StaticKV:
         """``slot`` as a batch-1 :class:`StaticKV` over the pool's own buffers (views: writes land in the
         pool), filled up to the slot's length; :meth:`sync_view` takes its new length back."""
