@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from typing import Optional
 
 import typer
@@ -96,6 +98,13 @@ def serve(
     _run(create_app(ServerState(settings)), host, port, api_key)
 
 
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The event loop, the
+# request threads and the engine thread hand work to each other many times per request; at 5 ms a short
+# request that arrives while long answers stream waits several such slices (measured: a 1-token request behind
+# 15 streams took 28 ms at 5 ms, 20 ms at 0.5 ms, with the same throughput).
+SWITCH_INTERVAL_S = 0.0005
+
+
 def _run(app, host: str, port: int, api_key: str | None) -> None:
     import uvicorn
 
@@ -107,6 +116,7 @@ def _run(app, host: str, port: int, api_key: str | None) -> None:
           "when it is ready)")
     print(f"export MINICPMO_SERVER={url}", flush=True)
     level = "warning" if common.options().quiet else "info"
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(app, host=host, port=port, log_level=level, timeout_graceful_shutdown=3)
 
 

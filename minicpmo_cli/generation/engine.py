@@ -53,8 +53,10 @@ class LLMEngine:
 
     def __init__(self, llm, *, runner: StepRunner | None = None, max_batch: int = 16, threaded: bool = True,
                  max_waiting: int = MAX_WAITING, prefill_chunk: int = PREFILL_CHUNK,
-                 check_every: int = CHECK_EVERY, context: int | None = None, kv_budget: int | None = None) -> None:
+                 check_every: int = CHECK_EVERY, context: int | None = None, kv_budget: int | None = None,
+                 threads: int | None = None) -> None:
         self.llm = llm
+        self.threads = threads  # torch intra-op threads of the engine thread (None: torch's default)
         self.kv_budget = None if kv_budget is None else int(kv_budget)  # bytes the KV slots may take (None: any)
         self.position_bytes = position_bytes(llm.config, llm.lm_head.weight.element_size())
         self.runner = runner if runner is not None else StepRunner("eager")
@@ -127,6 +129,8 @@ class LLMEngine:
         """Step while there is work; once idle the thread waits ``LINGER_S`` for more (a thread start costs
         milliseconds, and torch's intra-op threads are per calling thread) and then ends (a later submit starts
         another), so none is left running at interpreter exit (see :meth:`close`)."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # this thread's own setting (OpenMP's is per calling thread)
         while True:
             with self._work:
                 if self.idle and not self._closed:
