@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -138,18 +137,49 @@ def load_rows(url: str, label: str, clients: list[int], requests: int, new_token
     return rows, rates, identical
 
 
-def live_requests(url: str) -> float:
-    """Requests running plus waiting, from the server's /metrics."""
+def live_requests(url: str) -> tuple[float, float]:
+    """(requests running, requests waiting), from the server's /metrics."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     values = {sample.name: sample.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
               for sample in family.samples}
-    return values["minicpmo:num_requests_running"] + values["minicpmo:num_requests_waiting"]
+    return values["minicpmo:num_requests_running"], values["minicpmo:num_requests_waiting"]
 
 
-def short_behind_long(url: str, long_tokens: int, repeats: int = 3) -> tuple[float, float]:
-    """(median time of a 1-token request alone, its median time while 15 long answers stream)."""
+LONG_READERS = """
+import sys, threading
+from openai import OpenAI
+
+url, count, tokens, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+
+
+def long_answer(n):
+    for _ in client.chat.completions.create(model=model, max_tokens=tokens, temperature=0, stream=True,
+                                            messages=[{"role": "user", "content": f"A long story {n}."}]):
+        pass
+
+
+readers = [threading.Thread(target=long_answer, args=(n,)) for n in range(count)]
+for reader in readers:
+    reader.start()
+for reader in readers:
+    reader.join()
+"""
+
+
+def all_decoding(url: str, count: int, max_batch: int) -> bool:
+    """Whether ``count`` requests are in: as many running as the batch holds (prefilled, decoding), the rest
+    waiting (one at a time: one running, the others queued)."""
+    running, waiting = live_requests(url)
+    return running >= min(count, max_batch) and running + waiting >= count
+
+
+def short_behind_long(url: str, long_tokens: int, max_batch: int, repeats: int = 5) -> tuple[float, float]:
+    """(median time of a 1-token request alone, its median time while 15 long answers stream). The 15 long
+    answers are read by another process: they stand for other users, whose clients do not share this
+    client's interpreter (15 reader threads here would make the timed request wait for this process's GIL)."""
     import httpx  # noqa: F401 - imported here, not first inside the readers' threads (a partial-import race)
     from openai import OpenAI
 
@@ -165,20 +195,15 @@ def short_behind_long(url: str, long_tokens: int, repeats: int = 3) -> tuple[flo
     alone = statistics.median(one_token() for _ in range(repeats))
     behind = []
     for _ in range(repeats):
-        def long_answer(n: int) -> None:
-            for _ in client.chat.completions.create(model=MODEL_ID, max_tokens=long_tokens, temperature=0,
-                                                    stream=True,
-                                                    messages=[{"role": "user", "content": f"A long story {n}."}]):
-                pass
-
-        readers = [threading.Thread(target=long_answer, args=(n,)) for n in range(15)]
-        for reader in readers:
-            reader.start()
-        while live_requests(url) < 15 and any(reader.is_alive() for reader in readers):
-            time.sleep(0.01)  # all 15 long answers are decoding (or, one at a time, running and queued)
-        behind.append(one_token())
-        for reader in readers:
-            reader.join()
+        readers = subprocess.Popen([sys.executable, "-c", LONG_READERS, url, "15", str(long_tokens), MODEL_ID])
+        try:
+            while not all_decoding(url, 15, max_batch) and readers.poll() is None:
+                time.sleep(0.01)
+            behind.append(one_token())
+        finally:
+            readers.wait()
+        if readers.returncode != 0:
+            raise SystemExit("the long answers' reader process failed")
     return alone, statistics.median(behind)
 
 
@@ -239,7 +264,7 @@ def main() -> None:
                 found, rates[label], identical[label] = load_rows(url, label, clients, args.requests,
                                                                   args.new_tokens, alone)
                 rows += found
-                joins[label] = short_behind_long(url, args.long_tokens)
+                joins[label] = short_behind_long(url, args.long_tokens, int(extra[-1]))
                 if args.cli and not cli:
                     cli = cli_rows(url, model, args.device, make_speech(folder, max(1, args.files)), 16)
             finally:

@@ -36,6 +36,7 @@ from minicpmo_cli.generation.sampling import RowSampling
 from minicpmo_cli.generation.settings import PAD_ID
 from minicpmo_cli.generation.static_cache import bucket_length
 from minicpmo_cli.generation.step_runner import StepRunner
+from minicpmo_cli.generation.step_trace import TracedSteps
 
 __all__ = ["CHECK_EVERY", "ContextTooLong", "EngineFull", "EngineStats", "Handle", "LLMEngine", "Request",
            "Scheduler"]
@@ -43,7 +44,7 @@ __all__ = ["CHECK_EVERY", "ContextTooLong", "EngineFull", "EngineStats", "Handle
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps between two host reads of the chosen ids (when no request streams)
-STREAMS_PER_READ = 4  # streaming rows per step between two hand-overs of their ids (stream_interval)
+STREAMS_PER_READ = 2  # streaming rows per step between two hand-overs of their ids (stream_interval)
 LINGER_S = 2.0  # an idle engine thread waits this long for the next request before it ends
 PREFILL_CHUNK = 2048  # prompt positions prefilled per step: longer prompts are prefilled over several steps
 
@@ -60,6 +61,10 @@ class LLMEngine:
         self.kv_budget = None if kv_budget is None else int(kv_budget)  # bytes the KV slots may take (None: any)
         self.position_bytes = position_bytes(llm.config, llm.lm_head.weight.element_size())
         self.runner = runner if runner is not None else StepRunner("eager")
+        self.traced = None
+        if self.runner.mode == "trace":
+            llm.requires_grad_(False)  # a trace holds the weights as constants, which must not require grad
+            self.traced = TracedSteps(llm)
         self.max_batch, self.threaded = slot_bucket(max_batch), threaded
         self.prefill_chunk, self.check_every = int(prefill_chunk), int(check_every)
         self.context = int(context or getattr(llm.config, "max_position_embeddings", 32768))
@@ -245,9 +250,15 @@ class LLMEngine:
         if self._pending:
             self._read_back()  # the ids chosen so far go with the old buffers' rows
         self.pool = pool.grown(slots, needed)
-        self.runner.forget(pool.generation)
+        self._forget(pool.generation)
         self._buffers(previous=pool.slots)
         return True
+
+    def _forget(self, generation: int) -> None:
+        """Drop the captured or traced steps over the buffers of ``generation`` (the pool was replaced)."""
+        self.runner.forget(generation)
+        if self.traced is not None:
+            self.traced.forget(generation)
 
     def pool_bytes(self, slots: int, capacity: int) -> int:
         return slots * capacity * self.position_bytes
@@ -255,7 +266,7 @@ class LLMEngine:
     def _drop_pool(self) -> None:
         if self._pending:
             self._read_back()
-        self.runner.forget(self.pool.generation)
+        self._forget(self.pool.generation)
         self.pool = None
         self._next = self._done = self._stops = self._logits = self._seen = None
 
@@ -336,7 +347,11 @@ class LLMEngine:
         lengths = [min(pool.lengths[slot], pool.capacity - 1) for slot in range(span)]
         positions = torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
         tokens = self._next[:span]
-        if self.runner.static_shapes or device.type == "cuda":
+        if self.traced is not None:
+            mask = lengths_mask(positions, pool.capacity)
+            key = (span, pool.capacity, pool.generation)
+            logits = self.traced.run(key, tokens, positions, mask, pool.keys, pool.values)
+        elif self.runner.static_shapes or device.type == "cuda":
             mask = lengths_mask(positions, pool.capacity)
             if self.runner.mode == "compile" and device.type == "cuda":
                 pool.mark_static()  # CUDA graphs of reduce-overhead replay over the slots in place

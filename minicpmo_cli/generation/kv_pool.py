@@ -97,10 +97,7 @@ class KVPool:
     def write_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Store one new position per row: ``keys`` / ``values`` ``[B, H, 1, D]`` of slots ``[0, B)`` at
         ``positions`` ``[B]`` (each row its own index; a scatter, so a captured step replays it)."""
-        batch, heads, _, dim = keys.shape
-        index = positions.view(batch, 1, 1, 1).expand(batch, heads, 1, dim)
-        self.keys[layer][:batch].scatter_(2, index, keys)
-        self.values[layer][:batch].scatter_(2, index, values)
+        write_rows(self.keys[layer], self.values[layer], keys, values, positions)
 
     def mark_static(self) -> None:
         """Tell Dynamo the buffers keep their addresses (once per pool; see StaticKV.mark_static)."""
@@ -132,6 +129,25 @@ class KVPool:
         pool.generation = next(_GENERATIONS)
         pool._marked_static = False
         return pool
+
+
+class SlotBuffers:
+    """The pool's buffers as a decode step sees them (``keys``, ``values``, :meth:`write_rows`), over tensors
+    handed in as arguments: the form a traced step takes them in (generation/step_trace.py)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys, self.values = keys, values
+
+    def write_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        write_rows(self.keys[layer], self.values[layer], keys, values, positions)
+
+
+def write_rows(key_buffer: torch.Tensor, value_buffer: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               positions: torch.Tensor) -> None:
+    batch, heads, _, dim = keys.shape
+    index = positions.view(batch, 1, 1, 1).expand(batch, heads, 1, dim)
+    key_buffer[:batch].scatter_(2, index, keys)
+    value_buffer[:batch].scatter_(2, index, values)
 
 
 def lengths_mask(lengths: torch.Tensor, span: int) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Step runners: how one decode step (LLM token or TTS audio frame) runs, chosen once when the engine loads.
 
-- ``eager``: the step function called as it is (the CPU default).
+- ``eager``: the step function called as it is.
+- ``trace`` (the CPU default): as eager, except the LLM engine's decode step, which it runs as one TorchScript
+  call per key (generation/step_trace.py: no GIL held while the step's ops run, bit-identical to eager).
 - ``graph``: ``torch.cuda.CUDAGraph`` capture of the same eager function, once per key (batch bucket,
   capacity bucket, buffer generation); every later call copies its inputs into the captured static input
   tensors (``copy_``) and replays. The same kernels on the same values: bit-identical to eager on the same
@@ -31,7 +33,7 @@ from minicpmo_cli.generation.static_cache import CacheRecycler
 
 logger = logging.getLogger(__name__)
 
-STEP_MODES = ("eager", "graph", "compile")
+STEP_MODES = ("eager", "trace", "graph", "compile")
 STEP_ENV = "MINICPMO_STEP"
 COMPILE_ENV = "MINICPMO_COMPILE"  # the older switch: 1 -> compile, 0 -> eager
 MAX_GRAPHS = 32  # captured graphs kept per runner (buffers of one-off callers, e.g. a TTS utterance, die)
@@ -40,7 +42,7 @@ WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS / alloca
 
 def resolve_step(mode: str | None, device) -> str:
     """The step mode: ``mode`` when given, else ``MINICPMO_STEP``, else ``MINICPMO_COMPILE`` (1 -> compile,
-    0 -> eager), else ``graph`` on CUDA and ``eager`` elsewhere. ``graph`` without CUDA is refused."""
+    0 -> eager), else ``graph`` on CUDA and ``trace`` elsewhere. ``graph`` without CUDA is refused."""
     kind = torch.device(device).type
     if mode is None:
         mode = os.environ.get(STEP_ENV, "").strip().lower() or None
@@ -51,7 +53,7 @@ def resolve_step(mode: str | None, device) -> str:
         elif legacy in ("0", "false", "no", "off"):
             mode = "eager"
     if mode is None:
-        return "graph" if kind == "cuda" else "eager"
+        return "graph" if kind == "cuda" else "trace"
     mode = str(mode).strip().lower()
     if mode not in STEP_MODES:
         raise UsageError(f"step must be one of {', '.join(STEP_MODES)}, not {mode!r}", parameters=("step",))
@@ -132,10 +134,10 @@ class StepRunner:
     @property
     def static_shapes(self) -> bool:
         """Whether steps must keep fixed shapes (the whole capacity, a mask): true for graph and compile."""
-        return self.mode != "eager"
+        return self.mode in ("graph", "compile")
 
     def run(self, key: tuple, fn: Callable, inputs: tuple, fixed: tuple = ()) -> torch.Tensor:
-        if self.mode == "eager":
+        if self.mode in ("eager", "trace"):  # trace: only the LLM engine traces (its own step, step_trace.py)
             return fn(*inputs, *fixed)
         if self.mode == "graph":
             if key in self._uncapturable:

@@ -62,7 +62,7 @@ def test_step_default_follows_the_device_and_the_environment(monkeypatch):
 
     monkeypatch.delenv("MINICPMO_STEP", raising=False)
     monkeypatch.delenv("MINICPMO_COMPILE", raising=False)
-    assert resolve_step(None, "cpu") == "eager" and resolve_step(None, "cuda") == "graph"
+    assert resolve_step(None, "cpu") == "trace" and resolve_step(None, "cuda") == "graph"
     assert resolve_step("compile", "cpu") == "compile" and resolve_step("eager", "cuda") == "eager"
     monkeypatch.setenv("MINICPMO_COMPILE", "1")
     assert resolve_step(None, "cpu") == "compile"
@@ -72,7 +72,7 @@ def test_step_default_follows_the_device_and_the_environment(monkeypatch):
     assert resolve_step(None, "cuda") == "compile"
     with pytest.raises(UsageError, match="graph needs a CUDA GPU"):
         resolve_step("graph", "cpu")
-    with pytest.raises(UsageError, match="one of eager, graph, compile"):
+    with pytest.raises(UsageError, match="one of eager, trace, graph, compile"):
         resolve_step("fast", "cpu")
 
 

@@ -1,0 +1,119 @@
+"""The LLM engine's traced decode step on the CPU (generation/step_trace.py, step mode ``trace``, the CPU
+default): the same ids as the eager engine for rows that join, finish and share the batch; the logits and KV
+writes of one step bit-identical to the eager static-shape step; one TorchScript call that leaves the GIL to
+other threads (its ops run in C++, not one Python call each); a step that cannot be traced runs eagerly, with the same ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minicpmo_cli.generation.decode import DecodeSettings, split_rows
+from minicpmo_cli.generation.engine import LLMEngine, Request
+from minicpmo_cli.generation.kv_pool import lengths_mask
+from minicpmo_cli.generation.step_runner import StepRunner, resolve_step
+from minicpmo_cli.generation.step_trace import TracedSteps, _slot_step
+
+TEXTS = ["hello there, how are you?", "tell me a long story about cats and dogs", "hi",
+         "what is the capital of france? answer in one word please", "count to five", "why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    from minicpmo_cli import MiniCPMO
+
+    return MiniCPMO.from_pretrained(tiny_ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    msgs = [[{"role": "user", "content": text}] for text in TEXTS]
+    inputs = model.processor.apply_chat_template(msgs=msgs)
+    with torch.inference_mode():
+        embeds, _ = model.get_inputs_embeds(dict(inputs))
+    return split_rows(embeds, inputs["attention_mask"])
+
+
+def run_engine(model, prompts, mode: str, max_batch: int) -> tuple[list[list[int]], LLMEngine]:
+    """Every prompt submitted at once (rows of different lengths and limits join as slots free up)."""
+    engine = LLMEngine(model.llm, runner=StepRunner(mode), max_batch=max_batch, threaded=False)
+    handles = [engine.submit(Request(prompt, DecodeSettings(max_new_tokens=6 + 5 * index)))
+               for index, prompt in enumerate(prompts)]
+    while not engine.idle:
+        engine.step()
+    return [handle.ids for handle in handles], engine
+
+
+def test_cpu_default_is_trace():
+    assert resolve_step(None, "cpu") == "trace"
+    assert not StepRunner("trace").static_shapes  # the TTS and sessions keep their eager steps
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_traced_engine_gives_the_eager_ids(model, prompts, max_batch):
+    eager, _ = run_engine(model, prompts, "eager", max_batch)
+    traced, engine = run_engine(model, prompts, "trace", max_batch)
+    assert traced == eager
+    assert all(len(ids) == 6 + 5 * index for index, ids in enumerate(traced))  # no stop id in a random model
+    assert engine.traced is not None and engine.traced.traced >= 1
+
+
+def test_one_traced_step_is_bit_identical_to_the_eager_static_step(model, prompts):
+    engine = LLMEngine(model.llm, runner=StepRunner("trace"), max_batch=4, threaded=False)
+    for prompt in prompts[:3]:
+        engine.submit(Request(prompt, DecodeSettings(max_new_tokens=20)))
+    for _ in range(3):
+        engine.step()
+    pool = engine.pool
+    span = pool.span()
+    positions = torch.tensor([min(pool.lengths[slot], pool.capacity - 1) for slot in range(span)])
+    tokens, mask = engine._next[:span].clone(), lengths_mask(positions, pool.capacity)
+    keys = [k.clone() for k in pool.keys]
+    values = [v.clone() for v in pool.values]
+    with torch.inference_mode():
+        expected = _slot_step(model.llm, len(keys), tokens, positions, mask, *keys, *values)
+        steps = TracedSteps(model.llm)
+        got = steps.run(("test", pool.generation), tokens, positions, mask, pool.keys, pool.values)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip((*pool.keys, *pool.values), (*keys, *values)))
+
+
+def test_a_traced_step_is_one_call_without_python_per_op(model, prompts):
+    """An eager step makes each of its ~100 ops a Python-level torch call (each one lets go of the GIL and takes
+    it back); a traced step makes none: its ops run inside one TorchScript call."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def python_ops_in_a_step(mode: str) -> int:
+        engine = LLMEngine(model.llm, runner=StepRunner(mode), max_batch=4, threaded=False)
+        for prompt in prompts[:4]:
+            engine.submit(Request(prompt, DecodeSettings(max_new_tokens=50)))
+        for _ in range(3):
+            engine.step()  # admitted, prefilled, and the trace made
+        rows = engine.scheduler.decoding()
+        Count.calls = 0
+        with torch.inference_mode(), Count():
+            engine._decode(rows)
+        return Count.calls
+
+    eager, traced = python_ops_in_a_step("eager"), python_ops_in_a_step("trace")
+    assert traced * 5 < eager, (eager, traced)  # measured: 163 and 17 (the mask and positions are made in Python)
+
+
+def test_a_step_that_cannot_be_traced_runs_eagerly(model, prompts, monkeypatch, caplog):
+    eager, _ = run_engine(model, prompts[:3], "eager", 4)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("this op cannot be traced")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    with caplog.at_level("WARNING"):
+        traced, engine = run_engine(model, prompts[:3], "trace", 4)
+    assert traced == eager and engine.traced.traced == 0
+    assert "cannot be traced" in caplog.text
