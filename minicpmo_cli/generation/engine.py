@@ -175,7 +175,9 @@ class LLMEngine:
         choose: list[Row] = []
         logits = None
         decoding = self.scheduler.decoding()
-        if decoding:
+        if decoding and self._greedy_in_trace(decoding):
+            self._decode_greedy(decoding)
+        elif decoding:
             logits = self._decode(decoding)
             choose.extend(decoding)
         for row in self.scheduler.prefilling():
@@ -366,6 +368,34 @@ class LLMEngine:
         for row in rows:
             pool.lengths[row.slot] += 1
         return logits
+
+    def _greedy_in_trace(self, rows: list[Row]) -> bool:
+        """Whether this step's choice can run inside the traced step: every row greedy, none with its stop
+        ids banned yet (min_new_tokens) and no repetition penalty table to keep (then the choice is the
+        argmax, and nothing else in ``_choose`` applies)."""
+        if self.traced is None or self._seen is not None:
+            return False
+        return all(not row.request.settings.sampling and row.sampled >= row.request.settings.min_new_tokens
+                   for row in rows)
+
+    def _decode_greedy(self, rows: list[Row]) -> None:
+        """One traced step over slots ``[0, span)`` with the greedy choice in it (step_trace.py
+        ``TracedSteps.greedy``): the same ids as ``_decode`` + ``_choose``, a handful of host calls in all."""
+        pool = self.pool
+        span = pool.span()
+        device = self._next.device
+        lengths = [min(pool.lengths[slot], pool.capacity - 1) for slot in range(span)]
+        positions = torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
+        live = [False] * span
+        for row in rows:
+            live[row.slot] = True
+        live = torch.tensor(live).to(device, non_blocking=True)
+        tokens = self.traced.greedy((span, pool.capacity, pool.generation), self._next[:span], positions, live,
+                                    self._done[:span], self._stops[:span], pool.keys, pool.values)
+        for row in rows:
+            pool.lengths[row.slot] += 1
+            row.sampled += 1
+        self._pending.append((tokens, rows))
 
     def _logits_rows(self, logits: torch.Tensor | None) -> torch.Tensor:
         """Logits of slots ``[0, span)`` (a prefilled row's last logits are put in its slot's row)."""

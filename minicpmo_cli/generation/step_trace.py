@@ -25,7 +25,8 @@ import torch
 
 from minicpmo_cli.errors import describe_error
 from minicpmo_cli.generation import forward as fwd
-from minicpmo_cli.generation.kv_pool import SlotBuffers
+from minicpmo_cli.generation.kv_pool import SlotBuffers, lengths_mask
+from minicpmo_cli.generation.settings import PAD_ID
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ MAX_TRACES = 32  # traces kept (a key per batch bucket and capacity; old generat
 
 
 class TracedSteps:
-    """Traced decode steps of one LLM, by key; :meth:`run` traces a key on its first call. A step that cannot
-    be traced runs eagerly from then on (with the same fixed shapes), after one warning."""
+    """Traced decode steps of one LLM, by key; a key is traced on its first call. A step that cannot be
+    traced runs eagerly from then on (with the same fixed shapes), after one warning."""
 
     def __init__(self, llm) -> None:
         self.llm = llm
@@ -45,35 +46,48 @@ class TracedSteps:
             keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         """Float32 logits ``[B, V]`` of one step over slots ``[0, B)`` (``fwd.slot_step`` over the whole
         capacity with ``mask``), the new keys/values written into ``keys``/``values``."""
-        inputs = (tokens, positions, mask, *keys, *values)
+        return self._call(("logits", *key), _slot_step, (tokens, positions, mask, *keys, *values), len(keys))
+
+    def greedy(self, key: tuple, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
+               done: torch.Tensor, stops: torch.Tensor, keys: list[torch.Tensor],
+               values: list[torch.Tensor]) -> torch.Tensor:
+        """One step whose rows all choose greedily, the choice in the same call: the ids ``[B]`` chosen
+        (``PAD_ID`` for rows already done), with ``next_ids`` and ``done`` ``[B]`` updated in place for the
+        ``live`` rows, as the engine's ``_choose`` does after an argmax (generation/engine.py)."""
+        inputs = (next_ids, positions, live, done, stops, *keys, *values)
+        return self._call(("greedy", *key), _greedy_step, inputs, len(keys))
+
+    def _call(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> torch.Tensor:
         traced = self._traces.get(key)
         if traced is None and not self._failed:
-            traced = self._trace(key, inputs)
+            traced = self._trace(key, fn, inputs, layers)
         if traced is None:
-            return _slot_step(self.llm, len(keys), *inputs)
+            return fn(self.llm, layers, *inputs)
         with torch.jit.optimized_execution(False):  # the plain recorded graph: no profiling, no fusion
             return traced(*inputs)
 
-    def _trace(self, key: tuple, inputs: tuple) -> Callable | None:
+    def _trace(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> Callable | None:
         while len(self._traces) >= MAX_TRACES:
             del self._traces[next(iter(self._traces))]
-        llm, layers = self.llm, (len(inputs) - 3) // 2
+        llm = self.llm
         started = time.perf_counter()
         try:
             with warnings.catch_warnings(), torch.jit.optimized_execution(False):
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notices: a fallback is below
-                # tracing runs the step once; the call that follows rewrites the same positions alike
-                traced = torch.jit.trace(lambda *args: _slot_step(llm, layers, *args), inputs, check_trace=False)
+                # tracing runs the step once: on copies of the ids and flags it updates in place (the call
+                # that follows reads the originals); its KV writes are the ones the call then rewrites
+                traced = torch.jit.trace(lambda *args: fn(llm, layers, *args), _scratch(inputs, layers),
+                                         check_trace=False)
         except Exception as exc:  # noqa: BLE001 - an op the tracer cannot record: the eager step stays
             logger.warning("the decode step cannot be traced (%s); it runs eagerly", describe_error(exc))
             self._failed = True
             return None
-        logger.info("traced the decode step for %s in %.3f s", key, time.perf_counter() - started)
+        logger.info("traced the %s step for %s in %.3f s", key[0], key[1:], time.perf_counter() - started)
         self._traces[key] = traced
         return traced
 
     def forget(self, generation: int) -> None:
-        """Drop the traces over the buffers of ``generation`` (the pool was replaced)."""
+        """Drop the traces over the buffers of ``generation`` (the pool was replaced; keys end with it)."""
         for key in [k for k in self._traces if k[-1] == generation]:
             del self._traces[key]
 
@@ -86,3 +100,21 @@ def _slot_step(llm, layers: int, tokens, positions, mask, *buffers):
     """``fwd.slot_step`` over buffers passed as arguments (a trace's inputs): keys then values, per layer."""
     pool = SlotBuffers(list(buffers[:layers]), list(buffers[layers:]))
     return fwd.slot_step(llm, tokens, positions, pool, mask, mask.shape[-1])
+
+
+def _greedy_step(llm, layers: int, next_ids, positions, live, done, stops, *buffers):
+    """:func:`_slot_step` and the engine's greedy choice (``RowSampling.choose`` without penalty or ban is
+    the argmax; then ``_choose``'s pads, next ids and stop flags), in one call."""
+    mask = lengths_mask(positions, buffers[0].shape[2])
+    chosen = torch.argmax(_slot_step(llm, layers, next_ids, positions, mask, *buffers), dim=-1)
+    chosen = torch.where(done, PAD_ID, chosen)  # as generate: a stopped row continues with pads
+    hit = stops.gather(1, chosen[:, None]).squeeze(1)
+    next_ids.copy_(torch.where(live, chosen, next_ids))
+    done.copy_(done | (hit & live))
+    return chosen
+
+
+def _scratch(inputs: tuple, layers: int) -> tuple:
+    """``inputs`` with the small tensors a step may update in place (ids, flags) copied: what tracing runs on."""
+    small = len(inputs) - 2 * layers
+    return tuple(x.clone() for x in inputs[:small]) + tuple(inputs[small:])
