@@ -325,13 +325,15 @@ class MiniCPMOProcessor:
         ids = tok.encode(text, **kwargs)
         if max_length is not None:
             ids = ids[:max_length]  # keeps the head, as the reference (may cut a placeholder; spec §10.11)
+        # the marker positions are found in the id list (a text prompt has none): a few tensors per prompt
+        # instead of three torch ops per marker id (each one a GIL hand-off in a busy server)
+        markers = {tok.im_start_id, tok.slice_start_id, tok.im_end_id, tok.slice_end_id, tok.audio_start_id,
+                   tok.audio_end_id, tok.spk_start_id, tok.spk_end_id}
+        found = [(index, token) for index, token in enumerate(ids) if token in markers]
         ids = torch.tensor(ids, dtype=torch.int32)
 
         def where(token_ids):
-            mask = torch.zeros_like(ids, dtype=torch.bool)
-            for token_id in token_ids:
-                mask |= ids == token_id
-            return torch.where(mask)[0]
+            return torch.tensor([index for index, token in found if token in token_ids], dtype=torch.long)
 
         image_starts = where([tok.im_start_id, tok.slice_start_id]) + 1
         image_ends = where([tok.im_end_id, tok.slice_end_id])
