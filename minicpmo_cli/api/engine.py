@@ -8,11 +8,11 @@ from functools import cached_property
 from typing import Any, Callable, Iterator
 
 from minicpmo_cli.errors import ModelLoadError
-from minicpmo_cli.generation.presets import DecodeOptions, TaskSettings, resolve
+from minicpmo_cli.generation.presets import REFERENCE_SAMPLING, DecodeOptions, TaskSettings, resolve
 from minicpmo_cli.model.devices import DTYPES, check_dtype_name, resolve_device, resolve_dtype
 from minicpmo_cli.startup import StartupClock, mark
 
-__all__ = ["DEFAULT_MODEL", "DTYPES", "DecodeOptions", "Engine", "LoadOptions", "TaskSettings", "load",
+__all__ = ["DEFAULT_MODEL", "DTYPES", "REFERENCE_SAMPLING", "DecodeOptions", "Engine", "LoadOptions", "TaskSettings", "load",
            "resolve", "resolve_device", "resolve_dtype", "seed_everything"]
 
 DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"

