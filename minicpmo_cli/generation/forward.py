@@ -26,7 +26,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from minicpmo_cli.generation.static_cache import StaticKV
 
@@ -74,8 +74,15 @@ def _project(attn, x: torch.Tensor, cos, sin):
     q = _linear(attn.q_proj, x).view(shape).transpose(1, 2)
     k = _linear(attn.k_proj, x).view(shape).transpose(1, 2)
     v = _linear(attn.v_proj, x).view(shape).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rotate_half_form(q, cos, sin), _rotate_half_form(k, cos, sin), v
+
+
+def _rotate_half_form(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb`` for one tensor, op for op (``x * cos + rotate_half(x) * sin``),
+    called directly: transformers routes its own through a kernel-hub module wrapper on every call."""
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
 
 def forward(llm, embeds: torch.Tensor, positions: torch.Tensor, cache: StaticKV,

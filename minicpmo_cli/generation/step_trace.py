@@ -11,7 +11,8 @@ The trace records the same aten ops the eager step calls, on the same shapes (th
 as a CUDA graph): the logits and the KV writes are bit-identical to the eager static-shape step (the JIT's CPU
 fuser is off by default, so no op is fused into different arithmetic). One trace per key (batch bucket,
 capacity, buffer generation), like a captured graph; the pool's buffers are inputs (written in place), the
-weights are constants of the trace (so they must not require grad: the engine only runs inference).
+weights are constants of the trace (so they must not require grad: the engine only runs inference). While a
+module of the LLM has forward hooks the step runs eagerly, so that they see every pass.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class TracedSteps:
         self.llm = llm
         self._traces: dict[tuple, Callable] = {}
         self._failed = False
+        self._modules = list(llm.modules())
 
     def run(self, key: tuple, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
             keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
@@ -66,6 +68,8 @@ class TracedSteps:
         return self._call(("greedy-penalised", *key), _greedy_penalised_step, inputs, len(keys))
 
     def _call(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> torch.Tensor:
+        if self._hooked():  # a trace would run the hooks only while tracing: the step runs eagerly instead
+            return fn(self.llm, layers, *inputs)
         traced = self._traces.get(key)
         if traced is None and not self._failed:
             traced = self._trace(key, fn, inputs, layers)
@@ -93,6 +97,10 @@ class TracedSteps:
         logger.info("traced the %s step for %s in %.3f s", key[0], key[1:], time.perf_counter() - started)
         self._traces[key] = traced
         return traced
+
+    def _hooked(self) -> bool:
+        """Whether a module of the LLM has forward hooks now (someone watching the passes, e.g. a test)."""
+        return any(module._forward_hooks or module._forward_pre_hooks for module in self._modules)
 
     def forget(self, generation: int) -> None:
         """Drop the traces over the buffers of ``generation`` (the pool was replaced; keys end with it)."""
