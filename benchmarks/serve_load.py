@@ -117,10 +117,11 @@ def load_rows(url: str, label: str, clients: list[int], requests: int, new_token
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-    streamed_chat(client, -1, new_tokens)  # warm-up
     rows, rates, identical = [], {}, True
     for count in clients:
         total = max(requests, count)
+        with ThreadPoolExecutor(count) as pool:  # warm-up at this concurrency: KV slots grown, steps traced
+            list(pool.map(lambda index: streamed_chat(client, -1 - index, new_tokens), range(count)))
         start = time.perf_counter()
         with ThreadPoolExecutor(count) as pool:
             results = list(pool.map(lambda index: streamed_chat(client, index, new_tokens), range(total)))
@@ -238,7 +239,7 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint folder (default: a tiny random one in a temp folder)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clients", default="1,4,16,32")
-    parser.add_argument("--requests", type=int, default=32, help="requests per row (at least the clients)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per row (at least the clients)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--long-tokens", type=int, default=256, help="the long answers a short request joins")
     parser.add_argument("--max-batch", type=int, default=16, help="of the batched server (serve's default)")

@@ -36,7 +36,7 @@ from minicpmo_cli.generation.sampling import RowSampling
 from minicpmo_cli.generation.settings import PAD_ID
 from minicpmo_cli.generation.static_cache import bucket_length
 from minicpmo_cli.generation.step_runner import StepRunner
-from minicpmo_cli.generation.step_trace import TracedSteps
+from minicpmo_cli.generation.step_trace import TracedSteps, attention_width
 
 __all__ = ["CHECK_EVERY", "ContextTooLong", "EngineFull", "EngineStats", "Handle", "LLMEngine", "Request",
            "Scheduler"]
@@ -350,9 +350,9 @@ class LLMEngine:
         positions = torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
         tokens = self._next[:span]
         if self.traced is not None:
-            mask = lengths_mask(positions, pool.capacity)
-            key = (span, pool.capacity, pool.generation)
-            logits = self.traced.run(key, tokens, positions, mask, pool.keys, pool.values)
+            width = attention_width(max(lengths) + 1, pool.capacity)
+            mask = lengths_mask(positions, width)
+            logits = self.traced.run(pool.generation, tokens, positions, mask, pool.keys, pool.values)
         elif self.runner.static_shapes or device.type == "cuda":
             mask = lengths_mask(positions, pool.capacity)
             if self.runner.mode == "compile" and device.type == "cuda":
@@ -390,16 +390,17 @@ class LLMEngine:
         for row in rows:
             live[row.slot] = True
         live = torch.tensor(live).to(device, non_blocking=True)
-        key, state = (span, pool.capacity, pool.generation), (self._next[:span], positions, live, self._done[:span],
-                                                               self._stops[:span])
+        width = attention_width(max(lengths) + 1, pool.capacity)
+        state = (self._next[:span], positions, live, self._done[:span], self._stops[:span])
         if self._seen is None:
-            tokens = self.traced.greedy(key, *state, pool.keys, pool.values)
+            tokens = self.traced.greedy(pool.generation, width, *state, pool.keys, pool.values)
         else:
             penalty = [1.0] * span
             for row in rows:
                 penalty[row.slot] = row.request.settings.repetition_penalty
             penalty = torch.tensor(penalty, dtype=torch.float32).view(-1, 1).to(device, non_blocking=True)
-            tokens = self.traced.greedy_penalised(key, *state, self._seen[:span], penalty, pool.keys, pool.values)
+            tokens = self.traced.greedy_penalised(pool.generation, width, *state, self._seen[:span], penalty,
+                                                  pool.keys, pool.values)
         for row in rows:
             pool.lengths[row.slot] += 1
             row.sampled += 1

@@ -31,7 +31,16 @@ from minicpmo_cli.generation.settings import PAD_ID
 
 logger = logging.getLogger(__name__)
 
-MAX_TRACES = 32  # traces kept (a key per batch bucket and capacity; old generations are forgotten)
+MAX_TRACES = 64  # traces kept (a key per batch bucket and attention width; old generations are forgotten)
+MIN_WIDTH = 64  # the narrowest attention window a step is traced for
+
+
+def attention_width(longest: int, capacity: int) -> int:
+    """Key positions a step attends over: a power of two (at least ``MIN_WIDTH``) that holds the longest row's
+    new position, at most the capacity. Masked positions past the rows' lengths cost as much as filled ones,
+    so a step over short rows in a long pool attends over a short window (16 rows in a 1024-position pool:
+    2.0 ms over the whole capacity, 0.67 ms over 128 positions, on the tiny checkpoint)."""
+    return min(capacity, max(MIN_WIDTH, 1 << max(int(longest) - 1, 0).bit_length()))
 
 
 class TracedSteps:
@@ -44,51 +53,56 @@ class TracedSteps:
         self._failed = False
         self._modules = list(llm.modules())
 
-    def run(self, key: tuple, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    def run(self, generation: int, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
             keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-        """Float32 logits ``[B, V]`` of one step over slots ``[0, B)`` (``fwd.slot_step`` over the whole
-        capacity with ``mask``), the new keys/values written into ``keys``/``values``."""
-        return self._call(("logits", *key), _slot_step, (tokens, positions, mask, *keys, *values), len(keys))
+        """Float32 logits ``[B, V]`` of one step over slots ``[0, B)`` (``fwd.slot_step`` over the first
+        ``mask.shape[-1]`` positions, where ``mask`` says), the new keys/values written into ``keys``/``values``
+        (buffers of ``generation``)."""
+        key = ("logits", tokens.shape[0], mask.shape[-1], generation)
+        return self._call(key, _slot_step, (tokens, positions, mask, *keys, *values), len(keys))
 
-    def greedy(self, key: tuple, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
+    def greedy(self, generation: int, width: int, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
                done: torch.Tensor, stops: torch.Tensor, keys: list[torch.Tensor],
                values: list[torch.Tensor]) -> torch.Tensor:
         """One step whose rows all choose greedily, the choice in the same call: the ids ``[B]`` chosen
         (``PAD_ID`` for rows already done), with ``next_ids`` and ``done`` ``[B]`` updated in place for the
-        ``live`` rows, as the engine's ``_choose`` does after an argmax (generation/engine.py)."""
+        ``live`` rows, as the engine's ``_choose`` does after an argmax (generation/engine.py). The step
+        attends over the first ``width`` positions of the buffers (of ``generation``)."""
         inputs = (next_ids, positions, live, done, stops, *keys, *values)
-        return self._call(("greedy", *key), _greedy_step, inputs, len(keys))
+        return self._call(("greedy", next_ids.shape[0], width, generation), _greedy_step, inputs, len(keys))
 
-    def greedy_penalised(self, key: tuple, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
+    def greedy_penalised(self, generation: int, width: int, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
                          done: torch.Tensor, stops: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor,
                          keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`greedy` with each row's repetition penalty (``penalty`` ``[B, 1]``, 1.0: none) over the ids
         it has chosen (``seen`` ``[B, V]``, updated in place for the ``live`` rows)."""
         inputs = (next_ids, positions, live, done, stops, seen, penalty, *keys, *values)
-        return self._call(("greedy-penalised", *key), _greedy_penalised_step, inputs, len(keys))
+        key = ("greedy-penalised", next_ids.shape[0], width, generation)
+        return self._call(key, _greedy_penalised_step, inputs, len(keys))
 
     def _call(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> torch.Tensor:
+        """``fn(llm, layers, width, *inputs)``, traced per ``key`` = (kind, batch, width, generation)."""
         if self._hooked():  # a trace would run the hooks only while tracing: the step runs eagerly instead
-            return fn(self.llm, layers, *inputs)
+            return fn(self.llm, layers, key[2], *inputs)
         traced = self._traces.get(key)
         if traced is None and not self._failed:
             traced = self._trace(key, fn, inputs, layers)
         if traced is None:
-            return fn(self.llm, layers, *inputs)
+            return fn(self.llm, layers, key[2], *inputs)
         with torch.jit.optimized_execution(False):  # the plain recorded graph: no profiling, no fusion
             return traced(*inputs)
 
     def _trace(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> Callable | None:
         while len(self._traces) >= MAX_TRACES:
             del self._traces[next(iter(self._traces))]
-        llm = self.llm
+        llm, width = self.llm, key[2]
         started = time.perf_counter()
         try:
             with warnings.catch_warnings(), torch.jit.optimized_execution(False):
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notices: a fallback is below
                 # tracing runs the step once: on copies of the ids and flags it updates in place (the call
                 # that follows reads the originals); its KV writes are the ones the call then rewrites
-                traced = torch.jit.trace(lambda *args: fn(llm, layers, *args), _scratch(inputs, layers),
+                traced = torch.jit.trace(lambda *args: fn(llm, layers, width, *args), _scratch(inputs, layers),
                                          check_trace=False)
         except Exception as exc:  # noqa: BLE001 - an op the tracer cannot record: the eager step stays
             logger.warning("the decode step cannot be traced (%s); it runs eagerly", describe_error(exc))
@@ -112,25 +126,27 @@ class TracedSteps:
         return len(self._traces)
 
 
-def _slot_step(llm, layers: int, tokens, positions, mask, *buffers):
-    """``fwd.slot_step`` over buffers passed as arguments (a trace's inputs): keys then values, per layer."""
+def _slot_step(llm, layers: int, width: int, tokens, positions, mask, *buffers):
+    """``fwd.slot_step`` over the first ``width`` positions of buffers passed as arguments (a trace's inputs):
+    keys then values, per layer."""
     pool = SlotBuffers(list(buffers[:layers]), list(buffers[layers:]))
-    return fwd.slot_step(llm, tokens, positions, pool, mask, mask.shape[-1])
+    return fwd.slot_step(llm, tokens, positions, pool, mask, width)
 
 
-def _greedy_step(llm, layers: int, next_ids, positions, live, done, stops, *buffers):
+def _greedy_step(llm, layers: int, width: int, next_ids, positions, live, done, stops, *buffers):
     """:func:`_slot_step` and the engine's greedy choice (``RowSampling.choose`` without penalty or ban is
     the argmax; then ``_choose``'s pads, next ids and stop flags), in one call."""
-    mask = lengths_mask(positions, buffers[0].shape[2])
-    scores = _slot_step(llm, layers, next_ids, positions, mask, *buffers)
+    mask = lengths_mask(positions, width)
+    scores = _slot_step(llm, layers, width, next_ids, positions, mask, *buffers)
     return _choose_greedy(scores, next_ids, live, done, stops)
 
 
-def _greedy_penalised_step(llm, layers: int, next_ids, positions, live, done, stops, seen, penalty, *buffers):
+def _greedy_penalised_step(llm, layers: int, width: int, next_ids, positions, live, done, stops, seen, penalty,
+                           *buffers):
     """:func:`_greedy_step` with ``RowSampling.choose``'s repetition penalty before the argmax and
     ``_choose``'s update of the seen ids after it."""
-    mask = lengths_mask(positions, buffers[0].shape[2])
-    scores = _slot_step(llm, layers, next_ids, positions, mask, *buffers)
+    mask = lengths_mask(positions, width)
+    scores = _slot_step(llm, layers, width, next_ids, positions, mask, *buffers)
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
     chosen = _choose_greedy(torch.where(seen, penalised, scores), next_ids, live, done, stops)
     seen.scatter_(1, chosen[:, None], seen.gather(1, chosen[:, None]) | live[:, None])

@@ -48,6 +48,13 @@ def run_engine(model, prompts, mode: str, max_batch: int,
     return [handle.ids for handle in handles], engine
 
 
+def test_attention_width_holds_the_longest_row_in_a_power_of_two():
+    from minicpmo_cli.generation.step_trace import attention_width
+
+    assert [attention_width(n, 512) for n in (1, 64, 65, 200, 256, 257, 600)] == [64, 64, 128, 256, 256, 512, 512]
+    assert attention_width(100, 96) == 96  # never past the capacity
+
+
 def test_cpu_default_is_trace():
     assert resolve_step(None, "cpu") == "trace"
     assert not StepRunner("trace").static_shapes  # the TTS and sessions keep their eager steps
@@ -85,9 +92,9 @@ def test_one_traced_step_is_bit_identical_to_the_eager_static_step(model, prompt
     keys = [k.clone() for k in pool.keys]
     values = [v.clone() for v in pool.values]
     with torch.inference_mode():
-        expected = _slot_step(model.llm, len(keys), tokens, positions, mask, *keys, *values)
+        expected = _slot_step(model.llm, len(keys), pool.capacity, tokens, positions, mask, *keys, *values)
         steps = TracedSteps(model.llm)
-        got = steps.run(("test", pool.generation), tokens, positions, mask, pool.keys, pool.values)
+        got = steps.run(pool.generation, tokens, positions, mask, pool.keys, pool.values)
     assert torch.equal(got, expected)
     assert all(torch.equal(a, b) for a, b in zip((*pool.keys, *pool.values), (*keys, *values)))
 
