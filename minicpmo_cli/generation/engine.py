@@ -22,7 +22,9 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 import weakref
+from typing import Callable
 
 import torch
 
@@ -45,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps between two host reads of the chosen ids (when no request streams)
 STREAMS_PER_READ = 2  # streaming rows per step between two hand-overs of their ids (stream_interval)
+STREAM_PERIOD_S = 0.02  # while many rows stream, each gets its ids at most this often (see _deliver)
+PACED_ABOVE = 4  # streams running at once above which deliveries are paced
 LINGER_S = 2.0  # an idle engine thread waits this long for the next request before it ends
 PREFILL_CHUNK = 2048  # prompt positions prefilled per step: longer prompts are prefilled over several steps
 
@@ -55,8 +59,10 @@ class LLMEngine:
     def __init__(self, llm, *, runner: StepRunner | None = None, max_batch: int = 16, threaded: bool = True,
                  max_waiting: int = MAX_WAITING, prefill_chunk: int = PREFILL_CHUNK,
                  check_every: int = CHECK_EVERY, context: int | None = None, kv_budget: int | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, stream_period: float = STREAM_PERIOD_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.llm = llm
+        self.stream_period, self.clock = float(stream_period), clock  # see _deliver
         self.threads = threads  # torch intra-op threads of the engine thread (None: torch's default)
         self.kv_budget = None if kv_budget is None else int(kv_budget)  # bytes the KV slots may take (None: any)
         self.position_bytes = position_bytes(llm.config, llm.lm_head.weight.element_size())
@@ -458,8 +464,8 @@ class LLMEngine:
         return bool(streams) and len(self._pending) >= stream_interval(len(streams), self.check_every)
 
     def _read_back(self) -> None:
-        """One host read of every id chosen since the last: hand them over, finish and free rows that stopped
-        or reached their limit."""
+        """One host read of every id chosen since the last: record them, finish and free rows that stopped
+        or reached their limit, and hand the ids to the readers (:meth:`_deliver`)."""
         pending, self._pending = self._pending, []
         values = torch.cat([tokens for tokens, _ in pending]).tolist()
         offset = 0
@@ -470,10 +476,12 @@ class LLMEngine:
                 if row.handle.done or self.scheduler.running.get(row.slot) is not row:
                     continue
                 self._hand_over(row, chosen[row.slot])
+        self._deliver()
 
     def _hand_over(self, row: Row, token: int) -> None:
         handle, settings = row.handle, row.request.settings
-        handle._emit(token)
+        handle._record(token)
+        row.unsent.append(token)
         self.stats_.generation_tokens_total += 1
         if row.request.on_tokens is not None:
             row.request.on_tokens([token])
@@ -482,10 +490,30 @@ class LLMEngine:
         elif len(handle.ids) >= settings.max_new_tokens:
             self._release(row, "length")
 
+    def _deliver(self) -> None:
+        """Hand the ids read back to the running rows' readers. While more than ``PACED_ABOVE`` rows
+        stream, a stream gets its ids at most every ``stream_period`` seconds (its first id at once, its last
+        ones when it finishes): every hand-over wakes a reader and sends its client a chunk, and with many
+        streams those costs would take the time the steps need (a 1-token request sent while 15 answers
+        streamed waited for them), while a reader sees no difference between ids 1 ms and 20 ms apart."""
+        running = self.scheduler.running.values()
+        paced = self.stream_period > 0 and sum(row.streams for row in running) > PACED_ABOVE
+        now = self.clock()
+        for row in running:
+            if not row.unsent:
+                continue
+            due = row.delivered_at is None or now - row.delivered_at >= self.stream_period
+            if not (paced and row.streams) or due:
+                row.handle._deliver(row.unsent)
+                row.unsent, row.delivered_at = [], now
+
     def _release(self, row: Row, reason: str, error: BaseException | None = None) -> None:
         if self.scheduler.running.get(row.slot) is row:
             del self.scheduler.running[row.slot]
             self.pool.free(row.slot)
+        if row.unsent:
+            row.handle._deliver(row.unsent)
+            row.unsent = []
         row.handle._finish(reason, error)
 
     def _fail_all(self, exc: BaseException) -> None:

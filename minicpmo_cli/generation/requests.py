@@ -94,7 +94,7 @@ class Handle:
             if item is _END:
                 self._queue.put(_END)  # a second iteration ends at once too
                 return
-            yield item
+            yield from item
 
     def batches(self) -> Iterator[list[int]]:
         """Ids as they are decoded, each time every id chosen since the last (blocks for the first): one
@@ -109,7 +109,7 @@ class Handle:
                 except queue.Empty:
                     break
             ended = _END in items
-            ids = items[:items.index(_END)] if ended else items
+            ids = [token for batch in (items[:items.index(_END)] if ended else items) for token in batch]
             if ids:
                 yield ids
             if ended:
@@ -123,11 +123,15 @@ class Handle:
             raise self.error
         return cut_at_stop(self.ids, self.request.settings.stop_ids)
 
-    def _emit(self, token: int) -> None:
+    def _record(self, token: int) -> None:
+        """A chosen id, read back (the engine hands it to readers with :meth:`_deliver`)."""
         if self.timings.first_token is None:
             self.timings.first_token = time.monotonic()
         self.ids.append(token)
-        self._queue.put(token)
+
+    def _deliver(self, tokens: list[int]) -> None:
+        """Hand ids to the reader: one queue item, one wakeup."""
+        self._queue.put(tokens)
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         if self._done.is_set():

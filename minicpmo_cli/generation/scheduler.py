@@ -24,6 +24,8 @@ class Row:
     hidden: list = field(default_factory=list)
     generator: torch.Generator | None = None
     decoding: bool = False  # has a chosen id to feed at the next step
+    unsent: list = field(default_factory=list)  # ids read back, not yet handed to the reader
+    delivered_at: float | None = None  # when ids were last handed to the reader (monotonic seconds)
 
     @property
     def request(self) -> Request:

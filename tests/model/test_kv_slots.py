@@ -331,7 +331,7 @@ def test_many_streams_get_their_first_id_at_once_then_a_few_steps_at_a_time(mode
     assert [stream_interval(n) for n in (1, 2, 4, 7, 8, 16, 1000)] == [1, 1, 2, 3, 4, 8, 8]
     settings = GREEDY.with_(max_new_tokens=10)
     expected = [alone(model, rows[i % 4], settings) for i in range(8)]
-    llm = engine(model, max_batch=8)
+    llm = engine(model, max_batch=8, stream_period=0)  # no pacing by the clock (test_paced_streams_...)
     handles = [llm.submit(Request(rows[i % 4], settings, stream=True)) for i in range(8)]
     llm.step()  # all eight prefilled, their first ids chosen and handed over
     assert [len(h.ids) for h in handles] == [1] * 8
@@ -340,4 +340,28 @@ def test_many_streams_get_their_first_id_at_once_then_a_few_steps_at_a_time(mode
         assert [len(h.ids) for h in handles] == [1] * 8
     llm.step()
     assert [len(h.ids) for h in handles] == [5] * 8
+    assert [h.result() for h in handles] == expected
+
+
+def test_paced_streams_get_their_ids_at_most_once_a_period_and_all_at_the_end(model, rows):
+    """Eight streams (over PACED_ABOVE): each reader gets its first id at once, then ids at most once per
+    stream_period of the engine's clock (read back meanwhile, they wait in the row), and the rest when its
+    request finishes; the ids are the same."""
+    settings = GREEDY.with_(max_new_tokens=12)
+    expected = [alone(model, rows[i % 4], settings) for i in range(8)]
+    now = [100.0]
+    llm = engine(model, max_batch=8, stream_period=1.0, clock=lambda: now[0])
+    handles = [llm.submit(Request(rows[i % 4], settings, stream=True)) for i in range(8)]
+    readers = [h.batches() for h in handles]
+    llm.step()
+    assert [next(r) for r in readers] == [e[:1] for e in expected]  # the first ids at once
+    for _ in range(7):
+        llm.step()  # ids read back every 4 steps (stream_interval(8)), none handed over: the period runs
+    assert all(h._queue.empty() for h in handles) and all(len(h.ids) == 5 for h in handles)
+    now[0] += 1.0
+    llm.step()
+    assert [next(r) for r in readers] == [e[1:9] for e in expected]  # everything read back, in one batch
+    while not llm.idle:
+        llm.step()  # no clock move: the last ids come with the finish
+    assert [list(r) for r in readers] == [[e[9:]] for e in expected]
     assert [h.result() for h in handles] == expected
