@@ -153,13 +153,18 @@ import sys, threading
 from openai import OpenAI
 
 url, count, tokens, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+said = threading.Lock()
 client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
 
 
 def long_answer(n):
+    first = True
     for _ in client.chat.completions.create(model=model, max_tokens=tokens, temperature=0, stream=True,
                                             messages=[{"role": "user", "content": f"A long story {n}."}]):
-        pass
+        if first:
+            with said:  # one whole line per reader: the benchmark times its short request once all came
+                print("streaming", flush=True)
+            first = False
 
 
 readers = [threading.Thread(target=long_answer, args=(n,)) for n in range(count)]
@@ -170,17 +175,13 @@ for reader in readers:
 """
 
 
-def all_decoding(url: str, count: int, max_batch: int) -> bool:
-    """Whether ``count`` requests are in: as many running as the batch holds (prefilled, decoding), the rest
-    waiting (one at a time: one running, the others queued)."""
-    running, waiting = live_requests(url)
-    return running >= min(count, max_batch) and running + waiting >= count
-
-
 def short_behind_long(url: str, long_tokens: int, max_batch: int, repeats: int = 5) -> tuple[float, float]:
     """(median time of a 1-token request alone, its median time while 15 long answers stream). The 15 long
     answers are read by another process: they stand for other users, whose clients do not share this
-    client's interpreter (15 reader threads here would make the timed request wait for this process's GIL)."""
+    client's interpreter (15 reader threads here would make the timed request wait for this process's GIL).
+    The short request is sent once the long answers stream (their first chunks came: as many as the batch
+    holds; one at a time, the others wait in the queue), after one untimed round (the server's steps for these
+    batch sizes and lengths are made then, as in a server that has been running)."""
     import httpx  # noqa: F401 - imported here, not first inside the readers' threads (a partial-import race)
     from openai import OpenAI
 
@@ -194,18 +195,25 @@ def short_behind_long(url: str, long_tokens: int, max_batch: int, repeats: int =
 
     one_token()
     alone = statistics.median(one_token() for _ in range(repeats))
-    behind = []
-    for _ in range(repeats):
-        readers = subprocess.Popen([sys.executable, "-c", LONG_READERS, url, "15", str(long_tokens), MODEL_ID])
-        try:
-            while not all_decoding(url, 15, max_batch) and readers.poll() is None:
-                time.sleep(0.01)
-            behind.append(one_token())
-        finally:
-            readers.wait()
-        if readers.returncode != 0:
-            raise SystemExit("the long answers' reader process failed")
+    behind = [_behind_long_answers(url, long_tokens, max_batch, one_token) for _ in range(repeats + 1)][1:]
     return alone, statistics.median(behind)
+
+
+def _behind_long_answers(url: str, long_tokens: int, max_batch: int, timed) -> float:
+    readers = subprocess.Popen([sys.executable, "-c", LONG_READERS, url, "15", str(long_tokens), MODEL_ID],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(min(15, max_batch)):
+            line = readers.stdout.readline()
+            if line != "streaming\n":
+                raise SystemExit(f"the long answers' reader process failed: {line!r}")
+        while sum(live_requests(url)) < 15:
+            time.sleep(0.01)  # one at a time: the others are queued
+        return timed()
+    finally:
+        readers.stdout.read()
+        if readers.wait() != 0:
+            raise SystemExit("the long answers' reader process failed")
 
 
 def cli_rows(url: str, model: str, device: str, files: list[Path], new_tokens: int) -> list[list[str]]:
