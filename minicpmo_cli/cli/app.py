@@ -72,8 +72,8 @@ def root(
                                      help="No progress bars."),
     step: str = typer.Option(
         None, "--step", envvar="MINICPMO_STEP", metavar="MODE", show_default=False,
-        help="How decode steps run: eager, graph (CUDA graphs; needs a CUDA GPU) or compile (torch.compile). "
-             "Default: graph with CUDA, eager on the CPU."),
+        help="How decode steps run: eager, trace (the LLM step as one TorchScript call), graph (CUDA graphs; "
+             "needs a CUDA GPU) or compile (torch.compile). Default: graph with CUDA, trace on the CPU."),
     compile: Optional[bool] = typer.Option(
         None, "--compile/--no-compile", envvar="MINICPMO_COMPILE", show_default=False,
         help="Aliases: --compile is --step compile, --no-compile is --step eager."),

@@ -39,7 +39,7 @@ class GlobalOptions:
     verbose: bool = False
     debug: bool = False
     no_progress: bool = False
-    step: str | None = None  # eager | graph | compile; None: graph with CUDA, eager on the CPU (api/engine.py)
+    step: str | None = None  # eager | trace | graph | compile; None: graph with CUDA, trace on the CPU (api/engine.py)
     compile: bool | None = None  # --compile / --no-compile: aliases of --step compile / --step eager
     quantize: str | None = None  # none | int8 | int4; None: as the checkpoint is
     server: str | None = None  # URL of a running `minicpmo serve`: asr, chat, tts and clone use it
