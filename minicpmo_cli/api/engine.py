@@ -26,7 +26,7 @@ class LoadOptions:
     offline: bool = False  # cached files only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    step: str | None = None  # eager | graph | compile; None: MINICPMO_STEP, else graph with CUDA, eager elsewhere
+    step: str | None = None  # eager | trace | graph | compile; None: MINICPMO_STEP, else graph with CUDA, trace elsewhere
     compile: bool | None = None  # the older switch, an alias: True -> step "compile", False -> "eager"
     max_batch: int | None = 16  # KV slots of the LLM engine (requests decoded together); None: from the budget
     kv_cache_gb: float | None = None  # the KV slots' memory budget; None: on CUDA a share of the free memory
@@ -84,7 +84,7 @@ class Engine:
 
     @property
     def step_mode(self) -> str:
-        """How decode steps run: eager | graph | compile (generation/step_runner.py), fixed at load."""
+        """How decode steps run: eager | trace | graph | compile (generation/step_runner.py), fixed at load."""
         return self.llm_engine.runner.mode if self.llm_engine is not None else step_mode(self.options, self.device)
 
     def ensure_towers(self, vision: bool = False, audio: bool = False) -> list[str]:
