@@ -12,8 +12,8 @@ from minicpmo_cli.generation.presets import REFERENCE_SAMPLING, DecodeOptions, T
 from minicpmo_cli.model.devices import DTYPES, check_dtype_name, resolve_device, resolve_dtype
 from minicpmo_cli.startup import StartupClock, mark
 
-__all__ = ["DEFAULT_MODEL", "DTYPES", "REFERENCE_SAMPLING", "DecodeOptions", "Engine", "LoadOptions", "TaskSettings", "load",
-           "resolve", "resolve_device", "resolve_dtype", "seed_everything"]
+__all__ = ["DEFAULT_MODEL", "DTYPES", "REFERENCE_SAMPLING", "DecodeOptions", "Engine", "LoadOptions", "TaskSettings",
+           "load", "resolve", "resolve_device", "resolve_dtype", "seed_everything"]
 
 DEFAULT_MODEL = "openbmb/MiniCPM-o-2_6"
 DEFAULT_MAX_BATCH = 16  # requests decoded together when neither max_batch nor a KV budget says
@@ -26,7 +26,7 @@ class LoadOptions:
     offline: bool = False  # cached files only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    step: str | None = None  # eager | trace | graph | compile; None: MINICPMO_STEP, else graph with CUDA, trace elsewhere
+    step: str | None = None  # eager | trace | graph | compile; None: MINICPMO_STEP, else graph (CUDA) or trace
     compile: bool | None = None  # the older switch, an alias: True -> step "compile", False -> "eager"
     max_batch: int | None = 16  # KV slots of the LLM engine (requests decoded together); None: from the budget
     kv_cache_gb: float | None = None  # the KV slots' memory budget; None: on CUDA a share of the free memory
