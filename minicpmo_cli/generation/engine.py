@@ -262,10 +262,9 @@ class LLMEngine(EngineOutputs):
         return True
 
     def _forget(self, generation: int) -> None:
-        """Drop the captured or traced steps over the buffers of ``generation`` (the pool was replaced)."""
+        """Drop the captured steps over the buffers of ``generation`` (the pool was replaced; traced steps
+        take the buffers as inputs and stay)."""
         self.runner.forget(generation)
-        if self.traced is not None:
-            self.traced.forget(generation)
 
     def pool_bytes(self, slots: int, capacity: int) -> int:
         return slots * capacity * self.position_bytes
@@ -357,7 +356,7 @@ class LLMEngine(EngineOutputs):
         if self.traced is not None:
             width = attention_width(max(lengths) + 1, pool.capacity)
             mask = lengths_mask(positions, width)
-            logits = self.traced.run(pool.generation, tokens, positions, mask, pool.keys, pool.values)
+            logits = self.traced.run(tokens, positions, mask, pool.keys, pool.values)
         elif self.runner.static_shapes or device.type == "cuda":
             mask = lengths_mask(positions, pool.capacity)
             if self.runner.mode == "compile" and device.type == "cuda":
@@ -398,14 +397,13 @@ class LLMEngine(EngineOutputs):
         width = attention_width(max(lengths) + 1, pool.capacity)
         state = (self._next[:span], positions, live, self._done[:span], self._stops[:span])
         if self._seen is None:
-            tokens = self.traced.greedy(pool.generation, width, *state, pool.keys, pool.values)
+            tokens = self.traced.greedy(width, *state, pool.keys, pool.values)
         else:
             penalty = [1.0] * span
             for row in rows:
                 penalty[row.slot] = row.request.settings.repetition_penalty
             penalty = torch.tensor(penalty, dtype=torch.float32).view(-1, 1).to(device, non_blocking=True)
-            tokens = self.traced.greedy_penalised(pool.generation, width, *state, self._seen[:span], penalty,
-                                                  pool.keys, pool.values)
+            tokens = self.traced.greedy_penalised(width, *state, self._seen[:span], penalty, pool.keys, pool.values)
         for row in rows:
             pool.lengths[row.slot] += 1
             row.sampled += 1

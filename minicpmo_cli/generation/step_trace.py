@@ -7,12 +7,13 @@ from ~1 ms to ~500 ms; traced steps ran on at ~25 ms, the interpreter taking the
 per step). A traced step runs its ops in C++ without the GIL, so the other threads run beside it on another
 core, and it also skips Python's per-op cost.
 
-The trace records the same aten ops the eager step calls, on the same shapes (the whole capacity with a mask,
-as a CUDA graph): the logits and the KV writes are bit-identical to the eager static-shape step (the JIT's CPU
-fuser is off by default, so no op is fused into different arithmetic). One trace per key (batch bucket,
-capacity, buffer generation), like a captured graph; the pool's buffers are inputs (written in place), the
-weights are constants of the trace (so they must not require grad: the engine only runs inference). While a
-module of the LLM has forward hooks the step runs eagerly, so that they see every pass.
+The trace records the same aten ops the eager step calls on the same shapes (a window of ``width`` positions
+with a mask, as a CUDA graph does over its capacity): the logits and the KV writes are bit-identical to the
+eager step of that form, and the traced graph runs unoptimised (no profiling, no fusion into other
+arithmetic). One trace per key (kind of step, batch bucket, attention width); the pool's buffers are inputs,
+written in place whatever their slots and capacity, so a pool that grows keeps its traces; the weights are
+constants of the trace (so they must not require grad: the engine only runs inference). While a module of
+the LLM has forward hooks the step runs eagerly, so that they see every pass.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from minicpmo_cli.generation.settings import PAD_ID
 
 logger = logging.getLogger(__name__)
 
-MAX_TRACES = 64  # traces kept (a key per batch bucket and attention width; old generations are forgotten)
+MAX_TRACES = 64  # traces kept (a key per kind of step, batch bucket and attention width)
 MIN_WIDTH = 64  # the narrowest attention window a step is traced for
 
 
@@ -53,35 +54,35 @@ class TracedSteps:
         self._failed = False
         self._modules = list(llm.modules())
 
-    def run(self, generation: int, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
             keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         """Float32 logits ``[B, V]`` of one step over slots ``[0, B)`` (``fwd.slot_step`` over the first
         ``mask.shape[-1]`` positions, where ``mask`` says), the new keys/values written into ``keys``/``values``
-        (buffers of ``generation``)."""
-        key = ("logits", tokens.shape[0], mask.shape[-1], generation)
+        """
+        key = ("logits", tokens.shape[0], mask.shape[-1])
         return self._call(key, _slot_step, (tokens, positions, mask, *keys, *values), len(keys))
 
-    def greedy(self, generation: int, width: int, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
+    def greedy(self, width: int, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
                done: torch.Tensor, stops: torch.Tensor, keys: list[torch.Tensor],
                values: list[torch.Tensor]) -> torch.Tensor:
         """One step whose rows all choose greedily, the choice in the same call: the ids ``[B]`` chosen
         (``PAD_ID`` for rows already done), with ``next_ids`` and ``done`` ``[B]`` updated in place for the
         ``live`` rows, as the engine's ``_choose`` does after an argmax (generation/engine.py). The step
-        attends over the first ``width`` positions of the buffers (of ``generation``)."""
+        attends over the first ``width`` positions of the buffers."""
         inputs = (next_ids, positions, live, done, stops, *keys, *values)
-        return self._call(("greedy", next_ids.shape[0], width, generation), _greedy_step, inputs, len(keys))
+        return self._call(("greedy", next_ids.shape[0], width), _greedy_step, inputs, len(keys))
 
-    def greedy_penalised(self, generation: int, width: int, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
+    def greedy_penalised(self, width: int, next_ids: torch.Tensor, positions: torch.Tensor, live: torch.Tensor,
                          done: torch.Tensor, stops: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor,
                          keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`greedy` with each row's repetition penalty (``penalty`` ``[B, 1]``, 1.0: none) over the ids
         it has chosen (``seen`` ``[B, V]``, updated in place for the ``live`` rows)."""
         inputs = (next_ids, positions, live, done, stops, seen, penalty, *keys, *values)
-        key = ("greedy-penalised", next_ids.shape[0], width, generation)
+        key = ("greedy-penalised", next_ids.shape[0], width)
         return self._call(key, _greedy_penalised_step, inputs, len(keys))
 
     def _call(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> torch.Tensor:
-        """``fn(llm, layers, width, *inputs)``, traced per ``key`` = (kind, batch, width, generation)."""
+        """``fn(llm, layers, width, *inputs)``, traced per ``key`` = (kind, batch, width)."""
         if self._hooked():  # a trace would run the hooks only while tracing: the step runs eagerly instead
             return fn(self.llm, layers, key[2], *inputs)
         traced = self._traces.get(key)
@@ -115,11 +116,6 @@ class TracedSteps:
     def _hooked(self) -> bool:
         """Whether a module of the LLM has forward hooks now (someone watching the passes, e.g. a test)."""
         return any(module._forward_hooks or module._forward_pre_hooks for module in self._modules)
-
-    def forget(self, generation: int) -> None:
-        """Drop the traces over the buffers of ``generation`` (the pool was replaced; keys end with it)."""
-        for key in [k for k in self._traces if k[-1] == generation]:
-            del self._traces[key]
 
     @property
     def traced(self) -> int:

@@ -1,7 +1,8 @@
 """The LLM engine's traced decode step on the CPU (generation/step_trace.py, step mode ``trace``, the CPU
 default): the same ids as the eager engine for rows that join, finish and share the batch; the logits and KV
-writes of one step bit-identical to the eager static-shape step; one TorchScript call that leaves the GIL to
-other threads (its ops run in C++, not one Python call each); a step that cannot be traced runs eagerly, with the same ids."""
+writes of one step bit-identical to the eager step of the same form; one TorchScript call that leaves the GIL
+to other threads (its ops run in C++, not one Python call each); traces that outlive a pool's growth; a step
+that cannot be traced runs eagerly, with the same ids."""
 
 from __future__ import annotations
 
@@ -79,6 +80,26 @@ def test_penalised_and_banned_rows_give_the_eager_ids(model, prompts, max_batch)
     assert engine._seen is not None and engine.traced.traced >= 1
 
 
+def test_traces_keep_working_over_a_grown_pool(model, prompts):
+    """Two rows start in a small pool; two longer requests join and the pool is replaced by a bigger one (new
+    buffers, more slots, a longer capacity): the traces made over the old buffers run over the new ones, and
+    every row's ids are the eager engine's."""
+    def run(mode: str):
+        engine = LLMEngine(model.llm, runner=StepRunner(mode), max_batch=4, threaded=False)
+        first = [engine.submit(Request(p, DecodeSettings(max_new_tokens=30))) for p in prompts[:2]]
+        for _ in range(10):
+            engine.step()
+        generation, traced = engine.pool.generation, engine.traced.traced if engine.traced else 0
+        later = [engine.submit(Request(p, DecodeSettings(max_new_tokens=300))) for p in prompts[2:4]]
+        while not engine.idle:
+            engine.step()
+        return [h.ids for h in first + later], generation, engine, traced
+
+    eager, _, _, _ = run("eager")
+    ids, generation, engine, before = run("trace")
+    assert ids == eager and engine.pool.generation != generation and before >= 1
+
+
 def test_one_traced_step_is_bit_identical_to_the_eager_static_step(model, prompts):
     engine = LLMEngine(model.llm, runner=StepRunner("trace"), max_batch=4, threaded=False)
     for prompt in prompts[:3]:
@@ -94,7 +115,7 @@ def test_one_traced_step_is_bit_identical_to_the_eager_static_step(model, prompt
     with torch.inference_mode():
         expected = _slot_step(model.llm, len(keys), pool.capacity, tokens, positions, mask, *keys, *values)
         steps = TracedSteps(model.llm)
-        got = steps.run(pool.generation, tokens, positions, mask, pool.keys, pool.values)
+        got = steps.run(tokens, positions, mask, pool.keys, pool.values)
     assert torch.equal(got, expected)
     assert all(torch.equal(a, b) for a, b in zip((*pool.keys, *pool.values), (*keys, *values)))
 
