@@ -34,9 +34,10 @@ class Outbox:
         self.loop, self.limit, self.stall_s = loop, limit, float(stall_s)
         self._items: deque = deque()
         self._cond = threading.Condition()
-        self._ready = asyncio.Event()  # created on the loop (the route calls the constructor there)
+        self._waiter: asyncio.Future | None = None  # the route's wait in take (on the loop)
         self._woken = False  # a wakeup is on its way to the loop (or the route is not waiting yet)
         self.stalled = False
+        self.interrupted = False  # the reader gave up (its client left): take answers at once
 
     # --- the pool thread ------------------------------------------------------------------------------------
     def put(self, item: Any, cancel: threading.Event | None = None, final: bool = False) -> bool:
@@ -50,7 +51,7 @@ class Outbox:
             wake, self._woken = not self._woken, True
         if wake:
             try:
-                self.loop.call_soon_threadsafe(self._ready.set)
+                self.loop.call_soon_threadsafe(self._wake)
             except RuntimeError:  # the event loop is gone (server shutting down)
                 pass
         return True
@@ -68,20 +69,41 @@ class Outbox:
         return True
 
     # --- the route (event loop) -----------------------------------------------------------------------------
-    async def take(self) -> list:
-        """Every item there (at least one; waits for the first)."""
-        while True:
-            with self._cond:
-                if self._items:
-                    batch = list(self._items)
-                    self._items.clear()
+    async def take(self, timeout: float | None = None) -> list:
+        """Every item there; waits for the first. [] when ``timeout`` seconds passed first, or once
+        :meth:`interrupt` was called."""
+        deadline = None if timeout is None else self.loop.time() + timeout
+        timer = None
+        try:
+            while True:
+                with self._cond:
                     self._woken = False
-                    self._ready.clear()
-                    self._cond.notify_all()
-                    return batch
-                self._woken = False
-                self._ready.clear()
-            await self._ready.wait()
+                    if self._items:
+                        batch = list(self._items)
+                        self._items.clear()
+                        self._cond.notify_all()
+                        return batch
+                if self.interrupted or (deadline is not None and self.loop.time() >= deadline):
+                    return []
+                # set before the next await, so a wakeup scheduled after the look above finds it
+                self._waiter = self.loop.create_future()
+                if deadline is not None and timer is None:
+                    timer = self.loop.call_at(deadline, self._wake)
+                await self._waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        """On the loop: the waiting take looks again (an item came, its time ran out, or it was interrupted)."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def interrupt(self) -> None:
+        """On the loop: the reader stops waiting (its client left); a take now answers [] at once."""
+        self.interrupted = True
+        self._wake()
 
     def held(self) -> int:
         with self._cond:
