@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from minicpmo_cli.server.errors import APIError
-from minicpmo_cli.server.outbox import STALL_S, STREAM_LIMIT, Outbox
+from minicpmo_cli.server.outbox import STALL_S, STREAM_LIMIT, Outbox, Waker
 
 logger = logging.getLogger("minicpmo_cli.server")
 _DONE = object()  # end of a stream
@@ -109,6 +109,7 @@ class Pool:
         self.gate = Gate()
         self._mean_s = 1.0  # running mean of job times: the Retry-After estimate
         self._lock = threading.Lock()
+        self._waker: Waker | None = None  # the outboxes' shared wakeups, on the loop of the routes
         self.threads: list[threading.Thread] = []
         self._start_threads(self.size)
 
@@ -136,7 +137,9 @@ class Pool:
                 raise Busy(self.waiting, self.retry_after())
             self.waiting += 1
         loop = asyncio.get_running_loop()
-        outbox = Outbox(loop, STREAM_LIMIT if streamed else None, self.stall_s)
+        if self._waker is None or self._waker.loop is not loop:
+            self._waker = Waker(loop)
+        outbox = Outbox(loop, STREAM_LIMIT if streamed else None, self.stall_s, self._waker)
         job = Job(fn, loop, outbox, exclusive)
         self.jobs.put(job)
         return job
