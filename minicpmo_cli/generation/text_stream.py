@@ -24,23 +24,14 @@ class IncrementalText:
     """Ids -> text as they come, decoding only a few ids per batch (vLLM's incremental detokenizer): the text
     of ``ids[prefix:]`` minus that of ``ids[prefix:read]`` is what the new ids add; held back while it ends in
     an incomplete character. The pieces join up to ``decode(all ids)`` (a streamer that decodes everything
-    since the last newline at every id costs O(n) per id on a long line).
-
-    One decode per batch: the text of ``ids[prefix:read]`` is the previous batch's decode, kept, while
-    ``prefix`` stays put. Once ``WINDOW`` ids lie past it, it moves up to where the last text read began (as
-    vLLM's does after every batch: those ids stay as context, so a tokenizer that decodes the start of a
-    sequence differently, e.g. without its leading space, does so in both decodes), at one decode more."""
-
-    WINDOW = 16
+    since the last newline at every id costs O(n) per id on a long line)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix = self.read = 0
-        self.last = 0  # where the last text read began (read before the last batch that gave text)
-        self.before = ""  # the text of ids[prefix:read]
         # transformers' decode of a fast tokenizer is the Rust decode plus (when asked) a clean-up of spaces;
-        # without the clean-up, the Rust decode itself (a tenth of the time)
+        # without the clean-up, the Rust decode itself (a tenth of the time: it runs twice per batch of ids)
         rust = getattr(tokenizer, "_tokenizer", None)
         plain = rust is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
         self._rust = rust if plain and hasattr(rust, "decode") else None
@@ -52,22 +43,19 @@ class IncrementalText:
 
     def add(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        if len(self.ids) - self.prefix > self.WINDOW and self.last > self.prefix:
-            self.prefix = self.last
-            self.before = self._decode(self.ids[self.prefix:self.read])
+        before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
-        if len(now) <= len(self.before) or now.endswith("\ufffd"):
+        if len(now) <= len(before) or now.endswith("\ufffd"):
             return ""
-        piece = now[len(self.before):]
-        self.last, self.read, self.before = self.read, len(self.ids), now
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):]
 
     def flush(self) -> str:
         """What is still held back (an incomplete character at the very end)."""
+        before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = self.last = len(self.ids)
-        piece, self.before = now[len(self.before):], ""
-        return piece
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
 
 
 def strip_terminators(text: str) -> str:
