@@ -7,17 +7,18 @@ import base64
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from minicpmo_cli.errors import describe_error
 from minicpmo_cli.server import generation, media
 from minicpmo_cli.server.errors import APIError, error_body
+from minicpmo_cli.server.event_stream import EventStream
 from minicpmo_cli.server.limits import chat_limits
 from minicpmo_cli.server.schemas import ChatRequest, Message
 from minicpmo_cli.server.voices import DEFAULT_VOICE, resolve_voice
+from minicpmo_cli.server.worker import Pool
 from minicpmo_cli.units import OUTPUT_SAMPLE_RATE
 
 router = APIRouter()
@@ -151,31 +152,31 @@ def _audio_object(wav, rate: int, fmt: str, transcript: str) -> dict:
             "expires_at": int(time.time()) + AUDIO_LIFETIME, "transcript": transcript}
 
 
-async def _sse(first: list, rest: AsyncIterator, body: ChatRequest) -> AsyncIterator[str]:
-    """The job's items as OpenAI streams them: text pieces as content deltas, or for a spoken answer the
-    transcript, then base64 pcm16 24 kHz audio deltas as the speech is synthesised; then the finish.
-    ``first``, then each of ``rest``, is a batch of items (what came since the last was sent): its text pieces
-    become one delta, and all its chunks one write."""
-    chunks = Chunks(f"chatcmpl-{uuid.uuid4().hex}", body.model)
-    spoken = body.wants_audio
-    audio_id = f"audio_{uuid.uuid4().hex}" if spoken else ""
-    yield chunks.chunk({"role": "assistant", "content": None if spoken else ""})
-    try:
-        batch = first
-        while True:
-            yield "".join(chunk for item in merge_text(batch) for chunk in _item_chunks(item, chunks, audio_id, body))
-            try:
-                batch = await rest.__anext__()
-            except StopAsyncIteration:
-                break
-    except Exception as exc:  # noqa: BLE001 - mid-stream failures become an error event, never a traceback
+class ChatEvents:
+    """The events of one chat stream (server/event_stream.py), as OpenAI streams them: text pieces as content
+    deltas, or for a spoken answer the transcript, then base64 pcm16 24 kHz audio deltas as the speech is
+    synthesised; then the finish (and the usage, when asked for). The items of one send (what came since the
+    last) are rendered together: their text pieces as one delta."""
+
+    closing = "data: [DONE]\n\n"
+
+    def __init__(self, body: ChatRequest) -> None:
+        self.body, self.spoken = body, body.wants_audio
+        self.chunks = Chunks(f"chatcmpl-{uuid.uuid4().hex}", body.model)
+        self.audio_id = f"audio_{uuid.uuid4().hex}" if self.spoken else ""
+        self.opening = self.chunks.chunk({"role": "assistant", "content": None if self.spoken else ""})
+
+    def render(self, items: list) -> str:
+        if not self.spoken and all(item[0] == "text" for item in items):  # the common case: a text delta
+            return self.chunks.text("".join(item[1] for item in items)) if items else ""
+        return "".join(chunk for item in merge_text(items)
+                       for chunk in _item_chunks(item, self.chunks, self.audio_id, self.body))
+
+    def failure(self, exc: BaseException) -> str:
         from minicpmo_cli.errors import MiniCPMOError
 
         message = str(exc) if isinstance(exc, (APIError, MiniCPMOError)) else f"internal error: {describe_error(exc)}"
-        yield f"data: {json.dumps(error_body(500, message))}\n\n"
-    finally:
-        await rest.aclose()
-    yield "data: [DONE]\n\n"
+        return f"data: {json.dumps(error_body(500, message))}\n\n"
 
 
 def merge_text(items: list[tuple]) -> list[tuple]:
@@ -190,14 +191,14 @@ def merge_text(items: list[tuple]) -> list[tuple]:
 
 
 def _item_chunks(item: tuple, chunks: Chunks, audio_id: str, body: ChatRequest) -> list[str]:
-    from minicpmo_cli.server.encode import pcm16_bytes
-
     kind = item[0]
     if kind == "text" and not body.wants_audio:
         return [chunks.text(item[1])]
     if kind == "text":
         return [chunks.chunk({"audio": {"id": audio_id, "transcript": word}}) for word in _words(item[1])]
     if kind == "audio":
+        from minicpmo_cli.server.encode import pcm16_bytes
+
         pcm = pcm16_bytes(item[1])
         return [chunks.chunk({"audio": {"id": audio_id, "data": base64.b64encode(
             pcm[start:start + PCM_CHUNK]).decode("ascii")}}) for start in range(0, len(pcm), PCM_CHUNK)]
@@ -239,8 +240,8 @@ async def chat_completions(body: ChatRequest, request: Request):
             raise APIError(400, "this server was started without the speech tower (--no-tts)", param="modalities")
         conversation.voice = resolve_voice(body.audio.voice if body.audio else DEFAULT_VOICE)
         if body.stream:
-            return await _streamed(pool.batches(generation.spoken_stream(conversation, decode, body.stops, timer)),
-                                   body, request)
+            return await _streamed(pool, generation.spoken_stream(conversation, decode, body.stops, timer), body,
+                                   request)
         job = generation.spoken_answer(conversation, decode, body.stops, timer)
         text, wav, rate, usage, finish = await pool.run(job, disconnected=request.is_disconnected)
         fmt = body.audio.format if body.audio else "wav"
@@ -248,15 +249,20 @@ async def chat_completions(body: ChatRequest, request: Request):
         return _completion(body, text, finish, usage, audio=audio)
     job = generation.text_answer(conversation, decode, body.stops, timer)
     if body.stream:
-        return await _streamed(pool.batches(job), body, request)
+        return await _streamed(pool, job, body, request)
     collected = await pool.run(lambda engine, cancel: list(job(engine, cancel)), disconnected=request.is_disconnected)
     text = "".join(item[1] for item in collected if item[0] == "text")
     _, usage, finish = collected[-1]
     return _completion(body, text, finish, usage)
 
 
-async def _streamed(batches: AsyncIterator, body: ChatRequest, request: Request) -> StreamingResponse:
-    from minicpmo_cli.server.worker import Pool
-
-    first = await Pool.first(batches, request.is_disconnected)
-    return StreamingResponse(_sse(first, batches, body), media_type="text/event-stream", headers=SSE_HEADERS)
+async def _streamed(pool: Pool, job: Any, body: ChatRequest, request: Request) -> EventStream:
+    """The job's answer as events; its first items are awaited here, so that its errors still get their HTTP
+    status (and a client that leaves before them cancels it)."""
+    stream = pool.open_stream(job)
+    try:
+        first = await stream.first(request.is_disconnected)
+    except BaseException:
+        stream.close()
+        raise
+    return EventStream(stream, first, ChatEvents(body), headers=SSE_HEADERS)

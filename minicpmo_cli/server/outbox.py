@@ -6,6 +6,8 @@ Two costs of the plain ``asyncio.Queue`` + ``call_soon_threadsafe`` per item are
   route has not yet taken what is there, further items join it without waking the loop again, and the route
   takes every item there at once (:meth:`take`). Under load a stream's pieces go out in fewer, larger writes
   (vLLM's output collector merges deltas the same way); alone, every piece still goes out as it comes.
+  Outboxes that share a :class:`Waker` (a pool's) also share that write: when the engine hands every stream
+  its ids at once, the threads that pass them on wake the loop once, not once each.
 - Memory: a streamed job may be at most ``limit`` items ahead of its client (backpressure: the pool thread
   waits in :meth:`put`, so a spoken answer stops synthesising). A client that stays connected but stops
   reading for ``stall_s`` seconds is given up on: :meth:`put` answers False and the job is cancelled, which
@@ -30,13 +32,16 @@ class Outbox:
 
     ``limit``: items held at most before :meth:`put` waits (None: unbounded, for a job's one result)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int | None = None, stall_s: float = STALL_S) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int | None = None, stall_s: float = STALL_S,
+                 waker: Waker | None = None) -> None:
         self.loop, self.limit, self.stall_s = loop, limit, float(stall_s)
+        self.waker = waker
         self._items: deque = deque()
         self._cond = threading.Condition()
-        self._ready = asyncio.Event()  # created on the loop (the route calls the constructor there)
+        self._waiter: asyncio.Future | None = None  # the route's wait in take (on the loop)
         self._woken = False  # a wakeup is on its way to the loop (or the route is not waiting yet)
         self.stalled = False
+        self.interrupted = False  # the reader gave up (its client left): take answers at once
 
     # --- the pool thread ------------------------------------------------------------------------------------
     def put(self, item: Any, cancel: threading.Event | None = None, final: bool = False) -> bool:
@@ -49,10 +54,10 @@ class Outbox:
             self._items.append(item)
             wake, self._woken = not self._woken, True
         if wake:
-            try:
-                self.loop.call_soon_threadsafe(self._ready.set)
-            except RuntimeError:  # the event loop is gone (server shutting down)
-                pass
+            if self.waker is not None:
+                self.waker.wake(self)
+            else:
+                _call_on_loop(self.loop, self._wake)
         return True
 
     def _wait_for_room(self, cancel: threading.Event | None) -> bool:
@@ -68,21 +73,73 @@ class Outbox:
         return True
 
     # --- the route (event loop) -----------------------------------------------------------------------------
-    async def take(self) -> list:
-        """Every item there (at least one; waits for the first)."""
-        while True:
-            with self._cond:
-                if self._items:
-                    batch = list(self._items)
-                    self._items.clear()
+    async def take(self, timeout: float | None = None) -> list:
+        """Every item there; waits for the first. [] when ``timeout`` seconds passed first, or once
+        :meth:`interrupt` was called."""
+        deadline = None if timeout is None else self.loop.time() + timeout
+        timer = None
+        try:
+            while True:
+                with self._cond:
                     self._woken = False
-                    self._ready.clear()
-                    self._cond.notify_all()
-                    return batch
-                self._woken = False
-                self._ready.clear()
-            await self._ready.wait()
+                    if self._items:
+                        batch = list(self._items)
+                        self._items.clear()
+                        self._cond.notify_all()
+                        return batch
+                if self.interrupted or (deadline is not None and self.loop.time() >= deadline):
+                    return []
+                # set before the next await, so a wakeup scheduled after the look above finds it
+                self._waiter = self.loop.create_future()
+                if deadline is not None and timer is None:
+                    timer = self.loop.call_at(deadline, self._wake)
+                await self._waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        """On the loop: the waiting take looks again (an item came, its time ran out, or it was interrupted)."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def interrupt(self) -> None:
+        """On the loop: the reader stops waiting (its client left); a take now answers [] at once."""
+        self.interrupted = True
+        self._wake()
 
     def held(self) -> int:
         with self._cond:
             return len(self._items)
+
+
+class Waker:
+    """Wakes the outboxes of one event loop from other threads with one self-pipe write for all those that
+    became ready before the loop got to them (each write is a system call, and one more wakeup of the loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[Outbox] = []
+
+    def wake(self, outbox: Outbox) -> None:
+        """Any thread: ``outbox`` looks again for items soon, on the loop."""
+        with self._lock:
+            self._ready.append(outbox)
+            first = len(self._ready) == 1
+        if first:
+            _call_on_loop(self.loop, self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for outbox in ready:
+            outbox._wake()
+
+
+def _call_on_loop(loop: asyncio.AbstractEventLoop, callback) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # the event loop is gone (server shutting down)
+        pass

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from minicpmo_cli.server.errors import APIError
-from minicpmo_cli.server.outbox import STALL_S, STREAM_LIMIT, Outbox
+from minicpmo_cli.server.outbox import STALL_S, STREAM_LIMIT, Outbox, Waker
 
 logger = logging.getLogger("minicpmo_cli.server")
 _DONE = object()  # end of a stream
@@ -109,6 +109,7 @@ class Pool:
         self.gate = Gate()
         self._mean_s = 1.0  # running mean of job times: the Retry-After estimate
         self._lock = threading.Lock()
+        self._waker: Waker | None = None  # the outboxes' shared wakeups, on the loop of the routes
         self.threads: list[threading.Thread] = []
         self._start_threads(self.size)
 
@@ -136,7 +137,9 @@ class Pool:
                 raise Busy(self.waiting, self.retry_after())
             self.waiting += 1
         loop = asyncio.get_running_loop()
-        outbox = Outbox(loop, STREAM_LIMIT if streamed else None, self.stall_s)
+        if self._waker is None or self._waker.loop is not loop:
+            self._waker = Waker(loop)
+        outbox = Outbox(loop, STREAM_LIMIT if streamed else None, self.stall_s, self._waker)
         job = Job(fn, loop, outbox, exclusive)
         self.jobs.put(job)
         return job
@@ -151,14 +154,14 @@ class Pool:
         job = self._submit(fn, exclusive)
         try:
             while True:
-                try:
-                    item = (await asyncio.wait_for(job.outbox.take(), timeout=POLL_S))[0]
+                taken = await job.outbox.take(timeout=POLL_S)
+                if taken:
+                    item = taken[0]
                     break
-                except asyncio.TimeoutError:
-                    if disconnected is not None and await disconnected():
-                        job.cancel.set()
-                        logger.info("client went away: its request was cancelled")
-                        raise Cancelled() from None
+                if disconnected is not None and await disconnected():
+                    job.cancel.set()
+                    logger.info("client went away: its request was cancelled")
+                    raise Cancelled() from None
         finally:
             self._leave(job)  # a no-op once done; stops the job if this coroutine is cancelled
         if isinstance(item, BaseException):
@@ -178,23 +181,18 @@ class Pool:
     async def batches(self, fn: Callable[..., Any], exclusive: bool = False) -> AsyncIterator[list]:
         """The items ``fn(engine, cancel)`` yields, in lists of those that came since the route last took
         (one item each while the route keeps up); leaving early cancels the job."""
-        job = self._submit(fn, exclusive, streamed=True)
+        stream = self.open_stream(fn, exclusive)
         try:
-            while True:
-                items, end = [], None
-                for item in await job.outbox.take():
-                    if item is _DONE or isinstance(item, BaseException):
-                        end = item
-                        break
-                    items.append(item)
+            while not stream.ended:
+                items = await stream.next()
                 if items:
                     yield items
-                if isinstance(end, BaseException):
-                    raise end
-                if end is _DONE:
-                    return
         finally:
-            self._leave(job)
+            stream.close()
+
+    def open_stream(self, fn: Callable[..., Any], exclusive: bool = False) -> "Stream":
+        """``fn(engine, cancel)``'s items as a :class:`Stream` the route reads (and must close)."""
+        return Stream(self, self._submit(fn, exclusive, streamed=True))
 
     def _leave(self, job: Job) -> None:
         """The route is done with ``job``: a running job is told to stop, a waiting one leaves the line."""
@@ -288,6 +286,66 @@ class Pool:
     def stop(self) -> None:
         for _ in self.threads:
             self.jobs.put(None)
+
+
+class Stream:
+    """A streamed job as its route reads it: lists of the items that came since the last read, then the end
+    (``ended``). :meth:`close` stops the job if it still runs; :meth:`interrupt` (the client left) makes a
+    waiting read answer at once."""
+
+    def __init__(self, pool: Pool, job: Job) -> None:
+        self.pool, self.job = pool, job
+        self.ended = False
+        self._error: BaseException | None = None  # the job's failure, raised once the items before it went out
+
+    async def next(self, timeout: float | None = None) -> list:
+        """The items that came since the last call (waits for one); [] at the end, after ``timeout`` seconds,
+        or once interrupted. Raises the job's error (after its items went out)."""
+        if self._error is not None:
+            error, self._error, self.ended = self._error, None, True
+            raise error
+        if self.ended:
+            return []
+        taken = await self.job.outbox.take(timeout)
+        if not taken or not _is_end(taken[-1]):  # the end, if any, is the job's last item
+            return taken
+        end = taken.pop()
+        if end is _DONE:
+            self.ended = True
+        elif taken:
+            self._error = end
+        else:
+            self.ended = True
+            raise end
+        return taken
+
+    async def first(self, disconnected: Callable[[], Any] | None = None) -> list:
+        """The first items (its errors still get their HTTP status); a client that leaves before they come (a
+        long prefill, the written half of a spoken answer) cancels the job."""
+        while True:
+            items = await self.next(timeout=POLL_S)
+            if items or self.ended:
+                return items
+            if disconnected is not None and await disconnected():
+                logger.info("client went away before the first piece: its request was cancelled")
+                self.close()
+                raise Cancelled()
+
+    def interrupt(self) -> None:
+        """The client left: the job is told to stop, and a waiting :meth:`next` answers [] now."""
+        self.job.cancel.set()
+        self.job.outbox.interrupt()
+
+    @property
+    def interrupted(self) -> bool:
+        return self.job.outbox.interrupted
+
+    def close(self) -> None:
+        self.pool._leave(self.job)
+
+
+def _is_end(item: Any) -> bool:
+    return item is _DONE or isinstance(item, BaseException)
 
 
 Worker = Pool  # the name routes and tests used for the one-thread worker this pool replaces

@@ -37,6 +37,24 @@ def test_pieces_join_up_to_the_whole_decode(tokenizer, seed):
     assert pieces(tokenizer, ids, draw) == tokenizer.decode(ids, skip_special_tokens=False)
 
 
+class LeadingSpaceTokenizer:
+    """SentencePiece-like: each id is a word with its leading space ("▁word"), which a decode drops at the
+    start of what it decodes; an incremental detokenizer must keep context ids to get the spaces right."""
+
+    clean_up_tokenization_spaces = False
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(f" w{i}" for i in ids).removeprefix(" ")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pieces_keep_the_spaces_a_decode_drops_at_its_start(seed):
+    draw = random.Random(seed)
+    tokenizer = LeadingSpaceTokenizer()
+    ids = [draw.randrange(1000) for _ in range(150)]  # many moves of the decoded window
+    assert pieces(tokenizer, ids, draw) == tokenizer.decode(ids)
+
+
 def test_a_streamed_answer_equals_the_plain_streaming_path(tiny_ckpt):
     from minicpmo_cli import api
     from minicpmo_cli.api.chat import Conversation, reply

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 
-from minicpmo_cli.server.outbox import Outbox  # noqa: E402
+from minicpmo_cli.server.outbox import Outbox, Waker  # noqa: E402
 from minicpmo_cli.server.worker import Pool  # noqa: E402
 
 
@@ -36,6 +36,43 @@ def test_a_take_waits_for_an_item_from_another_thread():
         return await waiting
 
     assert asyncio.run(run()) == ["late"]
+
+
+def test_outboxes_sharing_a_waker_wake_their_takes_with_one_call_on_the_loop():
+    async def run():
+        loop = asyncio.get_running_loop()
+        waker = Waker(loop)
+        boxes = [Outbox(loop, waker=waker) for _ in range(3)]
+        takes = [asyncio.ensure_future(box.take()) for box in boxes]
+        await asyncio.sleep(0)  # every take is waiting now
+        calls = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: calls.append(args) or real(*args)
+        try:
+            def produce():
+                for number, box in enumerate(boxes):
+                    box.put(number)
+
+            producer = threading.Thread(target=produce)
+            producer.start()
+            producer.join()  # the loop is held meanwhile: all three puts come before it runs the wakeup
+            return await asyncio.gather(*takes), len(calls)
+        finally:
+            del loop.call_soon_threadsafe
+
+    assert asyncio.run(run()) == ([[0], [1], [2]], 1)
+
+
+def test_a_take_with_a_timeout_answers_empty_when_nothing_comes_and_an_interrupt_ends_a_wait():
+    async def run():
+        box = Outbox(asyncio.get_running_loop())
+        timed_out = await box.take(timeout=0.01)
+        waiting = asyncio.ensure_future(box.take())
+        await asyncio.sleep(0)
+        box.interrupt()
+        return timed_out, await waiting
+
+    assert asyncio.run(run()) == ([], [])
 
 
 def test_a_full_outbox_holds_the_producer_until_the_reader_takes():
