@@ -9,8 +9,10 @@ request sent while 15 long answers stream, against its time alone.
     python benchmarks/serve_load.py --cli                 # also: `minicpmo asr` per file, fresh vs --server
 
 CPU goals (tiny checkpoint): 16 clients >= 6x the throughput of one-at-a-time with identical answers; the
-1-token request behind 15 long ones <= 2x its time alone. Needs the serve extra and the openai client;
-espeak-ng makes the speech of the CLI comparison (else a synthetic tone).
+1-token request behind 15 long ones <= 2x its time alone. Answers are 128 tokens by default (about 100 words,
+a short chat answer): with 32 (one sentence) most of a request's time is its HTTP exchange, prompt and
+prefill, which batching does not share, and the ratio is lower (see benchmarks/README.md). Needs the serve
+extra and the openai client; espeak-ng makes the speech of the CLI comparison (else a synthetic tone).
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ for reader in readers:
 """
 
 
-def short_behind_long(url: str, long_tokens: int, max_batch: int, repeats: int = 5) -> tuple[float, float]:
+def short_behind_long(url: str, long_tokens: int, max_batch: int, repeats: int = 9) -> tuple[float, float]:
     """(median time of a 1-token request alone, its median time while 15 long answers stream). The 15 long
     answers are read by another process: they stand for other users, whose clients do not share this
     client's interpreter (15 reader threads here would make the timed request wait for this process's GIL).
@@ -194,7 +196,7 @@ def short_behind_long(url: str, long_tokens: int, max_batch: int, repeats: int =
         return time.perf_counter() - start
 
     one_token()
-    alone = statistics.median(one_token() for _ in range(repeats))
+    alone = statistics.median(one_token() for _ in range(2 * repeats))
     behind = [_behind_long_answers(url, long_tokens, max_batch, one_token) for _ in range(repeats + 1)][1:]
     return alone, statistics.median(behind)
 
@@ -248,7 +250,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clients", default="1,4,16,32")
     parser.add_argument("--requests", type=int, default=64, help="requests per row (at least the clients)")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per answer of the load rows")
     parser.add_argument("--long-tokens", type=int, default=256, help="the long answers a short request joins")
     parser.add_argument("--max-batch", type=int, default=16, help="of the batched server (serve's default)")
     parser.add_argument("--cli", action="store_true", help="also time `minicpmo asr` per file (fresh vs --server)")

@@ -10,7 +10,7 @@ from minicpmo_cli.generation.scheduler import Row
 
 CHECK_EVERY = 8  # decode steps between two host reads of the chosen ids (when no request streams)
 STREAMS_PER_READ = 2  # streaming rows per step between two hand-overs of their ids (stream_interval)
-STREAM_PERIOD_S = 0.02  # while many rows stream, each gets its ids at most this often (see _deliver)
+STREAM_PERIOD_S = 0.05  # while many rows stream, each gets its ids at most this often (20 times a second)
 PACED_ABOVE = 4  # streams running at once above which deliveries are paced
 
 
@@ -66,7 +66,7 @@ class EngineOutputs:
         stream, a stream gets its ids at most every ``stream_period`` seconds (its first id at once, its last
         ones when it finishes): every hand-over wakes a reader and sends its client a chunk, and with many
         streams those costs would take the time the steps need (a 1-token request sent while 15 answers
-        streamed waited for them), while a reader sees no difference between ids 1 ms and 20 ms apart."""
+        streamed waited for them), while a reader of text sees no difference between words 1 ms and 50 ms apart."""
         running = self.scheduler.running.values()
         paced = self.stream_period > 0 and sum(row.streams for row in running) > PACED_ABOVE
         now = self.clock()
