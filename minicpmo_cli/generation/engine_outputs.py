@@ -66,7 +66,8 @@ class EngineOutputs:
         stream, a stream gets its ids at most every ``stream_period`` seconds (its first id at once, its last
         ones when it finishes): every hand-over wakes a reader and sends its client a chunk, and with many
         streams those costs would take the time the steps need (a 1-token request sent while 15 answers
-        streamed waited for them), while a reader of text sees no difference between words 1 ms and 50 ms apart."""
+        streamed waited for them), while a reader of text sees no difference between words 1 ms and 50 ms
+        apart."""
         running = self.scheduler.running.values()
         paced = self.stream_period > 0 and sum(row.streams for row in running) > PACED_ABOVE
         now = self.clock()
