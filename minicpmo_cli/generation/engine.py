@@ -389,20 +389,20 @@ class LLMEngine(EngineOutputs):
         span = pool.span()
         device = self._next.device
         lengths = [min(pool.lengths[slot], pool.capacity - 1) for slot in range(span)]
-        positions = torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
+        positions = torch.tensor(lengths, dtype=torch.long, device=device)  # made where they go: one host call
         live = [False] * span
         for row in rows:
             live[row.slot] = True
-        live = torch.tensor(live).to(device, non_blocking=True)
+        live = torch.tensor(live, device=device)
         width = attention_width(max(lengths) + 1, pool.capacity)
         state = (self._next[:span], positions, live, self._done[:span], self._stops[:span])
         if self._seen is None:
             tokens = self.traced.greedy(width, *state, pool.keys, pool.values)
         else:
-            penalty = [1.0] * span
+            penalty = [[1.0] for _ in range(span)]
             for row in rows:
-                penalty[row.slot] = row.request.settings.repetition_penalty
-            penalty = torch.tensor(penalty, dtype=torch.float32).view(-1, 1).to(device, non_blocking=True)
+                penalty[row.slot][0] = row.request.settings.repetition_penalty
+            penalty = torch.tensor(penalty, dtype=torch.float32, device=device)
             tokens = self.traced.greedy_penalised(width, *state, self._seen[:span], penalty, pool.keys, pool.values)
         for row in rows:
             pool.lengths[row.slot] += 1

@@ -39,24 +39,32 @@ class EngineOutputs:
         or reached their limit, and hand the ids to the readers (:meth:`_deliver`)."""
         pending, self._pending = self._pending, []
         values = torch.cat([tokens for tokens, _ in pending]).tolist()
+        chosen: dict[int, tuple[Row, list[int]]] = {}  # a row's ids of every pending step, in step order
         offset = 0
         for tokens, rows in pending:
-            chosen = values[offset:offset + tokens.shape[0]]
+            step = values[offset:offset + tokens.shape[0]]
             offset += tokens.shape[0]
             for row in rows:
-                if row.handle.done or self.scheduler.running.get(row.slot) is not row:
-                    continue
-                self._hand_over(row, chosen[row.slot])
+                chosen.setdefault(id(row), (row, []))[1].append(step[row.slot])
+        for row, ids in chosen.values():
+            if not row.handle.done and self.scheduler.running.get(row.slot) is row:
+                self._hand_over(row, ids)
         self._deliver()
 
-    def _hand_over(self, row: Row, token: int) -> None:
+    def _hand_over(self, row: Row, ids: list[int]) -> None:
+        """``ids`` chosen for ``row`` in consecutive steps: kept up to its stop id or its token limit (a row
+        that stopped between two reads decoded pads since), and the row released when it got there."""
         handle, settings = row.handle, row.request.settings
-        handle._record(token)
-        row.unsent.append(token)
-        self.stats_.generation_tokens_total += 1
+        ids = ids[:settings.max_new_tokens - len(handle.ids)]
+        stop = next((index for index, token in enumerate(ids) if token in settings.stop_ids), None)
+        if stop is not None:
+            ids = ids[:stop + 1]
+        handle._record(ids)
+        row.unsent.extend(ids)
+        self.stats_.generation_tokens_total += len(ids)
         if row.request.on_tokens is not None:
-            row.request.on_tokens([token])
-        if token in settings.stop_ids:
+            row.request.on_tokens(ids)
+        if stop is not None:
             self._release(row, "stop")
         elif len(handle.ids) >= settings.max_new_tokens:
             self._release(row, "length")

@@ -123,11 +123,11 @@ class Handle:
             raise self.error
         return cut_at_stop(self.ids, self.request.settings.stop_ids)
 
-    def _record(self, token: int) -> None:
-        """A chosen id, read back (the engine hands it to readers with :meth:`_deliver`)."""
-        if self.timings.first_token is None:
+    def _record(self, tokens: list[int]) -> None:
+        """Chosen ids, read back (the engine hands them to readers with :meth:`_deliver`)."""
+        if self.timings.first_token is None and tokens:
             self.timings.first_token = time.monotonic()
-        self.ids.append(token)
+        self.ids.extend(tokens)
 
     def _deliver(self, tokens: list[int]) -> None:
         """Hand ids to the reader: one queue item, one wakeup."""
