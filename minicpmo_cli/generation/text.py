@@ -160,8 +160,7 @@ def generate(
     usage = usage if usage is not None else Usage()
     usage.prompt_tokens = int(data["input_ids"].shape[-1])
     if stream and decode.beam_search:
-        raise UsageError("stream=True cannot stream beam search (use sampling, or num_beams=1 for greedy)",
-                         parameters=("stream", "num_beams"))
+        raise UsageError("beam search cannot stream (sample, or num_beams=1)", parameters=("stream", "num_beams"))
     with torch.inference_mode():
         embeds, _ = model.get_inputs_embeds(data)
     mask = None if attention_mask is None else attention_mask.to(embeds.device)
