@@ -73,6 +73,26 @@ def test_a_streamed_answer_equals_the_plain_streaming_path(tiny_ckpt):
         assert "".join(streamed) == plain and len(streamed) > 1
 
 
+def test_greedy_answers_stream_and_beam_search_is_refused(tiny_ckpt):
+    """Greedy decoding (temperature 0 on the server) streams the answer it gives whole; beam search cannot
+    stream and says so, naming the options."""
+    from minicpmo_cli import api
+    from minicpmo_cli.api.chat import Conversation, reply
+    from minicpmo_cli.api.engine import DecodeOptions
+    from minicpmo_cli.errors import UsageError
+
+    engine = api.load(api.LoadOptions(model=str(tiny_ckpt), device="cpu"), tts=False)
+    conversation = Conversation()
+    conversation.ask("Tell me a story.")
+    greedy = DecodeOptions(sampling=False, num_beams=1, max_new_tokens=30)
+    whole = "".join(reply(engine, conversation, greedy, stream=False))
+    pieces = engine.generate(conversation.messages(), greedy, stream=True)  # an iterator, not a refusal
+    assert not isinstance(pieces, str) and "".join(pieces) == whole
+    with pytest.raises(UsageError, match="beam search cannot stream"):
+        engine.generate(conversation.messages(), DecodeOptions(sampling=False, num_beams=3, max_new_tokens=5),
+                        stream=True)
+
+
 def test_a_reader_interrupted_mid_stream_aborts_its_request(tiny_ckpt, monkeypatch):
     """Ctrl-C while a streamed answer is read off the threaded engine: the request is aborted (its slot freed),
     nothing goes on decoding in the background."""
