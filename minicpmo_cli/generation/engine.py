@@ -36,8 +36,7 @@ from minicpmo_cli.generation.engine_outputs import (CHECK_EVERY, STREAM_PERIOD_S
 from minicpmo_cli.generation.kv_pool import KVPool, lengths_mask, slot_bucket
 from minicpmo_cli.generation.requests import ContextTooLong, EngineFull, EngineStats, Handle, Request
 from minicpmo_cli.generation.scheduler import MAX_WAITING, Row, Scheduler
-from minicpmo_cli.generation.sampling import RowSampling
-from minicpmo_cli.generation.settings import PAD_ID
+from minicpmo_cli.generation.sampling import RowSampling, settle_choice
 from minicpmo_cli.generation.static_cache import bucket_length
 from minicpmo_cli.generation.step_runner import StepRunner
 from minicpmo_cli.generation.step_trace import TracedSteps, attention_width
@@ -257,14 +256,9 @@ class LLMEngine(EngineOutputs):
         if self._pending:
             self._read_back()  # the ids chosen so far go with the old buffers' rows
         self.pool = pool.grown(slots, needed)
-        self._forget(pool.generation)
+        self.runner.forget(pool.generation)  # traced steps take the buffers as inputs: they stay
         self._buffers(previous=pool.slots)
         return True
-
-    def _forget(self, generation: int) -> None:
-        """Drop the captured steps over the buffers of ``generation`` (the pool was replaced; traced steps
-        take the buffers as inputs and stay)."""
-        self.runner.forget(generation)
 
     def pool_bytes(self, slots: int, capacity: int) -> int:
         return slots * capacity * self.position_bytes
@@ -272,7 +266,7 @@ class LLMEngine(EngineOutputs):
     def _drop_pool(self) -> None:
         if self._pending:
             self._read_back()
-        self._forget(self.pool.generation)
+        self.runner.forget(self.pool.generation)
         self.pool = None
         self._next = self._done = self._stops = self._logits = self._seen = None
 
@@ -345,13 +339,9 @@ class LLMEngine(EngineOutputs):
     def _decode(self, rows: list[Row]) -> torch.Tensor:
         """One step over slots ``[0, span)``; float32 logits ``[span, V]`` (rows of other slots: junk)."""
         pool = self.pool
-        span = pool.span()
-        device = self._next.device
+        span, lengths, positions = self._step_positions()
+        device = positions.device
         decoding = {row.slot for row in rows}
-        # a slot that does not decode this step writes at its own next position (a free slot's, or the next
-        # one a prompt chunk will overwrite), never over filled positions
-        lengths = [min(pool.lengths[slot], pool.capacity - 1) for slot in range(span)]
-        positions = torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
         tokens = self._next[:span]
         if self.traced is not None:
             width = attention_width(max(lengths) + 1, pool.capacity)
@@ -386,16 +376,10 @@ class LLMEngine(EngineOutputs):
         """One traced step over slots ``[0, span)`` with the greedy choice in it (step_trace.py
         ``TracedSteps.greedy``): the same ids as ``_decode`` + ``_choose``, a handful of host calls in all."""
         pool = self.pool
-        span = pool.span()
-        device = self._next.device
-        lengths = [min(pool.lengths[slot], pool.capacity - 1) for slot in range(span)]
-        positions = torch.tensor(lengths, dtype=torch.long, device=device)  # made where they go: one host call
-        live = [False] * span
-        for row in rows:
-            live[row.slot] = True
-        live = torch.tensor(live, device=device)
+        span, lengths, positions = self._step_positions()
+        device = positions.device
         width = attention_width(max(lengths) + 1, pool.capacity)
-        state = (self._next[:span], positions, live, self._done[:span], self._stops[:span])
+        state = (self._next[:span], positions, self._live(span, rows), self._done[:span], self._stops[:span])
         if self._seen is None:
             tokens = self.traced.greedy(width, *state, pool.keys, pool.values)
         else:
@@ -406,7 +390,29 @@ class LLMEngine(EngineOutputs):
             tokens = self.traced.greedy_penalised(width, *state, self._seen[:span], penalty, pool.keys, pool.values)
         for row in rows:
             pool.lengths[row.slot] += 1
+        self._chosen(tokens, rows)
+
+    def _step_positions(self) -> tuple[int, list[int], torch.Tensor]:
+        """(span, each slot's position, the positions on the device) of a decode step over slots ``[0, span)``.
+        A slot that does not decode this step writes at its own next position (a free slot's, or the next one
+        a prompt chunk will overwrite), never over filled positions."""
+        pool = self.pool
+        span = pool.span()
+        lengths = [min(pool.lengths[slot], pool.capacity - 1) for slot in range(span)]
+        return span, lengths, torch.tensor(lengths, dtype=torch.long, device=self._next.device)
+
+    def _live(self, span: int, rows: list[Row]) -> torch.Tensor:
+        """bool ``[span]``: the slots of ``rows`` (the ones that take this step's id)."""
+        live = [False] * span
+        for row in rows:
+            live[row.slot] = True
+        return torch.tensor(live, device=self._next.device)
+
+    def _chosen(self, tokens: torch.Tensor, rows: list[Row]) -> None:
+        """``rows`` took their ids of this step (``tokens``, read back later)."""
+        for row in rows:
             row.sampled += 1
+            row.decoding = True
         self._pending.append((tokens, rows))
 
     def _logits_rows(self, logits: torch.Tensor | None) -> torch.Tensor:
@@ -427,22 +433,10 @@ class LLMEngine(EngineOutputs):
         for slot, row in by_slot.items():
             params[slot] = (row.request.settings, row.sampled, row.generator)
         sampler = RowSampling(params, self._seen, self._stops, logits.device)
-        tokens = sampler.choose(logits)
-        live = torch.zeros(span, dtype=torch.bool)
-        live[list(by_slot)] = True
-        live = live.to(logits.device, non_blocking=True)
-        done = self._done[:span]
-        tokens = torch.where(done, PAD_ID, tokens)  # as generate: a stopped row continues with pads
-        self._next[:span] = torch.where(live, tokens, self._next[:span])
-        hit = self._stops[:span].gather(1, tokens[:, None]).squeeze(1)
-        self._done[:span] = done | (hit & live)
-        if self._seen is not None:
-            seen = self._seen[:span]
-            seen.scatter_(1, tokens[:, None], seen.gather(1, tokens[:, None]) | live[:, None])
-        for row in rows:
-            row.sampled += 1
-            row.decoding = True
-        self._pending.append((tokens, rows))
+        seen = None if self._seen is None else self._seen[:span]
+        tokens = settle_choice(sampler.choose(logits), self._next[:span], self._live(span, rows),
+                               self._done[:span], self._stops[:span], seen)
+        self._chosen(tokens, rows)
 
 def _slot_step(tokens, positions, mask, llm, pool, span):
     """:func:`forward.slot_step` with the runner's argument order (inputs first, then what a key pins)."""

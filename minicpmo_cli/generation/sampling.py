@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from minicpmo_cli.generation.settings import PAD_ID
+
 
 def penalise_repeats(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers ``RepetitionPenaltyLogitsProcessor`` over the ids marked in ``seen`` ``[B, V]``."""
@@ -69,6 +71,20 @@ def next_tokens(logits: torch.Tensor, settings, seen: torch.Tensor | None, banne
 def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mark ``tokens`` ``[B]`` in the ``seen`` table ``[B, V]`` (in place; returns it)."""
     return seen.scatter_(1, tokens[:, None], True)
+
+
+def settle_choice(chosen: torch.Tensor, next_ids: torch.Tensor, live: torch.Tensor, done: torch.Tensor,
+                  stops: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """What the engine keeps of a step's choice ``chosen`` ``[B]``: pads for rows that stopped before (as
+    generate: a stopped row continues with pads), and, for the ``live`` rows, their next ids, their stop
+    flags and (with a ``seen`` table) the ids they have chosen, all updated in place. Returns the ids kept."""
+    chosen = torch.where(done, PAD_ID, chosen)
+    next_ids.copy_(torch.where(live, chosen, next_ids))
+    hit = stops.gather(1, chosen[:, None]).squeeze(1)
+    done.copy_(done | (hit & live))
+    if seen is not None:
+        seen.scatter_(1, chosen[:, None], seen.gather(1, chosen[:, None]) | live[:, None])
+    return chosen
 
 
 # ----- per-row parameters (the engine: every row its own settings and its own generator) ---------------

@@ -28,7 +28,7 @@ import torch
 from minicpmo_cli.errors import describe_error
 from minicpmo_cli.generation import forward as fwd
 from minicpmo_cli.generation.kv_pool import SlotBuffers, lengths_mask
-from minicpmo_cli.generation.settings import PAD_ID
+from minicpmo_cli.generation.sampling import settle_choice
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ class TracedSteps:
 
     def _call(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> torch.Tensor:
         """``fn(llm, layers, width, *inputs)``, traced per ``key`` = (kind, batch, width)."""
-        if self._hooked():  # a trace would run the hooks only while tracing: the step runs eagerly instead
-            return fn(self.llm, layers, key[2], *inputs)
-        traced = self._traces.get(key)
-        if traced is None and not self._failed:
-            traced = self._trace(key, fn, inputs, layers)
+        traced = None
+        if not self._hooked():  # a trace would run the hooks only while tracing: the step runs eagerly instead
+            traced = self._traces.get(key)
+            if traced is None and not self._failed:
+                traced = self._trace(key, fn, inputs, layers)
         if traced is None:
             return fn(self.llm, layers, key[2], *inputs)
         with torch.jit.optimized_execution(False):  # the plain recorded graph: no profiling, no fusion
@@ -131,30 +131,21 @@ def _slot_step(llm, layers: int, width: int, tokens, positions, mask, *buffers):
 
 def _greedy_step(llm, layers: int, width: int, next_ids, positions, live, done, stops, *buffers):
     """:func:`_slot_step` and the engine's greedy choice (``RowSampling.choose`` without penalty or ban is
-    the argmax; then ``_choose``'s pads, next ids and stop flags), in one call."""
+    the argmax; then what ``sampling.settle_choice`` keeps of it), in one call."""
     mask = lengths_mask(positions, width)
     scores = _slot_step(llm, layers, width, next_ids, positions, mask, *buffers)
-    return _choose_greedy(scores, next_ids, live, done, stops)
+    return settle_choice(torch.argmax(scores, dim=-1), next_ids, live, done, stops)
 
 
 def _greedy_penalised_step(llm, layers: int, width: int, next_ids, positions, live, done, stops, seen, penalty,
                            *buffers):
-    """:func:`_greedy_step` with ``RowSampling.choose``'s repetition penalty before the argmax and
-    ``_choose``'s update of the seen ids after it."""
+    """:func:`_greedy_step` with ``RowSampling.choose``'s repetition penalty before the argmax and the seen
+    ids updated after it."""
     mask = lengths_mask(positions, width)
     scores = _slot_step(llm, layers, width, next_ids, positions, mask, *buffers)
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
-    chosen = _choose_greedy(torch.where(seen, penalised, scores), next_ids, live, done, stops)
-    seen.scatter_(1, chosen[:, None], seen.gather(1, chosen[:, None]) | live[:, None])
-    return chosen
-
-
-def _choose_greedy(scores, next_ids, live, done, stops):
-    chosen = torch.where(done, PAD_ID, torch.argmax(scores, dim=-1))  # as generate: a stopped row pads on
-    hit = stops.gather(1, chosen[:, None]).squeeze(1)
-    next_ids.copy_(torch.where(live, chosen, next_ids))
-    done.copy_(done | (hit & live))
-    return chosen
+    chosen = torch.argmax(torch.where(seen, penalised, scores), dim=-1)
+    return settle_choice(chosen, next_ids, live, done, stops, seen)
 
 
 def _scratch(inputs: tuple, layers: int) -> tuple:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from minicpmo_cli.generation.tts_decode import (
-    CHECK_FRAMES,
     DrawnFrame,
     FrameSampling,
     StepMask,
