@@ -150,23 +150,13 @@ class Pool:
 
     async def run(self, fn: Callable[..., Any], disconnected: Callable[[], Any] | None = None,
                   exclusive: bool = False) -> Any:
-        """The result of ``fn(engine, cancel)``; polls ``disconnected()`` meanwhile and cancels on True."""
-        job = self._submit(fn, exclusive)
+        """The result of ``fn(engine, cancel)``; polls ``disconnected()`` meanwhile and cancels on True (its
+        one item, read as a stream's first)."""
+        stream = Stream(self, self._submit(fn, exclusive))
         try:
-            while True:
-                taken = await job.outbox.take(timeout=POLL_S)
-                if taken:
-                    item = taken[0]
-                    break
-                if disconnected is not None and await disconnected():
-                    job.cancel.set()
-                    logger.info("client went away: its request was cancelled")
-                    raise Cancelled() from None
+            return (await stream.first(disconnected))[0]
         finally:
-            self._leave(job)  # a no-op once done; stops the job if this coroutine is cancelled
-        if isinstance(item, BaseException):
-            raise item
-        return item
+            stream.close()  # a no-op once done; stops the job if this coroutine is cancelled
 
     async def stream(self, fn: Callable[..., Any], exclusive: bool = False) -> AsyncIterator[Any]:
         """The items ``fn(engine, cancel)`` yields, as they come; leaving early cancels the job."""
@@ -213,7 +203,7 @@ class Pool:
                 if done:
                     return task.result()
                 if disconnected is not None and await disconnected():
-                    logger.info("client went away before the first piece: its request was cancelled")
+                    logger.info("client went away before its answer came: its request was cancelled")
                     raise Cancelled()
         except BaseException:
             task.cancel()
@@ -321,13 +311,13 @@ class Stream:
 
     async def first(self, disconnected: Callable[[], Any] | None = None) -> list:
         """The first items (its errors still get their HTTP status); a client that leaves before they come (a
-        long prefill, the written half of a spoken answer) cancels the job."""
+        long prefill, the written half of a spoken answer, a whole answer) cancels the job."""
         while True:
             items = await self.next(timeout=POLL_S)
             if items or self.ended:
                 return items
             if disconnected is not None and await disconnected():
-                logger.info("client went away before the first piece: its request was cancelled")
+                logger.info("client went away before its answer came: its request was cancelled")
                 self.close()
                 raise Cancelled()
 
