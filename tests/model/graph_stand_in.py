@@ -16,3 +16,12 @@ class ReplayOnCpu:
         for static, value in zip(self.inputs, inputs):
             static.copy_(value)
         return self.fn(*self.inputs, *self.fixed).clone()
+
+
+def graph_runner_on_cpu(monkeypatch, name: str = "decode"):
+    """A graph-mode StepRunner whose captures are :class:`ReplayOnCpu` (no CUDA needed)."""
+    from minicpmo_cli.generation import step_runner
+
+    monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
+    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    return step_runner.StepRunner("graph", name)

@@ -11,7 +11,7 @@ import torch
 from minicpmo_cli.generation.decode import DecodeSettings, generate_ids, split_rows
 from minicpmo_cli.generation.engine import ContextTooLong, EngineFull, LLMEngine, Request
 from minicpmo_cli.generation.kv_pool import KVPool, lengths_mask, slot_bucket
-from tests.model.graph_stand_in import ReplayOnCpu
+from tests.model.graph_stand_in import graph_runner_on_cpu
 
 MESSAGES = ["hello there, how are you?", "tell me a long story about cats and dogs", "hi",
             "what is the capital of france? answer in one word please"]
@@ -196,13 +196,9 @@ def test_pool_pieces():
 
 
 def test_graph_runner_keys_follow_the_pool_and_growth_never_replays_old_buffers(model, rows, monkeypatch):
-    from minicpmo_cli.generation import step_runner
-
-    monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
-    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
     settings = GREEDY.with_(stop_ids=stops(model), max_new_tokens=16)
     expected = [alone(model, row, settings) for row in rows]
-    runner = step_runner.StepRunner("graph")
+    runner = graph_runner_on_cpu(monkeypatch)
     llm = LLMEngine(model.llm, runner=runner, threaded=False)
     first = llm.submit(Request(rows[0], settings))
     for _ in range(4):

@@ -247,15 +247,11 @@ def test_eos_every_few_frames_with_the_global_rng(golden_tts):
 def test_graph_runner_reuses_an_utterances_cache_and_graph_for_the_next(golden_tts, monkeypatch):
     """A graph-mode TTS runner hands a finished utterance's cache (zeroed) to the next one, so the graph
     captured over it is replayed, not captured again; the codes are eager's (a CPU stand-in replays)."""
-    from minicpmo_cli.generation import step_runner
+    from tests.model.graph_stand_in import graph_runner_on_cpu
 
-    from tests.model.graph_stand_in import ReplayOnCpu
-
-    monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
-    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    runner = graph_runner_on_cpu(monkeypatch, "TTS")
     tts, tokenizer = golden_tts
     spk = torch.randn(1, tts.config.llm_dim, generator=torch.Generator().manual_seed(5))
-    runner = step_runner.StepRunner("graph", "TTS")
     for seed in (5, 6):
         eager = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(seed), 12))
         graph = generate_codes(tts, tokenizer, spk, TEXTS[1], sampler=EosAfter(make_sampler(seed), 12), runner=runner)

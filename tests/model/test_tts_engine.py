@@ -130,15 +130,10 @@ def test_a_threaded_engine_serves_concurrent_callers_as_alone(golden_tts):
 
 def test_a_fixed_shape_runner_gives_the_eager_codes(golden_tts, monkeypatch):
     """The step over the whole capacity with a mask (what a graph captures), replayed by the CPU stand-in."""
-    from graph_stand_in import ReplayOnCpu
-
-    from minicpmo_cli.generation import step_runner
+    from graph_stand_in import graph_runner_on_cpu
 
     tts, tokenizer = golden_tts
-    runner = step_runner.StepRunner("eager", "TTS batch")
-    monkeypatch.setattr(runner, "mode", "graph")
-    monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
-    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    runner = graph_runner_on_cpu(monkeypatch, "TTS batch")
     engine = TTSEngine(tts, tokenizer, threaded=False, runner=runner, max_batch=4)
     handles = [engine.submit(request(tts, *case)) for case in CASES[:3]]
     for handle, case in zip(handles, CASES[:3]):

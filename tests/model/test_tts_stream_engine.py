@@ -227,15 +227,10 @@ def test_a_threaded_engine_sleeps_while_its_rows_wait_for_text(golden, expected)
 
 def test_streams_on_a_fixed_shape_runner_give_the_loop_chunks(golden, expected, monkeypatch):
     """The step over the whole capacity (what a CUDA graph captures), replayed by the CPU stand-in."""
-    from graph_stand_in import ReplayOnCpu
-
-    from minicpmo_cli.generation import step_runner
+    from graph_stand_in import graph_runner_on_cpu
 
     tts, vocos, tokenizer = golden
-    runner = step_runner.StepRunner("eager", "TTS batch")
-    monkeypatch.setattr(runner, "mode", "graph")
-    monkeypatch.setattr(step_runner, "_Graph", ReplayOnCpu)
-    monkeypatch.setattr(step_runner.torch.cuda, "graph_pool_handle", lambda: None)
+    runner = graph_runner_on_cpu(monkeypatch, "TTS batch")
     engine = TTSEngine(tts, tokenizer, threaded=False, runner=runner, max_batch=2)
     handles = [engine.submit(stream_request(tts, *case)) for case in STREAMS[:2]]
     for handle, case, chunks in zip(handles, STREAMS[:2], expected[:2]):
