@@ -34,6 +34,7 @@ from minicpmo_cli.generation.kv_budget import check_fits, position_bytes, slots_
 from minicpmo_cli.generation.engine_outputs import (CHECK_EVERY, STREAM_PERIOD_S, EngineOutputs,
                                                     stream_interval)
 from minicpmo_cli.generation.kv_pool import KVPool, lengths_mask, slot_bucket
+from minicpmo_cli.generation.prefill_script import ScriptedPrefill
 from minicpmo_cli.generation.requests import ContextTooLong, EngineFull, EngineStats, Handle, Request
 from minicpmo_cli.generation.scheduler import MAX_WAITING, Row, Scheduler
 from minicpmo_cli.generation.sampling import RowSampling, settle_choice
@@ -65,10 +66,10 @@ class LLMEngine(EngineOutputs):
         self.kv_budget = None if kv_budget is None else int(kv_budget)  # bytes the KV slots may take (None: any)
         self.position_bytes = position_bytes(llm.config, llm.lm_head.weight.element_size())
         self.runner = runner if runner is not None else StepRunner("eager")
-        self.traced = None
+        self.traced = self.scripted_prefill = None
         if self.runner.mode == "trace":
             llm.requires_grad_(False)  # a trace holds the weights as constants, which must not require grad
-            self.traced = TracedSteps(llm)
+            self.traced, self.scripted_prefill = TracedSteps(llm), ScriptedPrefill(llm)
         self.max_batch, self.threaded = slot_bucket(max_batch), threaded
         self.prefill_chunk, self.check_every = int(prefill_chunk), int(check_every)
         self.context = int(context or getattr(llm.config, "max_position_embeddings", 32768))
@@ -307,7 +308,7 @@ class LLMEngine(EngineOutputs):
         embeds = row.request.embeds
         length, begin = embeds.shape[0], row.prefilled
         end = min(length, begin + self.prefill_chunk)
-        hidden = self._prefill_part(row, begin, end)
+        hidden, last = self._prefill_part(row, begin, end)
         row.prefilled = end
         if row.request.on_prefill is not None:
             row.hidden.append(hidden[0])
@@ -316,23 +317,30 @@ class LLMEngine(EngineOutputs):
         if row.request.on_prefill is not None:
             row.request.on_prefill(torch.cat(row.hidden) if len(row.hidden) > 1 else row.hidden[0])
             row.hidden = []
-        return self.llm.lm_head(hidden[:, -1:]).float()[:, -1]
+        return last if last is not None else self.llm.lm_head(hidden[:, -1:]).float()[:, -1]
 
-    def _prefill_part(self, row: Row, begin: int, end: int) -> torch.Tensor:
+    def _prefill_part(self, row: Row, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions ``[begin, end)`` of the prompt written straight into the slot: causal over the slot's
         past (a whole prompt: ``Qwen2Model.forward``'s arithmetic, no mask, as ``generate`` makes it;
-        generation/forward.py)."""
+        generation/forward.py). The final norm's hidden states, and the last position's logits where the
+        scripted pass made them (generation/prefill_script.py, step mode ``trace``)."""
         embeds = row.request.embeds[None, begin:end]
+        pool = self.pool
+        if self.scripted_prefill is not None:
+            made = self.scripted_prefill.run(embeds, pool.keys, pool.values, row.slot, pool.lengths[row.slot])
+            if made is not None:
+                pool.lengths[row.slot] += end - begin
+                return made
         device = embeds.device
         positions = torch.arange(begin, end, device=device)[None]
         mask = None
         if begin > 0:
             keys = torch.arange(end, device=device)
             mask = (keys[None, :] <= positions[0, :, None])[None, None]
-        view = self.pool.slot_view(row.slot)
+        view = pool.slot_view(row.slot)
         hidden = fwd.forward(self.llm, embeds, positions, view, mask)
-        self.pool.sync_view(row.slot, view)
-        return hidden
+        pool.sync_view(row.slot, view)
+        return hidden, None
 
     # ----- decode -------------------------------------------------------------------------------------
 
@@ -377,20 +385,23 @@ class LLMEngine(EngineOutputs):
         ``TracedSteps.greedy``): the same ids as ``_decode`` + ``_choose``, a handful of host calls in all."""
         pool = self.pool
         span, lengths, positions = self._step_positions()
-        device = positions.device
         width = attention_width(max(lengths) + 1, pool.capacity)
         state = (self._next[:span], positions, self._live(span, rows), self._done[:span], self._stops[:span])
         if self._seen is None:
             tokens = self.traced.greedy(width, *state, pool.keys, pool.values)
         else:
-            penalty = [[1.0] for _ in range(span)]
-            for row in rows:
-                penalty[row.slot][0] = row.request.settings.repetition_penalty
-            penalty = torch.tensor(penalty, dtype=torch.float32, device=device)
+            penalty = self._penalties(span, rows)
             tokens = self.traced.greedy_penalised(width, *state, self._seen[:span], penalty, pool.keys, pool.values)
         for row in rows:
             pool.lengths[row.slot] += 1
         self._chosen(tokens, rows)
+
+    def _penalties(self, span: int, rows: list[Row]) -> torch.Tensor:
+        """float32 ``[span, 1]``: each row's repetition penalty at its slot (1.0, none, elsewhere)."""
+        penalty = [[1.0] for _ in range(span)]
+        for row in rows:
+            penalty[row.slot][0] = row.request.settings.repetition_penalty
+        return torch.tensor(penalty, dtype=torch.float32, device=self._next.device)
 
     def _step_positions(self) -> tuple[int, list[int], torch.Tensor]:
         """(span, each slot's position, the positions on the device) of a decode step over slots ``[0, span)``.
@@ -428,6 +439,12 @@ class LLMEngine(EngineOutputs):
 
     def _choose(self, logits: torch.Tensor, rows: list[Row]) -> None:
         span = logits.shape[0]
+        if self._greedy_in_trace(rows):  # one traced call (a new prompt's first id, with greedy decoding)
+            state = (self._next[:span], self._live(span, rows), self._done[:span], self._stops[:span])
+            seen = None if self._seen is None else self._seen[:span]
+            penalty = None if seen is None else self._penalties(span, rows)
+            self._chosen(self.traced.choose(logits, *state, seen, penalty), rows)
+            return
         by_slot = {row.slot: row for row in rows}
         params = [None] * span
         for slot, row in by_slot.items():

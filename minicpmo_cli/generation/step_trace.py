@@ -81,6 +81,16 @@ class TracedSteps:
         key = ("greedy-penalised", next_ids.shape[0], width)
         return self._call(key, _greedy_penalised_step, inputs, len(keys))
 
+    def choose(self, scores: torch.Tensor, next_ids: torch.Tensor, live: torch.Tensor, done: torch.Tensor,
+               stops: torch.Tensor, seen: torch.Tensor | None = None,
+               penalty: torch.Tensor | None = None) -> torch.Tensor:
+        """The greedy choice of :meth:`greedy` (with ``seen`` and ``penalty``: :meth:`greedy_penalised`'s) over
+        logits ``scores`` ``[B, V]`` made elsewhere (a prompt's last position), in one call."""
+        if seen is None:
+            return self._call(("choose", scores.shape[0], 0), _greedy_choice, (scores, next_ids, live, done, stops), 0)
+        inputs = (scores, next_ids, live, done, stops, seen, penalty)
+        return self._call(("choose-penalised", scores.shape[0], 0), _greedy_penalised_choice, inputs, 0)
+
     def _call(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> torch.Tensor:
         """``fn(llm, layers, width, *inputs)``, traced per ``key`` = (kind, batch, width)."""
         traced = None
@@ -134,7 +144,7 @@ def _greedy_step(llm, layers: int, width: int, next_ids, positions, live, done, 
     the argmax; then what ``sampling.settle_choice`` keeps of it), in one call."""
     mask = lengths_mask(positions, width)
     scores = _slot_step(llm, layers, width, next_ids, positions, mask, *buffers)
-    return settle_choice(torch.argmax(scores, dim=-1), next_ids, live, done, stops)
+    return _greedy_choice(llm, layers, width, scores, next_ids, live, done, stops)
 
 
 def _greedy_penalised_step(llm, layers: int, width: int, next_ids, positions, live, done, stops, seen, penalty,
@@ -143,6 +153,14 @@ def _greedy_penalised_step(llm, layers: int, width: int, next_ids, positions, li
     ids updated after it."""
     mask = lengths_mask(positions, width)
     scores = _slot_step(llm, layers, width, next_ids, positions, mask, *buffers)
+    return _greedy_penalised_choice(llm, layers, width, scores, next_ids, live, done, stops, seen, penalty)
+
+
+def _greedy_choice(llm, layers: int, width: int, scores, next_ids, live, done, stops):
+    return settle_choice(torch.argmax(scores, dim=-1), next_ids, live, done, stops)
+
+
+def _greedy_penalised_choice(llm, layers: int, width: int, scores, next_ids, live, done, stops, seen, penalty):
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
     chosen = torch.argmax(torch.where(seen, penalised, scores), dim=-1)
     return settle_choice(chosen, next_ids, live, done, stops, seen)
