@@ -113,30 +113,49 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def load_rows(url: str, label: str, clients: list[int], requests: int, new_tokens: int,
-              alone: dict[int, str]) -> tuple[list[list[str]], dict[int, float], bool]:
-    """Rows of the table, requests/s per client count, and whether every answer equalled the alone one."""
+def load_round(url: str, count: int, requests: int, new_tokens: int, warm_up: bool) -> tuple[list[tuple], float]:
+    """(each request's (answer, TTFT, latency, tokens), wall seconds) of ``requests`` streamed requests from
+    ``count`` concurrent clients; with ``warm_up``, after an untimed round at this concurrency (KV slots
+    grown, steps traced)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-    rows, rates, identical = [], {}, True
-    for count in clients:
-        total = max(requests, count)
-        with ThreadPoolExecutor(count) as pool:  # warm-up at this concurrency: KV slots grown, steps traced
-            list(pool.map(lambda index: streamed_chat(client, -1 - index, new_tokens), range(count)))
-        start = time.perf_counter()
+    total = max(requests, count)
+    if warm_up:
         with ThreadPoolExecutor(count) as pool:
-            results = list(pool.map(lambda index: streamed_chat(client, index, new_tokens), range(total)))
-        wall = time.perf_counter() - start
-        for index, (answer, _, _, _) in enumerate(results):
-            expected = alone.setdefault(index, answer)
-            identical &= answer == expected
-        ttft, latency = [r[1] for r in results], [r[2] for r in results]
-        tokens = sum(r[3] for r in results)
-        rates[count] = total / wall
-        rows.append([label, str(count), str(total), f"{total / wall:.2f}", f"{tokens / wall:.1f}",
-                     f"{statistics.median(ttft):.3f}", f"{percentile(ttft, 0.95):.3f}",
-                     f"{statistics.median(latency):.3f}", f"{percentile(latency, 0.95):.3f}"])
+            list(pool.map(lambda index: streamed_chat(client, -1 - index, new_tokens), range(count)))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(count) as pool:
+        results = list(pool.map(lambda index: streamed_chat(client, index, new_tokens), range(total)))
+    return results, time.perf_counter() - start
+
+
+def load_rows(urls: dict[str, str], clients: list[int], requests: int, new_tokens: int,
+              rounds: int) -> tuple[list[list[str]], dict[str, dict[int, list[float]]], bool]:
+    """Rows of the table, requests/s per server, client count and round, and whether every answer equalled
+    the same request's first answer. The servers take turns, round after round, so that a machine that
+    slows down for a while slows both (the ratio of a round compares neighbours in time)."""
+    results = {label: {count: [] for count in clients} for label in urls}
+    rates = {label: {count: [] for count in clients} for label in urls}
+    alone: dict[int, str] = {}
+    identical = True
+    for round_ in range(rounds):
+        for count in clients:
+            for label, url in urls.items():
+                found, wall = load_round(url, count, requests, new_tokens, warm_up=round_ == 0)
+                for index, (answer, _, _, _) in enumerate(found):
+                    identical &= answer == alone.setdefault(index, answer)
+                results[label][count] += found
+                rates[label][count].append(len(found) / wall)
+    rows = []
+    for label in urls:
+        for count in clients:
+            found, rate = results[label][count], statistics.median(rates[label][count])
+            ttft, latency = [r[1] for r in found], [r[2] for r in found]
+            tokens = statistics.mean(r[3] for r in found)
+            rows.append([label, str(count), f"{len(found) // rounds} x {rounds}", f"{rate:.2f}",
+                         f"{rate * tokens:.1f}", f"{statistics.median(ttft):.3f}", f"{percentile(ttft, 0.95):.3f}",
+                         f"{statistics.median(latency):.3f}", f"{percentile(latency, 0.95):.3f}"])
     return rows, rates, identical
 
 
@@ -177,13 +196,15 @@ for reader in readers:
 """
 
 
-def short_behind_long(url: str, long_tokens: int, max_batch: int, repeats: int = 9) -> tuple[float, float]:
+def short_behind_long(url: str, long_tokens: int, max_batch: int, repeats: int = 9,
+                      per_round: int = 3) -> tuple[float, float]:
     """(median time of a 1-token request alone, its median time while 15 long answers stream). The 15 long
     answers are read by another process: they stand for other users, whose clients do not share this
     client's interpreter (15 reader threads here would make the timed request wait for this process's GIL).
-    The short request is sent once the long answers stream (their first chunks came: as many as the batch
-    holds; one at a time, the others wait in the queue), after one untimed round (the server's steps for these
-    batch sizes and lengths are made then, as in a server that has been running)."""
+    The short requests are sent once the long answers stream (their first chunks came: as many as the batch
+    holds; one at a time, the others wait in the queue), ``per_round`` of them one after another in each of
+    ``repeats`` rounds (the long answers outlast them), after one untimed round (the server's steps for these
+    batch sizes and lengths are made then, as in a server that has been running). Alone: as many."""
     import httpx  # noqa: F401 - imported here, not first inside the readers' threads (a partial-import race)
     from openai import OpenAI
 
@@ -196,12 +217,12 @@ def short_behind_long(url: str, long_tokens: int, max_batch: int, repeats: int =
         return time.perf_counter() - start
 
     one_token()
-    alone = statistics.median(one_token() for _ in range(2 * repeats))
-    behind = [_behind_long_answers(url, long_tokens, max_batch, one_token) for _ in range(repeats + 1)][1:]
-    return alone, statistics.median(behind)
+    alone = statistics.median(one_token() for _ in range(repeats * per_round))
+    rounds = [_behind_long_answers(url, long_tokens, max_batch, one_token, per_round) for _ in range(repeats + 1)]
+    return alone, statistics.median(t for times in rounds[1:] for t in times)
 
 
-def _behind_long_answers(url: str, long_tokens: int, max_batch: int, timed) -> float:
+def _behind_long_answers(url: str, long_tokens: int, max_batch: int, timed, count: int) -> list[float]:
     readers = subprocess.Popen([sys.executable, "-c", LONG_READERS, url, "15", str(long_tokens), MODEL_ID],
                                stdout=subprocess.PIPE, text=True)
     try:
@@ -211,7 +232,12 @@ def _behind_long_answers(url: str, long_tokens: int, max_batch: int, timed) -> f
                 raise SystemExit(f"the long answers' reader process failed: {line!r}")
         while sum(live_requests(url)) < 15:
             time.sleep(0.01)  # one at a time: the others are queued
-        return timed()
+        times = []
+        for _ in range(count if max_batch > 1 else 1):  # one at a time: each waits for all 15 answers
+            times.append(timed())
+            if sum(live_requests(url)) < 15:
+                break  # the long answers ended: later ones would not be behind them
+        return times
     finally:
         readers.stdout.read()
         if readers.wait() != 0:
@@ -253,14 +279,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens per answer of the load rows")
     parser.add_argument("--long-tokens", type=int, default=256, help="the long answers a short request joins")
     parser.add_argument("--max-batch", type=int, default=16, help="of the batched server (serve's default)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per row (the servers take turns)")
     parser.add_argument("--cli", action="store_true", help="also time `minicpmo asr` per file (fresh vs --server)")
     parser.add_argument("--files", type=int, default=4, help="files for the CLI comparison")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     servers = {f"batched (--max-batch {args.max_batch})": ["--max-batch", str(args.max_batch)],
                "one at a time (--max-batch 1)": ["--max-batch", "1"]}
-    rows, rates, identical, joins, cli = [], {}, {}, {}, []
-    alone: dict[int, str] = {}
+    joins, cli, processes, urls = {}, [], [], {}
     with tempfile.TemporaryDirectory(prefix="minicpmo-serve-bench-") as temp:
         folder = Path(temp)
         model = args.model
@@ -269,27 +295,31 @@ def main() -> None:
 
             model = str(folder / "tiny")
             make_tiny_checkpoint(model)
-        for label, extra in servers.items():
-            process, url = start_server(model, args.device, folder / "server.log", *extra)
-            try:
-                found, rates[label], identical[label] = load_rows(url, label, clients, args.requests,
-                                                                  args.new_tokens, alone)
-                rows += found
-                joins[label] = short_behind_long(url, args.long_tokens, int(extra[-1]))
-                if args.cli and not cli:
-                    cli = cli_rows(url, model, args.device, make_speech(folder, max(1, args.files)), 16)
-            finally:
+        try:
+            for number, (label, extra) in enumerate(servers.items()):
+                process, urls[label] = start_server(model, args.device, folder / f"server{number}.log", *extra)
+                processes.append(process)
+            rows, rates, identical = load_rows(urls, clients, args.requests, args.new_tokens, args.rounds)
+            for label, extra in servers.items():
+                joins[label] = short_behind_long(urls[label], args.long_tokens, int(extra[-1]))
+            if args.cli:
+                first = next(iter(urls.values()))
+                cli = cli_rows(first, model, args.device, make_speech(folder, max(1, args.files)), 16)
+        finally:
+            for process in processes:
                 stop(process)
     print(f"model: {args.model or 'tiny random checkpoint'}, device {args.device}, greedy streamed chat, "
-          f"{args.new_tokens} new tokens per answer, {os.cpu_count()} CPUs\n")
+          f"{args.new_tokens} new tokens per answer, {os.cpu_count()} CPUs, {args.rounds} rounds (the servers "
+          f"take turns; requests/s: the median round)\n")
     print(table(["server", "clients", "requests", "requests/s", "tokens/s", "p50 TTFT s", "p95 TTFT s",
                  "p50 latency s", "p95 latency s"], rows))
     batched, single = servers
     print()
     for count in clients:
-        print(f"{count} clients: batched / one-at-a-time throughput = {rates[batched][count] / rates[single][count]:.2f}x")
-    print(f"answers identical to the same request alone (every row, both servers): "
-          f"{all(identical.values())}")
+        ratios = [b / s for b, s in zip(rates[batched][count], rates[single][count])]
+        print(f"{count} clients: batched / one-at-a-time throughput = {statistics.median(ratios):.2f}x "
+              f"(median of the rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"answers identical to the same request alone (every row, both servers): {identical}")
     for label, (alone_s, behind_s) in joins.items():
         print(f"{label}: a 1-token request alone {alone_s:.3f} s, behind 15 long answers {behind_s:.3f} s "
               f"({behind_s / alone_s:.2f}x)")

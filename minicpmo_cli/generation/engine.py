@@ -185,12 +185,15 @@ class LLMEngine(EngineOutputs):
         elif decoding:
             logits = self._decode(decoding)
             choose.extend(decoding)
-        for row in self.scheduler.prefilling():
-            last = self._prefill_chunk(row)
-            if last is not None:
+        prefilling = self.scheduler.prefilling()
+        if prefilling:
+            prefilled = [(row, last) for row, last in zip(prefilling, self._prefill_chunks(prefilling))
+                         if last is not None]
+            if prefilled:
                 logits = self._logits_rows(logits)
-                logits[row.slot] = last[0]
-                choose.append(row)
+                slots = torch.tensor([row.slot for row, _ in prefilled], device=logits.device)
+                logits.index_copy_(0, slots, torch.cat([last for _, last in prefilled]))  # one write for them all
+                choose.extend(row for row, _ in prefilled)
         if choose:
             self._choose(logits, choose)
         if self._must_read():
@@ -210,21 +213,23 @@ class LLMEngine(EngineOutputs):
                     self._release(row, "abort")
 
     def _admit(self) -> None:
+        admitted = []
         while True:
             with self._lock:
                 if not self.scheduler.waiting:
-                    return
+                    break
                 handle = self.scheduler.waiting[0]
             needed = handle.request.embeds.shape[0] + handle.request.settings.max_new_tokens
             if not self._make_room(needed):
-                return
+                break
             with self._lock:
                 self.scheduler.waiting.popleft()
             slot = self.pool.alloc()
             row = Row(handle, slot, generator=_generator(handle.request))
             self.scheduler.running[slot] = row
-            self._reset_slot(row)
+            admitted.append(row)
             self.stats_.prompt_tokens_total += row.prompt_length
+        self._reset_slots(admitted)
 
     def _make_room(self, needed: int) -> bool:
         """A free slot with room for ``needed`` positions: a new pool (the next bucket) when this one has no
@@ -288,59 +293,76 @@ class LLMEngine(EngineOutputs):
         if self._seen is not None:
             self._seen = grow(self._seen, torch.zeros(slots, vocab, dtype=torch.bool, device=device))
 
-    def _reset_slot(self, row: Row) -> None:
-        settings, slot = row.request.settings, row.slot
-        self._done[slot] = False
-        self._stops[slot] = False
-        if settings.stop_ids:
-            ids = torch.tensor(settings.stop_ids, dtype=torch.long, device=self._stops.device)
-            self._stops[slot, ids] = True
-        if settings.repetition_penalty != 1.0 and self._seen is None:
+    def _reset_slots(self, rows: list[Row]) -> None:
+        """The per-slot state of newly admitted rows: not done, their own stop ids, nothing seen (a few ops for
+        them all: each op lets go of the GIL, which a busy server may take a switch interval to give back).
+        After the pool's growth, if any: growth copies the old slots' state, junk for new rows."""
+        if not rows:
+            return
+        device = self._stops.device
+        slots = torch.tensor([row.slot for row in rows], device=device)
+        self._done.index_fill_(0, slots, False)
+        self._stops.index_fill_(0, slots, False)
+        stops = [(row.slot, token) for row in rows for token in row.request.settings.stop_ids]
+        if stops:
+            at = torch.tensor(stops, dtype=torch.long, device=device)
+            self._stops[at[:, 0], at[:, 1]] = True
+        if self._seen is None and any(row.request.settings.repetition_penalty != 1.0 for row in rows):
             self._seen = torch.zeros_like(self._stops)
         if self._seen is not None:
-            self._seen[slot] = False
+            self._seen.index_fill_(0, slots, False)
 
     # ----- prefill ------------------------------------------------------------------------------------
 
-    def _prefill_chunk(self, row: Row) -> torch.Tensor | None:
-        """Prefill the next chunk of ``row``'s prompt into its slot; the float32 logits ``[1, V]`` of the
-        prompt's last position once it is all in, else None."""
-        embeds = row.request.embeds
-        length, begin = embeds.shape[0], row.prefilled
-        end = min(length, begin + self.prefill_chunk)
-        hidden, last = self._prefill_part(row, begin, end)
-        row.prefilled = end
-        if row.request.on_prefill is not None:
-            row.hidden.append(hidden[0])
-        if end < length:
-            return None
-        if row.request.on_prefill is not None:
-            row.request.on_prefill(torch.cat(row.hidden) if len(row.hidden) > 1 else row.hidden[0])
-            row.hidden = []
-        return last if last is not None else self.llm.lm_head(hidden[:, -1:]).float()[:, -1]
+    def _prefill_chunks(self, rows: list[Row]) -> list[torch.Tensor | None]:
+        """Prefill the next chunk of each row's prompt into its slot; per row the float32 logits ``[1, V]`` of
+        the prompt's last position once it is all in, else None."""
+        parts = []
+        for row in rows:
+            length, begin = row.request.embeds.shape[0], row.prefilled
+            parts.append((row, begin, min(length, begin + self.prefill_chunk)))
+        lasts = []
+        for (row, begin, end), (hidden, last) in zip(parts, self._prefill_parts(parts)):
+            row.prefilled = end
+            if row.request.on_prefill is not None:
+                row.hidden.append(hidden[0])
+            if end < row.request.embeds.shape[0]:
+                lasts.append(None)
+                continue
+            if row.request.on_prefill is not None:
+                row.request.on_prefill(torch.cat(row.hidden) if len(row.hidden) > 1 else row.hidden[0])
+                row.hidden = []
+            lasts.append(last if last is not None else self.llm.lm_head(hidden[:, -1:]).float()[:, -1])
+        return lasts
 
-    def _prefill_part(self, row: Row, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions ``[begin, end)`` of the prompt written straight into the slot: causal over the slot's
-        past (a whole prompt: ``Qwen2Model.forward``'s arithmetic, no mask, as ``generate`` makes it;
-        generation/forward.py). The final norm's hidden states, and the last position's logits where the
-        scripted pass made them (generation/prefill_script.py, step mode ``trace``)."""
-        embeds = row.request.embeds[None, begin:end]
+    def _prefill_parts(self, parts: list[tuple[Row, int, int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Positions ``[begin, end)`` of each ``(row, begin, end)``'s prompt written straight into its slot:
+        causal over the slot's past (a whole prompt: ``Qwen2Model.forward``'s arithmetic, no mask, as
+        ``generate`` makes it; generation/forward.py). Per part the final norm's hidden states, and the last
+        position's logits where the scripted pass made them (one call for all parts: generation/prefill_script.py,
+        step mode ``trace``)."""
         pool = self.pool
         if self.scripted_prefill is not None:
-            made = self.scripted_prefill.run(embeds, pool.keys, pool.values, row.slot, pool.lengths[row.slot])
+            chunks = [(row.request.embeds[None, begin:end], row.slot, pool.lengths[row.slot])
+                      for row, begin, end in parts]
+            made = self.scripted_prefill.run(chunks, pool.keys, pool.values)
             if made is not None:
-                pool.lengths[row.slot] += end - begin
+                for row, begin, end in parts:
+                    pool.lengths[row.slot] += end - begin
                 return made
-        device = embeds.device
-        positions = torch.arange(begin, end, device=device)[None]
-        mask = None
-        if begin > 0:
-            keys = torch.arange(end, device=device)
-            mask = (keys[None, :] <= positions[0, :, None])[None, None]
-        view = pool.slot_view(row.slot)
-        hidden = fwd.forward(self.llm, embeds, positions, view, mask)
-        pool.sync_view(row.slot, view)
-        return hidden, None
+        made = []
+        for row, begin, end in parts:
+            embeds = row.request.embeds[None, begin:end]
+            device = embeds.device
+            positions = torch.arange(begin, end, device=device)[None]
+            mask = None
+            if begin > 0:
+                keys = torch.arange(end, device=device)
+                mask = (keys[None, :] <= positions[0, :, None])[None, None]
+            view = pool.slot_view(row.slot)
+            made.append((fwd.forward(self.llm, embeds, positions, view, mask), None))
+            pool.sync_view(row.slot, view)
+        return made
 
     # ----- decode -------------------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ def _prompt_pass(hidden: Tensor, begin: int, rotary: List[Tensor], rotary_scalin
                  keys: List[Tensor], values: List[Tensor], slot: int, final_norm: Tensor, lm_head: Tensor,
                  lm_bias: Optional[Tensor], eps: float, head_dim: int, groups: int,
                  scaling: float) -> tuple[Tensor, Tensor]:
-    """The engine's ``_prefill_part`` + ``forward.forward`` over a slot of the pool (``keys``/``values``
+    """The engine's ``_prefill_parts`` + ``forward.forward`` over a slot of the pool (``keys``/``values``
     ``[slots, KVH, capacity, D]`` per layer): positions ``[begin, begin + n)`` of ``hidden`` ``[1, n, D]``
     written into ``slot``, attending causally over the slot's past. ``rotary``: the inverse frequencies (computed
     here) or the cos and sin made by the model's rotary module. The final norm's hidden states ``[1, n, D]``
@@ -120,6 +120,18 @@ def _prompt_pass(hidden: Tensor, begin: int, rotary: List[Tensor], rotary_scalin
     return hidden, F.linear(hidden[:, -1:], lm_head, lm_bias).float()[:, -1]
 
 
+def _prompt_passes(hiddens: List[Tensor], begins: List[int], slots: List[int], inv_freq: Tensor,
+                   rotary_scaling: float, weights: List[Tensor], keys: List[Tensor], values: List[Tensor],
+                   final_norm: Tensor, lm_head: Tensor, lm_bias: Optional[Tensor], eps: float, head_dim: int,
+                   groups: int, scaling: float) -> List[tuple[Tensor, Tensor]]:
+    """:func:`_prompt_pass` for several prompt chunks in turn (each into its own slot), in one call."""
+    made: List[tuple[Tensor, Tensor]] = []
+    for index in range(len(hiddens)):
+        made.append(_prompt_pass(hiddens[index], begins[index], [inv_freq], rotary_scaling, weights, keys, values,
+                                 slots[index], final_norm, lm_head, lm_bias, eps, head_dim, groups, scaling))
+    return made
+
+
 def layer_weights(llm) -> list[Tensor] | None:
     """The decoder's weights in ``_layers``' order, or None when a layer is of a kind it does not compute
     (quantized linears, other norms or activations, biases where Qwen2 has none) or has forward hooks."""
@@ -145,46 +157,50 @@ def layer_weights(llm) -> list[Tensor] | None:
 
 
 class ScriptedPrefill:
-    """The engine's prompt pass (``_prefill_part`` and the last position's logits) as one scripted call,
+    """The engine's prompt pass (``_prefill_parts`` and the last position's logits) as one scripted call,
     compiled on first use; ``run`` returns None where the eager pass must run instead (see the module's
     docstring)."""
 
     def __init__(self, llm) -> None:
         self.llm = llm
         self._weights = layer_weights(llm)
-        self._fn = None
+        self._fn = self._many = None
         self._failed = self._weights is None or type(llm.lm_head) is not nn.Linear
         self._modules = list(llm.modules())
         self._own_rotary = False  # whether the rotary runs inside the call (it equals the model's)
 
-    def run(self, embeds: Tensor, keys: list[Tensor], values: list[Tensor], slot: int,
-            begin: int) -> tuple[Tensor, Tensor] | None:
-        """For ``embeds`` ``[1, n, D]`` at positions ``[begin, begin + n)`` of ``slot`` (their keys/values written
-        there): the final norm's hidden states ``[1, n, D]`` and the float32 logits ``[1, V]`` of the last
-        position; None when the eager pass must run."""
+    def run(self, chunks: list[tuple[Tensor, int, int]], keys: list[Tensor],
+            values: list[Tensor]) -> list[tuple[Tensor, Tensor]] | None:
+        """For each ``(embeds, slot, begin)`` of ``chunks`` (``embeds`` ``[1, n, D]`` at positions
+        ``[begin, begin + n)`` of ``slot``, their keys/values written there, in turn): the final norm's hidden
+        states ``[1, n, D]`` and the float32 logits ``[1, V]`` of the last position; None when the eager pass
+        must run. One call for all of them (while the rotary runs inside it), so the GIL is let go once."""
         if self._failed or any(_hooked(module) for module in self._modules):
             return None
-        if self._fn is None and not self._compile(embeds):
+        if self._fn is None and not self._compile(chunks[0][0]):
             return None
         llm = self.llm
         decoder, attn = llm.model, llm.model.layers[0].self_attn
         rotary = decoder.rotary_emb
-        if self._own_rotary:
-            tables = [rotary.inv_freq]
-        else:
-            positions = torch.arange(begin, begin + embeds.shape[1], device=embeds.device)[None]
-            tables = list(rotary(embeds, positions))
+        common = (float(rotary.attention_scaling), self._weights, keys, values)
+        tail = (decoder.norm.weight, llm.lm_head.weight, llm.lm_head.bias, float(decoder.norm.variance_epsilon),
+                int(attn.head_dim), int(attn.num_key_value_groups), float(attn.scaling))
         with torch.jit.optimized_execution(False):  # the plain graph: no profiling runs, no fusion
-            return self._fn(embeds, begin, tables, float(rotary.attention_scaling), self._weights, keys, values,
-                            slot, decoder.norm.weight, llm.lm_head.weight, llm.lm_head.bias,
-                            float(decoder.norm.variance_epsilon), int(attn.head_dim),
-                            int(attn.num_key_value_groups), float(attn.scaling))
+            if self._own_rotary:
+                return self._many([c[0] for c in chunks], [c[2] for c in chunks], [c[1] for c in chunks],
+                                  rotary.inv_freq, *common, *tail)
+            made = []
+            for embeds, slot, begin in chunks:
+                positions = torch.arange(begin, begin + embeds.shape[1], device=embeds.device)[None]
+                made.append(self._fn(embeds, begin, list(rotary(embeds, positions)), *common, slot, *tail))
+            return made
 
     def _compile(self, like: Tensor) -> bool:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notice: the eager pass is the fallback
                 self._fn = torch.jit.script(_prompt_pass)
+                self._many = torch.jit.script(_prompt_passes)
                 rotary = torch.jit.script(_rotary)
         except Exception as exc:  # noqa: BLE001 - TorchScript cannot compile it here: the eager pass stays
             logger.warning("the prompt pass cannot be scripted (%s); it runs eagerly", describe_error(exc))

@@ -64,12 +64,36 @@ def test_scripted_pass_equals_the_eager_pass_bit_for_bit(model, chunks, own_rota
             eager.sync_view(slot, view)
             last = llm.lm_head(expected[:, -1:]).float()[:, -1]
             for _ in range(3):  # the same every time (no profiled re-optimisation after the first runs)
-                made = script.run(embeds[None, begin:end], scripted.keys, scripted.values, slot, begin)
+                made = script.run([(embeds[None, begin:end], slot, begin)], scripted.keys, scripted.values)
                 script._own_rotary = own_rotary
-                assert made is not None
-                assert torch.equal(made[0], expected) and torch.equal(made[1], last)
+                assert made is not None and len(made) == 1
+                assert torch.equal(made[0][0], expected) and torch.equal(made[0][1], last)
     for buffer, other in zip((*eager.keys, *eager.values), (*scripted.keys, *scripted.values)):
         assert torch.equal(buffer, other)  # the same writes, and nothing outside the slot's new positions
+
+
+def test_several_chunks_in_one_call_equal_one_call_each(model):
+    """The engine hands a step's prompt chunks over in one call: each into its own slot, as if one by one
+    (a later chunk of one prompt among first chunks of others)."""
+    llm = model.llm
+    torch.manual_seed(1)
+    prompts = [torch.randn(1, length, llm.config.hidden_size) for length in (5, 17, 1, 11)]
+    one_by_one, together = pool_for(llm, slots=4), pool_for(llm, slots=4)
+    for buffer, other in zip((*one_by_one.keys, *one_by_one.values), (*together.keys, *together.values)):
+        other.copy_(buffer)
+    script = ScriptedPrefill(llm)
+    with torch.inference_mode():
+        first = script.run([(prompts[3][:, :6], 3, 0)], one_by_one.keys, one_by_one.values)
+        assert first is not None
+        script.run([(prompts[3][:, :6], 3, 0)], together.keys, together.values)
+        chunks = [(prompts[0], 0, 0), (prompts[1], 1, 0), (prompts[2], 2, 0), (prompts[3][:, 6:], 3, 6)]
+        alone = [script.run([chunk], one_by_one.keys, one_by_one.values)[0] for chunk in chunks]
+        made = script.run(chunks, together.keys, together.values)
+    assert len(made) == 4
+    for (hidden, last), (hidden_alone, last_alone) in zip(made, alone):
+        assert torch.equal(hidden, hidden_alone) and torch.equal(last, last_alone)
+    for buffer, other in zip((*one_by_one.keys, *one_by_one.values), (*together.keys, *together.values)):
+        assert torch.equal(buffer, other)
 
 
 def test_scripted_rotary_is_checked_against_the_models(model, monkeypatch):
@@ -78,7 +102,7 @@ def test_scripted_rotary_is_checked_against_the_models(model, monkeypatch):
     pool = pool_for(llm)
     with torch.inference_mode():
         script = ScriptedPrefill(llm)
-        assert script.run(embeds, pool.keys, pool.values, 0, 0) is not None
+        assert script.run([(embeds, 0, 0)], pool.keys, pool.values) is not None
         assert script._own_rotary  # transformers' default rope, made by the same ops
         monkeypatch.setattr(llm.model.rotary_emb, "attention_scaling", 0.5)  # the model's now differs
         script = ScriptedPrefill(llm)
@@ -98,11 +122,11 @@ def test_hooked_or_other_layers_keep_the_eager_pass(model):
     handle = llm.model.layers[0].mlp.register_forward_hook(lambda *args: None)
     try:
         with torch.inference_mode():
-            assert script.run(embeds, pool.keys, pool.values, 0, 0) is None
+            assert script.run([(embeds, 0, 0)], pool.keys, pool.values) is None
     finally:
         handle.remove()
     with torch.inference_mode():
-        assert script.run(embeds, pool.keys, pool.values, 0, 0) is not None
+        assert script.run([(embeds, 0, 0)], pool.keys, pool.values) is not None
     original = llm.model.layers[1].self_attn.o_proj
     llm.model.layers[1].self_attn.o_proj = torch.nn.Linear(original.in_features, original.out_features, bias=True)
     try:
@@ -131,14 +155,14 @@ def test_scripted_pass_is_a_few_python_level_calls(model):
     embeds = torch.randn(1, 20, llm.config.hidden_size)
     counts = {}
     with torch.inference_mode():
-        script.run(embeds, pool.keys, pool.values, 0, 0)  # compiled
+        script.run([(embeds, 0, 0)], pool.keys, pool.values)  # compiled
         for name in ("eager", "scripted"):
             Count.calls = 0
             with Count():
                 if name == "eager":
                     fwd.forward(llm, embeds, positions, pool.slot_view(0), mask)
                 else:
-                    assert script.run(embeds, pool.keys, pool.values, 0, 0) is not None
+                    assert script.run([(embeds, 0, 0)], pool.keys, pool.values) is not None
             counts[name] = Count.calls
     assert counts["scripted"] * 20 < counts["eager"], counts  # measured: 166 and 0 (the call is not a torch function)
 
