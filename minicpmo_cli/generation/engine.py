@@ -84,6 +84,8 @@ class LLMEngine(EngineOutputs):
         if threaded:
             atexit.register(_close_at_exit, weakref.ref(self))
         self._pending: list[tuple[torch.Tensor, list[Row]]] = []  # chosen ids not yet read back
+        self._membership = 0  # bumped whenever the set of decoding rows changes (see _decode_masks)
+        self._masks: tuple = (None, None, None)  # (key, live, penalty) of the last decode step
         self._seen: torch.Tensor | None = None
         self._stops: torch.Tensor | None = None
         self._logits: torch.Tensor | None = None
@@ -399,8 +401,7 @@ class LLMEngine(EngineOutputs):
         and nothing else in ``_choose`` applies."""
         if self.traced is None:
             return False
-        return all(not row.request.settings.sampling and row.sampled >= row.request.settings.min_new_tokens
-                   for row in rows)
+        return all(row.sampled >= row.greedy_from for row in rows)
 
     def _decode_greedy(self, rows: list[Row]) -> None:
         """One traced step over slots ``[0, span)`` with the greedy choice in it (step_trace.py
@@ -408,15 +409,24 @@ class LLMEngine(EngineOutputs):
         pool = self.pool
         span, lengths, positions = self._step_positions()
         width = attention_width(max(lengths) + 1, pool.capacity)
-        state = (self._next[:span], positions, self._live(span, rows), self._done[:span], self._stops[:span])
-        if self._seen is None:
+        live, penalty = self._decode_masks(span, rows)
+        state = (self._next[:span], positions, live, self._done[:span], self._stops[:span])
+        if penalty is None:
             tokens = self.traced.greedy(width, *state, pool.keys, pool.values)
         else:
-            penalty = self._penalties(span, rows)
             tokens = self.traced.greedy_penalised(width, *state, self._seen[:span], penalty, pool.keys, pool.values)
         for row in rows:
             pool.lengths[row.slot] += 1
         self._chosen(tokens, rows)
+
+    def _decode_masks(self, span: int, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The live mask and (with a seen table) the penalties of the decoding ``rows``, made again only when
+        they changed (a row joined or left, or the span moved): most steps reuse the last ones."""
+        key = (span, self._membership, self._seen is not None)
+        if self._masks[0] != key:
+            penalty = None if self._seen is None else self._penalties(span, rows)
+            self._masks = (key, self._live(span, rows), penalty)
+        return self._masks[1], self._masks[2]
 
     def _penalties(self, span: int, rows: list[Row]) -> torch.Tensor:
         """float32 ``[span, 1]``: each row's repetition penalty at its slot (1.0, none, elsewhere)."""
@@ -430,8 +440,8 @@ class LLMEngine(EngineOutputs):
         A slot that does not decode this step writes at its own next position (a free slot's, or the next one
         a prompt chunk will overwrite), never over filled positions."""
         pool = self.pool
-        span = pool.span()
-        lengths = [min(pool.lengths[slot], pool.capacity - 1) for slot in range(span)]
+        span, last = pool.span(), pool.capacity - 1
+        lengths = [length if length < last else last for length in pool.lengths[:span]]
         return span, lengths, torch.tensor(lengths, dtype=torch.long, device=self._next.device)
 
     def _live(self, span: int, rows: list[Row]) -> torch.Tensor:
@@ -445,7 +455,9 @@ class LLMEngine(EngineOutputs):
         """``rows`` took their ids of this step (``tokens``, read back later)."""
         for row in rows:
             row.sampled += 1
-            row.decoding = True
+            if not row.decoding:
+                row.decoding = True
+                self._membership += 1
         self._pending.append((tokens, rows))
 
     def _logits_rows(self, logits: torch.Tensor | None) -> torch.Tensor:

@@ -26,18 +26,18 @@ class Row:
     decoding: bool = False  # has a chosen id to feed at the next step
     unsent: list = field(default_factory=list)  # ids read back, not yet handed to the reader
     delivered_at: float | None = None  # when ids were last handed to the reader (monotonic seconds)
+    # fixed for the row's life, read every step (plain attributes: properties cost a call per row per step)
+    request: Request = field(init=False)
+    prompt_length: int = field(init=False)
+    streams: bool = field(init=False)
+    greedy_from: float = field(init=False)  # tokens after which its choice may run in a traced step (inf: never)
 
-    @property
-    def request(self) -> Request:
-        return self.handle.request
-
-    @property
-    def prompt_length(self) -> int:
-        return self.request.embeds.shape[0]
-
-    @property
-    def streams(self) -> bool:
-        return self.request.stream or self.request.on_tokens is not None
+    def __post_init__(self) -> None:
+        self.request = request = self.handle.request
+        self.prompt_length = int(request.embeds.shape[0])
+        self.streams = request.stream or request.on_tokens is not None
+        settings = request.settings
+        self.greedy_from = float("inf") if settings.sampling else settings.min_new_tokens
 
 
 class Scheduler:
