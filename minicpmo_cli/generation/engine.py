@@ -84,7 +84,6 @@ class LLMEngine(EngineOutputs):
         if threaded:
             atexit.register(_close_at_exit, weakref.ref(self))
         self._pending: list[tuple[torch.Tensor, list[Row]]] = []  # chosen ids not yet read back
-        self._membership = 0  # bumped whenever the set of decoding rows changes (see _decode_masks)
         self._masks: tuple = (None, None, None)  # (key, live, penalty) of the last decode step
         self._seen: torch.Tensor | None = None
         self._stops: torch.Tensor | None = None
@@ -179,28 +178,43 @@ class LLMEngine(EngineOutputs):
         self._admit()
         if not self.scheduler.running:
             return False
-        choose: list[Row] = []
-        logits = None
         decoding = self.scheduler.decoding()
-        if decoding and self._greedy_in_trace(decoding):
-            self._decode_greedy(decoding)
-        elif decoding:
-            logits = self._decode(decoding)
-            choose.extend(decoding)
-        prefilling = self.scheduler.prefilling()
-        if prefilling:
-            prefilled = [(row, last) for row, last in zip(prefilling, self._prefill_chunks(prefilling))
-                         if last is not None]
+        if not decoding or self._greedy_in_trace(decoding):
+            # new prompts first, their first ids chosen (and read back when due) before the running rows' step:
+            # a 1-token request is done, and a stream's first token out, a step sooner; the step's writes to
+            # their slots land past their prompts, where their first decode step writes before it attends
+            prefilled = self._prefill_step()
             if prefilled:
-                logits = self._logits_rows(logits)
-                slots = torch.tensor([row.slot for row, _ in prefilled], device=logits.device)
-                logits.index_copy_(0, slots, torch.cat([last for _, last in prefilled]))  # one write for them all
-                choose.extend(row for row, _ in prefilled)
-        if choose:
-            self._choose(logits, choose)
+                self._choose(self._prefilled_logits(None, prefilled), [row for row, _ in prefilled])
+                if self._must_read():
+                    self._read_back()  # may finish rows: those that ended leave this step
+                    decoding = [row for row in decoding if self.scheduler.running.get(row.slot) is row]
+            if decoding:
+                self._decode_greedy(decoding)
+        else:  # sampled rows: one choice over them all (rows sharing torch's generator draw in row order)
+            logits = self._decode(decoding)
+            prefilled = self._prefill_step()
+            self._choose(self._prefilled_logits(logits, prefilled), decoding + [row for row, _ in prefilled])
         if self._must_read():
             self._read_back()
         return True
+
+    def _prefill_step(self) -> list[tuple[Row, torch.Tensor]]:
+        """This step's prompt chunks prefilled; the rows whose prompts are now all in, with their last logits."""
+        prefilling = self.scheduler.prefilling()
+        if not prefilling:
+            return []
+        return [(row, last) for row, last in zip(prefilling, self._prefill_chunks(prefilling)) if last is not None]
+
+    def _prefilled_logits(self, logits: torch.Tensor | None, prefilled: list[tuple[Row, torch.Tensor]]):
+        """Logits of slots ``[0, span)`` (``logits``, or the engine's buffer) with the prefilled rows' last
+        logits in their slots' rows (one write for them all)."""
+        if not prefilled:
+            return logits
+        logits = self._logits_rows(logits)
+        slots = torch.tensor([row.slot for row, _ in prefilled], device=logits.device)
+        logits.index_copy_(0, slots, torch.cat([last for _, last in prefilled]))
+        return logits
 
     def _take_aborts(self) -> None:
         with self._lock:
@@ -422,7 +436,8 @@ class LLMEngine(EngineOutputs):
     def _decode_masks(self, span: int, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The live mask and (with a seen table) the penalties of the decoding ``rows``, made again only when
         they changed (a row joined or left, or the span moved): most steps reuse the last ones."""
-        key = (span, self._membership, self._seen is not None)
+        key = (span, self._seen is not None, tuple((row.slot, row.request.settings.repetition_penalty)
+                                                   for row in rows))
         if self._masks[0] != key:
             penalty = None if self._seen is None else self._penalties(span, rows)
             self._masks = (key, self._live(span, rows), penalty)
@@ -455,9 +470,7 @@ class LLMEngine(EngineOutputs):
         """``rows`` took their ids of this step (``tokens``, read back later)."""
         for row in rows:
             row.sampled += 1
-            if not row.decoding:
-                row.decoding = True
-                self._membership += 1
+            row.decoding = True
         self._pending.append((tokens, rows))
 
     def _logits_rows(self, logits: torch.Tensor | None) -> torch.Tensor:

@@ -91,7 +91,6 @@ class EngineOutputs:
         if self.scheduler.running.get(row.slot) is row:
             del self.scheduler.running[row.slot]
             self.pool.free(row.slot)
-            self._membership += 1
         if row.unsent:
             row.handle._deliver(row.unsent)
             row.unsent = []

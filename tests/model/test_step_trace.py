@@ -159,3 +159,39 @@ def test_a_step_that_cannot_be_traced_runs_eagerly(model, prompts, monkeypatch, 
         traced, engine = run_engine(model, prompts[:3], "trace", 4)
     assert traced == eager and engine.traced.traced == 0
     assert "cannot be traced" in caplog.text
+
+
+def test_a_new_prompt_gets_its_first_id_before_the_running_rows_step(model, prompts):
+    """While greedy rows decode, a request admitted in a step is prefilled, given its first id and read back
+    before that step's decode: a 1-token request is done after one step, a stream has its first id; the rows
+    that were decoding get their ids all the same (a step's writes into the new slot land past its prompt)."""
+    eager, _ = run_engine(model, prompts[:3] + prompts[4:5], "eager", 4)
+    engine = LLMEngine(model.llm, runner=StepRunner("trace"), max_batch=8, threaded=False)
+    settings = [DecodeSettings(max_new_tokens=6 + 5 * index) for index in range(3)]
+    running = [engine.submit(Request(prompt, settings[index])) for index, prompt in enumerate(prompts[:3])]
+    for _ in range(4):
+        engine.step()
+    lengths = [engine.pool.lengths[row.slot] for row in engine.scheduler.running.values()]
+    short = engine.submit(Request(prompts[4], DecodeSettings(max_new_tokens=1)))
+    stream = engine.submit(Request(prompts[4], DecodeSettings(max_new_tokens=26), stream=True))
+    seen_at_decode = []
+    decode = engine._decode_greedy
+
+    def watched(rows):
+        seen_at_decode.append((short.done, list(stream.ids), len(rows)))
+        return decode(rows)
+
+    engine._decode_greedy = watched
+    engine.step()
+    assert seen_at_decode == [(True, eager[3][:1], 3)]  # done, and the first id out, before the decode
+    assert short.result() == eager[3][:1]
+    assert [engine.pool.lengths[row.slot] for row in engine.scheduler.running.values()][:3] == \
+        [length + 1 for length in lengths]  # the running rows took this step too
+    while not engine.idle:
+        engine.step()
+    assert [handle.result() for handle in running] == eager[:3]
+    alone = LLMEngine(model.llm, runner=StepRunner("eager"), threaded=False)
+    expected = alone.submit(Request(prompts[4], DecodeSettings(max_new_tokens=26)))
+    while not alone.idle:
+        alone.step()
+    assert stream.result() == expected.result()
