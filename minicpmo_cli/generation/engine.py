@@ -33,6 +33,7 @@ from minicpmo_cli.generation import forward as fwd
 from minicpmo_cli.generation.kv_budget import check_fits, position_bytes, slots_within
 from minicpmo_cli.generation.engine_outputs import (CHECK_EVERY, STREAM_PERIOD_S, EngineOutputs,
                                                     stream_interval)
+from minicpmo_cli.generation.engine_prefill import EnginePrefill
 from minicpmo_cli.generation.kv_pool import KVPool, lengths_mask, slot_bucket
 from minicpmo_cli.generation.prefill_script import ScriptedPrefill
 from minicpmo_cli.generation.requests import ContextTooLong, EngineFull, EngineStats, Handle, Request
@@ -51,9 +52,9 @@ LINGER_S = 2.0  # an idle engine thread waits this long for the next request bef
 PREFILL_CHUNK = 2048  # prompt positions prefilled per step: longer prompts are prefilled over several steps
 
 
-class LLMEngine(EngineOutputs):
-    """Continuous batching of LLM requests over a :class:`KVPool`; see the module docstring (read-back and
-    delivery of the ids: generation/engine_outputs.py)."""
+class LLMEngine(EnginePrefill, EngineOutputs):
+    """Continuous batching of LLM requests over a :class:`KVPool`; see the module docstring (prefill:
+    generation/engine_prefill.py; read-back and delivery of the ids: generation/engine_outputs.py)."""
 
     def __init__(self, llm, *, runner: StepRunner | None = None, max_batch: int = 16, threaded: bool = True,
                  max_waiting: int = MAX_WAITING, prefill_chunk: int = PREFILL_CHUNK,
@@ -199,23 +200,6 @@ class LLMEngine(EngineOutputs):
             self._read_back()
         return True
 
-    def _prefill_step(self) -> list[tuple[Row, torch.Tensor]]:
-        """This step's prompt chunks prefilled; the rows whose prompts are now all in, with their last logits."""
-        prefilling = self.scheduler.prefilling()
-        if not prefilling:
-            return []
-        return [(row, last) for row, last in zip(prefilling, self._prefill_chunks(prefilling)) if last is not None]
-
-    def _prefilled_logits(self, logits: torch.Tensor | None, prefilled: list[tuple[Row, torch.Tensor]]):
-        """Logits of slots ``[0, span)`` (``logits``, or the engine's buffer) with the prefilled rows' last
-        logits in their slots' rows (one write for them all)."""
-        if not prefilled:
-            return logits
-        logits = self._logits_rows(logits)
-        slots = torch.tensor([row.slot for row, _ in prefilled], device=logits.device)
-        logits.index_copy_(0, slots, torch.cat([last for _, last in prefilled]))
-        return logits
-
     def _take_aborts(self) -> None:
         with self._lock:
             aborts, self._aborts = self._aborts, []
@@ -328,58 +312,6 @@ class LLMEngine(EngineOutputs):
         if self._seen is not None:
             self._seen.index_fill_(0, slots, False)
 
-    # ----- prefill ------------------------------------------------------------------------------------
-
-    def _prefill_chunks(self, rows: list[Row]) -> list[torch.Tensor | None]:
-        """Prefill the next chunk of each row's prompt into its slot; per row the float32 logits ``[1, V]`` of
-        the prompt's last position once it is all in, else None."""
-        parts = []
-        for row in rows:
-            length, begin = row.request.embeds.shape[0], row.prefilled
-            parts.append((row, begin, min(length, begin + self.prefill_chunk)))
-        lasts = []
-        for (row, begin, end), (hidden, last) in zip(parts, self._prefill_parts(parts)):
-            row.prefilled = end
-            if row.request.on_prefill is not None:
-                row.hidden.append(hidden[0])
-            if end < row.request.embeds.shape[0]:
-                lasts.append(None)
-                continue
-            if row.request.on_prefill is not None:
-                row.request.on_prefill(torch.cat(row.hidden) if len(row.hidden) > 1 else row.hidden[0])
-                row.hidden = []
-            lasts.append(last if last is not None else self.llm.lm_head(hidden[:, -1:]).float()[:, -1])
-        return lasts
-
-    def _prefill_parts(self, parts: list[tuple[Row, int, int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Positions ``[begin, end)`` of each ``(row, begin, end)``'s prompt written straight into its slot:
-        causal over the slot's past (a whole prompt: ``Qwen2Model.forward``'s arithmetic, no mask, as
-        ``generate`` makes it; generation/forward.py). Per part the final norm's hidden states, and the last
-        position's logits where the scripted pass made them (one call for all parts: generation/prefill_script.py,
-        step mode ``trace``)."""
-        pool = self.pool
-        if self.scripted_prefill is not None:
-            chunks = [(row.request.embeds[None, begin:end], row.slot, pool.lengths[row.slot])
-                      for row, begin, end in parts]
-            made = self.scripted_prefill.run(chunks, pool.keys, pool.values)
-            if made is not None:
-                for row, begin, end in parts:
-                    pool.lengths[row.slot] += end - begin
-                return made
-        made = []
-        for row, begin, end in parts:
-            embeds = row.request.embeds[None, begin:end]
-            device = embeds.device
-            positions = torch.arange(begin, end, device=device)[None]
-            mask = None
-            if begin > 0:
-                keys = torch.arange(end, device=device)
-                mask = (keys[None, :] <= positions[0, :, None])[None, None]
-            view = pool.slot_view(row.slot)
-            made.append((fwd.forward(self.llm, embeds, positions, view, mask), None))
-            pool.sync_view(row.slot, view)
-        return made
-
     # ----- decode -------------------------------------------------------------------------------------
 
     def _decode(self, rows: list[Row]) -> torch.Tensor:
@@ -472,17 +404,6 @@ class LLMEngine(EngineOutputs):
             row.sampled += 1
             row.decoding = True
         self._pending.append((tokens, rows))
-
-    def _logits_rows(self, logits: torch.Tensor | None) -> torch.Tensor:
-        """Logits of slots ``[0, span)`` (a prefilled row's last logits are put in its slot's row)."""
-        span = self.pool.span()
-        if logits is None:
-            return self._logits[:span]
-        if logits.shape[0] < span:
-            grown = self._logits[:span]
-            grown[: logits.shape[0]] = logits
-            return grown
-        return logits
 
     def _choose(self, logits: torch.Tensor, rows: list[Row]) -> None:
         span = logits.shape[0]
