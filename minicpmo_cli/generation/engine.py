@@ -238,7 +238,8 @@ class LLMEngine(EnginePrefill, EngineOutputs):
         pool = self.pool
         if pool is None:
             capacity = bucket_length(needed)
-            slots = slots_within(self.kv_budget, self.position_bytes, slot_bucket(min(self.max_batch, len(self.scheduler.waiting))), capacity)
+            wanted = slot_bucket(min(self.max_batch, len(self.scheduler.waiting)))
+            slots = slots_within(self.kv_budget, self.position_bytes, wanted, capacity)
             llm = self.llm
             weight = llm.lm_head.weight
             self.pool = KVPool.empty(llm.config, slots, capacity, weight.dtype, weight.device)
@@ -256,7 +257,8 @@ class LLMEngine(EnginePrefill, EngineOutputs):
                 return self._make_room(needed)
             capacity = max(pool.capacity, bucket_length(needed))
             reserve = self.pool_bytes(pool.slots, pool.capacity)  # old and new exist while rows are copied
-            slots = slots_within(self.kv_budget, self.position_bytes, max(pool.slots, slot_bucket(slots)), capacity, reserve)
+            wanted = max(pool.slots, slot_bucket(slots))
+            slots = slots_within(self.kv_budget, self.position_bytes, wanted, capacity, reserve)
             if slots < pool.slots or slots <= used:
                 return False
         if self._pending:

@@ -49,6 +49,12 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
 
+def _repeat_kv(states: Tensor, groups: int) -> Tensor:
+    """``forward._repeat_kv``."""
+    batch, heads, length, dim = states.shape
+    return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
 def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], groups: int,
             scaling: float) -> Tensor:
     """``forward.attend`` (transformers' sdpa call for Qwen2), ``[B, q, H*D]``."""
@@ -60,9 +66,7 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], g
         elif q_len == 1:
             query = query.reshape(query.shape[0], query.shape[1] // groups, groups, query.shape[3])
         else:
-            batch, heads, length, dim = key.shape
-            key = key[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
-            value = value[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+            key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     causal = q_len > 1 and mask is None
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, is_causal=causal,
                                          enable_gqa=gqa)
