@@ -114,6 +114,12 @@ def _hooked(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def any_hooked(modules) -> bool:
+    """Whether any of ``modules`` has forward hooks now (someone watching the passes, e.g. a test): a traced or
+    scripted call would not run them, so the eager pass runs instead."""
+    return any(_hooked(module) for module in modules)
+
+
 def _call(module, *args):
     return module(*args) if _hooked(module) else module.forward(*args)
 

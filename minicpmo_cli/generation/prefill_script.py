@@ -26,7 +26,7 @@ from transformers.activations import SiLUActivation
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from minicpmo_cli.errors import describe_error
-from minicpmo_cli.generation.forward import _hooked
+from minicpmo_cli.generation.forward import any_hooked
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class ScriptedPrefill:
         ``[begin, begin + n)`` of ``slot``, their keys/values written there, in turn): the final norm's hidden
         states ``[1, n, D]`` and the float32 logits ``[1, V]`` of the last position; None when the eager pass
         must run. One call for all of them (while the rotary runs inside it), so the GIL is let go once."""
-        if self._failed or any(_hooked(module) for module in self._modules):
+        if self._failed or any_hooked(self._modules):
             return None
         if self._fn is None and not self._compile(chunks[0][0]):
             return None

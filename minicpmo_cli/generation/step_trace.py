@@ -94,7 +94,7 @@ class TracedSteps:
     def _call(self, key: tuple, fn: Callable, inputs: tuple, layers: int) -> torch.Tensor:
         """``fn(llm, layers, width, *inputs)``, traced per ``key`` = (kind, batch, width)."""
         traced = None
-        if not self._hooked():  # a trace would run the hooks only while tracing: the step runs eagerly instead
+        if not fwd.any_hooked(self._modules):  # a trace would run hooks only while tracing: the step runs eagerly
             traced = self._traces.get(key)
             if traced is None and not self._failed:
                 traced = self._trace(key, fn, inputs, layers)
@@ -122,10 +122,6 @@ class TracedSteps:
         logger.info("traced the %s step for %s in %.3f s", key[0], key[1:], time.perf_counter() - started)
         self._traces[key] = traced
         return traced
-
-    def _hooked(self) -> bool:
-        """Whether a module of the LLM has forward hooks now (someone watching the passes, e.g. a test)."""
-        return any(module._forward_hooks or module._forward_pre_hooks for module in self._modules)
 
     @property
     def traced(self) -> int:
