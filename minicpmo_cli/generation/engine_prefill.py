@@ -36,14 +36,13 @@ class EnginePrefill:
         the prompt's last position once it is all in, else None."""
         parts = []
         for row in rows:
-            length, begin = row.request.embeds.shape[0], row.prefilled
-            parts.append((row, begin, min(length, begin + self.prefill_chunk)))
+            parts.append((row, row.prefilled, min(row.prompt_length, row.prefilled + self.prefill_chunk)))
         lasts = []
         for (row, begin, end), (hidden, last) in zip(parts, self._prefill_parts(parts)):
             row.prefilled = end
             if row.request.on_prefill is not None:
                 row.hidden.append(hidden[0])
-            if end < row.request.embeds.shape[0]:
+            if end < row.prompt_length:
                 lasts.append(None)
                 continue
             if row.request.on_prefill is not None:
