@@ -49,10 +49,16 @@ def run_engine(model, prompts, mode: str, max_batch: int,
     return [handle.ids for handle in handles], engine
 
 
-def test_attention_width_holds_the_longest_row_in_a_power_of_two():
+def test_attention_width_holds_the_longest_row_with_at_most_a_quarter_padding():
     from minicpmo_cli.generation.step_trace import attention_width
 
-    assert [attention_width(n, 512) for n in (1, 64, 65, 200, 256, 257, 600)] == [64, 64, 128, 256, 256, 512, 512]
+    lengths = (1, 64, 65, 97, 129, 150, 161, 200, 256, 257, 300, 600, 1025)
+    assert [attention_width(n, 4096) for n in lengths] == [64, 64, 96, 128, 160, 160, 192, 224, 256, 320, 320,
+                                                            640, 1280]
+    for longest in range(1, 4097):
+        width = attention_width(longest, 4096)
+        assert width >= longest and (longest <= 64 or width - longest < max(32, width // 4))
+    assert len({attention_width(n, 4096) for n in range(1, 4097)}) == 23  # traces per kind and batch, at most
     assert attention_width(100, 96) == 96  # never past the capacity
 
 
