@@ -49,17 +49,41 @@ def run_engine(model, prompts, mode: str, max_batch: int,
     return [handle.ids for handle in handles], engine
 
 
-def test_attention_width_holds_the_longest_row_with_at_most_a_quarter_padding():
+def test_attention_width_is_the_longest_row_and_no_more():
     from minicpmo_cli.generation.step_trace import attention_width
 
-    lengths = (1, 64, 65, 97, 129, 150, 161, 200, 256, 257, 300, 600, 1025)
-    assert [attention_width(n, 4096) for n in lengths] == [64, 64, 96, 128, 160, 160, 192, 224, 256, 320, 320,
-                                                            640, 1280]
-    for longest in range(1, 4097):
-        width = attention_width(longest, 4096)
-        assert width >= longest and (longest <= 64 or width - longest < max(32, width // 4))
-    assert len({attention_width(n, 4096) for n in range(1, 4097)}) == 23  # traces per kind and batch, at most
+    assert [attention_width(n, 512) for n in (1, 64, 65, 200, 512)] == [1, 64, 65, 200, 512]
     assert attention_width(100, 96) == 96  # never past the capacity
+
+
+def test_one_trace_serves_every_batch_and_window_bit_for_bit(model):
+    """A kind of step is traced once, on its first call's batch and window; later calls with other batches
+    and windows (wider and narrower) give the eager step's ids, flags, seen table and KV writes exactly."""
+    from minicpmo_cli.generation.step_trace import _greedy_penalised_step
+
+    llm, layers, vocab = model.llm, len(model.llm.model.layers), model.llm.lm_head.out_features
+    generator = torch.Generator().manual_seed(0)
+
+    def state(batch: int, width: int):
+        buffers = [torch.randn(16, 2, 256, 32, generator=generator) for _ in range(2 * layers)]
+        small = (torch.randint(0, vocab, (batch,), generator=generator),
+                 torch.randint(0, width, (batch,), generator=generator), torch.rand(batch, generator=generator) < 0.8,
+                 torch.rand(batch, generator=generator) < 0.2, torch.rand(batch, vocab, generator=generator) < 0.01,
+                 torch.rand(batch, vocab, generator=generator) < 0.1, torch.full((batch, 1), 1.05))
+        return small, buffers
+
+    llm.requires_grad_(False)  # as the engine makes it: a trace holds the weights as constants
+    steps = TracedSteps(llm)
+    with torch.inference_mode():
+        for batch, width in ((3, 37), (16, 200), (1, 5), (8, 129), (16, 256)):
+            small, buffers = state(batch, width)
+            mine = [t.clone() for t in (*small, *buffers)]
+            got = steps.greedy_penalised(width, *mine[:7], mine[7:7 + layers], mine[7 + layers:])
+            theirs = [t.clone() for t in (*small, *buffers)]
+            expected = _greedy_penalised_step(llm, layers, *theirs[:7], torch.arange(width), *theirs[7:])
+            assert torch.equal(got, expected), (batch, width)
+            assert all(torch.equal(a, b) for a, b in zip(mine, theirs)), (batch, width)
+    assert steps.traced == 1
 
 
 def test_cpu_default_is_trace():
@@ -119,7 +143,7 @@ def test_one_traced_step_is_bit_identical_to_the_eager_static_step(model, prompt
     keys = [k.clone() for k in pool.keys]
     values = [v.clone() for v in pool.values]
     with torch.inference_mode():
-        expected = _slot_step(model.llm, len(keys), pool.capacity, tokens, positions, mask, *keys, *values)
+        expected = _slot_step(model.llm, len(keys), tokens, positions, mask, *keys, *values)
         steps = TracedSteps(model.llm)
         got = steps.run(tokens, positions, mask, pool.keys, pool.values)
     assert torch.equal(got, expected)
