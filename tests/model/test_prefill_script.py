@@ -183,3 +183,45 @@ def test_engine_ids_are_the_eager_engines(model):
         if mode == "trace":
             assert engine.scripted_prefill._fn is not None  # the prompts went through the scripted pass
     assert results["trace"] == results["eager"]
+
+
+def test_a_pass_into_buffers_of_its_own_equals_the_pass_into_a_slot(model):
+    """The pass a request thread makes before admission (engine_prefill.py, into buffers of its own) writes the
+    keys and values the engine's pass writes into a slot of its pool, with the same hidden states and logits."""
+    llm = model.llm
+    torch.manual_seed(1)
+    embeds = torch.randn(51, llm.config.hidden_size)
+    script, pool = ScriptedPrefill(llm), pool_for(llm, slots=4, capacity=256)
+    own = KVPool.empty(llm.config, 1, 51, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        (hidden, last), = script.run([(embeds[None], 2, 0)], pool.keys, pool.values)
+        (own_hidden, own_last), = script.run([(embeds[None], 0, 0)], own.keys, own.values)
+    assert torch.equal(hidden, own_hidden) and torch.equal(last, own_last)
+    for buffer, mine in zip((*pool.keys, *pool.values), (*own.keys, *own.values)):
+        assert torch.equal(buffer[2, :, :51], mine[0])
+
+
+def test_a_threaded_engine_prefills_short_prompts_on_the_submitting_thread(model):
+    """Short prompts submitted to a threaded engine are prefilled by the submitting thread and copied into
+    their slots: every request's ids (greedy, penalised, streamed or not) equal those of an engine that
+    prefills on its own thread."""
+    msgs = [[{"role": "user", "content": text}] for text in TEXTS * 3]
+    inputs = model.processor.apply_chat_template(msgs=msgs)
+    with torch.inference_mode():
+        embeds, _ = model.get_inputs_embeds(dict(inputs))
+    prompts = split_rows(embeds, inputs["attention_mask"])
+    settings = [DecodeSettings(max_new_tokens=8 + index, repetition_penalty=(1.0, 1.1)[index % 2])
+                for index in range(len(prompts))]
+    results, placed = {}, []
+    for threaded in (False, True):
+        engine = LLMEngine(model.llm, runner=StepRunner("trace"), max_batch=4, threaded=threaded)
+        place = engine._place_early
+        engine._place_early = lambda row, early, place=place: placed.append(row.slot) or place(row, early)
+        handles = [engine.submit(Request(prompt, settings[index], stream=index % 3 == 0))
+                   for index, prompt in enumerate(prompts)]
+        if not threaded:
+            assert all(handle.early is None for handle in handles)  # the engine's own thread prefills them
+        results[threaded] = [handle.result() for handle in handles]
+        engine.close()
+    assert results[True] == results[False]
+    assert 4 <= len(placed) <= len(prompts)  # at most max_batch passes wait at once; the rest the engine makes
