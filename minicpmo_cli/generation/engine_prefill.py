@@ -36,7 +36,7 @@ class EarlyPrefill:
 
 class EnginePrefill:
     """Prefill of :class:`LLMEngine` (a part of it: the engine's scheduler, pool, ``llm``, ``prefill_chunk``,
-    ``scripted_prefill``, ``threaded``, ``max_batch``, lock and logits buffer)."""
+    ``scripted_prefill``, ``threaded``, ``threads``, ``max_batch``, lock and logits buffer)."""
 
     def _prefill_early(self, request: Request) -> EarlyPrefill | None:
         """On the submitting thread: the prompt's whole pass into buffers of its own (see the module
@@ -53,7 +53,11 @@ class EnginePrefill:
                 return None
         weight = self.llm.lm_head.weight
         own = KVPool.empty(self.llm.config, 1, length, weight.dtype, weight.device)
-        # in this thread's intra-op threads: torch.set_num_threads here would set MKL's for every thread
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            # the engine thread's intra-op threads (one for a small decoder: this pass took 2x longer on two):
+            # set for this thread from now on, as the engine thread sets its own (MKL's count is one for all
+            # threads, so putting it back here would change the engine thread's too)
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             made = self.scripted_prefill.run([(embeds[None], 0, 0)], own.keys, own.values)
         if made is None:  # hooks on the LLM, or no scripted pass: the engine's eager pass runs it

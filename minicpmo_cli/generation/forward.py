@@ -227,6 +227,7 @@ def slot_step(llm, tokens: torch.Tensor, positions: torch.Tensor, pool, mask: to
     batch = tokens.shape[0]
     hidden = _call(decoder.embed_tokens, tokens)
     cos, sin = step_rotary(decoder, hidden, positions[:, None])
+    mask = additive_mask(mask, hidden.dtype)
     for index, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         q, k, v = _qkv(layer, hidden, cos, sin)
@@ -236,6 +237,14 @@ def slot_step(llm, tokens: torch.Tensor, positions: torch.Tensor, pool, mask: to
         hidden = hidden + _linear(attn.o_proj, attend_one(attn, q, keys, values, mask))
         hidden = hidden + _mlp(layer, hidden)
     return _linear(llm.lm_head, _rms_norm(decoder.norm, hidden)).float()
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean attention mask as the additive one sdpa makes of it (0 where True, -inf where False), made
+    once per step instead of once per layer: the same values reach the kernel."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(), float("-inf"))
 
 
 def static_step(llm, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, mask: torch.Tensor,

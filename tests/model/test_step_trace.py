@@ -225,3 +225,21 @@ def test_a_new_prompt_gets_its_first_id_before_the_running_rows_step(model, prom
     while not alone.idle:
         alone.step()
     assert stream.result() == expected.result()
+
+
+def test_the_steps_additive_mask_gives_sdpa_what_it_makes_of_the_boolean_one():
+    """slot_step turns its boolean mask into the additive one once per step (not once per layer inside sdpa):
+    the attention is bit-identical, and an absent or additive mask passes through."""
+    import torch.nn.functional as F
+
+    from minicpmo_cli.generation.forward import additive_mask
+
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(5, 2, 2, 32, generator=generator), torch.randn(5, 2, 40, 32, generator=generator),
+                         torch.randn(5, 2, 40, 32, generator=generator))
+    mask = lengths_mask(torch.tensor([0, 7, 39, 20, 3]), 40)
+    made = additive_mask(mask, torch.float32)
+    assert made.dtype == torch.float32 and torch.equal(made == 0, mask) and torch.isneginf(made[~mask]).all()
+    assert torch.equal(F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.17),
+                       F.scaled_dot_product_attention(query, key, value, attn_mask=made, scale=0.17))
+    assert additive_mask(None, torch.float32) is None and additive_mask(made, torch.float32) is made
