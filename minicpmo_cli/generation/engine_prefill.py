@@ -54,9 +54,9 @@ class EnginePrefill:
         weight = self.llm.lm_head.weight
         own = KVPool.empty(self.llm.config, 1, length, weight.dtype, weight.device)
         if self.threads is not None and torch.get_num_threads() != self.threads:
-            # the engine thread's intra-op threads (one for a small decoder: this pass took 2x longer on two):
-            # set for this thread from now on, as the engine thread sets its own (MKL's count is one for all
-            # threads, so putting it back here would change the engine thread's too)
+            # the engine thread's intra-op threads (one for a small decoder: this pass took 2x longer on two),
+            # kept for this thread from now on: torch's setting is partly process-wide, and putting two back
+            # here made the engine thread's steps 2x slower
             torch.set_num_threads(self.threads)
         with torch.inference_mode():
             made = self.scripted_prefill.run([(embeds[None], 0, 0)], own.keys, own.values)
