@@ -107,7 +107,6 @@ class LLMEngine(EnginePrefill, EngineOutputs):
                                  parameters=("max_new_tokens",))
         check_fits(self.kv_budget, self.position_bytes, length, settings.max_new_tokens)
         handle = Handle(self, request)
-        handle.early = self._prefill_early(request)  # on this thread, beside the engine's steps (CPU)
         with self._work:
             self.scheduler.add(handle)
             self._work.notify()

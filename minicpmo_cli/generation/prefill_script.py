@@ -16,7 +16,6 @@ rotary module. Any other kind of layer, or a module with forward hooks, keeps th
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
 from typing import List, Optional
 
@@ -173,7 +172,6 @@ class ScriptedPrefill:
         self._failed = self._weights is None or type(llm.lm_head) is not nn.Linear
         self._modules = list(llm.modules())
         self._own_rotary = False  # whether the rotary runs inside the call (it equals the model's)
-        self._compiling = threading.Lock()  # request threads may make prompt passes too (engine_prefill.py)
 
     def run(self, chunks: list[tuple[Tensor, int, int]], keys: list[Tensor],
             values: list[Tensor]) -> list[tuple[Tensor, Tensor]] | None:
@@ -183,10 +181,8 @@ class ScriptedPrefill:
         must run. One call for all of them (while the rotary runs inside it), so the GIL is let go once."""
         if self._failed or any_hooked(self._modules):
             return None
-        if self._fn is None:
-            with self._compiling:
-                if self._failed or (self._fn is None and not self._compile(chunks[0][0])):
-                    return None
+        if self._fn is None and not self._compile(chunks[0][0]):
+            return None
         llm = self.llm
         decoder, attn = llm.model, llm.model.layers[0].self_attn
         rotary = decoder.rotary_emb
@@ -207,14 +203,14 @@ class ScriptedPrefill:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notice: the eager pass is the fallback
-                one, many = torch.jit.script(_prompt_pass), torch.jit.script(_prompt_passes)
+                self._fn = torch.jit.script(_prompt_pass)
+                self._many = torch.jit.script(_prompt_passes)
                 rotary = torch.jit.script(_rotary)
         except Exception as exc:  # noqa: BLE001 - TorchScript cannot compile it here: the eager pass stays
             logger.warning("the prompt pass cannot be scripted (%s); it runs eagerly", describe_error(exc))
             self._failed = True
             return False
         self._own_rotary = self._rotary_matches(rotary, like)
-        self._many, self._fn = many, one  # published last: a thread that sees _fn set finds the rest set
         return True
 
     def _rotary_matches(self, scripted, like: Tensor) -> bool:

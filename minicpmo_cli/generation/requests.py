@@ -71,7 +71,6 @@ class Handle:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.timings = Timings(submitted=time.monotonic())
-        self.early: Any = None  # the prompt's pass made on the submitting thread (engine_prefill.EarlyPrefill)
         self._queue: queue.Queue = queue.Queue()
         self._done = threading.Event()
 
