@@ -41,7 +41,7 @@ from minicpmo_cli.generation.scheduler import MAX_WAITING, Row, Scheduler
 from minicpmo_cli.generation.sampling import RowSampling, settle_choice
 from minicpmo_cli.generation.static_cache import bucket_length
 from minicpmo_cli.generation.step_runner import StepRunner
-from minicpmo_cli.generation.step_trace import TracedSteps, attention_width
+from minicpmo_cli.generation.step_trace import TracedSteps
 
 __all__ = ["CHECK_EVERY", "ContextTooLong", "EngineFull", "EngineStats", "Handle", "LLMEngine", "Request",
            "Scheduler", "stream_interval"]
@@ -324,8 +324,7 @@ class LLMEngine(EnginePrefill, EngineOutputs):
         decoding = {row.slot for row in rows}
         tokens = self._next[:span]
         if self.traced is not None:
-            width = attention_width(max(lengths) + 1, pool.capacity)
-            mask = lengths_mask(positions, width)
+            mask = lengths_mask(positions, max(lengths) + 1)  # the longest row's window (step_trace.py)
             logits = self.traced.run(tokens, positions, mask, pool.keys, pool.values)
         elif self.runner.static_shapes or device.type == "cuda":
             mask = lengths_mask(positions, pool.capacity)
@@ -356,7 +355,7 @@ class LLMEngine(EnginePrefill, EngineOutputs):
         ``TracedSteps.greedy``): the same ids as ``_decode`` + ``_choose``, a handful of host calls in all."""
         pool = self.pool
         span, lengths, positions = self._step_positions()
-        width = attention_width(max(lengths) + 1, pool.capacity)
+        width = max(lengths) + 1  # attend over the longest row's positions and no more (step_trace.py)
         live, penalty = self._decode_masks(span, rows)
         state = (self._next[:span], positions, live, self._done[:span], self._stops[:span])
         if penalty is None:

@@ -153,5 +153,10 @@ def write_rows(key_buffer: torch.Tensor, value_buffer: torch.Tensor, keys: torch
 def lengths_mask(lengths: torch.Tensor, span: int) -> torch.Tensor:
     """bool ``[B, 1, 1, span]``: a row whose new token sits at position ``lengths[row]`` attends to
     ``[0, lengths[row]]`` (its own filled positions and the new one)."""
-    keys = torch.arange(span, device=lengths.device)
-    return (keys[None, :] <= lengths[:, None])[:, None, None, :]
+    return window_mask(lengths, torch.arange(span, device=lengths.device))
+
+
+def window_mask(lengths: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """:func:`lengths_mask` over the key positions ``window`` (``arange(span)``): a traced step takes its span
+    from that input's size (generation/step_trace.py)."""
+    return (window[None, :] <= lengths[:, None])[:, None, None, :]

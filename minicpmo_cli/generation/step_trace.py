@@ -11,8 +11,9 @@ The trace records the same aten ops the eager step calls, and runs them on the s
 and the attention window are sizes of its inputs (the window: ``arange(width)``), which the tracer records as
 such, so one trace per kind of step serves every batch and every window, with no trace to make mid-run when a
 batch or a row's length is new (each took 20-60 ms of the engine thread on the tiny checkpoint), and a step
-attends over exactly the longest row's positions (a window padded to a power of two costs as much as a full
-one: 16 rows at position 150 took ~60% longer over 256 positions). The logits and KV writes are bit-identical
+attends over exactly the longest row's positions (masked positions cost as much as filled ones: 16 rows at
+position 150 took ~60% longer over a window of 256 positions, 16 rows in a 1024-position pool 2.0 ms over the
+whole capacity and 0.67 ms over 128 positions). The logits and KV writes are bit-identical
 to the eager step over the same window (tested over batches and windows other than the traced ones), and the
 traced graph runs unoptimised (no profiling, no fusion into other arithmetic). The pool's buffers are inputs,
 written in place whatever their slots and capacity, so a pool that grows keeps its traces; the weights are
@@ -31,18 +32,10 @@ import torch
 
 from minicpmo_cli.errors import describe_error
 from minicpmo_cli.generation import forward as fwd
-from minicpmo_cli.generation.kv_pool import SlotBuffers
+from minicpmo_cli.generation.kv_pool import SlotBuffers, window_mask
 from minicpmo_cli.generation.sampling import settle_choice
 
 logger = logging.getLogger(__name__)
-
-def attention_width(longest: int, capacity: int) -> int:
-    """Key positions a step attends over: the longest row's new position and all before it (at most the
-    capacity). Masked positions past a row's length cost as much as filled ones, so the window is no wider
-    (16 rows in a 1024-position pool: 2.0 ms over the whole capacity, 0.67 ms over 128 positions, on the tiny
-    checkpoint)."""
-    return max(1, min(int(capacity), int(longest)))
-
 
 class TracedSteps:
     """Traced decode steps of one LLM, one per kind of step, traced on its first call (any batch and window
@@ -153,12 +146,6 @@ def _greedy_penalised_step(llm, layers: int, next_ids, positions, live, done, st
     ids updated after it."""
     scores = _slot_step(llm, layers, next_ids, positions, window_mask(positions, window), *buffers)
     return _greedy_penalised_choice(llm, layers, scores, next_ids, live, done, stops, seen, penalty)
-
-
-def window_mask(positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """``kv_pool.lengths_mask(positions, width)`` with the key positions given (``window`` = ``arange(width)``),
-    so that a trace takes the width from its input's size."""
-    return (window[None, :] <= positions[:, None])[:, None, None, :]
 
 
 def _greedy_choice(llm, layers: int, scores, next_ids, live, done, stops):

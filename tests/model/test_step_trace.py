@@ -49,13 +49,6 @@ def run_engine(model, prompts, mode: str, max_batch: int,
     return [handle.ids for handle in handles], engine
 
 
-def test_attention_width_is_the_longest_row_and_no_more():
-    from minicpmo_cli.generation.step_trace import attention_width
-
-    assert [attention_width(n, 512) for n in (1, 64, 65, 200, 512)] == [1, 64, 65, 200, 512]
-    assert attention_width(100, 96) == 96  # never past the capacity
-
-
 def test_one_trace_serves_every_batch_and_window_bit_for_bit(model):
     """A kind of step is traced once, on its first call's batch and window; later calls with other batches
     and windows (wider and narrower) give the eager step's ids, flags, seen table and KV writes exactly."""
