@@ -68,11 +68,6 @@ def next_tokens(logits: torch.Tensor, settings, seen: torch.Tensor | None, banne
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
-def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mark ``tokens`` ``[B]`` in the ``seen`` table ``[B, V]`` (in place; returns it)."""
-    return seen.scatter_(1, tokens[:, None], True)
-
-
 def settle_choice(chosen: torch.Tensor, next_ids: torch.Tensor, live: torch.Tensor, done: torch.Tensor,
                   stops: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
     """What the engine keeps of a step's choice ``chosen`` ``[B]``: pads for rows that stopped before (as

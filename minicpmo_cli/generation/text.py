@@ -241,15 +241,16 @@ def run_llm_generate(model, embeds, attention_mask, tokenizer, settings: DecodeS
             raise UsageError("beam search cannot stream", parameters=("num_beams",))
         return _beam_generate(model, embeds, attention_mask, decode, capture_prompt_hidden)
     captured: list[torch.Tensor] = []
-    on_token = None
-    if streamer is not None or stop_event is not None:
-        def on_token(ids: list[int]) -> bool:
-            if streamer is not None:
-                streamer.put(torch.tensor(ids))
-            return stop_event is not None and stop_event.is_set()
 
-    rows = generate_ids(model.llm, embeds, attention_mask, decode, on_token=on_token, engine=engine, seed=seed,
-                        on_prefill=captured.append if capture_prompt_hidden else None, cancel=cancel)
+    def on_token(ids: list[int]) -> bool:
+        if streamer is not None:
+            streamer.put(torch.tensor(ids))
+        return stop_event is not None and stop_event.is_set()
+
+    watched = streamer is not None or stop_event is not None
+    rows = generate_ids(model.llm, embeds, attention_mask, decode, on_token=on_token if watched else None,
+                        engine=engine, seed=seed, on_prefill=captured.append if capture_prompt_hidden else None,
+                        cancel=cancel)
     if streamer is not None:
         streamer.end()
     width = max((len(row) for row in rows), default=0)
